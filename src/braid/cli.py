@@ -1,0 +1,174 @@
+"""The `braid` command: thin subcommands over the library.
+
+User mistakes (BraidError) print one line and exit with code 2; `--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from braid.errors import BraidError
+
+
+def _cmd_train(args, overrides: list[str]) -> int:
+    from braid.config import load_config
+    from braid.train.trainer import print_result, train
+
+    cfg = load_config(args.config, overrides)
+    result = train(cfg)
+    if result.get("rank", 0) == 0:
+        print_result(result)
+    return 0
+
+
+def _cmd_info(args, overrides: list[str]) -> int:
+    from braid.config import knob_docs, load_config
+    from braid.info import describe
+
+    if args.knobs:
+        print(knob_docs())
+        return 0
+    cfg = load_config(args.config, overrides)
+    print(describe(cfg, world=args.world, ep=args.ep))
+    return 0
+
+
+def _cmd_prep(args, overrides: list[str]) -> int:
+    from braid.data.prep import prepare
+
+    if not args.inputs and not args.hf_dataset:
+        raise BraidError("braid prep needs input files/directories or --hf-dataset NAME")
+    man = prepare(args.inputs, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+                  val_fraction=args.val_fraction, hf_dataset=args.hf_dataset,
+                  hf_split=args.hf_split, text_field=args.text_field)
+    splits = {k: v["tokens"] for k, v in man.get("splits", {}).items()} if "splits" in man else man
+    print(f"prepared {args.out}: {splits}")
+    return 0
+
+
+def _cmd_generate(args, overrides: list[str]) -> int:
+    import torch
+
+    from braid.checkpoint.load import load_for_inference
+    from braid.data.tokenizer import Tok
+    from braid.generate import generate
+
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    model, tok_path = load_for_inference(args.run, device)
+    tok = Tok.from_file(tok_path)
+    ids = tok.encode(args.prompt)
+    if not ids:
+        raise BraidError("the prompt encodes to no tokens: give some text with --prompt")
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    out = generate(model, torch.tensor([ids], device=device), args.max_new_tokens,
+                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                   generator=gen, stop_token=None)
+    print(tok.decode(out[0].tolist()))
+    return 0
+
+
+def _cmd_runs(args, overrides: list[str]) -> int:
+    from braid.metrics import format_runs
+    from braid.metrics.experiments import ExperimentsDB
+
+    root = Path(args.dir)
+    if not (root / "experiments.db").exists():
+        raise BraidError(f"no runs recorded under {root}: train first, or pass --dir RUN_ROOT")
+    print(format_runs(ExperimentsDB(root).list_runs()))
+    return 0
+
+
+def _cmd_report(args, overrides: list[str]) -> int:
+    from braid.metrics.report import write_report
+
+    print(write_report(Path(args.run_dir)))
+    return 0
+
+
+def _cmd_export(args, overrides: list[str]) -> int:
+    from braid.checkpoint.export import export
+
+    print(export(Path(args.run), Path(args.out)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="braid", description="Mixture-of-Experts training.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    t = sub.add_parser("train", help="train a model (default: tiny on the built-in corpus)",
+                       epilog="Override any config key with --section.key=value.")
+    t.add_argument("config", nargs="?", default=None, help="a .toml file or a built-in name")
+    t.set_defaults(fn=_cmd_train)
+
+    i = sub.add_parser("info", help="parameters, FLOPs and memory of a config")
+    i.add_argument("config", nargs="?", default=None)
+    i.add_argument("--ep", type=int, default=None, help="expert-parallel size to size memory for")
+    i.add_argument("--world", type=int, default=None, help="number of GPUs (default: ep)")
+    i.add_argument("--knobs", action="store_true", help="print every config key with its doc")
+    i.set_defaults(fn=_cmd_info)
+
+    d = sub.add_parser("prep", help="tokenize text/jsonl/parquet into .npy shards")
+    d.add_argument("inputs", nargs="*", help="files or directories")
+    d.add_argument("--out", required=True, help="output directory")
+    d.add_argument("--tokenizer", default=None, help="an existing tokenizer.json")
+    d.add_argument("--vocab-size", type=int, default=2048, help="BPE size when training one")
+    d.add_argument("--val-fraction", type=float, default=0.05)
+    d.add_argument("--hf-dataset", default=None, help="a Hugging Face dataset in the local cache")
+    d.add_argument("--hf-split", default="train")
+    d.add_argument("--text-field", default="text")
+    d.set_defaults(fn=_cmd_prep)
+
+    g = sub.add_parser("generate", help="sample text from a trained run")
+    g.add_argument("--run", required=True, help="a run directory or an exported directory")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=200)
+    g.add_argument("--temperature", type=float, default=0.8)
+    g.add_argument("--top-k", type=int, default=50)
+    g.add_argument("--top-p", type=float, default=0.95)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is there")
+    g.set_defaults(fn=_cmd_generate)
+
+    r = sub.add_parser("runs", help="list recorded runs")
+    r.add_argument("--dir", default="runs", help="the run.dir root")
+    r.set_defaults(fn=_cmd_runs)
+
+    rep = sub.add_parser("report", help="write report.html for a run")
+    rep.add_argument("run_dir")
+    rep.set_defaults(fn=_cmd_report)
+
+    e = sub.add_parser("export", help="write consolidated safetensors weights and config")
+    e.add_argument("--run", required=True)
+    e.add_argument("--out", required=True)
+    e.set_defaults(fn=_cmd_export)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    overrides = [a for a in rest if a.startswith("--") and "=" in a]
+    unknown = [a for a in rest if a not in overrides]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if overrides and args.cmd not in ("train", "info"):
+        parser.error(f"config overrides are for train and info, not {args.cmd}")
+    try:
+        return args.fn(args, overrides)
+    except BraidError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

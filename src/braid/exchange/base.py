@@ -1,0 +1,74 @@
+"""The exchange contract: how routed rows travel between the ranks of an expert-parallel group.
+
+An exchange is an autograd-free primitive. The MoE dispatcher (`braid.moe.dispatcher`) holds the
+only autograd glue around it. Every data movement returns a `Handle`; the caller decides when to
+`wait()`, so the overlap scheduler can fill the time in between with other work.
+
+Contract (checked by the conformance tests for every registered exchange):
+- `size`/`rank`: the expert-parallel group; rank r owns experts [r*E/size, (r+1)*E/size).
+- `exchange_counts(send_counts_WL)`: send_counts_WL[w, l] rows go from this rank to local expert
+  l of rank w; returns recv_counts_WL[w, l], the rows rank w sends to this rank's expert l.
+- `move(x_RD, send_splits, recv_splits)`: rows are ordered by destination rank; rank w gets
+  the next send_splits[w] rows; the result holds recv_splits[w] rows from each rank w in rank
+  order. Exact (no compression); gradients always travel this way (straight-through).
+- `dispatch` (tokens to experts) and `combine` (outputs back to their tokens' home ranks) are the
+  same movement as `move` in the forward pass; an exchange may compress either payload.
+- `all_reduce_sum(t)`: sum over every rank that holds a distinct part of the global batch
+  (the whole world, not just the EP group), used for router statistics.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from torch import Tensor
+
+
+class Handle(ABC):
+    """An exchange in flight; `wait()` blocks (or orders the stream) and returns the rows."""
+
+    @abstractmethod
+    def wait(self) -> Tensor: ...
+
+
+class Done(Handle):
+    """A handle for a movement that already completed (local exchange, empty payload)."""
+
+    def __init__(self, out: Tensor):
+        self._out = out
+
+    def wait(self) -> Tensor:
+        return self._out
+
+
+class Exchange(ABC):
+    size: int = 1
+    rank: int = 0
+
+    @abstractmethod
+    def exchange_counts(self, send_counts_WL: Tensor) -> Tensor: ...
+
+    @abstractmethod
+    def move(self, x_RD: Tensor, send_splits: list[int], recv_splits: list[int]) -> Handle: ...
+
+    def dispatch(self, x_RD: Tensor, send_splits: list[int], recv_splits: list[int]) -> Handle:
+        return self.move(x_RD, send_splits, recv_splits)
+
+    def combine(self, y_RD: Tensor, send_splits: list[int], recv_splits: list[int]) -> Handle:
+        return self.move(y_RD, send_splits, recv_splits)
+
+    @abstractmethod
+    def all_reduce_sum(self, t: Tensor) -> Tensor: ...
+
+
+class LocalExchange(Exchange):
+    """One process owns every expert: nothing moves. The default seam of a single-device model."""
+
+    def exchange_counts(self, send_counts_WL: Tensor) -> Tensor:
+        return send_counts_WL
+
+    def move(self, x_RD: Tensor, send_splits: list[int], recv_splits: list[int]) -> Handle:
+        return Done(x_RD)
+
+    def all_reduce_sum(self, t: Tensor) -> Tensor:
+        return t

@@ -1,0 +1,108 @@
+"""Decoder-only transformer whose feed-forward layers are dense SwiGLU or MoE.
+
+Single-device code: nothing here imports torch.distributed. Parallelism is applied from outside
+(`braid.parallel`) by sharding modules and installing an exchange into each MoE dispatcher.
+
+Shape legend: B batch, T time, D dim, V vocab, E experts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from braid.model.attention import Attention, KVCache
+from braid.model.config import ModelConfig
+from braid.model.layers import RMSNorm, SwiGLU, rope_table
+from braid.moe.config import MoEConfig
+from braid.moe.layer import MoE, MoEStats
+
+
+@dataclass
+class ModelOutput:
+    logits: Tensor  # [B, T, V]
+    aux_loss: Tensor  # mean over MoE layers (unweighted)
+    z_loss: Tensor  # mean over MoE layers (unweighted)
+    moe: dict[int, MoEStats] = field(default_factory=dict)  # per MoE layer index
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, moe_cfg: MoEConfig, is_moe: bool):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn = MoE(cfg, moe_cfg) if is_moe else SwiGLU(cfg.dim, cfg.ffn_hidden)
+        self.activation_checkpoint = False
+
+    def forward(self, x, rope, cache: KVCache | None = None) -> tuple[Tensor, MoEStats | None]:
+        if self.activation_checkpoint and self.training:
+            return checkpoint(self._forward, x, rope, None, use_reentrant=False)
+        return self._forward(x, rope, cache)
+
+    def _forward(self, x, rope, cache):
+        x = x + self.attn(self.attn_norm(x), rope, cache)
+        if isinstance(self.ffn, MoE):
+            y, stats = self.ffn(self.ffn_norm(x))
+            return x + y, stats
+        return x + self.ffn(self.ffn_norm(x)), None
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, moe_cfg: MoEConfig):
+        super().__init__()
+        self.cfg, self.moe_cfg = cfg, moe_cfg
+        self.moe_layers = moe_cfg.moe_layer_ids(cfg.n_layers)
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.blocks = nn.ModuleList(
+            Block(cfg, moe_cfg, i in self.moe_layers) for i in range(cfg.n_layers)
+        )
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.register_buffer(
+            "rope", rope_table(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta), persistent=False
+        )
+
+    def forward(
+        self, idx_BT: Tensor, caches: list[KVCache] | None = None, start_pos: int = 0
+    ) -> ModelOutput:
+        T = idx_BT.shape[1]
+        rope = self.rope[start_pos : start_pos + T]
+        x = self.tok_emb(idx_BT)
+        stats: dict[int, MoEStats] = {}
+        for i, block in enumerate(self.blocks):
+            x, s = block(x, rope, None if caches is None else caches[i])
+            if s is not None:
+                stats[i] = s
+                if self.training:
+                    block.ffn.router.record_load(s.counts_E)
+        x = self.norm(x)
+        logits = F.linear(x, self.tok_emb.weight) if self.output is None else self.output(x)
+        zero = logits.new_zeros((), dtype=torch.float32)
+        aux = torch.stack([s.aux_loss for s in stats.values()]).mean() if stats else zero
+        z = torch.stack([s.z_loss for s in stats.values()]).mean() if stats else zero
+        return ModelOutput(logits, aux, z, stats)
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """Recompute non-parameter state (after `to_empty` from the meta device)."""
+        c = self.cfg
+        self.rope = rope_table(c.head_dim, c.max_seq_len, c.rope_theta).to(self.tok_emb.weight.device)
+        for moe in self.moe_modules().values():
+            moe.router.expert_bias.zero_()
+            moe.router.load_acc.zero_()
+
+    def moe_modules(self) -> dict[int, MoE]:
+        return {i: self.blocks[i].ffn for i in self.moe_layers}
+
+    def update_router_biases(self) -> None:
+        for moe in self.moe_modules().values():
+            moe.router.update_bias()
+
+    def new_caches(self, batch: int, max_len: int) -> list[KVCache]:
+        like = self.tok_emb.weight
+        return [b.attn.new_cache(batch, max_len, like) for b in self.blocks]

@@ -1,0 +1,143 @@
+"""Token dispatcher: sends each token copy to its expert's rank and brings the outputs home.
+
+This file holds the only autograd glue around an exchange (`braid.exchange`): the backward of a
+movement is the reverse movement (`Exchange.move` with the splits swapped), uncompressed.
+
+Shape legend: N tokens on this rank, K experts per token, M = N*K token copies, E experts,
+W ranks in the expert-parallel group, L = E/W experts per rank, R rows received, D dim, C capacity.
+
+Dispatch (dropless):
+  1. sort the M copies by expert id (stable), gather their rows -> x_MD in expert order;
+  2. exchange the per-expert counts (W x L), one host sync for the splits;
+  3. move rows to their owners; rows arrive grouped [source rank][local expert];
+  4. regroup them to [local expert][source rank] so each expert's rows are contiguous.
+Dispatch (capacity_factor > 0): each expert takes at most C = ceil(cf*N*K/E) copies from this
+rank, earliest tokens first (Switch); rows go into fixed [E, C] slots (empty slots are zero), so
+splits are known without a count exchange or a host sync. Capacity applies per rank's batch.
+Combine reverses 4, 3 and 1 and sums each token's expert outputs weighted by its gates.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from braid.exchange.base import Exchange, LocalExchange
+
+
+@dataclass
+class Dispatched:
+    """Rows for this rank's experts plus what `combine` needs to send the outputs back."""
+
+    x_RD: Tensor  # rows grouped by local expert
+    counts_L: Tensor  # rows per local expert (int64)
+    order_M: Tensor  # sorted position -> flat copy index (n*K + k)
+    token_M: Tensor  # sorted position -> token index
+    keep_M: Tensor | None  # capacity mode: copies that fit
+    slot_M: Tensor | None  # capacity mode: [E*C] slot of each kept copy
+    send_splits: list[int]
+    recv_splits: list[int]
+    regroup_R: Tensor | None  # dropless, W > 1: received order -> grouped order
+    num_tokens: int
+    num_dropped: Tensor  # copies dropped by capacity (scalar)
+
+
+class _Move(torch.autograd.Function):
+    """Forward: `exchange.dispatch` or `.combine`; backward: the exact reverse `move`."""
+
+    @staticmethod
+    def forward(ctx, x, exchange, send, recv, direction):
+        ctx.exchange, ctx.send, ctx.recv = exchange, send, recv
+        go = exchange.dispatch if direction == "dispatch" else exchange.combine
+        return go(x.contiguous(), send, recv).wait()
+
+    @staticmethod
+    def backward(ctx, g):
+        return ctx.exchange.move(g.contiguous(), ctx.recv, ctx.send).wait(), None, None, None, None
+
+
+class TokenDispatcher:
+    def __init__(self, num_experts: int, top_k: int, capacity_factor: float = 0.0):
+        self.num_experts, self.top_k, self.capacity_factor = num_experts, top_k, capacity_factor
+        self.exchange: Exchange = LocalExchange()
+
+    @property
+    def num_local(self) -> int:
+        return self.num_experts // self.exchange.size
+
+    def capacity(self, num_tokens: int) -> int:
+        return math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts)
+
+    def dispatch(self, x_ND: Tensor, topk_idx_NK: Tensor) -> Dispatched:
+        N, K, E, W, L = x_ND.shape[0], self.top_k, self.num_experts, self.exchange.size, self.num_local
+        flat_M = topk_idx_NK.flatten()
+        sorted_e_M, order_M = torch.sort(flat_M, stable=True)
+        token_M = order_M // K
+        counts_E = torch.bincount(flat_M, minlength=E)
+        if self.capacity_factor > 0:
+            return self._dispatch_capacity(x_ND, sorted_e_M, order_M, token_M, counts_E)
+
+        x_MD = x_ND.index_select(0, token_M)
+        if W == 1:
+            return Dispatched(x_MD, counts_E, order_M, token_M, None, None, [], [], None, N,
+                              x_ND.new_zeros((), dtype=torch.long))
+        recv_WL = self.exchange.exchange_counts(counts_E.view(W, L))
+        # One host sync: the splits of both directions must be known on the host.
+        sizes = torch.cat([counts_E.view(W, L).sum(1), recv_WL.sum(1)]).tolist()
+        send, recv = sizes[:W], sizes[W:]
+        x_RD = _Move.apply(x_MD, self.exchange, send, recv, "dispatch")
+        regroup_R = _regroup_index(recv_WL, sum(recv))
+        return Dispatched(x_RD.index_select(0, regroup_R), recv_WL.sum(0), order_M, token_M,
+                          None, None, send, recv, regroup_R, N, x_ND.new_zeros((), dtype=torch.long))
+
+    def _dispatch_capacity(self, x_ND, sorted_e_M, order_M, token_M, counts_E) -> Dispatched:
+        N, E, W, L = x_ND.shape[0], self.num_experts, self.exchange.size, self.num_local
+        C = self.capacity(N)
+        start_E = torch.cumsum(counts_E, 0) - counts_E
+        pos_M = torch.arange(sorted_e_M.numel(), device=x_ND.device) - start_E[sorted_e_M]
+        keep_M = pos_M < C
+        slot_M = (sorted_e_M * C + pos_M)[keep_M]
+        buf = x_ND.new_zeros(E * C, x_ND.shape[1])
+        buf = buf.index_copy(0, slot_M, x_ND.index_select(0, token_M[keep_M]))
+        splits = [L * C] * W
+        if W > 1:
+            buf = _Move.apply(buf, self.exchange, splits, splits, "dispatch")
+        # Received [W, L, C] -> grouped by local expert [L, W*C].
+        x_RD = buf.view(W, L, C, -1).transpose(0, 1).reshape(L * W * C, -1)
+        counts_L = torch.full((L,), W * C, dtype=torch.long, device=x_ND.device)
+        dropped = (~keep_M).sum()
+        return Dispatched(x_RD, counts_L, order_M, token_M, keep_M, slot_M, splits, splits,
+                          None, N, dropped)
+
+    def combine(self, y_RD: Tensor, gates_NK: Tensor, d: Dispatched) -> Tensor:
+        W, L, D = self.exchange.size, self.num_local, y_RD.shape[-1]
+        w_M = gates_NK.flatten().index_select(0, d.order_M).to(y_RD.dtype)
+        if d.keep_M is not None:
+            C = y_RD.shape[0] // max(W * L, 1)
+            buf = y_RD.view(L, W, C, D).transpose(0, 1).reshape(W * L * C, D)
+            if W > 1:
+                buf = _Move.apply(buf, self.exchange, d.recv_splits, d.send_splits, "combine")
+            y_MD = buf.index_select(0, d.slot_M) * w_M[d.keep_M, None]
+            token_M = d.token_M[d.keep_M]
+        else:
+            if d.regroup_R is not None:
+                y_RD = y_RD.index_select(0, torch.argsort(d.regroup_R))
+                y_RD = _Move.apply(y_RD, self.exchange, d.recv_splits, d.send_splits, "combine")
+            y_MD = y_RD * w_M[:, None]
+            token_M = d.token_M
+        out = y_MD.new_zeros(d.num_tokens, D)
+        return out.index_add(0, token_M, y_MD)
+
+
+def _regroup_index(recv_WL: Tensor, total: int) -> Tensor:
+    """Row permutation taking [source rank][local expert] chunks to [local expert][source rank]."""
+    W, L = recv_WL.shape
+    sizes_WL = recv_WL.flatten()
+    starts_WL = (torch.cumsum(sizes_WL, 0) - sizes_WL).view(W, L)
+    sizes_LW, starts_LW = recv_WL.t().flatten(), starts_WL.t().flatten()
+    new_starts_LW = torch.cumsum(sizes_LW, 0) - sizes_LW
+    shift = torch.repeat_interleave(starts_LW - new_starts_LW, sizes_LW, output_size=total)
+    return torch.arange(total, device=recv_WL.device) + shift

@@ -1,0 +1,18 @@
+"""The `[parallel]` section: expert-parallel size and how dense weights are distributed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from braid.knobs import check, knob, one_of
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParallelConfig:
+    ep: int = knob(1, "Expert-parallel size; dp = world_size / ep replicas of each expert.")
+    dense: str = knob("fsdp", "Dense weights: fsdp (fully_shard over all ranks) or replicate.")
+    activation_checkpoint: bool = knob(False, "Recompute each block's activations in backward.")
+
+    def validate(self) -> None:
+        check(self.ep >= 1, "parallel.ep", self.ep, "must be >= 1")
+        one_of("parallel.dense", self.dense, ("fsdp", "replicate"))

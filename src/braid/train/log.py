@@ -1,0 +1,136 @@
+"""What the trainer reports: console lines, a progress bar, the metrics store and the run registry.
+
+Host syncs happen only at log steps (the interval's router statistics are summed on the device
+in between). Rank 0 prints and keeps the experiments registry; every rank writes its own
+metrics file.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from braid.config import Config
+from braid.parallel.mesh import ParallelContext
+
+# Dense bf16 peak per GPU for MFU (vendor datasheets, without sparsity).
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+class TrainLogger:
+    def __init__(self, cfg: Config, ctx: ParallelContext, run_id: str, run_dir: Path,
+                 flops_per_token: float):
+        from braid.metrics.experiments import ExperimentsDB, git_revision
+        from braid.metrics.store import MetricsWriter
+
+        self.cfg, self.ctx, self.run_id = cfg, ctx, run_id
+        self.flops_per_token, self.peak = flops_per_token, peak_flops(ctx.device)
+        self.writer = MetricsWriter(run_dir, ctx.rank, flush_every=cfg.metrics.flush_every,
+                                    tensorboard=cfg.metrics.tensorboard and ctx.is_main)
+        self.db = None
+        if ctx.is_main:
+            self.db = ExperimentsDB(Path(cfg.run.dir))
+            self.db.start(run_id, name=cfg.run.name or run_id, run_dir=str(run_dir),
+                          config=cfg.to_dict(), fingerprint=cfg.fingerprint(),
+                          world_size=ctx.world, git_rev=git_revision(Path.cwd()))
+        self._tps: list[float] = []
+        self._sums: dict[str, torch.Tensor] = {}
+        self._loads: dict[int, torch.Tensor] = {}
+        self._n = 0
+        self.bar = None
+        if ctx.is_main and cfg.train.progress and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=cfg.train.steps, desc="train", dynamic_ncols=True, leave=False)
+
+    def _print(self, line: str) -> None:
+        if not self.ctx.is_main:
+            return
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    def micro_stats(self, parts: list[dict]) -> None:
+        for p in parts:
+            for k in ("aux", "z"):
+                self._sums[k] = self._sums.get(k, 0) + p[k]
+            for layer, s in p["moe"].items():
+                self._loads[layer] = self._loads.get(layer, 0) + s.counts_E
+                self._sums["dropped"] = self._sums.get("dropped", 0) + s.num_dropped
+            self._n += 1
+
+    def train(self, step: int, loss: float, lr: float, grad_norm: float, tps: float,
+              skipped: int) -> None:
+        self._tps.append(tps)
+        n = max(self._n, 1)
+        sums = {k: float(v) / n for k, v in self._sums.items()}  # host sync at log steps only
+        values = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
+                  "train/tokens_per_s": tps, "train/aux_loss": sums.get("aux", 0.0),
+                  "train/z_loss": sums.get("z", 0.0), "train/skipped_steps": skipped,
+                  "train/dropped_per_micro": sums.get("dropped", 0.0)}
+        mfu = self._mfu(tps)
+        if mfu is not None:
+            values["train/mfu"] = mfu
+        balance = []
+        for layer, counts in sorted(self._loads.items()):
+            frac = (counts / counts.sum().clamp(min=1)).tolist()
+            if self.cfg.metrics.expert_load:
+                self.writer.log_expert_load(step, layer, frac)
+            balance.append(max(frac) * len(frac))
+        if balance:
+            values["train/load_max_over_mean"] = max(balance)
+        self.writer.log(step, values)
+        self._sums, self._loads, self._n = {}, {}, 0
+        if self.db is not None:
+            self.db.heartbeat(self.run_id, step=step, last_loss=loss)
+        line = (f"step {step:>6}/{self.cfg.train.steps} | loss {loss:.4f} | "
+                f"aux {values['train/aux_loss']:.3f} | z {values['train/z_loss']:.3f} | "
+                f"lr {lr:.2e} | gnorm {grad_norm:.3f} | {tps:,.0f} tok/s")
+        if mfu is not None:
+            line += f" | mfu {100 * mfu:.1f}%"
+        if balance:
+            line += f" | load max/mean {max(balance):.2f}"
+        self._print(line)
+
+    def val(self, step: int, loss: float) -> None:
+        self.writer.log(step, {"val/loss": loss})
+        self._print(f"step {step:>6}/{self.cfg.train.steps} | val loss {loss:.4f}")
+
+    def progress(self, step: int, loss: float) -> None:
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+
+    def _mfu(self, tps: float) -> float | None:
+        if self.peak is None:
+            return None
+        return tps * self.flops_per_token / (self.peak * self.ctx.world)
+
+    def mean_tokens_per_s(self) -> float:
+        # The first interval includes start-up (compilation, allocator warm-up): skip it.
+        window = self._tps[1:] or self._tps
+        return sum(window) / max(len(window), 1)
+
+    def mfu(self) -> float | None:
+        m = self._mfu(self.mean_tokens_per_s())
+        return None if m is None else round(m, 4)
+
+    def close(self, status: str, step: int | None = None, last_loss: float | None = None,
+              error: str | None = None) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        self.writer.close()
+        if self.db is not None:
+            self.db.finish(self.run_id, status, step=step, last_loss=last_loss, error=error)
+            self.db = None

@@ -1,0 +1,50 @@
+"""Run directories: `<run.dir>/<run_id>/` with the resolved config, written before training.
+
+Layout of a run directory:
+  config.toml, config.json   the resolved config (every key) and its fingerprint
+  tokenizer.json             the tokenizer of the training data (for generation)
+  checkpoints/step_XXXXXXXX  DCP checkpoints (see braid.checkpoint)
+  metrics/rank_<r>.duckdb     per-step metrics (see braid.metrics.store)
+  summary.json               the final JSON line of `braid train`
+  report.html, report/       written by `braid report`
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from braid.config import Config, to_toml
+
+
+def new_run_id(cfg: Config) -> str:
+    """`run.name` if given (so `checkpoint.resume=auto` finds the run again), else time + hash."""
+    if cfg.run.name:
+        return cfg.run.name
+    return time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.fingerprint()[:6]}-{os.getpid() % 10000:04d}"
+
+
+def write_json_atomic(path: Path, obj: object) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def prepare_run_dir(cfg: Config, run_id: str, tokenizer_path: str | Path | None = None) -> Path:
+    """Create the run directory with the resolved config and the tokenizer generation needs."""
+    run_dir = Path(cfg.run.dir) / run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if tokenizer_path is not None:
+        tmp = run_dir / "tokenizer.json.tmp"
+        shutil.copyfile(tokenizer_path, tmp)
+        os.replace(tmp, run_dir / "tokenizer.json")
+    tmp = run_dir / "config.toml.tmp"
+    tmp.write_text(to_toml(cfg))
+    os.replace(tmp, run_dir / "config.toml")
+    write_json_atomic(
+        run_dir / "config.json", {"fingerprint": cfg.fingerprint(), "config": cfg.to_dict()}
+    )
+    return run_dir

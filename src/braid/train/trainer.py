@@ -1,0 +1,202 @@
+"""The training loop: data -> model -> loss -> backward -> clip -> step, with logging around it.
+
+Phases of `train(cfg)`:
+  1. layout: one process, or the torchrun group (braid.parallel); the run directory and records;
+  2. data: the shards named by data.path, or the built-in corpus prepared on first use;
+  3. model: built on the meta device, parallelized, materialised with `to_empty`, then
+     initialised layout-independently (braid.model.init) — or restored from a checkpoint;
+  4. loop: grad-accumulated micro-steps, clip, AdamW, router bias update, log/validate/checkpoint;
+  5. end: final validation, a checkpoint, summary.json, and one JSON line on stdout (last line).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from braid.config import Config
+from braid.errors import BraidError
+from braid.info import arithmetic
+from braid.parallel.mesh import ParallelContext, init_parallel
+from braid.train.log import TrainLogger
+from braid.train.model_setup import build_model, load_data
+from braid.train.optim import build_optimizer, lr_at
+from braid.train.rundir import new_run_id, prepare_run_dir, write_json_atomic
+
+
+@dataclass
+class TrainState:
+    """Everything besides model and optimizer that a checkpoint must restore exactly."""
+
+    step: int = 0
+    skipped_steps: int = 0
+    tokens_seen: int = 0
+    initial_val_loss: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def autocast(cfg: Config, device: torch.device):
+    """bf16 autocast on GPU (train.dtype auto/bf16), full fp32 on CPU unless bf16 is asked for."""
+    use_bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def loss_fn(model, x, y, cfg: Config, amp) -> tuple[torch.Tensor, dict]:
+    """CE + weighted router losses on one micro-batch; returns the loss and its parts."""
+    with amp:
+        out = model(x)
+    ce = F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten())
+    loss = ce + cfg.moe.aux_loss_coef * out.aux_loss + cfg.moe.z_loss_coef * out.z_loss
+    return loss, {"ce": ce.detach(), "aux": out.aux_loss.detach(), "z": out.z_loss.detach(),
+                  "moe": out.moe}
+
+
+@torch.no_grad()
+def evaluate(model, batches, cfg: Config, amp, ctx: ParallelContext) -> float:
+    """Mean cross-entropy over fixed validation batches (averaged over ranks)."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), device=ctx.device)
+    for x, y in batches:
+        with amp:
+            logits = model(x.to(ctx.device)).logits
+        total += F.cross_entropy(logits.float().flatten(0, 1), y.to(ctx.device).flatten())
+    model.train(was_training)
+    mean = total / max(1, len(batches))
+    if ctx.distributed:
+        from braid.parallel.distributed import all_reduce_mean
+
+        mean = all_reduce_mean(mean)
+    return float(mean)  # host sync, once per validation
+
+
+def nonfinite_culprit(model) -> str:
+    """Name of the first parameter whose gradient is not finite (only called on failure)."""
+    for name, p in model.named_parameters():
+        if p.grad is not None and not torch.isfinite(p.grad).all():
+            return name
+    return "unknown"
+
+
+def train(cfg: Config, *, overrides: list[str] | None = None) -> dict:
+    ctx = init_parallel(cfg)
+    torch.manual_seed(cfg.train.seed)
+    from braid.parallel.distributed import broadcast_object
+
+    # Data and model first: a bad corpus or config fails before anything is written.
+    train_ds, val_ds, loader, val_batches = load_data(cfg, ctx)
+    model = build_model(cfg, ctx)
+    run_id = broadcast_object(new_run_id(cfg), ctx)
+    run_dir = prepare_run_dir(cfg, run_id, train_ds.tokenizer_path) if ctx.is_main else None
+    run_dir = broadcast_object(run_dir, ctx)
+    opt = build_optimizer(model, cfg.train, ctx.device)
+    amp = autocast(cfg, ctx.device)
+    state = TrainState()
+
+    from braid.checkpoint.manager import Checkpointer
+
+    ckpt = Checkpointer(run_dir, cfg, ctx)
+    ckpt.resume(model, opt, loader, state)
+    log = TrainLogger(cfg, ctx, run_id, run_dir, arithmetic(cfg).flops_per_token)
+    try:
+        result = _loop(cfg, ctx, model, opt, loader, val_batches, amp, state, ckpt, log)
+    except BaseException as e:
+        log.close(status="killed" if isinstance(e, KeyboardInterrupt) else "failed", error=str(e))
+        raise
+    result.update(run_id=run_id, run_dir=str(run_dir))
+    if ctx.is_main:
+        write_json_atomic(run_dir / "summary.json", result)
+    log.close(status="finished", step=result["steps"], last_loss=result["final_train_loss"])
+    return result
+
+
+def _loop(cfg, ctx, model, opt, loader, val_batches, amp, state, ckpt, log) -> dict:
+    tc = cfg.train
+    micro_tokens = tc.batch_size // tc.grad_accum * tc.seq_len  # global tokens per micro-step
+    if state.initial_val_loss is None:
+        state.initial_val_loss = evaluate(model, val_batches, cfg, amp, ctx)
+        log.val(state.step, state.initial_val_loss)
+    model.train()
+    train_loss = float("nan")
+    t_last, tokens_last = time.perf_counter(), state.tokens_seen
+    stop = min(tc.stop_at or tc.steps, tc.steps)
+    while state.step < stop:
+        step = state.step
+        lr = lr_at(step, tc)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        parts = []
+        for _ in range(tc.grad_accum):
+            x, y = loader.next_batch()
+            loss, p = loss_fn(model, x.to(ctx.device), y.to(ctx.device), cfg, amp)
+            (loss / tc.grad_accum).backward()
+            parts.append(p)
+        grad_norm = _clip(model, tc.grad_clip)
+        ce = torch.stack([p["ce"] for p in parts]).mean()
+        # One host sync per step: the loss and grad norm decide whether the step is applied.
+        ce_val, gn_val = torch.stack([ce, grad_norm.float()]).tolist()
+        if not (_finite(ce_val) and _finite(gn_val)):
+            if not tc.skip_nonfinite:
+                raise BraidError(
+                    f"non-finite {'loss' if not _finite(ce_val) else 'gradient norm'} at step "
+                    f"{step + 1} (first bad gradient: {nonfinite_culprit(model)}); no checkpoint "
+                    "was written for it. Lower train.lr or set train.skip_nonfinite=true"
+                )
+            state.skipped_steps += 1
+            opt.zero_grad(set_to_none=True)
+            model.update_router_biases()  # drop the loads counted during the skipped step
+        else:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            model.update_router_biases()
+            train_loss = ce_val
+        state.step += 1
+        state.tokens_seen += micro_tokens * tc.grad_accum
+        log.micro_stats(parts)
+        if state.step % tc.log_every == 0 or state.step == stop:
+            now = time.perf_counter()
+            tps = (state.tokens_seen - tokens_last) / max(now - t_last, 1e-9)
+            t_last, tokens_last = now, state.tokens_seen
+            log.train(state.step, train_loss, lr, gn_val, tps, state.skipped_steps)
+        log.progress(state.step, train_loss)
+        if state.step % tc.val_every == 0 and state.step < stop:
+            log.val(state.step, evaluate(model, val_batches, cfg, amp, ctx))
+        if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0:
+            ckpt.save(model, opt, loader, state)
+    final_val = evaluate(model, val_batches, cfg, amp, ctx)
+    log.val(state.step, final_val)
+    ckpt.save(model, opt, loader, state)
+    return {
+        "steps": state.step,
+        "initial_val_loss": round(state.initial_val_loss, 6),
+        "final_val_loss": round(final_val, 6),
+        "final_train_loss": round(train_loss, 6),
+        "tokens_per_s": round(log.mean_tokens_per_s(), 1),
+        "mfu": log.mfu(),
+        "skipped_steps": state.skipped_steps,
+        "fingerprint": cfg.fingerprint(),
+    }
+
+
+def _finite(v: float) -> bool:
+    return v == v and abs(v) != float("inf")
+
+
+def _clip(model, max_norm: float) -> torch.Tensor:
+    from braid.parallel.clip import clip_grad_norm
+
+    return clip_grad_norm(model, max_norm)
+
+
+def print_result(result: dict) -> None:
+    """The contract of `braid train`: its last stdout line is this JSON object."""
+    sys.stdout.flush()
+    print(json.dumps(result), flush=True)
