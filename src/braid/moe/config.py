@@ -11,7 +11,7 @@ from braid.knobs import check, knob, one_of
 class MoEConfig:
     num_experts: int = knob(8, "Routed experts per MoE layer (0 makes every layer dense).")
     top_k: int = knob(2, "Experts each token is sent to.")
-    expert_hidden: int = knob(256, "Hidden size of each routed expert's SwiGLU FFN.")
+    expert_hidden: int = knob(192, "Hidden size of each routed expert's SwiGLU FFN.")
     layers: list[int] = knob([], "Explicit MoE layer indices; empty means first_k_dense/every.")
     first_k_dense: int = knob(1, "With layers empty: the first k layers stay dense.")
     every: int = knob(1, "With layers empty: after first_k_dense, every n-th layer is MoE.")

@@ -14,7 +14,7 @@ class TrainConfig:
         0, "Stop this invocation at this step (with a checkpoint) and resume later; 0 = steps."
     )
     seed: int = knob(1337, "Seed for init, data order and every RNG stream.")
-    batch_size: int = knob(32, "Global batch in sequences per optimizer step (all ranks).")
+    batch_size: int = knob(16, "Global batch in sequences per optimizer step (all ranks).")
     grad_accum: int = knob(1, "Micro-steps per optimizer step; batch_size is split over them.")
     seq_len: int = knob(128, "Tokens per training sequence (<= model.max_seq_len).")
     lr: float = knob(3e-3, "Peak learning rate.")

@@ -1,0 +1,78 @@
+"""Config loading: typed overrides, one-line errors naming key/value/allowed, fingerprints."""
+
+import subprocess
+import sys
+
+import pytest
+
+from braid.config import diff_configs, load_config, parse_override, to_toml
+from braid.errors import BraidError, ConfigError
+
+
+def test_overrides_are_typed():
+    cfg = load_config(None, ["--model.dim=384", "--moe.layers=[1, 3]", "--train.lr=1e-4",
+                             "--moe.score_func=sigmoid", "--overlap.chunks=auto",
+                             "--model.tie_embeddings=false", "--moe.aux_loss_coef=0"])
+    assert cfg.model.dim == 384 and cfg.moe.layers == [1, 3] and cfg.train.lr == 1e-4
+    assert cfg.moe.score_func == "sigmoid" and cfg.overlap.chunks == "auto"
+    assert cfg.model.tie_embeddings is False and isinstance(cfg.moe.aux_loss_coef, float)
+    assert parse_override("--a.b=[1,2]") == ("a.b", [1, 2])
+
+
+@pytest.mark.parametrize(
+    "override, key, words",
+    [
+        ("--model.dimm=3", "model.dimm", "unknown key"),
+        ("--modle.dim=3", "modle", "unknown section"),
+        ("--model.dim=abc", "model.dim", "expected int"),
+        ("--model.dim=1.5", "model.dim", "expected int"),
+        ("--moe.layers=[1.5]", "moe.layers", "expected int"),
+        ("--moe.top_k=9", "moe.top_k", "between 1 and moe.num_experts=8"),
+        ("--model.n_heads=7", "model.n_heads", "must divide model.dim=192"),
+        ("--model.n_kv_heads=4", "model.n_kv_heads", "must divide model.n_heads=6"),
+        ("--train.seq_len=1000", "train.seq_len", "model.max_seq_len"),
+        ("--parallel.ep=3", "parallel.ep", "must divide moe.num_experts=8"),
+        ("--moe.score_func=relu", "moe.score_func", "softmax, sigmoid"),
+        ("--train.grad_accum=5", "train.grad_accum", "must divide train.batch_size=16"),
+        ("--moe.layers=[9]", "moe.layers", "[0, 4)"),
+        ("--overlap.chunks=0", "overlap.chunks", "auto"),
+    ],
+)
+def test_bad_values_name_key_value_and_what_is_allowed(override, key, words):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    msg = str(e.value)
+    assert e.value.key == key and words in msg and "\n" not in msg
+
+
+def test_fingerprint_is_stable_and_sensitive():
+    a, b = load_config(None, []), load_config(None, [])
+    assert a.fingerprint() == b.fingerprint()
+    c = load_config(None, ["--train.lr=1e-3"])
+    assert c.fingerprint() != a.fingerprint()
+    assert diff_configs(a.to_dict(), c.to_dict()) == ["train.lr"]
+
+
+def test_resolved_toml_round_trips(tmp_path):
+    cfg = load_config("medium", ["--moe.layers=[1,2]"])
+    p = tmp_path / "c.toml"
+    p.write_text(to_toml(cfg))
+    assert load_config(str(p)).fingerprint() == cfg.fingerprint()
+
+
+def test_unknown_config_file_or_name():
+    with pytest.raises(BraidError, match="unknown config 'nope'"):
+        load_config("nope")
+    with pytest.raises(BraidError, match="not found"):
+        load_config("missing.toml")
+
+
+def test_cli_user_error_is_one_line_with_exit_code_2():
+    proc = subprocess.run([sys.executable, "-m", "braid", "info", "--moe.top_k=99"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: config moe.top_k=99: must be between 1 and moe.num_experts=8"]
+    proc = subprocess.run([sys.executable, "-m", "braid", "--debug", "info", "--moe.top_k=99"],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr

@@ -1,0 +1,107 @@
+"""The transformer: KV-cache decoding equals recomputation, it can overfit, and its arithmetic
+(`braid info`) matches the built model; the family configs hit their nominal sizes."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from braid.config import load_config
+from braid.errors import BraidError
+from braid.generate import filter_logits, generate
+from braid.info import arithmetic
+from braid.model.init import init_weights
+from braid.model.transformer import Transformer
+
+SMALL = ["--model.dim=64", "--model.n_layers=3", "--model.n_heads=4", "--model.n_kv_heads=2",
+         "--model.vocab_size=128", "--model.ffn_hidden=64", "--model.max_seq_len=64", "--train.seq_len=32",
+         "--moe.expert_hidden=32", "--moe.num_experts=4", "--moe.num_shared_experts=1"]
+
+
+def small_model(*extra: str, seed: int = 0) -> Transformer:
+    cfg = load_config(None, SMALL + list(extra))
+    m = Transformer(cfg.model, cfg.moe)
+    init_weights(m, seed, cfg.model.init_std, cfg.model.n_layers)
+    return m
+
+
+def test_kv_cache_decoding_equals_full_recompute():
+    torch.manual_seed(0)
+    m = small_model().eval()
+    prompt = torch.randint(0, 128, (2, 7))
+    out = generate(m, prompt, 9, temperature=0)  # greedy, with the cache
+    with torch.no_grad():
+        full = m(out[:, :-1]).logits  # one pass over the whole sequence, no cache
+        # Greedy choices from the full pass reproduce the cached decoding.
+        assert torch.equal(full[:, 6:].argmax(-1), out[:, 7:])
+        caches = m.new_caches(2, 16)
+        pre = m(out[:, :7], caches=caches).logits
+        step = m(out[:, 7:8], caches=caches, start_pos=7).logits
+    torch.testing.assert_close(pre, full[:, :7], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(step[:, 0], full[:, 7], rtol=1e-5, atol=1e-5)
+
+
+def test_prompt_longer_than_context_is_refused():
+    m = small_model().eval()
+    with pytest.raises(BraidError, match="context is 64"):
+        generate(m, torch.zeros(1, 64, dtype=torch.long), 5)
+
+
+def test_top_k_and_top_p_filters():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
+    assert torch.isinf(filter_logits(logits, top_k=2)[0, 2:]).all()
+    assert torch.isfinite(filter_logits(logits, top_k=2)[0, :2]).all()
+    p = logits.softmax(-1)[0]
+    kept = filter_logits(logits, top_p=float(p[0]) + 1e-3)  # needs the top two
+    assert torch.isfinite(kept[0, :2]).all() and torch.isinf(kept[0, 2:]).all()
+
+
+def test_tiny_model_overfits_one_batch():
+    torch.manual_seed(0)
+    m = small_model()
+    x = torch.randint(0, 128, (4, 33))
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    first = None
+    for _ in range(60):
+        out = m(x[:, :-1])
+        loss = F.cross_entropy(out.logits.flatten(0, 1), x[:, 1:].flatten())
+        (loss + 0.01 * out.aux_loss).backward()
+        opt.step()
+        opt.zero_grad()
+        first = first if first is not None else loss.item()
+    assert first > 4.0 and loss.item() < 0.3, (first, loss.item())
+
+
+def test_loop_and_grouped_experts_give_the_same_model():
+    torch.manual_seed(0)
+    x = torch.randint(0, 128, (2, 16))
+    outs = []
+    for impl in ("grouped", "loop"):
+        m = small_model(f"--moe.expert_impl={impl}")
+        out = m(x)
+        out.logits.square().mean().backward()
+        outs.append((out.logits.detach(), [p.grad for p in m.parameters()]))
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(outs[0][1], outs[1][1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("extra", [[], ["--model.tie_embeddings=false", "--moe.layers=[0,2]"]])
+def test_info_counts_equal_the_built_model(extra):
+    cfg = load_config(None, SMALL + extra)
+    with torch.device("meta"):
+        m = Transformer(cfg.model, cfg.moe)
+    assert arithmetic(cfg).total_params == sum(p.numel() for p in m.parameters())
+
+
+NOMINAL = {"small": 1.3e9, "medium": 7e9, "large": 16e9, "xl": 70e9, "moonlet": 7e9,
+           "dsv3": 671e9}
+
+
+@pytest.mark.parametrize("name", sorted(NOMINAL))
+def test_family_configs_match_their_nominal_size(name):
+    cfg = load_config(name)
+    total = arithmetic(cfg).total_params
+    assert abs(total - NOMINAL[name]) / NOMINAL[name] < 0.10, total
+    with torch.device("meta"):
+        m = Transformer(cfg.model, cfg.moe)
+    assert total == sum(p.numel() for p in m.parameters())
