@@ -76,7 +76,10 @@ class TokenDispatcher:
         flat_M = topk_idx_NK.flatten()
         sorted_e_M, order_M = torch.sort(flat_M, stable=True)
         token_M = order_M // K
-        counts_E = torch.bincount(flat_M, minlength=E)
+        # scatter_add, not bincount: a fixed-size result keeps torch.compile graphs whole.
+        counts_E = torch.zeros(E, dtype=torch.long, device=flat_M.device).scatter_add_(
+            0, flat_M, torch.ones_like(flat_M)
+        )
         if self.capacity_factor > 0:
             return self._dispatch_capacity(x_ND, sorted_e_M, order_M, token_M, counts_E)
 

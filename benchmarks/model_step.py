@@ -1,0 +1,91 @@
+"""Forward + backward of a whole Braid model on one GPU: step time, tokens/s and MFU.
+
+    PYTHONPATH=src python benchmarks/model_step.py --config medium --out results/x.json
+
+MFU counts training FLOPs per token from `braid.info` (6 x active GEMM parameters + causal
+attention) against the H100/H200 dense bf16 datasheet peak (989 TFLOP/s) and, for reference,
+against the 788 TFLOP/s a large bf16 matmul reaches on the same machine. Weights are fp32 with
+bf16 autocast, as in training. The optimizer step is excluded (forward + backward only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+import torch  # noqa: E402
+from common import environment, time_cuda, write_result  # noqa: E402
+
+from braid.config import load_config  # noqa: E402
+from braid.info import arithmetic  # noqa: E402
+from braid.parallel.mesh import ParallelContext  # noqa: E402
+from braid.train.model_setup import build_model  # noqa: E402
+from braid.train.trainer import autocast, loss_fn  # noqa: E402
+
+PEAK = 989e12
+
+
+def matmul_ceiling() -> float:
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    t = time_cuda(lambda: a @ b, iters=10)
+    return 2 * 8192**3 / (t["median_ms"] / 1e3)
+
+
+def run(config: str, batch: int, seq: int, compile_: bool, ac: bool, iters: int) -> dict:
+    cfg = load_config(config, [f"--train.seq_len={seq}", f"--train.compile={str(compile_).lower()}",
+                               f"--parallel.activation_checkpoint={str(ac).lower()}",
+                               "--parallel.ep=1"])
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ctx = ParallelContext(rank=0, world=1, local_rank=0, device=dev)
+    model = build_model(cfg, ctx)
+    amp = autocast(cfg, dev)
+    x = torch.randint(0, cfg.model.vocab_size, (batch, seq + 1), device=dev)
+
+    def step():
+        loss, _ = loss_fn(model, x[:, :-1], x[:, 1:], cfg, amp)
+        loss.backward()
+        for p in model.parameters():
+            p.grad = None
+
+    t = time_cuda(step, iters=iters, warmup=3 if not compile_ else 4)
+    a = arithmetic(cfg, seq)
+    tokens_per_s = batch * seq / (t["median_ms"] / 1e3)
+    out = {"config": config, "batch": batch, "seq_len": seq, "compile": compile_,
+           "activation_checkpoint": ac, **t, "tokens_per_s": round(tokens_per_s),
+           "total_params": a.total_params, "active_params": a.active_params,
+           "flops_per_token": a.flops_per_token,
+           "tflops": round(tokens_per_s * a.flops_per_token / 1e12, 1),
+           "mfu_vs_989": round(tokens_per_s * a.flops_per_token / PEAK, 4)}
+    if dev.type == "cuda":
+        out["max_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
+    del model
+    torch.cuda.empty_cache() if dev.type == "cuda" else None
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--config", default="medium")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seq", type=int, default=4096)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--variants", default="eager,compile", help="eager, compile, ac (comma list)")
+    p.add_argument("--out", default="benchmarks/results/model_step.json")
+    args = p.parse_args()
+    result = {"env": environment(), "runs": []}
+    if torch.cuda.is_available():
+        result["matmul_bf16_tflops"] = round(matmul_ceiling() / 1e12, 1)
+    for v in args.variants.split(","):
+        r = run(args.config, args.batch, args.seq, v == "compile", v == "ac", args.iters)
+        if "matmul_bf16_tflops" in result:
+            r["mfu_vs_measured_matmul"] = round(r["tflops"] / result["matmul_bf16_tflops"], 4)
+        result["runs"].append(r)
+        print(r, flush=True)
+        write_result(args.out, result)
+
+
+if __name__ == "__main__":
+    main()
