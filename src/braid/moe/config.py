@@ -26,7 +26,9 @@ class MoEConfig:
     )
     num_shared_experts: int = knob(0, "Always-on shared experts added to every token.")
     shared_hidden: int = knob(0, "Hidden size of each shared expert; 0 means expert_hidden.")
-    expert_impl: str = knob("grouped", "Routed expert GEMMs: grouped (grouped_mm) or loop.")
+    expert_impl: str = knob(
+        "grouped", "Expert GEMMs: grouped (grouped_mm; fp32 on CUDA uses the loop) or loop."
+    )
 
     def moe_layer_ids(self, n_layers: int) -> list[int]:
         """Indices of the MoE layers among n_layers blocks."""

@@ -27,16 +27,28 @@ def counts_to_offsets(counts_E: Tensor) -> Tensor:
     return torch.cumsum(counts_E, 0, dtype=torch.int32)
 
 
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The autocast dtype when autocast is on for x's device, else x's own dtype."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def _use_grouped(impl: str, x: Tensor) -> bool:
+    # CUDA's grouped_mm takes bf16 only; fp32 on a GPU runs the loop (documented in config).
+    return impl == "grouped" and (x.device.type != "cuda" or x.dtype == torch.bfloat16)
+
+
 def gmm(x_RD: Tensor, w_EDF: Tensor, offs_E: Tensor, impl: str) -> Tensor:
     """y[rows of e] = x[rows of e] @ w[e]."""
-    if impl == "grouped":
+    if _use_grouped(impl, x_RD):
         return F.grouped_mm(x_RD, w_EDF, offs=offs_E)
     return _loop_mm(x_RD, w_EDF, offs_E)
 
 
 def gmm_wgrad(x_RD: Tensor, g_RF: Tensor, offs_E: Tensor, impl: str) -> Tensor:
     """dW[e] = x[rows of e]^T @ g[rows of e], shape [E, D, F] (zeros for experts with no rows)."""
-    if impl == "grouped":
+    if _use_grouped(impl, x_RD):
         return F.grouped_mm(x_RD.t(), g_RF, offs=offs_E)
     bounds = [0] + offs_E.tolist()
     return torch.stack(
@@ -55,24 +67,31 @@ def _loop_mm(x_RD: Tensor, w_EDF: Tensor, offs_E: Tensor) -> Tensor:
 class _GroupedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_RD, w_EDF, offs_E, impl, wgrad_sink):
-        ctx.save_for_backward(x_RD, w_EDF, offs_E)
+        # Autocast does not reach grouped_mm: cast to its dtype here, keeping the fp32 master
+        # weight as the input so that dW (now or deferred) lands in the parameter's grad.
+        ctx.x_dtype, ctx.w = x_RD.dtype, w_EDF
+        dt = compute_dtype(x_RD)
+        x_c, w_c = x_RD.to(dt), w_EDF.to(dt)
+        ctx.save_for_backward(x_c, w_c, offs_E)
         ctx.impl, ctx.wgrad_sink = impl, wgrad_sink
-        return gmm(x_RD, w_EDF, offs_E, impl)
+        return gmm(x_c, w_c, offs_E, impl)
 
     @staticmethod
     def backward(ctx, g_RF):
         x_RD, w_EDF, offs_E = ctx.saved_tensors
-        g_RF = g_RF.contiguous()  # grouped_mm needs dense strides
+        g_RF = g_RF.to(x_RD.dtype).contiguous()  # grouped_mm needs dense strides
         dx = None
         if ctx.needs_input_grad[0]:
-            dx = gmm(g_RF, w_EDF.transpose(1, 2), offs_E, ctx.impl)
+            dx = gmm(g_RF, w_EDF.transpose(1, 2), offs_E, ctx.impl).to(ctx.x_dtype)
         if not ctx.needs_input_grad[1]:
             return dx, None, None, None, None
+        param = ctx.w
         if ctx.wgrad_sink is None:
-            return dx, gmm_wgrad(x_RD, g_RF, offs_E, ctx.impl), None, None, None
+            dw = gmm_wgrad(x_RD, g_RF, offs_E, ctx.impl).to(param.dtype)
+            return dx, dw, None, None, None
 
-        def wgrad(w=w_EDF, x=x_RD, g=g_RF, offs=offs_E, impl=ctx.impl):
-            dw = gmm_wgrad(x, g, offs, impl)
+        def wgrad(w=param, x=x_RD, g=g_RF, offs=offs_E, impl=ctx.impl):
+            dw = gmm_wgrad(x, g, offs, impl).to(w.dtype)
             w.grad = dw if w.grad is None else w.grad.add_(dw)
 
         ctx.wgrad_sink(wgrad)
