@@ -40,7 +40,9 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
     dir: str = knob("runs", "Root directory for runs; each run writes <dir>/<run_id>/.")
-    name: str = knob("", "Human name of the run (default: the config name).")
+    name: str = knob(
+        "", "Run name and directory; rerunning a named run resumes it (default: a new id)."
+    )
 
     def validate(self) -> None:
         check(self.dir != "", "run.dir", self.dir, "must be a directory path")
