@@ -1,0 +1,121 @@
+"""A single-process model for inference, from a run, a checkpoint, or an export directory.
+
+`load_for_inference(path, device) -> (model, tokenizer_path)` accepts:
+  * an export directory (model.safetensors + config.json + tokenizer.json, see
+    braid.checkpoint.export): weights read with safetensors, which cannot run code;
+  * a run directory (its newest complete checkpoint) or a checkpoints/step_XXXXXXXX directory:
+    the model tensors read through DCP into a one-process model, whatever (dp, ep) layout wrote
+    them (braid.checkpoint.storage reads DCP metadata without unpickling arbitrary objects).
+The model is built from the config saved with the weights, never from the caller's config, and
+returned in eval mode. Every bad input is a one-line BraidError.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+from braid.checkpoint import paths
+from braid.checkpoint.meta import config_of, read_meta
+from braid.checkpoint.storage import load_tensors
+from braid.config import Config, from_dict
+from braid.errors import BraidError
+from braid.model.transformer import Transformer
+from braid.parallel.mesh import ParallelContext
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def load_for_inference(path: str | Path, device: torch.device) -> tuple[Transformer, Path]:
+    """(model on `device` in eval mode, its tokenizer.json) from an export, run or checkpoint."""
+    path = Path(path)
+    if (path / WEIGHTS_FILE).is_file():
+        model = load_export(path, device)
+        tok = path / TOKENIZER_FILE
+    else:
+        ckpt = find_checkpoint(path)
+        model, _ = load_checkpoint_model(ckpt, device)
+        tok = paths.tokenizer_of(ckpt)
+    if not tok.is_file():
+        raise BraidError(f"{tok} is missing: a run directory keeps the tokenizer of its data; "
+                         "copy the tokenizer.json used for training there")
+    return model, tok
+
+
+def find_checkpoint(path: Path) -> Path:
+    """The checkpoint a user-given path means: itself, or the newest one of a run directory."""
+    if not path.exists():
+        raise BraidError(f"{path} does not exist: give a run directory, a checkpoint directory "
+                         "or an export directory")
+    if paths.is_checkpoint(path):
+        return path
+    newest = paths.latest(path)
+    if newest is None:
+        raise BraidError(f"{path} holds no complete checkpoint and no {WEIGHTS_FILE}: train "
+                         "first (checkpoints are written at the end of a run), or give an "
+                         "export directory")
+    return newest
+
+
+def build_single(cfg: Config, device: torch.device) -> Transformer:
+    """The one-process model of `cfg` on `device`, allocated but not initialised."""
+    from braid.train.model_setup import build_model
+
+    cfg = cfg.replace(train={"compile": False}, parallel={"activation_checkpoint": False})
+    ctx = ParallelContext(rank=0, world=1, local_rank=0, device=device)
+    return build_model(cfg, ctx, init=False)
+
+
+def load_checkpoint_model(ckpt: Path, device: torch.device) -> tuple[Transformer, Config]:
+    """(model in eval mode, its config) with the weights of a DCP checkpoint, full tensors."""
+    meta = read_meta(ckpt)
+    cfg = config_of(meta, ckpt)
+    model = build_single(cfg, device)
+    sd = get_model_state_dict(model)
+    load_tensors({"model": sd}, ckpt, distributed=False)
+    set_model_state_dict(model, sd)
+    return model.eval(), cfg
+
+
+def read_export_config(path: Path) -> Config:
+    file = Path(path) / CONFIG_FILE
+    try:
+        body = json.loads(file.read_text())
+        return from_dict(body["config"]).validate()
+    except FileNotFoundError:
+        raise BraidError(f"{file} is missing: an export directory holds {WEIGHTS_FILE}, "
+                         f"{CONFIG_FILE} and {TOKENIZER_FILE}; re-run braid export") from None
+    except BraidError as e:
+        raise BraidError(f"{file} holds a config this braid cannot read ({e})") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise BraidError(f"{file} is corrupt ({type(e).__name__}); re-run braid export") from None
+
+
+def load_export(path: Path, device: torch.device) -> Transformer:
+    """The model of an export directory, in eval mode."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    model = build_single(read_export_config(path), device)
+    file = Path(path) / WEIGHTS_FILE
+    try:
+        sd = load_file(file, device=str(device))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise BraidError(f"{file} is corrupt or truncated ({_one_line(e)}); re-run braid "
+                         "export") from None
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise BraidError(f"{file} does not match the model of {path / CONFIG_FILE} "
+                         f"({_one_line(e)}); re-run braid export") from None
+    return model.eval()
+
+
+def _one_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return " ".join(lines)[:200] if lines else type(e).__name__

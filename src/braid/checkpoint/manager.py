@@ -1,0 +1,238 @@
+"""The trainer's checkpointer: save and resume everything a run needs to continue bit for bit.
+
+A checkpoint (`<run_dir>/checkpoints/step_XXXXXXXX/`, see braid.checkpoint.paths) holds:
+  .metadata, __<rank>_0.distcp   model and optimizer tensors through DCP (braid.checkpoint.
+                                 storage): sharded as trained (FSDP2/EP DTensors or plain),
+                                 loadable under any (dp, ep) layout
+  rank_XXXXX.json                per rank: its RNG streams (python, numpy, torch, CUDA) and its
+                                 data-loader cursor, as JSON (braid.checkpoint.state)
+  meta.json                      step, TrainState, optimizer hyper-parameters, config and
+                                 fingerprint, file sizes; written last (braid.checkpoint.meta)
+
+Save (collective), in order:
+  1. every rank captures its RNG streams before anything else runs;
+  2. rank 0 makes an empty `.tmp-step_X`; barrier;
+  3. DCP writes every rank's tensor shards and `.metadata` (fsynced);
+  4. every rank writes its rank file atomically; barrier;
+  5. rank 0 writes meta.json, renames `.tmp-step_X` to `step_X` (replacing an older save of the
+     same step), then prunes to keep_last + multiples of keep_every; barrier.
+A crash (even SIGKILL) before the rename leaves only a `.tmp-` directory, which resume ignores
+and the next save deletes, so the previous checkpoint stays the newest complete one.
+
+Resume: find the checkpoint (`checkpoint.resume`), refuse a config with another fingerprint
+unless the differences are allowed (braid.checkpoint.compat), refuse when this run directory
+already holds newer checkpoints (two histories would mix), then load tensors, TrainState, RNG
+streams and the loader cursor. Rank r reads rank file r; under another world size it reads
+r mod the saved world (the loader cursor is global, so data order is exact; RNG streams are not
+rank-for-rank the same, which matters only to code that draws from them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from braid.checkpoint import paths, rng
+from braid.checkpoint.compat import check_resume_config
+from braid.checkpoint.meta import build_meta, file_sizes, read_meta
+from braid.checkpoint.state import fsync_dir, read_json, write_json_durable
+from braid.checkpoint.storage import load_tensors, save_tensors
+from braid.config import Config
+from braid.errors import BraidError
+from braid.parallel.mesh import ParallelContext
+
+
+def rank_file(rank: int) -> str:
+    return f"rank_{rank:05d}.json"
+
+
+class Checkpointer:
+    """Saves into and resumes from `<run_dir>/checkpoints`; every method is collective."""
+
+    def __init__(self, run_dir: Path, cfg: Config, ctx: ParallelContext):
+        self.run_dir, self.cfg, self.ctx = Path(run_dir), cfg, ctx
+
+    # ---- save ------------------------------------------------------------------------------
+
+    def save(self, model: torch.nn.Module, opt: torch.optim.Optimizer, loader: Any,
+             state: Any) -> Path:
+        """Write a complete checkpoint of `state.step`; returns its directory."""
+        ctx, ck = self.ctx, self.cfg.checkpoint
+        streams = rng.capture(ctx.device)  # 1. first: nothing below may draw before this
+        tmp = paths.tmp_path(self.run_dir, state.step)
+        if ctx.is_main:  # 2.
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self._barrier()
+        tensors: dict[str, Any] = {"model": get_model_state_dict(model)}
+        groups = None
+        if opt.state:  # an optimizer that never stepped has no state to save (see resume)
+            osd = get_optimizer_state_dict(model, opt)
+            tensors["optim"], groups = osd["state"], osd["param_groups"]
+        save_tensors(tensors, tmp, ctx.distributed, self._group())  # 3.
+        write_json_durable(tmp / rank_file(ctx.rank),  # 4.
+                           {"rank": ctx.rank, "rng": streams, "loader": loader.state_dict()})
+        self._barrier()
+        final = paths.final_path(self.run_dir, state.step)
+        if ctx.is_main:  # 5.
+            meta = build_meta(step=state.step, world=ctx.world, ep=ctx.ep, cfg=self.cfg,
+                              train_state=state, optim_groups=groups, files=file_sizes(tmp))
+            write_json_durable(tmp / paths.META_FILE, meta, indent=1)
+            _install(tmp, final)
+            paths.prune(self.run_dir, ck.keep_last, ck.keep_every)
+        self._barrier()
+        return final
+
+    # ---- resume ----------------------------------------------------------------------------
+
+    def resume(self, model: torch.nn.Module, opt: torch.optim.Optimizer, loader: Any,
+               state: Any) -> None:
+        """Restore model, optimizer, `state`, RNG streams and loader from the checkpoint that
+        `checkpoint.resume` names; leave everything as it is when there is none."""
+        ctx = self.ctx
+        found: tuple[Path | None, str | None] = (None, None)
+        if ctx.is_main:  # one rank looks, so all ranks agree on the checkpoint
+            try:
+                found = (paths.resolve_resume(self.cfg.checkpoint.resume, self.run_dir), None)
+            except BraidError as e:
+                found = (None, str(e))
+        src, why = self._broadcast(found)
+        if why is not None:
+            raise BraidError(why)
+        start = 0
+        meta: dict = {}
+        err = None
+        try:
+            if src is not None:
+                meta = read_meta(src)
+                accepted = check_resume_config(meta["config"], self.cfg, src)
+                start = meta["step"]
+                if accepted and ctx.is_main:
+                    print(f"resuming with changed keys: {', '.join(accepted)}", file=sys.stderr)
+            self._refuse_newer(start)
+            own = _rank_file_for(src, ctx.rank, meta) if src is not None else None
+        except BraidError as e:
+            err = e
+        self._agree(err)  # every rank raises the same error, so none waits in a collective
+        if src is None:
+            return
+        _load_model_and_optim(model, opt, src, meta, ctx.distributed, self._group())
+        err = None
+        try:
+            _restore_rank_state(own, loader, ctx.device)
+        except BraidError as e:
+            err = e
+        self._agree(err)
+        names = {f.name for f in dataclasses.fields(state)}
+        for key, value in meta["train_state"].items():
+            if key in names:
+                setattr(state, key, value)
+        if ctx.is_main:
+            print(f"resumed from {src} at step {state.step}", file=sys.stderr, flush=True)
+
+    def _refuse_newer(self, start: int) -> None:
+        newer = [s for s, _ in paths.complete_checkpoints(self.run_dir) if s > start]
+        if newer:
+            how = "starting fresh" if start == 0 else f"resuming at step {start}"
+            raise BraidError(
+                f"{self.run_dir} already holds checkpoints up to step {newer[-1]}, and "
+                f"{how} there would mix two histories: set another run.name, resume with "
+                f"checkpoint.resume=auto, or delete {self.run_dir / paths.CKPT_DIR}"
+            )
+
+    # ---- collectives (no-ops in one process) -----------------------------------------------
+
+    def _group(self) -> Any:
+        """The process group of all ranks (None in one process)."""
+        if not self.ctx.distributed:
+            return None
+        from braid.parallel.distributed import world_group
+
+        return world_group(self.ctx)
+
+    def _barrier(self) -> None:
+        if self.ctx.distributed:
+            torch.distributed.barrier(group=self._group())
+
+    def _broadcast(self, obj: Any) -> Any:
+        from braid.parallel.distributed import broadcast_object
+
+        return broadcast_object(obj, self.ctx)
+
+    def _agree(self, err: BraidError | None) -> None:
+        """Raise on every rank if any rank failed a check (first failing rank's message)."""
+        if self.ctx.distributed:
+            box: list[Any] = [None] * self.ctx.world
+            torch.distributed.all_gather_object(box, None if err is None else str(err),
+                                                group=self._group())
+            first = next((m for m in box if m is not None), None)
+            if first is not None:
+                raise BraidError(first)
+        elif err is not None:
+            raise err
+
+
+def _install(tmp: Path, final: Path) -> None:
+    """Rename a finished `.tmp-step_X` to `step_X`, moving an existing `step_X` aside first."""
+    old = final.with_name(f".old-{final.name}")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _rank_file_for(src: Path, rank: int, meta: dict) -> Path:
+    """This rank's file; under another world size, the file of rank `rank % saved_world`."""
+    return Path(src) / rank_file(rank % max(1, meta["world"]))
+
+
+def _load_model_and_optim(model, opt, src: Path, meta: dict, distributed: bool,
+                          group: Any) -> None:
+    model_sd = get_model_state_dict(model)
+    tree: dict[str, Any] = {"model": model_sd}
+    saved_groups = meta["optim_groups"]
+    osd = None
+    if saved_groups is not None:
+        osd = get_optimizer_state_dict(model, opt)  # creates the state tensors to load into
+        _check_groups(osd["param_groups"], saved_groups, src)
+        tree["optim"] = osd["state"]
+    load_tensors(tree, src, distributed, group)
+    set_model_state_dict(model, model_sd)
+    if osd is not None:
+        osd["param_groups"] = saved_groups
+        set_optimizer_state_dict(model, opt, osd)
+
+
+def _check_groups(current: list[dict], saved: list[dict], src: Path) -> None:
+    cur = [list(g["params"]) for g in current]
+    old = [list(g.get("params", [])) if isinstance(g, dict) else None for g in saved]
+    if cur != old:
+        raise BraidError(f"checkpoint {src} has optimizer groups over other parameters than "
+                         "this model's: it was written for another model config")
+
+
+def _restore_rank_state(file: Path, loader: Any, device: torch.device) -> None:
+    data = read_json(file, "checkpoint rank state")
+    try:
+        rng.restore(data["rng"], device)
+        loader.load_state_dict(data["loader"])
+    except BraidError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+        raise BraidError(f"checkpoint rank state {file} is corrupt ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200] if str(e) else 'no detail'}); resume "
+                         "from another checkpoint") from None

@@ -1,0 +1,195 @@
+"""Checkpointer on a small module: exact continuation, keep policy, crash leftovers, the
+fingerprint rule, refusal to mix histories, and damaged files."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from braid.checkpoint import paths
+from braid.checkpoint.compat import check_resume_config
+from braid.checkpoint.manager import Checkpointer
+from braid.config import Config
+from braid.errors import BraidError
+from braid.parallel.mesh import ParallelContext
+from braid.train.trainer import TrainState
+
+CTX = ParallelContext(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
+
+
+class Cursor:
+    def __init__(self):
+        self.pos = 0
+
+    def state_dict(self):
+        return {"pos": self.pos}
+
+    def load_state_dict(self, s):
+        self.pos = s["pos"]
+
+
+def make():
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    return m, torch.optim.AdamW(m.parameters(), lr=1e-2), Cursor(), TrainState()
+
+
+def step(m, opt, cur, st):
+    """One step that draws from every RNG stream, so a bad restore changes the loss."""
+    loss = m(torch.randn(4, 8)).pow(2).mean() * (1 + random.random() + np.random.rand())
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    cur.pos += 1
+    st.step += 1
+    st.tokens_seen += 32
+    return loss.item()
+
+
+def cfg_with(**sections):
+    return Config().replace(**sections)
+
+
+def test_resume_continues_bitwise(tmp_path):
+    m, opt, cur, st = make()
+    for _ in range(3):
+        step(m, opt, cur, st)
+    Checkpointer(tmp_path, Config(), CTX).save(m, opt, cur, st)
+    ref = [step(m, opt, cur, st) for _ in range(3)]
+
+    random.seed(99), np.random.seed(99), torch.manual_seed(99)  # resume must undo these
+    m2, opt2, cur2, st2 = make()
+    Checkpointer(tmp_path, Config(), CTX).resume(m2, opt2, cur2, st2)
+    assert (st2.step, st2.tokens_seen, cur2.pos) == (3, 96, 3)
+    assert [step(m2, opt2, cur2, st2) for _ in range(3)] == ref
+
+
+def test_keep_last_plus_multiples_and_crash_leftovers_are_pruned(tmp_path):
+    assert paths.to_delete([1, 2, 3, 4, 5, 6], keep_last=2, keep_every=3) == [1, 2, 4]
+    cfg = cfg_with(checkpoint={"keep_last": 2, "keep_every": 3})
+    m, opt, cur, st = make()
+    ck = Checkpointer(tmp_path, cfg, CTX)
+    crashed = paths.tmp_path(tmp_path, 7)
+    for _ in range(6):
+        step(m, opt, cur, st)
+        ck.save(m, opt, cur, st)
+        if st.step == 4:  # a save killed mid-write at a later step: not complete, ignored
+            crashed.mkdir()
+            (crashed / "__0_0.distcp").write_bytes(b"partial")
+            assert paths.latest(tmp_path) == paths.final_path(tmp_path, 4)
+    assert [s for s, _ in paths.complete_checkpoints(tmp_path)] == [3, 5, 6]
+    assert not crashed.exists()
+
+
+def test_saving_the_same_step_again_replaces_it(tmp_path):
+    m, opt, cur, st = make()
+    step(m, opt, cur, st)
+    ck = Checkpointer(tmp_path, Config(), CTX)
+    ck.save(m, opt, cur, st)
+    st.tokens_seen = 12345
+    ck.save(m, opt, cur, st)
+    m2, opt2, cur2, st2 = make()
+    ck.resume(m2, opt2, cur2, st2)
+    assert st2.tokens_seen == 12345
+    assert sorted(p.name for p in (tmp_path / paths.CKPT_DIR).iterdir()) == ["step_00000001"]
+
+
+def test_fingerprint_rule():
+    saved = Config().to_dict()
+    where = "ckpt"
+    # keys that only say where output goes or when to stop are always accepted
+    always = cfg_with(train={"stop_at": 3, "progress": False}, checkpoint={"resume": "none"},
+                      run={"name": "fork"})
+    assert check_resume_config(saved, always, where) == []
+    safe = cfg_with(train={"steps": 999}, parallel={"ep": 2}, metrics={"flush_every": 1})
+    with pytest.raises(BraidError, match="allow_safe_changes=true") as e:
+        check_resume_config(saved, safe, where)
+    assert "train.steps 300 -> 999" in str(e.value) and "parallel.ep 1 -> 2" in str(e.value)
+    flagged = cfg_with(train={"steps": 999}, parallel={"ep": 2},
+                       checkpoint={"allow_safe_changes": True})
+    assert check_resume_config(saved, flagged, where) == ["parallel.ep", "train.steps"]
+    older = {**saved, "train": {k: v for k, v in saved["train"].items() if k != "beta2"}}
+    assert check_resume_config(older, Config(), where) == []  # a knob added since, at default
+    with pytest.raises(BraidError, match=r"train.beta2 '<absent>' -> 0.9;"):
+        check_resume_config(older, cfg_with(train={"beta2": 0.9}), where)
+    unsafe = cfg_with(train={"lr": 1e-4, "steps": 999}, checkpoint={"allow_safe_changes": True})
+    with pytest.raises(BraidError, match=r"train.lr 0.003 -> 0.0001; these change the model"):
+        check_resume_config(saved, unsafe, where)
+
+
+def test_resume_refuses_another_config_before_touching_the_model(tmp_path):
+    m, opt, cur, st = make()
+    step(m, opt, cur, st)
+    Checkpointer(tmp_path, Config(), CTX).save(m, opt, cur, st)
+    m2, opt2, cur2, st2 = make()
+    before = [p.clone() for p in m2.parameters()]
+    with pytest.raises(BraidError, match="model.dim 192 -> 64"):
+        Checkpointer(tmp_path, cfg_with(model={"dim": 64}), CTX).resume(m2, opt2, cur2, st2)
+    assert all(torch.equal(a, b) for a, b in zip(before, m2.parameters(), strict=True))
+    assert st2.step == 0
+
+
+def test_histories_never_mix(tmp_path):
+    m, opt, cur, st = make()
+    ck = Checkpointer(tmp_path / "a", Config(), CTX)
+    for _ in range(2):
+        step(m, opt, cur, st)
+        ck.save(m, opt, cur, st)
+    fresh = make()
+    with pytest.raises(BraidError, match="up to step 2, and starting fresh there would mix"):
+        Checkpointer(tmp_path / "a", cfg_with(checkpoint={"resume": "none"}), CTX).resume(*fresh)
+    older = str(paths.final_path(tmp_path / "a", 1))
+    with pytest.raises(BraidError, match="resuming at step 1 there would mix"):
+        Checkpointer(tmp_path / "a", cfg_with(checkpoint={"resume": older}), CTX).resume(*fresh)
+    # forking an older checkpoint into a new run directory is fine
+    Checkpointer(tmp_path / "b", cfg_with(checkpoint={"resume": older}), CTX).resume(*fresh)
+    assert fresh[3].step == 1
+
+
+def test_resume_paths(tmp_path):
+    m, opt, cur, st = make()
+    step(m, opt, cur, st)
+    Checkpointer(tmp_path / "run", Config(), CTX).save(m, opt, cur, st)
+    assert paths.resolve_resume(str(tmp_path / "run"), tmp_path) == paths.final_path(
+        tmp_path / "run", 1)
+    assert paths.resolve_resume("auto", tmp_path / "empty") is None
+    with pytest.raises(BraidError, match="does not exist"):
+        paths.resolve_resume(str(tmp_path / "typo"), tmp_path)
+    partial = paths.final_path(tmp_path / "run", 9)
+    partial.mkdir()
+    with pytest.raises(BraidError, match="incomplete checkpoint"):
+        paths.resolve_resume(str(partial), tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["truncate_rank", "truncate_meta", "garble_rank"])
+def test_damaged_checkpoint_gives_one_line_error(tmp_path, damage):
+    m, opt, cur, st = make()
+    step(m, opt, cur, st)
+    ck = Checkpointer(tmp_path, Config(), CTX)
+    where = ck.save(m, opt, cur, st)
+    rank_file, meta = where / "rank_00000.json", where / paths.META_FILE
+    if damage == "truncate_rank":
+        rank_file.write_bytes(rank_file.read_bytes()[:-10])
+        match = "has .* bytes, expected"
+    elif damage == "truncate_meta":
+        meta.write_text(meta.read_text()[:40])
+        match = "checkpoint metadata .* is corrupt"
+    else:  # same size, but the RNG state is not a valid one
+        text = rank_file.read_text().replace('"python"', '"pythoX"')
+        rank_file.write_text(text)
+        match = "rank state .* is corrupt"
+    with pytest.raises(BraidError, match=match) as e:
+        ck.resume(*make())
+    assert "\n" not in str(e.value)
+
+
+def test_optimizer_without_state_round_trips(tmp_path):
+    """A save before any applied step (e.g. all skipped) must not invent optimizer state."""
+    m, opt, cur, st = make()
+    st.step, st.skipped_steps = 1, 1
+    Checkpointer(tmp_path, Config(), CTX).save(m, opt, cur, st)
+    assert not opt.state
+    m2, opt2, cur2, st2 = make()
+    Checkpointer(tmp_path, Config(), CTX).resume(m2, opt2, cur2, st2)
+    assert not opt2.state and st2.skipped_steps == 1

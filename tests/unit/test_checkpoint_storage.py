@@ -1,0 +1,81 @@
+"""DCP tensor storage: round trip, and a tampered or truncated checkpoint is refused with a
+one-line BraidError without running any pickled code."""
+
+import os
+import pickle
+
+import pytest
+import torch
+
+from braid.checkpoint.storage import METADATA_FILE, load_tensors, read_metadata, save_tensors
+from braid.errors import BraidError
+
+
+def _tree():
+    g = torch.Generator().manual_seed(0)
+    return {"model": {"w": torch.randn(4, 3, generator=g), "b": torch.randn(3, generator=g)},
+            "optim": {"w": {"step": torch.tensor(3.0)}}}
+
+
+def _zeros_like(tree):
+    return {k: _zeros_like(v) if isinstance(v, dict) else torch.zeros_like(v)
+            for k, v in tree.items()}
+
+
+def test_tensors_round_trip_in_place(tmp_path):
+    src = _tree()
+    save_tensors(src, tmp_path, distributed=False)
+    dst = _zeros_like(src)
+    load_tensors(dst, tmp_path, distributed=False)
+    assert torch.equal(dst["model"]["w"], src["model"]["w"])
+    assert torch.equal(dst["optim"]["w"]["step"], src["optim"]["w"]["step"])
+    part = {"model": {"w": torch.zeros(4, 3)}}  # a subset (inference loads only the model)
+    load_tensors(part, tmp_path, distributed=False)
+    assert torch.equal(part["model"]["w"], src["model"]["w"])
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def test_pickled_code_in_metadata_is_refused_not_run(tmp_path, monkeypatch):
+    save_tensors(_tree(), tmp_path, distributed=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / METADATA_FILE).write_bytes(pickle.dumps(_Evil()))
+    with pytest.raises(BraidError, match="refusing to load global (posix|os).system") as e:
+        load_tensors(_zeros_like(_tree()), tmp_path, distributed=False)
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_non_tensor_entries_are_refused(tmp_path):
+    tree = _tree()
+    save_tensors(tree, tmp_path, distributed=False)
+    md = read_metadata(tmp_path)
+    # A file claiming that a key holds a pickled object (DCP would torch.load it unsafely).
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    md.state_dict_metadata["model.w"] = BytesStorageMetadata()
+    (tmp_path / METADATA_FILE).write_bytes(pickle.dumps(md))
+    with pytest.raises(BraidError, match="refusing to load global .*BytesStorageMetadata"):
+        load_tensors(_zeros_like(tree), tmp_path, distributed=False)
+
+
+def test_truncated_files_give_one_line_errors(tmp_path):
+    save_tensors(_tree(), tmp_path, distributed=False)
+    data = next(p for p in tmp_path.iterdir() if p.suffix == ".distcp")
+    data.write_bytes(data.read_bytes()[:100])
+    with pytest.raises(BraidError, match="cannot be loaded") as e:
+        load_tensors(_zeros_like(_tree()), tmp_path, distributed=False)
+    assert "\n" not in str(e.value)
+    meta = tmp_path / METADATA_FILE
+    meta.write_bytes(meta.read_bytes()[:50])
+    with pytest.raises(BraidError, match="is corrupt or not a braid checkpoint"):
+        load_tensors(_zeros_like(_tree()), tmp_path, distributed=False)
+
+
+def test_missing_tensor_names_the_key(tmp_path):
+    save_tensors(_tree(), tmp_path, distributed=False)
+    with pytest.raises(BraidError, match="first: model.extra"):
+        load_tensors({"model": {"extra": torch.zeros(1)}}, tmp_path, distributed=False)
