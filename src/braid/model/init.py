@@ -2,8 +2,12 @@
 
 Every parameter is drawn from its own generator, seeded by (seed, parameter name), and each
 routed expert from (seed, name, global expert id). So a model sharded over any number of ranks
-holds exactly the weights the single-process model holds. `assign(param, full)` writes a full
-tensor into a parameter; `braid.parallel` passes one that keeps only the local shard of a DTensor.
+holds exactly the weights the single-process model holds. `assign(param, value, row)` writes
+`value` into the parameter's global (logical) tensor: all of it when `row` is None, else the
+slice `[row]` along dim 0 (one routed expert). The default writes a plain tensor;
+`braid.parallel` passes one that keeps only the local shard of a DTensor. Each rank draws only
+the experts it holds (`GroupedExperts.expert_offset`/`num_experts`), one expert at a time, so
+no rank ever materialises all experts of a layer.
 
 Scheme (GPT-2 / Megatron): normal(0, std) everywhere, output projections of each residual branch
 (attention wo, FFN/expert w2) scaled by 1/sqrt(2 * n_layers); norms start at one.
@@ -20,11 +24,11 @@ from torch import Tensor, nn
 
 from braid.moe.experts import GroupedExperts
 
-Assign = Callable[[Tensor, Tensor], None]
+Assign = Callable[[Tensor, Tensor, "int | None"], None]
 
 
-def _plain_assign(param: Tensor, full: Tensor) -> None:
-    param.copy_(full)
+def _plain_assign(param: Tensor, value: Tensor, row: int | None = None) -> None:
+    (param if row is None else param[row]).copy_(value)
 
 
 def _normal(shape, std: float, seed: int, key: str, device, dtype) -> Tensor:
@@ -43,20 +47,22 @@ def init_weights(model: nn.Module, seed: int, std: float, n_layers: int,
         device = p.device if p.device.type != "meta" else torch.device("cpu")
         leaf = name.rsplit(".", 1)[-1]
         if name.endswith("norm.weight"):
-            assign(p, torch.ones(shape, device=device, dtype=p.dtype))
+            assign(p, torch.ones(shape, device=device, dtype=p.dtype), None)
             continue
         is_resid_out = leaf == "w2" or name.endswith(("wo.weight", "w2.weight"))
         s = resid_std if is_resid_out else std
         owner = next((m for prefix, m in experts.items() if name.startswith(prefix)), None)
         if owner is not None:
-            # One generator per global expert id: identical weights under any sharding.
-            rows = [
-                _normal(shape[1:], s, seed, f"{name}#{owner.expert_offset + e}", device, p.dtype)
-                for e in range(shape[0])
-            ]
-            assign(p, torch.stack(rows))
+            # One generator per global expert id: identical weights under any sharding. A plain
+            # parameter holds just the local experts; a DTensor reports the global shape, so
+            # its rows are global expert ids.
+            first = 0 if shape[0] == owner.num_experts else owner.expert_offset
+            for e in range(owner.num_experts):
+                gid = owner.expert_offset + e
+                row = _normal(shape[1:], s, seed, f"{name}#{gid}", device, p.dtype)
+                assign(p, row, first + e)
         else:
-            assign(p, _normal(shape, s, seed, name, device, p.dtype))
+            assign(p, _normal(shape, s, seed, name, device, p.dtype), None)
     for m in model.modules():
         if hasattr(m, "expert_bias"):
             m.expert_bias.zero_()

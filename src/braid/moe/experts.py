@@ -2,8 +2,11 @@
 
 Weights are stored stacked: w13 [L, D, 2F] (gate and up fused) and w2 [L, F, D], where L is the
 number of experts on this rank (all E in one process; E/ep under expert parallelism, set by
-`braid.parallel`). `expert_offset` is the global id of local expert 0 (used by init so that a
-given expert gets the same weights whatever the layout).
+`braid.parallel`). `expert_offset` is the global id of local expert 0 and `num_experts` the
+number of local experts (used by init so that a given expert gets the same weights whatever the
+layout). Under `braid.parallel` the weights are DTensors of global shape [E, ...] sharded over
+the expert-parallel ranks; the GEMMs run on the local block, which holds experts
+[expert_offset, expert_offset + num_experts).
 """
 
 from __future__ import annotations
@@ -23,11 +26,14 @@ class GroupedExperts(nn.Module):
         self.w13 = nn.Parameter(torch.empty(num_experts, dim, 2 * hidden))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))
 
-    def forward(self, x_RD: Tensor, counts_L: Tensor, wgrad_sink: WgradSink | None = None) -> Tensor:
+    def forward(
+        self, x_RD: Tensor, counts_L: Tensor, wgrad_sink: WgradSink | None = None
+    ) -> Tensor:
         offs = counts_to_offsets(counts_L)
-        h_RF2 = grouped_linear(x_RD, self.w13, offs, self.impl, wgrad_sink)
+        w13, w2 = _local(self.w13), _local(self.w2)
+        h_RF2 = grouped_linear(x_RD, w13, offs, self.impl, wgrad_sink)
         gate, up = h_RF2.chunk(2, dim=-1)
-        return grouped_linear(F.silu(gate) * up, self.w2, offs, self.impl, wgrad_sink)
+        return grouped_linear(F.silu(gate) * up, w2, offs, self.impl, wgrad_sink)
 
     def shard(self, rank: int, size: int) -> None:
         """Keep only experts [rank*L, (rank+1)*L) of the global E (called by braid.parallel)."""
@@ -37,3 +43,9 @@ class GroupedExperts(nn.Module):
         for name in ("w13", "w2"):
             full = getattr(self, name)
             setattr(self, name, nn.Parameter(full.detach()[rank * L : (rank + 1) * L].clone()))
+
+
+def _local(w: Tensor) -> Tensor:
+    """This rank's experts: the local block of a DTensor (differentiable), or `w` itself.
+    Duck-typed so that model code never imports torch.distributed."""
+    return w.to_local() if hasattr(w, "to_local") else w

@@ -1,0 +1,69 @@
+"""`nccl`: the exchange as one `all_to_all_single` with uneven splits (runs on NCCL and gloo).
+
+Counts travel in a small all_to_all of int64s (blocking: the dispatcher needs them on the host
+next); rows in one all_to_all_single whose `Work` is the handle (async: on CUDA, `wait()` makes
+the current stream wait for the communication stream). Router statistics are summed over the
+world group, not the EP group: every rank holds a distinct slice of the global batch.
+
+Groups are passed in (`NcclExchange(ep_group, world_group, cfg)`); nothing here reads global
+process-group state.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from braid.exchange.base import Done, Exchange, Handle
+from braid.exchange.config import ExchangeConfig
+
+
+class WorkHandle(Handle):
+    """Wraps a torch.distributed Work and the tensor it fills."""
+
+    def __init__(self, work: dist.Work, out: Tensor):
+        self.work, self.out = work, out
+
+    def wait(self) -> Tensor:
+        self.work.wait()
+        return self.out
+
+
+class NcclExchange(Exchange):
+    def __init__(
+        self,
+        ep_group: dist.ProcessGroup,
+        world_group: dist.ProcessGroup,
+        cfg: ExchangeConfig | None = None,
+    ):
+        self.ep_group, self.world_group, self.cfg = ep_group, world_group, cfg
+        self.size = dist.get_world_size(ep_group)
+        self.rank = dist.get_rank(ep_group)
+
+    def exchange_counts(self, send_counts_WL: Tensor) -> Tensor:
+        if self.size == 1:
+            return send_counts_WL
+        send = send_counts_WL.contiguous()
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=self.ep_group)  # row w goes to rank w
+        return recv
+
+    def move(self, x_RD: Tensor, send_splits: list[int], recv_splits: list[int]) -> Handle:
+        if self.size == 1:
+            return Done(x_RD)
+        out = x_RD.new_empty((sum(recv_splits),) + tuple(x_RD.shape[1:]))
+        work = dist.all_to_all_single(
+            out,
+            x_RD.contiguous(),
+            output_split_sizes=recv_splits,
+            input_split_sizes=send_splits,
+            group=self.ep_group,
+            async_op=True,
+        )
+        return WorkHandle(work, out)
+
+    def all_reduce_sum(self, t: Tensor) -> Tensor:
+        out = t.detach().clone()  # statistics only: no autograd through the sum
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.world_group)
+        return out

@@ -1,0 +1,78 @@
+"""Data parallelism with FSDP2: experts over their dp peers, dense weights over all ranks.
+
+`apply_data_parallel(model, cfg, ctx)` runs after expert parallelism, on the meta device:
+  1. each MoE layer's experts: `fully_shard` over the mesh's "dp" dimension (the ranks that hold
+     the same experts). Their weights are already DTensors sharded over "ep", so FSDP2 makes
+     them 2-D (dp, ep) DTensors. Gradient scaling: every rank's loss is its local mean and the
+     objective is the mean over all `world` ranks; an expert's gradient already sums the
+     contributions of its EP group's tokens (the all-to-all backward), so the reduction over
+     dp must divide by dp * ep = world, not dp (torchtitan: `set_gradient_divide_factor`);
+  2. dense weights (parallel.dense): `fully_shard` of each block, then of the root, over the
+     flattened world mesh (fsdp), or FSDP2's `replicate` (an all-reduce per block, weights
+     whole on every rank). Both average gradients over the world, the right scale for
+     dense weights; experts are left to their own groups from step 1.
+On gloo (CPU) reductions are forced to SUM followed by a division, because gloo has no AVG or
+PREMUL_SUM. `assign_full` is the `assign` of `braid.model.init` for sharded parameters.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+from braid.config import Config
+from braid.moe.layer import MoE
+from braid.parallel.mesh import ParallelContext, expert_shard_dim
+
+
+def apply_data_parallel(model: nn.Module, cfg: Config, ctx: ParallelContext) -> None:
+    dp_mesh, world_mesh = ctx.mesh["dp"], ctx.world_mesh
+    # gloo (CPU) has no AVG/PREMUL_SUM: reduce with SUM and divide after. Never on a one-rank
+    # group, where torch 2.13 would divide twice (in the copy that stands in for the
+    # reduce-scatter, and again after it).
+    sum_only = ctx.device.type == "cpu"
+    expert_params: set[nn.Parameter] = set()
+    for moe in (m for m in model.modules() if isinstance(m, MoE)):  # 1.
+        L = moe.experts.num_experts
+
+        def placement(p: nn.Parameter, L: int = L) -> Shard:
+            return Shard(expert_shard_dim(L, p.shape[1], ctx.dp))
+
+        fully_shard(moe.experts, mesh=dp_mesh, shard_placement_fn=placement)
+        moe.experts.set_gradient_divide_factor(float(ctx.world))
+        moe.experts.set_force_sum_reduction_for_comms(sum_only and ctx.dp > 1)
+        expert_params |= set(moe.experts.parameters())
+    units: list[FSDPModule] = []
+    if cfg.parallel.dense == "fsdp":  # 2.
+        units += [fully_shard(block, mesh=world_mesh) for block in model.blocks]
+        units.append(fully_shard(model, mesh=world_mesh))
+    else:
+        from torch.distributed._composable.replicate_with_fsdp import replicate
+
+        for block in model.blocks:
+            ignored = {p for p in block.parameters() if p in expert_params}
+            units.append(replicate(block, mesh=world_mesh, ignored_params=ignored))
+        units.append(replicate(model, mesh=world_mesh, ignored_params=expert_params))
+    for unit in units:
+        unit.set_force_sum_reduction_for_comms(sum_only)
+
+
+def assign_full(param: Tensor, value: Tensor, row: int | None = None) -> None:
+    """Write `value` into the parameter's global tensor (all of it, or its dim-0 slice `row`),
+    keeping only what this rank holds. No communication: every rank computes its own part."""
+    if not isinstance(param, DTensor):
+        (param if row is None else param[row]).copy_(value)
+        return
+    local = param.to_local()
+    shape, offset = compute_local_shape_and_global_offset(
+        param.shape, param.device_mesh, param.placements
+    )
+    if local.numel() == 0:
+        return  # FSDP padding: this rank holds no rows of this parameter
+    box = tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))
+    if row is None:
+        local.copy_(value[box])
+    elif box[0].start <= row < box[0].stop:
+        local[row - box[0].start].copy_(value[box[1:]])

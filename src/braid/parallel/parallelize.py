@@ -1,0 +1,38 @@
+"""Apply parallelism to a single-device model from outside, in a fixed, documented order.
+
+Order (each step assumes the previous one):
+  1. expert parallelism: keep this rank's experts (as DTensors of global shape) and install
+     the EP exchange in every MoE dispatcher; under pure data parallelism (ep = 1) the exchange
+     has one rank and only sums router statistics over the world (braid.parallel.expert);
+  2. activation checkpointing per block (parallel.activation_checkpoint);
+  3. torch.compile per block (train.compile);
+  4. data parallelism: FSDP2 `fully_shard` of experts over their dp group, then of each block
+     and the root over all ranks (or replication), when there is more than one process
+     (braid.parallel.data, which also sets the gradient scaling).
+Steps 1 and 4 run whenever the context is distributed, even at ep = 1 or dp = 1, so every
+layout has the same parameter types and state-dict keys.
+The model is still on the meta device here; the caller materialises and initialises it after.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from braid.config import Config
+from braid.parallel.mesh import ParallelContext
+
+
+def parallelize(model: nn.Module, cfg: Config, ctx: ParallelContext) -> nn.Module:
+    if ctx.distributed:
+        from braid.parallel.expert import apply_expert_parallel
+
+        apply_expert_parallel(model, cfg, ctx)  # 1
+    for block in model.blocks:
+        block.activation_checkpoint = cfg.parallel.activation_checkpoint  # 2
+        if cfg.train.compile:
+            block.compile()  # 3: in place, so parameter names do not change
+    if ctx.distributed:
+        from braid.parallel.data import apply_data_parallel
+
+        apply_data_parallel(model, cfg, ctx)  # 4
+    return model
