@@ -8,6 +8,9 @@
   3. experts: grouped SwiGLU GEMMs over the rows this rank received, grouped by local expert;
   4. combine: outputs go back to their tokens and are summed, weighted by the gates;
   5. shared experts (if any) see every token and are added.
+With an overlap engine installed (`braid.overlap` sets `self.overlap`), steps 2-5 run as token
+chunks whose exchanges overlap the expert GEMMs, and weight grads may be deferred into the
+exchange windows (`overlap.chunks`, `overlap.split_dw`); the arithmetic per token is the same.
 
 Shape legend: B batch, T time, N = B*T tokens, D dim, K experts per token, R rows received.
 """
@@ -15,6 +18,7 @@ Shape legend: B batch, T time, N = B*T tokens, D dim, K experts per token, R row
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -45,11 +49,18 @@ class MoE(nn.Module):
         if cfg.num_shared_experts:
             hidden = (cfg.shared_hidden or cfg.expert_hidden) * cfg.num_shared_experts
             self.shared = SwiGLU(mcfg.dim, hidden)
+        self.overlap: Any = None  # braid.overlap.pipeline.LayerOverlap, installed from outside
 
     def forward(self, x_BTD: Tensor) -> tuple[Tensor, MoEStats]:
         x_ND = x_BTD.reshape(-1, x_BTD.shape[-1])
         exchange = self.dispatcher.exchange
+        if self.overlap is not None:
+            x_ND = self.overlap.flush_point(x_ND)  # deferred dW is flushed when grads reach here
         r = self.router(x_ND, exchange.all_reduce_sum)  # 1. route
+        if self.overlap is not None:  # 2-5, pipelined
+            out_ND, dropped = self.overlap.run(x_ND, r.topk_idx_NK, r.gates_NK, self.dispatcher,
+                                               self.experts, self.shared)
+            return out_ND.view_as(x_BTD), MoEStats(r.aux_loss, r.z_loss, r.counts_E, dropped)
         d = self.dispatcher.dispatch(x_ND, r.topk_idx_NK)  # 2. dispatch
         y_RD = self.experts(d.x_RD, d.counts_L)  # 3. experts
         out_ND = self.dispatcher.combine(y_RD, r.gates_NK, d)  # 4. combine

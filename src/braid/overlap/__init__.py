@@ -1,1 +1,11 @@
-"""braid.overlap"""
+"""braid.overlap: hide the MoE all-to-all behind computation (see docs/overlap.md).
+
+    OverlapSession.install / begin_step / flush / end_step   session.py  (the trainer's handle)
+    LayerOverlap (moe.overlap), plan_chunks, token_bounds     pipeline.py (chunked region)
+    WgradQueue, flush_point, split_linear, swiglu_split_dw    wgrad.py    (dW/dX split)
+    CostModel, LayerShape, measure, predict_ms, choose_chunks planner.py
+    LayerTimeline, format_summary                             timeline.py
+    Clock, InFlight, in_flight, new_stream, synchronize       streams.py
+
+Imports go one way: overlap knows exchange handles and duck-typed MoE pieces, never braid.moe.
+"""

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from braid.config import Config
 from braid.errors import BraidError
 from braid.info import arithmetic
+from braid.overlap.session import OverlapSession
 from braid.parallel.mesh import ParallelContext, init_parallel
 from braid.train.log import TrainLogger
 from braid.train.model_setup import build_model, load_data
@@ -74,7 +75,7 @@ def evaluate(model, batches, cfg: Config, amp, ctx: ParallelContext) -> float:
     if ctx.distributed:
         from braid.parallel.distributed import all_reduce_mean
 
-        mean = all_reduce_mean(mean)
+        mean = all_reduce_mean(mean, ctx)
     return float(mean)  # host sync, once per validation
 
 
@@ -88,6 +89,15 @@ def nonfinite_culprit(model) -> str:
 
 def train(cfg: Config, *, overrides: list[str] | None = None) -> dict:
     ctx = init_parallel(cfg)
+    from braid.parallel.distributed import shutdown
+
+    try:
+        return _train(cfg, ctx)
+    finally:
+        shutdown(ctx)  # ends the process group only if init_parallel started it
+
+
+def _train(cfg: Config, ctx: ParallelContext) -> dict:
     torch.manual_seed(cfg.train.seed)
     from braid.parallel.distributed import broadcast_object
 
@@ -99,6 +109,14 @@ def train(cfg: Config, *, overrides: list[str] | None = None) -> dict:
     run_dir = broadcast_object(run_dir, ctx)
     opt = build_optimizer(model, cfg.train, ctx.device)
     amp = autocast(cfg, ctx.device)
+    # Overlap engine on each MoE layer (after parallelize: the EP exchange is in place); with
+    # overlap.chunks="auto" this times exchanges and GEMMs on every rank and logs the plan.
+    tc = cfg.train
+    overlap = OverlapSession.install(
+        model, cfg.overlap, device=ctx.device, log_every=tc.log_every,
+        dtype=torch.bfloat16 if isinstance(amp, torch.autocast) else torch.float32,
+        tokens_per_rank=tc.batch_size // tc.grad_accum * tc.seq_len // ctx.world,
+        is_main=ctx.is_main, run_dir=run_dir, rank=ctx.rank)
     state = TrainState()
 
     from braid.checkpoint.manager import Checkpointer
@@ -107,7 +125,7 @@ def train(cfg: Config, *, overrides: list[str] | None = None) -> dict:
     ckpt.resume(model, opt, loader, state)
     log = TrainLogger(cfg, ctx, run_id, run_dir, arithmetic(cfg).flops_per_token)
     try:
-        result = _loop(cfg, ctx, model, opt, loader, val_batches, amp, state, ckpt, log)
+        result = _loop(cfg, ctx, model, opt, loader, val_batches, amp, state, ckpt, log, overlap)
     except BaseException as e:
         log.close(status="killed" if isinstance(e, KeyboardInterrupt) else "failed", error=str(e))
         raise
@@ -115,17 +133,17 @@ def train(cfg: Config, *, overrides: list[str] | None = None) -> dict:
     if ctx.is_main:
         write_json_atomic(run_dir / "summary.json", result)
     log.close(status="finished", step=result["steps"], last_loss=result["final_train_loss"])
-    return result
+    return {**result, "rank": ctx.rank}  # the CLI prints the result of rank 0 only
 
 
-def _loop(cfg, ctx, model, opt, loader, val_batches, amp, state, ckpt, log) -> dict:
+def _loop(cfg, ctx, model, opt, loader, val_batches, amp, state, ckpt, log, overlap) -> dict:
     tc = cfg.train
     micro_tokens = tc.batch_size // tc.grad_accum * tc.seq_len  # global tokens per micro-step
     if state.initial_val_loss is None:
         state.initial_val_loss = evaluate(model, val_batches, cfg, amp, ctx)
         log.val(state.step, state.initial_val_loss)
     model.train()
-    train_loss = float("nan")
+    train_loss = state.extra.get("train_loss", float("nan"))  # restored by a resume
     t_last, tokens_last = time.perf_counter(), state.tokens_seen
     stop = min(tc.stop_at or tc.steps, tc.steps)
     while state.step < stop:
@@ -134,13 +152,19 @@ def _loop(cfg, ctx, model, opt, loader, val_batches, amp, state, ckpt, log) -> d
         for g in opt.param_groups:
             g["lr"] = lr
         parts = []
+        overlap.begin_step(step + 1)
         for _ in range(tc.grad_accum):
             x, y = loader.next_batch()
             loss, p = loss_fn(model, x.to(ctx.device), y.to(ctx.device), cfg, amp)
             (loss / tc.grad_accum).backward()
             parts.append(p)
-        grad_norm = _clip(model, tc.grad_clip)
+        overlap.flush()  # every deferred weight grad lands before the norm and the step
+        grad_norm = _clip(model, tc.grad_clip, ctx)
         ce = torch.stack([p["ce"] for p in parts]).mean()
+        if ctx.distributed:  # the loss of the global batch: every rank reports and decides alike
+            from braid.parallel.distributed import all_reduce_mean
+
+            ce = all_reduce_mean(ce, ctx)
         # One host sync per step: the loss and grad norm decide whether the step is applied.
         ce_val, gn_val = torch.stack([ce, grad_norm.float()]).tolist()
         if not (_finite(ce_val) and _finite(gn_val)):
@@ -157,7 +181,7 @@ def _loop(cfg, ctx, model, opt, loader, val_batches, amp, state, ckpt, log) -> d
             opt.step()
             opt.zero_grad(set_to_none=True)
             model.update_router_biases()
-            train_loss = ce_val
+            train_loss = state.extra["train_loss"] = ce_val
         state.step += 1
         state.tokens_seen += micro_tokens * tc.grad_accum
         log.micro_stats(parts)
@@ -166,6 +190,8 @@ def _loop(cfg, ctx, model, opt, loader, val_batches, amp, state, ckpt, log) -> d
             tps = (state.tokens_seen - tokens_last) / max(now - t_last, 1e-9)
             t_last, tokens_last = now, state.tokens_seen
             log.train(state.step, train_loss, lr, gn_val, tps, state.skipped_steps)
+        if overlap_metrics := overlap.end_step(state.step):  # timed steps only (report/auto)
+            log.writer.log(state.step, overlap_metrics)
         log.progress(state.step, train_loss)
         if state.step % tc.val_every == 0 and state.step < stop:
             log.val(state.step, evaluate(model, val_batches, cfg, amp, ctx))
@@ -190,10 +216,10 @@ def _finite(v: float) -> bool:
     return v == v and abs(v) != float("inf")
 
 
-def _clip(model, max_norm: float) -> torch.Tensor:
+def _clip(model, max_norm: float, ctx: ParallelContext) -> torch.Tensor:
     from braid.parallel.clip import clip_grad_norm
 
-    return clip_grad_norm(model, max_norm)
+    return clip_grad_norm(model, max_norm, ctx)
 
 
 def print_result(result: dict) -> None:

@@ -1,0 +1,252 @@
+"""The overlap planner: a measured cost model of one MoE layer and the chunk count it implies.
+
+Job: for `overlap.chunks = "auto"`, pick C per MoE layer to minimise the predicted forward +
+backward time of the pipelined region, and say what it predicts (logged beside the measured
+time, so the model's error is visible).
+
+Cost model (all times in ms; fitted at start-up by `measure`, or given by tests):
+- exchange of b bytes crossing ranks: a2a_latency + b * a2a_ms_per_byte (0 without EP);
+- grouped GEMM call of f FLOPs: gemm_latency + f * gemm_ms_per_flop, fitted on the experts'
+  forward at the chunk sizes (dX and dW of a GEMM cost what its forward costs);
+- compute and exchange at once: max(x, y) + interference * min(x, y) (0: perfect overlap,
+  1: serialised, e.g. by SM or memory-bandwidth contention);
+- per chunk, the backward writes one weight-sized dW per expert GEMM into the fp32 grads
+  (dw_accumulate_ms): a fixed cost per chunk that makes many chunks expensive for big experts.
+Per chunk (balanced routing, N*K/C rows): d = b = one exchange, e = the expert GEMMs.
+Pipeline (the 3-stage formula; the two exchanges share the link, so their stage is d + b):
+  T(C) = d + e + b + (C - 1) * both(e, d + b)
+Forward: e = e_fwd. Backward: e = e_dX + e_dW, or with split_dw e = e_dX and the C*e_dW of
+deferred GEMMs fill the idle compute time (T - C*e_dX) * (1 - interference); the rest is exposed.
+Shared experts overlap the first exchange in each direction when C > 1 or split_dw.
+
+Phases of `measure` (collective: every rank calls it with the same shape): time exchanges at
+the chunk sizes (each repetition starts after a barrier, so rank skew is not timed), expert
+passes at the chunk sizes, one exchange beside one expert pass, and one dW accumulation;
+all-reduce MAX over the world so every rank fits the same model and picks the same C (chunk
+exchanges must match across ranks); fit.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from braid.ops.grouped_gemm import counts_to_offsets, grouped_linear
+from braid.overlap.streams import synchronize
+
+CANDIDATES = (1, 2, 3, 4, 6, 8, 12, 16)
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    tokens: int  # tokens per rank per micro-batch
+    dim: int
+    hidden: int  # routed expert hidden size
+    top_k: int
+    num_experts: int
+    ep: int
+    elem_bytes: float  # bytes per element on the wire, averaged over the layer's exchanges
+    shared_hidden: int = 0  # total hidden of the shared experts (0: none)
+
+
+@dataclass(frozen=True)
+class CostModel:
+    a2a_latency_ms: float
+    a2a_ms_per_byte: float
+    gemm_latency_ms: float
+    gemm_ms_per_flop: float
+    interference: float = 0.0
+    dw_accumulate_ms: float = 0.0  # per chunk: cast + add of the experts' dW into their grads
+
+    def exchange_ms(self, nbytes: float, ep: int) -> float:
+        return 0.0 if ep == 1 else self.a2a_latency_ms + nbytes * self.a2a_ms_per_byte
+
+    def gemm_ms(self, flops: float, calls: int = 1) -> float:
+        return calls * self.gemm_latency_ms + flops * self.gemm_ms_per_flop
+
+    def both(self, x: float, y: float) -> float:
+        return max(x, y) + self.interference * min(x, y)
+
+
+def predict_ms(shape: LayerShape, chunks: int, split_dw: bool, m: CostModel) -> float:
+    """Predicted forward + backward ms of the layer's pipelined region at C = `chunks`."""
+    C, s = chunks, shape
+    rows = s.tokens * s.top_k / C
+    wire = rows * s.dim * s.elem_bytes * (s.ep - 1) / s.ep
+    x = m.exchange_ms(wire, s.ep)
+    e = m.gemm_ms(6.0 * rows * s.dim * s.hidden, calls=2)  # w13: 2*D*2F, w2: 2*F*D per row
+    e_dw = e + m.dw_accumulate_ms
+
+    def pipe(e_chunk: float) -> float:
+        return 2 * x + e_chunk + (C - 1) * m.both(e_chunk, 2 * x)
+
+    overlapped = C > 1 or split_dw  # the schedule that overlaps the shared experts
+    sh = m.gemm_ms(6.0 * s.tokens * s.dim * s.shared_hidden, calls=2) if s.shared_hidden else 0.0
+    fwd = pipe(e) + ((m.both(sh, x) - x) if overlapped else sh)
+    if split_dw:
+        t = pipe(e) + m.both(sh, x) - x  # dX only (e_dX == e_fwd), shared dX beside Bg0
+        idle = max(t - C * e - sh, 0.0)  # compute-stream time spent waiting on exchanges
+        bwd = t + max(0.0, C * e_dw + sh - idle * (1.0 - m.interference))
+    else:
+        bwd = pipe(e + e_dw) + ((m.both(2 * sh, x) - x) if overlapped else 2 * sh)
+    return fwd + bwd
+
+
+def choose_chunks(
+    shape: LayerShape, split_dw: bool, m: CostModel, candidates: tuple[int, ...] = CANDIDATES
+) -> tuple[int, float, dict[int, float]]:
+    """(best C, its prediction, every candidate's prediction); ties go to the smaller C."""
+    usable = [c for c in candidates if c == 1 or c <= shape.tokens]
+    table = {c: predict_ms(shape, c, split_dw, m) for c in usable}
+    best = min(usable, key=lambda c: (round(table[c], 9), c))
+    return best, table[best], table
+
+
+def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least-squares (intercept, slope), both clamped at >= 0."""
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    var = sum((x - mx) ** 2 for x in xs)
+    slope = 0.0 if var == 0 else sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / var
+    slope = max(slope, 0.0)
+    return max(my - slope * mx, 0.0), slope
+
+
+def fit(
+    samples: dict[str, list[tuple[float, float]]],
+    both_ms: float,
+    alone: tuple[float, float],
+    dw_accumulate_ms: float = 0.0,
+) -> CostModel:
+    """A model from (size, ms) samples: 'a2a' (bytes), 'gemm' (FLOPs per two-call expert pass);
+    `both_ms` is one exchange beside one GEMM pass whose alone times are `alone`."""
+    a_lat, a_slope = fit_line(*zip(*samples["a2a"], strict=True)) if samples["a2a"] else (0, 0)
+    g_lat, g_slope = fit_line(*zip(*samples["gemm"], strict=True))
+    lo, hi = min(alone), max(alone)
+    kappa = 0.0 if lo <= 0 else min(max((both_ms - hi) / lo, 0.0), 1.0)
+    return CostModel(a_lat, a_slope, g_lat / 2, g_slope, kappa, dw_accumulate_ms)
+
+
+def _median_ms(
+    fn: Callable[[], Any], device: torch.device, reps: int, align: Callable[[], Any] | None = None
+) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(reps):
+        synchronize(device)
+        if align is not None:  # start every rank together, so rank skew is not timed
+            align()
+            synchronize(device)
+        t = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(1e3 * (time.perf_counter() - t))
+    return statistics.median(times)
+
+
+def measure(
+    shape: LayerShape,
+    exchange: Any,
+    experts: Any,
+    device: torch.device,
+    dtype: torch.dtype,
+    reps: int = 5,
+    fractions: tuple[int, ...] = (1, 2, 4, 8),
+) -> CostModel:
+    """Time exchanges and expert passes at this run's chunk sizes, agree (MAX) across ranks, fit.
+    The expert pass is the experts' forward (`grouped_linear` x2 + SwiGLU) on stand-in fp32
+    weights of the local shape under autocast to `dtype`, as in training, so per-call costs
+    (weight casts) land in the latency a chunk pays. (Not the module itself: calling an FSDP
+    unit outside the model's forward would make it a root.)"""
+    s, W, L = shape, shape.ep, experts.num_experts
+    group = getattr(exchange, "ep_group", None)
+    align = (lambda: torch.distributed.barrier(group=group)) if W > 1 else None
+    amp = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+
+    def inputs(rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        counts = torch.full((L,), rows // L, dtype=torch.long, device=device)
+        counts[-1] += rows - int(counts.sum())
+        return torch.randn(rows, s.dim, device=device), counts
+
+    w13 = torch.randn(L, s.dim, 2 * s.hidden, device=device) * 0.02
+    w2 = torch.randn(L, s.hidden, s.dim, device=device) * 0.02
+    impl = getattr(experts, "impl", "grouped")
+
+    def expert_pass(x: torch.Tensor, counts: torch.Tensor) -> None:
+        with torch.no_grad(), amp:
+            offs = counts_to_offsets(counts)
+            gate, up = grouped_linear(x, w13, offs, impl).chunk(2, dim=-1)
+            grouped_linear(F.silu(gate) * up, w2, offs, impl)
+
+    times: list[float] = []
+    sizes: list[tuple[str, float]] = []
+    for f in fractions:
+        rows = max(W, s.tokens * s.top_k // f) // W * W
+        x, counts = inputs(rows)
+        times.append(_median_ms(lambda x=x, c=counts: expert_pass(x, c), device, reps))
+        sizes.append(("gemm", 6.0 * rows * s.dim * s.hidden))
+        if W > 1:
+            split = [rows // W] * W
+            times.append(
+                _median_ms(
+                    lambda x=x, sp=split: exchange.move(x, sp, sp).wait(), device, reps, align
+                )
+            )
+            sizes.append(("a2a", rows * s.dim * x.element_size() * (W - 1) / W))
+    both = 0.0
+    if W > 1:  # the full-size exchange beside the full-size expert pass
+        rows = s.tokens * s.top_k // W * W
+        x, counts = inputs(rows)
+        split = [rows // W] * W
+
+        def together():
+            h = exchange.move(x, split, split)
+            expert_pass(x, counts)
+            h.wait()
+
+        both = _median_ms(together, device, reps, align)
+    # What a chunk's backward adds per expert weight: its dW (compute dtype) cast and added
+    # into the fp32 grad of the local experts (w13 [L, D, 2F], w2 [L, F, D]), as grouped_gemm's
+    # dW does.
+    accs = [
+        (torch.zeros(shp, device=device), torch.zeros(shp, device=device, dtype=dtype))
+        for shp in ((L, s.dim, 2 * s.hidden), (L, s.hidden, s.dim))
+    ]
+    acc_ms = _median_ms(lambda: [a.add_(d.to(a.dtype)) for a, d in accs], device, reps)
+    agreed = _max_over_world(
+        torch.tensor(times + [both, acc_ms], dtype=torch.float64), exchange, device
+    )
+    samples: dict[str, list[tuple[float, float]]] = {"a2a": [], "gemm": []}
+    for (kind, size), t in zip(sizes, agreed[:-2], strict=True):
+        samples[kind].append((size, t))
+    alone = (samples["gemm"][0][1], samples["a2a"][0][1] if samples["a2a"] else 0.0)
+    return fit(samples, agreed[-2], alone, agreed[-1])
+
+
+def _max_over_world(t: torch.Tensor, exchange: Any, device: torch.device) -> list[float]:
+    group = getattr(exchange, "world_group", None)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        t = t.to(device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=group)
+    return t.cpu().tolist()
+
+
+def describe(
+    layer: int, shape: LayerShape, best: int, table: dict[int, float], split_dw: bool, m: CostModel
+) -> str:
+    """The plan's log line."""
+    preds = ", ".join(f"C={c}: {ms:.3f}" for c, ms in table.items())
+    return (
+        f"overlap plan moe{layer}: chunks={best} split_dw={split_dw} predicted "
+        f"{table[best]:.3f} ms fwd+bwd ({preds}) | model: a2a {m.a2a_latency_ms:.3f} ms + "
+        f"{m.a2a_ms_per_byte * 1e6:.4f} ms/MB, gemm {m.gemm_latency_ms:.3f} ms/call + "
+        f"{m.gemm_ms_per_flop * 1e12:.3f} ms/TFLOP, dW accumulate "
+        f"{m.dw_accumulate_ms:.3f} ms/chunk, interference {m.interference:.2f}"
+    )

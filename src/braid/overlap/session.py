@@ -1,0 +1,196 @@
+"""The trainer's handle on the overlap engine: install, plan, flush, timeline and metrics.
+
+Phases (called by `braid.train.trainer`):
+  1. `OverlapSession.install(model, cfg, ...)`, after the model is built and parallelized (the
+     EP exchange is in place): with chunks="auto" (or report on, to show a prediction beside
+     the measurement) measure the cost model once per distinct layer shape (collective: every
+     rank), pick C per MoE layer, log the plan, and set `moe.overlap` to a `LayerOverlap`.
+     Overlap off and nothing to report or trace: nothing is installed (the plain path);
+  2. each optimizer step: `begin_step(step)` turns on timing at log steps (report or auto) and
+     the profiler at `trace_step`; micro-steps; `flush()` before clipping — a safety net, the
+     flush points at the layer inputs have already emptied every queue; `end_step(step)`
+     synchronizes (timed steps only) and returns the `overlap/...` metrics of that step.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from braid.overlap.config import OverlapConfig
+from braid.overlap.pipeline import LayerOverlap
+from braid.overlap.planner import (
+    CANDIDATES,
+    CostModel,
+    LayerShape,
+    choose_chunks,
+    describe,
+    measure,
+    predict_ms,
+)
+from braid.overlap.streams import Clock, synchronize
+from braid.overlap.timeline import format_summary
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def layer_shape(moe: Any, tokens_per_rank: int, dtype: torch.dtype) -> LayerShape:
+    """The planner's view of one MoE layer (duck-typed `braid.moe.layer.MoE`). `dtype` is the
+    compute (autocast) dtype: the dispatch exchanges carry the layer input (the parameters'
+    dtype, the residual stream), the combine exchanges the experts' output (`dtype`)."""
+    shared = 0 if moe.shared is None else moe.shared.w2.weight.shape[1]
+    wire = (moe.router.weight.element_size() + dtype.itemsize) / 2
+    return LayerShape(
+        tokens=tokens_per_rank,
+        dim=moe.experts.dim,
+        hidden=moe.experts.hidden,
+        top_k=moe.dispatcher.top_k,
+        num_experts=moe.dispatcher.num_experts,
+        ep=moe.dispatcher.exchange.size,
+        elem_bytes=wire,
+        shared_hidden=shared,
+    )
+
+
+class OverlapSession:
+    def __init__(
+        self,
+        cfg: OverlapConfig,
+        layers: dict[int, LayerOverlap],
+        device: torch.device,
+        log_every: int = 1,
+        is_main: bool = True,
+        trace_dir: Path | None = None,
+        rank: int = 0,
+        log: Callable[[str], None] = _stderr,
+    ):
+        self.cfg, self.layers, self.device = cfg, layers, device
+        self.log_every, self.is_main = log_every, is_main
+        self.trace_dir, self.rank = trace_dir, rank
+        self.log = log
+        self._timed = False
+        self._prof: Any = None
+
+    @classmethod
+    def install(
+        cls,
+        model: nn.Module,
+        cfg: OverlapConfig,
+        *,
+        device: torch.device,
+        tokens_per_rank: int,
+        dtype: torch.dtype,
+        log_every: int = 1,
+        is_main: bool = True,
+        run_dir: Path | None = None,
+        rank: int = 0,
+        log: Callable[[str], None] = _stderr,
+    ) -> OverlapSession:
+        """Plan and install a `LayerOverlap` on every MoE layer that needs one."""
+        moes = model.moe_modules()
+        watch = cfg.report or cfg.trace_step > 0
+        if not moes or (cfg.chunks == 1 and not cfg.split_dw and not watch):
+            return cls(cfg, {}, device, log_every, is_main, run_dir, rank, log)
+        clock, layers = Clock(device), {}
+        models: dict[LayerShape, CostModel] = {}
+        for i, moe in moes.items():
+            shape = layer_shape(moe, tokens_per_rank, dtype)
+            cost = None
+            if cfg.chunks == "auto" or cfg.report:
+                if shape not in models:
+                    models[shape] = measure(
+                        shape, moe.dispatcher.exchange, moe.experts, device, dtype
+                    )
+                cost = models[shape]
+            if cfg.chunks == "auto":
+                cands = tuple(c for c in CANDIDATES if c <= cfg.max_chunks)
+                chunks, predicted, table = choose_chunks(shape, cfg.split_dw, cost, cands)
+                if is_main:
+                    log(describe(i, shape, chunks, table, cfg.split_dw, cost))
+            else:
+                chunks = cfg.chunks
+                predicted = None if cost is None else predict_ms(shape, chunks, cfg.split_dw, cost)
+            if chunks == 1 and not cfg.split_dw and not watch:
+                continue  # the planner chose the plain path
+            deferrable = expert_dw_deferrable(moe.experts)
+            if cfg.split_dw and not deferrable and is_main:
+                log(
+                    f"overlap moe{i}: routed-expert dW computed in place, not deferred: the "
+                    "experts are an FSDP unit / DTensors, whose gradients are reduce-scattered "
+                    "when they reach the experts' input, before any exchange window (shared-"
+                    "expert dW is still deferred; see docs/overlap.md, 'FSDP')"
+                )
+            layers[i] = moe.overlap = LayerOverlap(i, chunks, cfg.split_dw, clock, deferrable)
+            layers[i].predicted_ms = predicted
+            enable_exchange_timing(moe.dispatcher.exchange, device, cfg.report)
+        return cls(cfg, layers, device, log_every, is_main, run_dir, rank, log)
+
+    def flush(self) -> int:
+        """Run every queued weight gradient (before clipping and the optimizer step)."""
+        return sum(lo.queue.flush() for lo in self.layers.values())
+
+    def begin_step(self, step: int) -> None:
+        cfg = self.cfg
+        at_log = step % self.log_every == 0 and (cfg.report or cfg.chunks == "auto")
+        self._timed = bool(self.layers) and (at_log or step == cfg.trace_step)
+        for lo in self.layers.values():
+            lo.timeline.timing = self._timed
+        if step == cfg.trace_step and self.trace_dir is not None:
+            acts = [torch.profiler.ProfilerActivity.CPU]
+            if self.device.type == "cuda":
+                acts.append(torch.profiler.ProfilerActivity.CUDA)
+            self._prof = torch.profiler.profile(activities=acts)
+            self._prof.__enter__()
+
+    def end_step(self, step: int) -> dict[str, float]:
+        """The step's `overlap/...` metrics (empty unless timed); prints the report table."""
+        if self._prof is not None:
+            self._prof.__exit__(None, None, None)
+            path = Path(self.trace_dir) / f"overlap_trace_step{step}_rank{self.rank}.json"
+            self._prof.export_chrome_trace(str(path))
+            self._prof = None
+            if self.is_main:
+                self.log(f"overlap: Chrome trace of step {step} written to {path}")
+        if not self._timed:
+            return {}
+        synchronize(self.device)  # events must have completed before they are read
+        rows = {i: lo.timeline.summary() for i, lo in self.layers.items()}
+        for lo in self.layers.values():
+            lo.timeline.timing = False
+        self._timed = False
+        out: dict[str, float] = {}
+        for i, r in rows.items():
+            lo = self.layers[i]
+            out[f"overlap/exposed_ms/layer{i}"] = r["exposed_ms"]
+            out[f"overlap/exchange_ms/layer{i}"] = r["exchange_ms"]
+            out[f"overlap/measured_ms/layer{i}"] = r["measured_ms"]
+            out[f"overlap/dW_ms/layer{i}"] = r.get("dW_ms", 0.0) + r.get("dW_flush_ms", 0.0)
+            out[f"overlap/chunks/layer{i}"] = float(lo.chunks)
+            if lo.predicted_ms is not None:
+                out[f"overlap/predicted_ms/layer{i}"] = lo.predicted_ms
+        if self.cfg.report and self.is_main:
+            self.log(format_summary(step, rows, self.layers))
+        return out
+
+
+def expert_dw_deferrable(experts: nn.Module) -> bool:
+    """Whether the experts' weight grads may be deferred past their dX: only for plain
+    parameters. FSDP2 reduce-scatters an expert unit's grads in a hook on the experts' input
+    gradient (before the dispatch exchange it could overlap), and a DTensor weight reaches the
+    GEMM through `to_local()`, so a deferred `.grad` write would miss the parameter."""
+    fsdp_unit = hasattr(experts, "reshard") and hasattr(experts, "unshard")
+    return not fsdp_unit and not any(hasattr(p, "to_local") for p in experts.parameters())
+
+
+def enable_exchange_timing(exchange: Any, device: torch.device, report: bool) -> None:
+    """NCCL times each collective only when asked (read back by the timeline's exchange_ms)."""
+    group = getattr(exchange, "ep_group", None)
+    if report and device.type == "cuda" and group is not None:
+        group._enable_collectives_timing()  # private torch API; see timeline._exchange_ms

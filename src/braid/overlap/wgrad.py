@@ -1,0 +1,134 @@
+"""The weight-gradient queue: dX now, dW later, while an exchange is in flight (FluidMoE).
+
+Job: hold the weight-gradient GEMMs that `grouped_linear(..., wgrad_sink=queue)` and
+`split_linear` hand over in backward, run them while an exchange is in flight, and guarantee
+that nothing is left queued when gradients are read.
+
+Phases of one MoE layer's backward with `overlap.split_dw = true`:
+  1. a GEMM's backward computes dX at once (the exchange that needs it can start) and pushes its
+     dW closure here (`WgradQueue.__call__`, the `WgradSink` signature);
+  2. the pipeline issues the exchange and calls `drain(handle)`: queued dW runs on the compute
+     stream while `not work.is_completed()` (on CUDA the host runs ahead of the GPU, so this
+     enqueues every queued dW behind the issue; the GPU runs them beside the exchange);
+  3. `wait()` on the handle; whatever did not fit stays queued for the next window;
+  4. flush points: `flush_point(x, queue)` is an autograd identity at the MoE layer's input whose
+     backward runs `flush()` — the gradient reaches the layer input only after every GEMM of the
+     layer is done, and before it reaches the block input, where FSDP2 reduce-scatters the
+     block's grads. The trainer flushes every queue again before clipping and the optimizer step.
+
+Contract: `flush()` leaves the queue empty; tasks run in the order they were queued (so a
+parameter's grad accumulates in the same order as without the split); a task adds into
+`param.grad`, so grad accumulation over micro-batches works unchanged.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from braid.ops.grouped_gemm import compute_dtype
+from braid.overlap.streams import in_flight
+
+Task = Callable[[], None]
+
+
+class WgradQueue:
+    """FIFO of deferred weight-gradient GEMMs for one MoE layer (callable: a `WgradSink`)."""
+
+    def __init__(self, span: Callable[[str], AbstractContextManager] | None = None):
+        self._tasks: deque[Task] = deque()
+        self._span = span or (lambda kind: nullcontext())
+        self.num_run = 0  # tasks run since construction (tests and the timeline read it)
+
+    def __call__(self, task: Task) -> None:
+        self._tasks.append(task)
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def drain(self, handle: Any) -> int:
+        """Run queued tasks while `handle`'s exchange is in flight; returns how many ran."""
+        n = 0
+        while self._tasks and in_flight(handle):
+            self._run_one()
+            n += 1
+        return n
+
+    def flush(self) -> int:
+        """Run every queued task (a flush point); returns how many ran."""
+        n = len(self._tasks)
+        while self._tasks:
+            self._run_one("dW_flush")
+        return n
+
+    def _run_one(self, kind: str = "dW") -> None:
+        with self._span(kind):
+            self._tasks.popleft()()
+        self.num_run += 1
+
+
+class _FlushPoint(torch.autograd.Function):
+    """Identity; its backward flushes the queue before passing the gradient on."""
+
+    @staticmethod
+    def forward(ctx, x, queue):
+        ctx.queue = queue
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        ctx.queue.flush()
+        return g, None
+
+
+def flush_point(x: Tensor, queue: WgradQueue) -> Tensor:
+    """`x`, with a backward that flushes `queue` once the gradient reaches this point."""
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return x
+    return _FlushPoint.apply(x, queue)
+
+
+def _accumulate(param: Tensor, dw: Tensor) -> None:
+    param.grad = dw if param.grad is None else param.grad.add_(dw)
+
+
+class _SplitLinear(torch.autograd.Function):
+    """y = x @ w^T with dX in backward and dW handed to the sink (same casts as autocast)."""
+
+    @staticmethod
+    def forward(ctx, x, w, sink):
+        dt = compute_dtype(x)
+        x_c, w_c = x.to(dt), w.to(dt)
+        ctx.save_for_backward(x_c, w_c)
+        ctx.w, ctx.x_dtype, ctx.sink = w, x.dtype, sink
+        return F.linear(x_c, w_c)
+
+    @staticmethod
+    def backward(ctx, g):
+        x_c, w_c = ctx.saved_tensors
+        g = g.to(x_c.dtype)
+        dx = (g @ w_c).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
+        if ctx.needs_input_grad[1]:
+
+            def wgrad(w=ctx.w, x=x_c, g=g):
+                _accumulate(w, (g.flatten(0, -2).t() @ x.flatten(0, -2)).to(w.dtype))
+
+            ctx.sink(wgrad)
+        return dx, None, None
+
+
+def split_linear(x: Tensor, weight: Tensor, sink: Callable[[Task], None]) -> Tensor:
+    """`F.linear(x, weight)` whose weight gradient is handed to `sink` in backward."""
+    return _SplitLinear.apply(x, weight, sink)
+
+
+def swiglu_split_dw(ffn: nn.Module, x: Tensor, sink: Callable[[Task], None]) -> Tensor:
+    """A `braid.model.layers.SwiGLU` (w13 fused, w2; no bias) with its dW handed to `sink`."""
+    gate, up = split_linear(x, ffn.w13.weight, sink).chunk(2, dim=-1)
+    return split_linear(F.silu(gate) * up, ffn.w2.weight, sink)

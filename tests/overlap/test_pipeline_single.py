@@ -1,0 +1,136 @@
+"""The chunked pipeline in one process equals the plain MoE path; the session installs, times,
+reports and traces it."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from braid.model.config import ModelConfig
+from braid.model.init import init_weights
+from braid.model.transformer import Transformer
+from braid.moe.config import MoEConfig
+from braid.moe.dispatcher import _regroup_index
+from braid.moe.layer import MoE
+from braid.overlap.config import OverlapConfig
+from braid.overlap.pipeline import LayerOverlap, token_bounds
+from braid.overlap.pipeline import _regroup_index as pipeline_regroup
+from braid.overlap.session import OverlapSession
+from braid.overlap.streams import Clock
+
+CPU = Clock(torch.device("cpu"))
+
+
+def _moe(shared: int, capacity: float) -> MoE:
+    cfg = MoEConfig(
+        num_experts=4,
+        top_k=2,
+        expert_hidden=12,
+        num_shared_experts=shared,
+        capacity_factor=capacity,
+    )
+    moe = MoE(ModelConfig(dim=16), cfg)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    return moe
+
+
+def _run(moe: MoE, x: torch.Tensor) -> list[torch.Tensor]:
+    x = x.clone().requires_grad_()
+    y, stats = moe(x)
+    (y.square().sum() + stats.aux_loss).backward()
+    return [y.detach(), x.grad, stats.num_dropped] + [p.grad for p in moe.parameters()]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp(min=1e-30))
+
+
+@pytest.mark.parametrize("shared,capacity", [(0, 0.0), (1, 0.0), (0, 1.0), (1, 1.25)])
+def test_pipeline_matches_plain_path_for_every_chunk_count(shared, capacity):
+    base = _moe(shared, capacity)
+    x = torch.randn(2, 7, 16, generator=torch.Generator().manual_seed(1))
+    ref = _run(copy.deepcopy(base), x)
+    for chunks in (1, 2, 3, 4, 20):  # 20 > 14 tokens: empty chunks
+        for split in (False, True):
+            moe = copy.deepcopy(base)
+            moe.overlap = LayerOverlap(0, chunks, split, CPU)
+            got = _run(moe, x)
+            assert len(moe.overlap.queue) == 0
+            assert max(_rel(a, b) for a, b in zip(got, ref, strict=True)) < 1e-5, (chunks, split)
+
+
+def test_pipeline_without_grad_matches_plain_forward():
+    base = _moe(1, 0.0)
+    x = torch.randn(3, 5, 16)
+    with torch.no_grad():
+        ref, _ = copy.deepcopy(base)(x)
+        base.overlap = LayerOverlap(0, 3, True, CPU)
+        got, _ = base(x)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_token_bounds_cover_all_tokens_in_near_equal_ranges():
+    assert token_bounds(10, 3) == [(0, 4), (4, 7), (7, 10)]
+    assert token_bounds(2, 4) == [(0, 1), (1, 2), (2, 2), (2, 2)]
+
+
+def test_regroup_permutation_is_the_dispatchers():
+    recv = torch.tensor([[2, 0, 3], [1, 4, 0]])
+    torch.testing.assert_close(pipeline_regroup(recv, 10), _regroup_index(recv, 10))
+
+
+def _model() -> Transformer:
+    mc = ModelConfig(dim=32, n_layers=3, n_heads=2, vocab_size=64, ffn_hidden=64, max_seq_len=32)
+    model = Transformer(mc, MoEConfig(num_experts=4, top_k=2, expert_hidden=16))
+    init_weights(model, 0, 0.02, 3)
+    return model
+
+
+def test_session_leaves_the_plain_path_untouched_when_overlap_is_off():
+    model = _model()
+    s = OverlapSession.install(
+        model, OverlapConfig(), device=torch.device("cpu"), tokens_per_rank=32, dtype=torch.float32
+    )
+    assert s.layers == {} and all(m.overlap is None for m in model.moe_modules().values())
+    s.begin_step(1)
+    assert s.end_step(1) == {} and s.flush() == 0
+
+
+def test_session_reports_metrics_and_writes_a_chrome_trace(tmp_path):
+    model, lines = _model(), []
+    cfg = OverlapConfig(chunks="auto", split_dw=True, report=True, trace_step=2, max_chunks=4)
+    s = OverlapSession.install(
+        model,
+        cfg,
+        device=torch.device("cpu"),
+        tokens_per_rank=32,
+        dtype=torch.float32,
+        log_every=2,
+        run_dir=tmp_path,
+        log=lines.append,
+    )
+    assert any(line.startswith("overlap plan moe1: chunks=") for line in lines)
+    idx = torch.randint(0, 64, (2, 16))
+    for step in (1, 2):
+        s.begin_step(step)
+        for _ in range(2):  # two micro-steps
+            model(idx).logits.square().mean().backward()
+        assert s.flush() == 0  # the flush points already ran everything
+        metrics = s.end_step(step)
+    assert metrics, "step 2 is a log step: it is timed"
+    for i in model.moe_layers:
+        for name in ("exposed_ms", "exchange_ms", "measured_ms", "predicted_ms"):
+            assert f"overlap/{name}/layer{i}" in metrics
+        assert metrics[f"overlap/measured_ms/layer{i}"] > 0
+    assert any(line.startswith("overlap @ step 2") for line in lines)
+    trace = json.loads((tmp_path / "overlap_trace_step2_rank0.json").read_text())
+    names = {e.get("name") for e in trace["traceEvents"]}
+    for kind in ("dispatch_a2a", "experts", "combine_a2a", "experts_bwd", "dW_flush"):
+        assert f"moe1/{kind}" in names, kind  # one process: exchanges never in flight, so the
+        # dW waits for the flush point

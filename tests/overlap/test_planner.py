@@ -1,0 +1,90 @@
+"""The planner's cost model picks the chunk count with the lowest predicted time (pure tests)."""
+
+from __future__ import annotations
+
+import pytest
+
+from braid.overlap.planner import CostModel, LayerShape, choose_chunks, fit, fit_line, predict_ms
+
+# A layer whose full dispatch moves exactly 1e6 bytes across ranks and whose expert pass
+# (forward) is exactly 1e9 FLOPs, so per-byte and per-FLOP costs read as "ms per full layer".
+SHAPE = LayerShape(tokens=1000, dim=125, hidden=1333, top_k=2, num_experts=8, ep=4, elem_bytes=4)
+WIRE = SHAPE.tokens * SHAPE.top_k * SHAPE.dim * SHAPE.elem_bytes * 3 / 4  # bytes per dispatch
+FLOPS = 6.0 * SHAPE.tokens * SHAPE.top_k * SHAPE.dim * SHAPE.hidden  # one expert pass
+
+
+def model(lat=0.05, x_ms=1.0, call=0.01, e_ms=2.0, kappa=0.0) -> CostModel:
+    return CostModel(
+        a2a_latency_ms=lat,
+        a2a_ms_per_byte=x_ms / WIRE,
+        gemm_latency_ms=call,
+        gemm_ms_per_flop=e_ms / FLOPS,
+        interference=kappa,
+    )
+
+
+def test_three_stage_formula_matches_the_hand_derivation():
+    # Per chunk: x = 0.05 + 1/C, e = 0.02 + 2/C. Forward: the link (2x) is the slow stage:
+    # T_f = C*2x + e. Backward (dX + dW = 2e is the slow stage): T_b = 2x + C*2e.
+    # Sum: 6.12 + 0.14*C + 4/C, minimised near C = 5.3; among the candidates C = 6.
+    m = model()
+    for c in (1, 2, 3, 4, 6, 8):
+        assert predict_ms(SHAPE, c, False, m) == pytest.approx(6.12 + 0.14 * c + 4 / c)
+    best, predicted, table = choose_chunks(SHAPE, False, m)
+    assert best == 6 and predicted == pytest.approx(6.12 + 0.84 + 4 / 6)
+    assert set(table) >= {1, 2, 3, 4, 6, 8}
+
+
+def test_fitted_model_from_synthetic_measurements_picks_the_known_optimum():
+    truth = model()
+    samples = {"a2a": [], "gemm": []}
+    for f in (1, 2, 4, 8):  # what `measure` times: each chunk size, noise-free
+        samples["a2a"].append((WIRE / f, truth.exchange_ms(WIRE / f, SHAPE.ep)))
+        samples["gemm"].append((FLOPS / f, truth.gemm_ms(FLOPS / f, calls=2)))
+    alone = (truth.gemm_ms(FLOPS, 2), truth.exchange_ms(WIRE, SHAPE.ep))
+    fitted = fit(samples, both_ms=max(alone) + 0.25 * min(alone), alone=alone)
+    assert fitted.a2a_latency_ms == pytest.approx(0.05)
+    assert fitted.gemm_latency_ms == pytest.approx(0.01)
+    assert fitted.interference == pytest.approx(0.25)
+    assert (
+        choose_chunks(SHAPE, False, fitted)[0]
+        == choose_chunks(SHAPE, False, CostModel(**{**truth.__dict__, "interference": 0.25}))[0]
+    )
+
+
+def test_no_expert_parallelism_means_no_chunking():
+    shape = LayerShape(**{**SHAPE.__dict__, "ep": 1})
+    assert choose_chunks(shape, False, model())[0] == 1
+    assert choose_chunks(shape, True, model())[0] == 1
+
+
+def test_large_exchange_latency_means_no_chunking():
+    assert choose_chunks(SHAPE, False, model(lat=5.0))[0] == 1
+
+
+def test_full_interference_means_no_chunking():
+    assert choose_chunks(SHAPE, False, model(kappa=1.0))[0] == 1
+
+
+def test_costly_per_chunk_dw_accumulation_means_no_chunking():
+    m = CostModel(**{**model().__dict__, "dw_accumulate_ms": 2.0})
+    assert choose_chunks(SHAPE, False, m)[0] == 1
+
+
+def test_free_chunks_and_balanced_stages_pick_the_largest_chunk_count():
+    m = model(lat=0.0, call=0.0, x_ms=1.0, e_ms=2.0)
+    assert choose_chunks(SHAPE, False, m, candidates=(1, 2, 4, 8))[0] == 8
+
+
+def test_split_dw_hides_weight_grads_in_idle_exchange_time():
+    m = model()
+    for c in (1, 2, 4):
+        assert predict_ms(SHAPE, c, True, m) < predict_ms(SHAPE, c, False, m)
+    # without exchanges there is no window: the split changes nothing
+    shape = LayerShape(**{**SHAPE.__dict__, "ep": 1})
+    assert predict_ms(shape, 1, True, m) == pytest.approx(predict_ms(shape, 1, False, m))
+
+
+def test_fit_line_recovers_a_line_and_clamps_negative_parts():
+    assert fit_line([1, 2, 3], [3, 5, 7]) == pytest.approx((1.0, 2.0))
+    assert fit_line([1, 2, 3], [3, 2, 1])[1] == 0.0  # a falling cost is noise: slope 0
