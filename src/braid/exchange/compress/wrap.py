@@ -1,0 +1,70 @@
+"""How compressors attach to exchanges: a wrapper that compresses the forward payloads.
+
+`CompressedExchange(inner, compressor, compress_combine)` is itself an Exchange:
+- `dispatch`: encode the rows, move the packed rows with `inner.dispatch`, decode on `wait()`;
+- `combine`: the same when `compress_combine`, else `inner.combine` unchanged;
+- `move` (the exact path gradients take), `exchange_counts`, `all_reduce_sum`: `inner`'s.
+Packed rows keep one row per payload row, so the splits do not change and any exchange (a
+user's plug-in too) can move them; compression is orthogonal to transport.
+`with_compressor(inner, cfg)` applies `cfg.compressor` (`none` returns `inner` itself).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from braid.exchange.base import Exchange, Handle
+from braid.exchange.compress.base import Compressor
+from braid.exchange.config import ExchangeConfig
+
+
+class DecodeHandle(Handle):
+    """Waits for the packed rows, then decodes them to [R, dim] rows of `dtype`."""
+
+    def __init__(self, inner: Handle, compressor: Compressor, dim: int, dtype: torch.dtype):
+        self.inner, self.compressor, self.dim, self.dtype = inner, compressor, dim, dtype
+
+    @property
+    def work(self):
+        """The inner handle's Work, so `braid.overlap.streams.in_flight` can poll it."""
+        return getattr(self.inner, "work", None)
+
+    def wait(self) -> Tensor:
+        return self.compressor.decode(self.inner.wait(), self.dim, self.dtype)
+
+
+class CompressedExchange(Exchange):
+    def __init__(self, inner: Exchange, compressor: Compressor, compress_combine: bool = False):
+        self.inner, self.compressor, self.compress_combine = inner, compressor, compress_combine
+        self.size, self.rank = inner.size, inner.rank
+
+    def exchange_counts(self, send_counts_WL: Tensor) -> Tensor:
+        return self.inner.exchange_counts(send_counts_WL)
+
+    def move(self, x_RD: Tensor, send_splits: list[int], recv_splits: list[int]) -> Handle:
+        return self.inner.move(x_RD, send_splits, recv_splits)
+
+    def dispatch(self, x_RD: Tensor, send_splits: list[int], recv_splits: list[int]) -> Handle:
+        p_RB = self.compressor.encode(x_RD)
+        h = self.inner.dispatch(p_RB, send_splits, recv_splits)
+        return DecodeHandle(h, self.compressor, x_RD.shape[1], x_RD.dtype)
+
+    def combine(self, y_RD: Tensor, send_splits: list[int], recv_splits: list[int]) -> Handle:
+        if not self.compress_combine:
+            return self.inner.combine(y_RD, send_splits, recv_splits)
+        p_RB = self.compressor.encode(y_RD)
+        h = self.inner.combine(p_RB, send_splits, recv_splits)
+        return DecodeHandle(h, self.compressor, y_RD.shape[1], y_RD.dtype)
+
+    def all_reduce_sum(self, t: Tensor) -> Tensor:
+        return self.inner.all_reduce_sum(t)
+
+
+def with_compressor(inner: Exchange, cfg: ExchangeConfig) -> Exchange:
+    """`inner` wrapped with `cfg.compressor` (and `cfg.compress_combine`); `none` is `inner`."""
+    from braid.exchange.compress import get_compressor
+
+    if cfg.compressor == "none":
+        return inner
+    return CompressedExchange(inner, get_compressor(cfg.compressor)(cfg), cfg.compress_combine)
