@@ -26,6 +26,12 @@ import torch
 from torch import Tensor
 
 from braid.exchange.base import Exchange, LocalExchange
+from braid.ops.permute import (
+    combine_tokens,
+    expand_tokens,
+    inverse_permutation,
+    permute_rows,
+)
 
 
 @dataclass
@@ -41,6 +47,8 @@ class Dispatched:
     send_splits: list[int]
     recv_splits: list[int]
     regroup_R: Tensor | None  # dropless, W > 1: received order -> grouped order
+    unregroup_R: Tensor | None  # its inverse
+    pos_NK: Tensor | None  # dropless: sorted position of copy k of token n (inverse of order_M)
     num_tokens: int
     num_dropped: Tensor  # copies dropped by capacity (scalar)
 
@@ -72,7 +80,13 @@ class TokenDispatcher:
         return math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts)
 
     def dispatch(self, x_ND: Tensor, topk_idx_NK: Tensor) -> Dispatched:
-        N, K, E, W, L = x_ND.shape[0], self.top_k, self.num_experts, self.exchange.size, self.num_local
+        N, K, E, W, L = (
+            x_ND.shape[0],
+            self.top_k,
+            self.num_experts,
+            self.exchange.size,
+            self.num_local,
+        )
         flat_M = topk_idx_NK.flatten()
         sorted_e_M, order_M = torch.sort(flat_M, stable=True)
         token_M = order_M // K
@@ -83,18 +97,46 @@ class TokenDispatcher:
         if self.capacity_factor > 0:
             return self._dispatch_capacity(x_ND, sorted_e_M, order_M, token_M, counts_E)
 
-        x_MD = x_ND.index_select(0, token_M)
+        pos_NK = inverse_permutation(order_M).view(N, K)
+        x_MD = expand_tokens(x_ND, token_M, pos_NK)  # backward: a gather, no atomics
         if W == 1:
-            return Dispatched(x_MD, counts_E, order_M, token_M, None, None, [], [], None, N,
-                              x_ND.new_zeros((), dtype=torch.long))
+            return Dispatched(
+                x_MD,
+                counts_E,
+                order_M,
+                token_M,
+                None,
+                None,
+                [],
+                [],
+                None,
+                None,
+                pos_NK,
+                N,
+                x_ND.new_zeros((), dtype=torch.long),
+            )
         recv_WL = self.exchange.exchange_counts(counts_E.view(W, L))
         # One host sync: the splits of both directions must be known on the host.
         sizes = torch.cat([counts_E.view(W, L).sum(1), recv_WL.sum(1)]).tolist()
         send, recv = sizes[:W], sizes[W:]
         x_RD = _Move.apply(x_MD, self.exchange, send, recv, "dispatch")
         regroup_R = _regroup_index(recv_WL, sum(recv))
-        return Dispatched(x_RD.index_select(0, regroup_R), recv_WL.sum(0), order_M, token_M,
-                          None, None, send, recv, regroup_R, N, x_ND.new_zeros((), dtype=torch.long))
+        unregroup_R = inverse_permutation(regroup_R)
+        return Dispatched(
+            permute_rows(x_RD, regroup_R, unregroup_R),
+            recv_WL.sum(0),
+            order_M,
+            token_M,
+            None,
+            None,
+            send,
+            recv,
+            regroup_R,
+            unregroup_R,
+            pos_NK,
+            N,
+            x_ND.new_zeros((), dtype=torch.long),
+        )
 
     def _dispatch_capacity(self, x_ND, sorted_e_M, order_M, token_M, counts_E) -> Dispatched:
         N, E, W, L = x_ND.shape[0], self.num_experts, self.exchange.size, self.num_local
@@ -112,27 +154,37 @@ class TokenDispatcher:
         x_RD = buf.view(W, L, C, -1).transpose(0, 1).reshape(L * W * C, -1)
         counts_L = torch.full((L,), W * C, dtype=torch.long, device=x_ND.device)
         dropped = (~keep_M).sum()
-        return Dispatched(x_RD, counts_L, order_M, token_M, keep_M, slot_M, splits, splits,
-                          None, N, dropped)
+        return Dispatched(
+            x_RD,
+            counts_L,
+            order_M,
+            token_M,
+            keep_M,
+            slot_M,
+            splits,
+            splits,
+            None,
+            None,
+            None,
+            N,
+            dropped,
+        )
 
     def combine(self, y_RD: Tensor, gates_NK: Tensor, d: Dispatched) -> Tensor:
         W, L, D = self.exchange.size, self.num_local, y_RD.shape[-1]
-        w_M = gates_NK.flatten().index_select(0, d.order_M).to(y_RD.dtype)
-        if d.keep_M is not None:
-            C = y_RD.shape[0] // max(W * L, 1)
-            buf = y_RD.view(L, W, C, D).transpose(0, 1).reshape(W * L * C, D)
-            if W > 1:
-                buf = _Move.apply(buf, self.exchange, d.recv_splits, d.send_splits, "combine")
-            y_MD = buf.index_select(0, d.slot_M) * w_M[d.keep_M, None]
-            token_M = d.token_M[d.keep_M]
-        else:
+        if d.keep_M is None:  # dropless: K copies per token, gathered back (no atomics)
             if d.regroup_R is not None:
-                y_RD = y_RD.index_select(0, torch.argsort(d.regroup_R))
+                y_RD = permute_rows(y_RD, d.unregroup_R, d.regroup_R)
                 y_RD = _Move.apply(y_RD, self.exchange, d.recv_splits, d.send_splits, "combine")
-            y_MD = y_RD * w_M[:, None]
-            token_M = d.token_M
+            return combine_tokens(y_RD, gates_NK, d.pos_NK, d.order_M)
+        w_M = gates_NK.flatten().index_select(0, d.order_M).to(y_RD.dtype)
+        C = y_RD.shape[0] // max(W * L, 1)
+        buf = y_RD.view(L, W, C, D).transpose(0, 1).reshape(W * L * C, D)
+        if W > 1:
+            buf = _Move.apply(buf, self.exchange, d.recv_splits, d.send_splits, "combine")
+        y_MD = buf.index_select(0, d.slot_M) * w_M[d.keep_M, None]
         out = y_MD.new_zeros(d.num_tokens, D)
-        return out.index_add(0, token_M, y_MD)
+        return out.index_add(0, d.token_M[d.keep_M], y_MD)
 
 
 def _regroup_index(recv_WL: Tensor, total: int) -> Tensor:

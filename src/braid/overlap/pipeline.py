@@ -14,8 +14,9 @@ dispatcher does), then moves only the kept rows.
 
 Autograd: one Function spans the region. Its forward runs the schedule below and keeps, per
 chunk, a small expert-side graph (received rows -> regroup -> experts -> un-regroup) built under
-enable_grad; token-side permutations are done by hand (index_select forward, index_add
-backward), so nothing is kept that the plain path frees. Its backward replays the schedule in
+enable_grad; token-side permutations are done by hand as gathers (`braid.ops.permute`; the
+index_add scatter only in capacity mode, where a token may have fewer than K copies), so nothing
+is kept that the plain path frees. Its backward replays the schedule in
 reverse, calling torch.autograd.backward on each chunk's graph.
 
 Phases (forward; D = dispatch exchange, E = experts, B = combine exchange, S = shared experts):
@@ -43,6 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from braid.ops.permute import inverse_permutation, permute_rows, sum_copies, weighted_sum
 from braid.overlap.streams import Clock
 from braid.overlap.timeline import LayerTimeline
 from braid.overlap.wgrad import WgradQueue, flush_point, swiglu_split_dw
@@ -59,6 +61,7 @@ class Chunk:
     counts_L: Tensor  # received rows per local expert
     regroup_R: Tensor | None  # received [rank][expert] order -> [expert][rank] (W > 1)
     unregroup_R: Tensor | None
+    pos_NK: Tensor | None  # dropless: sorted position of copy k of token n (inverse of order_M)
 
 
 def token_bounds(num_tokens: int, num_chunks: int) -> list[tuple[int, int]]:
@@ -110,9 +113,10 @@ def plan_chunks(topk_NK: Tensor, num_chunks: int, dispatcher: Any) -> tuple[list
         send, recv = sizes[c * W : (c + 1) * W], sizes[(num_chunks + c) * W :][:W]
         recv_WL = recv_WCL[:, c]
         regroup = _regroup_index(recv_WL, sum(recv)) if W > 1 else None
-        unregroup = torch.argsort(regroup) if regroup is not None else None
+        unregroup = inverse_permutation(regroup) if regroup is not None else None
+        pos = inverse_permutation(order).view(b - a, K) if keep_M is None else None
         chunks.append(
-            Chunk(a, b, order, order // K, send, recv, recv_WL.sum(0), regroup, unregroup)
+            Chunk(a, b, order, order // K, send, recv, recv_WL.sum(0), regroup, unregroup, pos)
         )
     return chunks, dropped
 
@@ -209,10 +213,10 @@ class _Run:
                 if self.grad:
                     x_RD = _Capture.apply(anchor, x_RD, self.boxes[c])
                 if ch.regroup_R is not None:
-                    x_RD = x_RD.index_select(0, ch.regroup_R)
+                    x_RD = permute_rows(x_RD, ch.regroup_R, ch.unregroup_R)
                 y_RD = self.experts(x_RD, ch.counts_L)
                 if ch.unregroup_R is not None:
-                    y_RD = y_RD.index_select(0, ch.unregroup_R)
+                    y_RD = permute_rows(y_RD, ch.unregroup_R, ch.regroup_R)
                 if self.grad:
                     self.roots[c] = _Root.apply(y_RD)
             return y_RD.detach()
@@ -222,6 +226,8 @@ class _Run:
             w_M = gates_NK[ch.a : ch.b].flatten().index_select(0, ch.order_M).to(y_MD.dtype)
             if self.grad:
                 self.y_home[c], self.w_M[c] = y_MD, w_M
+            if ch.pos_NK is not None:  # the plain path's `combine_tokens` arithmetic
+                return weighted_sum(y_MD, gates_NK[ch.a : ch.b], ch.pos_NK)[0]
             out = y_MD.new_zeros(ch.b - ch.a, y_MD.shape[1])
             return out.index_add(0, ch.token_M, y_MD * w_M[:, None])
 
@@ -261,7 +267,10 @@ class _Run:
             self.y_home[c] = self.w_M[c] = None
             g_MD = g_out[ch.a : ch.b].index_select(0, ch.token_M)
             g_w = (g_MD * y).sum(1).to(self.g_dtype)
-            dgates[c] = g_w.new_zeros((ch.b - ch.a) * self.K).index_add_(0, ch.order_M, g_w)
+            if ch.pos_NK is not None:
+                dgates[c] = g_w.index_select(0, ch.pos_NK.flatten())
+            else:
+                dgates[c] = g_w.new_zeros((ch.b - ch.a) * self.K).index_add_(0, ch.order_M, g_w)
             g_y = g_MD * w[:, None]
             return tl.issue("combine_a2a_bwd", lambda: ex.move(g_y, ch.send, ch.recv), g_y)
 
@@ -275,6 +284,9 @@ class _Run:
 
         def finish(c: int, g_MD: Tensor) -> None:
             ch = self.chunks[c]
+            if ch.pos_NK is not None:
+                dxs[c] = sum_copies(g_MD, ch.pos_NK).to(self.x_dtype)
+                return
             dx = g_MD.new_zeros(ch.b - ch.a, g_MD.shape[1], dtype=self.x_dtype)
             dxs[c] = dx.index_add_(0, ch.token_M, g_MD.to(self.x_dtype))
 

@@ -1,0 +1,100 @@
+"""Row permutations of the MoE layer whose backwards are gathers: no atomics, deterministic.
+
+Autograd's backward of `index_select` is `index_add`, a scatter with atomic adds on CUDA: slow
+for wide rows (it dominated the non-GEMM time of a fine-grained layer on an H200, see
+benchmarks/results/moe_profile_h200.json) and, in floating point, dependent on thread timing.
+Dropless routing gives every token exactly K copies, so each scatter here has a gather form:
+
+- `permute_rows(x, perm, inv)`: y = x[perm], a bijection; backward g[inv].
+- `expand_tokens(x_ND, token_M, pos_NK)`: the M = N*K copies x[token_M] in sorted order;
+  backward: the K copies of each token gathered back (pos_NK[n, k] is the sorted position of
+  copy k of token n) and summed in k order.
+- `combine_tokens(y_MD, gates_NK, pos_NK, order_M)`: out[n] = sum_k gates[n, k] * y[pos[n, k]];
+  backward: dgates by row dot products, dy gathered into sorted order by `order_M`
+  (sorted position -> copy index n*K + k, the inverse of pos).
+Sums over k accumulate in fp32 for bf16 inputs (torch reductions do) and round once.
+Shapes: N tokens, K copies per token, M = N*K rows, D row width.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def inverse_permutation(perm: Tensor) -> Tensor:
+    """inv with inv[perm[i]] = i (a scatter of M integers, cheaper than an argsort)."""
+    return torch.empty_like(perm).scatter_(0, perm, torch.arange(perm.numel(), device=perm.device))
+
+
+class _Permute(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, perm, inv):
+        ctx.save_for_backward(inv)
+        return x.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx, g):
+        (inv,) = ctx.saved_tensors
+        return g.index_select(0, inv), None, None
+
+
+def permute_rows(x: Tensor, perm: Tensor, inv: Tensor) -> Tensor:
+    """x[perm] for a permutation `perm` whose inverse is `inv`."""
+    return _Permute.apply(x, perm, inv)
+
+
+class _Expand(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_ND, token_M, pos_NK):
+        ctx.save_for_backward(pos_NK)
+        return x_ND.index_select(0, token_M)
+
+    @staticmethod
+    def backward(ctx, g_MD):
+        (pos_NK,) = ctx.saved_tensors
+        return sum_copies(g_MD, pos_NK), None, None
+
+
+def sum_copies(g_MD: Tensor, pos_NK: Tensor) -> Tensor:
+    """dx[n] = sum_k g[pos[n, k]]: the K copies of each token, gathered and summed."""
+    N, K = pos_NK.shape
+    return g_MD.index_select(0, pos_NK.flatten()).view(N, K, g_MD.shape[-1]).sum(1)
+
+
+def expand_tokens(x_ND: Tensor, token_M: Tensor, pos_NK: Tensor) -> Tensor:
+    """The rows x[token_M]; the backward sums each token's K copies (no scatter)."""
+    return _Expand.apply(x_ND, token_M, pos_NK)
+
+
+def weighted_sum(y_MD: Tensor, gates_NK: Tensor, pos_NK: Tensor) -> tuple[Tensor, Tensor]:
+    """(out[n] = sum_k gates[n, k] * y[pos[n, k]], the gathered y_NKD)."""
+    N, K = pos_NK.shape
+    y_NKD = y_MD.index_select(0, pos_NK.flatten()).view(N, K, y_MD.shape[-1])
+    return (y_NKD * gates_NK.to(y_MD.dtype)[..., None]).sum(1), y_NKD
+
+
+class _Combine(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y_MD, gates_NK, pos_NK, order_M):
+        out, y_NKD = weighted_sum(y_MD, gates_NK, pos_NK)
+        ctx.save_for_backward(y_NKD, gates_NK, order_M)
+        return out
+
+    @staticmethod
+    def backward(ctx, g_ND):
+        y_NKD, gates_NK, order_M = ctx.saved_tensors
+        g_ND = g_ND.to(y_NKD.dtype)
+        dgates = None
+        if ctx.needs_input_grad[1]:
+            dgates = (y_NKD * g_ND[:, None, :]).sum(-1).to(gates_NK.dtype)
+        dy_MD = None
+        if ctx.needs_input_grad[0]:
+            dy_NKD = gates_NK.to(g_ND.dtype)[..., None] * g_ND[:, None, :]
+            dy_MD = dy_NKD.flatten(0, 1).index_select(0, order_M)
+        return dy_MD, dgates, None, None
+
+
+def combine_tokens(y_MD: Tensor, gates_NK: Tensor, pos_NK: Tensor, order_M: Tensor) -> Tensor:
+    """Each token's K expert outputs (rows in sorted order), weighted by its gates and summed."""
+    return _Combine.apply(y_MD, gates_NK, pos_NK, order_M)
