@@ -72,8 +72,7 @@ class TrainLogger:
     def train(self, step: int, loss: float, lr: float, grad_norm: float, tps: float,
               skipped: int) -> None:
         self._tps.append(tps)
-        n = max(self._n, 1)
-        sums = {k: float(v) / n for k, v in self._sums.items()}  # host sync at log steps only
+        sums = self._global_sums()  # host sync at log steps only
         values = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
                   "train/tokens_per_s": tps, "train/aux_loss": sums.get("aux", 0.0),
                   "train/z_loss": sums.get("z", 0.0), "train/skipped_steps": skipped,
@@ -101,6 +100,22 @@ class TrainLogger:
         if balance:
             line += f" | load max/mean {max(balance):.2f}"
         self._print(line)
+
+    def _global_sums(self) -> dict[str, float]:
+        """Per-micro-batch means of the router statistics over the whole global batch, so the
+        logged numbers do not depend on the layout: aux and z averaged over ranks (each is a
+        mean over its rank's equal share of tokens), dropped copies summed over ranks."""
+        keys = [k for k in ("aux", "z", "dropped") if k in self._sums]
+        if not keys:
+            return {}
+        v = torch.stack([torch.as_tensor(self._sums[k]).float() for k in keys])
+        if self.ctx.distributed:
+            from braid.parallel.distributed import all_reduce_mean
+
+            v = all_reduce_mean(v, self.ctx)
+            v[[i for i, k in enumerate(keys) if k == "dropped"]] *= self.ctx.world
+        n = max(self._n, 1)
+        return {k: x / n for k, x in zip(keys, v.tolist(), strict=True)}
 
     def val(self, step: int, loss: float) -> None:
         self.writer.log(step, {"val/loss": loss})
