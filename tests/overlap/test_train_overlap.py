@@ -1,14 +1,16 @@
-"""End to end: training steps under EP x DP (4 gloo ranks) give the same losses and grad norms
-with the overlap engine on as off, for (dp=2, ep=2) and (dp=1, ep=4).
+"""End to end: training steps under EP x DP (4 gloo ranks) give the same losses, grad norms and
+first-step gradients of every parameter with the overlap engine on as off, for (dp=2, ep=2) and
+(dp=1, ep=4), chunks 1-4 with split_dw on and off.
 
 Built from the trainer's own pieces (build_model -> parallelize -> init, OverlapSession.install,
-loss_fn, flush, clip_grad_norm, AdamW), as tests/distributed/test_train_ep.py does. The experts
-are FSDP units of DTensors there, so split_dw defers the shared expert's dW only (the routed
-experts' dW runs in place; see OverlapSession.install).
+loss_fn, flush, clip_grad_norm, AdamW), as tests/distributed/test_train_ep.py does. With dp=1
+the routed experts are no FSDP unit, so split_dw defers their dW into the exchange windows too
+(asserted); with dp=2 they are an FSDP unit and only the shared expert's dW is deferred.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from harness import run_ranks
@@ -36,6 +38,8 @@ OVERLAP = {
     "off": [],
     "split_dw": ["--overlap.split_dw=true"],
     "chunks3": ["--overlap.chunks=3"],
+    "chunks2_split": ["--overlap.chunks=2", "--overlap.split_dw=true"],
+    "chunks4_split": ["--overlap.chunks=4", "--overlap.split_dw=true"],
     "auto_split_report": [
         '--overlap.chunks="auto"',
         "--overlap.split_dw=true",
@@ -45,7 +49,7 @@ OVERLAP = {
 }
 
 
-def _run(cfg, ctx) -> tuple[list, dict]:
+def _run(cfg, ctx) -> tuple[list, dict, dict, list]:
     from braid.overlap.session import OverlapSession
     from braid.parallel.clip import clip_grad_norm
     from braid.parallel.distributed import all_reduce_mean
@@ -65,7 +69,7 @@ def _run(cfg, ctx) -> tuple[list, dict]:
         is_main=False,
     )
     data = torch.randint(0, 128, (STEPS, 8, 17), generator=torch.Generator().manual_seed(0))
-    out, metrics = [], {}
+    out, metrics, grads = [], {}, {}
     for step in range(STEPS):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg.train)
@@ -74,13 +78,18 @@ def _run(cfg, ctx) -> tuple[list, dict]:
         loss, parts = loss_fn(model, x[:, :-1], x[:, 1:], cfg, amp)
         loss.backward()
         overlap.flush()
+        if step == 0:  # this rank's block of every gradient, before clipping
+            for n, p in model.named_parameters():
+                g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+                grads[n] = g.detach().numpy().copy()  # by value through the queue
         norm = clip_grad_norm(model, cfg.train.grad_clip, ctx)
         out.append((float(all_reduce_mean(parts["ce"], ctx)), float(norm)))
         opt.step()
         opt.zero_grad(set_to_none=True)
         model.update_router_biases()
         metrics = overlap.end_step(step + 1) or metrics
-    return out, metrics
+    deferred = [lo.defer_expert_dw for lo in overlap.layers.values()]
+    return out, metrics, grads, deferred
 
 
 def _worker(rank: int, world: int) -> dict:
@@ -97,10 +106,20 @@ def _worker(rank: int, world: int) -> dict:
 
 def test_training_with_overlap_matches_overlap_off_under_ep():
     per_rank = run_ranks(_worker, 4)
-    got = per_rank[0]
     bad = {}
-    for key, (steps, metrics) in got.items():
-        layout = key.split("/")[0]
+    for rank, got in enumerate(per_rank):
+        for key, (_, _, grads, _) in got.items():
+            ref = got[f"{key.split('/')[0]}/off"][2]
+            assert grads.keys() == ref.keys()
+            for n, g in grads.items():
+                err = float(np.linalg.norm(g - ref[n]) / max(np.linalg.norm(ref[n]), 1e-30))
+                if err > TOL:
+                    bad[f"rank{rank}/{key}/{n}"] = err
+    got = per_rank[0]
+    for key, (steps, metrics, _, deferred) in got.items():
+        layout, name = key.split("/")
+        if "split" in name:  # routed-expert dW deferred exactly where no FSDP unit forbids it
+            assert deferred and all(d == (layout == "dp1_ep4") for d in deferred), (key, deferred)
         ref = got[f"{layout}/off"][0]
         err = max(
             abs(a - r) / abs(r)

@@ -6,7 +6,8 @@ number of experts on this rank (all E in one process; E/ep under expert parallel
 number of local experts (used by init so that a given expert gets the same weights whatever the
 layout). Under `braid.parallel` the weights are DTensors of global shape [E, ...] sharded over
 the expert-parallel ranks; the GEMMs run on the local block, which holds experts
-[expert_offset, expert_offset + num_experts).
+[expert_offset, expert_offset + num_experts). `grad_divide` (set by `braid.parallel` where no
+FSDP unit averages the experts' grads) divides their weight gradients.
 """
 
 from __future__ import annotations
@@ -23,17 +24,17 @@ class GroupedExperts(nn.Module):
         super().__init__()
         self.num_experts, self.dim, self.hidden, self.impl = num_experts, dim, hidden, impl
         self.expert_offset = 0
+        self.grad_divide = 1.0
         self.w13 = nn.Parameter(torch.empty(num_experts, dim, 2 * hidden))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))
 
     def forward(
         self, x_RD: Tensor, counts_L: Tensor, wgrad_sink: WgradSink | None = None
     ) -> Tensor:
-        offs = counts_to_offsets(counts_L)
-        w13, w2 = _local(self.w13), _local(self.w2)
-        h_RF2 = grouped_linear(x_RD, w13, offs, self.impl, wgrad_sink)
+        offs, div = counts_to_offsets(counts_L), self.grad_divide
+        h_RF2 = grouped_linear(x_RD, self.w13, offs, self.impl, wgrad_sink, div)
         gate, up = h_RF2.chunk(2, dim=-1)
-        return grouped_linear(F.silu(gate) * up, w2, offs, self.impl, wgrad_sink)
+        return grouped_linear(F.silu(gate) * up, self.w2, offs, self.impl, wgrad_sink, div)
 
     def shard(self, rank: int, size: int) -> None:
         """Keep only experts [rank*L, (rank+1)*L) of the global E (called by braid.parallel)."""
@@ -43,9 +44,3 @@ class GroupedExperts(nn.Module):
         for name in ("w13", "w2"):
             full = getattr(self, name)
             setattr(self, name, nn.Parameter(full.detach()[rank * L : (rank + 1) * L].clone()))
-
-
-def _local(w: Tensor) -> Tensor:
-    """This rank's experts: the local block of a DTensor (differentiable), or `w` itself.
-    Duck-typed so that model code never imports torch.distributed."""
-    return w.to_local() if hasattr(w, "to_local") else w

@@ -9,6 +9,12 @@ Two implementations with identical results:
 first and returned to autograd, and the weight gradient (dW) is either computed at once or handed
 to a `wgrad_sink` callable, which the overlap scheduler runs while an exchange is in flight
 (FluidMoE's dW/dX split). Shapes: R rows, D in-features, F out-features, E experts.
+
+The weight may be a DTensor parameter (experts under `braid.parallel`): the GEMMs run on its
+local block, and dW goes back wrapped like the parameter (duck-typed, `type(w).from_local`, so
+ops never imports torch.distributed), whether returned to autograd or written by a deferred
+task into `w.grad` — so a deferred dW lands in the parameter itself. `grad_divide` divides dW
+(braid.parallel sets it where no FSDP reduction applies the data-parallel mean).
 """
 
 from __future__ import annotations
@@ -64,14 +70,34 @@ def _loop_mm(x_RD: Tensor, w_EDF: Tensor, offs_E: Tensor) -> Tensor:
     return out
 
 
+def _local(w: Tensor) -> Tensor:
+    return w.to_local() if hasattr(w, "to_local") else w
+
+
+def _like_param(param: Tensor, dw_local: Tensor, divide: float) -> Tensor:
+    """dW (of the local block) as the parameter's gradient: divided, wrapped like a DTensor."""
+    if divide != 1.0:
+        dw_local = dw_local.div_(divide)
+    if not hasattr(param, "to_local"):
+        return dw_local
+    return type(param).from_local(
+        dw_local,
+        param.device_mesh,
+        param.placements,
+        run_check=False,
+        shape=param.shape,
+        stride=param.stride(),
+    )
+
+
 class _GroupedLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_RD, w_EDF, offs_E, impl, wgrad_sink):
+    def forward(ctx, x_RD, w_EDF, offs_E, impl, wgrad_sink, grad_divide):
         # Autocast does not reach grouped_mm: cast to its dtype here, keeping the fp32 master
         # weight as the input so that dW (now or deferred) lands in the parameter's grad.
-        ctx.x_dtype, ctx.w = x_RD.dtype, w_EDF
+        ctx.x_dtype, ctx.w, ctx.grad_divide = x_RD.dtype, w_EDF, grad_divide
         dt = compute_dtype(x_RD)
-        x_c, w_c = x_RD.to(dt), w_EDF.to(dt)
+        x_c, w_c = x_RD.to(dt), _local(w_EDF).to(dt)
         ctx.save_for_backward(x_c, w_c, offs_E)
         ctx.impl, ctx.wgrad_sink = impl, wgrad_sink
         return gmm(x_c, w_c, offs_E, impl)
@@ -84,18 +110,18 @@ class _GroupedLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = gmm(g_RF, w_EDF.transpose(1, 2), offs_E, ctx.impl).to(ctx.x_dtype)
         if not ctx.needs_input_grad[1]:
-            return dx, None, None, None, None
-        param = ctx.w
+            return dx, None, None, None, None, None
+        param, divide = ctx.w, ctx.grad_divide
         if ctx.wgrad_sink is None:
             dw = gmm_wgrad(x_RD, g_RF, offs_E, ctx.impl).to(param.dtype)
-            return dx, dw, None, None, None
+            return dx, _like_param(param, dw, divide), None, None, None, None
 
         def wgrad(w=param, x=x_RD, g=g_RF, offs=offs_E, impl=ctx.impl):
-            dw = gmm_wgrad(x, g, offs, impl).to(w.dtype)
+            dw = _like_param(w, gmm_wgrad(x, g, offs, impl).to(w.dtype), divide)
             w.grad = dw if w.grad is None else w.grad.add_(dw)
 
         ctx.wgrad_sink(wgrad)
-        return dx, None, None, None, None
+        return dx, None, None, None, None, None
 
 
 def grouped_linear(
@@ -104,6 +130,7 @@ def grouped_linear(
     offs_E: Tensor,
     impl: str = "grouped",
     wgrad_sink: WgradSink | None = None,
+    grad_divide: float = 1.0,
 ) -> Tensor:
     """Differentiable grouped GEMM; see the module docstring for `wgrad_sink`."""
-    return _GroupedLinear.apply(x_RD, w_EDF, offs_E, impl, wgrad_sink)
+    return _GroupedLinear.apply(x_RD, w_EDF, offs_E, impl, wgrad_sink, grad_divide)

@@ -122,10 +122,10 @@ class OverlapSession:
             deferrable = expert_dw_deferrable(moe.experts)
             if cfg.split_dw and not deferrable and is_main:
                 log(
-                    f"overlap moe{i}: routed-expert dW computed in place, not deferred: the "
-                    "experts are an FSDP unit / DTensors, whose gradients are reduce-scattered "
-                    "when they reach the experts' input, before any exchange window (shared-"
-                    "expert dW is still deferred; see docs/overlap.md, 'FSDP')"
+                    f"overlap moe{i}: routed-expert dW computed in place, not deferred: with "
+                    "parallel.dp > 1 the experts are an FSDP unit, whose gradients are "
+                    "reduce-scattered when they reach the experts' input, before any exchange "
+                    "window (shared-expert dW is still deferred; see docs/overlap.md, 'FSDP')"
                 )
             layers[i] = moe.overlap = LayerOverlap(i, chunks, cfg.split_dw, clock, deferrable)
             layers[i].predicted_ms = predicted
@@ -181,12 +181,11 @@ class OverlapSession:
 
 
 def expert_dw_deferrable(experts: nn.Module) -> bool:
-    """Whether the experts' weight grads may be deferred past their dX: only for plain
-    parameters. FSDP2 reduce-scatters an expert unit's grads in a hook on the experts' input
-    gradient (before the dispatch exchange it could overlap), and a DTensor weight reaches the
-    GEMM through `to_local()`, so a deferred `.grad` write would miss the parameter."""
-    fsdp_unit = hasattr(experts, "reshard") and hasattr(experts, "unshard")
-    return not fsdp_unit and not any(hasattr(p, "to_local") for p in experts.parameters())
+    """Whether the experts' weight grads may be deferred past their dX: not for an FSDP unit,
+    whose grads FSDP2 reduce-scatters in a hook on the experts' input gradient (before the
+    dispatch exchange whose window the dW would fill). Plain and DTensor parameters are fine:
+    the GEMM writes a deferred dW into the parameter itself (`braid.ops.grouped_gemm`)."""
+    return not (hasattr(experts, "reshard") and hasattr(experts, "unshard"))
 
 
 def enable_exchange_timing(exchange: Any, device: torch.device, report: bool) -> None:

@@ -6,7 +6,11 @@
      them 2-D (dp, ep) DTensors. Gradient scaling: every rank's loss is its local mean and the
      objective is the mean over all `world` ranks; an expert's gradient already sums the
      contributions of its EP group's tokens (the all-to-all backward), so the reduction over
-     dp must divide by dp * ep = world, not dp (torchtitan: `set_gradient_divide_factor`);
+     dp must divide by dp * ep = world, not dp (torchtitan: `set_gradient_divide_factor`).
+     With dp = 1 there is nothing to shard or reduce: the experts stay plain DTensor parameters
+     (no FSDP unit) whose grads the GEMM divides by world (`GroupedExperts.grad_divide`). Then
+     nothing reduces their grads when they reach the experts' input, so the overlap engine may
+     defer their dW into the exchange windows (`overlap.split_dw`, docs/overlap.md);
   2. dense weights (parallel.dense): `fully_shard` of each block, then of the root, over the
      flattened world mesh (fsdp), or FSDP2's `replicate` (an all-reduce per block, weights
      whole on every rank). Both average gradients over the world, the right scale for
@@ -40,14 +44,19 @@ def apply_data_parallel(model: nn.Module, cfg: Config, ctx: ParallelContext) -> 
         def placement(p: nn.Parameter, L: int = L) -> Shard:
             return Shard(expert_shard_dim(L, p.shape[1], ctx.dp))
 
+        expert_params |= set(moe.experts.parameters())
+        if ctx.dp == 1:
+            moe.experts.grad_divide = float(ctx.world)
+            continue
         fully_shard(moe.experts, mesh=dp_mesh, shard_placement_fn=placement)
         moe.experts.set_gradient_divide_factor(float(ctx.world))
-        moe.experts.set_force_sum_reduction_for_comms(sum_only and ctx.dp > 1)
-        expert_params |= set(moe.experts.parameters())
+        moe.experts.set_force_sum_reduction_for_comms(sum_only)
     units: list[FSDPModule] = []
+    # Experts that are no FSDP unit of their own (dp = 1) stay out of the dense units.
+    ignored = expert_params if ctx.dp == 1 else None
     if cfg.parallel.dense == "fsdp":  # 2.
-        units += [fully_shard(block, mesh=world_mesh) for block in model.blocks]
-        units.append(fully_shard(model, mesh=world_mesh))
+        units += [fully_shard(b, mesh=world_mesh, ignored_params=ignored) for b in model.blocks]
+        units.append(fully_shard(model, mesh=world_mesh, ignored_params=ignored))
     else:
         from torch.distributed._composable.replicate_with_fsdp import replicate
 
