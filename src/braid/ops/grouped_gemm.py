@@ -42,7 +42,11 @@ def compute_dtype(x: Tensor) -> torch.dtype:
 
 def _use_grouped(impl: str, x: Tensor) -> bool:
     # CUDA's grouped_mm takes bf16 only; fp32 on a GPU runs the loop (documented in config).
-    return impl == "grouped" and (x.device.type != "cuda" or x.dtype == torch.bfloat16)
+    # Its meta kernel, which torch.compile traces, insists on bf16 on every device, so fp32
+    # under compile runs the loop too (eager CPU takes fp32).
+    if impl != "grouped" or x.dtype == torch.bfloat16:
+        return impl == "grouped"
+    return x.device.type != "cuda" and not torch.compiler.is_compiling()
 
 
 def gmm(x_RD: Tensor, w_EDF: Tensor, offs_E: Tensor, impl: str) -> Tensor:
