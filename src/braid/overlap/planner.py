@@ -75,6 +75,10 @@ class CostModel:
         return max(x, y) + self.interference * min(x, y)
 
 
+# Smallest predicted gain (a fraction of the plain path's time) that chunking must show.
+PLAN_MARGIN = 0.02
+
+
 def predict_ms(shape: LayerShape, chunks: int, split_dw: bool, m: CostModel) -> float:
     """Predicted forward + backward ms of the layer's pipelined region at C = `chunks`."""
     C, s = chunks, shape
@@ -102,10 +106,14 @@ def predict_ms(shape: LayerShape, chunks: int, split_dw: bool, m: CostModel) -> 
 def choose_chunks(
     shape: LayerShape, split_dw: bool, m: CostModel, candidates: tuple[int, ...] = CANDIDATES
 ) -> tuple[int, float, dict[int, float]]:
-    """(best C, its prediction, every candidate's prediction); ties go to the smaller C."""
+    """(best C, its prediction, every candidate's prediction); ties go to the smaller C, and
+    chunking must be predicted at least `PLAN_MARGIN` faster than the plain path (C = 1): the
+    fit's noise alone should not buy a chunked schedule where there is little to hide."""
     usable = [c for c in candidates if c == 1 or c <= shape.tokens]
     table = {c: predict_ms(shape, c, split_dw, m) for c in usable}
     best = min(usable, key=lambda c: (round(table[c], 9), c))
+    if 1 in table and table[best] > table[1] * (1.0 - PLAN_MARGIN):
+        best = 1
     return best, table[best], table
 
 

@@ -102,6 +102,11 @@ class OverlapSession:
         models: dict[LayerShape, CostModel] = {}
         for i, moe in moes.items():
             shape = layer_shape(moe, tokens_per_rank, dtype)
+            deferrable = expert_dw_deferrable(moe.experts)
+            # The planner's split_dw is the routed experts' dW filling the windows; where it
+            # stays in place (an FSDP unit) plan without it (the shared expert's dW, still
+            # deferred, is then not counted: a conservative estimate).
+            plan_split = cfg.split_dw and deferrable
             cost = None
             if cfg.chunks == "auto" or cfg.report:
                 if shape not in models:
@@ -111,15 +116,14 @@ class OverlapSession:
                 cost = models[shape]
             if cfg.chunks == "auto":
                 cands = tuple(c for c in CANDIDATES if c <= cfg.max_chunks)
-                chunks, predicted, table = choose_chunks(shape, cfg.split_dw, cost, cands)
+                chunks, predicted, table = choose_chunks(shape, plan_split, cost, cands)
                 if is_main:
-                    log(describe(i, shape, chunks, table, cfg.split_dw, cost))
+                    log(describe(i, shape, chunks, table, plan_split, cost))
             else:
                 chunks = cfg.chunks
-                predicted = None if cost is None else predict_ms(shape, chunks, cfg.split_dw, cost)
+                predicted = None if cost is None else predict_ms(shape, chunks, plan_split, cost)
             if chunks == 1 and not cfg.split_dw and not watch:
                 continue  # the planner chose the plain path
-            deferrable = expert_dw_deferrable(moe.experts)
             if cfg.split_dw and not deferrable and is_main:
                 log(
                     f"overlap moe{i}: routed-expert dW computed in place, not deferred: with "
