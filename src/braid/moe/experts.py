@@ -13,10 +13,10 @@ FSDP unit averages the experts' grads) divides their weight gradients.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from braid.ops.grouped_gemm import WgradSink, counts_to_offsets, grouped_linear
+from braid.ops.swiglu import swiglu
 
 
 class GroupedExperts(nn.Module):
@@ -33,8 +33,7 @@ class GroupedExperts(nn.Module):
     ) -> Tensor:
         offs, div = counts_to_offsets(counts_L), self.grad_divide
         h_RF2 = grouped_linear(x_RD, self.w13, offs, self.impl, wgrad_sink, div)
-        gate, up = h_RF2.chunk(2, dim=-1)
-        return grouped_linear(F.silu(gate) * up, self.w2, offs, self.impl, wgrad_sink, div)
+        return grouped_linear(swiglu(h_RF2), self.w2, offs, self.impl, wgrad_sink, div)
 
     def shard(self, rank: int, size: int) -> None:
         """Keep only experts [rank*L, (rank+1)*L) of the global E (called by braid.parallel)."""

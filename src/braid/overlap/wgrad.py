@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from braid.ops.grouped_gemm import compute_dtype
+from braid.ops.swiglu import swiglu
 from braid.overlap.streams import in_flight
 
 Task = Callable[[], None]
@@ -130,5 +131,4 @@ def split_linear(x: Tensor, weight: Tensor, sink: Callable[[Task], None]) -> Ten
 
 def swiglu_split_dw(ffn: nn.Module, x: Tensor, sink: Callable[[Task], None]) -> Tensor:
     """A `braid.model.layers.SwiGLU` (w13 fused, w2; no bias) with its dW handed to `sink`."""
-    gate, up = split_linear(x, ffn.w13.weight, sink).chunk(2, dim=-1)
-    return split_linear(F.silu(gate) * up, ffn.w2.weight, sink)
+    return split_linear(swiglu(split_linear(x, ffn.w13.weight, sink)), ffn.w2.weight, sink)
