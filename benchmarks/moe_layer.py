@@ -4,7 +4,9 @@
     PYTHONPATH=src torchrun --nproc_per_node=4 benchmarks/moe_layer.py --smoke   # CPU, gloo
 
 Phases (every rank runs all of them; rank 0 writes the JSON):
-  1. equivalence: Braid's EP layer (ep = world, NCCL) against the same layer on one GPU. Each
+  1. equivalence, for each of CASES (top-2; top-1 sigmoid; capacity drops; every token routed
+     to rank 0, so the other ranks' experts get no rows): Braid's EP layer (ep = world, NCCL)
+     against the same layer on one GPU. Each
      rank runs the single-GPU reference on its own tokens, so routing sees identical inputs;
      outputs and input grads are compared per rank, router/shared/expert grads after summing
      the reference's over ranks. Error = ||got - want|| / ||want|| (Frobenius); bf16 passes
@@ -87,13 +89,37 @@ def setup() -> ParallelContext:
     )
 
 
+# Equivalence cases (MoEConfig overrides): plain top-2; top-1 with sigmoid scores; capacity
+# drops; every token to rank 0's experts (aux-free bias forcing the choice), so the other ranks'
+# experts receive no rows.
+CASES = {
+    "top2": {},
+    "top1_sigmoid": {"top_k": 1, "score_func": "sigmoid"},
+    "capacity": {"capacity_factor": 1.0},
+    "all_to_rank0": {"bias_balance": True},
+}
+
+
 def build(
-    shape: tuple, ctx: ParallelContext, dtype: torch.dtype, seed: int, keep_reference: bool
+    shape: tuple,
+    ctx: ParallelContext,
+    dtype: torch.dtype,
+    seed: int,
+    keep_reference: bool,
+    overrides: dict | None = None,
 ) -> tuple[nn.Module, nn.Module | None]:
     """(the EP layer, the whole single-GPU layer or None), same weights: seeded, per global id."""
     E, k, H, F, _ = shape
     mcfg = ModelConfig(dim=H)
-    cfg = MoEConfig(num_experts=E, top_k=k, expert_hidden=F, aux_loss_coef=0.0, z_loss_coef=0.0)
+    kw = {
+        "num_experts": E,
+        "top_k": k,
+        "expert_hidden": F,
+        "aux_loss_coef": 0.0,
+        "z_loss_coef": 0.0,
+        **(overrides or {}),
+    }
+    cfg = MoEConfig(**kw)
     with torch.device("meta"):
         layer = MoE(mcfg, cfg)
     ref = None
@@ -137,8 +163,19 @@ def _sum(t: torch.Tensor) -> torch.Tensor:
 
 
 def equivalence(ctx: ParallelContext, shape: tuple, dtype: torch.dtype) -> dict:
+    """Every case of CASES at `shape`; passed when all pass."""
+    cases = {name: equivalence_case(ctx, shape, dtype, kw) for name, kw in CASES.items()}
+    return {"cases": cases, "passed": all(c["passed"] for c in cases.values())}
+
+
+def equivalence_case(ctx: ParallelContext, shape: tuple, dtype: torch.dtype, kw: dict) -> dict:
     E, k, H, F, N = shape
-    layer, ref = build(shape, ctx, dtype, seed=1, keep_reference=True)
+    layer, ref = build(shape, ctx, dtype, seed=1, keep_reference=True, overrides=kw)
+    if kw.get("bias_balance"):  # rank 0's experts win every choice; the rest get no rows
+        L = E // ctx.world
+        for m in (layer, ref):
+            with torch.no_grad():
+                m.router.expert_bias[:L] = 1e3
     gen = torch.Generator(device="cpu").manual_seed(100 + ctx.rank)  # this rank's tokens
     x = torch.randn(N, H, generator=gen).to(ctx.device, dtype)
     dy = torch.randn(N, H, generator=gen).to(ctx.device, dtype)
@@ -166,6 +203,7 @@ def equivalence(ctx: ParallelContext, shape: tuple, dtype: torch.dtype) -> dict:
         "shape": dict(
             zip(("experts", "top_k", "hidden", "ffn", "tokens_per_rank"), shape, strict=True)
         ),
+        "overrides": kw,
         "dtype": str(dtype),
         "tolerance": BF16_TOL,
         "rel_err": worst,
@@ -303,7 +341,7 @@ def main() -> None:
     dist.barrier()
     dist.destroy_process_group()
     if not result["equivalence"]["passed"]:
-        sys.exit(f"equivalence failed: {result['equivalence']['rel_err']} >= {BF16_TOL}")
+        sys.exit(f"equivalence failed: {result['equivalence']['cases']} (tolerance {BF16_TOL})")
 
 
 if __name__ == "__main__":
