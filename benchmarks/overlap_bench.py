@@ -1,20 +1,49 @@
-"""How much of the all-to-all does the overlap engine hide? One MoE layer, forward + backward.
+"""How much of the all-to-all does the overlap engine hide? One MoE layer, and a training step.
 
-    PYTHONPATH=src torchrun --nproc_per_node=4 benchmarks/overlap_bench.py --out results/x.json
-    PYTHONPATH=src torchrun --nproc_per_node=4 benchmarks/overlap_bench.py --smoke   # CPU, gloo
+    NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONPATH=src \
+        torchrun --standalone --nproc_per_node=4 benchmarks/overlap_bench.py --out results/x.json
+    OMP_NUM_THREADS=1 PYTHONPATH=src torchrun --standalone --nproc_per_node=4 \
+        benchmarks/overlap_bench.py --smoke --out /tmp/o.json          # CPU, gloo, tiny shapes
 
-Expert parallelism over all ranks (dp=1, ep=4), 32768 tokens per rank, fp32 master weights with
-bf16 autocast (as in training), two shapes: Mixtral-like (8 experts, top-2, hidden 4096, ffn
-14336) and fine-grained (64 experts, top-8, hidden 2048, ffn 1408). Schedules: off (the plain
-path), split_dw, chunks=2, chunks=4, auto (the planner's C), all (auto + split_dw).
+Expert parallelism over all ranks (dp=1, ep=world), fp32 master weights with bf16 autocast (as in
+training). `--parts layer,train` picks what runs; rank 0 rewrites the JSON after every shape and
+every training mode (`complete` is false until the end), so a partial run leaves a valid file.
 
-Per schedule: a correctness check against `off` first (output, input grad and expert grads at
-bf16 tolerance), then the median forward+backward ms, TFLOPS per GPU (3 passes x 2 x tokens x k
-x 3 x H x F), and one timed step of the overlap timeline: exchange_ms (issue to completion,
-summed over the layer's 4 exchanges) and exposed_ms (compute stream stalled in wait()). `off`
-is timed on the plain path; its timeline comes from the C=1 engine, which runs the same
-operations in the same order. The exchange alone (one dispatch-sized all-to-all, times 4) is
-measured separately.
+Part `layer`: one MoE layer forward + backward, 32768 tokens per rank, two shapes: Mixtral-like
+(8 experts, top-2, hidden 4096, ffn 14336) and fine-grained (64 experts, top-8, hidden 2048, ffn
+1408). Schedules: off (the plain path), split_dw, chunks2, chunks4, auto (the planner's C), all
+(auto + split_dw). Per shape: `exchange_alone_ms`, the four all_to_alls of off's step (dispatch
+and combine, forward and backward, at that step's splits and dtypes) timed by themselves
+(benchmarks/overlap_exchange.py); `cost_model` and `predicted_ms_by_chunks` (the planner's view).
+Per schedule (`schedules.<name>`):
+  rel_err_vs_off   output, input grad and expert grads against off (checked first; bf16 3e-2)
+  median_ms        forward + backward, the slowest rank's median (min_ms/max_ms: rank 0's)
+  tflops_per_gpu   3 passes x 2 x tokens x k x 3 x H x F / median (expert GEMMs only)
+  exchange_ms      overlap timeline, one step: issue to completion of the layer's exchanges
+                   (NCCL's own durations), summed; `exposed_ms`: compute stream stalled in wait
+  exposed_fraction             exposed_ms / exchange_ms (the same step's exchanges)
+  exposed_over_exchange_alone  exposed_ms / exchange_alone_ms (the target: <= 0.10)
+  slower_than_off  median_ms / off's median_ms - 1 (negative: faster; the target: <= 0.02)
+  predicted_ms     the planner's prediction for this C and split
+`off` is timed on the plain path; its timeline comes from the C=1 engine, which runs the same
+operations in the same order.
+
+Part `train` (benchmarks/overlap_train_step.py): forward + backward + AdamW step of the whole
+model for `medium` (7.4B, 8 experts top-2, 15 MoE layers) and `moonlet` (7.3B, 64 experts top-6
++ 2 shared, 12 MoE layers), batch 2 x 4096 tokens per rank (`--train-layers N` overrides the
+depth, `--train-override=--a.b=c` any setting; `n_layers`, `layers_override` and `overrides` are
+recorded), modes off / split_dw / chunks2 / all (auto + split_dw). Per config:
+`exchange_alone_ms` (every movement of off's first step, alone), `reference_losses` (off's first
+two steps), max_mem_gib; per mode (`modes.<name>`): `losses` of the first two steps from the same
+weights (must equal off's, fp32 1e-5 / bf16 5e-3: the forward, and the gradients through one
+AdamW step), median_ms, tokens_per_s (global), tflops_per_gpu and mfu_vs_989 (training FLOPs
+per token from braid.info.arithmetic), exchange_ms / exposed_ms / dW_ms summed over the MoE
+layers of one timed step, exposed_fraction, exposed_over_exchange_alone, slower_than_off,
+chunks (the C of each layer).
+
+`targets` restates the issue's two targets against the numbers: exposed <= 10% of the exchange
+alone on the fine-grained shape (layer fine_64e_top8, train moonlet), and every mode within 2%
+of off; `off_exposed_share` (off's exposed ms / its step ms) says where there is little to hide.
 """
 
 from __future__ import annotations
@@ -22,6 +51,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 for _k, _v in (
@@ -35,6 +65,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from common import environment, time_cuda, write_result  # noqa: E402
+from overlap_exchange import record, slowest, time_alone  # noqa: E402
+from overlap_train_step import TRAIN_CONFIGS, bench_config  # noqa: E402
 
 from braid.exchange.nccl import NcclExchange  # noqa: E402
 from braid.model.config import ModelConfig  # noqa: E402
@@ -51,6 +83,7 @@ SHAPES = {  # name: (experts, top_k, hidden, ffn)
     "fine_64e_top8": (64, 8, 2048, 1408),
 }
 SMOKE_SHAPES = {"smoke_8e_top2": (8, 2, 64, 96), "smoke_16e_top4": (16, 4, 32, 48)}
+FINE = ("fine_64e_top8", "smoke_16e_top4", "moonlet")  # the fine-grained rows of `targets`
 SCHEDULES = {  # name: (chunks, split_dw); None = the plain path
     "off": None,
     "split_dw": (1, True),
@@ -59,6 +92,7 @@ SCHEDULES = {  # name: (chunks, split_dw); None = the plain path
     "auto": ("auto", False),
     "all": ("auto", True),
 }
+EXPOSED_TARGET, SLOWER_TARGET = 0.10, 0.02
 
 
 def build(shape: tuple, device: torch.device, ep_group) -> MoE:
@@ -121,29 +155,9 @@ def timeline_once(moe: MoE, x, g, amp, device) -> dict:
     return tl.summary()
 
 
-def exchange_alone(moe: MoE, x: torch.Tensor, iters: int) -> float:
-    """One dispatch-sized all-to-all (even splits), ms; a layer's forward+backward has four."""
-    ex, k = moe.dispatcher.exchange, moe.dispatcher.top_k
-    rows = x.shape[0] * k // ex.size * ex.size
-    buf = torch.randn(
-        rows, x.shape[1], device=x.device, dtype=torch.bfloat16 if x.is_cuda else torch.float32
-    )
-    splits = [rows // ex.size] * ex.size
-    return time_cuda(lambda: ex.move(buf, splits, splits).wait(), iters=iters)["median_ms"]
-
-
-def bench_shape(
-    name: str,
-    shape: tuple,
-    tokens: int,
-    device,
-    amp,
-    iters: int,
-    tol: float,
-    log,
-    trace_dir: str = "",
-) -> dict:
+def bench_shape(name: str, shape: tuple, tokens: int, device, amp, args, tol: float, log) -> dict:
     E, k, H, F = shape
+    iters, trace_dir = args.iters, args.trace
     moe = build(shape, device, dist.group.WORLD)
     gen = torch.Generator(device=device).manual_seed(1 + dist.get_rank())
     x = torch.randn(tokens, H, device=device, generator=gen)
@@ -154,16 +168,16 @@ def bench_shape(
     cands = tuple(c for c in CANDIDATES if c <= OverlapConfig().max_chunks)
     plans = {split: choose_chunks(shape_, split, cost, cands) for split in (False, True)}
     clock = Clock(device)
-    ref = grads_of(moe, x, g, amp)
+    with record(moe.dispatcher.exchange) as calls:  # off's step: its four movements
+        ref = grads_of(moe, x, g, amp)
     flops = 3 * 2 * tokens * k * 3 * H * F
     out = {
         "shape": {"experts": E, "top_k": k, "hidden": H, "ffn": F, "tokens_per_rank": tokens},
         "cost_model": cost.__dict__,
-        "exchange_alone_ms": exchange_alone(moe, x, iters),
+        **time_alone(moe.dispatcher.exchange, calls, device, iters),
         "predicted_ms_by_chunks": {f"split_dw={k}": v[2] for k, v in plans.items()},
         "schedules": {},
     }
-    out["exchange_alone_x4_ms"] = 4 * out["exchange_alone_ms"]
     for sname, schedule in SCHEDULES.items():
         split = bool(schedule and schedule[1])
         C = install(moe, schedule, plans[split][0], clock)
@@ -184,52 +198,114 @@ def bench_shape(
             prof.export_chrome_trace(str(Path(trace_dir) / f"{name}_{sname}_rank0.json"))
         elif trace_dir:
             step(moe, x, g, amp)  # one extra step per schedule on every rank, in lockstep
+        med = slowest(t["median_ms"], device)
+        exchange_ms, exposed_ms = (
+            slowest(tl["exchange_ms"], device),
+            slowest(tl["exposed_ms"], device),
+        )
         row = {
             "chunks": C,
             "split_dw": split,
             "rel_err_vs_off": err,
             **t,
-            "tflops_per_gpu": flops / (t["median_ms"] / 1e3) / 1e12,
-            "exchange_ms": tl["exchange_ms"],
-            "exposed_ms": tl["exposed_ms"],
-            "exposed_fraction": tl["exposed_ms"] / max(tl["exchange_ms"], 1e-9),
+            "median_ms": med,
+            "tflops_per_gpu": flops / (med / 1e3) / 1e12,
+            "exchange_ms": exchange_ms,
+            "exposed_ms": exposed_ms,
+            "exposed_fraction": exposed_ms / max(exchange_ms, 1e-9),
+            "exposed_over_exchange_alone": exposed_ms / max(out["exchange_alone_ms"], 1e-9),
+            "slower_than_off": med / out["schedules"]["off"]["median_ms"] - 1 if C else 0.0,
             "timeline": tl,
         }
         row["predicted_ms"] = predict_ms(shape_, C or 1, split, cost)  # the planner's view
         out["schedules"][sname] = row
         log(
-            f"{name:>16} {sname:>9}: C={C!s:>4} {t['median_ms']:9.2f} ms "
+            f"{name:>16} {sname:>9}: C={C!s:>4} {med:9.2f} ms "
             f"(pred {row['predicted_ms']:8.2f}) "
-            f"{row['tflops_per_gpu']:7.1f} TFLOPS/GPU  exchange {tl['exchange_ms']:8.2f} ms "
-            f"exposed {tl['exposed_ms']:8.2f} ms ({100 * row['exposed_fraction']:5.1f}%)  "
-            f"err {err:.1e}"
+            f"{row['tflops_per_gpu']:7.1f} TFLOPS/GPU  exchange {exchange_ms:8.2f} "
+            f"(alone {out['exchange_alone_ms']:8.2f}) ms  exposed {exposed_ms:8.2f} ms "
+            f"({100 * row['exposed_over_exchange_alone']:5.1f}% of alone)  "
+            f"vs off {100 * row['slower_than_off']:+5.1f}%  err {err:.1e}"
         )
     moe.overlap = None
     return out
+
+
+def targets(result: dict) -> dict:
+    """The issue's targets against what has been measured so far."""
+    rows = {f"layer/{n}": s["schedules"] for n, s in result["layer"].items()}
+    rows |= {f"train/{n}": c["modes"] for n, c in result["train"].items()}
+    fine = {
+        f"{key}/{m}": r["exposed_over_exchange_alone"]
+        for key, modes in rows.items()
+        if key.split("/")[1] in FINE
+        for m, r in modes.items()
+    }
+    slower = {
+        f"{key}/{m}": r["slower_than_off"] for key, modes in rows.items() for m, r in modes.items()
+    }
+    return {
+        "fine_grained_exposed_over_exchange_alone": fine,
+        "fine_grained_meeting_10pct": sorted(k for k, v in fine.items() if v <= EXPOSED_TARGET),
+        "slower_than_off_over_2pct": {k: v for k, v in slower.items() if v > SLOWER_TARGET},
+        "off_exposed_share": {
+            key: modes["off"]["exposed_ms"] / modes["off"]["median_ms"]
+            for key, modes in rows.items()
+            if "off" in modes
+        },
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="", help="JSON result file (rank 0 writes it)")
     ap.add_argument("--smoke", action="store_true", help="CPU/gloo with tiny shapes")
-    ap.add_argument("--tokens", type=int, default=0, help="tokens per rank (default 32768)")
-    ap.add_argument("--iters", type=int, default=0)
-    ap.add_argument("--trace", default="", help="directory for Chrome traces (off and all)")
+    ap.add_argument("--parts", default="layer,train", help="comma list of: layer, train")
+    ap.add_argument("--tokens", type=int, default=0, help="layer: tokens per rank (32768)")
+    ap.add_argument("--iters", type=int, default=0, help="layer: timed iterations (5)")
+    ap.add_argument("--trace", default="", help="layer: directory for Chrome traces (off, all)")
+    ap.add_argument("--train-configs", default=",".join(TRAIN_CONFIGS))
+    ap.add_argument("--train-batch", type=int, default=0, help="sequences per rank (2)")
+    ap.add_argument("--train-seq", type=int, default=0, help="tokens per sequence (4096)")
+    ap.add_argument("--train-layers", type=int, default=0, help="override n_layers (0: config's)")
+    ap.add_argument("--train-iters", type=int, default=0, help="timed steps per mode (5)")
+    ap.add_argument(
+        "--train-override",
+        action="append",
+        default=[],
+        help="extra config override for every train config, e.g. --train-override=--moe.top_k=8",
+    )
     args = ap.parse_args()
+    parts = args.parts.split(",")
+    if unknown := set(parts) - {"layer", "train"}:
+        raise SystemExit(f"--parts: unknown {sorted(unknown)}; expected layer and/or train")
     if args.smoke:
         dist.init_process_group("gloo")
         torch.set_num_threads(1)
-        device, shapes, tokens, iters, tol = torch.device("cpu"), SMOKE_SHAPES, 96, 3, 1e-5
+        device, shapes, tokens, iters, tol, train_tol = (
+            torch.device("cpu"),
+            SMOKE_SHAPES,
+            96,
+            3,
+            1e-5,
+            1e-5,
+        )
         amp = torch.autocast("cpu", enabled=False)
+        defaults = (2, 16, 2)  # train: batch per rank, seq, iters
     else:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
         device = torch.device("cuda", local)
         dist.init_process_group("nccl", device_id=device)
-        shapes, tokens, iters, tol = SHAPES, 32768, 5, 3e-2
+        shapes, tokens, iters, tol, train_tol = SHAPES, 32768, 5, 3e-2, 5e-3
         amp = torch.autocast("cuda", dtype=torch.bfloat16)
-    tokens, iters = args.tokens or tokens, args.iters or iters
+        defaults = (2, 4096, 5)
+    args.tokens, args.iters = args.tokens or tokens, args.iters or iters
+    args.train_batch = args.train_batch or defaults[0]
+    args.train_seq = args.train_seq or defaults[1]
+    args.train_iters = args.train_iters or defaults[2]
     is_main = dist.get_rank() == 0
+    t0 = time.perf_counter()
 
     def log(line: str) -> None:
         if is_main:
@@ -237,21 +313,54 @@ def main() -> None:
 
     world = dist.get_world_size()
     result = {
-        "environment": environment(),
+        **environment(),
+        # As launched: torchrun's workers see only `python script args`.
+        "command": f"PYTHONPATH=src torchrun --standalone --nproc_per_node={world} "
+        + " ".join(sys.argv),
+        "nvlink_multicast_env": {
+            k: os.environ[k]
+            for k in (
+                "NCCL_NVLS_ENABLE",
+                "TORCH_SYMM_MEM_DISABLE_MULTICAST",
+                "NVSHMEM_DISABLE_NVLS",
+            )
+        },
         "world": world,
         "ep": world,
         "smoke": args.smoke,
-        "shapes": {},
+        "parts": parts,
+        "complete": False,
+        "layer": {},
+        "train": {},
     }
-    for name, shape in shapes.items():
-        result["shapes"][name] = bench_shape(
-            name, shape, tokens, device, amp, iters, tol, log, args.trace
-        )
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    if is_main and args.out:
-        write_result(args.out, result)
-        log(f"wrote {args.out}")
+    if device.type == "cuda":
+        result["device"] = torch.cuda.get_device_name(device)
+
+    def save() -> None:
+        result["targets"] = targets(result)
+        result["seconds"] = round(time.perf_counter() - t0, 1)
+        if is_main and args.out:
+            write_result(args.out, result)
+
+    if "layer" in parts:
+        for name, shape in shapes.items():
+            result["layer"][name] = bench_shape(
+                name, shape, args.tokens, device, amp, args, tol, log
+            )
+            save()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    if "train" in parts:
+        for name in args.train_configs.split(","):
+
+            def partial(out: dict, name=name) -> None:
+                result["train"][name] = out
+                save()
+
+            bench_config(name, args, world, train_tol, log, partial)
+    result["complete"] = True
+    save()
+    log(f"done in {result['seconds']} s" + (f"; wrote {args.out}" if args.out else ""))
     dist.barrier()
     dist.destroy_process_group()
 
