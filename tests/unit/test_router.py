@@ -102,3 +102,17 @@ def test_capacity_keeps_the_earliest_tokens_of_each_expert():
 def test_capacity_formula_rounds_up():
     d = TokenDispatcher(num_experts=8, top_k=2, capacity_factor=1.25)
     assert d.capacity(100) == math.ceil(1.25 * 100 * 2 / 8)
+
+
+def test_router_logits_stay_fp32_under_bf16_autocast():
+    """Sigmoid scores under autocast used to come out bf16 (and crash the count scatter)."""
+    cfg = MoEConfig(num_experts=8, top_k=2, expert_hidden=16, score_func="sigmoid")
+    router = Router(32, cfg)
+    torch.nn.init.normal_(router.weight, std=0.1)
+    x = torch.randn(20, 32)
+    want = router(x, lambda t: t)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = router(x.bfloat16(), lambda t: t)
+    assert got.counts_E.dtype == torch.float32
+    assert torch.equal(got.topk_idx_NK, router(x.bfloat16().float(), lambda t: t).topk_idx_NK)
+    assert want.topk_idx_NK.shape == got.topk_idx_NK.shape

@@ -49,7 +49,9 @@ class Router(nn.Module):
 
     def forward(self, x_ND: Tensor, reduce: Callable[[Tensor], Tensor]) -> RouterOutput:
         # Routing in fp32: small logit differences decide expert choice (ST-MoE, sec. 3.1).
-        logits_NE = F.linear(x_ND.float(), self.weight.float())
+        # Autocast would run this GEMM in bf16 whatever its inputs are: turn it off here.
+        with torch.autocast(x_ND.device.type, enabled=False):
+            logits_NE = F.linear(x_ND.float(), self.weight.float())
         if self.cfg.score_func == "softmax":
             scores_NE = logits_NE.softmax(dim=-1)
         else:
