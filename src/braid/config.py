@@ -121,9 +121,8 @@ def resolve_config_path(name_or_path: str) -> Path:
     builtin = CONFIG_DIR / f"{name_or_path}.toml"
     if builtin.is_file():
         return builtin
-    raise BraidError(
-        f"unknown config {name_or_path!r}: expected a .toml path or one of {', '.join(config_names())}"
-    )
+    names = ", ".join(config_names())
+    raise BraidError(f"unknown config {name_or_path!r}: expected a .toml path or one of {names}")
 
 
 def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -137,19 +136,25 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
             raise BraidError(f"config file {p}: invalid TOML: {e}") from None
         for sec, body in raw.items():
             if sec not in SECTIONS:
-                raise ConfigError(sec, body, f"unknown section; expected one of {', '.join(SECTIONS)}")
+                raise ConfigError(
+                    sec, body, f"unknown section; expected one of {', '.join(SECTIONS)}"
+                )
             if not isinstance(body, dict):
                 raise ConfigError(sec, body, "must be a [section] table")
     for ov in overrides:
         key, value = parse_override(ov)
         sec, _, name = key.partition(".")
+        if not isinstance(value, str) and _field_type(sec, name) is str:
+            value = ov.partition("=")[2]  # a str setting takes the text: --run.name=123
         raw.setdefault(sec, {})[name] = value
     return from_dict(raw).validate()
 
 
 def parse_override(arg: str) -> tuple[str, Any]:
     """`--section.key=value` -> ("section.key", typed value). Values use TOML syntax; bare words
-    are strings, so `--moe.score_func=sigmoid` and `--moe.layers=[1,3]` both work."""
+    are strings, so `--moe.score_func=sigmoid` and `--moe.layers=[1,3]` both work. (`load_config`
+    gives a key of type str the text itself when it parses as something else: `--run.name=1e3`
+    is the name "1e3".)"""
     body = arg[2:] if arg.startswith("--") else arg
     key, eq, text = body.partition("=")
     if not eq or "." not in key:
@@ -159,6 +164,12 @@ def parse_override(arg: str) -> tuple[str, Any]:
     except tomllib.TOMLDecodeError:
         value = text
     return key, value
+
+
+def _field_type(sec: str, name: str) -> Any:
+    """The annotation of `sec.name`, or None for an unknown key (from_dict reports those)."""
+    cls = SECTIONS.get(sec)
+    return None if cls is None else typing.get_type_hints(cls).get(name)
 
 
 def from_dict(raw: dict[str, dict[str, Any]]) -> Config:

@@ -19,6 +19,21 @@ def test_overrides_are_typed():
     assert parse_override("--a.b=[1,2]") == ("a.b", [1, 2])
 
 
+@pytest.mark.parametrize("text", ["123", "true", "nan", "-inf", "1e3", "[1, 2]", "1979-05-27"])
+def test_str_setting_takes_text_that_parses_as_another_type(text):
+    assert load_config(None, [f"--run.name={text}"]).run.name == text
+    assert load_config(None, [f"--checkpoint.resume={text}"]).checkpoint.resume == text
+
+
+def test_str_override_quoting_and_typed_neighbours_are_unchanged():
+    cfg = load_config(None, ['--run.name="two words"', "--overlap.chunks=2", "--model.dim=96",
+                             "--model.n_heads=4"])
+    assert cfg.run.name == "two words"  # TOML quotes still work
+    assert cfg.overlap.chunks == 2 and cfg.model.dim == 96  # int | str and int stay typed
+    with pytest.raises(ConfigError, match="expected int"):
+        load_config(None, ["--model.dim=true"])
+
+
 @pytest.mark.parametrize(
     "override, key, words",
     [
