@@ -14,6 +14,7 @@ Rules:
   least one token whenever val_fraction > 0. It is deterministic: same inputs, same split.
 - Without `tokenizer`, a byte-level BPE of `vocab_size` is trained on the first
   `BPE_TRAIN_CHARS` characters of the stream (all of it for corpora below that size).
+- Progress bars (`progress=True`) are drawn on stderr only when it is a terminal.
 - `out_dir` may be missing, empty, or a previous braid dataset, which is replaced (the old one
   is renamed aside, the new one renamed in, then the old one deleted). Any other non-empty
   directory is refused, so a typo cannot delete someone's files.
@@ -26,6 +27,7 @@ import itertools
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -180,8 +182,11 @@ def _install(tmp: Path, out: Path) -> None:
 
 
 def _bar(progress: bool, total: int | None, desc: str) -> tqdm:
-    return tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress,
-                dynamic_ncols=True, leave=False)
+    # disable=None: drawn only when stderr is a terminal. On a pipe or in a log file the bar's
+    # carriage returns would run into the one-line messages there.
+    disable = None if progress else True
+    return tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=disable,
+                file=sys.stderr, dynamic_ncols=True, leave=False)
 
 
 def _total_bytes(sources: list[Source]) -> int | None:
