@@ -1,5 +1,6 @@
 """Resuming a run: stop + resume is bitwise the unbroken run, SIGKILL during a save leaves the
-previous checkpoint to resume from, and a changed config is refused unless the change is safe.
+previous checkpoint to resume from (and the metrics up to the kill), and a changed config is
+refused unless the change is safe.
 
 Every run is the tiny model on a small synthetic corpus prepared once per module.
 """
@@ -20,6 +21,7 @@ from braid.checkpoint import paths
 from braid.checkpoint.load import load_checkpoint_model
 from braid.config import load_config
 from braid.errors import BraidError
+from braid.metrics import read_metrics
 from braid.train.log import TrainLogger
 from braid.train.trainer import train
 
@@ -128,6 +130,10 @@ def test_sigkill_during_save_leaves_previous_checkpoint_and_auto_resumes_it(setu
     run_dir = Path(overrides[-1].split("=", 1)[1]) / "killed"
     assert paths.tmp_path(run_dir, 4).is_dir()  # the interrupted save
     assert paths.latest(run_dir) == paths.final_path(run_dir, 2)
+    # The metrics reached the disk before each save: readable up to the step of the kill.
+    metrics = read_metrics(run_dir)
+    assert dict(metrics["train/loss"]) == {s: reference[s] for s in (1, 2, 3, 4)}
+    assert [s for s, _ in metrics["val/loss"]] == [0, 2, 4]
 
     losses, result = run(killed)  # the same command again: resumes from step 2
     assert result["steps"] == 6 and list(losses) == [3, 4, 5, 6]

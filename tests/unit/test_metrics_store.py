@@ -1,4 +1,5 @@
-"""MetricsWriter / read_metrics: exact DuckDB schema, buffering, flushing, crash safety."""
+"""MetricsWriter / read_metrics: exact DuckDB schema, buffering, flushing (every n steps or
+flush_seconds), crash safety."""
 
 from __future__ import annotations
 
@@ -106,25 +107,48 @@ def test_buffers_until_flush(tmp_path: Path) -> None:
     assert _count(path) == 11
 
 
-def test_flushes_every_n_steps_in_background(tmp_path: Path) -> None:
-    w = MetricsWriter(tmp_path, 0, flush_every=3)
-    for step in range(3):
-        w.log(step, {"a": 1.0})
-        w.log(step, {"b": 2.0})  # a second call for the same step does not count again
-    path = metrics_path(tmp_path, 0)
-    deadline = time.monotonic() + 10
+def _wait_for_count(path: Path, n: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if path.exists():
             try:
-                if _count(path) == 5:  # step 2's "b" row arrived after the flush started
-                    break
+                if _count(path) == n:
+                    return
             except duckdb.Error:
                 pass  # the writer holds the file for a moment
         time.sleep(0.02)
-    else:
-        pytest.fail("automatic flush did not happen")
+    pytest.fail(f"automatic flush of {n} rows did not happen")
+
+
+def test_hands_whole_steps_over_every_n_steps_in_background(tmp_path: Path) -> None:
+    w = MetricsWriter(tmp_path, 0, flush_every=3, flush_seconds=3600)
+    for step in range(4):
+        w.log(step, {"a": 1.0})
+        w.log(step, {"b": 2.0})  # a second call for the same step does not count again
+    path = metrics_path(tmp_path, 0)
+    _wait_for_count(path, 6)  # step 3's first row handed steps 0-2 over, both rows of each
+    time.sleep(0.1)
+    assert _count(path) == 6  # step 3 stays buffered
     w.close()
-    assert _count(path) == 6
+    assert _count(path) == 8
+
+
+def test_flushes_after_flush_seconds_below_flush_every(tmp_path: Path) -> None:
+    w = MetricsWriter(tmp_path, 0, flush_every=1000, flush_seconds=0.5)
+    path = metrics_path(tmp_path, 0)
+    w.log(0, {"a": 0.0})
+    w.log(1, {"a": 1.0})
+    w.end_step()  # not due yet: nothing is handed over
+    assert not path.exists()
+    time.sleep(0.6)
+    w.end_step()  # due: steps 0 and 1 go to disk without waiting for step 2
+    _wait_for_count(path, 2)
+    w.log(2, {"a": 2.0})  # the clock restarted at the hand-over: buffered
+    w.end_step()
+    time.sleep(0.1)
+    assert _count(path) == 2
+    w.close()
+    assert _count(path) == 3
 
 
 def test_locked_file_is_retried(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -141,22 +165,25 @@ def test_locked_file_is_retried(tmp_path: Path, caplog: pytest.LogCaptureFixture
         assert _count(metrics_path(tmp_path, 0)) == 2
 
 
-def test_killed_process_leaves_readable_file(tmp_path: Path) -> None:
+def test_killed_process_leaves_the_rows_of_its_last_seconds_readable(tmp_path: Path) -> None:
+    # 50 steps 10 ms apart, flush_seconds=0.2, then a kill: no explicit flush, no close.
     script = textwrap.dedent(
         f"""
-        import os
+        import os, time
         from braid.metrics import MetricsWriter
-        w = MetricsWriter({str(tmp_path)!r}, 0, flush_every=1000)
-        for step in range(100):
+        w = MetricsWriter({str(tmp_path)!r}, 0, flush_every=1000, flush_seconds=0.2)
+        for step in range(50):
             w.log(step, {{"train/loss": 1.0}})
-        w.flush()
-        w.log(100, {{"train/loss": 1.0}})  # never flushed: lost with the process
+            time.sleep(0.01)
+        time.sleep(0.3)  # the last hand-over reaches the disk; the steps after it never do
         os._exit(9)
         """
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
     assert proc.returncode == 9, proc.stderr.decode()
-    assert len(read_metrics(tmp_path)["train/loss"]) == 100
+    steps = [s for s, _ in read_metrics(tmp_path)["train/loss"]]
+    assert steps == list(range(len(steps)))  # whole steps, oldest first, no gaps
+    assert 25 <= len(steps) < 50  # lost: at most the last 0.2 s (+ one step) of rows
 
 
 def test_log_and_flush_cost(tmp_path: Path) -> None:
@@ -184,6 +211,8 @@ def test_log_and_flush_cost(tmp_path: Path) -> None:
 def test_user_errors(tmp_path: Path) -> None:
     with pytest.raises(BraidError, match="flush_every"):
         MetricsWriter(tmp_path, 0, flush_every=0)
+    with pytest.raises(BraidError, match="flush_seconds=0"):
+        MetricsWriter(tmp_path, 0, flush_seconds=0)
     with pytest.raises(BraidError, match="no metrics for rank 0"):
         read_metrics(tmp_path)
     with pytest.raises(BraidError, match="no metrics for rank 2"):

@@ -6,7 +6,7 @@ matplotlib. `format_runs` prints the `braid runs` table.
 
     ExperimentsDB(root).start / heartbeat / finish / list_runs / get_run    experiments.py
     git_revision(path)                                                       experiments.py
-    MetricsWriter(run_dir, rank).log / log_expert_load / flush / close       store.py
+    MetricsWriter(run_dir, rank).log / log_expert_load / end_step / flush / close   store.py
     read_metrics(run_dir, rank), read_expert_load(run_dir, rank)             store.py
     write_report(run_dir, rank=0) -> Path                                    report.py
 """

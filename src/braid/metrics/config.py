@@ -1,4 +1,4 @@
-"""The `[metrics]` section: what is recorded and where."""
+"""The `[metrics]` section: what is recorded and where, and how often it reaches the disk."""
 
 from __future__ import annotations
 
@@ -9,9 +9,17 @@ from braid.knobs import check, knob
 
 @dataclass(frozen=True, kw_only=True)
 class MetricsConfig:
-    flush_every: int = knob(50, "Write buffered metric rows to DuckDB every n steps.")
+    flush_every: int = knob(
+        50,
+        "Write buffered metric rows to DuckDB once n logged steps are buffered or flush_seconds"
+        " passed, whichever is first; also at checkpoints, at the end and on errors.",
+    )
+    flush_seconds: float = knob(
+        5.0, "Write buffered metric rows at least this often (seconds of wall time) while logging."
+    )
     expert_load: bool = knob(True, "Record each MoE layer's per-expert token share.")
     tensorboard: bool = knob(False, "Also write TensorBoard event files (needs tensorboard).")
 
     def validate(self) -> None:
         check(self.flush_every > 0, "metrics.flush_every", self.flush_every, "must be > 0")
+        check(self.flush_seconds > 0, "metrics.flush_seconds", self.flush_seconds, "must be > 0")

@@ -2,7 +2,9 @@
 
 Host syncs happen only at log steps (the interval's router statistics are summed on the device
 in between). Rank 0 prints and keeps the experiments registry; every rank writes its own
-metrics file.
+metrics file, handed to the disk every metrics.flush_every logged steps or metrics.flush_seconds
+(whichever is first), at `flush()` (the trainer calls it before each checkpoint) and at
+`close()` (the end, an error, a stop).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class TrainLogger:
         self.cfg, self.ctx, self.run_id = cfg, ctx, run_id
         self.flops_per_token, self.peak = flops_per_token, peak_flops(ctx.device)
         self.writer = MetricsWriter(run_dir, ctx.rank, flush_every=cfg.metrics.flush_every,
+                                    flush_seconds=cfg.metrics.flush_seconds,
                                     tensorboard=cfg.metrics.tensorboard and ctx.is_main)
         self.db = None
         if ctx.is_main:
@@ -89,6 +92,7 @@ class TrainLogger:
         if balance:
             values["train/load_max_over_mean"] = max(balance)
         self.writer.log(step, values)
+        self.writer.end_step()
         self._sums, self._loads, self._n = {}, {}, 0
         if self.db is not None:
             self.db.heartbeat(self.run_id, step=step, last_loss=loss)
@@ -119,6 +123,7 @@ class TrainLogger:
 
     def val(self, step: int, loss: float) -> None:
         self.writer.log(step, {"val/loss": loss})
+        self.writer.end_step()
         self._print(f"step {step:>6}/{self.cfg.train.steps} | val loss {loss:.4f}")
 
     def progress(self, step: int, loss: float) -> None:
@@ -135,6 +140,11 @@ class TrainLogger:
         # The first interval includes start-up (compilation, allocator warm-up): skip it.
         window = self._tps[1:] or self._tps
         return sum(window) / max(len(window), 1)
+
+    def flush(self) -> None:
+        """Every metric logged so far on disk (before a checkpoint, so that a resumed run never
+        lacks the rows of the steps it does not redo)."""
+        self.writer.flush()
 
     def mfu(self) -> float | None:
         m = self._mfu(self.mean_tokens_per_s())

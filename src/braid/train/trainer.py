@@ -196,9 +196,11 @@ def _loop(cfg, ctx, model, opt, loader, val_batches, amp, state, ckpt, log, over
         if state.step % tc.val_every == 0 and state.step < stop:
             log.val(state.step, evaluate(model, val_batches, cfg, amp, ctx))
         if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0:
+            log.flush()  # metrics first: a run resumed from here never lacks a step's rows
             ckpt.save(model, opt, loader, state)
     final_val = evaluate(model, val_batches, cfg, amp, ctx)
     log.val(state.step, final_val)
+    log.flush()
     ckpt.save(model, opt, loader, state)
     return {
         "steps": state.step,
