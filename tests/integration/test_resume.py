@@ -19,6 +19,7 @@ import torch
 
 from braid.checkpoint import paths
 from braid.checkpoint.load import load_checkpoint_model
+from braid.checkpoint.manager import Checkpointer
 from braid.config import load_config
 from braid.errors import BraidError
 from braid.metrics import read_metrics
@@ -139,6 +140,19 @@ def test_sigkill_during_save_leaves_previous_checkpoint_and_auto_resumes_it(setu
     assert result["steps"] == 6 and list(losses) == [3, 4, 5, 6]
     assert losses == {s: reference[s] for s in (3, 4, 5, 6)}
     assert not paths.tmp_path(run_dir, 4).exists()  # cleaned up by the next save
+
+
+def test_a_periodic_save_at_the_last_step_is_not_written_twice(setup, monkeypatch):
+    overrides, _ = setup
+    saved, real = [], Checkpointer.save
+
+    def counting(self, model, opt, loader, state):
+        saved.append(state.step)
+        return real(self, model, opt, loader, state)
+
+    monkeypatch.setattr(Checkpointer, "save", counting)
+    run(overrides + ["--run.name=once", "--train.steps=4"])  # checkpoint.every=2
+    assert saved == [2, 4]
 
 
 def test_changed_config_is_refused_unless_safe_and_allowed(setup):

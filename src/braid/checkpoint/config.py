@@ -9,7 +9,11 @@ from braid.knobs import check, knob
 
 @dataclass(frozen=True, kw_only=True)
 class CheckpointConfig:
-    every: int = knob(0, "Write a checkpoint every n steps (0: only at the end of the run).")
+    every: int = knob(
+        100,
+        "Write a checkpoint every n steps (0: none on the way); one is always written at the end,"
+        " at train.stop_at and on SIGTERM.",
+    )
     resume: str = knob("auto", "auto (latest in run dir if any), none, or a checkpoint path.")
     keep_last: int = knob(2, "Keep the newest k checkpoints.")
     keep_every: int = knob(0, "Also keep every checkpoint whose step is a multiple of m (0: none).")

@@ -195,7 +195,8 @@ def _loop(cfg, ctx, model, opt, loader, val_batches, amp, state, ckpt, log, over
         log.progress(state.step, train_loss)
         if state.step % tc.val_every == 0 and state.step < stop:
             log.val(state.step, evaluate(model, val_batches, cfg, amp, ctx))
-        if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0:
+        every = cfg.checkpoint.every
+        if every and state.step % every == 0 and state.step < stop:  # `stop` is saved below
             log.flush()  # metrics first: a run resumed from here never lacks a step's rows
             ckpt.save(model, opt, loader, state)
     final_val = evaluate(model, val_batches, cfg, amp, ctx)
