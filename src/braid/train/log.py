@@ -21,6 +21,30 @@ from braid.parallel.mesh import ParallelContext
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12}
 
 
+class Throughput:
+    """Tokens per second of a run: total tokens over total time of its log intervals, leaving
+    out the first interval (start-up: compilation, allocator warm-up) once there are others."""
+
+    def __init__(self) -> None:
+        self.first: tuple[int, float] | None = None
+        self.tokens, self.seconds = 0, 0.0  # every interval after the first
+
+    def add(self, tokens: int, seconds: float) -> float:
+        """Record one interval; returns its own rate."""
+        if self.first is None:
+            self.first = (tokens, seconds)
+        else:
+            self.tokens += tokens
+            self.seconds += seconds
+        return tokens / max(seconds, 1e-9)
+
+    def tokens_per_s(self) -> float:
+        if self.seconds > 0:
+            return self.tokens / self.seconds
+        tokens, seconds = self.first or (0, 0.0)  # one interval only (or none)
+        return tokens / max(seconds, 1e-9)
+
+
 def peak_flops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
@@ -45,7 +69,7 @@ class TrainLogger:
             self.db.start(run_id, name=cfg.run.name or run_id, run_dir=str(run_dir),
                           config=cfg.to_dict(), fingerprint=cfg.fingerprint(),
                           world_size=ctx.world, git_rev=git_revision(Path.cwd()))
-        self._tps: list[float] = []
+        self.throughput = Throughput()
         self._sums: dict[str, torch.Tensor] = {}
         self._loads: dict[int, torch.Tensor] = {}
         self._n = 0
@@ -72,9 +96,18 @@ class TrainLogger:
                 self._sums["dropped"] = self._sums.get("dropped", 0) + s.num_dropped
             self._n += 1
 
-    def train(self, step: int, loss: float, lr: float, grad_norm: float, tps: float,
-              skipped: int) -> None:
-        self._tps.append(tps)
+    def train(
+        self,
+        step: int,
+        loss: float,
+        lr: float,
+        grad_norm: float,
+        skipped: int,
+        tokens: int,
+        seconds: float,
+    ) -> None:
+        """Log step `step`, the end of an interval of `tokens` global tokens in `seconds`."""
+        tps = self.throughput.add(tokens, seconds)
         sums = self._global_sums()  # host sync at log steps only
         values = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
                   "train/tokens_per_s": tps, "train/aux_loss": sums.get("aux", 0.0),
@@ -137,9 +170,7 @@ class TrainLogger:
         return tps * self.flops_per_token / (self.peak * self.ctx.world)
 
     def mean_tokens_per_s(self) -> float:
-        # The first interval includes start-up (compilation, allocator warm-up): skip it.
-        window = self._tps[1:] or self._tps
-        return sum(window) / max(len(window), 1)
+        return self.throughput.tokens_per_s()
 
     def flush(self) -> None:
         """Every metric logged so far on disk (before a checkpoint, so that a resumed run never

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -131,7 +132,7 @@ def _train(cfg: Config, ctx: ParallelContext) -> dict:
         raise
     result.update(run_id=run_id, run_dir=str(run_dir))
     if ctx.is_main:
-        write_json_atomic(run_dir / "summary.json", result)
+        write_json_atomic(run_dir / "summary.json", json_safe(result))
     log.close(status="finished", step=result["steps"], last_loss=result["final_train_loss"])
     return {**result, "rank": ctx.rank}  # the CLI prints the result of rank 0 only
 
@@ -187,9 +188,9 @@ def _loop(cfg, ctx, model, opt, loader, val_batches, amp, state, ckpt, log, over
         log.micro_stats(parts)
         if state.step % tc.log_every == 0 or state.step == stop:
             now = time.perf_counter()
-            tps = (state.tokens_seen - tokens_last) / max(now - t_last, 1e-9)
+            tokens, seconds = state.tokens_seen - tokens_last, now - t_last
+            log.train(state.step, train_loss, lr, gn_val, state.skipped_steps, tokens, seconds)
             t_last, tokens_last = now, state.tokens_seen
-            log.train(state.step, train_loss, lr, gn_val, tps, state.skipped_steps)
         if overlap_metrics := overlap.end_step(state.step):  # timed steps only (report/auto)
             log.writer.log(state.step, overlap_metrics)
         log.progress(state.step, train_loss)
@@ -225,7 +226,20 @@ def _clip(model, max_norm: float, ctx: ParallelContext) -> torch.Tensor:
     return clip_grad_norm(model, max_norm, ctx)
 
 
+def json_safe(obj):
+    """`obj` with every NaN or infinity replaced by None (null): strict JSON has no NaN."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def print_result(result: dict) -> None:
-    """The contract of `braid train`: its last stdout line is this JSON object."""
+    """The contract of `braid train`: its last stdout line is this JSON object (strict JSON:
+    a value that is not a finite number, such as the loss of a run that skipped every step, is
+    null)."""
     sys.stdout.flush()
-    print(json.dumps(result), flush=True)
+    print(json.dumps(json_safe(result), allow_nan=False), flush=True)
