@@ -1,6 +1,6 @@
 """The `braid` command end to end, as a user runs it: prep, train, generate, export, runs and
-report as subprocesses on a tiny model. The module trains once (6 steps) and the other tests
-read that run.
+report as subprocesses on a tiny model, plus a missing optional dependency. The module trains
+once (6 steps) and the other tests read that run.
 (The exported weights themselves are checked against the run in test_export.py.)"""
 
 import json
@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from braid.checkpoint import paths
+from braid.config import load_config
+from braid.errors import BraidError
 
 TINY = [
     "--model.vocab_size=300",
@@ -158,3 +160,14 @@ def test_report_writes_html_whose_plots_exist(cli):
     pngs = re.findall(r'src="([^"]+\.png)"', page.read_text())
     assert {"report/loss.png", "report/expert_load.png"} <= set(pngs)
     assert all((run_dir / p).stat().st_size > 1000 for p in pngs)
+
+
+def test_missing_tensorboard_fails_before_the_run_directory_exists(cli, tmp_path, monkeypatch):
+    from braid.train.trainer import train
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails
+    runs = tmp_path / "runs"
+    cfg = load_config(None, [*cli["overrides"], f"--run.dir={runs}", "--metrics.tensorboard=true"])
+    with pytest.raises(BraidError, match="pip install tensorboard"):
+        train(cfg)
+    assert not runs.exists()  # no run directory, no registry

@@ -147,14 +147,21 @@ class MetricsWriter:
         self.close()
 
 
-def _summary_writer(logdir: Path) -> Any:
+def require_tensorboard() -> type:
+    """TensorBoard's SummaryWriter class; BraidError with the install line when it is missing.
+    The trainer calls this before it writes anything, so a missing package leaves no run."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise BraidError(
-            "metrics.tensorboard=true needs the tensorboard package: pip install tensorboard"
+            "metrics.tensorboard=true needs the tensorboard package: pip install tensorboard "
+            "(or set metrics.tensorboard=false)"
         ) from None
-    return SummaryWriter(log_dir=str(logdir))
+    return SummaryWriter
+
+
+def _summary_writer(logdir: Path) -> Any:
+    return require_tensorboard()(log_dir=str(logdir))
 
 
 class _Sink:

@@ -4,7 +4,7 @@ Host syncs happen only at log steps (the interval's router statistics are summed
 in between). Rank 0 prints and keeps the experiments registry; every rank writes its own
 metrics file, handed to the disk every metrics.flush_every logged steps or metrics.flush_seconds
 (whichever is first), at `flush()` (the trainer calls it before each checkpoint) and at
-`close()` (the end, an error, a stop).
+`close()` (the end, an error, a stop). `check_logging(cfg)` runs before anything is written.
 """
 
 from __future__ import annotations
@@ -19,6 +19,15 @@ from braid.parallel.mesh import ParallelContext
 
 # Dense bf16 peak per GPU for MFU (vendor datasheets, without sparsity).
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12}
+
+
+def check_logging(cfg: Config) -> None:
+    """Raise BraidError now if a configured logging dependency is missing, so that the run
+    fails before it creates its directory or registry row (not half-way through setting up)."""
+    if cfg.metrics.tensorboard:
+        from braid.metrics.store import require_tensorboard
+
+        require_tensorboard()
 
 
 class Throughput:

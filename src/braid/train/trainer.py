@@ -26,7 +26,7 @@ from braid.errors import BraidError
 from braid.info import arithmetic
 from braid.overlap.session import OverlapSession
 from braid.parallel.mesh import ParallelContext, init_parallel
-from braid.train.log import TrainLogger
+from braid.train.log import TrainLogger, check_logging
 from braid.train.model_setup import build_model, load_data
 from braid.train.optim import build_optimizer, lr_at
 from braid.train.rundir import new_run_id, prepare_run_dir, write_json_atomic
@@ -102,7 +102,8 @@ def _train(cfg: Config, ctx: ParallelContext) -> dict:
     torch.manual_seed(cfg.train.seed)
     from braid.parallel.distributed import broadcast_object
 
-    # Data and model first: a bad corpus or config fails before anything is written.
+    # Dependencies, data and model first: a bad corpus or config fails before anything is written.
+    check_logging(cfg)
     train_ds, val_ds, loader, val_batches = load_data(cfg, ctx)
     model = build_model(cfg, ctx)
     run_id = broadcast_object(new_run_id(cfg), ctx)
