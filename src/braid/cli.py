@@ -1,6 +1,7 @@
 """The `braid` command: thin subcommands over the library.
 
 User mistakes (BraidError) print one line and exit with code 2; `--debug` shows the traceback.
+A training run stopped by SIGTERM exits with 143 after one line.
 """
 
 from __future__ import annotations
@@ -14,10 +15,15 @@ from braid.errors import BraidError
 
 def _cmd_train(args, overrides: list[str]) -> int:
     from braid.config import load_config
-    from braid.train.trainer import print_result, train
+    from braid.train.trainer import Stopped, print_result, train
 
     cfg = load_config(args.config, overrides)
-    result = train(cfg)
+    try:
+        result = train(cfg)
+    except Stopped as e:
+        if e.rank == 0:
+            print(str(e), file=sys.stderr)
+        return e.exit_code
     if result.get("rank", 0) == 0:
         print_result(result)
     return 0

@@ -1,12 +1,13 @@
 """The `braid` command end to end, as a user runs it: prep, train, generate, export, runs and
-report as subprocesses on a tiny model, plus a missing optional dependency. The module trains
-once (6 steps) and the other tests read that run.
+report as subprocesses on a tiny model, plus SIGTERM and a missing optional dependency. The
+module trains once (6 steps) and the other tests read that run.
 (The exported weights themselves are checked against the run in test_export.py.)"""
 
 import json
 import os
 import random
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,8 @@ import pytest
 from braid.checkpoint import paths
 from braid.config import load_config
 from braid.errors import BraidError
+from braid.metrics import read_metrics
+from braid.metrics.experiments import ExperimentsDB
 
 TINY = [
     "--model.vocab_size=300",
@@ -160,6 +163,44 @@ def test_report_writes_html_whose_plots_exist(cli):
     pngs = re.findall(r'src="([^"]+\.png)"', page.read_text())
     assert {"report/loss.png", "report/expert_load.png"} <= set(pngs)
     assert all((run_dir / p).stat().st_size > 1000 for p in pngs)
+
+
+def test_sigterm_stops_with_a_checkpoint_marks_the_run_killed_and_exits_143(cli):
+    # checkpoint.every=0: the stop writes its checkpoint anyway; it is the run's only one
+    args = [*cli["overrides"], "--train.steps=5000", "--checkpoint.every=0", "--run.name=term"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "braid", "train", *args],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        lines = []
+        while not any(re.match(r"step +3/5000 \| loss", line) for line in lines):
+            line = proc.stderr.readline()
+            assert line, "".join(lines)[-2000:]  # it ended before step 3
+            lines.append(line)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()  # a no-op once it has exited
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert out == "" and "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    m = re.fullmatch(
+        r"stopped by SIGTERM at step (\d+)/5000 with a checkpoint; "
+        r"resume with --run\.name=term",
+        last,
+    )
+    assert m, last
+    step = int(m.group(1))
+    run_dir = cli["root"] / "runs" / "term"
+    assert 3 <= step < 5000
+    assert [s for s, _ in paths.complete_checkpoints(run_dir)] == [step]
+    run = ExperimentsDB(cli["root"] / "runs").get_run("term")
+    assert run["status"] == "killed" and run["step"] == step
+    assert [s for s, _ in read_metrics(run_dir)["train/loss"]] == list(range(1, step + 1))
 
 
 def test_missing_tensorboard_fails_before_the_run_directory_exists(cli, tmp_path, monkeypatch):

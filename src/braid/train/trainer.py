@@ -7,6 +7,8 @@ Phases of `train(cfg)`:
      initialised layout-independently (braid.model.init) — or restored from a checkpoint;
   4. loop: grad-accumulated micro-steps, clip, AdamW, router bias update, log/validate/checkpoint;
   5. end: final validation, a checkpoint, summary.json, and one JSON line on stdout (last line).
+SIGTERM (what schedulers send) ends the loop after the current step, on every rank alike: metrics
+flushed, a checkpoint of that step, the run marked killed, then `Stopped` (exit code 143).
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -126,11 +130,15 @@ def _train(cfg: Config, ctx: ParallelContext) -> dict:
     ckpt = Checkpointer(run_dir, cfg, ctx)
     ckpt.resume(model, opt, loader, state)
     log = TrainLogger(cfg, ctx, run_id, run_dir, arithmetic(cfg).flops_per_token)
-    try:
-        result = _loop(cfg, ctx, model, opt, loader, val_batches, amp, state, ckpt, log, overlap)
-    except BaseException as e:
-        log.close(status="killed" if isinstance(e, KeyboardInterrupt) else "failed", error=str(e))
-        raise
+    with StopOnSigterm() as sigterm:
+        try:
+            result = _loop(
+                cfg, ctx, model, opt, loader, val_batches, amp, state, ckpt, log, overlap, sigterm
+            )
+        except BaseException as e:
+            killed = isinstance(e, (KeyboardInterrupt, Stopped))
+            log.close(status="killed" if killed else "failed", step=state.step, error=str(e))
+            raise
     result.update(run_id=run_id, run_dir=str(run_dir))
     if ctx.is_main:
         write_json_atomic(run_dir / "summary.json", json_safe(result))
@@ -138,7 +146,9 @@ def _train(cfg: Config, ctx: ParallelContext) -> dict:
     return {**result, "rank": ctx.rank}  # the CLI prints the result of rank 0 only
 
 
-def _loop(cfg, ctx, model, opt, loader, val_batches, amp, state, ckpt, log, overlap) -> dict:
+def _loop(
+    cfg, ctx, model, opt, loader, val_batches, amp, state, ckpt, log, overlap, sigterm
+) -> dict:
     tc = cfg.train
     micro_tokens = tc.batch_size // tc.grad_accum * tc.seq_len  # global tokens per micro-step
     if state.initial_val_loss is None:
@@ -163,12 +173,14 @@ def _loop(cfg, ctx, model, opt, loader, val_batches, amp, state, ckpt, log, over
         overlap.flush()  # every deferred weight grad lands before the norm and the step
         grad_norm = _clip(model, tc.grad_clip, ctx)
         ce = torch.stack([p["ce"] for p in parts]).mean()
+        # A SIGTERM on any rank stops every rank after this step; the vote rides on the loss.
+        vote = ce.new_full((), float(sigterm.requested))
         if ctx.distributed:  # the loss of the global batch: every rank reports and decides alike
             from braid.parallel.distributed import all_reduce_mean
 
-            ce = all_reduce_mean(ce, ctx)
+            ce, vote = all_reduce_mean(torch.stack([ce, vote]), ctx).unbind()
         # One host sync per step: the loss and grad norm decide whether the step is applied.
-        ce_val, gn_val = torch.stack([ce, grad_norm.float()]).tolist()
+        ce_val, gn_val, votes = torch.stack([ce, grad_norm.float(), vote]).tolist()
         if not (_finite(ce_val) and _finite(gn_val)):
             if not tc.skip_nonfinite:
                 raise BraidError(
@@ -197,10 +209,17 @@ def _loop(cfg, ctx, model, opt, loader, val_batches, amp, state, ckpt, log, over
         log.progress(state.step, train_loss)
         if state.step % tc.val_every == 0 and state.step < stop:
             log.val(state.step, evaluate(model, val_batches, cfg, amp, ctx))
+        stopping = votes > 0 and state.step < stop  # at `stop` the run just finishes
         every = cfg.checkpoint.every
-        if every and state.step % every == 0 and state.step < stop:  # `stop` is saved below
+        if stopping or (every and state.step % every == 0 and state.step < stop):
             log.flush()  # metrics first: a run resumed from here never lacks a step's rows
             ckpt.save(model, opt, loader, state)
+        if stopping:
+            raise Stopped(
+                f"stopped by SIGTERM at step {state.step}/{stop} with a checkpoint; "
+                f"resume with --run.name={ckpt.run_dir.name}",
+                rank=ctx.rank,
+            )
     final_val = evaluate(model, val_batches, cfg, amp, ctx)
     log.val(state.step, final_val)
     log.flush()
@@ -225,6 +244,45 @@ def _clip(model, max_norm: float, ctx: ParallelContext) -> torch.Tensor:
     from braid.parallel.clip import clip_grad_norm
 
     return clip_grad_norm(model, max_norm, ctx)
+
+
+class Stopped(Exception):
+    """SIGTERM ended the run at a step boundary, after a checkpoint of that step (every rank
+    raises it; `rank` says which one this is)."""
+
+    exit_code = 128 + signal.SIGTERM  # what a shell reports for a process killed by SIGTERM
+
+    def __init__(self, message: str, rank: int = 0):
+        super().__init__(message)
+        self.rank = rank
+
+
+class StopOnSigterm:
+    """While active, SIGTERM sets `requested` (the loop stops after the current step); a second
+    SIGTERM interrupts at once, as Ctrl-C does. Signals reach the main thread only, so in any
+    other thread this does nothing."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+        self._installed = False
+
+    def __enter__(self) -> StopOnSigterm:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._installed:
+            previous = signal.SIG_DFL if self._previous is None else self._previous
+            signal.signal(signal.SIGTERM, previous)
+            self._installed = False
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
 
 
 def json_safe(obj):
