@@ -1,12 +1,14 @@
 """The `braid` command: thin subcommands over the library.
 
 User mistakes (BraidError) print one line and exit with code 2; `--debug` shows the traceback.
-A training run stopped by SIGTERM exits with 143 after one line.
+A training run stopped by SIGTERM exits with 143 after one line; a stdout closed early (`braid
+info --knobs | head`) ends the command quietly with 141, as a process killed by SIGPIPE would.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -165,7 +167,14 @@ def main(argv: list[str] | None = None) -> int:
     if overrides and args.cmd not in ("train", "info"):
         parser.error(f"config overrides are for train and info, not {args.cmd}")
     try:
-        return args.fn(args, overrides)
+        code = args.fn(args, overrides)
+        sys.stdout.flush()  # a closed pipe shows here, where it is handled, not at exit
+        return code
+    except BrokenPipeError:
+        # The reader went away (`| head`): not an error. Point stdout at /dev/null so that the
+        # interpreter's own flush at exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13  # SIGPIPE
     except BraidError as e:
         if args.debug:
             raise

@@ -1,6 +1,6 @@
 """The `braid` command end to end, as a user runs it: prep, train, generate, export, runs and
-report as subprocesses on a tiny model, plus SIGTERM and a missing optional dependency. The
-module trains once (6 steps) and the other tests read that run.
+report as subprocesses on a tiny model, plus SIGTERM, a closed stdout and a missing optional
+dependency. The module trains once (6 steps) and the other tests read that run.
 (The exported weights themselves are checked against the run in test_export.py.)"""
 
 import json
@@ -201,6 +201,24 @@ def test_sigterm_stops_with_a_checkpoint_marks_the_run_killed_and_exits_143(cli)
     run = ExperimentsDB(cli["root"] / "runs").get_run("term")
     assert run["status"] == "killed" and run["step"] == step
     assert [s for s, _ in read_metrics(run_dir)["train/loss"]] == list(range(1, step + 1))
+
+
+def test_closed_stdout_ends_quietly(tmp_path):
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before braid writes a byte, as with `| head -0`
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "braid", "info", "--knobs"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=ENV,
+            timeout=60,
+        )
+    finally:
+        os.close(write_end)
+    assert proc.stderr == ""  # no BrokenPipeError traceback, no "Exception ignored"
+    assert proc.returncode == 141  # 128 + SIGPIPE, as a process killed by the signal
 
 
 def test_missing_tensorboard_fails_before_the_run_directory_exists(cli, tmp_path, monkeypatch):
