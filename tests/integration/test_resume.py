@@ -166,3 +166,6 @@ def test_changed_config_is_refused_unless_safe_and_allowed(setup):
     losses, result = run(base + ["--train.steps=8", "--train.stop_at=3",
                                  "--checkpoint.allow_safe_changes=true"])
     assert result["steps"] == 3 and list(losses) == [3]
+    # How often to save never needs permission (the default changed once, from 0 to 100).
+    losses, result = run(base + ["--train.steps=8", "--train.stop_at=4", "--checkpoint.every=3"])
+    assert result["steps"] == 4 and list(losses) == [4]

@@ -21,6 +21,8 @@ from braid.errors import BraidError
 ALWAYS_ALLOWED = frozenset({
     "checkpoint.resume", "checkpoint.allow_safe_changes", "train.stop_at", "train.progress",
     "run.name",  # a fork under a new name (checkpoint.resume=<other run>) is the same training
+    # How often state is saved or metrics written never changes a step's numbers.
+    "checkpoint.every", "metrics.flush_every", "metrics.flush_seconds",
 })
 SAFE = frozenset({
     "train.steps", "train.warmup", "train.min_lr_ratio", "train.log_every", "train.val_every",
