@@ -9,15 +9,25 @@ named by dotted path; auto. Checks:
         (`straight_through`: compression is per row, so EP with compression must equal it), and
     (b) the uncompressed single-process layer, within the compressor's stated layer bound;
     for compressor none both are the same reference and the bound is 1e-6 (exact);
-  - `choose_exchange` gives the same answer on every rank and skips `symmetric` off CUDA.
+  - `choose_exchange` gives the same answer on every rank, skips `symmetric` off CUDA with its
+    reason, and reports every candidate's time in its console line;
+  - a whole model built as the trainer builds it (ep=4, 3 MoE layers): every MoE layer holds
+    the SAME exchange object; `hierarchical` (two-stage, node_size 2) and `auto` shared across
+    layers under the overlap engine (chunks=2, split_dw: several movements in flight) give the
+    losses and gradients of `nccl` without overlap; `auto` decides once, rank 0 prints one
+    `exchange auto: chose ...` line on stderr (other ranks none), and the trainer's watcher
+    gets one record with every candidate's time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 
 import pytest
 import torch
+import torch.nn.functional as F
 from simulate import simulate_compression
 
 from harness import run_ranks
@@ -104,6 +114,79 @@ def _compare(res: dict, ref: dict, rank: int, world: int) -> float:
     return max(errs)
 
 
+MODEL = [  # a small model as the trainer builds it: 3 MoE layers over ep=4
+    "--model.dim=32",
+    "--model.n_layers=3",
+    "--model.n_heads=2",
+    "--model.vocab_size=128",
+    "--model.ffn_hidden=64",
+    "--model.max_seq_len=32",
+    "--train.seq_len=16",
+    "--moe.num_experts=8",
+    "--moe.expert_hidden=16",
+    "--moe.first_k_dense=0",
+    "--moe.num_shared_experts=1",
+    "--parallel.ep=4",
+]
+MODELS = {  # name -> ([exchange] overrides, overlap engine on)
+    "nccl": ([], False),
+    "hier-n2": (["--exchange.algorithm=hierarchical", "--exchange.node_size=2"], True),
+    "auto": (["--exchange.algorithm=auto", "--exchange.node_size=2"], True),
+}
+
+
+def _model_run(name: str, rank: int, world: int) -> dict:
+    """Two forward+backward passes of the model `name` on this rank's tokens: loss, local grads,
+    the distinct exchange objects of its MoE layers, what stderr got and the watcher's records."""
+    from braid.config import load_config
+    from braid.overlap.config import OverlapConfig
+    from braid.overlap.session import OverlapSession
+    from braid.parallel.distributed import init_distributed
+    from braid.parallel.expert import watch_exchange_choice
+    from braid.train.model_setup import build_model
+
+    overrides, overlap = MODELS[name]
+    cfg = load_config(None, MODEL + overrides)
+    ctx = init_distributed(cfg)
+    model = build_model(cfg, ctx)
+    records: list = []
+    watch_exchange_choice(model, records.append)
+    session = OverlapSession.install(
+        model,
+        OverlapConfig(chunks=2 if overlap else 1, split_dw=overlap),
+        device=ctx.device,
+        tokens_per_rank=2 * 16,
+        dtype=torch.float32,
+        is_main=rank == 0,
+        log=lambda line: None,
+    )
+    data = torch.randint(0, 128, (2 * world, 17), generator=torch.Generator().manual_seed(5))
+    tokens = data[2 * rank : 2 * rank + 2]
+    err, losses = io.StringIO(), []
+    with contextlib.redirect_stderr(err):
+        for _ in range(2):  # two passes: the choice is made (and reported) at the first only
+            out = model(tokens[:, :-1])
+            ce = F.cross_entropy(out.logits.flatten(0, 1), tokens[:, 1:].flatten())
+            (ce + 0.01 * out.aux_loss).backward()
+            losses.append(float(ce))
+    session.flush()
+    grads = {}
+    for n, p in model.named_parameters():
+        g = p.grad
+        grads[n] = (g.to_local() if hasattr(g, "to_local") else g).clone()
+    moes = model.moe_modules().values()
+    return {
+        "losses": losses,
+        "grads": grads,
+        "num_moe": len(moes),
+        "exchanges": len({id(m.dispatcher.exchange) for m in moes}),
+        "exchange_type": type(next(iter(moes)).dispatcher.exchange).__name__,
+        "overlap": [m.overlap is not None and m.overlap.chunks for m in moes],
+        "stderr": err.getvalue(),
+        "records": [(r.record(), r.line(), r.metrics()) for r in records],
+    }
+
+
 def _split_matrices(world: int) -> list[list[list[int]]]:
     g = torch.Generator().manual_seed(3)
     mats = [torch.randint(0, 9, (world, world), generator=g).tolist() for _ in range(3)]
@@ -169,10 +252,10 @@ def _worker(rank: int, world: int) -> dict:
     auto = get_exchange("auto")(G, G, ExchangeConfig(node_size=2))
     res = _ep(layer, auto, ExchangeConfig(), x, gy, rank, world)
     out["layer"][("auto", "none")] = (_compare(res, plain, rank, world),) * 2
-    out["auto_inner"] = auto.name
+    out["auto_inner"] = auto.choice.name
 
     # 3. choose_exchange agrees across ranks and skips symmetric off CUDA.
-    out["auto"] = choose_exchange(
+    choice = choose_exchange(
         ["nccl", "hierarchical", "symmetric"],
         G,
         G,
@@ -182,7 +265,13 @@ def _worker(rank: int, world: int) -> dict:
         dtype=torch.float32,
         device=torch.device("cpu"),
     )
+    out["auto"] = choice.record()
+    out["auto_line"] = choice.line()
+    out["auto_built"] = type(choice.exchange).__name__
     out["plugin_calls"] = inner["plugin"].calls
+
+    # 4. whole models: one exchange per model, shared by every MoE layer.
+    out["models"] = {name: _model_run(name, rank, world) for name in MODELS}
     return out
 
 
@@ -215,10 +304,65 @@ def test_plugin_by_dotted_path_is_used(per_rank):
 
 
 def test_choose_exchange_agrees_on_every_rank_and_skips_symmetric(per_rank):
-    names = {r["auto"][0] for r in per_rank}
-    assert len(names) == 1 and names <= {"nccl", "hierarchical"}
-    timings = per_rank[0]["auto"][1]
-    assert timings["symmetric"] == float("inf") and all(
-        r["auto"] == per_rank[0]["auto"] for r in per_rank
-    )
-    assert {r["auto_inner"] for r in per_rank} <= {"nccl", "hierarchical", "symmetric"}
+    first = per_rank[0]["auto"]
+    assert first["chose"] in {"nccl", "hierarchical"}
+    assert all(r["auto"] == first for r in per_rank)  # name, times and shape: every rank alike
+    seconds = first["seconds"]
+    assert seconds["symmetric"] == float("inf") and "needs CUDA" in first["skipped"]["symmetric"]
+    assert 0 < seconds["nccl"] < float("inf") and 0 < seconds["hierarchical"] < float("inf")
+    assert first["chose"] == min(seconds, key=seconds.get)
+    assert first["rows"] == 64 and first["dim"] == 16
+    # The chosen exchange comes back built (it is not built a second time).
+    built = {"nccl": "NcclExchange", "hierarchical": "HierarchicalExchange"}[first["chose"]]
+    assert per_rank[0]["auto_built"] == built
+    line = per_rank[0]["auto_line"]
+    assert line.startswith(f"exchange auto: chose {first['chose']} for 64 rows x 16 float32")
+    for name in ("nccl", "hierarchical"):
+        assert f"| {name} {1e3 * seconds[name]:.3f} ms" in line
+    assert "| symmetric skipped (exchange.algorithm=symmetric needs CUDA" in line
+    assert {r["auto_inner"] for r in per_rank} <= {"nccl", "hierarchical"}
+
+
+def test_every_moe_layer_of_a_model_shares_one_exchange(per_rank):
+    for r in per_rank:
+        for name, m in r["models"].items():
+            assert m["num_moe"] == 3 and m["exchanges"] == 1, name
+    types = {name: m["exchange_type"] for name, m in per_rank[0]["models"].items()}
+    assert types == {
+        "nccl": "NcclExchange",
+        "hier-n2": "HierarchicalExchange",
+        "auto": "AutoExchange",
+    }
+    assert per_rank[0]["models"]["hier-n2"]["overlap"] == [2, 2, 2]
+
+
+def test_shared_exchange_under_overlap_matches_nccl_plain(per_rank):
+    worst = {}
+    for r in per_rank:
+        ref = r["models"]["nccl"]
+        for name in ("hier-n2", "auto"):
+            got = r["models"][name]
+            errs = [abs(a - b) / abs(b) for a, b in zip(got["losses"], ref["losses"], strict=True)]
+            errs += [_rel(got["grads"][n], g) for n, g in ref["grads"].items()]
+            worst[name] = max(worst.get(name, 0.0), *errs)
+    print("shared exchange + overlap vs nccl plain, max rel err:", worst)
+    assert all(e <= 1e-5 for e in worst.values()), worst
+
+
+def test_auto_decides_once_per_model_and_reports_choice_and_timings(per_rank):
+    records = [r["models"]["auto"]["records"] for r in per_rank]
+    assert all(len(rs) == 1 for rs in records)  # one choice for 3 layers x 2 passes, every rank
+    rec, line, metrics = records[0][0]
+    assert all(rs[0][0] == rec for rs in records)
+    assert rec["chose"] in {"nccl", "hierarchical"} and rec["skipped"].keys() == {"symmetric"}
+    printed = [r["models"]["auto"]["stderr"].splitlines() for r in per_rank]
+    assert [ln for ln in printed[0] if ln.startswith("exchange auto:")] == [line]
+    assert all(not any(ln.startswith("exchange auto:") for ln in p) for p in printed[1:])
+    for name in ("nccl", "hierarchical"):
+        assert f"| {name} {1e3 * rec['seconds'][name]:.3f} ms" in line
+    assert metrics[f"exchange/auto_chose/{rec['chose']}"] == 1.0
+    assert metrics["exchange/auto_ms/symmetric"] == float("inf")
+    assert metrics["exchange/auto_ms/nccl"] == 1e3 * rec["seconds"]["nccl"]
+    for m in per_rank[0]["models"].values():  # other exchanges report nothing
+        if m["exchange_type"] != "AutoExchange":
+            assert m["records"] == [] and "exchange auto:" not in m["stderr"]

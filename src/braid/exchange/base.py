@@ -15,6 +15,10 @@ Contract (checked by the conformance tests for every registered exchange):
   same movement as `move` in the forward pass; an exchange may compress either payload.
 - `all_reduce_sum(t)`: sum over every rank that holds a distinct part of the global batch
   (the whole world, not just the EP group), used for router statistics.
+- sharing: ONE exchange object serves every MoE layer of a model (`braid.parallel.expert`), and
+  several movements may be in flight at once (the overlap pipeline issues the next chunk's
+  before waiting), in the same order on every rank: keep a movement's state in its handle, or
+  order the reuse of anything shared between movements (as `symmetric` does with its buffer).
 """
 
 from __future__ import annotations

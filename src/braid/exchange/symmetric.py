@@ -19,6 +19,11 @@ Steps 1-4 run on the exchange's own stream; steps 3-4 are ordered after the call
 caller's queued compute); `wait()` orders the caller's stream after step 4, so work issued
 between `move` and `wait` overlaps the copies.
 Every payload is moved as raw bytes (B bytes per row), so packed compressed rows fit too.
+Several movements in flight (the overlap pipeline's chunks, and every MoE layer of a model
+shares one exchange) reuse the one buffer and counts table safely: they run in issue order on
+the exchange's stream, so a peer reaches movement k+1's counts barrier only after its step 4 of
+movement k, and no rank writes k+1's rows into a peer's buffer before the peer copied k's out;
+likewise every peer read k's counts before k's row barrier, which precedes k+1's counts writes.
 
 Buffer size: `exchange.symmetric_capacity` rows of the widest payload seen (a bf16 row of dim
 D is 2D bytes). With 0 the buffer is sized at the first movement to `symmetric_headroom` x the

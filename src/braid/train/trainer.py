@@ -130,6 +130,8 @@ def _train(cfg: Config, ctx: ParallelContext) -> dict:
     ckpt = Checkpointer(run_dir, cfg, ctx)
     ckpt.resume(model, opt, loader, state)
     log = TrainLogger(cfg, ctx, run_id, run_dir, arithmetic(cfg).flops_per_token)
+    from braid.parallel.expert import watch_exchange_choice  # exchange.algorithm=auto: record
+    watch_exchange_choice(model, lambda choice: log.writer.log(state.step, choice.metrics()))
     with StopOnSigterm() as sigterm:
         try:
             result = _loop(
