@@ -1,22 +1,32 @@
 """Exchanges and compressors on one host: correctness against `nccl` first, then speed.
 
     PYTHONPATH=src torchrun --nproc_per_node=4 benchmarks/exchange_bench.py --out x.json
-    PYTHONPATH=src torchrun --nproc_per_node=4 benchmarks/exchange_bench.py --smoke   # CPU/gloo
+    OMP_NUM_THREADS=1 PYTHONPATH=src torchrun --nproc_per_node=4 \
+        benchmarks/exchange_bench.py --smoke --out /tmp/x.json   # CPU/gloo, tiny sizes
 
 Exchanges: nccl; hierarchical with the default node size (one node here: one all-to-all) and
 with node_size=2 (2 "nodes" of 2 GPUs: exercises the two-stage pipeline over NVLink only);
-symmetric (CUDA). Phases:
+symmetric (CUDA). Compressions: none, bf16, int8, fp8 per row, fp8 block 128, fp8 + combine.
+Phases:
   1. correctness: raw `move` of random uneven splits (bf16, fp32, packed uint8 rows) identical
-     to nccl; a small fp32 MoE layer per exchange x compressor equal to nccl with the same
-     compressor (rel <= 1e-6) and, for compressors, within the stated bound of nccl+none;
-     symmetric with a too-small fixed capacity raises the BraidError on every rank. An exchange
-     that fails is not timed.
+     to nccl, also with two movements in flight; a small fp32 MoE layer per exchange x
+     compressor, run with the overlap engine on as timed in 3, equal to the plain layer over
+     nccl with the same compressor (rel <= 1e-6) and, for compressors, within the stated bound
+     of nccl+none; symmetric with a too-small fixed capacity raises the BraidError on every
+     rank. An exchange that fails is not timed.
   2. movement: payloads of 1-256 MiB per rank of bf16 rows (dim 4096), uniform random splits;
-     median time (slowest rank), algorithmic and bus bandwidth; the 1 MiB time is the latency.
+     median time (slowest rank) of what a dispatch pays, `exchange_counts` (with the host read
+     of the counts) + `move` ("ms", and the bandwidths from it), and of `move` alone
+     ("move_ms"): the count exchange is NCCL's for every built-in exchange, while
+     `hierarchical` and `symmetric` also pay their own counts round inside `move`. The 1 MiB
+     time is the latency.
   3. MoE layer forward+backward (fine-grained: 64 experts, top-8, dim 2048, expert ffn 1408,
-     32768 tokens per rank, bf16) per exchange x compressor, relative to nccl+none = 1.0;
-     the compressors' encode/decode time on that layer's dispatch payload; and the `auto`
-     choice at the layer's dispatch shape.
+     32768 tokens per rank, bf16) per exchange x compressor with the overlap engine on (a
+     `braid.overlap.pipeline.LayerOverlap` installed as `braid.overlap.session` does:
+     chunks=2, split_dw=true), relative to nccl+none (overlap on) = 1.0, plus the plain
+     nccl+none layer (overlap off) on the same scale; the compressors' encode/decode time on
+     that layer's dispatch payload; and the `auto` choice at one chunk's dispatch shape.
+     (On this bf16 layer the bf16 compressor passes rows unchanged: it narrows fp32 rows only.)
 Results: JSON with the command, GPU, torch/NCCL versions and date (rank 0 writes it).
 """
 
@@ -45,15 +55,27 @@ from braid.exchange import EXCHANGES, get_exchange  # noqa: E402
 from braid.exchange.auto import choose_exchange  # noqa: E402
 from braid.exchange.compress import get_compressor, with_compressor  # noqa: E402
 from braid.exchange.config import ExchangeConfig  # noqa: E402
+from braid.overlap.pipeline import LayerOverlap  # noqa: E402
+from braid.overlap.session import expert_dw_deferrable  # noqa: E402
+from braid.overlap.streams import Clock  # noqa: E402
 
 COMPRESSIONS = {  # label -> [exchange] overrides
     "none": {},
+    "bf16": {"compressor": "bf16"},
     "int8": {"compressor": "int8"},
     "fp8-row": {"compressor": "fp8", "scale_block": 0},
     "fp8": {"compressor": "fp8", "scale_block": 128},
     "fp8+combine": {"compressor": "fp8", "scale_block": 128, "compress_combine": True},
 }
-LAYER_BOUND = {"none": 1e-6, "int8": 3e-2, "fp8-row": 1e-1, "fp8": 1e-1, "fp8+combine": 1e-1}
+LAYER_BOUND = {  # as tests/exchange/test_exchange_ranks.py
+    "none": 1e-6,
+    "bf16": 1e-2,
+    "int8": 3e-2,
+    "fp8-row": 1e-1,
+    "fp8": 1e-1,
+    "fp8+combine": 1e-1,
+}
+OVERLAP = {"chunks": 2, "split_dw": True}  # the overlap engine of phase 3 (and its check)
 
 
 def build_exchanges(G, cuda: bool) -> dict:
@@ -145,10 +167,16 @@ def moe_layer(E: int, K: int, D: int, F: int, dtype, dev, seed: int = 0):
     return layer.to(device=dev, dtype=dtype)
 
 
-def ep_layer(layer, inner, comp: str):
+def ep_layer(layer, inner, comp: str, overlap: bool = False):
+    """This rank's experts of `layer` over `inner` with compression `comp`; with `overlap`, the
+    overlap engine installed as `OverlapSession.install` does (OVERLAP: chunks, split_dw)."""
     ep = copy.deepcopy(layer)
     ep.experts.shard(dist.get_rank(), dist.get_world_size())
     ep.dispatcher.exchange = with_compressor(inner, ExchangeConfig(**COMPRESSIONS[comp]))
+    if overlap:
+        dev = next(ep.parameters()).device
+        deferrable = expert_dw_deferrable(ep.experts)
+        ep.overlap = LayerOverlap(0, OVERLAP["chunks"], OVERLAP["split_dw"], Clock(dev), deferrable)
     return ep
 
 
@@ -156,11 +184,14 @@ def fwd_bwd(layer, x, gy) -> tuple[torch.Tensor, torch.Tensor]:
     x = x.detach().requires_grad_(True)
     out, _ = layer(x[None])
     (out[0] * gy).sum().backward()
+    if layer.overlap is not None:
+        layer.overlap.queue.flush()  # as the trainer does before the optimizer step
     return out[0].detach(), x.grad
 
 
 def check_layers(exchanges: dict, dev, tokens: int) -> dict:
-    """fp32 layer: every exchange x compression vs nccl with the same compression, and vs none."""
+    """fp32 layer with overlap on (as timed): every exchange x compression vs the plain layer
+    over nccl with the same compression, and vs the plain nccl layer without compression."""
     layer = moe_layer(16, 4, 256, 128, torch.float32, dev)
     x = torch.randn(tokens, 256, device=dev)
     gy = torch.randn(tokens, 256, device=dev)
@@ -170,10 +201,15 @@ def check_layers(exchanges: dict, dev, tokens: int) -> dict:
         if comp == "none":
             plain = want
         for name, ex in exchanges.items():
-            got = fwd_bwd(ep_layer(layer, ex, comp), x, gy)
+            ep = ep_layer(layer, ex, comp, overlap=True)
+            got = fwd_bwd(ep, x, gy)
             same = max(_rel(a, b) for a, b in zip(got, want, strict=True))
             vs_none = max(_rel(a, b) for a, b in zip(got, plain, strict=True))
-            res.setdefault(name, {})[comp] = {"vs_nccl_same": same, "vs_none": vs_none}
+            res.setdefault(name, {})[comp] = {
+                "vs_nccl_same": same,
+                "vs_none": vs_none,
+                "dw_deferred": ep.overlap.queue.num_run,  # > 0: the overlap engine ran
+            }
     return res
 
 
@@ -189,7 +225,10 @@ def slowest(ms: float, dev) -> float:
     return float(t)
 
 
-def bench_moves(exchanges: dict, sizes_mib: list[float], dim: int, dev, iters: int) -> dict:
+def bench_moves(
+    exchanges: dict, sizes_mib: list[float], dim: int, local_experts: int, dev, iters: int
+) -> dict:
+    """Per exchange and payload: counts + move ("ms", bandwidths from it) and move alone."""
     W, me = dist.get_world_size(), dist.get_rank()
     out: dict[str, dict] = {k: {} for k in exchanges}
     for mib in sizes_mib:
@@ -197,13 +236,23 @@ def bench_moves(exchanges: dict, sizes_mib: list[float], dim: int, dev, iters: i
         M = split_matrix(W, rows, seed=int(mib * 1000))
         send, recv = M[me], [M[w][me] for w in range(W)]
         x = torch.randn(rows, dim, device=dev, dtype=torch.bfloat16)
+        # The dispatcher's [W, L] count matrix (every row to local expert 0: sizes are what
+        # matter), read on the host as the dispatcher does before it can move rows.
+        counts_WL = torch.zeros(W, local_experts, dtype=torch.long, device=dev)
+        counts_WL[:, 0] = torch.tensor(send, device=dev)
         nbytes = rows * dim * 2
         for name, ex in exchanges.items():
-            t = time_cuda(lambda ex=ex, x=x, s=send, r=recv: ex.move(x, s, r).wait(), iters, 3)
-            ms = slowest(t["median_ms"], dev)
+
+            def dispatch(ex=ex, x=x, s=send, r=recv, c=counts_WL) -> None:
+                ex.exchange_counts(c).tolist()
+                ex.move(x, s, r).wait()
+
+            ms = slowest(time_cuda(dispatch, iters, 3)["median_ms"], dev)
+            move = time_cuda(lambda ex=ex, x=x, s=send, r=recv: ex.move(x, s, r).wait(), iters, 3)
             algbw = nbytes / (ms / 1e3) / 1e9
             out[name][f"{mib:g}MiB"] = {
                 "ms": round(ms, 4),
+                "move_ms": round(slowest(move["median_ms"], dev), 4),
                 "algbw_GBps": _sig(algbw),
                 "busbw_GBps": _sig(algbw * (W - 1) / W),
             }
@@ -234,29 +283,35 @@ def _sig(v: float) -> float:
     return float(f"{v:.4g}")
 
 
-def bench_layers(exchanges: dict, comps: list, shape: dict, dtype, dev, iters: int) -> dict:
+def bench_layers(
+    exchanges: dict, comps: list, shape: dict, dtype, dev, iters: int
+) -> tuple[dict, dict]:
+    """Forward+backward ms of the layer with the overlap engine on, per exchange x compression,
+    and of the plain nccl+none layer (overlap off); both relative to nccl+none with overlap."""
     E, K, D, F, N = (shape[k] for k in ("experts", "top_k", "dim", "ffn", "tokens"))
     layer = moe_layer(E, K, D, F, dtype, dev)
     x = torch.randn(N, D, device=dev, dtype=dtype)
     gy = torch.randn(N, D, device=dev, dtype=dtype)
+
+    def time_layer(ep) -> dict:
+        def step():
+            fwd_bwd(ep, x, gy)
+            ep.zero_grad(set_to_none=True)
+
+        return {"ms": round(slowest(time_cuda(step, iters=iters, warmup=2)["median_ms"], dev), 3)}
+
     res: dict[str, dict] = {}
+    plain: dict[str, dict] = {}
+    if not exchanges or "none" not in comps:
+        return res, plain
     for comp in comps:
         for name, ex in exchanges.items():
-            ep = ep_layer(layer, ex, comp)
-
-            def step(ep=ep):
-                fwd_bwd(ep, x, gy)
-                ep.zero_grad(set_to_none=True)
-
-            t = time_cuda(step, iters=iters, warmup=2)
-            res[f"{name}+{comp}"] = {"ms": round(slowest(t["median_ms"], dev), 3)}
-            del ep
-    if not res:
-        return res
+            res[f"{name}+{comp}"] = time_layer(ep_layer(layer, ex, comp, overlap=True))
+    plain["nccl+none"] = time_layer(ep_layer(layer, exchanges["nccl"], "none"))
     base = res["nccl+none"]["ms"]
-    for v in res.values():
+    for v in (*res.values(), *plain.values()):
         v["relative_to_nccl_none"] = round(v["ms"] / base, 3)
-    return res
+    return res, plain
 
 
 def main() -> None:
@@ -307,27 +362,31 @@ def main() -> None:
     if dist.get_rank() == 0:
         print("correctness:", result["correctness"], result["codecs_on_device"], flush=True)
 
-    # 2. movement bandwidth and latency.
-    result["move"] = bench_moves(timed, sizes, dim, dev, iters)
-    # 3. the MoE layer, and what auto would pick at its dispatch shape.
+    # 2. movement bandwidth and latency (counts + move, and move alone).
+    result["move"] = bench_moves(timed, sizes, dim, shape["experts"] // W, dev, iters)
+    # 3. the MoE layer with overlap on, and what auto would pick at one chunk's dispatch shape.
     result["moe_shape"] = {**shape, "dtype": str(dtype)}
-    result["moe"] = bench_layers(timed, comps, shape, dtype, dev, layer_iters)
+    result["moe_overlap"] = OVERLAP
+    result["moe"], result["moe_overlap_off"] = bench_layers(
+        timed, comps, shape, dtype, dev, layer_iters
+    )
     result["codecs"] = bench_codecs(
         shape["tokens"] * shape["top_k"], shape["dim"], dtype, dev, layer_iters
     )
-    name, times = choose_exchange(
+    choice = choose_exchange(
         ["nccl", "hierarchical", "symmetric"],
         G,
         G,
         ExchangeConfig(),
-        shape["tokens"] * shape["top_k"],
+        shape["tokens"] * shape["top_k"] // OVERLAP["chunks"],
         shape["dim"],
         dtype,
         dev,
     )
-    result["auto"] = {"chose": name, "seconds": times}
+    result["auto"] = choice.record()
     if dist.get_rank() == 0:
-        for k in ("move", "moe", "codecs", "auto"):
+        print(choice.line(), flush=True)
+        for k in ("move", "moe", "moe_overlap_off", "codecs"):
             print(k, result[k], flush=True)
         if args.out:
             write_result(args.out, result)
