@@ -13,11 +13,9 @@ from braid.model.config import ModelConfig
 from braid.model.init import init_weights
 from braid.model.transformer import Transformer
 from braid.moe.config import MoEConfig
-from braid.moe.dispatcher import _regroup_index
 from braid.moe.layer import MoE
 from braid.overlap.config import OverlapConfig
 from braid.overlap.pipeline import LayerOverlap, token_bounds
-from braid.overlap.pipeline import _regroup_index as pipeline_regroup
 from braid.overlap.session import OverlapSession
 from braid.overlap.streams import Clock
 
@@ -78,11 +76,6 @@ def test_pipeline_without_grad_matches_plain_forward():
 def test_token_bounds_cover_all_tokens_in_near_equal_ranges():
     assert token_bounds(10, 3) == [(0, 4), (4, 7), (7, 10)]
     assert token_bounds(2, 4) == [(0, 1), (1, 2), (2, 2), (2, 2)]
-
-
-def test_regroup_permutation_is_the_dispatchers():
-    recv = torch.tensor([[2, 0, 3], [1, 4, 0]])
-    torch.testing.assert_close(pipeline_regroup(recv, 10), _regroup_index(recv, 10))
 
 
 def _model() -> Transformer:

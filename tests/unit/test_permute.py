@@ -7,6 +7,7 @@ from braid.ops.permute import (
     expand_tokens,
     inverse_permutation,
     permute_rows,
+    regroup_index,
 )
 
 
@@ -68,3 +69,11 @@ def test_combine_of_no_tokens_is_empty():
         torch.zeros(0, 4), torch.zeros(0, 2), pos, torch.zeros(0, dtype=torch.long)
     )
     assert out.shape == (0, 4)
+
+
+def test_regroup_index_groups_received_rows_by_local_expert():
+    # recv[w, e] rows arrived from rank w for local expert e, in [rank][expert] blocks.
+    recv = torch.tensor([[2, 0, 3], [1, 4, 0]])
+    rows = [(w, e) for w in range(2) for e in range(3) for _ in range(int(recv[w, e]))]
+    want = sorted(range(len(rows)), key=lambda i: (rows[i][1], rows[i][0], i))
+    assert regroup_index(recv, len(rows)).tolist() == want

@@ -31,6 +31,7 @@ from braid.ops.permute import (
     expand_tokens,
     inverse_permutation,
     permute_rows,
+    regroup_index,
 )
 
 
@@ -120,7 +121,7 @@ class TokenDispatcher:
         sizes = torch.cat([counts_E.view(W, L).sum(1), recv_WL.sum(1)]).tolist()
         send, recv = sizes[:W], sizes[W:]
         x_RD = _Move.apply(x_MD, self.exchange, send, recv, "dispatch")
-        regroup_R = _regroup_index(recv_WL, sum(recv))
+        regroup_R = regroup_index(recv_WL, sum(recv))
         unregroup_R = inverse_permutation(regroup_R)
         return Dispatched(
             permute_rows(x_RD, regroup_R, unregroup_R),
@@ -186,13 +187,3 @@ class TokenDispatcher:
         out = y_MD.new_zeros(d.num_tokens, D)
         return out.index_add(0, d.token_M[d.keep_M], y_MD)
 
-
-def _regroup_index(recv_WL: Tensor, total: int) -> Tensor:
-    """Row permutation taking [source rank][local expert] chunks to [local expert][source rank]."""
-    W, L = recv_WL.shape
-    sizes_WL = recv_WL.flatten()
-    starts_WL = (torch.cumsum(sizes_WL, 0) - sizes_WL).view(W, L)
-    sizes_LW, starts_LW = recv_WL.t().flatten(), starts_WL.t().flatten()
-    new_starts_LW = torch.cumsum(sizes_LW, 0) - sizes_LW
-    shift = torch.repeat_interleave(starts_LW - new_starts_LW, sizes_LW, output_size=total)
-    return torch.arange(total, device=recv_WL.device) + shift

@@ -12,6 +12,8 @@ Dropless routing gives every token exactly K copies, so each scatter here has a 
 - `combine_tokens(y_MD, gates_NK, pos_NK, order_M)`: out[n] = sum_k gates[n, k] * y[pos[n, k]];
   backward: dgates by row dot products, dy gathered into sorted order by `order_M`
   (sorted position -> copy index n*K + k, the inverse of pos).
+- `regroup_index(recv_WL, total)`: rows received as [source rank][local expert] blocks, put in
+  [local expert][source rank] order, so that each expert's rows are contiguous.
 Sums over k accumulate in fp32 for bf16 inputs (torch reductions do) and round once.
 Shapes: N tokens, K copies per token, M = N*K rows, D row width.
 """
@@ -98,3 +100,14 @@ class _Combine(torch.autograd.Function):
 def combine_tokens(y_MD: Tensor, gates_NK: Tensor, pos_NK: Tensor, order_M: Tensor) -> Tensor:
     """Each token's K expert outputs (rows in sorted order), weighted by its gates and summed."""
     return _Combine.apply(y_MD, gates_NK, pos_NK, order_M)
+
+
+def regroup_index(recv_WL: Tensor, total: int) -> Tensor:
+    """Row permutation taking [source rank][local expert] chunks to [local expert][source rank]."""
+    W, L = recv_WL.shape
+    sizes_WL = recv_WL.flatten()
+    starts_WL = (torch.cumsum(sizes_WL, 0) - sizes_WL).view(W, L)
+    sizes_LW, starts_LW = recv_WL.t().flatten(), starts_WL.t().flatten()
+    new_starts_LW = torch.cumsum(sizes_LW, 0) - sizes_LW
+    shift = torch.repeat_interleave(starts_LW - new_starts_LW, sizes_LW, output_size=total)
+    return torch.arange(total, device=recv_WL.device) + shift

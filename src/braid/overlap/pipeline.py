@@ -44,7 +44,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from braid.ops.permute import inverse_permutation, permute_rows, sum_copies, weighted_sum
+from braid.ops.permute import (
+    inverse_permutation,
+    permute_rows,
+    regroup_index,
+    sum_copies,
+    weighted_sum,
+)
 from braid.overlap.streams import Clock
 from braid.overlap.timeline import LayerTimeline
 from braid.overlap.wgrad import WgradQueue, flush_point, swiglu_split_dw
@@ -112,24 +118,13 @@ def plan_chunks(topk_NK: Tensor, num_chunks: int, dispatcher: Any) -> tuple[list
     for c, (a, b, order) in enumerate(parts):
         send, recv = sizes[c * W : (c + 1) * W], sizes[(num_chunks + c) * W :][:W]
         recv_WL = recv_WCL[:, c]
-        regroup = _regroup_index(recv_WL, sum(recv)) if W > 1 else None
+        regroup = regroup_index(recv_WL, sum(recv)) if W > 1 else None
         unregroup = inverse_permutation(regroup) if regroup is not None else None
         pos = inverse_permutation(order).view(b - a, K) if keep_M is None else None
         chunks.append(
             Chunk(a, b, order, order // K, send, recv, recv_WL.sum(0), regroup, unregroup, pos)
         )
     return chunks, dropped
-
-
-def _regroup_index(recv_WL: Tensor, total: int) -> Tensor:
-    """[source rank][local expert] chunks -> [local expert][source rank] (as the dispatcher)."""
-    W, L = recv_WL.shape
-    sizes_WL = recv_WL.flatten()
-    starts_WL = (torch.cumsum(sizes_WL, 0) - sizes_WL).view(W, L)
-    sizes_LW, starts_LW = recv_WL.t().flatten(), starts_WL.t().flatten()
-    new_starts_LW = torch.cumsum(sizes_LW, 0) - sizes_LW
-    shift = torch.repeat_interleave(starts_LW - new_starts_LW, sizes_LW, output_size=total)
-    return torch.arange(total, device=recv_WL.device) + shift
 
 
 class _Capture(torch.autograd.Function):
