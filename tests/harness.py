@@ -19,6 +19,21 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+# A small MoE model for multi-rank tests (3 layers, 8 experts of 16, one shared expert); tests
+# add their own [train]/[parallel]/[exchange] overrides.
+SMALL_MODEL = [
+    "--model.dim=32",
+    "--model.n_layers=3",
+    "--model.n_heads=2",
+    "--model.vocab_size=128",
+    "--model.ffn_hidden=64",
+    "--model.max_seq_len=32",
+    "--train.seq_len=16",
+    "--moe.expert_hidden=16",
+    "--moe.num_experts=8",
+    "--moe.num_shared_experts=1",
+]
+
 
 def _worker(rank: int, world: int, init_file: str, fn: Callable, args: tuple, queue) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"

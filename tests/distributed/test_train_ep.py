@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from harness import SMALL_MODEL
+
 TOL = 1e-5  # on losses
 # Grad norms get a looser bound: AdamW's first steps move every weight by about +-lr whatever
 # its gradient's size, so a gradient near zero whose last bits differ (another summation order
@@ -26,17 +28,8 @@ TOL = 1e-5  # on losses
 NORM_TOL = 1e-4
 STEPS, SAVE_AT = 5, 3
 SMALL = [
-    "--model.dim=32",
-    "--model.n_layers=3",
-    "--model.n_heads=2",
-    "--model.vocab_size=128",
-    "--model.ffn_hidden=64",
-    "--model.max_seq_len=32",
-    "--train.seq_len=16",
+    *SMALL_MODEL,
     "--train.batch_size=8",
-    "--moe.expert_hidden=16",
-    "--moe.num_experts=8",
-    "--moe.num_shared_experts=1",
     "--train.warmup=2",
     f"--train.steps={STEPS}",
     "--train.lr=1e-2",

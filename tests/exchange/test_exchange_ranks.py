@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from simulate import simulate_compression
 
-from harness import run_ranks
+from harness import SMALL_MODEL, run_ranks
 
 N_PER_RANK, DIM = 24, 32
 # Relative (Frobenius) error of the layer's output and of every gradient against the
@@ -115,17 +115,8 @@ def _compare(res: dict, ref: dict, rank: int, world: int) -> float:
 
 
 MODEL = [  # a small model as the trainer builds it: 3 MoE layers over ep=4
-    "--model.dim=32",
-    "--model.n_layers=3",
-    "--model.n_heads=2",
-    "--model.vocab_size=128",
-    "--model.ffn_hidden=64",
-    "--model.max_seq_len=32",
-    "--train.seq_len=16",
-    "--moe.num_experts=8",
-    "--moe.expert_hidden=16",
+    *SMALL_MODEL,
     "--moe.first_k_dense=0",
-    "--moe.num_shared_experts=1",
     "--parallel.ep=4",
 ]
 MODELS = {  # name -> ([exchange] overrides, overlap engine on)

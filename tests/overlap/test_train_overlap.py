@@ -13,22 +13,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from harness import run_ranks
+from harness import SMALL_MODEL, run_ranks
 
 TOL = 1e-5
 STEPS = 3
 SMALL = [
-    "--model.dim=32",
-    "--model.n_layers=3",
-    "--model.n_heads=2",
-    "--model.vocab_size=128",
-    "--model.ffn_hidden=64",
-    "--model.max_seq_len=32",
-    "--train.seq_len=16",
+    *SMALL_MODEL,
     "--train.batch_size=8",
-    "--moe.expert_hidden=16",
-    "--moe.num_experts=8",
-    "--moe.num_shared_experts=1",
     "--train.warmup=2",
     f"--train.steps={STEPS}",
     "--train.lr=1e-2",
