@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
 import tempfile
 import traceback
 from collections.abc import Callable
@@ -47,7 +48,9 @@ def _worker(rank: int, world: int, init_file: str, fn: Callable, args: tuple, qu
             timeout=datetime.timedelta(seconds=60),
         )
         result = fn(rank, world, *args)
-        queue.put((rank, "ok", result))
+        # By value: a queue would share tensors through files that vanish when this process
+        # exits, racing the parent's read (FileNotFoundError in multiprocessing.connection).
+        queue.put((rank, "ok", pickle.dumps(result)))
     except BaseException:  # report every failure to the parent, with its traceback
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -79,7 +82,7 @@ def run_ranks(fn: Callable, world: int, *args: Any, timeout: float = 300) -> lis
         for _ in range(world):
             rank, status, payload = queue.get(timeout=timeout)
             if status == "ok":
-                results[rank] = payload
+                results[rank] = pickle.loads(payload)
             else:
                 errors.append(f"rank {rank} failed:\n{payload}")
         for p in procs:
