@@ -7,8 +7,11 @@ over the world (aux and z losses, load balance), against a single-process run.
 
 import os
 import random
+import re
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import duckdb
 import pytest
@@ -63,3 +66,43 @@ def test_torchrun_ep2_logs_the_single_process_losses_and_router_stats(data):
         assert sorted(two[key]) == sorted(one[key]) == [1, 2, 3, 4], key
         for step, want in one[key].items():
             assert abs(two[key][step] - want) <= 1e-5 * max(abs(want), 1e-3), (key, step)
+
+
+def _workers(pid: int) -> dict[int, int]:
+    """{rank: pid} of the torchrun agent's worker processes (read from /proc)."""
+    found = {}
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        env = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        rank = [e for e in env if e.startswith(b"RANK=")]
+        if rank:
+            found[int(rank[0][5:])] = int(child)
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs /proc")
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint(data):
+    from braid.checkpoint import paths
+    from braid.metrics.experiments import ExperimentsDB
+
+    runs = data / "term"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "braid", "train", *TINY, "--train.steps=5000", "--run.name=term",
+           f"--data.path={data / 'data'}", f"--run.dir={runs}", "--parallel.ep=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        lines = []
+        while not any(re.match(r"step +3/5000 \| loss", line) for line in lines):
+            line = proc.stderr.readline()
+            assert line, "".join(lines)[-2000:]  # it ended before step 3
+            lines.append(line)
+        os.kill(_workers(proc.pid)[1], signal.SIGTERM)  # rank 1 only: rank 0 must follow
+        _, err = proc.communicate(timeout=120)  # a rank left waiting would hang here
+    finally:
+        proc.kill()
+    assert proc.returncode != 0
+    (step,) = [s for s, _ in paths.complete_checkpoints(runs / "term")]
+    assert 3 <= step < 5000
+    run = ExperimentsDB(runs).get_run("term")
+    assert run["status"] == "killed" and run["step"] == step, (run, err[-2000:])
