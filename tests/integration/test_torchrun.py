@@ -5,6 +5,7 @@ the same global batch: per-step train loss, and the router statistics that the l
 over the world (aux and z losses, load balance), against a single-process run.
 """
 
+import contextlib
 import os
 import random
 import re
@@ -90,7 +91,7 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint
            f"--data.path={data / 'data'}", f"--run.dir={runs}", "--parallel.ep=2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, start_new_session=True)
     try:
         lines = []
         while not any(re.match(r"step +3/5000 \| loss", line) for line in lines):
@@ -100,7 +101,8 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint
         os.kill(_workers(proc.pid)[1], signal.SIGTERM)  # rank 1 only: rank 0 must follow
         _, err = proc.communicate(timeout=120)  # a rank left waiting would hang here
     finally:
-        proc.kill()
+        with contextlib.suppress(ProcessLookupError):  # the agent and any worker left behind
+            os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode != 0
     (step,) = [s for s, _ in paths.complete_checkpoints(runs / "term")]
     assert 3 <= step < 5000
