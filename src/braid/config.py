@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import sys
 import types
 import typing
@@ -35,6 +36,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+_RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,6 +48,13 @@ class RunConfig:
 
     def validate(self) -> None:
         check(self.dir != "", "run.dir", self.dir, "must be a directory path")
+        check(
+            self.name == "" or (_RUN_NAME.fullmatch(self.name) is not None and ".." not in self.name),
+            "run.name",
+            self.name,
+            "must be one path component of letters, digits, '.', '_' and '-' starting with a "
+            "letter or digit (at most 128 characters); runs live under run.dir",
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,14 +70,17 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
-    def validate(self) -> Config:
+    def validate(self, *, imports: bool = True) -> Config:
+        """Check every section; `imports=False` for a config read from a file that is data (a
+        checkpoint's meta.json, a model directory's config.json): plug-ins it names by dotted
+        path are never imported."""
         self.run.validate()
         self.model.validate()
         self.moe.validate(self.model.n_layers)
         self.train.validate()
         self.data.validate()
         self.parallel.validate()
-        self.exchange.validate()
+        self.exchange.validate(imports=imports)
         self.overlap.validate()
         self.checkpoint.validate()
         self.metrics.validate()
@@ -92,8 +104,7 @@ class Config:
 
     def fingerprint(self) -> str:
         """sha256 (16 hex) of the canonical resolved config."""
-        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return fingerprint_of(self.to_dict())
 
     def replace(self, **sections: Any) -> Config:
         """A copy with whole sections or `section={key: value}` updates applied."""
@@ -102,6 +113,33 @@ class Config:
             cur = getattr(self, name)
             out[name] = dataclasses.replace(cur, **upd) if isinstance(upd, dict) else upd
         return dataclasses.replace(self, **out)
+
+
+def fingerprint_of(config: dict) -> str:
+    """The fingerprint of a config dict as written (a saved config keeps its own fingerprint
+    even after braid gains knobs, so an edit of the file is detectable)."""
+    blob = json.dumps(config, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def config_from_data(config: Any, fingerprint: Any, where: str | Path) -> Config:
+    """The Config saved in a file that is data (a checkpoint's meta.json, a model directory's
+    config.json): checked against its fingerprint, validated without importing anything it
+    names. Dotted plug-in paths stay data; one line on stderr says they were not imported."""
+    if not isinstance(config, dict) or fingerprint != fingerprint_of(config):
+        raise BraidError(f"{where}: the config does not match its fingerprint: the file was "
+                         "altered or damaged; use an intact copy")
+    try:
+        cfg = from_dict(config).validate(imports=False)
+    except BraidError as e:
+        raise BraidError(f"{where} holds a config this braid cannot read ({e}); use the braid "
+                         "version that wrote it") from None
+    from braid.exchange import plugin_paths
+
+    if named := plugin_paths(cfg.exchange):
+        print(f"note: {where} names exchange plug-ins {', '.join(named)}; a saved config is "
+              "data, so they are not imported (one process needs no exchange)", file=sys.stderr)
+    return cfg
 
 
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]

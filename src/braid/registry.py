@@ -2,7 +2,9 @@
 
 Lookups of unknown names fail with the list of valid names. A name containing ':' or a dot path
 (`package.module:attr` or `package.module.attr`) is imported, so users can plug in their own
-implementation without touching Braid.
+implementation without touching Braid, but only when the name comes from the user (the command
+line or a config file given to `braid train`): `get(name, allow_import=False)` refuses dotted
+names, for configs read from checkpoints and model directories, which are data and never run code.
 """
 
 from __future__ import annotations
@@ -33,15 +35,25 @@ class Registry(Generic[T]):
     def names(self) -> list[str]:
         return sorted(self._items)
 
-    def get(self, name: str) -> T:
+    def get(self, name: str, *, allow_import: bool = True) -> T:
         if name in self._items:
             return self._items[name]
-        if "." in name or ":" in name:
+        if is_dotted(name):
+            if not allow_import:
+                raise BraidError(
+                    f"{self.kind} {name!r} is a plug-in named by a file, and files are data: "
+                    "it is not imported; name it on the command line to use it"
+                )
             return _import_path(name, self.kind)
         raise BraidError(
             f"unknown {self.kind} {name!r}: expected one of {', '.join(self.names())} "
             "or a dotted import path (package.module:Name)"
         )
+
+
+def is_dotted(name: str) -> bool:
+    """A user plug-in path (`pkg.mod:Name` or `pkg.mod.Name`) rather than a registered name."""
+    return "." in name or ":" in name
 
 
 def _import_path(path: str, kind: str):

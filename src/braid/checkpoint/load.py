@@ -12,7 +12,6 @@ returned in eval mode. Every bad input is a one-line BraidError.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -20,8 +19,9 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_mo
 
 from braid.checkpoint import paths
 from braid.checkpoint.meta import config_of, read_meta
+from braid.checkpoint.state import read_json
 from braid.checkpoint.storage import load_tensors
-from braid.config import Config, from_dict
+from braid.config import Config, config_from_data
 from braid.errors import BraidError
 from braid.model.transformer import Transformer
 from braid.parallel.mesh import ParallelContext
@@ -84,16 +84,13 @@ def load_checkpoint_model(ckpt: Path, device: torch.device) -> tuple[Transformer
 
 def read_export_config(path: Path) -> Config:
     file = Path(path) / CONFIG_FILE
-    try:
-        body = json.loads(file.read_text())
-        return from_dict(body["config"]).validate()
-    except FileNotFoundError:
+    if not file.is_file():
         raise BraidError(f"{file} is missing: an export directory holds {WEIGHTS_FILE}, "
-                         f"{CONFIG_FILE} and {TOKENIZER_FILE}; re-run braid export") from None
-    except BraidError as e:
-        raise BraidError(f"{file} holds a config this braid cannot read ({e})") from None
-    except (ValueError, KeyError, TypeError) as e:
-        raise BraidError(f"{file} is corrupt ({type(e).__name__}); re-run braid export") from None
+                         f"{CONFIG_FILE} and {TOKENIZER_FILE}; re-run braid export")
+    body = read_json(file, "export config", "re-run braid export")
+    if not isinstance(body, dict):
+        raise BraidError(f"{file} is corrupt (not a JSON object); re-run braid export")
+    return config_from_data(body.get("config"), body.get("fingerprint"), file)
 
 
 def load_export(path: Path, device: torch.device) -> Transformer:

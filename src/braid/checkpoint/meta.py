@@ -23,7 +23,7 @@ import torch
 
 from braid.checkpoint.paths import META_FILE
 from braid.checkpoint.state import read_json
-from braid.config import Config, from_dict
+from braid.config import Config, config_from_data
 from braid.errors import BraidError
 
 FORMAT = "braid-checkpoint/1"
@@ -76,8 +76,4 @@ def read_meta(ckpt: Path) -> dict:
 
 def config_of(meta: dict, where: Path) -> Config:
     """The Config a checkpoint was written with (for inference and export)."""
-    try:
-        return from_dict(meta["config"]).validate()
-    except BraidError as e:
-        raise BraidError(f"checkpoint {where} holds a config this braid cannot read ({e}); "
-                         "use the braid version that wrote it") from None
+    return config_from_data(meta["config"], meta["fingerprint"], f"checkpoint {where}")

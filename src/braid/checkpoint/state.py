@@ -123,20 +123,24 @@ def write_json_durable(path: Path, obj: Any, indent: int | None = None) -> None:
     fsync_dir(path.parent)
 
 
-def read_json(path: Path, what: str) -> Any:
-    """`decode` of the JSON file at `path`; a one-line BraidError if it is missing or malformed."""
+def read_json(path: Path, what: str,
+              fix: str = "resume from another checkpoint or delete this one") -> Any:
+    """`decode` of the JSON file at `path`; a one-line BraidError (naming the file, ending with
+    `fix`) if it is missing, unreadable, not UTF-8 or malformed."""
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_bytes().decode("utf-8")
     except FileNotFoundError:
-        raise BraidError(f"{what} {path} is missing: the checkpoint is incomplete; "
-                         "resume from another one or delete it") from None
+        raise BraidError(f"{what} {path} is missing: {fix}") from None
     except OSError as e:
         raise BraidError(f"{what} {path} cannot be read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise BraidError(f"{what} {path} is not UTF-8 text (byte {e.start}): it is damaged; "
+                         f"{fix}") from None
     try:
         return decode(json.loads(text))
     except (ValueError, TypeError, KeyError, AttributeError) as e:
         raise BraidError(f"{what} {path} is corrupt ({type(e).__name__}: {_first_line(e)}); "
-                         "resume from another checkpoint or delete this one") from None
+                         f"{fix}") from None
 
 
 def _first_line(e: BaseException) -> str:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from braid.errors import BraidError, ConfigError
-from braid.registry import Registry
+from braid.registry import Registry, is_dotted
 
 if TYPE_CHECKING:
     from braid.exchange.base import Exchange
@@ -55,20 +55,26 @@ def get_exchange(name: str) -> ExchangeFactory:
     return build
 
 
-def validate_names(cfg: ExchangeConfig) -> None:
-    """Config-time check that `exchange.algorithm` and `exchange.compressor` resolve."""
+def validate_names(cfg: ExchangeConfig, *, imports: bool = True) -> None:
+    """Config-time check that `exchange.algorithm`, `exchange.compressor` and the auto
+    candidates resolve. With `imports=False` (a config read from a checkpoint or a model
+    directory) dotted plug-in paths are left as data: never imported, only reported by
+    `plugin_paths`."""
     from braid.exchange.compress import get_compressor
 
-    for key, value, lookup in (
-        ("exchange.algorithm", cfg.algorithm, get_exchange),
-        ("exchange.compressor", cfg.compressor, get_compressor),
-    ):
+    names = [("exchange.algorithm", cfg.algorithm, get_exchange),
+             ("exchange.compressor", cfg.compressor, get_compressor)]
+    names += [("exchange.auto_candidates", n, get_exchange) for n in cfg.auto_candidates]
+    for key, value, lookup in names:
+        if not imports and is_dotted(value):
+            continue
         try:
             lookup(value)
         except BraidError as e:
-            raise ConfigError(key, value, str(e)) from None
-    for name in cfg.auto_candidates:
-        try:
-            get_exchange(name)
-        except BraidError as e:
-            raise ConfigError("exchange.auto_candidates", cfg.auto_candidates, str(e)) from None
+            shown = cfg.auto_candidates if key == "exchange.auto_candidates" else value
+            raise ConfigError(key, shown, str(e)) from None
+
+
+def plugin_paths(cfg: ExchangeConfig) -> list[str]:
+    """The dotted plug-in paths (user code) that `cfg` names."""
+    return [n for n in (cfg.algorithm, cfg.compressor, *cfg.auto_candidates) if is_dotted(n)]

@@ -34,7 +34,9 @@ class ExchangeConfig:
         ["nccl", "hierarchical", "symmetric"], "algorithm=auto: exchanges timed at start-up."
     )
 
-    def validate(self) -> None:
+    def validate(self, *, imports: bool = True) -> None:
+        """`imports=False`: the config is data (from a checkpoint or a model directory), so
+        dotted plug-in paths are not imported (see braid.exchange.validate_names)."""
         from braid.exchange import validate_names
 
         check(self.node_size >= 0, "exchange.node_size", self.node_size, "must be >= 0")
@@ -63,4 +65,4 @@ class ExchangeConfig:
             self.auto_candidates,
             "must name at least one exchange other than auto",
         )
-        validate_names(self)
+        validate_names(self, imports=imports)

@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 
 from braid.config import Config, to_toml
+from braid.errors import StorageError
+from braid.train.runlock import RunLock
 
 
 def new_run_id(cfg: Config) -> str:
@@ -33,18 +35,32 @@ def write_json_atomic(path: Path, obj: object) -> None:
     os.replace(tmp, path)
 
 
-def prepare_run_dir(cfg: Config, run_id: str, tokenizer_path: str | Path | None = None) -> Path:
-    """Create the run directory with the resolved config and the tokenizer generation needs."""
+def prepare_run_dir(cfg: Config, run_id: str, tokenizer_path: str | Path | None = None,
+                    lock: RunLock | None = None) -> Path:
+    """Create the run directory with the resolved config and the tokenizer generation needs.
+    With `lock`, the run's lock is taken before anything is written into it (a second writer
+    is refused, leaving the first one's files alone). Unwritable or full storage is a one-line
+    StorageError."""
     run_dir = Path(cfg.run.dir) / run_id
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if tokenizer_path is not None:
-        tmp = run_dir / "tokenizer.json.tmp"
-        shutil.copyfile(tokenizer_path, tmp)
-        os.replace(tmp, run_dir / "tokenizer.json")
-    tmp = run_dir / "config.toml.tmp"
-    tmp.write_text(to_toml(cfg))
-    os.replace(tmp, run_dir / "config.toml")
-    write_json_atomic(
-        run_dir / "config.json", {"fingerprint": cfg.fingerprint(), "config": cfg.to_dict()}
-    )
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StorageError(e, run_dir, "create the run directory") from None
+    try:
+        if lock is not None:
+            lock.acquire()
+        if tokenizer_path is not None:
+            tmp = run_dir / "tokenizer.json.tmp"
+            shutil.copyfile(tokenizer_path, tmp)
+            os.replace(tmp, run_dir / "tokenizer.json")
+        tmp = run_dir / "config.toml.tmp"
+        tmp.write_text(to_toml(cfg))
+        os.replace(tmp, run_dir / "config.toml")
+        write_json_atomic(
+            run_dir / "config.json", {"fingerprint": cfg.fingerprint(), "config": cfg.to_dict()}
+        )
+    except OSError as e:
+        if lock is not None:
+            lock.release()
+        raise StorageError(e, run_dir, "write the run directory") from None
     return run_dir

@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,7 @@ from braid.train.log import TrainLogger, check_logging
 from braid.train.model_setup import build_model, load_data
 from braid.train.optim import build_optimizer, lr_at
 from braid.train.rundir import new_run_id, prepare_run_dir, write_json_atomic
+from braid.train.runlock import RunLock
 
 
 @dataclass
@@ -111,8 +113,25 @@ def _train(cfg: Config, ctx: ParallelContext) -> dict:
     train_ds, val_ds, loader, val_batches = load_data(cfg, ctx)
     model = build_model(cfg, ctx)
     run_id = broadcast_object(new_run_id(cfg), ctx)
-    run_dir = prepare_run_dir(cfg, run_id, train_ds.tokenizer_path) if ctx.is_main else None
-    run_dir = broadcast_object(run_dir, ctx)
+    lock = RunLock(Path(cfg.run.dir) / run_id)  # one writer per run; rank 0 holds it for all
+    made: tuple[Path | None, str | None] = (None, None)
+    if ctx.is_main:
+        try:
+            made = (prepare_run_dir(cfg, run_id, train_ds.tokenizer_path, lock), None)
+            print(f"run {run_id}: {made[0]}", file=sys.stderr, flush=True)
+        except BraidError as e:
+            made = (None, str(e))
+    run_dir, why = broadcast_object(made, ctx)
+    if why is not None:
+        raise BraidError(why)  # on every rank alike, so none waits in a collective
+    try:
+        return _run(cfg, ctx, run_id, run_dir, loader, val_batches, model)
+    finally:
+        lock.release()
+
+
+def _run(cfg, ctx, run_id, run_dir, loader, val_batches, model) -> dict:
+    """Phases 3-5 inside the run directory, which this process (or its rank 0) has locked."""
     opt = build_optimizer(model, cfg.train, ctx.device)
     amp = autocast(cfg, ctx.device)
     # Overlap engine on each MoE layer (after parallelize: the EP exchange is in place); with

@@ -1,0 +1,96 @@
+"""One writer per run directory: an exclusive advisory lock held for the whole run.
+
+`RunLock(run_dir).acquire()` takes `<run_dir>/.lock` with `fcntl.flock` (the kernel drops it
+when the process ends, SIGKILL included, so a crashed run never leaves a lock behind) and writes
+the owner's pid, host and start time into it, so a second writer is refused in one line that
+names the first. Where the filesystem has no flock (some network mounts), the lock file's pid
+and host decide instead: an owner on this host whose process is gone is stale and taken over;
+an owner on another host is trusted until its file is removed. Rank 0 holds the lock for every
+rank of a torchrun job. Released by `release()` (and by the process ending).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+from braid.errors import BraidError
+
+LOCK_FILE = ".lock"
+
+
+class RunLock:
+    def __init__(self, run_dir: str | os.PathLike[str]):
+        self.path = Path(run_dir) / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        """Take the lock or raise a one-line BraidError naming the process that holds it."""
+        import fcntl
+
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise BraidError(self._busy_message()) from None
+        except OSError as e:
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                os.close(fd)
+                raise
+            self._check_owner_without_flock()  # no flock here: the recorded owner decides
+        self._fd = fd
+        owner = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(owner).encode(), 0)
+        return self
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        import fcntl
+
+        try:
+            os.ftruncate(self._fd, 0)  # no owner recorded: the lock-free fallback sees it free
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        except OSError:
+            pass
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def owner(self) -> dict | None:
+        """The recorded owner ({pid, host, since}), or None if none is recorded."""
+        try:
+            body = json.loads(self.path.read_bytes().decode("utf-8") or "null")
+        except (OSError, ValueError):
+            return None
+        return body if isinstance(body, dict) else None
+
+    def _busy_message(self) -> str:
+        who = self.owner() or {}
+        pid, host = who.get("pid", "?"), who.get("host", "?")
+        since = who.get("since")
+        when = time.strftime(" since %Y-%m-%d %H:%M:%S", time.localtime(since)) if since else ""
+        return (f"run directory {self.path.parent} is in use by pid {pid} on {host}{when}: wait "
+                "for that run to end, stop it, or choose another run.name")
+
+    def _check_owner_without_flock(self) -> None:
+        from braid.metrics.experiments import pid_alive
+
+        who = self.owner()
+        if not who:
+            return
+        if who.get("host") == socket.gethostname() and isinstance(who.get("pid"), int):
+            if who["pid"] == os.getpid() or not pid_alive(who["pid"]):
+                return  # stale: its process is gone
+        raise BraidError(self._busy_message())
