@@ -49,7 +49,7 @@ class RunConfig:
     def validate(self) -> None:
         check(self.dir != "", "run.dir", self.dir, "must be a directory path")
         check(
-            self.name == "" or (_RUN_NAME.fullmatch(self.name) is not None and ".." not in self.name),
+            self.name == "" or (_RUN_NAME.fullmatch(self.name) and ".." not in self.name),
             "run.name",
             self.name,
             "must be one path component of letters, digits, '.', '_' and '-' starting with a "

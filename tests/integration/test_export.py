@@ -1,10 +1,13 @@
 """`braid export` and inference loading: the exported safetensors hold the full single-process
 model, and a run directory and its export give identical logits."""
 
+import json
 import os
 import random
 import subprocess
 import sys
+
+import json
 
 import pytest
 import torch
@@ -91,7 +94,19 @@ def test_damaged_weights_give_one_line_errors(run_dir, tmp_path):
     run, _ = run_dir
     out = export(run, tmp_path / "e")
     weights = out / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:1000])
+    intact = weights.read_bytes()
+    flipped = bytearray(intact)
+    for i in range(len(flipped) - 64, len(flipped)):  # inside the last tensor's payload
+        flipped[i] ^= 0xFF
+    for damaged in (bytes(flipped), intact[:1000]):  # same size with flipped bits; truncated
+        weights.write_bytes(damaged)
+        with pytest.raises(BraidError, match="model.safetensors does not match its") as e:
+            load_for_inference(out, torch.device("cpu"))
+        assert "\n" not in str(e.value)
+    # an export written before hashes existed: the safetensors reader still catches truncation
+    body = json.loads((out / "config.json").read_text())
+    del body["hashes"]
+    (out / "config.json").write_text(json.dumps(body))
     with pytest.raises(BraidError, match="model.safetensors is corrupt or truncated") as e:
         load_for_inference(out, torch.device("cpu"))
     assert "\n" not in str(e.value)

@@ -1,6 +1,7 @@
 """Checkpointer on a small module: exact continuation, keep policy, crash leftovers, the
 fingerprint rule, refusal to mix histories, and damaged files."""
 
+import json
 import random
 
 import numpy as np
@@ -162,11 +163,16 @@ def test_resume_paths(tmp_path):
         paths.resolve_resume(str(partial), tmp_path)
 
 
-@pytest.mark.parametrize("damage", ["truncate_rank", "truncate_meta", "garble_rank"])
-def test_damaged_checkpoint_gives_one_line_error(tmp_path, damage):
+@pytest.mark.parametrize("damage", ["truncate_rank", "truncate_meta", "garble_rank",
+                                    "flip_tensor_bytes", "edit_meta_config"])
+def test_damaged_checkpoint_is_one_line_and_auto_falls_back_to_the_newest_intact(tmp_path,
+                                                                                 damage, capsys):
     m, opt, cur, st = make()
-    step(m, opt, cur, st)
     ck = Checkpointer(tmp_path, Config(), CTX)
+    step(m, opt, cur, st)
+    older = ck.save(m, opt, cur, st)
+    at_older = {k: v.clone() for k, v in m.state_dict().items()}
+    step(m, opt, cur, st)
     where = ck.save(m, opt, cur, st)
     rank_file, meta = where / "rank_00000.json", where / paths.META_FILE
     if damage == "truncate_rank":
@@ -175,12 +181,41 @@ def test_damaged_checkpoint_gives_one_line_error(tmp_path, damage):
     elif damage == "truncate_meta":
         meta.write_text(meta.read_text()[:40])
         match = "checkpoint metadata .* is corrupt"
-    else:  # same size, but the RNG state is not a valid one
+    elif damage == "garble_rank":  # same size, other bytes
         text = rank_file.read_text().replace('"python"', '"pythoX"')
         rank_file.write_text(text)
-        match = "rank state .* is corrupt"
+        match = "rank_00000.json does not match its blake2b-128 checksum"
+    elif damage == "flip_tensor_bytes":  # 64 flipped bytes inside a tensor payload
+        shard = next(where.glob("*.distcp"))
+        data = bytearray(shard.read_bytes())
+        for i in range(len(data) // 2, len(data) // 2 + 64):
+            data[i] ^= 0xFF
+        shard.write_bytes(bytes(data))
+        match = "distcp does not match its blake2b-128 checksum"
+    else:  # a model shape edited in meta.json
+        body = json.loads(meta.read_text())
+        body["config"]["model"]["n_layers"] = 2
+        meta.write_text(json.dumps(body))
+        match = "config does not match its fingerprint"
+    explicit = Config().replace(checkpoint={"resume": str(where)})
     with pytest.raises(BraidError, match=match) as e:
-        ck.resume(*make())
+        Checkpointer(tmp_path, explicit, CTX).resume(*make())
+    assert "\n" not in str(e.value)
+    assert f"--checkpoint.resume={older}" in str(e.value)  # advice that works: fork the older
+    m2, opt2, cur2, st2 = make()
+    ck.resume(m2, opt2, cur2, st2)  # auto: the damaged one is set aside, the older one used
+    assert st2.step == 1 and (where.parent / f".corrupt-{where.name}").is_dir()
+    assert "is damaged" in capsys.readouterr().err
+    assert all(torch.equal(at_older[k], v) for k, v in m2.state_dict().items())
+
+
+def test_auto_with_no_intact_checkpoint_left_refuses_instead_of_restarting(tmp_path):
+    m, opt, cur, st = make()
+    step(m, opt, cur, st)
+    where = Checkpointer(tmp_path, Config(), CTX).save(m, opt, cur, st)
+    (where / "rank_00000.json").write_text("{}")
+    with pytest.raises(BraidError, match="no intact checkpoint left") as e:
+        Checkpointer(tmp_path, Config(), CTX).resume(*make())
     assert "\n" not in str(e.value)
 
 

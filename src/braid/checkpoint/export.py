@@ -4,7 +4,9 @@ Output directory (written into a hidden temporary sibling, then renamed into pla
   model.safetensors   every persistent tensor of the single-process model, full (consolidated
                       from any (dp, ep) layout; routed experts as [num_experts, ...]), under the
                       names `Transformer.state_dict()` uses; header metadata: step, fingerprint
-  config.json         {"fingerprint", "config", "step"}: the resolved config the run trained with
+  config.json         {"fingerprint", "config", "step", "hashes"}: the resolved config the run
+                      trained with and the blake2b-128 hashes of the two other files (checked
+                      by every reader, braid.checkpoint.integrity)
   tokenizer.json      copied from the run directory
 `out` may be missing, empty or a previous export (replaced: old renamed aside, new renamed in,
 old deleted); any other non-empty directory is refused so a typo cannot delete files.
@@ -19,6 +21,7 @@ from pathlib import Path
 import torch
 
 from braid.checkpoint import paths
+from braid.checkpoint.integrity import hash_files
 from braid.checkpoint.load import (
     CONFIG_FILE,
     TOKENIZER_FILE,
@@ -55,12 +58,14 @@ def export(run: Path, out: Path) -> Path:
     try:
         save_file(tensors, tmp / WEIGHTS_FILE,
                   metadata={"format": "pt", "step": str(step), "fingerprint": cfg.fingerprint()})
-        write_json_durable(tmp / CONFIG_FILE, {"fingerprint": cfg.fingerprint(),
-                                               "config": cfg.to_dict(), "step": step}, indent=2)
         shutil.copyfile(tok, tmp / TOKENIZER_FILE)
         for name in (WEIGHTS_FILE, TOKENIZER_FILE):
             with open(tmp / name, "rb") as f:
                 os.fsync(f.fileno())
+        hashes = hash_files(tmp, (WEIGHTS_FILE, TOKENIZER_FILE))  # after the data, as written
+        write_json_durable(tmp / CONFIG_FILE, {"fingerprint": cfg.fingerprint(),
+                                               "config": cfg.to_dict(), "step": step,
+                                               "hashes": hashes}, indent=2)
         _install(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

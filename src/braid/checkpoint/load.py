@@ -18,7 +18,8 @@ import torch
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
 from braid.checkpoint import paths
-from braid.checkpoint.meta import config_of, read_meta
+from braid.checkpoint.integrity import verify_files
+from braid.checkpoint.meta import config_of, read_meta, verify_checkpoint
 from braid.checkpoint.state import read_json
 from braid.checkpoint.storage import load_tensors
 from braid.config import Config, config_from_data
@@ -29,6 +30,7 @@ from braid.parallel.mesh import ParallelContext
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
+_HASHED = (WEIGHTS_FILE, TOKENIZER_FILE)  # the files an export's config.json keeps hashes of
 
 
 def load_for_inference(path: str | Path, device: torch.device) -> tuple[Transformer, Path]:
@@ -74,6 +76,7 @@ def build_single(cfg: Config, device: torch.device) -> Transformer:
 def load_checkpoint_model(ckpt: Path, device: torch.device) -> tuple[Transformer, Config]:
     """(model in eval mode, its config) with the weights of a DCP checkpoint, full tensors."""
     meta = read_meta(ckpt)
+    verify_checkpoint(ckpt, meta)
     cfg = config_of(meta, ckpt)
     model = build_single(cfg, device)
     sd = get_model_state_dict(model)
@@ -83,6 +86,10 @@ def load_checkpoint_model(ckpt: Path, device: torch.device) -> tuple[Transformer
 
 
 def read_export_config(path: Path) -> Config:
+    return _read_export_body(path)[1]
+
+
+def _read_export_body(path: Path) -> tuple[dict, Config]:
     file = Path(path) / CONFIG_FILE
     if not file.is_file():
         raise BraidError(f"{file} is missing: an export directory holds {WEIGHTS_FILE}, "
@@ -90,15 +97,24 @@ def read_export_config(path: Path) -> Config:
     body = read_json(file, "export config", "re-run braid export")
     if not isinstance(body, dict):
         raise BraidError(f"{file} is corrupt (not a JSON object); re-run braid export")
-    return config_from_data(body.get("config"), body.get("fingerprint"), file)
+    return body, config_from_data(body.get("config"), body.get("fingerprint"), file)
 
 
 def load_export(path: Path, device: torch.device) -> Transformer:
-    """The model of an export directory, in eval mode."""
+    """The model of an export directory, in eval mode; its files checked against the hashes
+    in config.json first (exports written before hashes existed are loaded unchecked)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    model = build_single(read_export_config(path), device)
+    body, cfg = _read_export_body(path)
+    hashes = body.get("hashes")
+    if hashes is not None:
+        if not isinstance(hashes, dict) or WEIGHTS_FILE not in hashes:
+            raise BraidError(f"{Path(path) / CONFIG_FILE} has bad 'hashes': the file was "
+                             "altered; re-run braid export")
+        verify_files(path, hashes, [n for n in hashes if n in _HASHED], "export",
+                     "re-run braid export")
+    model = build_single(cfg, device)
     file = Path(path) / WEIGHTS_FILE
     try:
         sd = load_file(file, device=str(device))

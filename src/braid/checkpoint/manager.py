@@ -46,9 +46,10 @@ from torch.distributed.checkpoint.state_dict import (
 
 from braid.checkpoint import paths, rng
 from braid.checkpoint.compat import check_resume_config
-from braid.checkpoint.meta import build_meta, file_sizes, read_meta
+from braid.checkpoint.integrity import DamagedFile, hash_files, my_part
+from braid.checkpoint.meta import build_meta, file_sizes, read_meta, verify_checkpoint
 from braid.checkpoint.state import fsync_dir, read_json, write_json_durable
-from braid.checkpoint.storage import load_tensors, save_tensors
+from braid.checkpoint.storage import load_tensors, save_error, save_tensors
 from braid.config import Config
 from braid.errors import BraidError
 from braid.parallel.mesh import ParallelContext
@@ -81,14 +82,20 @@ class Checkpointer:
         if opt.state:  # an optimizer that never stepped has no state to save (see resume)
             osd = get_optimizer_state_dict(model, opt)
             tensors["optim"], groups = osd["state"], osd["param_groups"]
-        save_tensors(tensors, tmp, ctx.distributed, self._group())  # 3.
+        try:
+            save_tensors(tensors, tmp, ctx.distributed, self._group())  # 3.
+        except Exception as e:  # a full disk, permissions: the previous checkpoint stays
+            raise save_error(e, tmp) from None
         write_json_durable(tmp / rank_file(ctx.rank),  # 4.
                            {"rank": ctx.rank, "rng": streams, "loader": loader.state_dict()})
         self._barrier()
+        sizes = file_sizes(tmp)  # every rank hashes its share of the files, rank 0 collects
+        hashes = self._merge(hash_files(tmp, my_part(sizes, ctx.rank, ctx.world)))
         final = paths.final_path(self.run_dir, state.step)
         if ctx.is_main:  # 5.
             meta = build_meta(step=state.step, world=ctx.world, ep=ctx.ep, cfg=self.cfg,
-                              train_state=state, optim_groups=groups, files=file_sizes(tmp))
+                              train_state=state, optim_groups=groups, files=sizes,
+                              hashes=hashes)
             write_json_durable(tmp / paths.META_FILE, meta, indent=1)
             _install(tmp, final)
             paths.prune(self.run_dir, ck.keep_last, ck.keep_every)
@@ -102,29 +109,19 @@ class Checkpointer:
         """Restore model, optimizer, `state`, RNG streams and loader from the checkpoint that
         `checkpoint.resume` names; leave everything as it is when there is none."""
         ctx = self.ctx
-        found: tuple[Path | None, str | None] = (None, None)
-        if ctx.is_main:  # one rank looks, so all ranks agree on the checkpoint
-            try:
-                found = (paths.resolve_resume(self.cfg.checkpoint.resume, self.run_dir), None)
-            except BraidError as e:
-                found = (None, str(e))
-        src, why = self._broadcast(found)
-        if why is not None:
-            raise BraidError(why)
-        start = 0
-        meta: dict = {}
-        err = None
-        try:
-            if src is not None:
-                meta = read_meta(src)
-                accepted = check_resume_config(meta["config"], self.cfg, src)
-                start = meta["step"]
-                if accepted and ctx.is_main:
-                    print(f"resuming with changed keys: {', '.join(accepted)}", file=sys.stderr)
-            self._refuse_newer(start)
-            own = _rank_file_for(src, ctx.rank, meta) if src is not None else None
-        except BraidError as e:
-            err = e
+        set_aside = 0
+        while True:
+            src, meta, start, own, err = self._open_source()
+            if not (isinstance(err, DamagedFile) and self.cfg.checkpoint.resume == "auto"):
+                break
+            self._set_aside(src, err)  # then try the next newest intact checkpoint
+            set_aside += 1
+        if isinstance(err, DamagedFile):  # named explicitly: say how to go on from another
+            err = BraidError(f"{err}; {self._fork_advice(src)}")
+        elif src is None and set_aside and err is None:  # never restart from 0 unasked
+            err = BraidError(f"{self.run_dir} has no intact checkpoint left (damaged ones were "
+                             f"set aside as {paths.CORRUPT_PREFIX}step_*): start this run afresh "
+                             "with checkpoint.resume=none")
         self._agree(err)  # every rank raises the same error, so none waits in a collective
         if src is None:
             return
@@ -141,6 +138,63 @@ class Checkpointer:
                 setattr(state, key, value)
         if ctx.is_main:
             print(f"resumed from {src} at step {state.step}", file=sys.stderr, flush=True)
+
+    def _open_source(self) -> tuple[Path | None, dict, int, Path | None, BraidError | None]:
+        """(checkpoint, its meta, its step, this rank's file, the error every rank agrees on)
+        for `checkpoint.resume`; all files checked against their hashes, split over ranks."""
+        ctx = self.ctx
+        found: tuple[Path | None, str | None] = (None, None)
+        if ctx.is_main:  # one rank looks, so all ranks agree on the checkpoint
+            try:
+                found = (paths.resolve_resume(self.cfg.checkpoint.resume, self.run_dir), None)
+            except BraidError as e:
+                found = (None, str(e))
+        src, why = self._broadcast(found)
+        if why is not None:
+            return None, {}, 0, None, BraidError(why)
+        meta: dict = {}
+        start, own, err = 0, None, None
+        try:
+            if src is not None:
+                meta = read_meta(src)
+                verify_checkpoint(src, meta, ctx.rank, ctx.world)
+        except BraidError as e:
+            err = e
+        err = self._first_error(err)
+        if err is not None:
+            return src, meta, start, own, err
+        try:
+            if src is not None:
+                accepted = check_resume_config(meta["config"], self.cfg, src)
+                start = meta["step"]
+                if accepted and ctx.is_main:
+                    print(f"resuming with changed keys: {', '.join(accepted)}", file=sys.stderr)
+                own = _rank_file_for(src, ctx.rank, meta)
+            self._refuse_newer(start)
+        except BraidError as e:
+            err = e
+        return src, meta, start, own, err
+
+    def _set_aside(self, src: Path, err: BraidError) -> None:
+        """Rename a damaged checkpoint to `.corrupt-step_X` (kept for inspection, never
+        resumed or pruned) and say so; every rank waits for the rename."""
+        if self.ctx.is_main:
+            aside = src.with_name(f"{paths.CORRUPT_PREFIX}{src.name}")
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(src, aside)
+            print(f"checkpoint {src} is damaged ({err}); moved it to {aside.name} and resuming "
+                  "from the newest intact checkpoint", file=sys.stderr, flush=True)
+        self._barrier()
+
+    def _fork_advice(self, src: Path | None) -> str:
+        older = [p for s, p in paths.complete_checkpoints(self.run_dir)
+                 if src is None or p != src]
+        new = f"{self.run_dir.name}-fork"
+        if older:
+            return (f"to go on from an older checkpoint, fork it under a new name: braid train "
+                    f"... --run.name={new} --checkpoint.resume={older[-1]}")
+        return ("no other checkpoint of this run is complete: start fresh under a new name, "
+                f"braid train ... --run.name={new}")
 
     def _refuse_newer(self, start: int) -> None:
         newer = [s for s, _ in paths.complete_checkpoints(self.run_dir) if s > start]
@@ -170,6 +224,26 @@ class Checkpointer:
         from braid.parallel.distributed import broadcast_object
 
         return broadcast_object(obj, self.ctx)
+
+    def _merge(self, part: dict[str, str]) -> dict[str, str]:
+        """The union of every rank's dict (in one process, `part` itself)."""
+        if not self.ctx.distributed:
+            return part
+        box: list[Any] = [None] * self.ctx.world
+        torch.distributed.all_gather_object(box, part, group=self._group())
+        return {k: v for d in box for k, v in d.items()}
+
+    def _first_error(self, err: BraidError | None) -> BraidError | None:
+        """The first failing rank's error, on every rank (keeps DamagedFile's class)."""
+        if not self.ctx.distributed:
+            return err
+        box: list[Any] = [None] * self.ctx.world
+        mine = None if err is None else (isinstance(err, DamagedFile), str(err))
+        torch.distributed.all_gather_object(box, mine, group=self._group())
+        first = next((m for m in box if m is not None), None)
+        if first is None:
+            return None
+        return (DamagedFile if first[0] else BraidError)(first[1])
 
     def _agree(self, err: BraidError | None) -> None:
         """Raise on every rank if any rank failed a check (first failing rank's message)."""

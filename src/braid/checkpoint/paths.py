@@ -4,6 +4,7 @@ Layout under a run directory:
   checkpoints/step_XXXXXXXX/        a complete checkpoint (renamed into place when done)
   checkpoints/.tmp-step_XXXXXXXX/   one being written (left behind only by a crash)
   checkpoints/.old-step_XXXXXXXX/   one being replaced by a new save of the same step
+  checkpoints/.corrupt-step_XXXXXXXX/  one found damaged at resume, set aside for inspection
 A directory is complete when it is named step_XXXXXXXX and holds meta.json (written last).
 Only rank 0 changes this tree (rename, prune, clean-up); every rank reads it.
 """
@@ -17,6 +18,7 @@ from pathlib import Path
 from braid.errors import BraidError
 
 CKPT_DIR = "checkpoints"
+CORRUPT_PREFIX = ".corrupt-"
 META_FILE = "meta.json"  # written last into a checkpoint: its presence marks completeness
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
 

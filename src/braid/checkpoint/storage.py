@@ -127,6 +127,11 @@ def load_tensors(tree: dict[str, Any], path: Path, distributed: bool, group: Any
     if missing:
         raise BraidError(f"checkpoint {path} lacks {len(missing)} tensors the model needs (first: "
                          f"{missing[0]}); it was written for another model config")
+    extra = _extra_model_keys(tree, reader._metadata)
+    if extra:  # a smaller model would load silently: its config and the tensors disagree
+        raise BraidError(f"checkpoint {path} holds {len(extra)} model tensors this model lacks "
+                         f"(first: {extra[0]}): the model config it was read with is not the "
+                         "one that wrote it (an altered meta.json?)")
     try:
         with _quiet_single_process():
             dcp.load(tree, storage_reader=reader, planner=_TensorOnlyPlanner(),
@@ -148,6 +153,42 @@ def _quiet_single_process() -> Iterator[None]:
 
 def _missing_keys(tree: dict[str, Any], md: dcp_md.Metadata) -> list[str]:
     return sorted(k for k in _flat_keys(tree) if k not in md.state_dict_metadata)
+
+
+def _extra_model_keys(tree: dict[str, Any], md: dcp_md.Metadata) -> list[str]:
+    """Model tensors in the checkpoint that `tree` does not ask for."""
+    if "model" not in tree:
+        return []
+    wanted = set(_flat_keys({"model": tree["model"]}))
+    return sorted(k for k in md.state_dict_metadata if k.startswith("model.") and k not in wanted)
+
+
+def save_error(e: BaseException, path: Path) -> BraidError:
+    """A one-line error for a failed tensor save: the root cause and, when the disk is full or
+    read-only, where and how much space is left. The checkpoint being written is incomplete and
+    ignored; the previous one stays the newest."""
+    from braid.errors import describe_os_error
+
+    cause: BaseException | None = e
+    failures = getattr(e, "failures", None)
+    if failures:
+        cause = next(iter(failures.values()))[0]
+    seen = set()
+    while cause is not None and id(cause) not in seen:  # the OSError under DCP's wrapping
+        seen.add(id(cause))
+        if isinstance(cause, OSError) and cause.errno is not None:
+            return BraidError(describe_os_error(cause, path, "write the checkpoint") +
+                              "; the previous checkpoint is intact")
+        cause = cause.__cause__ or cause.__context__
+    text = _root_cause(e)
+    if "No space left" in text or "file write failed" in text:  # torch's C++ writer says this
+        import errno
+
+        return BraidError(describe_os_error(OSError(errno.ENOSPC, "No space left on device"),
+                                            path, "write the checkpoint") +
+                          "; the previous checkpoint is intact")
+    return BraidError(f"cannot write the checkpoint {path} ({text}); the previous checkpoint "
+                      "is intact")
 
 
 def _flat_keys(tree: dict[str, Any], prefix: str = "") -> list[str]:
