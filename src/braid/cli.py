@@ -158,8 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv  # accepted anywhere: before or after the subcommand
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
+    args.debug = debug
     overrides = [a for a in rest if a.startswith("--") and "=" in a]
     unknown = [a for a in rest if a not in overrides]
     if unknown:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from braid.knobs import check, knob
+from braid.knobs import check, knob, one_of
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -19,7 +19,14 @@ class MetricsConfig:
     )
     expert_load: bool = knob(True, "Record each MoE layer's per-expert token share.")
     tensorboard: bool = knob(False, "Also write TensorBoard event files (needs tensorboard).")
+    on_error: str = knob(
+        "stop",
+        "A metrics file that cannot be written: stop (the run ends with the error, after a"
+        " checkpoint) or continue (train on; the run is marked degraded in the registry and the"
+        " result JSON).",
+    )
 
     def validate(self) -> None:
         check(self.flush_every > 0, "metrics.flush_every", self.flush_every, "must be > 0")
         check(self.flush_seconds > 0, "metrics.flush_seconds", self.flush_seconds, "must be > 0")
+        one_of("metrics.on_error", self.on_error, ("stop", "continue"))

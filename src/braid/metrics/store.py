@@ -129,6 +129,27 @@ class MetricsWriter:
         self._due = time.monotonic() + self.flush_seconds
         self._sink.submit(wait=False)
 
+    @property
+    def error(self) -> str | None:
+        """Why writing failed (the first failure), or None while every write succeeded."""
+        return self._sink.error
+
+    def probe(self) -> None:
+        """Open the file and make its tables now, in this thread: a file that cannot be written
+        (corrupt, read-only, a full disk) is a one-line BraidError before training starts."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            con = duckdb.connect(str(self.path))
+            try:
+                for stmt in SCHEMA:
+                    con.execute(stmt)
+            finally:
+                con.close()
+        except Exception as e:  # duckdb.Error (corrupt file), OSError
+            raise BraidError(f"metrics store {self.path} cannot be written ({type(e).__name__}: "
+                             f"{_first_line(e)}): move it aside or fix its permissions, or set "
+                             "metrics.on_error=continue to train without it") from None
+
     def flush(self) -> None:
         """Write everything buffered so far and wait until it is on disk."""
         self._steps = 0
@@ -179,6 +200,7 @@ class _Sink:
         self._pending_loads: list[tuple[int, int, np.ndarray]] = []
         self._warned: set[str] = set()
         self._pid = os.getpid()
+        self.error: str | None = None  # the first failed write, for the trainer to act on
 
     # main thread
 
@@ -252,6 +274,7 @@ class _Sink:
             finally:
                 con.close()
         except Exception as e:  # duckdb.Error, OSError, or a bad value: keep rows, go on
+            self.error = self.error or f"{type(e).__name__}: {_first_line(e)}"
             self._warn("write", f"metrics not written to {self.path} yet (will retry): {e}")
             self._trim_pending()
             return False
@@ -282,6 +305,11 @@ class _Sink:
         if kind not in self._warned:
             log.warning(msg)
             self._warned.add(kind)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else "no detail"
 
 
 def _insert_metrics(con: Any, rows: list[tuple[int, float, dict[str, float]]]) -> None:

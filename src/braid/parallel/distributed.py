@@ -80,3 +80,20 @@ def broadcast_object(obj: Any, ctx: ParallelContext) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0, group=world_group(ctx))
     return box[0]
+
+
+def raise_on_any(err: BaseException | None, ctx: ParallelContext) -> None:
+    """Raise the first failing rank's error (as a BraidError with its message) on every rank,
+    so that no rank goes on into a collective that the failed one never joins. In one
+    process, raise `err` itself if there is one."""
+    from braid.errors import BraidError
+
+    if not ctx.distributed:
+        if err is not None:
+            raise err
+        return
+    box: list[Any] = [None] * ctx.world
+    dist.all_gather_object(box, None if err is None else str(err), group=world_group(ctx))
+    first = next((m for m in box if m is not None), None)
+    if first is not None:
+        raise BraidError(first)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from braid.config import Config
+from braid.errors import BraidError
 from braid.parallel.mesh import ParallelContext
 
 # Dense bf16 peak per GPU for MFU (vendor datasheets, without sparsity).
@@ -72,6 +73,18 @@ class TrainLogger:
         self.writer = MetricsWriter(run_dir, ctx.rank, flush_every=cfg.metrics.flush_every,
                                     flush_seconds=cfg.metrics.flush_seconds,
                                     tensorboard=cfg.metrics.tensorboard and ctx.is_main)
+        self.degraded: str | None = None  # metrics.on_error=continue and a write failed
+        err = None
+        try:
+            self.writer.probe()  # a corrupt or unwritable metrics file fails here, not later
+        except BraidError as e:
+            if cfg.metrics.on_error == "stop":
+                err = e
+            else:
+                self._degrade(str(e))
+        from braid.parallel.distributed import raise_on_any
+
+        raise_on_any(err, ctx)
         self.db = None
         if ctx.is_main:
             self.db = ExperimentsDB(Path(cfg.run.dir))
@@ -163,7 +176,9 @@ class TrainLogger:
         n = max(self._n, 1)
         return {k: x / n for k, x in zip(keys, v.tolist(), strict=True)}
 
-    def val(self, step: int, loss: float) -> None:
+    def val(self, step: int, loss: float | None) -> None:
+        if loss is None:  # train.val_batches = 0: no validation
+            return
         self.writer.log(step, {"val/loss": loss})
         self.writer.end_step()
         self._print(f"step {step:>6}/{self.cfg.train.steps} | val loss {loss:.4f}")
@@ -186,6 +201,23 @@ class TrainLogger:
         lacks the rows of the steps it does not redo)."""
         self.writer.flush()
 
+    def write_failed(self) -> str | None:
+        """The metrics write error that must stop the run (metrics.on_error=stop), else None;
+        with on_error=continue the run is marked degraded instead."""
+        error = self.writer.error
+        if error is None or self.degraded is not None:
+            return None
+        message = f"metrics store {self.writer.path} cannot be written ({error})"
+        if self.cfg.metrics.on_error == "continue":
+            self._degrade(message)
+            return None
+        return message
+
+    def _degrade(self, message: str) -> None:
+        self.degraded = message
+        print(f"warning: {message}; training goes on without metrics (metrics.on_error="
+              "continue)", file=sys.stderr, flush=True)
+
     def mfu(self) -> float | None:
         m = self._mfu(self.mean_tokens_per_s())
         return None if m is None else round(m, 4)
@@ -196,6 +228,8 @@ class TrainLogger:
             self.bar.close()
             self.bar = None
         self.writer.close()
+        if error is None and self.degraded is not None:
+            error = f"degraded: {self.degraded}"
         if self.db is not None:
             self.db.finish(self.run_id, status, step=step, last_loss=last_loss, error=error)
             self.db = None

@@ -7,8 +7,10 @@ Phases of `train(cfg)`:
      initialised layout-independently (braid.model.init) — or restored from a checkpoint;
   4. loop: grad-accumulated micro-steps, clip, AdamW, router bias update, log/validate/checkpoint;
   5. end: final validation, a checkpoint, summary.json, and one JSON line on stdout (last line).
-SIGTERM (what schedulers send) ends the loop after the current step, on every rank alike: metrics
-flushed, a checkpoint of that step, the run marked killed, then `Stopped` (exit code 143).
+SIGTERM (what schedulers send) or Ctrl-C (SIGINT) ends the loop after the current step, on every
+rank alike: metrics flushed, a checkpoint of that step, the run marked killed, then `Stopped`
+(exit code 143 for SIGTERM, 130 for Ctrl-C); a second signal interrupts at once. A metrics file
+that cannot be written stops the run the same way with a one-line error (metrics.on_error).
 """
 
 from __future__ import annotations
@@ -68,8 +70,11 @@ def loss_fn(model, x, y, cfg: Config, amp) -> tuple[torch.Tensor, dict]:
 
 
 @torch.no_grad()
-def evaluate(model, batches, cfg: Config, amp, ctx: ParallelContext) -> float:
-    """Mean cross-entropy over fixed validation batches (averaged over ranks)."""
+def evaluate(model, batches, cfg: Config, amp, ctx: ParallelContext) -> float | None:
+    """Mean cross-entropy over fixed validation batches (averaged over ranks); None when
+    validation is off (train.val_batches = 0)."""
+    if cfg.train.val_batches == 0:
+        return None
     was_training = model.training
     model.eval()
     total = torch.zeros((), device=ctx.device)
@@ -151,7 +156,7 @@ def _run(cfg, ctx, run_id, run_dir, loader, val_batches, model) -> dict:
     log = TrainLogger(cfg, ctx, run_id, run_dir, arithmetic(cfg).flops_per_token)
     from braid.parallel.expert import watch_exchange_choice  # exchange.algorithm=auto: record
     watch_exchange_choice(model, lambda choice: log.writer.log(state.step, choice.metrics()))
-    with StopOnSigterm() as sigterm:
+    with StopOnSignal() as sigterm:
         try:
             result = _loop(
                 cfg, ctx, model, opt, loader, val_batches, amp, state, ckpt, log, overlap, sigterm
@@ -172,7 +177,7 @@ def _loop(
 ) -> dict:
     tc = cfg.train
     micro_tokens = tc.batch_size // tc.grad_accum * tc.seq_len  # global tokens per micro-step
-    if state.initial_val_loss is None:
+    if state.step == 0:
         state.initial_val_loss = evaluate(model, val_batches, cfg, amp, ctx)
         log.val(state.step, state.initial_val_loss)
     model.train()
@@ -194,14 +199,18 @@ def _loop(
         overlap.flush()  # every deferred weight grad lands before the norm and the step
         grad_norm = _clip(model, tc.grad_clip, ctx)
         ce = torch.stack([p["ce"] for p in parts]).mean()
-        # A SIGTERM on any rank stops every rank after this step; the vote rides on the loss.
-        vote = ce.new_full((), float(sigterm.requested))
+        # A stop signal on any rank, or a metrics file that cannot be written (a host-side flag,
+        # no sync), stops every rank after this step; the votes ride on the loss.
+        failed = log.write_failed()
+        vote = ce.new_tensor([float(sigterm.requested != 0), float(failed is not None)])
         if ctx.distributed:  # the loss of the global batch: every rank reports and decides alike
             from braid.parallel.distributed import all_reduce_mean
 
-            ce, vote = all_reduce_mean(torch.stack([ce, vote]), ctx).unbind()
+            ce, *vote = all_reduce_mean(torch.cat([ce[None], vote]), ctx).unbind()
+            vote = torch.stack(vote)
         # One host sync per step: the loss and grad norm decide whether the step is applied.
-        ce_val, gn_val, votes = torch.stack([ce, grad_norm.float(), vote]).tolist()
+        ce_val, gn_val, votes, fails = torch.cat([torch.stack([ce, grad_norm.float()]),
+                                                  vote]).tolist()
         if not (_finite(ce_val) and _finite(gn_val)):
             if not tc.skip_nonfinite:
                 raise BraidError(
@@ -230,31 +239,43 @@ def _loop(
         log.progress(state.step, train_loss)
         if state.step % tc.val_every == 0 and state.step < stop:
             log.val(state.step, evaluate(model, val_batches, cfg, amp, ctx))
-        stopping = votes > 0 and state.step < stop  # at `stop` the run just finishes
+        stopping = (votes > 0 or fails > 0) and state.step < stop  # at `stop` it just finishes
         every = cfg.checkpoint.every
         if stopping or (every and state.step % every == 0 and state.step < stop):
             log.flush()  # metrics first: a run resumed from here never lacks a step's rows
             ckpt.save(model, opt, loader, state)
+        if stopping and fails > 0:
+            raise BraidError(f"{failed or 'a metrics file of another rank cannot be written'}; "
+                             f"stopped at step {state.step} with a checkpoint: fix it, then "
+                             f"resume with --run.name={ckpt.run_dir.name}")
         if stopping:
+            what = "Ctrl-C" if sigterm.requested == signal.SIGINT else "SIGTERM"
             raise Stopped(
-                f"stopped by SIGTERM at step {state.step}/{stop} with a checkpoint; "
+                f"stopped by {what} at step {state.step}/{stop} with a checkpoint; "
                 f"resume with --run.name={ckpt.run_dir.name}",
-                rank=ctx.rank,
+                rank=ctx.rank, signum=sigterm.requested or signal.SIGTERM,
             )
     final_val = evaluate(model, val_batches, cfg, amp, ctx)
     log.val(state.step, final_val)
     log.flush()
     ckpt.save(model, opt, loader, state)
-    return {
+    result = {
         "steps": state.step,
-        "initial_val_loss": round(state.initial_val_loss, 6),
-        "final_val_loss": round(final_val, 6),
+        "initial_val_loss": _round(state.initial_val_loss),
+        "final_val_loss": _round(final_val),
         "final_train_loss": round(train_loss, 6),
         "tokens_per_s": round(log.mean_tokens_per_s(), 1),
         "mfu": log.mfu(),
         "skipped_steps": state.skipped_steps,
         "fingerprint": cfg.fingerprint(),
     }
+    if log.degraded is not None:
+        result["degraded"] = log.degraded
+    return result
+
+
+def _round(v: float | None) -> float | None:
+    return None if v is None else round(v, 6)
 
 
 def _finite(v: float) -> bool:
@@ -268,42 +289,44 @@ def _clip(model, max_norm: float, ctx: ParallelContext) -> torch.Tensor:
 
 
 class Stopped(Exception):
-    """SIGTERM ended the run at a step boundary, after a checkpoint of that step (every rank
-    raises it; `rank` says which one this is)."""
+    """SIGTERM or Ctrl-C ended the run at a step boundary, after a checkpoint of that step
+    (every rank raises it; `rank` says which one this is). Its exit code is what a shell
+    reports for a process killed by that signal: 143 for SIGTERM, 130 for SIGINT."""
 
-    exit_code = 128 + signal.SIGTERM  # what a shell reports for a process killed by SIGTERM
-
-    def __init__(self, message: str, rank: int = 0):
+    def __init__(self, message: str, rank: int = 0, signum: int = signal.SIGTERM):
         super().__init__(message)
         self.rank = rank
+        self.exit_code = 128 + int(signum)
 
 
-class StopOnSigterm:
-    """While active, SIGTERM sets `requested` (the loop stops after the current step); a second
-    SIGTERM interrupts at once, as Ctrl-C does. Signals reach the main thread only, so in any
-    other thread this does nothing."""
+class StopOnSignal:
+    """While active, SIGTERM and SIGINT (Ctrl-C) set `requested` to the signal's number (the
+    loop stops after the current step); a second one interrupts at once (KeyboardInterrupt).
+    Signals reach the main thread only, so in any other thread this does nothing."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self) -> None:
-        self.requested = False
-        self._previous = None
-        self._installed = False
+        self.requested = 0
+        self._previous: dict[int, object] = {}
 
-    def __enter__(self) -> StopOnSigterm:
+    def __enter__(self) -> StopOnSignal:
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-            self._installed = True
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._installed:
-            previous = signal.SIG_DFL if self._previous is None else self._previous
-            signal.signal(signal.SIGTERM, previous)
-            self._installed = False
+        for s, previous in self._previous.items():
+            signal.signal(s, signal.SIG_DFL if previous is None else previous)
+        self._previous = {}
 
     def _handle(self, signum, frame) -> None:
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested = signum
+        if signum == signal.SIGINT:
+            print("\nCtrl-C: stopping after this step with a checkpoint (again to quit now)",
+                  file=sys.stderr, flush=True)
 
 
 def json_safe(obj):
