@@ -8,6 +8,7 @@ info --knobs | head`) ends the command quietly with 141, as a process killed by 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from pathlib import Path
@@ -70,7 +71,10 @@ def _cmd_generate(args, overrides: list[str]) -> int:
     if not ids:
         raise BraidError("the prompt encodes to no tokens: give some text with --prompt")
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    out = generate(model, torch.tensor([ids], device=device), args.max_new_tokens,
+    n_new = args.max_new_tokens
+    if n_new is None:  # the default: 200 tokens, or what the context leaves room for
+        n_new = max(1, min(200, model.cfg.max_seq_len - len(ids)))
+    out = generate(model, torch.tensor([ids], device=device), n_new,
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    generator=gen, stop_token=None)
     print(tok.decode(out[0].tolist()))
@@ -81,10 +85,11 @@ def _cmd_runs(args, overrides: list[str]) -> int:
     from braid.metrics import format_runs
     from braid.metrics.experiments import ExperimentsDB
 
-    root = Path(args.dir)
+    root = Path(args.run_dir)
     if not (root / "experiments.db").exists():
-        raise BraidError(f"no runs recorded under {root}: train first, or pass --dir RUN_ROOT")
-    print(format_runs(ExperimentsDB(root).list_runs()))
+        raise BraidError(f"no runs recorded under {root}: train first, or pass "
+                         "--run.dir=RUN_ROOT")
+    print(format_runs(ExperimentsDB(root, read_only=True).list_runs()))
     return 0
 
 
@@ -102,8 +107,20 @@ def _cmd_export(args, overrides: list[str]) -> int:
     return 0
 
 
+# Storage problems the user fixes (permissions, a read-only or full disk): one line, exit 2.
+_USER_OS_ERRORS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the house error format: one line, exit code 2 (no usage block)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        print(f"error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="braid", description="Mixture-of-Experts training.")
+    p = _Parser(prog="braid", description="Mixture-of-Experts training.")
     p.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -133,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="sample text from a trained run")
     g.add_argument("--run", required=True, help="a run directory or an exported directory")
     g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=int, default=200)
+    g.add_argument("--max-new-tokens", type=int, default=None,
+                   help="tokens to sample (default: 200, or as many as the context allows)")
     g.add_argument("--temperature", type=float, default=0.8)
     g.add_argument("--top-k", type=int, default=50)
     g.add_argument("--top-p", type=float, default=0.95)
@@ -142,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(fn=_cmd_generate)
 
     r = sub.add_parser("runs", help="list recorded runs")
-    r.add_argument("--dir", default="runs", help="the run.dir root")
+    r.add_argument("--run.dir", "--dir", dest="run_dir", default="runs",
+                   help="the run.dir root (as in train's --run.dir; --dir is the old spelling)")
     r.set_defaults(fn=_cmd_runs)
 
     rep = sub.add_parser("report", help="write report.html for a run")
@@ -182,6 +201,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if args.debug or e.errno not in _USER_OS_ERRORS:
+            raise  # anything else is a bug: keep its traceback
+        from braid.errors import describe_os_error
+
+        doing = "write" if e.errno in (errno.EROFS, errno.ENOSPC, errno.EDQUOT) else "access"
+        print(f"error: {describe_os_error(e, e.filename or '?', doing)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -169,7 +169,12 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     if path:
         p = resolve_config_path(path)
         try:
-            raw = tomllib.loads(p.read_text())
+            raw = tomllib.loads(p.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise BraidError(f"config file {p}: not UTF-8 text (byte {e.start}); TOML files "
+                             "are UTF-8") from None
+        except OSError as e:
+            raise BraidError(f"config file {p} cannot be read ({e.strerror})") from None
         except tomllib.TOMLDecodeError as e:
             raise BraidError(f"config file {p}: invalid TOML: {e}") from None
         for sec, body in raw.items():

@@ -25,6 +25,25 @@ def filter_logits(logits_BV: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tens
     return logits_BV
 
 
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float,
+                   prompt_len: int, ctx_len: int) -> None:
+    """Refuse sampling settings that would silently mean something else (one line each)."""
+    if not max_new_tokens >= 1:
+        raise BraidError(f"--max-new-tokens {max_new_tokens}: must be >= 1")
+    if not temperature >= 0 or temperature == float("inf"):
+        raise BraidError(f"--temperature {temperature}: must be a finite number >= 0 "
+                         "(0 is greedy)")
+    if top_k < 0:
+        raise BraidError(f"--top-k {top_k}: must be >= 0 (0 keeps every token)")
+    if not 0 < top_p <= 1:
+        raise BraidError(f"--top-p {top_p}: must be in (0, 1] (1 keeps every token)")
+    if prompt_len + max_new_tokens > ctx_len:
+        raise BraidError(f"the prompt ({prompt_len} tokens) plus --max-new-tokens "
+                         f"{max_new_tokens} exceed the model's context of {ctx_len} tokens "
+                         f"(model.max_seq_len): ask for at most {max(ctx_len - prompt_len, 0)} "
+                         "new tokens or shorten the prompt")
+
+
 @torch.no_grad()
 def generate(
     model: Transformer,
@@ -40,13 +59,7 @@ def generate(
     """Continue `prompt_BT`; returns [B, T + new] tokens (stops early when all hit stop_token)."""
     model.eval()
     B, T = prompt_BT.shape
-    ctx_len = model.cfg.max_seq_len
-    if T >= ctx_len:
-        raise BraidError(
-            f"prompt is {T} tokens but the model's context is {ctx_len} (model.max_seq_len): "
-            "shorten the prompt"
-        )
-    max_new_tokens = min(max_new_tokens, ctx_len - T)
+    check_sampling(max_new_tokens, temperature, top_k, top_p, T, model.cfg.max_seq_len)
     caches = model.new_caches(B, T + max_new_tokens)
     logits = model(prompt_BT, caches=caches, start_pos=0).logits[:, -1]
     out, done = [prompt_BT], torch.zeros(B, dtype=torch.bool, device=prompt_BT.device)

@@ -113,6 +113,7 @@ def test_train_prints_the_result_as_its_last_stdout_line(cli):
     }
     assert [s for s, _ in paths.complete_checkpoints(run_dir)] == [6]  # the final save
     assert "Traceback" not in cli["train"].stderr
+    assert cli["train"].stderr.splitlines()[0] == f"run cli: {run_dir}"  # said at the start
 
 
 def test_generate_prints_a_continuation_of_the_prompt(cli):
@@ -165,9 +166,11 @@ def test_report_writes_html_whose_plots_exist(cli):
     assert all((run_dir / p).stat().st_size > 1000 for p in pngs)
 
 
-def test_sigterm_stops_with_a_checkpoint_marks_the_run_killed_and_exits_143(cli):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_or_ctrl_c_stops_with_a_checkpoint_marks_the_run_killed(cli, signum):
     # checkpoint.every=0: the stop writes its checkpoint anyway; it is the run's only one
-    args = [*cli["overrides"], "--train.steps=5000", "--checkpoint.every=0", "--run.name=term"]
+    name, what = ("term", "SIGTERM") if signum == signal.SIGTERM else ("int", "Ctrl-C")
+    args = [*cli["overrides"], "--train.steps=5000", "--checkpoint.every=0", f"--run.name={name}"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "braid", "train", *args],
         env=ENV,
@@ -181,24 +184,24 @@ def test_sigterm_stops_with_a_checkpoint_marks_the_run_killed_and_exits_143(cli)
             line = proc.stderr.readline()
             assert line, "".join(lines)[-2000:]  # it ended before step 3
             lines.append(line)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signum)
         out, err = proc.communicate(timeout=60)
     finally:
         proc.kill()  # a no-op once it has exited
-    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert proc.returncode == 128 + signum, err[-2000:]  # 143 for SIGTERM, 130 for Ctrl-C
     assert out == "" and "Traceback" not in err
     last = err.strip().splitlines()[-1]
     m = re.fullmatch(
-        r"stopped by SIGTERM at step (\d+)/5000 with a checkpoint; "
-        r"resume with --run\.name=term",
+        rf"stopped by {what} at step (\d+)/5000 with a checkpoint; "
+        rf"resume with --run\.name={name}",
         last,
     )
     assert m, last
     step = int(m.group(1))
-    run_dir = cli["root"] / "runs" / "term"
+    run_dir = cli["root"] / "runs" / name
     assert 3 <= step < 5000
     assert [s for s, _ in paths.complete_checkpoints(run_dir)] == [step]
-    run = ExperimentsDB(cli["root"] / "runs").get_run("term")
+    run = ExperimentsDB(cli["root"] / "runs").get_run(name)
     assert run["status"] == "killed" and run["step"] == step
     assert [s for s, _ in read_metrics(run_dir)["train/loss"]] == list(range(1, step + 1))
 

@@ -7,8 +7,6 @@ import random
 import subprocess
 import sys
 
-import json
-
 import pytest
 import torch
 from safetensors import safe_open

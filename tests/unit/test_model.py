@@ -42,8 +42,11 @@ def test_kv_cache_decoding_equals_full_recompute():
 
 def test_prompt_longer_than_context_is_refused():
     m = small_model().eval()
-    with pytest.raises(BraidError, match="context is 64"):
+    with pytest.raises(BraidError, match="exceed the model's context of 64 tokens"):
         generate(m, torch.zeros(1, 64, dtype=torch.long), 5)
+    with pytest.raises(BraidError, match="ask for at most 4 new tokens"):  # never cut silently
+        generate(m, torch.zeros(1, 60, dtype=torch.long), 5)
+    assert generate(m, torch.zeros(1, 60, dtype=torch.long), 4, temperature=0).shape == (1, 64)
 
 
 def test_top_k_and_top_p_filters():

@@ -46,6 +46,11 @@ def load_for_inference(path: str | Path, device: torch.device) -> tuple[Transfor
     if not tok.is_file():
         raise BraidError(f"{tok} is missing: a run directory keeps the tokenizer of its data; "
                          "copy the tokenizer.json used for training there")
+    bad = next((n for n, t in model.state_dict().items()
+                if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+    if bad is not None:
+        raise BraidError(f"{path}: weight {bad} holds NaN or infinite values, so the model "
+                         "cannot generate: use a checkpoint from before the values diverged")
     return model, tok
 
 

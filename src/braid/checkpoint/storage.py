@@ -211,4 +211,7 @@ def _root_cause(e: BaseException) -> str:
 
 def _one_line(e: BaseException) -> str:
     text = str(e).strip()
+    if "weights_only" in text or "Weights only load failed" in text:
+        # torch's advice (load with weights_only=False) would run code from the file: never
+        return "a tensor file holds something other than tensors, which braid refuses to load"
     return text.splitlines()[0][:200] if text else "no detail"

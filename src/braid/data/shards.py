@@ -126,6 +126,13 @@ def _rows(dataset: TokenDataset, windows: np.ndarray,
         data = np.empty((0, w), dtype=np.int64)
     else:
         data = np.stack([dataset.read(int(i) * w, w) for i in windows])
+        top = int(data.max())  # a few thousand ids on the host: cheap, and an embedding
+        if top > dataset.max_token_id:  # lookup past the vocabulary would fail mid-step
+            raise DataError(
+                f"token id {top} in {str(dataset.path)!r} exceeds the manifest's max_token_id="
+                f"{dataset.max_token_id}: the shards changed after the manifest was written; "
+                "re-run braid prep"
+            )
     t = torch.from_numpy(data)
     return t[:, :-1].contiguous(), t[:, 1:].contiguous()
 

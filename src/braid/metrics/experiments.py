@@ -83,8 +83,10 @@ _LIST_COLUMNS = (
 class ExperimentsDB:
     """The runs registry at `<root>/experiments.db`; opened (and its schema made) on first use."""
 
-    def __init__(self, root: str | os.PathLike[str], *, stale_after_s: float = STALE_AFTER_S):
+    def __init__(self, root: str | os.PathLike[str], *, stale_after_s: float = STALE_AFTER_S,
+                 read_only: bool = False):
         self.root = Path(root)
+        self.read_only = read_only  # readers (`braid runs`) need no write access
         self.path = self.root / DB_NAME
         self.stale_after_s = float(stale_after_s)
         self._con: sqlite3.Connection | None = None
@@ -99,6 +101,14 @@ class ExperimentsDB:
             return self._con
         if not create and not self.path.exists():
             return None
+        if self.read_only:
+            # mode=ro: no schema, no journal change, no reaping writes; WAL readers still see
+            # the writer's committed rows
+            con = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True,
+                                  timeout=10.0, isolation_level=None, check_same_thread=False)
+            con.row_factory = sqlite3.Row
+            self._con, self._con_pid = con, os.getpid()
+            return con
         self.root.mkdir(parents=True, exist_ok=True)
         con = sqlite3.connect(
             self.path, timeout=10.0, isolation_level=None, check_same_thread=False
@@ -269,6 +279,9 @@ class ExperimentsDB:
         if reason is None:
             return run
         end = run["heartbeat_time"] or run["start_time"]
+        if self.read_only:  # shown as killed; the row is fixed by the next writer that reads it
+            run.update(status="killed", end_time=end, error=reason)
+            return run
         cur = con.execute(
             "UPDATE runs SET status = 'killed', end_time = ?, error = ? "
             "WHERE id = ? AND status = 'running' AND pid IS ? AND host IS ?",
