@@ -117,7 +117,9 @@ class Checkpointer:
             self._set_aside(src, err)  # then try the next newest intact checkpoint
             set_aside += 1
         if isinstance(err, DamagedFile):  # named explicitly: say how to go on from another
-            err = BraidError(f"{err}; {self._fork_advice(src)}")
+            plain = str(err).removesuffix("; resume from another checkpoint")
+            err = BraidError(f"{plain.removesuffix('; resume from another one')}; "
+                             f"{self._fork_advice(src)}")
         elif src is None and set_aside and err is None:  # never restart from 0 unasked
             err = BraidError(f"{self.run_dir} has no intact checkpoint left (damaged ones were "
                              f"set aside as {paths.CORRUPT_PREFIX}step_*): start this run afresh "

@@ -1,0 +1,395 @@
+"""Every bad input a user can give, as a table: each one is a single `error: ...` line on stderr
+with exit code 2 and no traceback (or the documented behaviour, in the tests after the table).
+
+The module trains one tiny run (4 steps, two checkpoints) and exports it; each row copies what
+it damages, so the rows are independent. `braid` runs in this process (`braid.cli.main`), which
+keeps the table fast; the tests that need a process of their own (a planted module beside an
+export, two writers at once) start one.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from braid.checkpoint import paths
+from braid.checkpoint.integrity import hash_files
+from braid.cli import main
+from braid.config import fingerprint_of
+from braid.metrics.experiments import ExperimentsDB
+
+TINY = ["--model.vocab_size=300", "--model.dim=64", "--model.n_heads=4", "--model.n_layers=2",
+        "--model.ffn_hidden=128", "--moe.expert_hidden=64", "--train.batch_size=4",
+        "--train.seq_len=32", "--train.steps=4", "--train.val_batches=1",
+        "--train.progress=false", "--checkpoint.every=2", "--train.log_every=1"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """{root, data, runs, run, export, overrides}: one trained run and its export."""
+    root = tmp_path_factory.mktemp("bad")
+    rnd = random.Random(5)
+    words = "every expert takes its share of the tokens and sends them home again".split()
+    (root / "text.txt").write_text(" ".join(rnd.choice(words) for _ in range(6000)))
+    assert main(["prep", str(root / "text.txt"), "--out", str(root / "data"), "--vocab-size",
+                 "300", "--val-fraction", "0.1"]) == 0
+    overrides = TINY + [f"--data.path={root / 'data'}", f"--run.dir={root / 'runs'}"]
+    assert main(["train", *overrides, "--run.name=base"]) == 0
+    run = root / "runs" / "base"
+    assert main(["export", "--run", str(run), "--out", str(root / "export")]) == 0
+    return {"root": root, "data": root / "data", "runs": root / "runs", "run": run,
+            "export": root / "export", "overrides": overrides}
+
+
+def run(argv: list[str]) -> int:
+    """`braid ARGV` in this process; its exit code (argparse exits through SystemExit)."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return int(e.code)
+
+
+def one_error_line(capsys, code: int) -> str:
+    err = capsys.readouterr().err
+    assert code == 2, err
+    errors = [ln for ln in err.splitlines() if ln.startswith("error")]
+    assert len(errors) == 1 and err.strip().splitlines()[-1] == errors[0], err  # the last line
+    assert "Traceback" not in err
+    return errors[0]
+
+
+# -- what each row damages (a copy of the run, export or data) ----------------------------------
+
+def copy_run(w, tmp: Path) -> Path:
+    runs = tmp / "runs"
+    shutil.copytree(w["run"], runs / "base")
+    (runs / "base" / ".lock").unlink(missing_ok=True)
+    return runs / "base"
+
+
+def copy_export(w, tmp: Path) -> Path:
+    return Path(shutil.copytree(w["export"], tmp / "export"))
+
+
+def flip(path: Path, n: int = 64) -> None:
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + n] = bytes(b ^ 0xFF for b in data[mid:mid + n])
+    path.write_bytes(bytes(data))
+
+
+def newest(run: Path) -> Path:
+    return paths.latest(run)
+
+
+def edit_meta(ckpt: Path, refingerprint: bool) -> None:
+    meta = ckpt / paths.META_FILE
+    body = json.loads(meta.read_text())
+    body["config"]["model"]["n_layers"] = 1
+    if refingerprint:  # a deliberate edit that keeps the file self-consistent
+        body["fingerprint"] = fingerprint_of(body["config"])
+    meta.write_text(json.dumps(body))
+
+
+def nan_export(w, tmp: Path) -> Path:
+    out = copy_export(w, tmp)
+    sd = load_file(out / "model.safetensors")
+    name = next(k for k, v in sd.items() if v.is_floating_point())
+    sd[name] = torch.full_like(sd[name], float("nan"))
+    save_file(sd, out / "model.safetensors")
+    body = json.loads((out / "config.json").read_text())
+    body["hashes"] = hash_files(out, body["hashes"])  # consistent files, NaN weights
+    (out / "config.json").write_text(json.dumps(body))
+    return out
+
+
+def stale_manifest(w, tmp: Path) -> Path:
+    data = Path(shutil.copytree(w["data"], tmp / "data"))
+    man = json.loads((data / "manifest.json").read_text())
+    man["max_token_id"] = 5
+    for split in man["splits"].values():
+        split["max_token_id"] = 5
+    (data / "manifest.json").write_text(json.dumps(man))
+    return data
+
+
+def gen(path, *extra):
+    return ["generate", "--run", str(path), "--prompt", "every expert", "--cpu", *extra]
+
+
+def train_args(w, tmp, *extra, name="x"):
+    return ["train", *w["overrides"], f"--run.dir={tmp / 'runs'}", f"--run.name={name}", *extra]
+
+
+# (id, argv builder(w, tmp) -> list[str], regex the one line must match)
+ROWS = [
+    ("unknown-key", lambda w, t: ["info", "--model.dimm=3"], r"unknown key"),
+    ("bad-type", lambda w, t: ["info", "--model.dim=abc"], r"model.dim='abc': expected int"),
+    ("bad-override", lambda w, t: ["info", "--model.dim"], r"unrecognized arguments"),
+    ("run-name-escapes", lambda w, t: train_args(w, t, name="../../tmp/evil"),
+     r"run.name='../../tmp/evil': must be one path component"),
+    ("run-name-absolute", lambda w, t: train_args(w, t, name="/an/absolute/path"),
+     r"run.name='/an/absolute/path'"),
+    ("config-not-utf8", lambda w, t: ["info", _write(t / "c.toml", b"[model]\ndim = \xff\n")],
+     r"not UTF-8"),
+    ("config-bad-toml", lambda w, t: ["info", _write(t / "c.toml", b"[model\n")],
+     r"invalid TOML"),
+    ("config-missing", lambda w, t: ["info", str(t / "none.toml")], r"not found"),
+    ("unknown-exchange", lambda w, t: ["info", "--exchange.algorithm=nope"],
+     r"unknown exchange 'nope'"),
+    ("plugin-not-importable", lambda w, t: ["info", "--exchange.algorithm=nomod_x:Y"],
+     r"cannot import exchange 'nomod_x:Y'"),
+    ("argparse-bad-int", lambda w, t: gen(w["run"], "--max-new-tokens", "abc"),
+     r"invalid int value"),
+    ("top-p-zero", lambda w, t: gen(w["run"], "--top-p", "0"), r"--top-p 0.0: must be in"),
+    ("top-p-above-one", lambda w, t: gen(w["run"], "--top-p", "1.5"), r"--top-p 1.5"),
+    ("max-new-negative", lambda w, t: gen(w["run"], "--max-new-tokens", "-5"),
+     r"--max-new-tokens -5: must be >= 1"),
+    ("max-new-beyond-context", lambda w, t: gen(w["run"], "--max-new-tokens", "10000"),
+     r"exceed the model's context of 256 tokens"),
+    ("temperature-negative", lambda w, t: gen(w["run"], "--temperature", "-1"),
+     r"--temperature -1.0: must be"),
+    ("top-k-negative", lambda w, t: gen(w["run"], "--top-k", "-1"), r"--top-k -1"),
+    ("empty-prompt", lambda w, t: ["generate", "--run", str(w["run"]), "--prompt", ""],
+     r"encodes to no tokens"),
+    ("generate-missing-run", lambda w, t: gen(t / "nope"), r"does not exist"),
+    ("nan-weights", lambda w, t: gen(nan_export(w, t)), r"holds NaN or infinite values"),
+    ("export-bit-flip", lambda w, t: gen(_damage(copy_export(w, t), "model.safetensors")),
+     r"model.safetensors does not match its blake2b-128 checksum"),
+    ("export-config-edited", lambda w, t: gen(_edit_export(copy_export(w, t))),
+     r"config does not match its fingerprint"),
+    ("export-config-not-utf8", lambda w, t: gen(_garble(copy_export(w, t) / "config.json")),
+     r"not UTF-8"),
+    ("meta-edited", lambda w, t: gen(_edit_meta(copy_run(w, t), False)),
+     r"config does not match its fingerprint"),
+    ("meta-edited-consistently", lambda w, t: gen(_edit_meta(copy_run(w, t), True)),
+     r"holds \d+ model tensors this model lacks"),
+    ("meta-not-utf8", lambda w, t: gen(_garble_meta(copy_run(w, t))), r"not UTF-8"),
+    ("distcp-bit-flip", lambda w, t: gen(_flip_distcp(copy_run(w, t))),
+     r"distcp does not match its blake2b-128 checksum"),
+    ("resume-damaged-explicit", lambda w, t: train_args(
+        w, t, f"--checkpoint.resume={_flip_distcp(copy_run(w, t))}",
+        "--checkpoint.allow_safe_changes=true", name="base"),
+     r"does not match its blake2b-128 checksum: .* on disk; to go on from an older checkpoint, "
+     r"fork it under a new name: braid train \.\.\. "
+     r"--run.name=base-fork --checkpoint.resume=.*step_00000002"),
+    ("rank-file-not-utf8", lambda w, t: train_args(
+        w, t, f"--checkpoint.resume={_garble_rank(copy_run(w, t))}",
+        "--checkpoint.allow_safe_changes=true", name="base"),
+     r"rank_00000.json"),
+    ("export-out-not-empty", lambda w, t: ["export", "--run", str(w["run"]), "--out",
+                                           str(_nonempty(t))], r"non-empty directory"),
+    ("runs-missing-root", lambda w, t: ["runs", f"--run.dir={t / 'none'}"], r"no runs recorded"),
+    ("report-missing-run", lambda w, t: ["report", str(t / "none")], r"none"),
+    ("prep-no-inputs", lambda w, t: ["prep", "--out", str(t / "o")], r"needs input files"),
+    ("stale-manifest", lambda w, t: train_args(w, t, f"--data.path={stale_manifest(w, t)}"),
+     r"exceeds the manifest's max_token_id=5"),
+    ("metrics-db-corrupt-on-resume", lambda w, t: train_args(
+        w, t, "--train.steps=6", "--checkpoint.allow_safe_changes=true",
+        name=_corrupt_metrics(copy_run(w, t))),
+     r"metrics store .*rank_0.duckdb cannot be written"),
+]
+
+
+def _write(path: Path, data: bytes) -> str:
+    path.write_bytes(data)
+    return str(path)
+
+
+def _damage(out: Path, name: str) -> Path:
+    flip(out / name)
+    return out
+
+
+def _edit_export(out: Path) -> Path:
+    body = json.loads((out / "config.json").read_text())
+    body["config"]["model"]["n_layers"] = 1
+    (out / "config.json").write_text(json.dumps(body))
+    return out
+
+
+def _garble(path: Path) -> Path:
+    path.write_bytes(b"\xff\xfe" + path.read_bytes())
+    return path.parent
+
+
+def _edit_meta(run: Path, refingerprint: bool) -> Path:
+    edit_meta(newest(run), refingerprint)
+    return run
+
+
+def _garble_meta(run: Path) -> Path:
+    _garble(newest(run) / paths.META_FILE)
+    return run
+
+
+def _flip_distcp(run: Path) -> Path:
+    ckpt = newest(run)
+    flip(next(ckpt.glob("*.distcp")))
+    return ckpt
+
+
+def _garble_rank(run: Path) -> Path:
+    ckpt = newest(run)
+    f = ckpt / "rank_00000.json"
+    f.write_bytes(b"\xff" + f.read_bytes()[1:])
+    return ckpt
+
+
+def _nonempty(tmp: Path) -> Path:
+    (tmp / "busy").mkdir()
+    (tmp / "busy" / "notes.txt").write_text("keep me")
+    return tmp / "busy"
+
+
+def _corrupt_metrics(run: Path) -> str:
+    (run / "metrics" / "rank_0.duckdb").write_bytes(b"this is not a duckdb file" * 100)
+    return run.name
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[r[0] for r in ROWS])
+def test_bad_input_is_one_line_with_exit_code_2(world, tmp_path, capsys, row):
+    _, argv, pattern = row
+    args = argv(world, tmp_path)
+    capsys.readouterr()
+    line = one_error_line(capsys, run(args))
+    assert __import__("re").search(pattern, line), line
+
+
+# -- documented behaviour (not errors) ----------------------------------------------------------
+
+def test_val_batches_zero_means_no_validation_and_null_in_the_result(world, tmp_path, capsys):
+    assert main(train_args(world, tmp_path, "--train.val_batches=0")) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["initial_val_loss"] is None and result["final_val_loss"] is None
+    assert result["final_train_loss"] > 0
+
+
+def test_corrupt_metrics_with_on_error_continue_trains_and_is_marked_degraded(world, tmp_path,
+                                                                           capsys):
+    name = _corrupt_metrics(copy_run(world, tmp_path))
+    code = main(train_args(world, tmp_path, "--train.steps=6", "--metrics.on_error=continue",
+                           "--checkpoint.allow_safe_changes=true", name=name))
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    result = json.loads(out.out.strip().splitlines()[-1])
+    assert result["steps"] == 6 and "cannot be written" in result["degraded"]
+    run = ExperimentsDB(tmp_path / "runs").get_run(name)
+    assert run["status"] == "finished" and run["error"].startswith("degraded: ")
+
+
+def test_a_second_writer_is_refused_naming_the_first(world, tmp_path, capsys):
+    from braid.train.runlock import RunLock
+
+    (tmp_path / "runs" / "x").mkdir(parents=True)
+    with RunLock(tmp_path / "runs" / "x"):  # this process is the first writer
+        line = one_error_line(capsys, main(train_args(world, tmp_path)))
+    assert f"in use by pid {os.getpid()} on {socket.gethostname()}" in line
+    assert not (tmp_path / "runs" / "x" / "config.toml").exists()  # nothing of it was written
+    assert main(train_args(world, tmp_path, "--train.steps=2")) == 0  # released: it may run
+
+
+def test_two_concurrent_trainings_of_one_run_one_is_refused(world, tmp_path):
+    args = [sys.executable, "-m", "braid", *train_args(world, tmp_path, "--train.steps=40",
+                                                       name="same")]
+    procs = [subprocess.Popen(args, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    codes = sorted(p.returncode for p in procs)
+    assert codes == [0, 2], outs
+    refused = next(err for p, (_, err) in zip(procs, outs) if p.returncode == 2)
+    assert "is in use by pid" in refused.strip().splitlines()[-1]
+    from braid.metrics import read_metrics
+
+    losses = read_metrics(tmp_path / "runs" / "same")["train/loss"]
+    assert [s for s, _ in losses] == list(range(1, 41))  # one writer's rows, not interleaved
+
+
+def test_full_disk_at_a_checkpoint_keeps_the_previous_one_and_records_the_error(
+        world, tmp_path, capsys, monkeypatch):
+    from braid.checkpoint import manager
+
+    real, calls = manager.save_tensors, []
+
+    def full_after_first(*a, **k):
+        calls.append(1)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*a, **k)
+
+    monkeypatch.setattr(manager, "save_tensors", full_after_first)
+    line = one_error_line(capsys, main(train_args(world, tmp_path)))
+    assert "No space left on device" in line and "MiB free there" in line
+    assert "the previous checkpoint is intact" in line
+    run = tmp_path / "runs" / "x"
+    assert [s for s, _ in paths.complete_checkpoints(run)] == [2]
+    row = ExperimentsDB(tmp_path / "runs").get_run("x")
+    assert row["status"] == "failed" and "No space left" in row["error"]
+
+
+def test_read_only_storage_is_one_line(world, tmp_path, capsys, monkeypatch):
+    def refuse(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / "o"))
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    for argv in (train_args(world, tmp_path), ["prep", str(world["root"] / "text.txt"),
+                                               "--out", str(tmp_path / "o")],
+                 ["report", str(world["run"])]):
+        line = one_error_line(capsys, main(argv))
+        assert "Read-only file system" in line, line
+
+
+def test_runs_reader_needs_no_write_access_and_changes_nothing(world, capsys):
+    db = world["runs"] / "experiments.db"
+    before = db.read_bytes()
+    os.chmod(db, 0o444)
+    try:
+        assert main(["runs", f"--run.dir={world['runs']}"]) == 0
+    finally:
+        os.chmod(db, 0o644)
+    assert "base" in capsys.readouterr().out
+    assert db.read_bytes() == before
+
+
+def test_debug_works_after_the_subcommand(capsys):
+    with pytest.raises(Exception, match="must be between 1 and moe.num_experts"):
+        main(["info", "--debug", "--moe.top_k=99"])
+
+
+def test_a_module_planted_beside_an_export_is_never_imported(world, tmp_path):
+    out = copy_export(world, tmp_path)
+    marker = tmp_path / "imported"
+    (out / "evilmod.py").write_text(
+        f"open({str(marker)!r}, 'w').write('ran')\nclass X:\n    pass\n")
+    body = json.loads((out / "config.json").read_text())
+    body["config"]["exchange"]["algorithm"] = "evilmod:X"
+    body["config"]["exchange"]["compressor"] = "evilmod:X"
+    body["fingerprint"] = fingerprint_of(body["config"])  # a carefully made file
+    (out / "config.json").write_text(json.dumps(body))
+    run = copy_run(world, tmp_path)  # the same plant beside a run whose meta.json names it
+    shutil.copy(out / "evilmod.py", run / "evilmod.py")
+    meta = newest(run) / paths.META_FILE
+    body = json.loads(meta.read_text())
+    body["config"]["exchange"]["algorithm"] = "evilmod:X"
+    body["fingerprint"] = fingerprint_of(body["config"])
+    meta.write_text(json.dumps(body))
+    gen_here = ["generate", "--run", ".", "--prompt", "every", "--cpu", "--max-new-tokens", "3"]
+    for cwd, argv in ((out, gen_here), (run, gen_here),
+                      (run, ["export", "--run", ".", "--out", str(tmp_path / "again")])):
+        proc = subprocess.run([sys.executable, "-m", "braid", *argv], cwd=cwd, env=ENV,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert "evilmod:X" in proc.stderr and "not imported" in proc.stderr
+    assert not marker.exists()
