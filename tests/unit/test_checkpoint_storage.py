@@ -29,9 +29,12 @@ def test_tensors_round_trip_in_place(tmp_path):
     load_tensors(dst, tmp_path, distributed=False)
     assert torch.equal(dst["model"]["w"], src["model"]["w"])
     assert torch.equal(dst["optim"]["w"]["step"], src["optim"]["w"]["step"])
-    part = {"model": {"w": torch.zeros(4, 3)}}  # a subset (inference loads only the model)
-    load_tensors(part, tmp_path, distributed=False)
-    assert torch.equal(part["model"]["w"], src["model"]["w"])
+    model_only = {"model": _zeros_like(src)["model"]}  # inference loads only the model
+    load_tensors(model_only, tmp_path, distributed=False)
+    assert torch.equal(model_only["model"]["b"], src["model"]["b"])
+    smaller = {"model": {"w": torch.zeros(4, 3)}}  # a smaller model must not load silently
+    with pytest.raises(BraidError, match="holds 1 model tensors this model lacks"):
+        load_tensors(smaller, tmp_path, distributed=False)
 
 
 class _Evil:
@@ -79,3 +82,22 @@ def test_missing_tensor_names_the_key(tmp_path):
     save_tensors(_tree(), tmp_path, distributed=False)
     with pytest.raises(BraidError, match="first: model.extra"):
         load_tensors({"model": {"extra": torch.zeros(1)}}, tmp_path, distributed=False)
+
+
+def test_torch_advice_to_unpickle_never_reaches_the_user():
+    from braid.checkpoint.storage import _one_line
+
+    e = RuntimeError("Weights only load failed. Re-running `torch.load` with `weights_only` set "
+                     "to `False` will likely succeed, but it can result in arbitrary code "
+                     "execution.\nmore")
+    assert "False" not in _one_line(e) and "refuses" in _one_line(e)
+
+
+def test_a_full_disk_under_torch_c_plus_plus_writer_is_named(tmp_path):
+    from braid.checkpoint.storage import save_error
+
+    e = RuntimeError("[enforce fail at inline_container.cc:858] . PytorchStreamWriter failed "
+                     "writing file data/0: file write failed")
+    msg = str(save_error(e, tmp_path / "ckpt"))
+    assert "No space left on device" in msg and "MiB free there" in msg
+    assert "the previous checkpoint is intact" in msg and "\n" not in msg
