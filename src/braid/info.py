@@ -1,9 +1,13 @@
 """Model arithmetic from the config alone: parameters, active parameters, FLOPs, memory per GPU.
 
-Counts match the built model exactly (a test compares them with `sum(p.numel())`).
+Counts are read from the model built on the meta device (no memory, milliseconds even for
+dsv3), so every architecture option is counted as it is built. Parameter counts are the main
+model's, as model cards report them; the MTP modules' own weights are reported apart.
 Training FLOPs per token follow PaLM (appendix B): 6 * (active matmul parameters) for the
-forward and backward GEMMs, plus 6 * n_layers * dim * seq_len for attention scores and values
-(the causal half of PaLM's 12 * L * d * T).
+forward and backward GEMMs, plus 3 * seq_len * (qk + v) per attention layer for scores and
+values, qk and v the query-key and value widths over all heads (the causal half of PaLM's
+12 * L * d * T when qk = v = dim; MLA: heads * (nope + rope) and heads * v_head_dim). MTP
+modules add their block, projection and one more output-head GEMM per depth.
 
 Memory per GPU (`memory_per_gpu`) follows the layout `braid.parallel` builds, tensor by tensor
 from the model built on the meta device (no memory), for the rank that holds the most:
@@ -33,7 +37,8 @@ class ModelArithmetic:
     embedding_params: int
     expert_params: int  # routed experts over all MoE layers
     dense_params: int  # everything else
-    flops_per_token: float  # training (forward + backward)
+    flops_per_token: float  # training (forward + backward), MTP modules included
+    mtp_params: int = 0  # the MTP modules' own weights (not in total_params)
 
 
 @dataclass(frozen=True)
@@ -48,21 +53,19 @@ class Memory:
 
 def memory_per_gpu(cfg: Config, world: int, ep: int, dense: str = "fsdp") -> Memory:
     """Bytes per GPU under (world, ep, dense); see the module docstring for what is counted."""
-    import torch
-
-    from braid.model.transformer import Transformer
     from braid.moe.experts import GroupedExperts
 
     check_info_layout(cfg, world, ep)
     dp = world // ep
-    with torch.device("meta"):  # exact shapes, no memory
-        model = Transformer(cfg.model, cfg.moe)
+    model = build_meta(cfg)
     experts = {
         id(p) for m in model.modules() if isinstance(m, GroupedExperts) for p in m.parameters()
     }
-    root = [p for n, p in model.named_parameters() if not n.startswith("blocks.")]
+    units = model.units()  # the FSDP units: blocks and MTP modules; the rest is the root's
+    in_unit = {id(p) for u in units for p in u.parameters()}
+    root = [p for p in model.parameters() if id(p) not in in_unit]
     held, gathered = 0, []  # elements this rank holds; elements each FSDP block gathers whole
-    for params in [root] + [list(b.parameters()) for b in model.blocks]:
+    for params in [root] + [list(u.parameters()) for u in units]:
         whole = 0
         for p in params:
             rows, row = p.shape[0], p.numel() // p.shape[0]
@@ -89,41 +92,71 @@ def check_info_layout(cfg: Config, world: int, ep: int) -> None:
         raise BraidError(f"--ep={ep} must divide moe.num_experts={cfg.moe.num_experts}")
 
 
-def arithmetic(cfg: Config, seq_len: int | None = None) -> ModelArithmetic:
-    m, moe = cfg.model, cfg.moe
-    seq_len = seq_len or cfg.train.seq_len
-    D, hd = m.dim, m.head_dim
-    attn = D * m.n_heads * hd + 2 * D * m.kv_heads * hd + m.n_heads * hd * D
-    norms = 2 * D
-    dense_ffn = 3 * D * m.ffn_hidden
-    moe_ids = set(moe.moe_layer_ids(m.n_layers))
-    expert = 3 * D * moe.expert_hidden
-    shared = 3 * D * (moe.shared_hidden or moe.expert_hidden) * moe.num_shared_experts
-    router = moe.num_experts * D
+def build_meta(cfg: Config):
+    """The model on the meta device: exact shapes, no memory (the counts below read it)."""
+    import torch
 
-    emb = m.vocab_size * D
-    out_proj = 0 if m.tie_embeddings else m.vocab_size * D
-    total, experts_total, idle = emb + out_proj + D, 0, 0  # D: the final norm
-    for i in range(m.n_layers):
-        total += attn + norms
-        if i in moe_ids:
-            experts_total += moe.num_experts * expert
-            idle += (moe.num_experts - moe.top_k) * expert
-            total += router + shared + moe.num_experts * expert
-        else:
-            total += dense_ffn
-    active = total - idle
-    # GEMM weights a token goes through: all active weights but norms and the input lookup
-    # (with tied embeddings the one matrix is the output GEMM, so it stays counted).
-    active_matmul = active - norms * m.n_layers - D - (emb if out_proj else 0)
-    flops = 6.0 * active_matmul + 6.0 * m.n_layers * D * seq_len
+    from braid.model.transformer import Transformer
+
+    with torch.device("meta"):
+        return Transformer(cfg.model, cfg.moe)
+
+
+def _attn_dims(m) -> tuple[int, int]:
+    """(query-key width, value width) summed over the heads of one attention layer."""
+    if getattr(m, "attention", "gqa") == "mla":
+        return m.n_heads * (m.qk_nope_head_dim + m.qk_rope_head_dim), m.n_heads * m.v_head_dim
+    hd = getattr(m, "attn_head_dim", None) or m.dim // m.n_heads
+    return m.n_heads * hd, m.n_heads * hd
+
+
+def arithmetic(cfg: Config, seq_len: int | None = None) -> ModelArithmetic:
+    """Counts read from the model built on the meta device, so every option (MLA, biases, gates,
+    MTP) is counted as built. Total/active/experts are the main model's (what model cards
+    report); `mtp_params` are the MTP modules' own weights (embedding and head are shared)."""
+    from braid.moe.layer import MoE
+
+    m = cfg.model
+    seq_len = seq_len or cfg.train.seq_len
+    model = build_meta(cfg)
+    main = {n: p.numel() for n, p in model.named_parameters() if not n.startswith("mtp.")}
+    mtp_names = {n for n, _ in model.named_parameters() if n.startswith("mtp.")}
+    total, mtp_total = sum(main.values()), sum(p.numel() for n, p in model.named_parameters()
+                                               if n in mtp_names)
+    expert_names, idle = set(), {"main": 0, "mtp": 0}
+    for name, mod in model.named_modules():
+        if isinstance(mod, MoE):
+            e_numel = sum(p.numel() for p in mod.experts.parameters())
+            expert_names |= {f"{name}.experts.{n}" for n, _ in mod.experts.named_parameters()}
+            spare = e_numel * (mod.cfg.num_experts - mod.cfg.top_k) // mod.cfg.num_experts
+            idle["mtp" if name.startswith("mtp.") else "main"] += spare
+    experts_total = sum(v for n, v in main.items() if n in expert_names)
+    emb = main["tok_emb.weight"] + main.get("output.weight", 0)
+    active = total - idle["main"]
+
+    # GEMM weights a token goes through: 2-D weights, less the input lookup when the head is a
+    # separate matrix (with tied embeddings the one matrix is the output GEMM, so it counts).
+    def gemm(names) -> int:
+        dims = dict(model.named_parameters())
+        return sum(dims[n].numel() for n in names if dims[n].dim() >= 2)
+
+    lookup = main["tok_emb.weight"] if "output.weight" in main else 0
+    head = m.vocab_size * m.dim
+    active_gemm = gemm(main) - lookup - idle["main"]
+    mtp_gemm = gemm(mtp_names) - idle["mtp"] + m.mtp_depth * head  # each depth runs the head
+    qk, v = _attn_dims(m)
+    # Causal attention, forward + backward: 6 * T/2 * (qk + v) per token and layer (PaLM app. B
+    # with the causal half); the MTP blocks attend too.
+    attn = 3.0 * seq_len * (qk + v) * (m.n_layers + m.mtp_depth)
+    flops = 6.0 * (active_gemm + mtp_gemm) + attn
     return ModelArithmetic(
         total_params=total,
         active_params=active,
-        embedding_params=emb + out_proj,
+        embedding_params=emb,
         expert_params=experts_total,
         dense_params=total - experts_total,
         flops_per_token=flops,
+        mtp_params=mtp_total,
     )
 
 
@@ -135,6 +168,15 @@ def describe(cfg: Config, world: int | None = None, ep: int | None = None) -> st
     n_moe = len(cfg.moe.moe_layer_ids(cfg.model.n_layers))
     lines = [
         f"total parameters      {a.total_params / 1e9:8.3f} B  ({a.total_params:,})",
+        *(
+            [
+                f"  with MTP modules    {(a.total_params + a.mtp_params) / 1e9:8.3f} B  "
+                f"(+{a.mtp_params / 1e9:.3f} B in {cfg.model.mtp_depth} MTP module(s), "
+                f"sharing the embedding and output head)"
+            ]
+            if a.mtp_params
+            else []
+        ),
         f"active per token      {a.active_params / 1e9:8.3f} B  ({a.active_params:,})",
         f"routed experts        {a.expert_params / 1e9:8.3f} B in {n_moe} MoE layers",
         f"train FLOPs / token   {a.flops_per_token / 1e9:8.3f} GFLOP (seq_len {cfg.train.seq_len})",

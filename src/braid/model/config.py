@@ -20,6 +20,12 @@ class ModelConfig:
     norm_eps: float = knob(1e-5, "RMSNorm epsilon.")
     tie_embeddings: bool = knob(True, "Share the input embedding and output projection weights.")
     init_std: float = knob(0.02, "Std of the normal init; output projections are scaled by depth.")
+    mtp_depth: int = knob(
+        0, "Multi-token prediction modules (DeepSeek-V3): module k predicts token t+k+1."
+    )
+    mtp_loss_weight: float = knob(
+        0.3, "Weight of the MTP loss, mean cross-entropy over the mtp_depth modules (lambda)."
+    )
 
     @property
     def kv_heads(self) -> int:
@@ -48,3 +54,5 @@ class ModelConfig:
         check(self.head_dim % 2 == 0, "model.n_heads", self.n_heads, "dim/n_heads must be even")
         check(self.norm_eps > 0, "model.norm_eps", self.norm_eps, "must be > 0")
         check(self.init_std > 0, "model.init_std", self.init_std, "must be > 0")
+        check(self.mtp_depth >= 0, "model.mtp_depth", self.mtp_depth, "must be >= 0")
+        check(self.mtp_loss_weight >= 0, "model.mtp_loss_weight", self.mtp_loss_weight, ">= 0")

@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from braid.model.attention import Attention, KVCache
 from braid.model.config import ModelConfig
 from braid.model.layers import RMSNorm, SwiGLU, rope_table
+from braid.model.mtp import MTPModule
 from braid.moe.config import MoEConfig
 from braid.moe.layer import MoE, MoEStats
 
@@ -28,6 +29,8 @@ class ModelOutput:
     aux_loss: Tensor  # mean over MoE layers (unweighted)
     z_loss: Tensor  # mean over MoE layers (unweighted)
     moe: dict[int, MoEStats] = field(default_factory=dict)  # per MoE layer index
+    # Multi-token prediction (training only): depth k's logits [B, T-k, V], for targets y[:, k:].
+    mtp_logits: list[Tensor] = field(default_factory=list)
 
 
 class Block(nn.Module):
@@ -61,6 +64,15 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(
             Block(cfg, moe_cfg, i in self.moe_layers) for i in range(cfg.n_layers)
         )
+        # MTP modules (DeepSeek-V3): their block is MoE iff the main model's last layer is.
+        # Their MoE layers are numbered n_layers, n_layers+1, ... in `moe_layers`.
+        last_is_moe = cfg.n_layers - 1 in self.moe_layers
+        self.mtp = nn.ModuleList(
+            MTPModule(cfg.dim, cfg.norm_eps, Block(cfg, moe_cfg, last_is_moe))
+            for _ in range(cfg.mtp_depth)
+        )
+        if last_is_moe:
+            self.moe_layers = self.moe_layers + [cfg.n_layers + d for d in range(cfg.mtp_depth)]
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.register_buffer(
@@ -70,22 +82,46 @@ class Transformer(nn.Module):
     def forward(
         self, idx_BT: Tensor, caches: list[KVCache] | None = None, start_pos: int = 0
     ) -> ModelOutput:
+        """Logits of the next token; in training (no caches) also the MTP modules' logits."""
         T = idx_BT.shape[1]
         rope = self.rope[start_pos : start_pos + T]
-        x = self.tok_emb(idx_BT)
+        emb = self.tok_emb(idx_BT)
+        x = emb
         stats: dict[int, MoEStats] = {}
         for i, block in enumerate(self.blocks):
             x, s = block(x, rope, None if caches is None else caches[i])
             if s is not None:
                 stats[i] = s
-                if self.training:
-                    block.ffn.router.record_load(s.counts_E)
-        x = self.norm(x)
-        logits = F.linear(x, self.tok_emb.weight) if self.output is None else self.output(x)
+        logits = self._head(self.norm(x))
+        mtp_logits = []
+        if self.training and caches is None:  # MTP: training only (generate never runs it)
+            h = x
+            for k, module in enumerate(self.mtp, start=1):
+                if T - k <= 0:
+                    break
+                h, hn, s = module(h[:, :-1], emb[:, k:], rope[: T - k])
+                mtp_logits.append(self._head(hn))
+                if s is not None:
+                    stats[self.cfg.n_layers + k - 1] = s
+        if self.training:
+            moes = self.moe_modules()
+            for i, s in stats.items():
+                moes[i].router.record_load(s.counts_E)
         zero = logits.new_zeros((), dtype=torch.float32)
         aux = torch.stack([s.aux_loss for s in stats.values()]).mean() if stats else zero
         z = torch.stack([s.z_loss for s in stats.values()]).mean() if stats else zero
-        return ModelOutput(logits, aux, z, stats)
+        return ModelOutput(logits, aux, z, stats, mtp_logits)
+
+    def _head(self, x_BTD: Tensor) -> Tensor:
+        return F.linear(x_BTD, self.tok_emb.weight) if self.output is None else self.output(x_BTD)
+
+    def units(self) -> list[nn.Module]:
+        """The blocks, then the MTP modules: the units parallelism wraps one by one."""
+        return [*self.blocks, *self.mtp]
+
+    def all_blocks(self) -> list[Block]:
+        """Every transformer block, the MTP modules' included (activation checkpointing)."""
+        return [*self.blocks, *(m.block for m in self.mtp)]
 
     @torch.no_grad()
     def reset_buffers(self) -> None:
@@ -97,7 +133,9 @@ class Transformer(nn.Module):
             moe.router.load_acc.zero_()
 
     def moe_modules(self) -> dict[int, MoE]:
-        return {i: self.blocks[i].ffn for i in self.moe_layers}
+        """MoE layers by index; those of the MTP modules come after the main model's."""
+        blocks = self.all_blocks()
+        return {i: blocks[i].ffn for i in self.moe_layers}
 
     def update_router_biases(self) -> None:
         for moe in self.moe_modules().values():

@@ -55,12 +55,13 @@ def apply_data_parallel(model: nn.Module, cfg: Config, ctx: ParallelContext) -> 
     # Experts that are no FSDP unit of their own (dp = 1) stay out of the dense units.
     ignored = expert_params if ctx.dp == 1 else None
     if cfg.parallel.dense == "fsdp":  # 2.
-        units += [fully_shard(b, mesh=world_mesh, ignored_params=ignored) for b in model.blocks]
+        # One unit per block and per MTP module (model.units()), then the root.
+        units += [fully_shard(b, mesh=world_mesh, ignored_params=ignored) for b in model.units()]
         units.append(fully_shard(model, mesh=world_mesh, ignored_params=ignored))
     else:
         from torch.distributed._composable.replicate_with_fsdp import replicate
 
-        for block in model.blocks:
+        for block in model.units():
             ignored = {p for p in block.parameters() if p in expert_params}
             units.append(replicate(block, mesh=world_mesh, ignored_params=ignored))
         units.append(replicate(model, mesh=world_mesh, ignored_params=expert_params))

@@ -27,7 +27,7 @@ def parallelize(model: nn.Module, cfg: Config, ctx: ParallelContext) -> nn.Modul
         from braid.parallel.expert import apply_expert_parallel
 
         apply_expert_parallel(model, cfg, ctx)  # 1
-    for block in model.blocks:
+    for block in model.all_blocks():  # the MTP modules' blocks included
         block.activation_checkpoint = cfg.parallel.activation_checkpoint  # 2
         if cfg.train.compile:
             block.compile()  # 3: in place, so parameter names do not change
