@@ -36,6 +36,19 @@ SMALL = [
     "--checkpoint.allow_safe_changes=true",
 ]
 E6 = ["--moe.num_experts=6"]  # a model variant: 3 experts per rank at ep=2
+# Every router option and MTP at once: group-limited top-k (4 groups of 2, 2 eligible) on
+# sigmoid scores with the balancing bias, routed_scaling, the gated shared expert, and two MTP
+# modules whose blocks are MoE (the last layer is), each its own FSDP unit.
+ARCH = [
+    "--moe.n_groups=4",
+    "--moe.topk_groups=2",
+    "--moe.score_func=sigmoid",
+    "--moe.bias_balance=true",
+    "--moe.routed_scaling=2.5",
+    "--moe.shared_gate=true",
+    "--model.mtp_depth=2",
+]
+VARIANTS = {"": [], "e6": E6, "arch": ARCH}
 LAYOUTS = {  # name: (model variant, layout)
     "dp2_ep2": ([], ["--parallel.ep=2"]),
     "dp1_ep4": ([], ["--parallel.ep=4"]),
@@ -45,6 +58,8 @@ LAYOUTS = {  # name: (model variant, layout)
         ["--parallel.ep=2", "--parallel.dense=replicate", "--parallel.activation_checkpoint=true"],
     ),
     "dp2_ep2_e6_dim1": (E6, ["--parallel.ep=2"]),
+    "dp2_ep2_arch": (ARCH, ["--parallel.ep=2"]),
+    "dp1_ep4_arch_ac": (ARCH, ["--parallel.ep=4", "--parallel.activation_checkpoint=true"]),
 }
 
 
@@ -91,7 +106,9 @@ def _run(cfg, ctx, run_dir: str | None, start_from: str | None, save_at: int | N
         loss, parts = loss_fn(model, x[:, :-1], x[:, 1:], cfg, amp)
         loss.backward()
         norm = clip_grad_norm(model, cfg.train.grad_clip, ctx)
-        steps.append((float(all_reduce_mean(parts["ce"], ctx)), float(norm)))
+        mtp = parts.get("mtp", torch.zeros(()))  # the MTP loss (ARCH), else 0
+        ce, mtp = all_reduce_mean(torch.stack([parts["ce"], mtp]), ctx).tolist()
+        steps.append((ce, float(norm), mtp))
         opt.step()
         opt.zero_grad(set_to_none=True)
         model.update_router_biases()
@@ -126,7 +143,12 @@ def _single(model: list[str], run_dir: str | None = None, start: str | None = No
 
 def _max_rel(got: list, ref: list) -> tuple[float, float]:
     assert len(got) == len(ref)
-    loss = max(abs(g[0] - r[0]) / abs(r[0]) for g, r in zip(got, ref, strict=True))
+    loss = max(
+        abs(g[i] - r[i]) / max(abs(r[i]), 1e-30)
+        for g, r in zip(got, ref, strict=True)
+        for i in (0, 2)
+        if r[i] or g[i]
+    )
     norm = max(abs(g[1] - r[1]) / abs(r[1]) for g, r in zip(got, ref, strict=True))
     return loss, norm
 
@@ -138,11 +160,12 @@ def test_ep_layouts_match_single_process_and_checkpoint_reshards(four_ranks):
         assert {k: v["steps"] for k, v in r.items()} == {
             k: v["steps"] for k, v in per_rank[0].items()
         }
-    refs = {"": _single([]), "e6": _single(E6)}
-    got = {
-        name: (res["steps"], refs["e6" if "e6" in name else ""])
-        for name, res in per_rank[0].items()
-    }
+    refs = {key: _single(model) for key, model in VARIANTS.items()}
+
+    def variant(name: str) -> str:
+        return next((k for k in VARIANTS if k and f"_{k}" in name), "")
+
+    got = {name: (res["steps"], refs[variant(name)]) for name, res in per_rank[0].items()}
     ckpt = f"{run_dir}/checkpoints/step_{SAVE_AT:08d}"
     got["resumed_single_process"] = (_single([], run_dir, ckpt), refs[""])
     bad = []
