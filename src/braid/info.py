@@ -16,8 +16,10 @@ from the model built on the meta device (no memory), for the rank that holds the
     of world, so rank 0 holds ceil(rows/world) rows); dense=replicate: every dense tensor whole.
     Experts: E/ep per rank, sharded over dp on the dim `expert_shard_dim` picks (ceil on dim 0);
   - FSDP buffers: while a block runs, its sharded tensors are all-gathered whole (fp32, as
-    weights stay fp32 under autocast), the next block's are prefetched, and in backward its
-    whole grads exist until the reduce-scatter: about 3 x the largest block's gathered tensors.
+    weights stay fp32 under autocast; bf16 with parallel.param_dtype=bf16), the next block's
+    are prefetched, and in backward its whole grads exist until the reduce-scatter (bf16, plus
+    the fp32 copy that is reduced, with param_dtype=bf16): about 3 x the largest block's
+    gathered tensors, 12 bytes an element in fp32, 10 with bf16 compute weights.
 Activations are not counted (they depend on batch, seq_len and activation checkpointing).
 """
 
@@ -81,7 +83,10 @@ def memory_per_gpu(cfg: Config, world: int, ep: int, dense: str = "fsdp") -> Mem
                 held += p.numel()
         gathered.append(whole)
     # Peak: this block's gathered weights, the next block's (prefetch), this block's grads.
-    return Memory(states=16.0 * held, buffers=4.0 * 3 * max(gathered))
+    # parallel.param_dtype=bf16: weights gathered in bf16 (2 + 2 bytes), grads computed in bf16
+    # and copied to fp32 for the reduce-scatter (2 + 4); fp32: 4 + 4 + 4. States are the same.
+    per_elem = 10.0 if cfg.parallel.param_dtype == "bf16" else 12.0
+    return Memory(states=16.0 * held, buffers=per_elem * max(gathered))
 
 
 def check_info_layout(cfg: Config, world: int, ep: int) -> None:
@@ -183,6 +188,7 @@ def describe(cfg: Config, world: int | None = None, ep: int | None = None) -> st
         f"memory / GPU          {mem.total / 2**30:8.2f} GiB at world={world}, ep={ep}, "
         f"dp={world // ep}, dense={cfg.parallel.dense} (activations not counted)",
         f"  states / buffers    {mem.states / 2**30:8.2f} GiB fp32 weights+grads+Adam, "
-        f"{mem.buffers / 2**30:.2f} GiB FSDP gathered weights and grads",
+        f"{mem.buffers / 2**30:.2f} GiB FSDP gathered weights and grads "
+        f"(param_dtype {cfg.parallel.param_dtype})",
     ]
     return "\n".join(lines)

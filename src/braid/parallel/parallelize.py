@@ -19,10 +19,16 @@ from __future__ import annotations
 from torch import nn
 
 from braid.config import Config
+from braid.errors import BraidError
 from braid.parallel.mesh import ParallelContext
 
 
 def parallelize(model: nn.Module, cfg: Config, ctx: ParallelContext) -> nn.Module:
+    if cfg.parallel.param_dtype != "fp32" and not ctx.distributed:
+        raise BraidError(
+            f"parallel.param_dtype={cfg.parallel.param_dtype} sets the dtype of FSDP units, which "
+            "exist only under torchrun; in one process use train.dtype=bf16 (autocast) or fp32"
+        )
     if ctx.distributed:
         from braid.parallel.expert import apply_expert_parallel
 
