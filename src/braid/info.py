@@ -4,10 +4,13 @@ Counts are read from the model built on the meta device (no memory, milliseconds
 dsv3), so every architecture option is counted as it is built. Parameter counts are the main
 model's, as model cards report them; the MTP modules' own weights are reported apart.
 Training FLOPs per token follow PaLM (appendix B): 6 * (active matmul parameters) for the
-forward and backward GEMMs, plus 3 * seq_len * (qk + v) per attention layer for scores and
-values, qk and v the query-key and value widths over all heads (the causal half of PaLM's
-12 * L * d * T when qk = v = dim; MLA: heads * (nope + rope) and heads * v_head_dim). MTP
-modules add their block, projection and one more output-head GEMM per depth.
+forward and backward GEMMs, plus the causal half of PaLM's 12 * L * (qk + v)/2 * T for attention
+scores and values, qk and v the query-key and value widths over all heads (6 * n_layers * dim *
+seq_len for the plain block; MLA: heads * (nope + rope) and heads * v_head_dim; a windowed
+layer counts the keys its window keeps). MTP modules add their block, projection and one more
+output-head GEMM per depth. The KV cache per token is what generation stores (MLA: its latent
+and RoPE key) at the compute dtype (bf16 unless train.dtype = fp32), next to the per-head k/v
+cache that multi-head attention with the same heads would store.
 
 Memory per GPU (`memory_per_gpu`) follows the layout `braid.parallel` builds, tensor by tensor
 from the model built on the meta device (no memory), for the rank that holds the most:
@@ -29,6 +32,7 @@ from dataclasses import dataclass
 
 from braid.config import Config
 from braid.errors import BraidError
+from braid.model.config import ModelConfig
 from braid.parallel.mesh import expert_shard_dim
 
 
@@ -97,6 +101,44 @@ def check_info_layout(cfg: Config, world: int, ep: int) -> None:
         raise BraidError(f"--ep={ep} must divide moe.num_experts={cfg.moe.num_experts}")
 
 
+def attention_score_flops(m: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token of q.k and p.v (PaLM's 12 * T * (H * Dh) per layer, halved for
+    causality), MTP blocks included; a windowed layer sees at most `window` keys."""
+    if m.attention == "mla":
+        qk, v = m.n_heads * (m.qk_nope_head_dim + m.qk_rope_head_dim), m.n_heads * m.v_head_dim
+    else:
+        qk = v = m.n_heads * m.attn_head_dim
+    total = 0.0
+    # The MTP blocks attend like the last layer (braid.model.transformer builds them so).
+    for i in [*range(m.n_layers), *[m.n_layers - 1] * m.mtp_depth]:
+        w = m.window_for(i)
+        keys = seq_len / 2 if w == 0 or w >= seq_len else w * (1 - w / (2 * seq_len))
+        total += 6.0 * keys * (qk + v)
+    return total
+
+
+def kv_cache_bytes_per_token(m: ModelConfig, dtype_bytes: int) -> tuple[int, int]:
+    """(bytes this model caches per token per layer, bytes a per-head k/v cache would take):
+    MLA keeps its latent and RoPE key; GQA keeps k and v of each kv head."""
+    if m.attention == "mla":
+        per_head = m.n_heads * (m.qk_nope_head_dim + m.qk_rope_head_dim + m.v_head_dim)
+        return dtype_bytes * (m.kv_lora_rank + m.qk_rope_head_dim), dtype_bytes * per_head
+    gqa = 2 * m.kv_heads * m.attn_head_dim
+    return dtype_bytes * gqa, dtype_bytes * 2 * m.n_heads * m.attn_head_dim
+
+
+def kv_cache_line(cfg: Config) -> str:
+    m = cfg.model
+    dtype, size = ("fp32", 4) if cfg.train.dtype == "fp32" else ("bf16", 2)
+    cached, per_head = kv_cache_bytes_per_token(m, size)
+    kind = "latent + rope key" if m.attention == "mla" else f"k/v of {m.kv_heads} kv heads"
+    return (
+        f"KV cache / token      {cached:8,d} B per layer, {cached * m.n_layers / 1024:.1f} KiB "
+        f"all {m.n_layers} layers ({kind}, {dtype}); per-head k/v of {m.n_heads} heads: "
+        f"{per_head:,d} B per layer, {per_head * m.n_layers / 1024:.1f} KiB"
+    )
+
+
 def build_meta(cfg: Config):
     """The model on the meta device: exact shapes, no memory (the counts below read it)."""
     import torch
@@ -105,14 +147,6 @@ def build_meta(cfg: Config):
 
     with torch.device("meta"):
         return Transformer(cfg.model, cfg.moe)
-
-
-def _attn_dims(m) -> tuple[int, int]:
-    """(query-key width, value width) summed over the heads of one attention layer."""
-    if getattr(m, "attention", "gqa") == "mla":
-        return m.n_heads * (m.qk_nope_head_dim + m.qk_rope_head_dim), m.n_heads * m.v_head_dim
-    hd = getattr(m, "attn_head_dim", None) or m.dim // m.n_heads
-    return m.n_heads * hd, m.n_heads * hd
 
 
 def arithmetic(cfg: Config, seq_len: int | None = None) -> ModelArithmetic:
@@ -149,11 +183,7 @@ def arithmetic(cfg: Config, seq_len: int | None = None) -> ModelArithmetic:
     head = m.vocab_size * m.dim
     active_gemm = gemm(main) - lookup - idle["main"]
     mtp_gemm = gemm(mtp_names) - idle["mtp"] + m.mtp_depth * head  # each depth runs the head
-    qk, v = _attn_dims(m)
-    # Causal attention, forward + backward: 6 * T/2 * (qk + v) per token and layer (PaLM app. B
-    # with the causal half); the MTP blocks attend too.
-    attn = 3.0 * seq_len * (qk + v) * (m.n_layers + m.mtp_depth)
-    flops = 6.0 * (active_gemm + mtp_gemm) + attn
+    flops = 6.0 * (active_gemm + mtp_gemm) + attention_score_flops(m, seq_len)
     return ModelArithmetic(
         total_params=total,
         active_params=active,
@@ -190,5 +220,6 @@ def describe(cfg: Config, world: int | None = None, ep: int | None = None) -> st
         f"  states / buffers    {mem.states / 2**30:8.2f} GiB fp32 weights+grads+Adam, "
         f"{mem.buffers / 2**30:.2f} GiB FSDP gathered weights and grads "
         f"(param_dtype {cfg.parallel.param_dtype})",
+        kv_cache_line(cfg),
     ]
     return "\n".join(lines)

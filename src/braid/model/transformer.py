@@ -17,8 +17,10 @@ from torch.utils.checkpoint import checkpoint
 
 from braid.model.attention import Attention, KVCache
 from braid.model.config import ModelConfig
-from braid.model.layers import RMSNorm, SwiGLU, rope_table
+from braid.model.layers import RMSNorm, SwiGLU
+from braid.model.mla import MLA, LatentCache
 from braid.model.mtp import MTPModule
+from braid.model.rope import rope_table
 from braid.moe.config import MoEConfig
 from braid.moe.layer import MoE, MoEStats
 
@@ -34,15 +36,18 @@ class ModelOutput:
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, moe_cfg: MoEConfig, is_moe: bool):
+    def __init__(self, cfg: ModelConfig, moe_cfg: MoEConfig, is_moe: bool, layer: int = 0):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attn = Attention(cfg)
+        attn_cls = MLA if cfg.attention == "mla" else Attention
+        self.attn = attn_cls(cfg, window=cfg.window_for(layer))
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn = MoE(cfg, moe_cfg) if is_moe else SwiGLU(cfg.dim, cfg.ffn_hidden)
         self.activation_checkpoint = False
 
-    def forward(self, x, rope, cache: KVCache | None = None) -> tuple[Tensor, MoEStats | None]:
+    def forward(
+        self, x, rope, cache: KVCache | LatentCache | None = None
+    ) -> tuple[Tensor, MoEStats | None]:
         if self.activation_checkpoint and self.training:
             return checkpoint(self._forward, x, rope, None, use_reentrant=False)
         return self._forward(x, rope, cache)
@@ -62,25 +67,28 @@ class Transformer(nn.Module):
         self.moe_layers = moe_cfg.moe_layer_ids(cfg.n_layers)
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.blocks = nn.ModuleList(
-            Block(cfg, moe_cfg, i in self.moe_layers) for i in range(cfg.n_layers)
+            Block(cfg, moe_cfg, i in self.moe_layers, layer=i) for i in range(cfg.n_layers)
         )
-        # MTP modules (DeepSeek-V3): their block is MoE iff the main model's last layer is.
-        # Their MoE layers are numbered n_layers, n_layers+1, ... in `moe_layers`.
-        last_is_moe = cfg.n_layers - 1 in self.moe_layers
+        # MTP modules (DeepSeek-V3): their block is built like the main model's last layer (MoE
+        # iff it is, the same attention window). Their MoE layers are numbered n_layers,
+        # n_layers+1, ... in `moe_layers`.
+        last = cfg.n_layers - 1
+        last_is_moe = last in self.moe_layers
         self.mtp = nn.ModuleList(
-            MTPModule(cfg.dim, cfg.norm_eps, Block(cfg, moe_cfg, last_is_moe))
+            MTPModule(cfg.dim, cfg.norm_eps, Block(cfg, moe_cfg, last_is_moe, layer=last))
             for _ in range(cfg.mtp_depth)
         )
         if last_is_moe:
             self.moe_layers = self.moe_layers + [cfg.n_layers + d for d in range(cfg.mtp_depth)]
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self.register_buffer(
-            "rope", rope_table(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta), persistent=False
-        )
+        self.register_buffer("rope", rope_table(cfg), persistent=False)
 
     def forward(
-        self, idx_BT: Tensor, caches: list[KVCache] | None = None, start_pos: int = 0
+        self,
+        idx_BT: Tensor,
+        caches: list[KVCache] | list[LatentCache] | None = None,
+        start_pos: int = 0,
     ) -> ModelOutput:
         """Logits of the next token; in training (no caches) also the MTP modules' logits."""
         T = idx_BT.shape[1]
@@ -126,8 +134,7 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def reset_buffers(self) -> None:
         """Recompute non-parameter state (after `to_empty` from the meta device)."""
-        c = self.cfg
-        self.rope = rope_table(c.head_dim, c.max_seq_len, c.rope_theta).to(self.tok_emb.weight.device)
+        self.rope = rope_table(self.cfg).to(self.tok_emb.weight.device)
         for moe in self.moe_modules().values():
             moe.router.expert_bias.zero_()
             moe.router.load_acc.zero_()
@@ -141,6 +148,6 @@ class Transformer(nn.Module):
         for moe in self.moe_modules().values():
             moe.router.update_bias()
 
-    def new_caches(self, batch: int, max_len: int) -> list[KVCache]:
+    def new_caches(self, batch: int, max_len: int) -> list[KVCache] | list[LatentCache]:
         like = self.tok_emb.weight
         return [b.attn.new_cache(batch, max_len, like) for b in self.blocks]
