@@ -210,3 +210,10 @@ def test_info_counts_mla_and_cache_bytes():
         m = Transformer(gqa.model, gqa.moe)
     assert arithmetic(gqa).total_params == sum(p.numel() for p in m.parameters())
     assert kv_cache_bytes_per_token(gqa.model, 4)[0] == 4 * 2 * 2 * 12
+
+
+def test_info_prints_the_cache_line():
+    from braid.info import describe
+
+    text = describe(load_config(None, SMALL + MLA_OPTS))
+    assert "KV cache / token" in text and "48 B per layer" in text  # (16 + 8) * 2 bytes
