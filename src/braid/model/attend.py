@@ -38,6 +38,7 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
+@torch.compiler.disable  # built eagerly and cached, also inside a compiled block
 @functools.lru_cache(maxsize=32)
 def _block_mask(T: int, window: int, device: str):
     from torch.nn.attention.flex_attention import create_block_mask
@@ -54,7 +55,8 @@ def flex_window_attention(
     """Sliding-window causal attention through flex attention (T == S)."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    fn = _compiled_flex() if compiled else flex_attention
+    # Inside a compiled block (train.compile) the compiler lowers the plain call itself.
+    fn = _compiled_flex() if compiled and not torch.compiler.is_compiling() else flex_attention
     mask = _block_mask(q_BHTd.shape[2], window, str(q_BHTd.device))
     gqa = q_BHTd.shape[1] != k_BKSd.shape[1]
     return fn(q_BHTd, k_BKSd, v_BKSd, block_mask=mask, scale=scale, enable_gqa=gqa)
