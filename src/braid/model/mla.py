@@ -115,13 +115,3 @@ class MLA(nn.Module):
         return LatentCache(
             like.new_zeros(batch, max_len, self.rank), like.new_zeros(batch, max_len, self.rope)
         )
-
-    @staticmethod
-    def cache_elems_per_token(cfg: ModelConfig) -> int:
-        """Cached elements per token in one layer: the latent and the shared RoPE key."""
-        return cfg.kv_lora_rank + cfg.qk_rope_head_dim
-
-    @staticmethod
-    def expanded_elems_per_token(cfg: ModelConfig) -> int:
-        """What a per-head k/v cache of the same heads would hold (for comparison)."""
-        return cfg.n_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim)
