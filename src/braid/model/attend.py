@@ -70,16 +70,19 @@ def attend(
     scale: float | None,
     window: int = 0,
     q_start: int = 0,
+    flex: bool = True,
 ) -> Tensor:
     """softmax(q k^T * scale + causal/window mask) v -> [B, H, T, Dv]; scale None means
-    1/sqrt(Dk). Keys are positions 0..S-1 and queries q_start..q_start+T-1 (S = q_start + T)."""
+    1/sqrt(Dk). Keys are positions 0..S-1 and queries q_start..q_start+T-1 (S = q_start + T).
+    flex=False keeps a window on SDPA with a mask (MLA's absorbed decoding, whose q/k are
+    kv_lora_rank + qk_rope_head_dim wide, beyond what flex attention's kernels are tuned for)."""
     T, S = q_BHTd.shape[2], k_BKSd.shape[2]
     gqa = q_BHTd.shape[1] != k_BKSd.shape[1]
     if q_start == 0 and (window == 0 or window >= T):
         return F.scaled_dot_product_attention(
             q_BHTd, k_BKSd, v_BKSd, is_causal=True, scale=scale, enable_gqa=gqa
         )
-    if q_start == 0 and q_BHTd.is_cuda:
+    if q_start == 0 and flex and q_BHTd.is_cuda:
         return flex_window_attention(q_BHTd, k_BKSd, v_BKSd, scale, window, compiled=True)
     mask = window_mask(T, S, q_start, window, q_BHTd.device)
     return F.scaled_dot_product_attention(

@@ -106,7 +106,9 @@ class MLA(nn.Module):
         k_B1SX = torch.cat([c_BSR, pe_BSP], dim=-1).unsqueeze(1).to(q_BHTX.dtype)
         v_B1SR = c_BSR.unsqueeze(1).to(q_BHTX.dtype)
         scale = self.scale if self.scale is not None else (self.nope + self.rope) ** -0.5
-        o_BHTR = attend(q_BHTX, k_B1SX, v_B1SR, scale=scale, window=self.window, q_start=s0)
+        o_BHTR = attend(
+            q_BHTX, k_B1SX, v_B1SR, scale=scale, window=self.window, q_start=s0, flex=False
+        )
         # Then W_uv on the attention-weighted latent.
         y_BTHV = torch.einsum("bhtr,hvr->bthv", o_BHTR, w_uv_HVR.to(o_BHTR.dtype))
         return self.wo(y_BTHV.reshape(B, T, -1))
