@@ -6,9 +6,9 @@ Which kernel:
   - a sliding window on CUDA without a cache offset: flex attention compiled with a block mask
     (He et al. 2024, "FlexAttention"): fully masked blocks are skipped and no [T, S] mask
     exists. The block mask is built once per (length, window, device) and cached;
-  - everything else (a window on CPU, where flex attention would need an inductor C++ build per
-    shape, or queries after a KV cache, whose T is the few new tokens): SDPA with a boolean
-    [T, S] mask, small for decoding and the only option SDPA offers for a window.
+  - everything else (a window on CPU, where flex attention has no backward in torch 2.13, or
+    queries after a KV cache, whose T is the few new tokens): SDPA with a boolean [T, S] mask,
+    small for decoding and the only option SDPA offers for a window.
 
 Shape legend: B batch, H query heads, K kv heads, T queries, S keys, Dk q/k size, Dv v size.
 """
