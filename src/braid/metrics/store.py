@@ -30,7 +30,6 @@ its lock) and raise BraidError when the run has no metrics file for that rank.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import queue
 import threading
@@ -45,6 +44,7 @@ import duckdb
 import numpy as np
 
 from braid.errors import BraidError
+from braid.metrics import queries
 
 log = logging.getLogger(__name__)
 
@@ -337,7 +337,7 @@ def _insert_loads(con: Any, loads: list[tuple[int, int, np.ndarray]]) -> None:
         con.unregister("_braid_loads")
 
 
-# -- readers ------------------------------------------------------------------------------------
+# -- readers (the SQL lives in queries.py, shared with the dashboard) ---------------------------
 
 
 def _open_read(run_dir: str | PathLike[str], rank: int) -> Any:
@@ -347,14 +347,10 @@ def _open_read(run_dir: str | PathLike[str], rank: int) -> Any:
             f"no metrics for rank {rank} in {run_dir} ({path} is missing): "
             "check the run directory, or wait for the run's first flush"
         )
-    deadline = time.monotonic() + READ_RETRY_S
-    while True:
-        try:
-            return duckdb.connect(str(path), read_only=True)
-        except duckdb.Error as e:  # most likely the writer holds the lock for a moment
-            if time.monotonic() > deadline:
-                raise BraidError(f"cannot read {path}: {e}") from None
-            time.sleep(0.05)
+    try:
+        return queries.open_read(path, READ_RETRY_S)
+    except duckdb.Error as e:
+        raise BraidError(f"cannot read {path}: {e}") from None
 
 
 def read_metrics(run_dir: str | PathLike[str], rank: int = 0) -> dict[str, list[tuple[int, float]]]:
@@ -362,18 +358,10 @@ def read_metrics(run_dir: str | PathLike[str], rank: int = 0) -> dict[str, list[
     its latest value. NaN stays NaN."""
     con = _open_read(run_dir, rank)
     try:
-        rows = con.execute(
-            "SELECT name, step, arg_max(value, wall_time) FROM metrics "
-            "GROUP BY name, step ORDER BY name, step"
-        ).fetchall()
-    except duckdb.CatalogException:
-        rows = []
+        cols = queries.query_metrics(con)
     finally:
         con.close()
-    out: dict[str, list[tuple[int, float]]] = {}
-    for name, step, value in rows:
-        out.setdefault(name, []).append((int(step), math.nan if value is None else value))
-    return out
+    return queries.metrics_from_columns(cols)
 
 
 def read_expert_load(
@@ -383,21 +371,7 @@ def read_expert_load(
     a (step, layer, expert) logged twice is averaged."""
     con = _open_read(run_dir, rank)
     try:
-        cols = con.execute(
-            "SELECT layer, step, expert, avg(fraction) AS fraction FROM expert_load "
-            "GROUP BY layer, step, expert ORDER BY layer, step, expert"
-        ).fetchnumpy()
-    except duckdb.CatalogException:
-        return {}
+        cols = queries.query_expert_load(con)
     finally:
         con.close()
-    layer, step, expert = (np.asarray(cols[k], dtype=np.int64) for k in ("layer", "step", "expert"))
-    fraction = np.ma.filled(np.ma.asarray(cols["fraction"], dtype=np.float64), np.nan)
-    out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    for lay in np.unique(layer):
-        sel = layer == lay
-        steps, row = np.unique(step[sel], return_inverse=True)
-        grid = np.full((len(steps), int(expert[sel].max()) + 1), np.nan)
-        grid[row, expert[sel]] = fraction[sel]
-        out[int(lay)] = (steps, grid)
-    return out
+    return queries.loads_from_columns(cols)
