@@ -13,6 +13,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+from braid.metrics import ExperimentsDB  # noqa: E402
 from harness import SMALL_MODEL  # noqa: E402
 
 TRAIN = [
@@ -33,6 +34,15 @@ def train_command(root: Path, name: str, steps: int, *extra: str) -> list[str]:
     """`python -m braid train` on the built-in corpus into run root `root`."""
     return [sys.executable, "-m", "braid", "train", *TRAIN, f"--train.steps={steps}",
             f"--run.dir={root}", f"--run.name={name}", *extra]  # fmt: skip
+
+
+def register_run(root: Path, run_id: str, name: str = "", config: dict | None = None) -> None:
+    """A finished run in `root`'s registry, without training it."""
+    db = ExperimentsDB(root)
+    db.start(run_id, name=name or run_id, run_dir=str(root / run_id), config=config or {},
+             fingerprint="f", world_size=1, git_rev=None)  # fmt: skip
+    db.finish(run_id, "finished", step=1)
+    db.close()
 
 
 @pytest.fixture(scope="session")

@@ -5,15 +5,24 @@ Contract: `chromium_paths()` is (chromium, chromedriver) or None when either is 
 a new profile in `profile_dir`) and the caller quits it; `serve_in_thread(root)` runs the
 dashboard on a free loopback port and returns (url, stop). No browser is ever downloaded: the
 driver path is given, so selenium's driver manager never runs.
+
+Run as a script it writes the README's screenshot of a real run:
+    PYTHONPATH=src python tests/dash/dash_browser.py docs/dash.png
 """
 
 from __future__ import annotations
 
+import io
+import os
 import shutil
+import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 FLAGS = (
     "--headless",
@@ -77,3 +86,65 @@ def plot_points(driver: Any, plot_id: str) -> int:
             plot_id,
         )
     )
+
+
+def wait_for(fn: Callable[[], Any], timeout_s: float, what: str) -> Any:
+    """Poll `fn` every 0.2 s until it returns something truthy; AssertionError after timeout."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = fn()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(0.2)
+
+
+def screenshot(driver: Any) -> np.ndarray:
+    """The browser's viewport as an RGB array [H, W, 3]."""
+    from PIL import Image
+
+    png = driver.get_screenshot_as_png()
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+
+
+def main() -> None:
+    """Write the README's screenshot: two runs of a few hundred steps trained on the CPU that
+    differ in the learning rate, both picked, after training (a real run, not a mock-up)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/, for harness
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import argparse
+    import subprocess
+    import tempfile
+
+    from PIL import Image
+
+    from conftest import ENV, train_command
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("out", type=Path, help="the PNG to write, e.g. docs/dash.png")
+    p.add_argument("--steps", type=int, default=300)
+    args = p.parse_args()
+    out = args.out.resolve()
+    with tempfile.TemporaryDirectory() as tmp:
+        os.chdir(tmp)  # the page shows the root as given: a relative name, no machine path
+        for name, extra in (("lr3e-3", []), ("lr1e-3", ["--train.lr=1e-3"])):
+            cmd = train_command(Path("runs"), name, args.steps, "--train.val_every=25", *extra)
+            subprocess.run(cmd, env=ENV, check=True, capture_output=True)
+        url, stop = serve_in_thread(Path("runs"))
+        driver = open_browser(Path(tmp) / "profile")
+        try:
+            driver.set_window_size(1400, 2250)
+            driver.get(url + "?run=lr3e-3&run=lr1e-3")
+            wait_for(lambda: plot_points(driver, "plot-loss") >= args.steps, 60, "the loss plot")
+            time.sleep(2)  # let Plotly finish its layout
+            img = Image.fromarray(screenshot(driver))
+        finally:
+            driver.quit()
+            stop()
+    img.quantize(colors=96, method=Image.Quantize.MEDIANCUT).save(out, optimize=True)
+    print(f"{out}: {out.stat().st_size // 1024} KB")
+
+
+if __name__ == "__main__":
+    main()

@@ -28,7 +28,7 @@ from braid.metrics import (
     read_expert_load,
     read_metrics,
 )
-from conftest import ENV
+from conftest import ENV, register_run
 
 
 def _none_nan(values: list) -> list[float]:
@@ -37,14 +37,6 @@ def _none_nan(values: list) -> list[float]:
 
 def _same(got: list, want) -> None:
     np.testing.assert_array_equal(np.array(_none_nan(got), dtype=float), np.asarray(want, float))
-
-
-def _register(root: Path, run_id: str, name: str = "", config: dict | None = None) -> None:
-    db = ExperimentsDB(root)
-    db.start(run_id, name=name or run_id, run_dir=str(root / run_id), config=config or {},
-             fingerprint="f", world_size=1, git_rev=None)  # fmt: skip
-    db.finish(run_id, "finished", step=1)
-    db.close()
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +120,7 @@ def _synthetic_step(w: MetricsWriter, step: int, rng: np.random.Generator, scale
 
 
 def test_incremental_reads_equal_a_full_read_across_flushes_and_a_resume(tmp_path) -> None:
-    _register(tmp_path, "syn")
+    register_run(tmp_path, "syn")
     run = tmp_path / "syn"
     data = dash_data.DashData(tmp_path)
     rng = np.random.default_rng(0)
@@ -166,7 +158,7 @@ def test_incremental_reads_equal_a_full_read_across_flushes_and_a_resume(tmp_pat
 
 
 def test_a_locked_file_answers_the_last_data_at_once(tmp_path) -> None:
-    _register(tmp_path, "busy")
+    register_run(tmp_path, "busy")
     run = tmp_path / "busy"
     data = dash_data.DashData(tmp_path)
     with MetricsWriter(run, 0) as w:
@@ -206,7 +198,7 @@ def test_ids_that_leave_the_run_root_are_refused(tmp_path) -> None:
     evil = ["../outside/secret", str(outside / "secret"), "a/../../outside/secret", "link",
             "metalink", "./link", "a\\..\\b", ""]  # fmt: skip
     for run_id in evil[:-1]:
-        _register(root, run_id)
+        register_run(root, run_id)
     client = create_app(root).test_client()
     for run_id in evil:
         resp = client.get("/api/data", query_string={"run": run_id})
@@ -222,7 +214,7 @@ def test_ids_that_leave_the_run_root_are_refused(tmp_path) -> None:
 
 def test_run_names_travel_as_json_text(tmp_path) -> None:
     name = '<img src=x onerror="document.title=1">'
-    _register(tmp_path, "x", name=name)
+    register_run(tmp_path, "x", name=name)
     resp = create_app(tmp_path).test_client().get("/api/runs")
     assert resp.content_type == "application/json"
     assert resp.get_json()["runs"][0]["name"] == name
