@@ -20,8 +20,9 @@ with the 5 s default, well under 1% of a core), so readers (a report, `duckdb` o
 line) can open it while training runs and a killed process leaves a readable file, losing at
 most the last `flush_seconds` or `flush_every` steps. `flush()` waits until everything logged
 so far is on disk; `close()` also stops the thread (it runs at exit too). Writing never raises
-into training: a failed write (disk full, a reader holding the file lock) warns once and is
-retried with the next flush.
+into training: a reader holding the file lock (a report, `braid dash`: milliseconds) is waited
+for up to `WRITE_LOCK_WAIT_S` in the thread; a write that still fails (disk full, a reader that
+keeps the file open) warns once and is retried with the next flush.
 
 `read_metrics()` / `read_expert_load()` open the file read-only (retrying while a writer holds
 its lock) and raise BraidError when the run has no metrics file for that rank.
@@ -57,6 +58,7 @@ SCHEMA = (
 MAX_PENDING_ROWS = 2_000_000  # rows kept for retry while writes fail; older ones are dropped
 READ_RETRY_S = 10.0
 CLOSE_RETRY_S = 5.0
+WRITE_LOCK_WAIT_S = 1.0
 
 
 def metrics_path(run_dir: str | PathLike[str], rank: int = 0) -> Path:
@@ -239,7 +241,7 @@ class _Sink:
             return True
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            con = duckdb.connect(str(self.path))
+            con = _connect_for_write(self.path)
             try:
                 con.execute("BEGIN TRANSACTION")
                 for stmt in SCHEMA:
@@ -282,6 +284,18 @@ class _Sink:
         if kind not in self._warned:
             log.warning(msg)
             self._warned.add(kind)
+
+
+def _connect_for_write(path: Path) -> Any:
+    """Open `path` for writing, waiting up to WRITE_LOCK_WAIT_S while a reader holds its lock."""
+    deadline = time.monotonic() + WRITE_LOCK_WAIT_S
+    while True:
+        try:
+            return duckdb.connect(str(path))
+        except duckdb.IOException:  # "Could not set lock on file": a reader has it open
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 def _insert_metrics(con: Any, rows: list[tuple[int, float, dict[str, float]]]) -> None:
