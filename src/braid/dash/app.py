@@ -80,7 +80,7 @@ def create_app(root: str | Path, *, local_only: bool = True, poll_ms: int = 2000
 
     @app.get("/api/layout")
     def api_layout() -> Response:
-        return jsonify({**layout(), "poll_ms": poll_ms, "root": str(data.root)})
+        return jsonify({**layout(), "poll_ms": poll_ms, "root": str(root)})
 
     @app.get("/api/runs")
     def api_runs() -> Response:
