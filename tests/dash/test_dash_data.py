@@ -122,7 +122,7 @@ def _synthetic_step(w: MetricsWriter, step: int, rng: np.random.Generator, scale
 def test_incremental_reads_equal_a_full_read_across_flushes_and_a_resume(tmp_path) -> None:
     register_run(tmp_path, "syn")
     run = tmp_path / "syn"
-    data = dash_data.DashData(tmp_path)
+    data = dash_data.DashData(tmp_path, min_read_interval_s=0)
     rng = np.random.default_rng(0)
 
     def check() -> None:
@@ -160,7 +160,7 @@ def test_incremental_reads_equal_a_full_read_across_flushes_and_a_resume(tmp_pat
 def test_a_locked_file_answers_the_last_data_at_once(tmp_path) -> None:
     register_run(tmp_path, "busy")
     run = tmp_path / "busy"
-    data = dash_data.DashData(tmp_path)
+    data = dash_data.DashData(tmp_path, min_read_interval_s=0)
     with MetricsWriter(run, 0) as w:
         w.log(1, {"train/loss": 3.0})
     assert data.run_data("busy")["series"]["train/loss"]["x"] == [1]
@@ -185,6 +185,23 @@ def test_a_locked_file_answers_the_last_data_at_once(tmp_path) -> None:
         hold.wait()
     answer = data.run_data("busy")
     assert not answer["stale"] and answer["series"]["train/loss"]["x"] == [1, 2]
+
+
+def test_a_file_is_read_at_most_once_per_interval(tmp_path) -> None:
+    register_run(tmp_path, "often")
+    data = dash_data.DashData(tmp_path, min_read_interval_s=0.5)
+    with MetricsWriter(tmp_path / "often", 0) as w:
+        w.log(1, {"train/loss": 3.0})
+        w.flush()
+        first = data.run_data("often")
+        w.log(2, {"train/loss": 2.0})
+        w.flush()
+        soon = data.run_data("often")  # the file changed, but it was read just now
+        time.sleep(0.6)
+        later = data.run_data("often")
+    assert first["series"]["train/loss"]["x"] == soon["series"]["train/loss"]["x"] == [1]
+    assert soon["read_at"] == first["read_at"] and not soon["stale"]
+    assert later["series"]["train/loss"]["x"] == [1, 2]
 
 
 def test_ids_that_leave_the_run_root_are_refused(tmp_path) -> None:

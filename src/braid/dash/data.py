@@ -9,11 +9,12 @@ metrics file must resolve inside it too; anything else raises `UnsafeRun`.
 
 Reading while a run writes: every request opens `experiments.db` and the DuckDB file anew and
 closes them before answering (no connection outlives a request). A metrics file is re-read only
-when its size or mtime changed, and then only the rows newer than what was read before (by
-wall_time for metrics; by step for expert load, all of it again after a resume rewinds). The
-DuckDB writer needs the file to itself for its ~20 ms batch writes, so the reader waits at most
-`LOCK_WAIT_S` for it and otherwise answers with the last data it read, marked stale: the writer
-never waits on the dashboard beyond one short read, and retries a missed write at its next flush.
+when its size or mtime changed and at most once per `MIN_READ_INTERVAL_S`, however many pages
+poll, and then only the rows newer than what was read before (by wall_time for metrics; by step
+for expert load, all of it again after a resume rewinds). The DuckDB writer needs the file to
+itself for its batch writes, so the reader waits at most `LOCK_WAIT_S` for it and otherwise
+answers with the last data it read, marked stale. The writer, in its own thread, waits for a
+read in progress (store.WRITE_LOCK_WAIT_S), so training itself never waits on the dashboard.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from braid.metrics.experiments import DB_NAME, ExperimentsDB
 from braid.metrics.store import metrics_path
 
 LOCK_WAIT_S = 0.3
+MIN_READ_INTERVAL_S = 1.0  # per file, however many pages poll: bounds the time we hold its lock
 MAX_POINTS = 5000  # per line sent to the browser; longer series are thinned evenly
 MAX_HEATMAP_COLUMNS = 400
 _SMOOTHED = {names.TRAIN_LOSS} | {p.metric for p in names.SERIES_PANELS if p.smooth}
@@ -95,8 +97,9 @@ class _Snapshot:
 class DashData:
     """Reads for the dashboard's endpoints; safe to share between request threads."""
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, *, min_read_interval_s: float = MIN_READ_INTERVAL_S):
         self.root = Path(root).resolve()
+        self.min_read_interval_s = min_read_interval_s
         self._lock = threading.Lock()
         self._cache: dict[Path, _Snapshot] = {}
 
@@ -161,18 +164,18 @@ class DashData:
         path = _inside(run_dir, metrics_path(run_dir, rank), f"metrics of run {run_id!r}")
         with self._lock:
             snap = self._cache.setdefault(path, _Snapshot())
-            stale, note = _refresh(path, snap)
+            stale, note = _refresh(path, snap, self.min_read_interval_s)
             return _payload(snap, run_id, rank, stale, note)
 
 
-def _refresh(path: Path, snap: _Snapshot) -> tuple[bool, str | None]:
+def _refresh(path: Path, snap: _Snapshot, min_interval_s: float) -> tuple[bool, str | None]:
     """Read what is new in `path` into `snap`; (stale, note) says how fresh the result is."""
     try:
         st = path.stat()
     except FileNotFoundError:
         return False, "no metrics yet (the first flush comes after metrics.flush_seconds)"
     stamp = (st.st_size, st.st_mtime_ns)  # taken before reading, so a write after it re-reads
-    if stamp == snap.stamp:
+    if stamp == snap.stamp or (snap.read_at and time.time() - snap.read_at < min_interval_s):
         return False, None
     try:
         con = queries.open_read(path, LOCK_WAIT_S)

@@ -20,9 +20,9 @@ with the 5 s default, well under 1% of a core), so readers (a report, `duckdb` o
 line) can open it while training runs and a killed process leaves a readable file, losing at
 most the last `flush_seconds` or `flush_every` steps. `flush()` waits until everything logged
 so far is on disk; `close()` also stops the thread (it runs at exit too). Writing never raises
-into training: a reader holding the file lock (a report, `braid dash`: milliseconds) is waited
-for up to `WRITE_LOCK_WAIT_S` in the thread; a write that still fails (disk full, a reader that
-keeps the file open) warns once and is retried with the next flush.
+into training: a reader holding the file lock (a report, `braid dash`: tens to hundreds of
+milliseconds) is waited for up to `WRITE_LOCK_WAIT_S` in the thread; a write that still fails
+(disk full, a reader that keeps the file open) warns once and is retried with the next flush.
 
 `read_metrics()` / `read_expert_load()` open the file read-only (retrying while a writer holds
 its lock) and raise BraidError when the run has no metrics file for that rank.
@@ -58,7 +58,7 @@ SCHEMA = (
 MAX_PENDING_ROWS = 2_000_000  # rows kept for retry while writes fail; older ones are dropped
 READ_RETRY_S = 10.0
 CLOSE_RETRY_S = 5.0
-WRITE_LOCK_WAIT_S = 1.0
+WRITE_LOCK_WAIT_S = 5.0
 
 
 def metrics_path(run_dir: str | PathLike[str], rank: int = 0) -> Path:

@@ -18,7 +18,8 @@ const state = {
 };
 const COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b",
   "#e377c2", "#7f7f7f", "#bcbd22"];
-const PLOT_CONFIG = { displaylogo: false, responsive: true };
+// drag to zoom, double-click to reset; no mode bar over the titles
+const PLOT_CONFIG = { displaylogo: false, responsive: true, displayModeBar: false };
 
 function $(id) { return document.getElementById(id); }
 function plotText(s) {
@@ -161,16 +162,21 @@ function draw(id, traces, layout) {
   else Plotly.purge(div);
 }
 
-function lineTraces(runId, name, s, smooth, label) {
+// Legend names: the metric for one run; the run id (and what the line is) for several.
+function traceName(runId, what) {
+  return state.picked.length > 1 ? `${plotText(runId)} ${what}`.trim() : what || "raw";
+}
+
+function lineTraces(runId, s, smooth, what) {
   const color = colorOf(runId);
-  const tag = state.picked.length > 1 ? `${plotText(runId)} ` : "";
-  const raw = { x: s.x, y: s.y, name: `${tag}${label}`, mode: "lines", type: "scatter",
-    line: { color, width: smooth && s.smooth ? 1 : 1.6 }, opacity: smooth && s.smooth ? 0.35 : 1 };
+  const smoothed = smooth && s.smooth && s.x.length >= 20;
+  const raw = { x: s.x, y: s.y, name: traceName(runId, what), mode: "lines", type: "scatter",
+    line: { color, width: smoothed ? 1 : 1.6 }, opacity: smoothed ? 0.35 : 1 };
   if (s.x.length < 20) { raw.mode = "lines+markers"; raw.marker = { size: 4 }; }
   const out = [raw];
-  if (smooth && s.smooth && s.x.length >= 20) {
-    out.push({ x: s.x, y: s.smooth, name: `${tag}${label} (smoothed)`, mode: "lines",
-      type: "scatter", line: { color, width: 2 } });
+  if (smoothed) {
+    out.push({ x: s.x, y: s.smooth, name: traceName(runId, `${what} smoothed`.trim()),
+      mode: "lines", type: "scatter", line: { color, width: 2 } });
   }
   return out;
 }
@@ -192,9 +198,9 @@ function drawAll() {
   let traces = [], ys = [];
   for (const [id, d] of runs) {
     const train = d.series[L.loss.train], val = d.series[L.loss.val];
-    if (train) { traces.push(...lineTraces(id, L.loss.train, train, true, L.loss.train)); ys.push(...train.y); }
+    if (train) { traces.push(...lineTraces(id, train, true, "train")); ys.push(...train.y); }
     if (val) {
-      traces.push({ x: val.x, y: val.y, name: `${state.picked.length > 1 ? plotText(id) + " " : ""}${L.loss.val}`,
+      traces.push({ x: val.x, y: val.y, name: traceName(id, "val"),
         mode: "lines+markers", type: "scatter", line: { color: colorOf(id), dash: "dot", width: 2 },
         marker: { size: 6 } });
       ys.push(...val.y);
@@ -205,9 +211,10 @@ function drawAll() {
     traces = []; ys = [];
     for (const [id, d] of runs) {
       const s = d.series[p.metric];
-      if (s) { traces.push(...lineTraces(id, p.metric, s, p.smooth, p.metric)); ys.push(...s.y); }
+      if (s) { traces.push(...lineTraces(id, s, p.smooth, "")); ys.push(...s.y); }
     }
-    draw(ensurePanel("series-grid", `plot-${p.key}`), traces, axisLayout(p.title, p.log_y, ys));
+    const title = `${p.title} <span style="font-size:11px;color:#888">${plotText(p.metric)}</span>`;
+    draw(ensurePanel("series-grid", `plot-${p.key}`), traces, axisLayout(title, p.log_y, ys));
   }
   drawLoad(runs);
   drawOverlap(runs);
@@ -215,7 +222,7 @@ function drawAll() {
   for (const [id, d] of runs) {
     for (const name of Object.keys(d.series).sort()) {
       if (!name.startsWith(L.fp8_prefix)) continue;
-      traces.push(...lineTraces(id, name, d.series[name], false, name));
+      traces.push(...lineTraces(id, d.series[name], false, name.slice(L.fp8_prefix.length)));
       ys.push(...d.series[name].y);
     }
   }
