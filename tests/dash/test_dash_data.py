@@ -204,6 +204,19 @@ def test_a_file_is_read_at_most_once_per_interval(tmp_path) -> None:
     assert later["series"]["train/loss"]["x"] == [1, 2]
 
 
+def test_a_page_holding_the_latest_read_gets_unchanged(tmp_path) -> None:
+    register_run(tmp_path, "u")
+    client = create_app(tmp_path).test_client()
+    with MetricsWriter(tmp_path / "u", 0) as w:
+        w.log(1, {"train/loss": 3.0})
+    first = client.get("/api/data?run=u").get_json()
+    same = client.get(f"/api/data?run=u&have={first['read_at']!r}").get_json()
+    assert same["unchanged"] and "series" not in same and same["read_at"] == first["read_at"]
+    old = client.get(f"/api/data?run=u&have={first['read_at'] - 1!r}").get_json()
+    assert not old["unchanged"] and old["series"] == first["series"]
+    assert client.get("/api/data?run=u&have=soon").status_code == 400
+
+
 def test_ids_that_leave_the_run_root_are_refused(tmp_path) -> None:
     root, outside = tmp_path / "runs", tmp_path / "outside"
     with MetricsWriter(outside / "secret", 0) as w:

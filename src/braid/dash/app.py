@@ -6,7 +6,8 @@ Routes (all GET):
                            installed `plotly` package: nothing is fetched from the internet
   /api/layout              the panels and metric names to draw (from braid.metrics.names)
   /api/runs                the registry's runs, newest first
-  /api/data?run=ID&rank=R  one run's plot data (see data.py)
+  /api/data?run=ID&rank=R[&have=T]  one run's plot data (see data.py); `have` = the read_at
+                           of the answer the page holds: "unchanged" while nothing newer
   /api/diff?a=ID&b=ID      config keys whose values differ between two runs
 
 Errors are JSON `{"error": ...}`: 400 for an id that would leave the run root or a bad rank,
@@ -91,7 +92,11 @@ def create_app(root: str | Path, *, local_only: bool = True, poll_ms: int = 2000
         rank = request.args.get("rank", "0")
         if not rank.isdigit():
             return _error(400, f"rank={rank!r}: expected a non-negative integer")
-        return _answer(lambda: data.run_data(request.args.get("run", ""), int(rank)))
+        try:
+            have = float(request.args["have"]) if "have" in request.args else None
+        except ValueError:
+            return _error(400, f"have={request.args['have']!r}: expected a number")
+        return _answer(lambda: data.run_data(request.args.get("run", ""), int(rank), have))
 
     @app.get("/api/diff")
     def api_diff() -> Any:

@@ -92,6 +92,7 @@ class _Snapshot:
     loads: queries.Loads = field(default_factory=dict)
     load_step: int | None = None
     read_at: float | None = None
+    body: dict[str, Any] | None = None  # the answer's data part for this read
 
 
 class DashData:
@@ -155,8 +156,10 @@ class DashData:
 
     # -- metrics ----------------------------------------------------------------------------
 
-    def run_data(self, run_id: str, rank: int = 0) -> dict[str, Any]:
-        """One rank's plot data: series, expert load heatmaps, the overlap table."""
+    def run_data(self, run_id: str, rank: int = 0, have: float | None = None) -> dict[str, Any]:
+        """One rank's plot data: series, expert load heatmaps, the overlap table. A caller that
+        holds the answer read at `have` (its `read_at`) gets `{"unchanged": true, ...}` without
+        the data while nothing newer was read."""
         world = self._registered(run_id).get("world_size") or 1
         if not 0 <= rank < world:
             raise BraidError(f"rank={rank} for run {run_id!r}: expected 0..{world - 1}")
@@ -165,7 +168,13 @@ class DashData:
         with self._lock:
             snap = self._cache.setdefault(path, _Snapshot())
             stale, note = _refresh(path, snap, self.min_read_interval_s)
-            return _payload(snap, run_id, rank, stale, note)
+            head = {"run": run_id, "rank": rank, "stale": stale, "note": note,
+                    "read_at": snap.read_at, "last_step": snap.max_step}  # fmt: skip
+            if have is not None and have == snap.read_at:
+                return {**head, "unchanged": True}
+            if snap.body is None:  # built once per read, shared by every page that asks
+                snap.body = _body(snap)
+            return {**head, "unchanged": False, **snap.body}
 
 
 def _refresh(path: Path, snap: _Snapshot, min_interval_s: float) -> tuple[bool, str | None]:
@@ -198,7 +207,7 @@ def _refresh(path: Path, snap: _Snapshot, min_interval_s: float) -> tuple[bool, 
     snap.loads = new_loads if after is None else _append_loads(snap.loads, new_loads)
     steps = [int(s[-1]) for s, _ in snap.loads.values() if len(s)]
     snap.load_step = max(steps) if steps else None
-    snap.stamp, snap.read_at = stamp, time.time()
+    snap.stamp, snap.read_at, snap.body = stamp, time.time(), None
     return False, None
 
 
@@ -240,7 +249,7 @@ def _pad(grid: np.ndarray, width: int) -> np.ndarray:
     return np.pad(grid, ((0, 0), (0, width - grid.shape[1])), constant_values=np.nan)
 
 
-def _payload(snap: _Snapshot, run_id: str, rank: int, stale: bool, note: str | None) -> dict:
+def _body(snap: _Snapshot) -> dict[str, Any]:
     series = {}
     overlap_series = {}
     for name, (s, v, _) in snap.series.items():
@@ -267,12 +276,6 @@ def _payload(snap: _Snapshot, run_id: str, rank: int, stale: bool, note: str | N
         for layer, d in queries.overlap_by_layer(overlap_series).items()
     ]
     return {
-        "run": run_id,
-        "rank": rank,
-        "stale": stale,
-        "note": note,
-        "last_step": snap.max_step,
-        "read_at": snap.read_at,
         "series": series,
         "load": load,
         "overlap": overlap,

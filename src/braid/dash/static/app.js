@@ -295,8 +295,11 @@ async function refreshData() {
   const notes = [];
   await Promise.all(state.picked.map(async (id) => {
     try {
-      const d = await getJSON(`api/data?run=${encodeURIComponent(id)}&rank=${encodeURIComponent(state.rank)}`);
-      state.data.set(id, d);
+      const old = state.data.get(id);
+      let url = `api/data?run=${encodeURIComponent(id)}&rank=${encodeURIComponent(state.rank)}`;
+      if (old && old.read_at != null) url += `&have=${old.read_at}`; // "unchanged" if no news
+      const d = await getJSON(url);
+      if (!d.unchanged) state.data.set(id, d);
       if (d.note) notes.push(`${id}: ${d.note}`);
     } catch (e) {
       state.data.delete(id);
