@@ -163,7 +163,7 @@ class DashData:
         world = self._registered(run_id).get("world_size") or 1
         if not 0 <= rank < world:
             raise BraidError(f"rank={rank} for run {run_id!r}: expected 0..{world - 1}")
-        run_dir = self.run_dir(run_id)
+        run_dir = _inside(self.root, self.root / run_id, f"run {run_id!r}")
         path = _inside(run_dir, metrics_path(run_dir, rank), f"metrics of run {run_id!r}")
         with self._lock:
             snap = self._cache.setdefault(path, _Snapshot())
