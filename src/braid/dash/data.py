@@ -13,8 +13,9 @@ when its size or mtime changed and at most once per `MIN_READ_INTERVAL_S`, howev
 poll, and then only the rows newer than what was read before (by wall_time for metrics; by step
 for expert load, all of it again after a resume rewinds). The DuckDB writer needs the file to
 itself for its batch writes, so the reader waits at most `LOCK_WAIT_S` for it and otherwise
-answers with the last data it read, marked stale. The writer, in its own thread, waits for a
-read in progress (store.WRITE_LOCK_WAIT_S), so training itself never waits on the dashboard.
+answers with the last data it read, marked stale. The writer waits for a read in progress in
+its own thread (store.WRITE_LOCK_WAIT_S): a training step never waits on the dashboard; a flush
+that training waits for (a checkpoint, the end) waits at most for one read in progress.
 """
 
 from __future__ import annotations
@@ -86,8 +87,9 @@ class _Snapshot:
     """What was read of one metrics file so far."""
 
     stamp: tuple[int, int] | None = None  # (size, mtime_ns) of the file when last read
+    # name -> (steps, values, walls) sorted by step, one row per step
     series: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict)
-    max_wall: float | None = None  # name -> (steps, values, walls) sorted by step
+    max_wall: float | None = None
     max_step: int | None = None
     loads: queries.Loads = field(default_factory=dict)
     load_step: int | None = None
