@@ -10,10 +10,12 @@ metrics file must resolve inside it too; anything else raises `UnsafeRun`.
 Reading while a run writes: every request opens `experiments.db` and the DuckDB file anew and
 closes them before answering (no connection outlives a request). A metrics file is re-read only
 when its size or mtime changed and at most once per `MIN_READ_INTERVAL_S`, however many pages
-poll, and then only the rows newer than what was read before (by wall_time for metrics; by step
-for expert load, all of it again after a resume rewinds). The DuckDB writer needs the file to
-itself for its batch writes, so the reader waits at most `LOCK_WAIT_S` for it and otherwise
-answers with the last data it read, marked stale. The writer waits for a read in progress in
+poll, and then only the rows newer than what was read before (by wall_time for metrics, by step
+for expert load). A first read, or one after a resume logged earlier steps again, copies the
+file under the lock and queries the copy, so the lock is held for a copy at disk speed, not for
+the queries of a large file; incremental reads query the file itself (milliseconds). The
+DuckDB writer needs the file to itself for its batch writes, so the reader waits at most
+`LOCK_WAIT_S` for it and otherwise answers with the last data it read, marked stale. The writer waits for a read in progress in
 its own thread (store.WRITE_LOCK_WAIT_S): a training step never waits on the dashboard; a flush
 that training waits for (a checkpoint, the end) waits at most for one read in progress.
 """
@@ -21,6 +23,8 @@ that training waits for (a checkpoint, the end) waits at most for one read in pr
 from __future__ import annotations
 
 import math
+import shutil
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -188,29 +192,55 @@ def _refresh(path: Path, snap: _Snapshot, min_interval_s: float) -> tuple[bool, 
     stamp = (st.st_size, st.st_mtime_ns)  # taken before reading, so a write after it re-reads
     if stamp == snap.stamp or (snap.read_at and time.time() - snap.read_at < min_interval_s):
         return False, None
+    fresh = snap.read_at is None
     try:
-        con = queries.open_read(path, LOCK_WAIT_S)
+        if not fresh:
+            con = queries.open_read(path, LOCK_WAIT_S)
+            try:
+                cols = queries.query_metrics(con, since_wall=snap.max_wall)
+                newer = cols["wall"] > (-math.inf if snap.max_wall is None else snap.max_wall)
+                # a resumed run logs earlier steps again: read everything afresh
+                fresh = snap.max_step is not None and bool(
+                    (cols["step"][newer] <= snap.max_step).any()
+                )
+                if not fresh:
+                    load_cols = queries.query_expert_load(con, after_step=snap.load_step)
+            finally:
+                con.close()
+        if fresh:
+            cols, load_cols = _read_copy(path)
     except duckdb.Error:
         when = time.strftime("%H:%M:%S", time.localtime(snap.read_at)) if snap.read_at else "-"
         return True, f"metrics file busy (being written); showing data read at {when}"
-    try:
-        cols = queries.query_metrics(con, since_wall=snap.max_wall)
-        new_wall = cols["wall"] > (snap.max_wall if snap.max_wall is not None else -math.inf)
-        # a resumed run logs steps again: read the expert load from the start
-        rewound = snap.max_step is not None and bool(
-            (cols["step"][new_wall] <= snap.max_step).any()
-        )
-        after = None if rewound else snap.load_step
-        load_cols = queries.query_expert_load(con, after_step=after)
-    finally:
-        con.close()
+    if fresh:
+        snap.series, snap.max_wall, snap.max_step, snap.loads = {}, None, None, {}
     _merge_metrics(snap, cols)
     new_loads = queries.loads_from_columns(load_cols)
-    snap.loads = new_loads if after is None else _append_loads(snap.loads, new_loads)
+    snap.loads = new_loads if fresh else _append_loads(snap.loads, new_loads)
     steps = [int(s[-1]) for s, _ in snap.loads.values() if len(s)]
     snap.load_step = max(steps) if steps else None
     snap.stamp, snap.read_at, snap.body = stamp, time.time(), None
     return False, None
+
+
+def _read_copy(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Every row of `path` (metrics, expert load), queried from a private copy: the writer's
+    lock is held while the file is copied (disk speed), not while a large file is queried."""
+    with tempfile.TemporaryDirectory(prefix="braid-dash-") as tmp:
+        copy = Path(tmp) / path.name
+        con = queries.open_read(path, LOCK_WAIT_S)  # a shared lock: no writer while copying
+        try:
+            shutil.copyfile(path, copy)
+            wal = path.with_name(path.name + ".wal")  # left by a killed writer, if any
+            if wal.exists():
+                shutil.copyfile(wal, copy.with_name(copy.name + ".wal"))
+        finally:
+            con.close()
+        con = duckdb.connect(str(copy), read_only=True)
+        try:
+            return queries.query_metrics(con), queries.query_expert_load(con)
+        finally:
+            con.close()
 
 
 def _merge_metrics(snap: _Snapshot, cols: dict[str, np.ndarray]) -> None:
