@@ -15,9 +15,10 @@ for expert load). A first read, or one after a resume logged earlier steps again
 file under the lock and queries the copy, so the lock is held for a copy at disk speed, not for
 the queries of a large file; incremental reads query the file itself (milliseconds). The
 DuckDB writer needs the file to itself for its batch writes, so the reader waits at most
-`LOCK_WAIT_S` for it and otherwise answers with the last data it read, marked stale. The writer waits for a read in progress in
-its own thread (store.WRITE_LOCK_WAIT_S): a training step never waits on the dashboard; a flush
-that training waits for (a checkpoint, the end) waits at most for one read in progress.
+`LOCK_WAIT_S` for it and otherwise answers with the last data it read, marked stale. The writer
+waits for a read in progress in its own thread (store.WRITE_LOCK_WAIT_S): a training step never
+waits on the dashboard; a flush that training waits for (a checkpoint, the end) waits at most
+for one read in progress.
 """
 
 from __future__ import annotations
