@@ -292,9 +292,9 @@ def _connect_for_write(path: Path) -> Any:
     while True:
         try:
             return duckdb.connect(str(path))
-        except duckdb.IOException:  # "Could not set lock on file": a reader has it open
-            if time.monotonic() > deadline:
-                raise
+        except duckdb.IOException as e:  # "Could not set lock on file": a reader has it open
+            if "lock" not in str(e) or time.monotonic() > deadline:
+                raise  # another I/O error (a full disk) fails at once
             time.sleep(0.01)
 
 
