@@ -83,7 +83,6 @@ def layout() -> dict[str, Any]:
             for p in names.SERIES_PANELS
         ],
         "fp8_prefix": names.FP8_PREFIX,
-        "overlap_prefix": "overlap/",
     }
 
 
