@@ -100,6 +100,16 @@ def _cmd_report(args, overrides: list[str]) -> int:
     return 0
 
 
+def _cmd_dash(args, overrides: list[str]) -> int:
+    from braid.dash import require_extras
+
+    require_extras()
+    from braid.dash.app import serve
+
+    serve(args.run_dir or args.root, args.host, args.port, allow_remote=args.allow_remote)
+    return 0
+
+
 def _cmd_export(args, overrides: list[str]) -> int:
     from braid.checkpoint.export import export
 
@@ -167,6 +177,15 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="write report.html for a run")
     rep.add_argument("run_dir")
     rep.set_defaults(fn=_cmd_report)
+
+    dash = sub.add_parser("dash", help="live dashboard of the runs under a run root")
+    dash.add_argument("root", nargs="?", default="runs", help="the run.dir root (default: runs)")
+    dash.add_argument("--run.dir", dest="run_dir", default=None, help="the same, as train spells it")
+    dash.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    dash.add_argument("--port", type=int, default=8050)
+    dash.add_argument("--allow-remote", action="store_true",
+                      help="allow a non-loopback --host (no login: anyone reaching it reads runs)")
+    dash.set_defaults(fn=_cmd_dash)
 
     e = sub.add_parser("export", help="write consolidated safetensors weights and config")
     e.add_argument("--run", required=True)

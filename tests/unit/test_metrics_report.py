@@ -95,3 +95,15 @@ def test_empty_run_dir_raises(tmp_path: Path) -> None:
     with pytest.raises(BraidError, match="no metrics rows"):
         write_report(tmp_path)
     assert not (tmp_path / "report.html").exists()
+
+
+def test_every_names_panel_the_run_logged_gets_a_png(tmp_path: Path) -> None:
+    from braid.metrics import names
+
+    with MetricsWriter(tmp_path, 0) as w:
+        for s in range(30):
+            w.log(s, {p.metric: 1.0 + s % 3 for p in names.SERIES_PANELS})
+    page = write_report(tmp_path).read_text()
+    for p in names.SERIES_PANELS:
+        assert _is_png(tmp_path / "report" / p.file), p.file
+        assert f'src="report/{p.file}"' in page and p.title in page

@@ -165,6 +165,28 @@ def test_locked_file_is_retried(tmp_path: Path, caplog: pytest.LogCaptureFixture
         assert _count(metrics_path(tmp_path, 0)) == 2
 
 
+def test_a_reader_holding_the_file_briefly_delays_the_write_not_fails_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with MetricsWriter(tmp_path, 0) as w:
+        w.log(0, {"a": 0.0})
+        w.flush()
+        # another process (a report, the dashboard) reads for 0.3 s
+        code = (
+            "import duckdb, sys, time; c = duckdb.connect(sys.argv[1], read_only=True); "
+            "print('open', flush=True); time.sleep(0.3)"
+        )
+        path = str(metrics_path(tmp_path, 0))
+        reader = subprocess.Popen([sys.executable, "-c", code, path], stdout=subprocess.PIPE)
+        assert reader.stdout.readline().strip() == b"open"
+        with caplog.at_level(logging.WARNING, logger="braid.metrics.store"):
+            w.log(1, {"a": 1.0})
+            w.flush()
+        reader.wait(timeout=30)
+        assert not caplog.records  # waited for the reader: no failed write
+        assert _count(metrics_path(tmp_path, 0)) == 2
+
+
 def test_killed_process_leaves_the_rows_of_its_last_seconds_readable(tmp_path: Path) -> None:
     # 50 steps 10 ms apart, flush_seconds=0.2, then a kill: no explicit flush, no close.
     script = textwrap.dedent(

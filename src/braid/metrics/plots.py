@@ -1,7 +1,8 @@
 """Report plots: each function renders one PNG from metric series with matplotlib's Agg canvas.
 
 Contract: `plot_loss`, `plot_series`, `plot_expert_load` and `plot_imbalance` take data as
-returned by `read_metrics` / `read_expert_load` and a target path, and write the PNG atomically
+returned by `read_metrics` / `read_expert_load` (smoothing, binning and the imbalance ratio come
+from queries.py, which the dashboard shares) and a target path, and write the PNG atomically
 (temp file + rename). They use `matplotlib.figure.Figure` with `FigureCanvasAgg` directly, so
 they never touch pyplot or the process-wide backend. Heatmaps are binned to at most
 `MAX_HEATMAP_COLUMNS` step columns so long runs stay readable.
@@ -22,7 +23,9 @@ from matplotlib.colors import Normalize, TwoSlopeNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-Series = list[tuple[int, float]]
+from braid.metrics import names, queries
+from braid.metrics.queries import Series
+
 MAX_HEATMAP_COLUMNS = 600
 
 
@@ -54,20 +57,6 @@ def _xy(series: Series) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-def _smooth(y: np.ndarray) -> np.ndarray:
-    """Bias-corrected EMA with a span of ~2% of the points; NaNs are skipped."""
-    span = max(2.0, len(y) / 50)
-    a = 2.0 / (span + 1.0)
-    out = np.full_like(y, np.nan)
-    m, w = 0.0, 0.0
-    for i, v in enumerate(y):
-        if math.isfinite(v):
-            m, w = (1 - a) * m + a * v, (1 - a) * w + a
-        if w:
-            out[i] = m / w
-    return out
-
-
 def _style(ax: Any, title: str, ylabel: str, y: np.ndarray, log_y: bool) -> None:
     ax.set_title(title)
     ax.set_xlabel("step")
@@ -90,7 +79,7 @@ def plot_series(
     ax = fig.add_subplot()
     if smooth and len(y) >= 20:
         ax.plot(x, y, color="C0", alpha=0.3, linewidth=0.8, label=label)
-        ax.plot(x, _smooth(y), color="C0", linewidth=1.6, label=f"{label} (smoothed)")
+        ax.plot(x, queries.smooth(y), color="C0", linewidth=1.6, label=f"{label} (smoothed)")
         ax.legend(loc="best", fontsize=8)
     else:
         ax.plot(x, y, color="C0", marker="o" if len(y) < 20 else None, markersize=3, linewidth=1.4)
@@ -101,7 +90,7 @@ def plot_series(
 
 def plot_loss(metrics: dict[str, Series], path: Path) -> bool:
     """`train/loss` (raw and smoothed) with `val/loss` on one axis; False if neither exists."""
-    train, val = metrics.get("train/loss"), metrics.get("val/loss")
+    train, val = metrics.get(names.TRAIN_LOSS), metrics.get(names.VAL_LOSS)
     if not train and not val:
         return False
     fig = _new_figure(9.0, 4.2)
@@ -111,30 +100,24 @@ def plot_loss(metrics: dict[str, Series], path: Path) -> bool:
         x, y = _xy(train)
         ys.append(y)
         if len(y) >= 20:
-            ax.plot(x, y, color="C0", alpha=0.3, linewidth=0.8, label="train/loss")
-            ax.plot(x, _smooth(y), color="C0", linewidth=1.6, label="train/loss (smoothed)")
+            ax.plot(x, y, color="C0", alpha=0.3, linewidth=0.8, label=names.TRAIN_LOSS)
+            ax.plot(
+                x,
+                queries.smooth(y),
+                color="C0",
+                linewidth=1.6,
+                label=f"{names.TRAIN_LOSS} (smoothed)",
+            )
         else:
-            ax.plot(x, y, color="C0", marker="o", markersize=3, label="train/loss")
+            ax.plot(x, y, color="C0", marker="o", markersize=3, label=names.TRAIN_LOSS)
     if val:
         x, y = _xy(val)
         ys.append(y)
-        ax.plot(x, y, color="C3", marker="o", markersize=4, linewidth=1.6, label="val/loss")
+        ax.plot(x, y, color="C3", marker="o", markersize=4, linewidth=1.6, label=names.VAL_LOSS)
     ax.legend(loc="best", fontsize=8)
     _style(ax, "Loss", "loss", np.concatenate(ys), log_y=True)
     _save(fig, path)
     return True
-
-
-def _bin_columns(steps: np.ndarray, grid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Average runs of steps so a heatmap has at most MAX_HEATMAP_COLUMNS columns."""
-    n = len(steps)
-    if n <= MAX_HEATMAP_COLUMNS:
-        return steps.astype(np.float64), grid
-    edges = np.linspace(0, n, MAX_HEATMAP_COLUMNS + 1).astype(int)
-    xs = np.array([steps[a:b].mean() for a, b in zip(edges[:-1], edges[1:], strict=True)])
-    with np.errstate(all="ignore"):
-        cols = [np.nanmean(grid[a:b], axis=0) for a, b in zip(edges[:-1], edges[1:], strict=True)]
-    return xs, np.stack(cols)
 
 
 def _edges(x: np.ndarray) -> np.ndarray:
@@ -147,7 +130,7 @@ def _edges(x: np.ndarray) -> np.ndarray:
 def plot_expert_load(loads: dict[int, tuple[np.ndarray, np.ndarray]], path: Path) -> None:
     """One heatmap panel per layer (experts x steps), diverging around the balanced share."""
     layers = sorted(loads)
-    binned = {la: _bin_columns(*loads[la]) for la in layers}
+    binned = {la: queries.bin_columns(*loads[la], MAX_HEATMAP_COLUMNS) for la in layers}
     values = np.concatenate([g.ravel() for _, g in binned.values()])
     finite = values[np.isfinite(values)]
     center = float(
@@ -196,9 +179,7 @@ def plot_imbalance(loads: dict[int, tuple[np.ndarray, np.ndarray]], path: Path) 
     ax = fig.add_subplot()
     for la in sorted(loads):
         steps, g = loads[la]
-        with np.errstate(all="ignore"):
-            ratio = np.nanmax(g, axis=1) / np.nanmean(g, axis=1)
-        ax.plot(steps, ratio, linewidth=1.2, label=f"layer {la}")
+        ax.plot(steps, queries.imbalance(g), linewidth=1.2, label=f"layer {la}")
     ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
     if len(loads) <= 12:
         ax.legend(loc="best", fontsize=8, ncols=2 if len(loads) > 6 else 1)

@@ -2,7 +2,8 @@
 
 Contract: `write_report(run_dir, rank=0)` reads that rank's metrics (see store.py) and writes
   * loss.png            `train/loss` (raw and smoothed) and `val/loss`
-  * lr.png, tokens_per_s.png, grad_norm.png   `train/lr`, `train/tokens_per_s`, `train/grad_norm`
+  * <key>.png           one per `names.SERIES_PANELS` entry the run logged: lr, tokens_per_s,
+                        grad_norm, mfu, aux_loss, z_loss, skipped_steps
   * expert_load.png     one heatmap panel per MoE layer: experts on y, steps on x, colour = share
                         of tokens (white = balanced, red = overloaded, blue = underloaded)
   * expert_imbalance.png  max / mean expert share per layer over steps
@@ -10,7 +11,8 @@ and an HTML page with those plots, the summary (`<run_dir>/summary.json`), a tab
 communication per layer (metrics `overlap/exposed_ms/layer<i>`, `overlap/exchange_ms/layer<i>`),
 a table of every metric, and the config (`<run_dir>/config.json`). A plot or section whose
 inputs are absent is skipped. Every file is written to a temp name and renamed into place.
-Raises BraidError when the run has no metrics. The plots themselves are drawn by plots.py.
+Raises BraidError when the run has no metrics. The plots themselves are drawn by plots.py; metric
+names come from names.py and the derived numbers from queries.py, shared with `braid dash`.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from __future__ import annotations
 import html
 import json
 import math
-import re
 import time
 from os import PathLike
 from pathlib import Path
@@ -27,19 +28,17 @@ from typing import Any
 import numpy as np
 
 from braid.errors import BraidError
+from braid.metrics import names, queries
 from braid.metrics import plots as draw
-from braid.metrics.plots import Series
+from braid.metrics.queries import Series
 from braid.metrics.store import read_expert_load, read_metrics
 
 PLOT_FILES = (
     "loss.png",
-    "lr.png",
-    "tokens_per_s.png",
-    "grad_norm.png",
+    *(p.file for p in names.SERIES_PANELS),
     "expert_load.png",
     "expert_imbalance.png",
 )
-_OVERLAP = re.compile(r"^overlap/(exposed_ms|exchange_ms)/layer(\d+)$")
 
 
 def write_report(run_dir: str | PathLike[str], rank: int = 0) -> Path:
@@ -57,16 +56,12 @@ def write_report(run_dir: str | PathLike[str], rank: int = 0) -> Path:
     figs: list[tuple[str, str]] = []  # (file, caption)
     if draw.plot_loss(metrics, out / "loss.png"):
         figs.append(("loss.png", "Loss"))
-    for name, file, title, log_y, smooth in (
-        ("train/lr", "lr.png", "Learning rate", False, False),
-        ("train/tokens_per_s", "tokens_per_s.png", "Throughput (tokens/s)", False, True),
-        ("train/grad_norm", "grad_norm.png", "Gradient norm", True, True),
-    ):
-        plotted = name in metrics and draw.plot_series(
-            metrics[name], out / file, title, name, log_y, smooth
+    for p in names.SERIES_PANELS:
+        plotted = p.metric in metrics and draw.plot_series(
+            metrics[p.metric], out / p.file, p.title, p.metric, p.log_y, p.smooth
         )
         if plotted:
-            figs.append((file, title))
+            figs.append((p.file, p.title))
     load_plots = []
     if loads:
         draw.plot_expert_load(loads, out / "expert_load.png")
@@ -107,12 +102,12 @@ def _summary_section(summary: dict[str, Any], metrics: dict[str, Series]) -> str
     rows: list[tuple[str, Any]] = list(_flatten(summary).items())
     known = {k for k, _ in rows}
     derived = []
-    for name in ("train/loss", "val/loss"):
+    for name in (names.TRAIN_LOSS, names.VAL_LOSS):
         if metrics.get(name):
             step, value = metrics[name][-1]
             derived.append((f"final {name} (step {step})", value))
-    if metrics.get("val/loss"):
-        step, value = min(metrics["val/loss"], key=lambda sv: (not math.isfinite(sv[1]), sv[1]))
+    if metrics.get(names.VAL_LOSS):
+        step, value = min(metrics[names.VAL_LOSS], key=lambda sv: (not math.isfinite(sv[1]), sv[1]))
         derived.append((f"best val/loss (step {step})", value))
     last = max((s[-1][0] for s in metrics.values() if s), default=None)
     if last is not None:
@@ -122,27 +117,19 @@ def _summary_section(summary: dict[str, Any], metrics: dict[str, Series]) -> str
 
 
 def _overlap_section(metrics: dict[str, Series]) -> str:
-    per_layer: dict[int, dict[str, float]] = {}
-    for name, series in metrics.items():
-        m = _OVERLAP.match(name)
-        if m and series:
-            vals = np.array([v for _, v in series], dtype=np.float64)
-            vals = vals[np.isfinite(vals)]
-            if vals.size:
-                per_layer.setdefault(int(m.group(2)), {})[m.group(1)] = float(np.median(vals))
+    per_layer = queries.overlap_by_layer(metrics)
     if not per_layer:
         return ""
     rows = []
-    tot = {"exchange_ms": 0.0, "exposed_ms": 0.0}
-    for layer in sorted(per_layer):
-        d = per_layer[layer]
-        ex, xp = d.get("exchange_ms"), d.get("exposed_ms")
+    tot = {names.OVERLAP_EXCHANGE: 0.0, names.OVERLAP_EXPOSED: 0.0}
+    for layer, d in per_layer.items():
+        ex, xp = d.get(names.OVERLAP_EXCHANGE), d.get(names.OVERLAP_EXPOSED)
         hidden = f"{100 * (1 - xp / ex):.1f}%" if ex and xp is not None else ""
         rows.append((f"layer {layer}", _fmt(ex), _fmt(xp), hidden))
         for k in tot:
             tot[k] += d.get(k, 0.0)
     if len(per_layer) > 1:
-        ex, xp = tot["exchange_ms"], tot["exposed_ms"]
+        ex, xp = tot[names.OVERLAP_EXCHANGE], tot[names.OVERLAP_EXPOSED]
         hidden = f"{100 * (1 - xp / ex):.1f}%" if ex else ""
         rows.append(("total", _fmt(ex), _fmt(xp), hidden))
     head = ("layer", "exchange ms", "exposed ms", "hidden")

@@ -20,8 +20,9 @@ with the 5 s default, well under 1% of a core), so readers (a report, `duckdb` o
 line) can open it while training runs and a killed process leaves a readable file, losing at
 most the last `flush_seconds` or `flush_every` steps. `flush()` waits until everything logged
 so far is on disk; `close()` also stops the thread (it runs at exit too). Writing never raises
-into training: a failed write (disk full, a reader holding the file lock) warns once and is
-retried with the next flush.
+into training: a reader holding the file lock (a report, `braid dash`: tens to hundreds of
+milliseconds) is waited for up to `WRITE_LOCK_WAIT_S` in the thread; a write that still fails
+(disk full, a reader that keeps the file open) warns once and is retried with the next flush.
 
 `read_metrics()` / `read_expert_load()` open the file read-only (retrying while a writer holds
 its lock) and raise BraidError when the run has no metrics file for that rank.
@@ -30,7 +31,6 @@ its lock) and raise BraidError when the run has no metrics file for that rank.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import queue
 import threading
@@ -45,6 +45,7 @@ import duckdb
 import numpy as np
 
 from braid.errors import BraidError
+from braid.metrics import queries
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ SCHEMA = (
 MAX_PENDING_ROWS = 2_000_000  # rows kept for retry while writes fail; older ones are dropped
 READ_RETRY_S = 10.0
 CLOSE_RETRY_S = 5.0
+WRITE_LOCK_WAIT_S = 5.0
 
 
 def metrics_path(run_dir: str | PathLike[str], rank: int = 0) -> Path:
@@ -139,7 +141,7 @@ class MetricsWriter:
         (corrupt, read-only, a full disk) is a one-line BraidError before training starts."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            con = duckdb.connect(str(self.path))
+            con = _connect_for_write(self.path)
             try:
                 for stmt in SCHEMA:
                     con.execute(stmt)
@@ -261,7 +263,7 @@ class _Sink:
             return True
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            con = duckdb.connect(str(self.path))
+            con = _connect_for_write(self.path)
             try:
                 con.execute("BEGIN TRANSACTION")
                 for stmt in SCHEMA:
@@ -274,7 +276,8 @@ class _Sink:
             finally:
                 con.close()
         except Exception as e:  # duckdb.Error, OSError, or a bad value: keep rows, go on
-            self.error = self.error or f"{type(e).__name__}: {_first_line(e)}"
+            if not _lock_conflict(e):  # a reader holding the file longer is retried, not fatal
+                self.error = self.error or f"{type(e).__name__}: {_first_line(e)}"
             self._warn("write", f"metrics not written to {self.path} yet (will retry): {e}")
             self._trim_pending()
             return False
@@ -310,6 +313,23 @@ class _Sink:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0][:200] if text else "no detail"
+
+
+def _lock_conflict(e: BaseException) -> bool:
+    """A reader holds the file's lock (DuckDB: "Could not set lock on file")."""
+    return isinstance(e, duckdb.IOException) and "lock" in str(e)
+
+
+def _connect_for_write(path: Path) -> Any:
+    """Open `path` for writing, waiting up to WRITE_LOCK_WAIT_S while a reader holds its lock."""
+    deadline = time.monotonic() + WRITE_LOCK_WAIT_S
+    while True:
+        try:
+            return duckdb.connect(str(path))
+        except duckdb.IOException as e:  # "Could not set lock on file": a reader has it open
+            if not _lock_conflict(e) or time.monotonic() > deadline:
+                raise  # another I/O error (a full disk) fails at once
+            time.sleep(0.01)
 
 
 def _insert_metrics(con: Any, rows: list[tuple[int, float, dict[str, float]]]) -> None:
@@ -365,7 +385,7 @@ def _insert_loads(con: Any, loads: list[tuple[int, int, np.ndarray]]) -> None:
         con.unregister("_braid_loads")
 
 
-# -- readers ------------------------------------------------------------------------------------
+# -- readers (the SQL lives in queries.py, shared with the dashboard) ---------------------------
 
 
 def _open_read(run_dir: str | PathLike[str], rank: int) -> Any:
@@ -375,14 +395,10 @@ def _open_read(run_dir: str | PathLike[str], rank: int) -> Any:
             f"no metrics for rank {rank} in {run_dir} ({path} is missing): "
             "check the run directory, or wait for the run's first flush"
         )
-    deadline = time.monotonic() + READ_RETRY_S
-    while True:
-        try:
-            return duckdb.connect(str(path), read_only=True)
-        except duckdb.Error as e:  # most likely the writer holds the lock for a moment
-            if time.monotonic() > deadline:
-                raise BraidError(f"cannot read {path}: {e}") from None
-            time.sleep(0.05)
+    try:
+        return queries.open_read(path, READ_RETRY_S)
+    except duckdb.Error as e:
+        raise BraidError(f"cannot read {path}: {e}") from None
 
 
 def read_metrics(run_dir: str | PathLike[str], rank: int = 0) -> dict[str, list[tuple[int, float]]]:
@@ -390,18 +406,10 @@ def read_metrics(run_dir: str | PathLike[str], rank: int = 0) -> dict[str, list[
     its latest value. NaN stays NaN."""
     con = _open_read(run_dir, rank)
     try:
-        rows = con.execute(
-            "SELECT name, step, arg_max(value, wall_time) FROM metrics "
-            "GROUP BY name, step ORDER BY name, step"
-        ).fetchall()
-    except duckdb.CatalogException:
-        rows = []
+        cols = queries.query_metrics(con)
     finally:
         con.close()
-    out: dict[str, list[tuple[int, float]]] = {}
-    for name, step, value in rows:
-        out.setdefault(name, []).append((int(step), math.nan if value is None else value))
-    return out
+    return queries.metrics_from_columns(cols)
 
 
 def read_expert_load(
@@ -411,21 +419,7 @@ def read_expert_load(
     a (step, layer, expert) logged twice is averaged."""
     con = _open_read(run_dir, rank)
     try:
-        cols = con.execute(
-            "SELECT layer, step, expert, avg(fraction) AS fraction FROM expert_load "
-            "GROUP BY layer, step, expert ORDER BY layer, step, expert"
-        ).fetchnumpy()
-    except duckdb.CatalogException:
-        return {}
+        cols = queries.query_expert_load(con)
     finally:
         con.close()
-    layer, step, expert = (np.asarray(cols[k], dtype=np.int64) for k in ("layer", "step", "expert"))
-    fraction = np.ma.filled(np.ma.asarray(cols["fraction"], dtype=np.float64), np.nan)
-    out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    for lay in np.unique(layer):
-        sel = layer == lay
-        steps, row = np.unique(step[sel], return_inverse=True)
-        grid = np.full((len(steps), int(expert[sel].max()) + 1), np.nan)
-        grid[row, expert[sel]] = fraction[sel]
-        out[int(lay)] = (steps, grid)
-    return out
+    return queries.loads_from_columns(cols)
