@@ -9,7 +9,8 @@ One spawn of 2 ranks runs every check, first with expert_model_parallel_size=1, 
   - at ep=2 each rank holds half the experts; their gradients equal the reference's over
     both ranks' tokens (the exchange moved the rows), the rest equals the per-rank reference;
   - state dicts: a Megatron MoE model's (local spec) maps onto the Braid-spec model and back,
-    and Megatron's own expert module computes what Braid's experts compute with the mapped weights.
+    and Megatron's own expert module computes what Braid's experts compute with the mapped
+    weights; the decoder-block spec swaps only the MoE layers of a mixed model.
 Megatron's own MoELayer cannot run a forward on CPU (its router moves weights to CUDA), so
 the Megatron-vs-Braid equivalence of whole models is benchmarks/megatron_spec.py's, on a GPU.
 """
@@ -142,6 +143,8 @@ def _check(rank, world, ep):
 
 
 def _state_dict_roundtrip(rank, world):
+    import dataclasses
+
     import torch
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
@@ -149,6 +152,7 @@ def _state_dict_roundtrip(rank, world):
 
     from braid.integrations.megatron import (
         braid_to_megatron,
+        get_braid_decoder_block_spec,
         get_braid_layer_spec,
         megatron_to_braid,
     )
@@ -183,6 +187,16 @@ def _state_dict_roundtrip(rank, world):
     shared_want = theirs.decoder.layers[0].mlp.shared_experts(x[None])
     shared_got = ours.decoder.layers[0].mlp.moe.shared(x[None])
     torch.testing.assert_close(shared_got, shared_want, rtol=1e-5, atol=1e-6)
+    # Mixed dense/MoE (moe_layer_freq): the decoder-block spec swaps only the MoE layers.
+    mixed = dataclasses.replace(cfg, moe_layer_freq=[0, 1])
+    model = GPTModel(
+        config=mixed,
+        transformer_layer_spec=get_braid_decoder_block_spec(mixed),
+        vocab_size=64,
+        max_sequence_length=16,
+    )
+    kinds = [type(layer.mlp).__name__ for layer in model.decoder.layers]
+    assert kinds == ["MLP", "BraidMoEAdapter"], kinds
     ps.destroy_model_parallel()
     return True
 
