@@ -10,7 +10,8 @@ One spawn of 2 ranks runs every check, first with expert_model_parallel_size=1, 
     both ranks' tokens (the exchange moved the rows), the rest equals the per-rank reference;
   - state dicts: a Megatron MoE model's (local spec) maps onto the Braid-spec model and back,
     and Megatron's own expert module computes what Braid's experts compute with the mapped
-    weights; the decoder-block spec swaps only the MoE layers of a mixed model.
+    weights; the decoder-block spec swaps only the MoE layers of a mixed model;
+  - aux-free balancing: Megatron's finalize_model_grads code updates Braid's router bias.
 Megatron's own MoELayer cannot run a forward on CPU (its router moves weights to CUDA), so
 the Megatron-vs-Braid equivalence of whole models is benchmarks/megatron_spec.py's, on a GPU.
 """
@@ -201,9 +202,61 @@ def _state_dict_roundtrip(rank, world):
     return True
 
 
+def _expert_bias(rank, world):
+    """Aux-free balancing: the adapter counts this rank's routed tokens under Megatron's name,
+    and Megatron's own end-of-step code sums them over data-parallel ranks, moves the bias by
+    rate * sign(mean - load) and zeroes the counts."""
+    import dataclasses
+
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed.finalize_model_grads import (
+        _update_router_expert_bias,
+        reset_model_temporary_tensors,
+    )
+    from megatron.core.transformer.spec_utils import build_module
+
+    from braid.integrations.megatron import braid_mlp_spec
+
+    ps.initialize_model_parallel(1, 1, expert_model_parallel_size=1)
+    cfg = dataclasses.replace(
+        _config(1), moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+        moe_router_bias_update_rate=0.01, moe_router_load_balancing_type="none",
+        moe_aux_loss_coeff=0.0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    mlp = build_module(braid_mlp_spec(cfg), config=cfg, layer_number=1)
+    router = mlp.moe.router
+    x, g = _inputs(rank)
+    mlp(x)[0].backward(g)
+    # Reference counts: top-k of sigmoid(x W^T) (the bias is still zero), this rank only.
+    top = torch.sigmoid(x.reshape(-1, D) @ router.weight.detach().T).topk(K, dim=-1).indices
+    counts = torch.bincount(top.flatten(), minlength=E).float()
+    torch.testing.assert_close(router.local_tokens_per_expert, counts)
+    with torch.no_grad():
+        mlp.eval()
+        mlp(x)  # evaluation does not count
+        mlp.train()
+    torch.testing.assert_close(router.local_tokens_per_expert, counts)
+    total = counts.clone()
+    dist.all_reduce(total)
+    _update_router_expert_bias([mlp], cfg)
+    reset_model_temporary_tensors(cfg, [mlp])
+    torch.testing.assert_close(router.expert_bias, 0.01 * torch.sign(total.mean() - total))
+    assert router.local_tokens_per_expert.abs().sum() == 0
+    ps.destroy_model_parallel()
+    return True
+
+
 def _all(rank, world):
-    return [_check(rank, world, 1), _check(rank, world, 2), _state_dict_roundtrip(rank, world)]
+    return [
+        _check(rank, world, 1),
+        _check(rank, world, 2),
+        _state_dict_roundtrip(rank, world),
+        _expert_bias(rank, world),
+    ]
 
 
 def test_megatron_adapter_matches_braid_moe_at_ep1_and_ep2():
-    assert run_ranks(_all, 2) == [[True, True, True]] * 2
+    assert run_ranks(_all, 2) == [[True] * 4] * 2

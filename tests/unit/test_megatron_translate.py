@@ -182,3 +182,18 @@ def test_importing_braid_never_imports_megatron():
         "assert 'braid.moe.layer' in sys.modules and not bad, bad[:3]\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=240)
+
+
+def test_without_megatron_the_adapter_import_fails_in_one_line():
+    code = (
+        "import sys\n"
+        "sys.modules['megatron'] = None  # as if megatron-core were not installed\n"
+        "from braid.errors import BraidError\n"
+        "try:\n"
+        "    import braid.integrations.megatron\n"
+        "except BraidError as e:\n"
+        "    assert \"pip install 'braid[megatron]'\" in str(e) and '\\n' not in str(e), e\n"
+        "else:\n"
+        "    raise AssertionError('imported')\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -39,6 +39,7 @@ from braid.errors import BraidError
 from braid.exchange.base import Exchange, LocalExchange
 from braid.exchange.config import ExchangeConfig
 from braid.integrations.megatron.translate import translate
+from braid.knobs import knob
 from braid.model.config import ModelConfig
 from braid.moe.layer import MoE
 from braid.moe.router import Router
@@ -50,9 +51,9 @@ class BraidSettings:
     """Braid's own knobs for the adapter: the `[exchange]` and `[overlap]` sections, and the
     expert GEMM implementation (`moe.expert_impl`)."""
 
-    exchange: ExchangeConfig = dataclasses.field(default_factory=ExchangeConfig)
-    overlap: OverlapConfig = dataclasses.field(default_factory=OverlapConfig)
-    expert_impl: str = "grouped"
+    exchange: ExchangeConfig = knob(ExchangeConfig(), "The [exchange] section (EP exchange).")
+    overlap: OverlapConfig = knob(OverlapConfig(), "The [overlap] section (chunks only here).")
+    expert_impl: str = knob("grouped", "Expert GEMMs: grouped (grouped_mm) or loop.")
 
 
 class SharedExchange:
