@@ -8,6 +8,7 @@ One spawn of 2 ranks runs every check, first with expert_model_parallel_size=1, 
     MoEAuxLossAutoScaler; the tracker holds the unweighted values at the layer's slot;
   - at ep=2 each rank holds half the experts; their gradients equal the reference's over
     both ranks' tokens (the exchange moved the rows), the rest equals the per-rank reference;
+  - the spec's `chunks=2` (Braid's chunked overlap) gives the same outputs and gradients;
   - state dicts: a Megatron MoE model's (local spec) maps onto the Braid-spec model and back,
     and Megatron's own expert module computes what Braid's experts compute with the mapped
     weights; the decoder-block spec swaps only the MoE layers of a mixed model;
@@ -86,8 +87,9 @@ def _check(rank, world, ep):
         clear_aux_losses_tracker,
         get_moe_layer_wise_logging_tracker,
     )
+    from megatron.core.transformer.spec_utils import build_module
 
-    from braid.integrations.megatron import BraidMoEAdapter, get_braid_layer_spec
+    from braid.integrations.megatron import BraidMoEAdapter, braid_mlp_spec, get_braid_layer_spec
 
     ps.initialize_model_parallel(1, 1, expert_model_parallel_size=ep)
     torch.manual_seed(0)  # same non-expert weights on both ranks; experts differ by shard
@@ -139,6 +141,17 @@ def _check(rank, world, ep):
         torch.testing.assert_close(
             dict(mlp.moe.named_parameters())[name].grad, mine, rtol=1e-5, atol=1e-6
         )
+    # Braid's chunked overlap through the spec's keywords: the same numbers, chunk by chunk.
+    chunked = build_module(braid_mlp_spec(cfg, chunks=2), config=cfg, layer_number=2)
+    assert chunked.moe.overlap is not None and chunked.moe.overlap.chunks == 2
+    chunked.load_state_dict(mlp.state_dict())
+    xc = x.clone().requires_grad_(True)
+    out_c, _ = chunked(xc)
+    out_c.backward(g)
+    torch.testing.assert_close(out_c, out, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(xc.grad, xa.grad, rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(chunked.named_parameters(), mlp.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
     ps.destroy_model_parallel()
     return True
 
