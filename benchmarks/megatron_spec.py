@@ -143,7 +143,7 @@ def layer_time(name: str, s: dict, tokens: int, dev: torch.device) -> dict:
             w = torch.randn(s["E"], s["H"], generator=torch.Generator().manual_seed(7))
             theirs.router.weight.copy_(w / s["H"] ** 0.5)
         sd = megatron_to_braid({"mlp." + k: v for k, v in theirs.state_dict().items()})
-        ours.load_state_dict({k[len("mlp.moe.") :]: v for k, v in sd.items()}, strict=True)
+        ours.load_state_dict({k[len("mlp.") :]: v for k, v in sd.items()}, strict=True)
     ours.to(dev)
     for who, layer in (("megatron", theirs), ("braid", ours)):
         if layer is None:

@@ -91,14 +91,16 @@ class BraidMoEAdapter(MegatronModule):
         exchange: SharedExchange | None = None,
         layer_number: int | None = None,
         pg_collection: Any = None,
+        **_megatron: Any,  # per-layer extras of newer Megatron versions (is_mtp_layer, name)
     ):
         super().__init__(config)
         settings = settings or BraidSettings()
         self.layer_number = layer_number
-        ep_group = (
-            getattr(pg_collection, "ep", None) or parallel_state.get_expert_model_parallel_group()
-        )
-        stats_group = parallel_state.get_tensor_and_context_parallel_group()
+        # Megatron >= 0.17 hands every layer its process groups; 0.16 only its own MoELayer.
+        ep_group = getattr(pg_collection, "ep", None)
+        ep_group = ep_group or parallel_state.get_expert_model_parallel_group()
+        stats_group = getattr(pg_collection, "tp_cp", None)
+        stats_group = stats_group or parallel_state.get_tensor_and_context_parallel_group()
         ep, ep_rank = ep_group.size(), ep_group.rank()
         self.cfg = dataclasses.replace(translate(config, ep), expert_impl=settings.expert_impl)
         on_gpu = torch.cuda.is_available() and not config.use_cpu_initialization

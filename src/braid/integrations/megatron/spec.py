@@ -73,9 +73,14 @@ def braid_mlp_spec(config: Any, **braid: Any) -> ModuleSpec:
     )
 
 
+def _is_moe(mlp: Any) -> bool:
+    """Megatron's MoE MLP: a ModuleSpec (0.16) or a functools.partial (0.19) of MoELayer."""
+    return getattr(mlp, "module", None) is MoELayer or getattr(mlp, "func", None) is MoELayer
+
+
 def _swap_mlp(layer_spec: ModuleSpec, mlp: ModuleSpec) -> ModuleSpec:
     sub = layer_spec.submodules
-    if not (isinstance(sub.mlp, ModuleSpec) and sub.mlp.module is MoELayer):
+    if not _is_moe(sub.mlp):
         return layer_spec
     return dataclasses.replace(layer_spec, submodules=dataclasses.replace(sub, mlp=mlp))
 
