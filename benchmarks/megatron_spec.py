@@ -186,6 +186,12 @@ def main() -> None:
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
+    import megatron.core.transformer.moe.moe_utils as moe_utils
+
+    # megatron-core 0.16 without Transformer Engine reads `te_general_gemm` in its router GEMM
+    # without defining it (0.19 defines it as None): Megatron's own layer needs the None.
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
     cuda = torch.cuda.is_available()
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29571")

@@ -13,8 +13,8 @@ One spawn of 2 ranks runs every check, first with expert_model_parallel_size=1, 
     and Megatron's own expert module computes what Braid's experts compute with the mapped
     weights; the decoder-block spec swaps only the MoE layers of a mixed model;
   - aux-free balancing: Megatron's finalize_model_grads code updates Braid's router bias.
-Megatron's own MoELayer cannot run a forward on CPU (its router moves weights to CUDA), so
-the Megatron-vs-Braid equivalence of whole models is benchmarks/megatron_spec.py's, on a GPU.
+Megatron's own MoELayer is the reference in test_megatron_reference.py; whole models (with
+Megatron's attention, which needs CUDA) are compared by benchmarks/megatron_spec.py on a GPU.
 """
 
 import pytest

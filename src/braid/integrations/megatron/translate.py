@@ -18,9 +18,11 @@ Translated:
   moe_z_loss_coeff                      -> moe.z_loss_coef (None -> 0)
   moe_router_enable_expert_bias         -> moe.bias_balance (Megatron's finalize_model_grads
   moe_router_bias_update_rate           -> moe.bias_update_rate  updates the bias, as for its own)
-  moe_expert_capacity_factor            -> moe.capacity_factor (None -> 0, dropless); needs
-                                           moe_token_drop_policy="position" (Braid keeps the
-                                           earliest tokens, Switch); padding to capacity is implied
+  moe_expert_capacity_factor            -> moe.capacity_factor (None -> 0, dropless), the same
+                                           capacity ceil(cf*N*K/E); needs moe_token_drop_policy=
+                                           "position". Which tokens drop may differ: Braid keeps
+                                           each expert's earliest (Switch), Megatron an unordered
+                                           top-k of positions. Padding to capacity is implied
   moe_shared_expert_intermediate_size   -> moe.num_shared_experts = 1, moe.shared_hidden
   expert_model_parallel_size            -> must divide num_moe_experts; the group itself comes
                                            from parallel_state at build time
