@@ -183,10 +183,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32768)
     args = ap.parse_args()
     import megatron.core
+    import megatron.core.transformer.moe.moe_utils as moe_utils
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
-
-    import megatron.core.transformer.moe.moe_utils as moe_utils
 
     # megatron-core 0.16 without Transformer Engine reads `te_general_gemm` in its router GEMM
     # without defining it (0.19 defines it as None): Megatron's own layer needs the None.
