@@ -10,8 +10,7 @@
    4096/14336) and fine-grained (64e top-8, 2048/1408) shapes: Megatron's MoELayer (alltoall
    dispatcher, SequentialMLP) against BraidMoEAdapter.
 Both routers run in fp32 (moe_router_dtype="fp32"), so routing is the same up to GEMM rounding.
---smoke runs tiny shapes; on a machine without CUDA it runs only what Megatron can run there
-(building both models, the state-dict mapping, Braid's layer) and says what it skipped.
+--smoke runs tiny shapes, on CPU where there is no GPU (see `megatron_on_cpu`).
 
     python benchmarks/megatron_spec.py --out benchmarks/results/megatron_spec_h200.json
 """
@@ -19,6 +18,7 @@ Both routers run in fp32 (moe_router_dtype="fp32"), so routing is the same up to
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -46,10 +46,12 @@ def config(s: dict, num_layers: int = 1, heads: int = 16, dtype=torch.bfloat16, 
         # alltoall as in the anchors; its constructor needs CUDA, allgather builds on CPU
         moe_token_dispatcher_type="alltoall" if torch.cuda.is_available() else "allgather",
         gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
-        bf16=torch.cuda.is_available() and dtype == torch.bfloat16, params_dtype=dtype,
+        bf16=dtype == torch.bfloat16, params_dtype=dtype,
         moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=1e-2,
         moe_z_loss_coeff=1e-3, moe_router_dtype="fp32",
-        use_cpu_initialization=not torch.cuda.is_available(), **kw,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        attention_dropout=0.0, hidden_dropout=0.0,  # no random masks: the two must compare
+        **kw,
     )  # fmt: skip
 
 
@@ -69,6 +71,7 @@ def worst(table: dict) -> dict:
 def equivalence(smoke: bool, dev: torch.device, dtype: torch.dtype) -> dict:
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.module import Float16Module
 
     from braid.integrations.megatron import (
         braid_to_megatron,
@@ -82,13 +85,13 @@ def equivalence(smoke: bool, dev: torch.device, dtype: torch.dtype) -> dict:
         s, num_layers=layers, heads=4, dtype=dtype, moe_shared_expert_intermediate_size=s["F"]
     )
     kw = dict(config=cfg, vocab_size=vocab, max_sequence_length=seq)
-    theirs = GPTModel(transformer_layer_spec=get_gpt_layer_local_spec(num_experts=s["E"]), **kw)
-    ours = GPTModel(transformer_layer_spec=get_braid_layer_spec(cfg), **kw)
+    # bf16 as Megatron trains it: the model inside Float16Module (casts params and buffers).
+    wrap = (lambda m: Float16Module(cfg, m)) if dtype == torch.bfloat16 else (lambda m: m)
+    local = get_gpt_layer_local_spec(num_experts=s["E"])
+    theirs = wrap(GPTModel(transformer_layer_spec=local, **kw))
+    ours = wrap(GPTModel(transformer_layer_spec=get_braid_layer_spec(cfg), **kw))
     ours.load_state_dict(megatron_to_braid(theirs.state_dict()), strict=True)
     out = {"shape": dict(s, layers=layers, seq=seq, batch=batch, vocab=vocab)}
-    if dev.type != "cuda":
-        out["forward_backward"] = "skipped: Megatron's attention and MoE router need CUDA"
-        return out
     g = torch.Generator(device="cpu").manual_seed(0)
     ids = torch.randint(0, vocab, (batch, seq), generator=g).to(dev)
     labels = torch.randint(0, vocab, (batch, seq), generator=g).to(dev)
@@ -134,21 +137,16 @@ def layer_time(name: str, s: dict, tokens: int, dev: torch.device) -> dict:
     dy = torch.randn(tokens // 8, 8, s["H"], generator=g).to(dev, torch.bfloat16)
     x.requires_grad_(True)
     out = {}
-    theirs = None
-    if dev.type == "cuda":
-        theirs = get_moe_module_spec(use_te=False, num_experts=s["E"], moe_grouped_gemm=False)(
-            config=cfg
-        )
-        with torch.no_grad():  # one router for both: G ~ N(0, 1/H), identical routing
-            w = torch.randn(s["E"], s["H"], generator=torch.Generator().manual_seed(7))
-            theirs.router.weight.copy_(w / s["H"] ** 0.5)
-        sd = megatron_to_braid({"mlp." + k: v for k, v in theirs.state_dict().items()})
-        ours.load_state_dict({k[len("mlp.") :]: v for k, v in sd.items()}, strict=True)
+    theirs = get_moe_module_spec(use_te=False, num_experts=s["E"], moe_grouped_gemm=False)(
+        config=cfg
+    )
+    with torch.no_grad():  # one router for both: G ~ N(0, 1/H), identical routing
+        w = torch.randn(s["E"], s["H"], generator=torch.Generator().manual_seed(7))
+        theirs.router.weight.copy_(w / s["H"] ** 0.5)
+    sd = megatron_to_braid({"mlp." + k: v for k, v in theirs.state_dict().items()})
+    ours.load_state_dict({k[len("mlp.") :]: v for k, v in sd.items()}, strict=True)
     ours.to(dev)
     for who, layer in (("megatron", theirs), ("braid", ours)):
-        if layer is None:
-            out[who] = "skipped: Megatron's MoE router needs CUDA"
-            continue
 
         def step(layer=layer):
             y, _ = layer(x)
@@ -167,13 +165,21 @@ def layer_time(name: str, s: dict, tokens: int, dev: torch.device) -> dict:
         with torch.no_grad():
             out.setdefault("_y", []).append(layer(x)[0].float())
     ys = out.pop("_y")
-    if len(ys) == 2:
-        out["output_diff"] = diffs(ys[1], ys[0])
-        out["braid_over_megatron"] = round(
-            out["braid"]["median_ms"] / out["megatron"]["median_ms"], 3
-        )
+    out["output_diff"] = diffs(ys[1], ys[0])
+    out["braid_over_megatron"] = round(out["braid"]["median_ms"] / out["megatron"]["median_ms"], 3)
     del theirs, ours
     return out
+
+
+def megatron_on_cpu() -> None:
+    """--smoke without CUDA runs Megatron's own modules on CPU, as the CPU tests do: its router
+    moves its weight to `torch.cuda.current_device()` on every forward, which here answers
+    "cpu", and its attention forks the CUDA RNG state for dropout (off here), which forks
+    nothing. The arithmetic is Megatron's own."""
+    from megatron.core import tensor_parallel
+
+    torch.cuda.current_device = lambda: "cpu"
+    tensor_parallel.get_cuda_rng_tracker().fork = lambda *a, **k: contextlib.nullcontext()
 
 
 def main() -> None:
@@ -192,6 +198,10 @@ def main() -> None:
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
     cuda = torch.cuda.is_available()
+    if not cuda and not args.smoke:
+        sys.exit("megatron_spec.py: the full run needs a GPU (use --smoke on a CPU machine)")
+    if not cuda:
+        megatron_on_cpu()
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29571")
     dist.init_process_group("nccl" if cuda else "gloo", rank=0, world_size=1)
