@@ -163,8 +163,6 @@ class BraidMoEAdapter(MegatronModule):
     def set_layer_number(self, layer_number: int) -> None:
         """Called by Megatron's TransformerLayer: names this layer in the aux-loss tracker."""
         self.layer_number = layer_number
-        if self.moe.overlap is not None:
-            self.moe.overlap.layer = layer_number
 
     def forward(
         self, hidden_states_SBD: Tensor, padding_mask: Tensor | None = None, **_: Any
