@@ -30,7 +30,7 @@ from braid.checkpoint.meta import read_meta
 from braid.checkpoint.state import fsync_dir, write_json_durable
 from braid.errors import BraidError
 
-_EXPORT_FILES = {WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE}
+_EXPORT_FILES = {WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE, "model.toml"}
 
 
 def export(run: Path, out: Path) -> Path:
@@ -41,7 +41,7 @@ def export(run: Path, out: Path) -> Path:
     if not tok.is_file():
         raise BraidError(f"{tok} is missing: the run directory lost its tokenizer; copy the "
                          "tokenizer.json used for training there and export again")
-    _check_target(out)
+    check_target(out)
     step = read_meta(ckpt)["step"]
     model, cfg = load_checkpoint_model(ckpt, torch.device("cpu"))
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
@@ -61,13 +61,13 @@ def export(run: Path, out: Path) -> Path:
         for name in (WEIGHTS_FILE, TOKENIZER_FILE):
             with open(tmp / name, "rb") as f:
                 os.fsync(f.fileno())
-        _install(tmp, out)
+        install(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
-def _check_target(out: Path) -> None:
+def check_target(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise BraidError(f"--out {out} is a file: give a directory path")
     if out.is_dir():
@@ -77,7 +77,7 @@ def _check_target(out: Path) -> None:
                              "give a new or empty directory")
 
 
-def _install(tmp: Path, out: Path) -> None:
+def install(tmp: Path, out: Path) -> None:
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
     if out.exists():
         os.replace(out, old)
