@@ -28,15 +28,42 @@ from braid.errors import BraidError
 
 # Keys of a transformers config.json that never change what the model computes at inference or
 # what a weight means: bookkeeping, generation defaults, training-only switches.
-HARMLESS = frozenset({
-    "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "use_cache",
-    "initializer_range", "bos_token_id", "eos_token_id", "pad_token_id", "output_router_logits",
-    "attention_dropout", "_name_or_path", "auto_map", "return_dict", "output_attentions",
-    "output_hidden_states", "tie_encoder_decoder", "is_encoder_decoder", "id2label",
-    "label2id", "chunk_size_feed_forward", "problem_type", "tokenizer_class", "prefix",
-    "task_specific_params", "pretraining_tp", "router_aux_loss_coef", "max_window_layers",
-    "generation_config", "use_bfloat16", "layer_types",
-})
+HARMLESS = frozenset(
+    {
+        "architectures",
+        "model_type",
+        "transformers_version",
+        "torch_dtype",
+        "dtype",
+        "use_cache",
+        "initializer_range",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+        "output_router_logits",
+        "attention_dropout",
+        "_name_or_path",
+        "auto_map",
+        "return_dict",
+        "output_attentions",
+        "output_hidden_states",
+        "tie_encoder_decoder",
+        "is_encoder_decoder",
+        "id2label",
+        "label2id",
+        "chunk_size_feed_forward",
+        "problem_type",
+        "tokenizer_class",
+        "prefix",
+        "task_specific_params",
+        "pretraining_tp",
+        "router_aux_loss_coef",
+        "max_window_layers",
+        "generation_config",
+        "use_bfloat16",
+        "layer_types",
+    }
+)
 
 
 class HFRefusal(BraidError):
@@ -57,8 +84,9 @@ class HFConfig:
     def require(self, key: str) -> Any:
         self.used.add(key)
         if key not in self.raw:
-            raise HFRefusal(f"{self.where} has no {key!r}, which model_type "
-                            f"{self.model_type} needs")
+            raise HFRefusal(
+                f"{self.where} has no {key!r}, which model_type {self.model_type} needs"
+            )
         return self.raw[key]
 
     def expect(self, key: str, allowed: Sequence[Any], default: Any = None) -> Any:
@@ -69,15 +97,20 @@ class HFConfig:
         return value
 
     def refuse(self, key: str, value: Any, why: str) -> None:
-        raise HFRefusal(f"{self.where}: {key}={value!r} is not supported for model_type "
-                        f"{self.model_type} ({why})")
+        raise HFRefusal(
+            f"{self.where}: {key}={value!r} is not supported for model_type "
+            f"{self.model_type} ({why})"
+        )
 
     def finish(self) -> None:
         """Refuse any key nobody read: an unknown setting might change the computation."""
         for key in sorted(self.raw):
             if key not in self.used and key not in HARMLESS:
-                self.refuse(key, self.raw[key], "unknown setting; braid cannot tell whether "
-                            "it changes the computation")
+                self.refuse(
+                    key,
+                    self.raw[key],
+                    "unknown setting; braid cannot tell whether it changes the computation",
+                )
 
 
 def needs(section: str, key: str, feature: str, model_type: str) -> None:
@@ -86,8 +119,10 @@ def needs(section: str, key: str, feature: str, model_type: str) -> None:
 
     names = {f.name for f in dataclasses.fields(SECTIONS[section])}
     if key not in names:
-        raise HFRefusal(f"model_type {model_type} needs {section}.{key} ({feature}), which "
-                        "this braid does not have yet")
+        raise HFRefusal(
+            f"model_type {model_type} needs {section}.{key} ({feature}), which "
+            "this braid does not have yet"
+        )
 
 
 def knob(cfg: Config, section: str, key: str, default: Any) -> Any:
@@ -132,8 +167,12 @@ def permute_heads(t: Tensor, heads: int, perm: Tensor) -> Tensor:
 def rope_rows(braid: str, hf: str, heads: int, head_dim: int, rot_dim: int) -> Spec:
     perm = rope_perm(head_dim, rot_dim)
     inv = torch.argsort(perm)
-    return Spec(braid, (hf,), lambda ts: permute_heads(ts[0], heads, perm),
-                lambda t: [permute_heads(t, heads, inv)])
+    return Spec(
+        braid,
+        (hf,),
+        lambda ts: permute_heads(ts[0], heads, perm),
+        lambda t: [permute_heads(t, heads, inv)],
+    )
 
 
 def fused_kv(braid: str, k: str, v: str, heads: int, head_dim: int, rot_dim: int | None) -> Spec:
@@ -142,15 +181,21 @@ def fused_kv(braid: str, k: str, v: str, heads: int, head_dim: int, rot_dim: int
     n = heads * head_dim
     perm = rope_perm(head_dim, rot_dim) if rot_dim is not None else torch.arange(head_dim)
     inv = torch.argsort(perm)
-    return Spec(braid, (k, v),
-                lambda ts: torch.cat([permute_heads(ts[0], heads, perm), ts[1]]),
-                lambda t: [permute_heads(t[:n], heads, inv), t[n:]])
+    return Spec(
+        braid,
+        (k, v),
+        lambda ts: torch.cat([permute_heads(ts[0], heads, perm), ts[1]]),
+        lambda t: [permute_heads(t[:n], heads, inv), t[n:]],
+    )
 
 
 def fused_mlp(braid: str, gate: str, up: str, down: str | None = None) -> list[Spec]:
     """A dense SwiGLU: Braid's w13 Linear holds [gate; up] rows, w2 is HF's down_proj."""
-    specs = [Spec(f"{braid}.w13.weight", (gate, up), lambda ts: torch.cat(ts),
-                  lambda t: list(t.chunk(2)))]
+    specs = [
+        Spec(
+            f"{braid}.w13.weight", (gate, up), lambda ts: torch.cat(ts), lambda t: list(t.chunk(2))
+        )
+    ]
     if down is not None:
         specs.append(same(f"{braid}.w2.weight", down))
     return specs
@@ -172,8 +217,12 @@ def stacked_experts(braid: str, n: int, gate: str, up: str, down: str) -> list[S
 
     return [
         Spec(f"{braid}.w13", g + u, w13_in, w13_out),
-        Spec(f"{braid}.w2", d, lambda ts: torch.stack([w.t() for w in ts]).contiguous(),
-             lambda t: [w.t().contiguous() for w in t]),
+        Spec(
+            f"{braid}.w2",
+            d,
+            lambda ts: torch.stack([w.t() for w in ts]).contiguous(),
+            lambda t: [w.t().contiguous() for w in t],
+        ),
     ]
 
 

@@ -31,15 +31,22 @@ from braid.hf.files import INDEX, SINGLE
 from braid.hf.registry import adapter_by_arch, auto_adapter
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20,
-         "GIB": 2**30}
+UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+}
 
 
 def parse_size(text: str) -> int:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
     if not m or m.group(2).upper() not in UNITS or float(m.group(1)) <= 0:
-        raise BraidError(f"--max-shard-size {text!r}: expected a size such as 5GB, 500MB or "
-                         "2GiB")
+        raise BraidError(f"--max-shard-size {text!r}: expected a size such as 5GB, 500MB or 2GiB")
     return int(float(m.group(1)) * UNITS[m.group(2).upper()])
 
 
@@ -63,15 +70,18 @@ def load_braid(path: Path) -> tuple[torch.nn.Module, Config, Path]:
     return model, cfg, paths.tokenizer_of(ckpt)
 
 
-def hf_tensors(model: torch.nn.Module, cfg: Config, adapter, dtype: torch.dtype
-               ) -> dict[str, Tensor]:
+def hf_tensors(
+    model: torch.nn.Module, cfg: Config, adapter, dtype: torch.dtype
+) -> dict[str, Tensor]:
     """Every HF tensor of `model` under `adapter`'s key map (step 3)."""
     sd = model.state_dict()
     for name, why in adapter.zero_tensors(cfg).items():
         if name in sd and bool(sd[name].any()):
-            raise HFRefusal(f"{name} is non-zero (the aux-loss-free routing bias, "
-                            f"moe.bias_balance) and {adapter.architecture} has no place for "
-                            f"it ({why}); export to an architecture with a routing bias")
+            raise HFRefusal(
+                f"{name} is non-zero (the aux-loss-free routing bias, "
+                f"moe.bias_balance) and {adapter.architecture} has no place for "
+                f"it ({why}); export to an architecture with a routing bias"
+            )
     out: dict[str, Tensor] = {}
     for spec in adapter.specs(cfg):
         for key, t in zip(spec.hf, spec.to_hf(sd[spec.braid].detach()), strict=True):
@@ -93,8 +103,13 @@ def shard(tensors: dict[str, Tensor], limit: int) -> list[dict[str, Tensor]]:
     return shards
 
 
-def export_hf(run: str | Path, out: str | Path, arch: str | None = None, dtype: str = "bf16",
-              max_shard_size: str = "5GB") -> Path:
+def export_hf(
+    run: str | Path,
+    out: str | Path,
+    arch: str | None = None,
+    dtype: str = "bf16",
+    max_shard_size: str = "5GB",
+) -> Path:
     from safetensors.torch import save_file
 
     from braid.data.tokenizer import Tok
@@ -110,8 +125,12 @@ def export_hf(run: str | Path, out: str | Path, arch: str | None = None, dtype: 
     config = adapter.hf_config(cfg)
     tok = Tok.from_file(tok_path)
     eot = tok.tokenizer.id_to_token(tok.eot_id)
-    config.update(dtype="bfloat16" if dtype == "bf16" else "float32", eos_token_id=tok.eot_id,
-                  bos_token_id=None, pad_token_id=None)
+    config.update(
+        dtype="bfloat16" if dtype == "bf16" else "float32",
+        eos_token_id=tok.eot_id,
+        bos_token_id=None,
+        pad_token_id=None,
+    )
     tensors = hf_tensors(model, cfg, adapter, DTYPES[dtype])
     _check_target(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -129,13 +148,18 @@ def export_hf(run: str | Path, out: str | Path, arch: str | None = None, dtype: 
                 save_file(part, tmp / name, metadata={"format": "pt"})
                 weight_map.update(dict.fromkeys(part, name))
             total = sum(t.numel() * t.element_size() for t in tensors.values())
-            _write_json(tmp / INDEX, {"metadata": {"total_size": total},
-                                      "weight_map": weight_map})
+            _write_json(tmp / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
         _write_json(tmp / "config.json", config)
         shutil.copyfile(tok_path, tmp / "tokenizer.json")
-        _write_json(tmp / "tokenizer_config.json", {
-            "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eot,
-            "model_max_length": cfg.model.max_seq_len, "clean_up_tokenization_spaces": False})
+        _write_json(
+            tmp / "tokenizer_config.json",
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "eos_token": eot,
+                "model_max_length": cfg.model.max_seq_len,
+                "clean_up_tokenization_spaces": False,
+            },
+        )
         for p in tmp.iterdir():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
@@ -151,8 +175,10 @@ def _write_json(path: Path, body: dict) -> None:
     path.write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
 
 
-_OWN = re.compile(r"(model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json|"
-                  r"config\.json|tokenizer\.json|tokenizer_config\.json)")
+_OWN = re.compile(
+    r"(model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json|"
+    r"config\.json|tokenizer\.json|tokenizer_config\.json)"
+)
 
 
 def _check_target(out: Path) -> None:
@@ -162,5 +188,7 @@ def _check_target(out: Path) -> None:
     if out.is_dir():
         names = [p.name for p in out.iterdir()]
         if names and not ("config.json" in names and all(_OWN.fullmatch(n) for n in names)):
-            raise BraidError(f"--out {out} is a non-empty directory that is not an HF export: "
-                             "give a new or empty directory")
+            raise BraidError(
+                f"--out {out} is a non-empty directory that is not an HF export: "
+                "give a new or empty directory"
+            )

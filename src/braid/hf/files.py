@@ -27,8 +27,14 @@ from braid.hf.base import HFRefusal
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
-DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
-          torch.float8_e4m3fn: "F8_E4M3", torch.int64: "I64", torch.int32: "I32"}
+DTYPES = {
+    torch.float32: "F32",
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.int64: "I64",
+    torch.int32: "I32",
+}
 
 
 def read_json(path: Path, what: str) -> dict:
@@ -45,13 +51,24 @@ def read_json(path: Path, what: str) -> dict:
 
 def safe_shard_name(root: Path, name: object) -> Path:
     """The shard file `name` inside `root`; refuses anything that could leave it."""
-    if (not isinstance(name, str) or not name or "/" in name or "\\" in name
-            or name in (".", "..") or os.path.isabs(name) or "\0" in name):
-        raise HFRefusal(f"{root / INDEX} names shard {name!r}: shard names must be plain file "
-                        "names inside the checkpoint directory")
+    if (
+        not isinstance(name, str)
+        or not name
+        or "/" in name
+        or "\\" in name
+        or name in (".", "..")
+        or os.path.isabs(name)
+        or "\0" in name
+    ):
+        raise HFRefusal(
+            f"{root / INDEX} names shard {name!r}: shard names must be plain file "
+            "names inside the checkpoint directory"
+        )
     if not name.endswith(".safetensors"):
-        raise HFRefusal(f"{root / INDEX} names shard {name!r}: braid reads only .safetensors "
-                        "weights (pickled weights can run code)")
+        raise HFRefusal(
+            f"{root / INDEX} names shard {name!r}: braid reads only .safetensors "
+            "weights (pickled weights can run code)"
+        )
     path = root / name
     if not path.is_file():
         raise HFRefusal(f"{path} is missing: {INDEX} names it")
@@ -75,8 +92,10 @@ class HFCheckpoint:
         else:
             pickled = sorted(p.name for p in self.root.glob("*.bin"))
             hint = f" ({pickled[0]} is pickled and never read)" if pickled else ""
-            raise HFRefusal(f"{self.root} has no {SINGLE} or {INDEX}{hint}: braid imports "
-                            "safetensors checkpoints")
+            raise HFRefusal(
+                f"{self.root} has no {SINGLE} or {INDEX}{hint}: braid imports "
+                "safetensors checkpoints"
+            )
         self.shape: dict[str, tuple[int, ...]] = {}
         self.dtype: dict[str, str] = {}
         shards = sorted(set(self.where.values())) if self.where else [self.root / SINGLE]
@@ -89,14 +108,16 @@ class HFCheckpoint:
                         self.shape[k], self.dtype[k] = tuple(s.get_shape()), s.get_dtype()
                         found[k] = path
             except Exception as e:  # the Rust side raises plain exceptions on a bad file
-                raise HFRefusal(f"{path} is not a readable safetensors file "
-                                f"({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})"
-                                ) from None
+                raise HFRefusal(
+                    f"{path} is not a readable safetensors file "
+                    f"({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})"
+                ) from None
         if self.where:
             for k, path in self.where.items():
                 if found.get(k) != path:
-                    raise HFRefusal(f"{self.root / INDEX} puts {k} in {path.name}, which does "
-                                    "not hold it")
+                    raise HFRefusal(
+                        f"{self.root / INDEX} puts {k} in {path.name}, which does not hold it"
+                    )
         self.where = found
 
     def read(self, keys: list[str]) -> list[Tensor]:
@@ -114,8 +135,12 @@ class HFCheckpoint:
         return [out[k] for k in keys]
 
 
-def write_streaming(path: Path, entries: list[tuple[str, tuple[int, ...], torch.dtype]],
-                    make: Callable[[int], Tensor], metadata: dict[str, str]) -> None:
+def write_streaming(
+    path: Path,
+    entries: list[tuple[str, tuple[int, ...], torch.dtype]],
+    make: Callable[[int], Tensor],
+    metadata: dict[str, str],
+) -> None:
     """Write a safetensors file whose i-th tensor is `make(i)` (shape/dtype as `entries[i]`)."""
     header: dict[str, object] = {"__metadata__": metadata}
     offset = 0
@@ -123,8 +148,11 @@ def write_streaming(path: Path, entries: list[tuple[str, tuple[int, ...], torch.
         n = dtype.itemsize
         for s in shape:
             n *= s
-        header[name] = {"dtype": DTYPES[dtype], "shape": list(shape),
-                        "data_offsets": [offset, offset + n]}
+        header[name] = {
+            "dtype": DTYPES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + n],
+        }
         offset += n
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
@@ -134,8 +162,9 @@ def write_streaming(path: Path, entries: list[tuple[str, tuple[int, ...], torch.
         for i, (name, shape, dtype) in enumerate(entries):
             t = make(i)
             if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
-                raise AssertionError(f"{name}: made {tuple(t.shape)} {t.dtype}, "
-                                     f"planned {shape} {dtype}")
+                raise AssertionError(
+                    f"{name}: made {tuple(t.shape)} {t.dtype}, planned {shape} {dtype}"
+                )
             f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
         f.flush()
         os.fsync(f.fileno())

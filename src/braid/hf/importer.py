@@ -66,8 +66,9 @@ class Plan:
         unknown = sorted(set(by_name) - set(self.shapes))
         missing = sorted(set(self.shapes) - set(by_name) - set(self.zero))
         if unknown or missing:  # an adapter bug, not a user error
-            raise AssertionError(f"adapter {adapter.model_type}: specs for {unknown[:3]}, "
-                                 f"none for {missing[:3]}")
+            raise AssertionError(
+                f"adapter {adapter.model_type}: specs for {unknown[:3]}, none for {missing[:3]}"
+            )
         used: set[str] = set()
         self.specs: list[Spec] = []
         self.dtypes: dict[str, torch.dtype] = {}
@@ -80,23 +81,31 @@ class Plan:
             self.specs.append(spec)
         left = sorted(k for k in ckpt.shape if k not in used and not adapter.ignored(k, cfg))
         if left:
-            raise HFRefusal(f"{ckpt.root}: tensor {left[0]} (and {len(left) - 1} more) has no "
-                            f"place in the Braid model of model_type {adapter.model_type}")
+            raise HFRefusal(
+                f"{ckpt.root}: tensor {left[0]} (and {len(left) - 1} more) has no "
+                f"place in the Braid model of model_type {adapter.model_type}"
+            )
 
     def _check(self, spec: Spec) -> None:
         ck = self.ckpt
         for k in spec.hf:
             if k not in ck.shape:
-                raise HFRefusal(f"{ck.root} lacks tensor {k}, which model_type "
-                                f"{self.adapter.model_type} with this config.json needs")
+                raise HFRefusal(
+                    f"{ck.root} lacks tensor {k}, which model_type "
+                    f"{self.adapter.model_type} with this config.json needs"
+                )
             if ck.dtype[k] not in FLOATS:
-                raise HFRefusal(f"{ck.root}: tensor {k} is {ck.dtype[k]}; braid imports "
-                                "F32, BF16 and F16 weights")
+                raise HFRefusal(
+                    f"{ck.root}: tensor {k} is {ck.dtype[k]}; braid imports "
+                    "F32, BF16 and F16 weights"
+                )
         want = [t.shape for t in spec.to_hf(torch.empty(self.shapes[spec.braid], device="meta"))]
         for k, shape in zip(spec.hf, want, strict=True):
             if tuple(ck.shape[k]) != tuple(shape):
-                raise HFRefusal(f"{ck.root}: tensor {k} has shape {list(ck.shape[k])}, but "
-                                f"config.json implies {list(shape)}")
+                raise HFRefusal(
+                    f"{ck.root}: tensor {k} has shape {list(ck.shape[k])}, but "
+                    f"config.json implies {list(shape)}"
+                )
         kinds = {ck.dtype[k] for k in spec.hf}
         self.dtypes[spec.braid] = FLOATS[kinds.pop()] if len(kinds) == 1 else torch.float32
 
@@ -130,8 +139,10 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
     plan = open_hf(hf_dir)
     tok = hf_dir / TOKENIZER_FILE
     if not tok.is_file():
-        raise HFRefusal(f"{tok} is missing: braid needs the fast-tokenizer file tokenizer.json "
-                        "(save the tokenizer with transformers to get one)")
+        raise HFRefusal(
+            f"{tok} is missing: braid needs the fast-tokenizer file tokenizer.json "
+            "(save the tokenizer with transformers to get one)"
+        )
     _check_tokenizer(tok, plan.cfg)
     check_target(out)
     cfg = plan.cfg
@@ -147,14 +158,27 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
         def make(i: int) -> Tensor:
             return plan.tensor(specs[i]) if i < len(specs) else torch.zeros(entries[i][1])
 
-        write_streaming(tmp / WEIGHTS_FILE, entries, make,
-                        {"format": "pt", "step": "0", "fingerprint": cfg.fingerprint(),
-                         "source": f"hf:{plan.adapter.model_type}"})
-        write_json_durable(tmp / CONFIG_FILE, {"fingerprint": cfg.fingerprint(),
-                                               "config": cfg.to_dict(), "step": 0,
-                                               "source": {"format": "hf",
-                                                          "model_type": plan.adapter.model_type}},
-                           indent=2)
+        write_streaming(
+            tmp / WEIGHTS_FILE,
+            entries,
+            make,
+            {
+                "format": "pt",
+                "step": "0",
+                "fingerprint": cfg.fingerprint(),
+                "source": f"hf:{plan.adapter.model_type}",
+            },
+        )
+        write_json_durable(
+            tmp / CONFIG_FILE,
+            {
+                "fingerprint": cfg.fingerprint(),
+                "config": cfg.to_dict(),
+                "step": 0,
+                "source": {"format": "hf", "model_type": plan.adapter.model_type},
+            },
+            indent=2,
+        )
         (tmp / "model.toml").write_text(_model_toml(to_toml(cfg)))
         shutil.copyfile(tok, tmp / TOKENIZER_FILE)
         install(tmp, out)
@@ -168,15 +192,22 @@ def _check_tokenizer(tok: Path, cfg: Config) -> None:
 
     t = Tok.from_file(tok)
     if t.vocab_size > cfg.model.vocab_size:
-        raise HFRefusal(f"{tok} emits ids up to {t.vocab_size - 1} but config.json has "
-                        f"vocab_size={cfg.model.vocab_size}")
+        raise HFRefusal(
+            f"{tok} emits ids up to {t.vocab_size - 1} but config.json has "
+            f"vocab_size={cfg.model.vocab_size}"
+        )
 
 
 def _model_toml(full: str) -> str:
     """Only the [model] and [moe] sections: what a fine-tuning run must keep to load the
     weights; everything else stays the user's choice."""
-    keep, out = False, ["# The model of this directory: braid train model.toml "
-                        "--checkpoint.init_from=<this directory> ..."]
+    keep, out = (
+        False,
+        [
+            "# The model of this directory: braid train model.toml "
+            "--checkpoint.init_from=<this directory> ..."
+        ],
+    )
     for line in full.splitlines():
         if line.startswith("["):
             keep = line.strip() in ("[model]", "[moe]")

@@ -40,8 +40,11 @@ def read_rope(hf: HFConfig) -> dict[str, Any]:
     params.pop("rope_theta", None)
     kind = params.pop("rope_type", params.pop("type", "default"))
     if kind not in ("default", None):
-        hf.refuse("rope_scaling.rope_type", kind, "braid computes plain RoPE for this "
-                  "architecture; no scaled RoPE")
+        hf.refuse(
+            "rope_scaling.rope_type",
+            kind,
+            "braid computes plain RoPE for this architecture; no scaled RoPE",
+        )
     fraction = params.pop("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
     if fraction != 1.0:
         hf.refuse("partial_rotary_factor", fraction, "braid rotates the whole head here")
@@ -86,10 +89,16 @@ class LlamaStyleMoE(Adapter):
         max_len = int(hf.require("max_position_embeddings"))
         hf.expect("hidden_act", ("silu",), "silu")
         model: dict[str, Any] = {
-            "vocab_size": int(hf.require("vocab_size")), "dim": dim, "n_layers": n_layers,
-            "n_heads": heads, "n_kv_heads": kv, "ffn_hidden": int(hf.require("intermediate_size")),
-            "max_seq_len": max_len, "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
-            "tie_embeddings": bool(hf.get("tie_word_embeddings", False)), **read_rope(hf),
+            "vocab_size": int(hf.require("vocab_size")),
+            "dim": dim,
+            "n_layers": n_layers,
+            "n_heads": heads,
+            "n_kv_heads": kv,
+            "ffn_hidden": int(hf.require("intermediate_size")),
+            "max_seq_len": max_len,
+            "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
+            "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
+            **read_rope(hf),
         }
         head_dim = hf.get("head_dim")
         if head_dim not in (None, dim // heads) or dim % heads:
@@ -103,8 +112,11 @@ class LlamaStyleMoE(Adapter):
         if hf.get("mlp_bias", False):
             hf.refuse("mlp_bias", True, "braid's SwiGLU layers have no biases")
         if float(hf.get("router_jitter_noise", 0.0) or 0.0) != 0.0:
-            hf.refuse("router_jitter_noise", hf.get("router_jitter_noise"), "braid has no "
-                      "router jitter; set it to 0.0")
+            hf.refuse(
+                "router_jitter_noise",
+                hf.get("router_jitter_noise"),
+                "braid has no router jitter; set it to 0.0",
+            )
         if hf.get("clip_qkv") is not None:
             hf.refuse("clip_qkv", hf.get("clip_qkv"), "braid does not clip q/k/v")
         return {"model": model, "moe": self.read_moe(hf, n_layers)}
@@ -119,17 +131,23 @@ class LlamaStyleMoE(Adapter):
     def read_moe(self, hf: HFConfig, n_layers: int) -> dict[str, Any]:
         E = int(hf.require(self.experts_key))
         moe: dict[str, Any] = {
-            "num_experts": E, "top_k": int(hf.require("num_experts_per_tok")),
+            "num_experts": E,
+            "top_k": int(hf.require("num_experts_per_tok")),
             "expert_hidden": int(hf.require(self.expert_hidden_key)),
-            "layers": self.moe_layers(hf, n_layers), "score_func": "softmax",
+            "layers": self.moe_layers(hf, n_layers),
+            "score_func": "softmax",
             "renormalize": bool(hf.get(self.renorm_key, False)) if self.renorm_key else True,
-            "capacity_factor": 0.0, "bias_balance": False,
+            "capacity_factor": 0.0,
+            "bias_balance": False,
             "aux_loss_coef": float(hf.get("router_aux_loss_coef", 0.01) or 0.0),
         }
         if self.shared_key:
             needs("moe", "shared_gate", "the gated shared expert", self.model_type)
-            moe.update(num_shared_experts=1, shared_hidden=int(hf.require(self.shared_key)),
-                       shared_gate=True)
+            moe.update(
+                num_shared_experts=1,
+                shared_hidden=int(hf.require(self.shared_key)),
+                shared_gate=True,
+            )
         return moe
 
     def moe_layers(self, hf: HFConfig, n_layers: int) -> list[int]:
@@ -143,14 +161,21 @@ class LlamaStyleMoE(Adapter):
 
     def hf_config(self, cfg: Config) -> dict[str, Any]:
         m, moe, arch = cfg.model, cfg.moe, self.architecture
-        wanted = {("model", "attention"): "gqa", ("model", "qk_norm"): self.qk_norm,
-                  ("model", "rope_fraction"): 1.0, ("model", "rope_scaling"): "none",
-                  ("model", "window"): 0, ("model", "mtp_depth"): 0,
-                  ("model", "qkv_bias"): self.has_qkv_bias, ("moe", "score_func"): "softmax",
-                  ("moe", "capacity_factor"): 0.0, ("moe", "n_groups"): 1,
-                  ("moe", "routed_scaling"): 1.0,
-                  ("moe", "num_shared_experts"): 1 if self.shared_key else 0,
-                  ("moe", "shared_gate"): bool(self.shared_key)}
+        wanted = {
+            ("model", "attention"): "gqa",
+            ("model", "qk_norm"): self.qk_norm,
+            ("model", "rope_fraction"): 1.0,
+            ("model", "rope_scaling"): "none",
+            ("model", "window"): 0,
+            ("model", "mtp_depth"): 0,
+            ("model", "qkv_bias"): self.has_qkv_bias,
+            ("moe", "score_func"): "softmax",
+            ("moe", "capacity_factor"): 0.0,
+            ("moe", "n_groups"): 1,
+            ("moe", "routed_scaling"): 1.0,
+            ("moe", "num_shared_experts"): 1 if self.shared_key else 0,
+            ("moe", "shared_gate"): bool(self.shared_key),
+        }
         if not self.renorm_key:
             wanted["moe", "renormalize"] = True
         check_braid(cfg, arch, wanted)
@@ -161,17 +186,28 @@ class LlamaStyleMoE(Adapter):
             refuse_braid("moe.layers", layers, arch, f"{arch} has an MoE in every layer")
         head_dim = knob(cfg, "model", "attn_head_dim", m.dim // m.n_heads)
         out: dict[str, Any] = {
-            "architectures": [arch], "model_type": self.model_type, "vocab_size": m.vocab_size,
-            "hidden_size": m.dim, "num_hidden_layers": m.n_layers,
-            "num_attention_heads": m.n_heads, "num_key_value_heads": m.kv_heads,
-            "head_dim": head_dim, "intermediate_size": m.ffn_hidden,
-            "max_position_embeddings": m.max_seq_len, "rms_norm_eps": m.norm_eps,
-            "tie_word_embeddings": m.tie_embeddings, "hidden_act": "silu",
+            "architectures": [arch],
+            "model_type": self.model_type,
+            "vocab_size": m.vocab_size,
+            "hidden_size": m.dim,
+            "num_hidden_layers": m.n_layers,
+            "num_attention_heads": m.n_heads,
+            "num_key_value_heads": m.kv_heads,
+            "head_dim": head_dim,
+            "intermediate_size": m.ffn_hidden,
+            "max_position_embeddings": m.max_seq_len,
+            "rms_norm_eps": m.norm_eps,
+            "tie_word_embeddings": m.tie_embeddings,
+            "hidden_act": "silu",
             "rope_theta": m.rope_theta,
             "rope_parameters": {"rope_theta": m.rope_theta, "rope_type": "default"},
-            self.experts_key: moe.num_experts, "num_experts_per_tok": moe.top_k,
-            self.expert_hidden_key: moe.expert_hidden, "router_aux_loss_coef": moe.aux_loss_coef,
-            "attention_bias": False, "sliding_window": None, "use_cache": True,
+            self.experts_key: moe.num_experts,
+            "num_experts_per_tok": moe.top_k,
+            self.expert_hidden_key: moe.expert_hidden,
+            "router_aux_loss_coef": moe.aux_loss_coef,
+            "attention_bias": False,
+            "sliding_window": None,
+            "use_cache": True,
         }
         if self.renorm_key:
             out[self.renorm_key] = moe.renormalize
@@ -179,7 +215,7 @@ class LlamaStyleMoE(Adapter):
             out["decoder_sparse_step"] = 1
             out["mlp_only_layers"] = [i for i in range(m.n_layers) if i not in layers]
         if self.shared_key:
-            out[self.shared_key] = (moe.shared_hidden or moe.expert_hidden)
+            out[self.shared_key] = moe.shared_hidden or moe.expert_hidden
         if self.has_qkv_bias:
             out["qkv_bias"] = True
         return out
@@ -195,28 +231,38 @@ class LlamaStyleMoE(Adapter):
         for i in range(m.n_layers):
             b, h = f"blocks.{i}", f"model.layers.{i}"
             a, ha = f"{b}.attn", f"{h}.self_attn"
-            out += [same(f"{b}.attn_norm.weight", f"{h}.input_layernorm.weight"),
-                    same(f"{b}.ffn_norm.weight", f"{h}.post_attention_layernorm.weight"),
-                    rope_rows(f"{a}.wq.weight", f"{ha}.q_proj.weight", H, Dh, Dh),
-                    fused_kv(f"{a}.wkv.weight", f"{ha}.k_proj.weight", f"{ha}.v_proj.weight",
-                             K, Dh, Dh),
-                    same(f"{a}.wo.weight", f"{ha}.o_proj.weight")]
+            out += [
+                same(f"{b}.attn_norm.weight", f"{h}.input_layernorm.weight"),
+                same(f"{b}.ffn_norm.weight", f"{h}.post_attention_layernorm.weight"),
+                rope_rows(f"{a}.wq.weight", f"{ha}.q_proj.weight", H, Dh, Dh),
+                fused_kv(
+                    f"{a}.wkv.weight", f"{ha}.k_proj.weight", f"{ha}.v_proj.weight", K, Dh, Dh
+                ),
+                same(f"{a}.wo.weight", f"{ha}.o_proj.weight"),
+            ]
             if knob(cfg, "model", "qkv_bias", False):
-                out += [rope_rows(f"{a}.wq.bias", f"{ha}.q_proj.bias", H, Dh, Dh),
-                        fused_kv(f"{a}.wkv.bias", f"{ha}.k_proj.bias", f"{ha}.v_proj.bias",
-                                 K, Dh, Dh)]
+                out += [
+                    rope_rows(f"{a}.wq.bias", f"{ha}.q_proj.bias", H, Dh, Dh),
+                    fused_kv(f"{a}.wkv.bias", f"{ha}.k_proj.bias", f"{ha}.v_proj.bias", K, Dh, Dh),
+                ]
             qk_norm = knob(cfg, "model", "qk_norm", "none")
             if qk_norm != "none":
                 # The norm weights follow the rows they scale: per head ("head": one head's
                 # Dh) or over the whole projection ("full": every head's rows).
                 hq, hk = (1, 1) if qk_norm == "head" else (H, K)
-                out += [rope_rows(f"{a}.q_norm.weight", f"{ha}.q_norm.weight", hq, Dh, Dh),
-                        rope_rows(f"{a}.k_norm.weight", f"{ha}.k_norm.weight", hk, Dh, Dh)]
+                out += [
+                    rope_rows(f"{a}.q_norm.weight", f"{ha}.q_norm.weight", hq, Dh, Dh),
+                    rope_rows(f"{a}.k_norm.weight", f"{ha}.k_norm.weight", hk, Dh, Dh),
+                ]
             if i in moe_layers:
                 out += self.moe_specs(cfg, f"{b}.ffn", f"{h}.{self.moe_prefix}")
             else:
-                out += fused_mlp(f"{b}.ffn", f"{h}.mlp.gate_proj.weight",
-                                 f"{h}.mlp.up_proj.weight", f"{h}.mlp.down_proj.weight")
+                out += fused_mlp(
+                    f"{b}.ffn",
+                    f"{h}.mlp.gate_proj.weight",
+                    f"{h}.mlp.up_proj.weight",
+                    f"{h}.mlp.down_proj.weight",
+                )
         out.append(same("norm.weight", "model.norm.weight"))
         if not m.tie_embeddings:
             out.append(same("output.weight", "lm_head.weight"))
@@ -225,18 +271,30 @@ class LlamaStyleMoE(Adapter):
     def moe_specs(self, cfg: Config, b: str, h: str) -> list[Spec]:
         g, u, d = self.expert_names
         E = cfg.moe.num_experts
-        out = [same(f"{b}.router.weight", f"{h}.gate.weight"),
-               *stacked_experts(f"{b}.experts", E, f"{h}.experts.{{e}}.{g}.weight",
-                                f"{h}.experts.{{e}}.{u}.weight", f"{h}.experts.{{e}}.{d}.weight")]
+        out = [
+            same(f"{b}.router.weight", f"{h}.gate.weight"),
+            *stacked_experts(
+                f"{b}.experts",
+                E,
+                f"{h}.experts.{{e}}.{g}.weight",
+                f"{h}.experts.{{e}}.{u}.weight",
+                f"{h}.experts.{{e}}.{d}.weight",
+            ),
+        ]
         if self.shared_key:
-            out += fused_mlp(f"{b}.shared", f"{h}.shared_expert.gate_proj.weight",
-                             f"{h}.shared_expert.up_proj.weight",
-                             f"{h}.shared_expert.down_proj.weight")
+            out += fused_mlp(
+                f"{b}.shared",
+                f"{h}.shared_expert.gate_proj.weight",
+                f"{h}.shared_expert.up_proj.weight",
+                f"{h}.shared_expert.down_proj.weight",
+            )
             out.append(same(f"{b}.shared_gate.weight", f"{h}.shared_expert_gate.weight"))
         return out
 
     def zero_tensors(self, cfg: Config) -> dict[str, str]:
         """Braid tensors with no slot here: {name: why}; zero on import, refused if non-zero
         on export (the aux-loss-free routing bias: these routers have none)."""
-        return {f"blocks.{i}.ffn.router.expert_bias": "the architecture's router has no bias"
-                for i in cfg.moe.moe_layer_ids(cfg.model.n_layers)}
+        return {
+            f"blocks.{i}.ffn.router.expert_bias": "the architecture's router has no bias"
+            for i in cfg.moe.moe_layer_ids(cfg.model.n_layers)
+        }

@@ -15,11 +15,15 @@ PENDING: dict[str, str] = {}
 
 def adapter_for(model_type: str, where: str = "config.json") -> Adapter:
     if model_type in PENDING:
-        raise HFRefusal(f"model_type {model_type} needs {PENDING[model_type]}, which this "
-                        "braid does not have yet")
+        raise HFRefusal(
+            f"model_type {model_type} needs {PENDING[model_type]}, which this "
+            "braid does not have yet"
+        )
     if model_type not in ADAPTERS:
-        raise HFRefusal(f"{where}: model_type={model_type!r} is not supported; braid imports "
-                        f"{', '.join(sorted(ADAPTERS))}")
+        raise HFRefusal(
+            f"{where}: model_type={model_type!r} is not supported; braid imports "
+            f"{', '.join(sorted(ADAPTERS))}"
+        )
     return ADAPTERS[model_type]()
 
 
@@ -43,5 +47,6 @@ def auto_adapter(cfg) -> Adapter:
             return adapter
         except HFRefusal as e:
             errors.append(f"{cls.model_type}: {e}")
-    raise HFRefusal("no Hugging Face architecture computes this model exactly: "
-                    + "; ".join(errors))
+    raise HFRefusal(
+        "no Hugging Face architecture computes this model exactly: " + "; ".join(errors)
+    )
