@@ -61,7 +61,6 @@ HARMLESS = frozenset(
         "max_window_layers",
         "generation_config",
         "use_bfloat16",
-        "layer_types",
     }
 )
 

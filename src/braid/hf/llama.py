@@ -57,6 +57,11 @@ def refuse_window(hf: HFConfig, max_len: int) -> None:
     """Sliding-window attention that can change a result is refused (full attention only)."""
     window = hf.get("sliding_window")
     use = hf.get("use_sliding_window", window is not None)
+    types = hf.get("layer_types") or []
+    if any(t not in ("full_attention", "sliding_attention") for t in types):
+        hf.refuse("layer_types", types, "braid knows full_attention and sliding_attention")
+    if "sliding_attention" in types and not (window and window < max_len):
+        return  # a window that cannot cut anything off: full attention
     if use and window and window < max_len:
         hf.refuse("sliding_window", window, "braid imports full causal attention only")
 

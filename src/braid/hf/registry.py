@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from braid.hf.base import Adapter, HFRefusal
 from braid.hf.mixtral import Mixtral
+from braid.hf.olmoe import Olmoe
+from braid.hf.qwen2_moe import Qwen2Moe
+from braid.hf.qwen3_moe import Qwen3Moe
 
+# Registry order is the order `auto_adapter` tries on export: the most specific first.
 ADAPTERS: dict[str, type[Adapter]] = {
-    Mixtral.model_type: Mixtral,
+    cls.model_type: cls for cls in (Mixtral, Qwen3Moe, Olmoe, Qwen2Moe)
 }
 
 # Architectures whose adapter waits for a Braid feature: {model_type: what it needs}.

@@ -1,0 +1,85 @@
+"""Tiny random Hugging Face MoE checkpoints and Braid model directories for the hf tests.
+
+`save_hf(kind, dir)` builds a transformers model from its config class (nothing downloaded),
+redraws every weight so that a misplaced or mis-permuted tensor shows in the logits (norm
+weights around 1 +- 0.5, biases +- 0.5, matrices with unit-scale outputs), saves it in small
+shards with a byte-level BPE tokenizer.json, and returns the model in eval mode.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+
+VOCAB = 300
+COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=64, tie_word_embeddings=False)
+
+
+def hf_config(kind: str):
+    import transformers as tf
+
+    if kind == "mixtral":
+        return tf.MixtralConfig(**COMMON, num_hidden_layers=2, intermediate_size=24,
+                                num_local_experts=4, num_experts_per_tok=2, rope_theta=1e6)
+    if kind == "qwen3_moe":
+        return tf.Qwen3MoeConfig(**COMMON, num_hidden_layers=3, head_dim=16,
+                                 intermediate_size=40, moe_intermediate_size=16, num_experts=4,
+                                 num_experts_per_tok=2, mlp_only_layers=[1], norm_topk_prob=True)
+    if kind == "olmoe":
+        return tf.OlmoeConfig(**COMMON, num_hidden_layers=2, intermediate_size=16,
+                              num_experts=4, num_experts_per_tok=2, eos_token_id=0)
+    if kind == "qwen2_moe":
+        return tf.Qwen2MoeConfig(**COMMON, num_hidden_layers=3, intermediate_size=40,
+                                 moe_intermediate_size=16, shared_expert_intermediate_size=24,
+                                 num_experts=4, num_experts_per_tok=2, mlp_only_layers=[0],
+                                 norm_topk_prob=False)
+    if kind == "deepseek_v3":
+        return tf.DeepseekV3Config(
+            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=4, intermediate_size=40, moe_intermediate_size=16,
+            n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
+            first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8,
+            qk_nope_head_dim=8, v_head_dim=8, n_shared_experts=1, max_position_embeddings=64,
+            tie_word_embeddings=False, routed_scaling_factor=2.5, num_nextn_predict_layers=0)
+    raise KeyError(kind)
+
+
+@torch.no_grad()
+def perturb(model: torch.nn.Module, seed: int = 0) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        noise = torch.randn(p.shape, generator=gen)
+        if "norm" in name:
+            p.copy_(1 + 0.5 * noise)
+        elif name.endswith("bias") or p.dim() == 1:
+            p.copy_(0.5 * noise)
+        else:
+            p.copy_(noise / p.shape[-1] ** 0.5)
+    for name, b in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            b.copy_(0.1 * torch.randn(b.shape, generator=gen))
+
+
+def tokenizer_file(path: Path) -> Path:
+    from braid.data.tokenizer import train_bpe
+
+    rnd = random.Random(0)
+    words = "a mixture of experts routes each token to the best two of eight".split()
+    text = [" ".join(rnd.choice(words) for _ in range(50)) for _ in range(40)]
+    train_bpe(text, VOCAB).save(str(path))
+    return path
+
+
+def save_hf(kind: str, out: Path, seed: int = 0, dtype=torch.float32, shard="20KB"):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(hf_config(kind)).eval()
+    perturb(model, seed)
+    model = model.to(dtype)
+    model.save_pretrained(out, max_shard_size=shard)
+    tokenizer_file(Path(out) / "tokenizer.json")
+    return model
