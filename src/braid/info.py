@@ -2,8 +2,11 @@
 
 Counts match the built model exactly (a test compares them with `sum(p.numel())`).
 Training FLOPs per token follow PaLM (appendix B): 6 * (active matmul parameters) for the
-forward and backward GEMMs, plus 6 * n_layers * dim * seq_len for attention scores and values
-(the causal half of PaLM's 12 * L * d * T).
+forward and backward GEMMs, plus the causal half of PaLM's 12 * L * (H * Dh) * T for attention
+scores and values (6 * n_layers * dim * seq_len for the plain block; a windowed layer counts the
+keys its window keeps). The KV cache per token is what generation stores (MLA: its latent and
+RoPE key) at the compute dtype (bf16 unless train.dtype = fp32), next to the per-head k/v cache
+that multi-head attention with the same heads would store.
 
 Memory per GPU (`memory_per_gpu`) follows the layout `braid.parallel` builds, tensor by tensor
 from the model built on the meta device (no memory), for the rank that holds the most:
@@ -23,6 +26,7 @@ from dataclasses import dataclass
 
 from braid.config import Config
 from braid.errors import BraidError
+from braid.model.config import ModelConfig
 from braid.parallel.mesh import expert_shard_dim
 
 
@@ -89,12 +93,65 @@ def check_info_layout(cfg: Config, world: int, ep: int) -> None:
         raise BraidError(f"--ep={ep} must divide moe.num_experts={cfg.moe.num_experts}")
 
 
+def attention_params(m: ModelConfig) -> tuple[int, int]:
+    """(matmul weights and biases, norm weights) of one attention layer (GQA or MLA)."""
+    D, H = m.dim, m.n_heads
+    if m.attention == "mla":
+        q_width = H * (m.qk_nope_head_dim + m.qk_rope_head_dim)
+        q = D * q_width if m.q_lora_rank == 0 else m.q_lora_rank * (D + q_width)
+        kv = D * (m.kv_lora_rank + m.qk_rope_head_dim)
+        kv += m.kv_lora_rank * H * (m.qk_nope_head_dim + m.v_head_dim)
+        return q + kv + H * m.v_head_dim * D, m.q_lora_rank + m.kv_lora_rank
+    q_width, kv_width = H * m.attn_head_dim, m.kv_heads * m.attn_head_dim
+    matmul = D * q_width + 2 * D * kv_width + q_width * D
+    matmul += (q_width + 2 * kv_width) if m.qkv_bias else 0
+    norms = {"none": 0, "head": 2 * m.attn_head_dim, "full": q_width + kv_width}[m.qk_norm]
+    return matmul, norms
+
+
+def attention_score_flops(m: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token of q.k and p.v (PaLM's 12 * T * (H * Dh) per layer, halved for
+    causality); a windowed layer sees at most `window` keys."""
+    if m.attention == "mla":
+        qk, v = m.n_heads * (m.qk_nope_head_dim + m.qk_rope_head_dim), m.n_heads * m.v_head_dim
+    else:
+        qk = v = m.n_heads * m.attn_head_dim
+    total = 0.0
+    for i in range(m.n_layers):
+        w = m.window_for(i)
+        keys = seq_len / 2 if w == 0 or w >= seq_len else w * (1 - w / (2 * seq_len))
+        total += 6.0 * keys * (qk + v)
+    return total
+
+
+def kv_cache_bytes_per_token(m: ModelConfig, dtype_bytes: int) -> tuple[int, int]:
+    """(bytes this model caches per token per layer, bytes a per-head k/v cache would take):
+    MLA keeps its latent and RoPE key; GQA keeps k and v of each kv head."""
+    if m.attention == "mla":
+        per_head = m.n_heads * (m.qk_nope_head_dim + m.qk_rope_head_dim + m.v_head_dim)
+        return dtype_bytes * (m.kv_lora_rank + m.qk_rope_head_dim), dtype_bytes * per_head
+    gqa = 2 * m.kv_heads * m.attn_head_dim
+    return dtype_bytes * gqa, dtype_bytes * 2 * m.n_heads * m.attn_head_dim
+
+
+def kv_cache_line(cfg: Config) -> str:
+    m = cfg.model
+    dtype, size = ("fp32", 4) if cfg.train.dtype == "fp32" else ("bf16", 2)
+    cached, per_head = kv_cache_bytes_per_token(m, size)
+    kind = "latent + rope key" if m.attention == "mla" else f"k/v of {m.kv_heads} kv heads"
+    return (
+        f"KV cache / token      {cached:8,d} B per layer, {cached * m.n_layers / 1024:.1f} KiB "
+        f"all {m.n_layers} layers ({kind}, {dtype}); per-head k/v of {m.n_heads} heads: "
+        f"{per_head:,d} B per layer, {per_head * m.n_layers / 1024:.1f} KiB"
+    )
+
+
 def arithmetic(cfg: Config, seq_len: int | None = None) -> ModelArithmetic:
     m, moe = cfg.model, cfg.moe
     seq_len = seq_len or cfg.train.seq_len
-    D, hd = m.dim, m.head_dim
-    attn = D * m.n_heads * hd + 2 * D * m.kv_heads * hd + m.n_heads * hd * D
-    norms = 2 * D
+    D = m.dim
+    attn, attn_norms = attention_params(m)
+    norms = 2 * D + attn_norms  # block norms and qk-/latent norms
     dense_ffn = 3 * D * m.ffn_hidden
     moe_ids = set(moe.moe_layer_ids(m.n_layers))
     expert = 3 * D * moe.expert_hidden
@@ -116,7 +173,7 @@ def arithmetic(cfg: Config, seq_len: int | None = None) -> ModelArithmetic:
     # GEMM weights a token goes through: all active weights but norms and the input lookup
     # (with tied embeddings the one matrix is the output GEMM, so it stays counted).
     active_matmul = active - norms * m.n_layers - D - (emb if out_proj else 0)
-    flops = 6.0 * active_matmul + 6.0 * m.n_layers * D * seq_len
+    flops = 6.0 * active_matmul + attention_score_flops(m, seq_len)
     return ModelArithmetic(
         total_params=total,
         active_params=active,
@@ -142,5 +199,6 @@ def describe(cfg: Config, world: int | None = None, ep: int | None = None) -> st
         f"dp={world // ep}, dense={cfg.parallel.dense} (activations not counted)",
         f"  states / buffers    {mem.states / 2**30:8.2f} GiB fp32 weights+grads+Adam, "
         f"{mem.buffers / 2**30:.2f} GiB FSDP gathered weights and grads",
+        kv_cache_line(cfg),
     ]
     return "\n".join(lines)

@@ -17,7 +17,9 @@ from torch.utils.checkpoint import checkpoint
 
 from braid.model.attention import Attention, KVCache
 from braid.model.config import ModelConfig
-from braid.model.layers import RMSNorm, SwiGLU, rope_table
+from braid.model.layers import RMSNorm, SwiGLU
+from braid.model.mla import MLA, LatentCache
+from braid.model.rope import rope_table
 from braid.moe.config import MoEConfig
 from braid.moe.layer import MoE, MoEStats
 
@@ -31,15 +33,18 @@ class ModelOutput:
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, moe_cfg: MoEConfig, is_moe: bool):
+    def __init__(self, cfg: ModelConfig, moe_cfg: MoEConfig, is_moe: bool, layer: int = 0):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attn = Attention(cfg)
+        attn_cls = MLA if cfg.attention == "mla" else Attention
+        self.attn = attn_cls(cfg, window=cfg.window_for(layer))
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn = MoE(cfg, moe_cfg) if is_moe else SwiGLU(cfg.dim, cfg.ffn_hidden)
         self.activation_checkpoint = False
 
-    def forward(self, x, rope, cache: KVCache | None = None) -> tuple[Tensor, MoEStats | None]:
+    def forward(
+        self, x, rope, cache: KVCache | LatentCache | None = None
+    ) -> tuple[Tensor, MoEStats | None]:
         if self.activation_checkpoint and self.training:
             return checkpoint(self._forward, x, rope, None, use_reentrant=False)
         return self._forward(x, rope, cache)
@@ -59,16 +64,17 @@ class Transformer(nn.Module):
         self.moe_layers = moe_cfg.moe_layer_ids(cfg.n_layers)
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.blocks = nn.ModuleList(
-            Block(cfg, moe_cfg, i in self.moe_layers) for i in range(cfg.n_layers)
+            Block(cfg, moe_cfg, i in self.moe_layers, layer=i) for i in range(cfg.n_layers)
         )
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self.register_buffer(
-            "rope", rope_table(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta), persistent=False
-        )
+        self.register_buffer("rope", rope_table(cfg), persistent=False)
 
     def forward(
-        self, idx_BT: Tensor, caches: list[KVCache] | None = None, start_pos: int = 0
+        self,
+        idx_BT: Tensor,
+        caches: list[KVCache] | list[LatentCache] | None = None,
+        start_pos: int = 0,
     ) -> ModelOutput:
         T = idx_BT.shape[1]
         rope = self.rope[start_pos : start_pos + T]
@@ -90,8 +96,7 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def reset_buffers(self) -> None:
         """Recompute non-parameter state (after `to_empty` from the meta device)."""
-        c = self.cfg
-        self.rope = rope_table(c.head_dim, c.max_seq_len, c.rope_theta).to(self.tok_emb.weight.device)
+        self.rope = rope_table(self.cfg).to(self.tok_emb.weight.device)
         for moe in self.moe_modules().values():
             moe.router.expert_bias.zero_()
             moe.router.load_acc.zero_()
@@ -103,6 +108,6 @@ class Transformer(nn.Module):
         for moe in self.moe_modules().values():
             moe.router.update_bias()
 
-    def new_caches(self, batch: int, max_len: int) -> list[KVCache]:
+    def new_caches(self, batch: int, max_len: int) -> list[KVCache] | list[LatentCache]:
         like = self.tok_emb.weight
         return [b.attn.new_cache(batch, max_len, like) for b in self.blocks]
