@@ -1,12 +1,16 @@
 """Model arithmetic from the config alone: parameters, active parameters, FLOPs, memory per GPU.
 
-Counts match the built model exactly (a test compares them with `sum(p.numel())`).
+Counts are read from the model built on the meta device (no memory, milliseconds even for
+dsv3), so every architecture option is counted as it is built. Parameter counts are the main
+model's, as model cards report them; the MTP modules' own weights are reported apart.
 Training FLOPs per token follow PaLM (appendix B): 6 * (active matmul parameters) for the
-forward and backward GEMMs, plus the causal half of PaLM's 12 * L * (H * Dh) * T for attention
-scores and values (6 * n_layers * dim * seq_len for the plain block; a windowed layer counts the
-keys its window keeps). The KV cache per token is what generation stores (MLA: its latent and
-RoPE key) at the compute dtype (bf16 unless train.dtype = fp32), next to the per-head k/v cache
-that multi-head attention with the same heads would store.
+forward and backward GEMMs, plus the causal half of PaLM's 12 * L * (qk + v)/2 * T for attention
+scores and values, qk and v the query-key and value widths over all heads (6 * n_layers * dim *
+seq_len for the plain block; MLA: heads * (nope + rope) and heads * v_head_dim; a windowed
+layer counts the keys its window keeps). MTP modules add their block, projection and one more
+output-head GEMM per depth. The KV cache per token is what generation stores (MLA: its latent
+and RoPE key) at the compute dtype (bf16 unless train.dtype = fp32), next to the per-head k/v
+cache that multi-head attention with the same heads would store.
 
 Memory per GPU (`memory_per_gpu`) follows the layout `braid.parallel` builds, tensor by tensor
 from the model built on the meta device (no memory), for the rank that holds the most:
@@ -15,8 +19,10 @@ from the model built on the meta device (no memory), for the rank that holds the
     of world, so rank 0 holds ceil(rows/world) rows); dense=replicate: every dense tensor whole.
     Experts: E/ep per rank, sharded over dp on the dim `expert_shard_dim` picks (ceil on dim 0);
   - FSDP buffers: while a block runs, its sharded tensors are all-gathered whole (fp32, as
-    weights stay fp32 under autocast), the next block's are prefetched, and in backward its
-    whole grads exist until the reduce-scatter: about 3 x the largest block's gathered tensors.
+    weights stay fp32 under autocast; bf16 with parallel.param_dtype=bf16), the next block's
+    are prefetched, and in backward its whole grads exist until the reduce-scatter (bf16, plus
+    the fp32 copy that is reduced, with param_dtype=bf16): about 3 x the largest block's
+    gathered tensors, 12 bytes an element in fp32, 10 with bf16 compute weights.
 Activations are not counted (they depend on batch, seq_len and activation checkpointing).
 """
 
@@ -37,7 +43,8 @@ class ModelArithmetic:
     embedding_params: int
     expert_params: int  # routed experts over all MoE layers
     dense_params: int  # everything else
-    flops_per_token: float  # training (forward + backward)
+    flops_per_token: float  # training (forward + backward), MTP modules included
+    mtp_params: int = 0  # the MTP modules' own weights (not in total_params)
 
 
 @dataclass(frozen=True)
@@ -52,21 +59,19 @@ class Memory:
 
 def memory_per_gpu(cfg: Config, world: int, ep: int, dense: str = "fsdp") -> Memory:
     """Bytes per GPU under (world, ep, dense); see the module docstring for what is counted."""
-    import torch
-
-    from braid.model.transformer import Transformer
     from braid.moe.experts import GroupedExperts
 
     check_info_layout(cfg, world, ep)
     dp = world // ep
-    with torch.device("meta"):  # exact shapes, no memory
-        model = Transformer(cfg.model, cfg.moe)
+    model = build_meta(cfg)
     experts = {
         id(p) for m in model.modules() if isinstance(m, GroupedExperts) for p in m.parameters()
     }
-    root = [p for n, p in model.named_parameters() if not n.startswith("blocks.")]
+    units = model.units()  # the FSDP units: blocks and MTP modules; the rest is the root's
+    in_unit = {id(p) for u in units for p in u.parameters()}
+    root = [p for p in model.parameters() if id(p) not in in_unit]
     held, gathered = 0, []  # elements this rank holds; elements each FSDP block gathers whole
-    for params in [root] + [list(b.parameters()) for b in model.blocks]:
+    for params in [root] + [list(u.parameters()) for u in units]:
         whole = 0
         for p in params:
             rows, row = p.shape[0], p.numel() // p.shape[0]
@@ -82,7 +87,10 @@ def memory_per_gpu(cfg: Config, world: int, ep: int, dense: str = "fsdp") -> Mem
                 held += p.numel()
         gathered.append(whole)
     # Peak: this block's gathered weights, the next block's (prefetch), this block's grads.
-    return Memory(states=16.0 * held, buffers=4.0 * 3 * max(gathered))
+    # parallel.param_dtype=bf16: weights gathered in bf16 (2 + 2 bytes), grads computed in bf16
+    # and copied to fp32 for the reduce-scatter (2 + 4); fp32: 4 + 4 + 4. States are the same.
+    per_elem = 10.0 if cfg.parallel.param_dtype == "bf16" else 12.0
+    return Memory(states=16.0 * held, buffers=per_elem * max(gathered))
 
 
 def check_info_layout(cfg: Config, world: int, ep: int) -> None:
@@ -93,31 +101,16 @@ def check_info_layout(cfg: Config, world: int, ep: int) -> None:
         raise BraidError(f"--ep={ep} must divide moe.num_experts={cfg.moe.num_experts}")
 
 
-def attention_params(m: ModelConfig) -> tuple[int, int]:
-    """(matmul weights and biases, norm weights) of one attention layer (GQA or MLA)."""
-    D, H = m.dim, m.n_heads
-    if m.attention == "mla":
-        q_width = H * (m.qk_nope_head_dim + m.qk_rope_head_dim)
-        q = D * q_width if m.q_lora_rank == 0 else m.q_lora_rank * (D + q_width)
-        kv = D * (m.kv_lora_rank + m.qk_rope_head_dim)
-        kv += m.kv_lora_rank * H * (m.qk_nope_head_dim + m.v_head_dim)
-        return q + kv + H * m.v_head_dim * D, m.q_lora_rank + m.kv_lora_rank
-    q_width, kv_width = H * m.attn_head_dim, m.kv_heads * m.attn_head_dim
-    matmul = D * q_width + 2 * D * kv_width + q_width * D
-    matmul += (q_width + 2 * kv_width) if m.qkv_bias else 0
-    norms = {"none": 0, "head": 2 * m.attn_head_dim, "full": q_width + kv_width}[m.qk_norm]
-    return matmul, norms
-
-
 def attention_score_flops(m: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token of q.k and p.v (PaLM's 12 * T * (H * Dh) per layer, halved for
-    causality); a windowed layer sees at most `window` keys."""
+    causality), MTP blocks included; a windowed layer sees at most `window` keys."""
     if m.attention == "mla":
         qk, v = m.n_heads * (m.qk_nope_head_dim + m.qk_rope_head_dim), m.n_heads * m.v_head_dim
     else:
         qk = v = m.n_heads * m.attn_head_dim
     total = 0.0
-    for i in range(m.n_layers):
+    # The MTP blocks attend like the last layer (braid.model.transformer builds them so).
+    for i in [*range(m.n_layers), *[m.n_layers - 1] * m.mtp_depth]:
         w = m.window_for(i)
         keys = seq_len / 2 if w == 0 or w >= seq_len else w * (1 - w / (2 * seq_len))
         total += 6.0 * keys * (qk + v)
@@ -146,41 +139,59 @@ def kv_cache_line(cfg: Config) -> str:
     )
 
 
-def arithmetic(cfg: Config, seq_len: int | None = None) -> ModelArithmetic:
-    m, moe = cfg.model, cfg.moe
-    seq_len = seq_len or cfg.train.seq_len
-    D = m.dim
-    attn, attn_norms = attention_params(m)
-    norms = 2 * D + attn_norms  # block norms and qk-/latent norms
-    dense_ffn = 3 * D * m.ffn_hidden
-    moe_ids = set(moe.moe_layer_ids(m.n_layers))
-    expert = 3 * D * moe.expert_hidden
-    shared = 3 * D * (moe.shared_hidden or moe.expert_hidden) * moe.num_shared_experts
-    router = moe.num_experts * D
+def build_meta(cfg: Config):
+    """The model on the meta device: exact shapes, no memory (the counts below read it)."""
+    import torch
 
-    emb = m.vocab_size * D
-    out_proj = 0 if m.tie_embeddings else m.vocab_size * D
-    total, experts_total, idle = emb + out_proj + D, 0, 0  # D: the final norm
-    for i in range(m.n_layers):
-        total += attn + norms
-        if i in moe_ids:
-            experts_total += moe.num_experts * expert
-            idle += (moe.num_experts - moe.top_k) * expert
-            total += router + shared + moe.num_experts * expert
-        else:
-            total += dense_ffn
-    active = total - idle
-    # GEMM weights a token goes through: all active weights but norms and the input lookup
-    # (with tied embeddings the one matrix is the output GEMM, so it stays counted).
-    active_matmul = active - norms * m.n_layers - D - (emb if out_proj else 0)
-    flops = 6.0 * active_matmul + attention_score_flops(m, seq_len)
+    from braid.model.transformer import Transformer
+
+    with torch.device("meta"):
+        return Transformer(cfg.model, cfg.moe)
+
+
+def arithmetic(cfg: Config, seq_len: int | None = None) -> ModelArithmetic:
+    """Counts read from the model built on the meta device, so every option (MLA, biases, gates,
+    MTP) is counted as built. Total/active/experts are the main model's (what model cards
+    report); `mtp_params` are the MTP modules' own weights (embedding and head are shared)."""
+    from braid.moe.layer import MoE
+
+    m = cfg.model
+    seq_len = seq_len or cfg.train.seq_len
+    model = build_meta(cfg)
+    main = {n: p.numel() for n, p in model.named_parameters() if not n.startswith("mtp.")}
+    mtp_names = {n for n, _ in model.named_parameters() if n.startswith("mtp.")}
+    total, mtp_total = sum(main.values()), sum(p.numel() for n, p in model.named_parameters()
+                                               if n in mtp_names)
+    expert_names, idle = set(), {"main": 0, "mtp": 0}
+    for name, mod in model.named_modules():
+        if isinstance(mod, MoE):
+            e_numel = sum(p.numel() for p in mod.experts.parameters())
+            expert_names |= {f"{name}.experts.{n}" for n, _ in mod.experts.named_parameters()}
+            spare = e_numel * (mod.cfg.num_experts - mod.cfg.top_k) // mod.cfg.num_experts
+            idle["mtp" if name.startswith("mtp.") else "main"] += spare
+    experts_total = sum(v for n, v in main.items() if n in expert_names)
+    emb = main["tok_emb.weight"] + main.get("output.weight", 0)
+    active = total - idle["main"]
+
+    # GEMM weights a token goes through: 2-D weights, less the input lookup when the head is a
+    # separate matrix (with tied embeddings the one matrix is the output GEMM, so it counts).
+    def gemm(names) -> int:
+        dims = dict(model.named_parameters())
+        return sum(dims[n].numel() for n in names if dims[n].dim() >= 2)
+
+    lookup = main["tok_emb.weight"] if "output.weight" in main else 0
+    head = m.vocab_size * m.dim
+    active_gemm = gemm(main) - lookup - idle["main"]
+    mtp_gemm = gemm(mtp_names) - idle["mtp"] + m.mtp_depth * head  # each depth runs the head
+    flops = 6.0 * (active_gemm + mtp_gemm) + attention_score_flops(m, seq_len)
     return ModelArithmetic(
         total_params=total,
         active_params=active,
-        embedding_params=emb + out_proj,
+        embedding_params=emb,
         expert_params=experts_total,
         dense_params=total - experts_total,
         flops_per_token=flops,
+        mtp_params=mtp_total,
     )
 
 
@@ -192,13 +203,23 @@ def describe(cfg: Config, world: int | None = None, ep: int | None = None) -> st
     n_moe = len(cfg.moe.moe_layer_ids(cfg.model.n_layers))
     lines = [
         f"total parameters      {a.total_params / 1e9:8.3f} B  ({a.total_params:,})",
+        *(
+            [
+                f"  with MTP modules    {(a.total_params + a.mtp_params) / 1e9:8.3f} B  "
+                f"(+{a.mtp_params / 1e9:.3f} B in {cfg.model.mtp_depth} MTP module(s), "
+                f"sharing the embedding and output head)"
+            ]
+            if a.mtp_params
+            else []
+        ),
         f"active per token      {a.active_params / 1e9:8.3f} B  ({a.active_params:,})",
         f"routed experts        {a.expert_params / 1e9:8.3f} B in {n_moe} MoE layers",
         f"train FLOPs / token   {a.flops_per_token / 1e9:8.3f} GFLOP (seq_len {cfg.train.seq_len})",
         f"memory / GPU          {mem.total / 2**30:8.2f} GiB at world={world}, ep={ep}, "
         f"dp={world // ep}, dense={cfg.parallel.dense} (activations not counted)",
         f"  states / buffers    {mem.states / 2**30:8.2f} GiB fp32 weights+grads+Adam, "
-        f"{mem.buffers / 2**30:.2f} GiB FSDP gathered weights and grads",
+        f"{mem.buffers / 2**30:.2f} GiB FSDP gathered weights and grads "
+        f"(param_dtype {cfg.parallel.param_dtype})",
         kv_cache_line(cfg),
     ]
     return "\n".join(lines)

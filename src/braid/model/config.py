@@ -53,6 +53,12 @@ class ModelConfig:
     qk_rope_head_dim: int = knob(64, "MLA: decoupled RoPE key/query size, key shared by heads.")
     qk_nope_head_dim: int = knob(128, "MLA: per-head q/k size without RoPE.")
     v_head_dim: int = knob(128, "MLA: per-head value size.")
+    mtp_depth: int = knob(
+        0, "Multi-token prediction modules (DeepSeek-V3): module k predicts token t+k+1."
+    )
+    mtp_loss_weight: float = knob(
+        0.3, "Weight of the MTP loss, mean cross-entropy over the mtp_depth modules (lambda)."
+    )
 
     @property
     def kv_heads(self) -> int:
@@ -106,6 +112,8 @@ class ModelConfig:
             check(self.attn_head_dim % 2 == 0, key, value, "the head size must be even")
         check(self.norm_eps > 0, "model.norm_eps", self.norm_eps, "must be > 0")
         check(self.init_std > 0, "model.init_std", self.init_std, "must be > 0")
+        check(self.mtp_depth >= 0, "model.mtp_depth", self.mtp_depth, "must be >= 0")
+        check(self.mtp_loss_weight >= 0, "model.mtp_loss_weight", self.mtp_loss_weight, ">= 0")
         self._validate_attention()
 
     def _validate_attention(self) -> None:

@@ -19,6 +19,7 @@ from braid.model.attention import Attention, KVCache
 from braid.model.config import ModelConfig
 from braid.model.layers import RMSNorm, SwiGLU
 from braid.model.mla import MLA, LatentCache
+from braid.model.mtp import MTPModule
 from braid.model.rope import rope_table
 from braid.moe.config import MoEConfig
 from braid.moe.layer import MoE, MoEStats
@@ -30,6 +31,8 @@ class ModelOutput:
     aux_loss: Tensor  # mean over MoE layers (unweighted)
     z_loss: Tensor  # mean over MoE layers (unweighted)
     moe: dict[int, MoEStats] = field(default_factory=dict)  # per MoE layer index
+    # Multi-token prediction (training only): depth k's logits [B, T-k, V], for targets y[:, k:].
+    mtp_logits: list[Tensor] = field(default_factory=list)
 
 
 class Block(nn.Module):
@@ -66,6 +69,17 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(
             Block(cfg, moe_cfg, i in self.moe_layers, layer=i) for i in range(cfg.n_layers)
         )
+        # MTP modules (DeepSeek-V3): their block is built like the main model's last layer (MoE
+        # iff it is, the same attention window). Their MoE layers are numbered n_layers,
+        # n_layers+1, ... in `moe_layers`.
+        last = cfg.n_layers - 1
+        last_is_moe = last in self.moe_layers
+        self.mtp = nn.ModuleList(
+            MTPModule(cfg.dim, cfg.norm_eps, Block(cfg, moe_cfg, last_is_moe, layer=last))
+            for _ in range(cfg.mtp_depth)
+        )
+        if last_is_moe:
+            self.moe_layers = self.moe_layers + [cfg.n_layers + d for d in range(cfg.mtp_depth)]
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.register_buffer("rope", rope_table(cfg), persistent=False)
@@ -76,22 +90,46 @@ class Transformer(nn.Module):
         caches: list[KVCache] | list[LatentCache] | None = None,
         start_pos: int = 0,
     ) -> ModelOutput:
+        """Logits of the next token; in training (no caches) also the MTP modules' logits."""
         T = idx_BT.shape[1]
         rope = self.rope[start_pos : start_pos + T]
-        x = self.tok_emb(idx_BT)
+        emb = self.tok_emb(idx_BT)
+        x = emb
         stats: dict[int, MoEStats] = {}
         for i, block in enumerate(self.blocks):
             x, s = block(x, rope, None if caches is None else caches[i])
             if s is not None:
                 stats[i] = s
-                if self.training:
-                    block.ffn.router.record_load(s.counts_E)
-        x = self.norm(x)
-        logits = F.linear(x, self.tok_emb.weight) if self.output is None else self.output(x)
+        logits = self._head(self.norm(x))
+        mtp_logits = []
+        if self.training and caches is None:  # MTP: training only (generate never runs it)
+            h = x
+            for k, module in enumerate(self.mtp, start=1):
+                if T - k <= 0:
+                    break
+                h, hn, s = module(h[:, :-1], emb[:, k:], rope[: T - k])
+                mtp_logits.append(self._head(hn))
+                if s is not None:
+                    stats[self.cfg.n_layers + k - 1] = s
+        if self.training:
+            moes = self.moe_modules()
+            for i, s in stats.items():
+                moes[i].router.record_load(s.counts_E)
         zero = logits.new_zeros((), dtype=torch.float32)
         aux = torch.stack([s.aux_loss for s in stats.values()]).mean() if stats else zero
         z = torch.stack([s.z_loss for s in stats.values()]).mean() if stats else zero
-        return ModelOutput(logits, aux, z, stats)
+        return ModelOutput(logits, aux, z, stats, mtp_logits)
+
+    def _head(self, x_BTD: Tensor) -> Tensor:
+        return F.linear(x_BTD, self.tok_emb.weight) if self.output is None else self.output(x_BTD)
+
+    def units(self) -> list[nn.Module]:
+        """The blocks, then the MTP modules: the units parallelism wraps one by one."""
+        return [*self.blocks, *self.mtp]
+
+    def all_blocks(self) -> list[Block]:
+        """Every transformer block, the MTP modules' included (activation checkpointing)."""
+        return [*self.blocks, *(m.block for m in self.mtp)]
 
     @torch.no_grad()
     def reset_buffers(self) -> None:
@@ -102,7 +140,9 @@ class Transformer(nn.Module):
             moe.router.load_acc.zero_()
 
     def moe_modules(self) -> dict[int, MoE]:
-        return {i: self.blocks[i].ffn for i in self.moe_layers}
+        """MoE layers by index; those of the MTP modules come after the main model's."""
+        blocks = self.all_blocks()
+        return {i: blocks[i].ffn for i in self.moe_layers}
 
     def update_router_biases(self) -> None:
         for moe in self.moe_modules().values():
