@@ -20,7 +20,7 @@ from braid.hf.importer import import_hf
 pytest.importorskip("transformers")
 
 TOL = 1e-4
-ARCHS = ["mixtral"]
+ARCHS = ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe"]
 
 
 def _logits(model, ids):

@@ -73,7 +73,7 @@ def tokenizer_file(path: Path) -> Path:
     return path
 
 
-def save_hf(kind: str, out: Path, seed: int = 0, dtype=torch.float32, shard="20KB"):
+def save_hf(kind: str, out: Path, seed: int = 0, dtype=torch.float32, shard="8KB"):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)

@@ -75,7 +75,9 @@ def check_braid(cfg: Config, arch: str, wanted: dict[tuple[str, str], Any]) -> N
 
 
 class LlamaStyleMoE(Adapter):
-    experts_key = "num_experts"  # config.json name of the routed-expert count
+    # config.json names of the routed-expert count (the first is written on export; transformers
+    # 5 saves Qwen3-MoE's as num_local_experts, the released checkpoints say num_experts)
+    experts_keys: tuple[str, ...] = ("num_experts",)
     expert_hidden_key = "moe_intermediate_size"
     moe_prefix = "mlp"  # module name of the MoE block in a layer
     expert_names = ("gate_proj", "up_proj", "down_proj")
@@ -134,7 +136,9 @@ class LlamaStyleMoE(Adapter):
             model["qkv_bias"] = True
 
     def read_moe(self, hf: HFConfig, n_layers: int) -> dict[str, Any]:
-        E = int(hf.require(self.experts_key))
+        E = next((hf.get(k) for k in self.experts_keys if hf.get(k) is not None), None)
+        if E is None:
+            hf.require(self.experts_keys[0])
         moe: dict[str, Any] = {
             "num_experts": E,
             "top_k": int(hf.require("num_experts_per_tok")),
@@ -206,7 +210,7 @@ class LlamaStyleMoE(Adapter):
             "hidden_act": "silu",
             "rope_theta": m.rope_theta,
             "rope_parameters": {"rope_theta": m.rope_theta, "rope_type": "default"},
-            self.experts_key: moe.num_experts,
+            self.experts_keys[0]: moe.num_experts,
             "num_experts_per_tok": moe.top_k,
             self.expert_hidden_key: moe.expert_hidden,
             "router_aux_loss_coef": moe.aux_loss_coef,

@@ -10,7 +10,7 @@ from braid.hf.llama import LlamaStyleMoE
 class Mixtral(LlamaStyleMoE):
     model_type = "mixtral"
     architecture = "MixtralForCausalLM"
-    experts_key = "num_local_experts"
+    experts_keys = ("num_local_experts",)
     expert_hidden_key = "intermediate_size"
     moe_prefix = "block_sparse_moe"
     expert_names = ("w1", "w3", "w2")

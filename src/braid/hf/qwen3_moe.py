@@ -11,5 +11,6 @@ from braid.hf.llama import LlamaStyleMoE
 class Qwen3Moe(LlamaStyleMoE):
     model_type = "qwen3_moe"
     architecture = "Qwen3MoeForCausalLM"
+    experts_keys = ("num_experts", "num_local_experts")
     qk_norm = "head"
     sparse_layers = True
