@@ -83,3 +83,41 @@ def save_hf(kind: str, out: Path, seed: int = 0, dtype=torch.float32, shard="8KB
     model.save_pretrained(out, max_shard_size=shard)
     tokenizer_file(Path(out) / "tokenizer.json")
     return model
+
+
+BRAID_BASE = ["--model.vocab_size=300", "--model.dim=32", "--model.n_heads=4",
+              "--model.n_kv_heads=2", "--model.n_layers=3", "--model.ffn_hidden=40",
+              "--model.max_seq_len=64", "--model.tie_embeddings=false", "--train.seq_len=32",
+              "--moe.num_experts=4", "--moe.top_k=2", "--moe.expert_hidden=16"]
+# One Braid model per architecture, each with the options that architecture holds.
+BRAID_MODELS = {
+    "mixtral": ["--moe.first_k_dense=0", "--model.tie_embeddings=true"],
+    "qwen3_moe": ["--model.head_dim=16", "--model.qk_norm=head", "--moe.layers=[0,2]",
+                  "--moe.renormalize=false"],
+    "olmoe": ["--model.qk_norm=full", "--moe.first_k_dense=0", "--model.rope_theta=500000"],
+    "qwen2_moe": ["--model.qkv_bias=true", "--moe.num_shared_experts=1", "--moe.shared_hidden=24",
+                  "--moe.shared_gate=true", "--moe.first_k_dense=1"],
+}
+
+
+def save_braid(overrides: list[str], out: Path, seed: int = 0) -> Path:
+    """A Braid model directory (as `braid export` writes it) of a randomly drawn model."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from braid.checkpoint.load import build_single
+    from braid.config import load_config
+    from braid.model.init import init_weights
+
+    cfg = load_config(None, BRAID_BASE + overrides)
+    model = build_single(cfg, torch.device("cpu"))
+    init_weights(model, seed, 0.02, cfg.model.n_layers)
+    perturb(model, seed)
+    out.mkdir(parents=True)
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(sd, out / "model.safetensors", metadata={"format": "pt"})
+    body = {"fingerprint": cfg.fingerprint(), "config": cfg.to_dict(), "step": 0}
+    (out / "config.json").write_text(json.dumps(body))
+    tokenizer_file(out / "tokenizer.json")
+    return out
