@@ -38,7 +38,8 @@ def read_rope(hf: HFConfig) -> dict[str, Any]:
     if theta is None:
         theta = params.pop("rope_theta", 10000.0)
     params.pop("rope_theta", None)
-    kind = params.pop("rope_type", params.pop("type", "default"))
+    kinds = {params.pop("rope_type", None), params.pop("type", None)} - {None, "default"}
+    kind = kinds.pop() if kinds else "default"
     if kind not in ("default", None):
         hf.refuse(
             "rope_scaling.rope_type",
