@@ -29,7 +29,8 @@ TOL = 1e-4
 
 def _hf_load(path):
     model, info = transformers.AutoModelForCausalLM.from_pretrained(
-        path, output_loading_info=True, dtype=torch.float32)
+        path, output_loading_info=True, dtype=torch.float32
+    )
     assert {k: v for k, v in info.items() if v} == {}, info  # nothing missing/unexpected/...
     return model.eval()
 
@@ -66,7 +67,11 @@ def test_bf16_export_holds_the_rounded_weights(tmp_path):
     src = save_braid(BRAID_MODELS["mixtral"], tmp_path / "braid")
     out = export_hf(src, tmp_path / "hf", dtype="bf16")
     assert sorted(p.name for p in out.iterdir()) == [
-        "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
     with safe_open(out / "model.safetensors", "pt") as f:
         emb = f.get_tensor("model.embed_tokens.weight")
     assert emb.dtype == torch.bfloat16
@@ -83,14 +88,28 @@ def trained_run(tmp_path_factory):
     rnd = random.Random(1)
     words = "a mixture of experts routes each token to the best two of eight".split()
     (root / "text.txt").write_text(" ".join(rnd.choice(words) for _ in range(6000)))
-    prepare([root / "text.txt"], root / "data", vocab_size=VOCAB, val_fraction=0.1,
-            progress=False)
-    cfg = load_config(None, [
-        "--model.vocab_size=300", "--model.dim=32", "--model.n_heads=4", "--model.n_layers=2",
-        "--model.max_seq_len=64", "--moe.first_k_dense=0", "--moe.num_experts=4",
-        "--moe.expert_hidden=16", "--train.batch_size=4", "--train.seq_len=32",
-        "--train.steps=2", "--train.val_batches=1", "--train.progress=false",
-        f"--data.path={root / 'data'}", f"--run.dir={root / 'runs'}", "--run.name=r"])
+    prepare([root / "text.txt"], root / "data", vocab_size=VOCAB, val_fraction=0.1, progress=False)
+    cfg = load_config(
+        None,
+        [
+            "--model.vocab_size=300",
+            "--model.dim=32",
+            "--model.n_heads=4",
+            "--model.n_layers=2",
+            "--model.max_seq_len=64",
+            "--moe.first_k_dense=0",
+            "--moe.num_experts=4",
+            "--moe.expert_hidden=16",
+            "--train.batch_size=4",
+            "--train.seq_len=32",
+            "--train.steps=2",
+            "--train.val_batches=1",
+            "--train.progress=false",
+            f"--data.path={root / 'data'}",
+            f"--run.dir={root / 'runs'}",
+            "--run.name=r",
+        ],
+    )
     train(cfg)
     return root / "runs" / "r"
 
@@ -98,9 +117,27 @@ def trained_run(tmp_path_factory):
 def test_cli_exports_a_run_that_transformers_computes(trained_run, tmp_path):
     out = tmp_path / "hf"
     proc = subprocess.run(
-        [sys.executable, "-m", "braid", "export", "--run", str(trained_run), "--out", str(out),
-         "--format", "hf", "--dtype", "fp32", "--arch", "MixtralForCausalLM"],
-        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "braid",
+            "export",
+            "--run",
+            str(trained_run),
+            "--out",
+            str(out),
+            "--format",
+            "hf",
+            "--dtype",
+            "fp32",
+            "--arch",
+            "MixtralForCausalLM",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == str(out)
     ref = _hf_load(out)

@@ -20,7 +20,9 @@ from braid.hf.importer import import_hf
 pytest.importorskip("transformers")
 
 TOL = 1e-4
-ARCHS = ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe"]
+ARCHS = ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v3"]
+# Options of the same architectures: YaRN; MLA without q LoRA on half-split RoPE rows.
+VARIANTS = ["qwen3_moe_yarn", "deepseek_v3_plain"]
 
 
 def _logits(model, ids):
@@ -28,13 +30,17 @@ def _logits(model, ids):
         return model(ids).logits.float()
 
 
-@pytest.mark.parametrize("kind", ARCHS)
+@pytest.mark.parametrize("kind", ARCHS + VARIANTS)
 def test_import_matches_transformers_logits(kind, tmp_path):
     ref = save_hf(kind, tmp_path / "hf")
     assert len(list((tmp_path / "hf").glob("*.safetensors"))) > 2  # really sharded
     out = import_hf(tmp_path / "hf", tmp_path / "braid")
     assert sorted(p.name for p in out.iterdir()) == [
-        "config.json", "model.safetensors", "model.toml", "tokenizer.json"]
+        "config.json",
+        "model.safetensors",
+        "model.toml",
+        "tokenizer.json",
+    ]
     ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
     want = _logits(ref, ids)
     for path in (out, tmp_path / "hf"):  # imported directory, and the HF directory directly

@@ -1,12 +1,12 @@
 """`checkpoint.init_from`: a new run starts from the weights of an imported model.
 
-  * one process: `train` with init_from evaluates, before its first step, exactly the loss of
-    the imported model (braid.load) on the same validation batches; the run is at step 0 with a
-    fresh optimizer; a model config or tokenizer that does not match is refused in one line
-    before anything is written;
-  * two gloo ranks, (dp=1, ep=2) and (dp=2, ep=1) in one spawn: every rank reads only the
-    elements it holds (the reads add up to the model exactly once) and the first step's loss
-    and grad norm equal the single process's.
+* one process: `train` with init_from evaluates, before its first step, exactly the loss of
+  the imported model (braid.load) on the same validation batches; the run is at step 0 with a
+  fresh optimizer; a model config or tokenizer that does not match is refused in one line
+  before anything is written;
+* two gloo ranks, (dp=1, ep=2) and (dp=2, ep=1) in one spawn: every rank reads only the
+  elements it holds (the reads add up to the model exactly once) and the first step's loss
+  and grad norm equal the single process's.
 """
 
 from __future__ import annotations
@@ -23,8 +23,13 @@ from harness import run_ranks
 
 pytest.importorskip("transformers")
 
-OVERRIDES = ["--train.seq_len=32", "--train.batch_size=4", "--train.val_batches=2",
-             "--train.progress=false", "--train.lr=1e-2"]
+OVERRIDES = [
+    "--train.seq_len=32",
+    "--train.batch_size=4",
+    "--train.val_batches=2",
+    "--train.progress=false",
+    "--train.lr=1e-2",
+]
 LAYOUTS = {"dp1_ep2": ["--parallel.ep=2"], "dp2_ep1": ["--parallel.ep=1"]}
 
 
@@ -39,8 +44,13 @@ def imported(tmp_path_factory):
     rnd = random.Random(1)
     words = "a mixture of experts routes each token to the best two of eight".split()
     (root / "text.txt").write_text(" ".join(rnd.choice(words) for _ in range(6000)))
-    prepare([root / "text.txt"], root / "data", tokenizer=str(model_dir / "tokenizer.json"),
-            val_fraction=0.1, progress=False)
+    prepare(
+        [root / "text.txt"],
+        root / "data",
+        tokenizer=str(model_dir / "tokenizer.json"),
+        val_fraction=0.1,
+        progress=False,
+    )
     return root, model_dir
 
 
@@ -50,9 +60,16 @@ def _cfg(root, model_dir, extra=()):
     from braid.config import load_config
 
     root, model_dir = Path(root), Path(model_dir)
-    return load_config(str(model_dir / "model.toml"), [
-        *OVERRIDES, f"--data.path={root / 'data'}", f"--run.dir={root / 'runs'}",
-        f"--checkpoint.init_from={model_dir}", *extra])
+    return load_config(
+        str(model_dir / "model.toml"),
+        [
+            *OVERRIDES,
+            f"--data.path={root / 'data'}",
+            f"--run.dir={root / 'runs'}",
+            f"--checkpoint.init_from={model_dir}",
+            *extra,
+        ],
+    )
 
 
 def test_train_starts_from_the_imported_weights(imported):
@@ -71,10 +88,13 @@ def test_train_starts_from_the_imported_weights(imported):
     assert abs(result["initial_val_loss"] - want) < 1e-5
 
 
-@pytest.mark.parametrize("change,words", [
-    (["--model.n_layers=3"], "model.n_layers=2 but this run has 3"),
-    (["--moe.top_k=1"], "moe.top_k=2 but this run has 1"),
-])
+@pytest.mark.parametrize(
+    "change,words",
+    [
+        (["--model.n_layers=3"], "model.n_layers=2 but this run has 3"),
+        (["--moe.top_k=1"], "moe.top_k=2 but this run has 1"),
+    ],
+)
 def test_init_from_refuses_another_model_before_writing(imported, change, words):
     from braid.train.trainer import train
 
@@ -91,10 +111,12 @@ def test_init_from_refuses_data_of_another_tokenizer(imported, tmp_path):
 
     root, model_dir = imported
     (tmp_path / "t.txt").write_text("other words entirely " * 400)
-    prepare([tmp_path / "t.txt"], tmp_path / "data", vocab_size=280, val_fraction=0.1,
-            progress=False)
-    cfg = _cfg(root, model_dir, ["--train.steps=1", "--run.name=tok",
-                                 f"--data.path={tmp_path / 'data'}"])
+    prepare(
+        [tmp_path / "t.txt"], tmp_path / "data", vocab_size=280, val_fraction=0.1, progress=False
+    )
+    cfg = _cfg(
+        root, model_dir, ["--train.steps=1", "--run.name=tok", f"--data.path={tmp_path / 'data'}"]
+    )
     with pytest.raises(BraidError, match="braid prep --tokenizer"):
         train(cfg)
 

@@ -61,21 +61,29 @@ IMPORT_CASES = {  # name: (change to a saved tiny Mixtral, words the one line mu
     "unknown_model_type": (lambda d: _config(d, model_type="gpt2"), "model_type='gpt2' is not"),
     "rope_scaling_type": (lambda d: _config(d, rope_parameters=ROPE), "rope_type='linear'"),
     "old_style_rope_scaling": (
-        lambda d: _config(d, rope_scaling={"type": "dynamic", "factor": 2.0}), "'dynamic'"),
+        lambda d: _config(d, rope_scaling={"type": "dynamic", "factor": 2.0}),
+        "'dynamic'",
+    ),
     "sliding_window": (lambda d: _config(d, sliding_window=16), "sliding_window=16"),
     "attention_sinks": (lambda d: _config(d, attention_sinks=True), "attention_sinks=True"),
     "activation": (lambda d: _config(d, hidden_act="gelu"), "hidden_act='gelu'"),
     "index_path_traversal": (
         lambda d: _index(d, lambda m: m.update({"model.norm.weight": "../x.safetensors"})),
-        "'../x.safetensors'"),
+        "'../x.safetensors'",
+    ),
     "index_absolute_path": (
         lambda d: _index(d, lambda m: m.update({"model.norm.weight": "/etc/x.safetensors"})),
-        "'/etc/x.safetensors'"),
+        "'/etc/x.safetensors'",
+    ),
     "pickled_weights_only": (_only_pickle, "pytorch_model.bin is pickled"),
-    "missing_tensor": (lambda d: _drop_tensor(d, "model.layers.1.self_attn.k_proj.weight"),
-                       "lacks tensor model.layers.1.self_attn.k_proj.weight"),
-    "unexpected_tensor": (lambda d: _add_tensor(d, "model.layers.0.self_attn.sinks"),
-                          "tensor model.layers.0.self_attn.sinks"),
+    "missing_tensor": (
+        lambda d: _drop_tensor(d, "model.layers.1.self_attn.k_proj.weight"),
+        "lacks tensor model.layers.1.self_attn.k_proj.weight",
+    ),
+    "unexpected_tensor": (
+        lambda d: _add_tensor(d, "model.layers.0.self_attn.sinks"),
+        "tensor model.layers.0.self_attn.sinks",
+    ),
     "wrong_shape": (lambda d: _config(d, num_key_value_heads=4), "k_proj.weight has shape"),
 }
 
@@ -109,13 +117,22 @@ def test_import_refuses_in_one_line_and_writes_nothing(case, mixtral_dir, tmp_pa
 
 
 EXPORT_CASES = {  # name: (Braid overrides, extra CLI args, words)
-    "capacity_dropping": (BRAID_MODELS["mixtral"] + ["--moe.capacity_factor=1.25"], [],
-                          "moe.capacity_factor=1.25"),
-    "dense_first_layer_as_mixtral": (["--moe.first_k_dense=1"], ["--arch", "mixtral"],
-                                     "moe.layers=[1, 2]"),
+    "capacity_dropping": (
+        BRAID_MODELS["mixtral"] + ["--moe.capacity_factor=1.25"],
+        [],
+        "moe.capacity_factor=1.25",
+    ),
+    "dense_first_layer_as_mixtral": (
+        ["--moe.first_k_dense=1"],
+        ["--arch", "mixtral"],
+        "moe.layers=[1, 2]",
+    ),
     "no_architecture_fits": (["--moe.first_k_dense=1"], [], "no Hugging Face architecture"),
-    "routing_bias_without_slot": (BRAID_MODELS["mixtral"] + ["--moe.bias_balance=true"], [],
-                                  "expert_bias is non-zero"),
+    "routing_bias_without_slot": (
+        BRAID_MODELS["mixtral"] + ["--moe.bias_balance=true"],
+        [],
+        "expert_bias is non-zero",
+    ),
     "unknown_arch": (BRAID_MODELS["mixtral"], ["--arch", "llama"], "--arch 'llama'"),
     "shard_size": (BRAID_MODELS["mixtral"], ["--max-shard-size", "lots"], "'lots'"),
 }
@@ -130,16 +147,24 @@ def test_export_refuses_in_one_line_and_writes_nothing(case, tmp_path, capsys):
         sd["blocks.1.ffn.router.expert_bias"] = torch.tensor([0.0, 0.1, 0.0, 0.0])
         save_file(sd, src / "model.safetensors")
     out = tmp_path / "out"
-    _refused(["export", "--run", str(src), "--out", str(out), "--format", "hf", *args], out,
-             capsys, words)
+    _refused(
+        ["export", "--run", str(src), "--out", str(out), "--format", "hf", *args],
+        out,
+        capsys,
+        words,
+    )
 
 
 def test_refusal_exit_code_from_the_command_line(mixtral_dir, tmp_path):
     d = tmp_path / "hf"
     shutil.copytree(mixtral_dir, d)
     _config(d, model_type="llama4")
-    proc = subprocess.run([sys.executable, "-m", "braid", "import", str(d), "--out",
-                           str(tmp_path / "o")], capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "braid", "import", str(d), "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=120,
+    )
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert "model_type='llama4' is not supported" in proc.stderr

@@ -14,36 +14,140 @@ from pathlib import Path
 import torch
 
 VOCAB = 300
-COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
-              max_position_embeddings=64, tie_word_embeddings=False)
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    tie_word_embeddings=False,
+)
 
 
 def hf_config(kind: str):
     import transformers as tf
 
     if kind == "mixtral":
-        return tf.MixtralConfig(**COMMON, num_hidden_layers=2, intermediate_size=24,
-                                num_local_experts=4, num_experts_per_tok=2, rope_theta=1e6)
+        return tf.MixtralConfig(
+            **COMMON,
+            num_hidden_layers=2,
+            intermediate_size=24,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            rope_theta=1e6,
+        )
     if kind == "qwen3_moe":
-        return tf.Qwen3MoeConfig(**COMMON, num_hidden_layers=3, head_dim=16,
-                                 intermediate_size=40, moe_intermediate_size=16, num_experts=4,
-                                 num_experts_per_tok=2, mlp_only_layers=[1], norm_topk_prob=True)
+        return tf.Qwen3MoeConfig(
+            **COMMON,
+            num_hidden_layers=3,
+            head_dim=16,
+            intermediate_size=40,
+            moe_intermediate_size=16,
+            num_experts=4,
+            num_experts_per_tok=2,
+            mlp_only_layers=[1],
+            norm_topk_prob=True,
+        )
     if kind == "olmoe":
-        return tf.OlmoeConfig(**COMMON, num_hidden_layers=2, intermediate_size=16,
-                              num_experts=4, num_experts_per_tok=2, eos_token_id=0)
+        return tf.OlmoeConfig(
+            **COMMON,
+            num_hidden_layers=2,
+            intermediate_size=16,
+            num_experts=4,
+            num_experts_per_tok=2,
+            eos_token_id=0,
+        )
     if kind == "qwen2_moe":
-        return tf.Qwen2MoeConfig(**COMMON, num_hidden_layers=3, intermediate_size=40,
-                                 moe_intermediate_size=16, shared_expert_intermediate_size=24,
-                                 num_experts=4, num_experts_per_tok=2, mlp_only_layers=[0],
-                                 norm_topk_prob=False)
+        return tf.Qwen2MoeConfig(
+            **COMMON,
+            num_hidden_layers=3,
+            intermediate_size=40,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=24,
+            num_experts=4,
+            num_experts_per_tok=2,
+            mlp_only_layers=[0],
+            norm_topk_prob=False,
+        )
+    if kind == "qwen3_moe_yarn":
+        yarn = {
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 4.0,
+            "original_max_position_embeddings": 16,
+        }
+        return tf.Qwen3MoeConfig(
+            **COMMON,
+            num_hidden_layers=2,
+            head_dim=16,
+            intermediate_size=40,
+            moe_intermediate_size=16,
+            num_experts=4,
+            num_experts_per_tok=2,
+            rope_parameters=yarn,
+        )
+    if kind == "deepseek_v3_plain":  # no q LoRA, half-split RoPE, YaRN, no renormalisation
+        yarn = {
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 4.0,
+            "mscale": 1.0,
+            "mscale_all_dim": 0.8,
+            "original_max_position_embeddings": 16,
+            "beta_fast": 32,
+            "beta_slow": 1,
+        }
+        return tf.DeepseekV3Config(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            intermediate_size=40,
+            moe_intermediate_size=16,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            n_group=1,
+            topk_group=1,
+            first_k_dense_replace=0,
+            q_lora_rank=None,
+            kv_lora_rank=16,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=12,
+            n_shared_experts=2,
+            max_position_embeddings=64,
+            tie_word_embeddings=False,
+            routed_scaling_factor=1.5,
+            norm_topk_prob=False,
+            rope_interleave=False,
+            rope_parameters=yarn,
+        )
     if kind == "deepseek_v3":
         return tf.DeepseekV3Config(
-            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-            num_key_value_heads=4, intermediate_size=40, moe_intermediate_size=16,
-            n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
-            first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8,
-            qk_nope_head_dim=8, v_head_dim=8, n_shared_experts=1, max_position_embeddings=64,
-            tie_word_embeddings=False, routed_scaling_factor=2.5, num_nextn_predict_layers=0)
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            intermediate_size=40,
+            moe_intermediate_size=16,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            n_group=4,
+            topk_group=2,
+            first_k_dense_replace=1,
+            q_lora_rank=16,
+            kv_lora_rank=16,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=8,
+            n_shared_experts=1,
+            max_position_embeddings=64,
+            tie_word_embeddings=False,
+            routed_scaling_factor=2.5,
+            num_nextn_predict_layers=0,
+        )
     raise KeyError(kind)
 
 
@@ -85,18 +189,57 @@ def save_hf(kind: str, out: Path, seed: int = 0, dtype=torch.float32, shard="8KB
     return model
 
 
-BRAID_BASE = ["--model.vocab_size=300", "--model.dim=32", "--model.n_heads=4",
-              "--model.n_kv_heads=2", "--model.n_layers=3", "--model.ffn_hidden=40",
-              "--model.max_seq_len=64", "--model.tie_embeddings=false", "--train.seq_len=32",
-              "--moe.num_experts=4", "--moe.top_k=2", "--moe.expert_hidden=16"]
+BRAID_BASE = [
+    "--model.vocab_size=300",
+    "--model.dim=32",
+    "--model.n_heads=4",
+    "--model.n_kv_heads=2",
+    "--model.n_layers=3",
+    "--model.ffn_hidden=40",
+    "--model.max_seq_len=64",
+    "--model.tie_embeddings=false",
+    "--train.seq_len=32",
+    "--moe.num_experts=4",
+    "--moe.top_k=2",
+    "--moe.expert_hidden=16",
+]
 # One Braid model per architecture, each with the options that architecture holds.
 BRAID_MODELS = {
     "mixtral": ["--moe.first_k_dense=0", "--model.tie_embeddings=true"],
-    "qwen3_moe": ["--model.head_dim=16", "--model.qk_norm=head", "--moe.layers=[0,2]",
-                  "--moe.renormalize=false"],
+    "qwen3_moe": [
+        "--model.head_dim=16",
+        "--model.qk_norm=head",
+        "--moe.layers=[0,2]",
+        "--moe.renormalize=false",
+    ],
     "olmoe": ["--model.qk_norm=full", "--moe.first_k_dense=0", "--model.rope_theta=500000"],
-    "qwen2_moe": ["--model.qkv_bias=true", "--moe.num_shared_experts=1", "--moe.shared_hidden=24",
-                  "--moe.shared_gate=true", "--moe.first_k_dense=1"],
+    "qwen2_moe": [
+        "--model.qkv_bias=true",
+        "--moe.num_shared_experts=1",
+        "--moe.shared_hidden=24",
+        "--moe.shared_gate=true",
+        "--moe.first_k_dense=1",
+    ],
+    "deepseek_v3": [
+        "--model.attention=mla",
+        "--model.q_lora_rank=16",
+        "--model.kv_lora_rank=16",
+        "--model.qk_rope_head_dim=8",
+        "--model.qk_nope_head_dim=8",
+        "--model.v_head_dim=12",
+        "--model.norm_eps=1e-6",
+        "--moe.score_func=sigmoid",
+        "--moe.bias_balance=true",
+        "--moe.n_groups=2",
+        "--moe.topk_groups=1",
+        "--moe.routed_scaling=2.5",
+        "--moe.num_shared_experts=1",
+        "--moe.first_k_dense=1",
+        "--model.rope_scaling=yarn",
+        "--model.rope_factor=4",
+        "--model.rope_original_max_seq_len=16",
+        "--model.rope_mscale_all_dim=1",
+    ],
 }
 
 
@@ -114,6 +257,11 @@ def save_braid(overrides: list[str], out: Path, seed: int = 0) -> Path:
     model = build_single(cfg, torch.device("cpu"))
     init_weights(model, seed, 0.02, cfg.model.n_layers)
     perturb(model, seed)
+    if cfg.moe.bias_balance:  # a routing bias that changes the choice
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                if name.endswith("expert_bias"):
+                    b.copy_(0.3 * torch.randn(b.shape, generator=torch.Generator().manual_seed(1)))
     out.mkdir(parents=True)
     sd = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(sd, out / "model.safetensors", metadata={"format": "pt"})

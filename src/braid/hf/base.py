@@ -74,6 +74,7 @@ class HFConfig:
 
     def __init__(self, raw: dict[str, Any], where: str):
         self.raw, self.where, self.used = raw, where, set()
+        self.keys: set[str] = set()  # the checkpoint's tensor names (set by the importer)
         self.model_type = str(raw.get("model_type"))
 
     def get(self, key: str, default: Any = None) -> Any:
@@ -146,15 +147,16 @@ def same(braid: str, hf: str) -> Spec:
     return Spec(braid, (hf,), lambda ts: ts[0], lambda t: [t])
 
 
-def rope_perm(head_dim: int, rot_dim: int) -> Tensor:
+def rope_perm(head_dim: int, rot_dim: int, start: int = 0) -> Tensor:
     """Braid row j of a head comes from HF row perm[j]: half-split -> interleaved pairs.
 
-    HF (Llama's rotate_half) rotates dim i with dim i + r/2 (r rotated dims, at the front of
-    the head); Braid rotates dims 2i and 2i+1. The same permutation of q's and k's rows leaves
-    every q.k product unchanged, and RMSNorm over a head commutes with it."""
+    HF (Llama's rotate_half) rotates dim i with dim i + r/2 of the r rotated dims (the head's
+    dims [start, start + r)); Braid rotates dims 2i and 2i+1 of them. The same permutation of
+    q's and k's rows leaves every q.k product unchanged, and RMSNorm over a head commutes
+    with it."""
     half = rot_dim // 2
     pairs = torch.stack([torch.arange(half), torch.arange(half) + half], dim=-1).flatten()
-    return torch.cat([pairs, torch.arange(rot_dim, head_dim)])
+    return torch.cat([torch.arange(start), start + pairs, torch.arange(start + rot_dim, head_dim)])
 
 
 def permute_heads(t: Tensor, heads: int, perm: Tensor) -> Tensor:
@@ -163,8 +165,8 @@ def permute_heads(t: Tensor, heads: int, perm: Tensor) -> Tensor:
     return t.reshape(heads, perm.numel(), *rest)[:, perm].reshape(heads * perm.numel(), *rest)
 
 
-def rope_rows(braid: str, hf: str, heads: int, head_dim: int, rot_dim: int) -> Spec:
-    perm = rope_perm(head_dim, rot_dim)
+def rope_rows(braid: str, hf: str, heads: int, head_dim: int, rot_dim: int, start: int = 0) -> Spec:
+    perm = rope_perm(head_dim, rot_dim, start)
     inv = torch.argsort(perm)
     return Spec(
         braid,

@@ -31,14 +31,17 @@ from braid.hf.files import HFCheckpoint, read_json, write_streaming
 from braid.hf.registry import adapter_for
 
 FLOATS = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+FP8 = "F8_E4M3"
 
 
-def read_hf_config(hf_dir: Path) -> tuple[Adapter, Config, dict]:
-    """(adapter, Braid config, raw config.json) of an HF checkpoint directory (step 1)."""
+def read_hf_config(hf_dir: Path, keys: set[str]) -> tuple[Adapter, Config, dict]:
+    """(adapter, Braid config, raw config.json) of an HF checkpoint directory whose tensors
+    are named `keys` (step 1)."""
     raw = read_json(Path(hf_dir) / "config.json", "an HF checkpoint directory has config.json")
     where = str(Path(hf_dir) / "config.json")
     adapter = adapter_for(str(raw.get("model_type")), where)
     hf = HFConfig(raw, where)
+    hf.keys = keys
     sections = adapter.braid_sections(hf)
     hf.finish()
     max_len = sections["model"]["max_seq_len"]
@@ -57,6 +60,7 @@ class Plan:
         from braid.model.transformer import Transformer
 
         self.adapter, self.cfg, self.ckpt = adapter, cfg, ckpt
+        self.fp8_block: tuple[int, int] | None = getattr(adapter, "fp8_block", None)
         with torch.device("meta"):
             model = Transformer(cfg.model, cfg.moe)
         self.shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -94,10 +98,12 @@ class Plan:
                     f"{ck.root} lacks tensor {k}, which model_type "
                     f"{self.adapter.model_type} with this config.json needs"
                 )
-            if ck.dtype[k] not in FLOATS:
+            if ck.dtype[k] == FP8 and self.fp8_block is not None:
+                self._check_scale(k)
+            elif ck.dtype[k] not in FLOATS:
                 raise HFRefusal(
-                    f"{ck.root}: tensor {k} is {ck.dtype[k]}; braid imports "
-                    "F32, BF16 and F16 weights"
+                    f"{ck.root}: tensor {k} is {ck.dtype[k]}; braid imports F32, BF16 and "
+                    "F16 weights (and DeepSeek's block-scaled fp8)"
                 )
         want = [t.shape for t in spec.to_hf(torch.empty(self.shapes[spec.braid], device="meta"))]
         for k, shape in zip(spec.hf, want, strict=True):
@@ -106,12 +112,35 @@ class Plan:
                     f"{ck.root}: tensor {k} has shape {list(ck.shape[k])}, but "
                     f"config.json implies {list(shape)}"
                 )
-        kinds = {ck.dtype[k] for k in spec.hf}
+        kinds = {"BF16" if ck.dtype[k] == FP8 else ck.dtype[k] for k in spec.hf}
         self.dtypes[spec.braid] = FLOATS[kinds.pop()] if len(kinds) == 1 else torch.float32
+
+    def _check_scale(self, key: str) -> None:
+        """An fp8 weight needs its per-block inverse scales, one per (rows, cols) block."""
+        ck, (br, bc) = self.ckpt, self.fp8_block
+        scale = f"{key}_scale_inv"
+        rows, cols = ck.shape[key]
+        want = (-(-rows // br), -(-cols // bc))
+        if scale not in ck.shape or tuple(ck.shape[scale]) != want:
+            raise HFRefusal(f"{ck.root}: fp8 tensor {key} needs {scale} of shape {list(want)}")
+
+    def _read(self, keys: tuple[str, ...]) -> list[Tensor]:
+        """The tensors `keys`; fp8 ones dequantized blockwise (w * scale_inv) into bf16, as
+        DeepSeek's own fp8-to-bf16 conversion does."""
+        fp8 = [k for k in keys if self.ckpt.dtype[k] == FP8]
+        got = self.ckpt.read([*keys, *(f"{k}_scale_inv" for k in fp8)])
+        out, scales = got[: len(keys)], dict(zip(fp8, got[len(keys) :], strict=True))
+        for i, k in enumerate(keys):
+            if k in scales:
+                br, bc = self.fp8_block
+                s = scales[k].float().repeat_interleave(br, 0).repeat_interleave(bc, 1)
+                w = out[i].float()
+                out[i] = (w * s[: w.shape[0], : w.shape[1]]).to(torch.bfloat16)
+        return out
 
     def tensor(self, spec: Spec) -> Tensor:
         dtype = self.dtypes[spec.braid]
-        return spec.to_braid([t.to(dtype) for t in self.ckpt.read(list(spec.hf))]).contiguous()
+        return spec.to_braid([t.to(dtype) for t in self._read(spec.hf)]).contiguous()
 
     def tensors(self) -> Iterator[tuple[str, Tensor]]:
         """(Braid name, tensor) one at a time, zero-filled slots included (step 3)."""
@@ -122,8 +151,11 @@ class Plan:
 
 
 def open_hf(hf_dir: Path) -> Plan:
-    adapter, cfg, _ = read_hf_config(hf_dir)
-    return Plan(adapter, cfg, HFCheckpoint(Path(hf_dir)))
+    raw = read_json(Path(hf_dir) / "config.json", "an HF checkpoint directory has config.json")
+    adapter_for(str(raw.get("model_type")), str(Path(hf_dir) / "config.json"))  # fail early
+    ckpt = HFCheckpoint(Path(hf_dir))
+    adapter, cfg, _ = read_hf_config(hf_dir, set(ckpt.shape))
+    return Plan(adapter, cfg, ckpt)
 
 
 def import_hf(hf_dir: str | Path, out: str | Path) -> Path:

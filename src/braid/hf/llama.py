@@ -25,33 +25,7 @@ from braid.hf.base import (
     same,
     stacked_experts,
 )
-
-
-def read_rope(hf: HFConfig) -> dict[str, Any]:
-    """RoPE knobs from `rope_parameters` (transformers 5) or rope_theta/rope_scaling (older)."""
-    params = hf.get("rope_parameters")
-    scaling = hf.get("rope_scaling")
-    theta = hf.get("rope_theta")
-    params = dict(params or {})
-    if scaling:
-        params.update(scaling)
-    if theta is None:
-        theta = params.pop("rope_theta", 10000.0)
-    params.pop("rope_theta", None)
-    kinds = {params.pop("rope_type", None), params.pop("type", None)} - {None, "default"}
-    kind = kinds.pop() if kinds else "default"
-    if kind not in ("default", None):
-        hf.refuse(
-            "rope_scaling.rope_type",
-            kind,
-            "braid computes plain RoPE for this architecture; no scaled RoPE",
-        )
-    fraction = params.pop("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
-    if fraction != 1.0:
-        hf.refuse("partial_rotary_factor", fraction, "braid rotates the whole head here")
-    for key, value in params.items():
-        hf.refuse(f"rope_parameters.{key}", value, "unknown RoPE setting")
-    return {"rope_theta": float(theta)}
+from braid.hf.rope import read_rope, write_rope
 
 
 def refuse_window(hf: HFConfig, max_len: int) -> None:
@@ -106,7 +80,7 @@ class LlamaStyleMoE(Adapter):
             "max_seq_len": max_len,
             "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
             "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
-            **read_rope(hf),
+            **read_rope(hf, softmax_mscale=False),
         }
         head_dim = hf.get("head_dim")
         if head_dim not in (None, dim // heads) or dim % heads:
@@ -175,7 +149,6 @@ class LlamaStyleMoE(Adapter):
             ("model", "attention"): "gqa",
             ("model", "qk_norm"): self.qk_norm,
             ("model", "rope_fraction"): 1.0,
-            ("model", "rope_scaling"): "none",
             ("model", "window"): 0,
             ("model", "mtp_depth"): 0,
             ("model", "qkv_bias"): self.has_qkv_bias,
@@ -210,7 +183,7 @@ class LlamaStyleMoE(Adapter):
             "tie_word_embeddings": m.tie_embeddings,
             "hidden_act": "silu",
             "rope_theta": m.rope_theta,
-            "rope_parameters": {"rope_theta": m.rope_theta, "rope_type": "default"},
+            "rope_parameters": write_rope(cfg, arch, softmax_mscale=False),
             self.experts_keys[0]: moe.num_experts,
             "num_experts_per_tok": moe.top_k,
             self.expert_hidden_key: moe.expert_hidden,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from braid.hf.base import Adapter, HFRefusal
+from braid.hf.deepseek_v3 import DeepseekV3
 from braid.hf.mixtral import Mixtral
 from braid.hf.olmoe import Olmoe
 from braid.hf.qwen2_moe import Qwen2Moe
@@ -10,7 +11,7 @@ from braid.hf.qwen3_moe import Qwen3Moe
 
 # Registry order is the order `auto_adapter` tries on export: the most specific first.
 ADAPTERS: dict[str, type[Adapter]] = {
-    cls.model_type: cls for cls in (Mixtral, Qwen3Moe, Olmoe, Qwen2Moe)
+    cls.model_type: cls for cls in (Mixtral, Qwen3Moe, Olmoe, Qwen2Moe, DeepseekV3)
 }
 
 # Architectures whose adapter waits for a Braid feature: {model_type: what it needs}.
