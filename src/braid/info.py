@@ -47,6 +47,9 @@ class ModelArithmetic:
     mtp_params: int = 0  # the MTP modules' own weights (not in total_params)
 
 
+GPU_BYTES = 80 * 2**30  # the 80 GiB of an H100/A100-80G: `braid info` looks for a layout that fits
+
+
 @dataclass(frozen=True)
 class Memory:
     states: float  # bytes of fp32 weights + grads + Adam moments held by the fullest rank
@@ -57,13 +60,14 @@ class Memory:
         return self.states + self.buffers
 
 
-def memory_per_gpu(cfg: Config, world: int, ep: int, dense: str = "fsdp") -> Memory:
-    """Bytes per GPU under (world, ep, dense); see the module docstring for what is counted."""
+def memory_per_gpu(cfg: Config, world: int, ep: int, dense: str = "fsdp", model=None) -> Memory:
+    """Bytes per GPU under (world, ep, dense); see the module docstring for what is counted.
+    `model`: the meta-built model, when the caller has one already."""
     from braid.moe.experts import GroupedExperts
 
     check_info_layout(cfg, world, ep)
     dp = world // ep
-    model = build_meta(cfg)
+    model = model if model is not None else build_meta(cfg)
     experts = {
         id(p) for m in model.modules() if isinstance(m, GroupedExperts) for p in m.parameters()
     }
@@ -91,6 +95,26 @@ def memory_per_gpu(cfg: Config, world: int, ep: int, dense: str = "fsdp") -> Mem
     # and copied to fp32 for the reduce-scatter (2 + 4); fp32: 4 + 4 + 4. States are the same.
     per_elem = 10.0 if cfg.parallel.param_dtype == "bf16" else 12.0
     return Memory(states=16.0 * held, buffers=per_elem * max(gathered))
+
+
+def smallest_fitting_layout(
+    cfg: Config, budget: float, max_world: int = 16384
+) -> tuple[int, int, Memory] | None:
+    """(world, ep, memory) of the fewest GPUs whose memory per GPU (`memory_per_gpu`, with
+    parallel.dense and param_dtype as configured) is at most `budget` bytes; the largest ep
+    among equals (fewer experts per rank). None if no world up to max_world fits."""
+    model = build_meta(cfg)
+    states_total = 16.0 * sum(p.numel() for p in model.parameters())
+    E = max(cfg.moe.num_experts, 1)
+    eps = [d for d in range(1, E + 1) if E % d == 0]
+    world = max(1, int(states_total // budget))  # below this even perfect sharding cannot fit
+    while world <= max_world:
+        for ep in reversed([d for d in eps if world % d == 0]):
+            mem = memory_per_gpu(cfg, world, ep, cfg.parallel.dense, model)
+            if mem.total <= budget:
+                return world, ep, mem
+        world += 1
+    return None
 
 
 def check_info_layout(cfg: Config, world: int, ep: int) -> None:
@@ -200,6 +224,9 @@ def describe(cfg: Config, world: int | None = None, ep: int | None = None) -> st
     world = world or ep
     a = arithmetic(cfg)
     mem = memory_per_gpu(cfg, world, ep, cfg.parallel.dense)
+    fit = None
+    if mem.total > GPU_BYTES:
+        fit = smallest_fitting_layout(cfg, GPU_BYTES)
     n_moe = len(cfg.moe.moe_layer_ids(cfg.model.n_layers))
     lines = [
         f"total parameters      {a.total_params / 1e9:8.3f} B  ({a.total_params:,})",
@@ -222,4 +249,14 @@ def describe(cfg: Config, world: int | None = None, ep: int | None = None) -> st
         f"(param_dtype {cfg.parallel.param_dtype})",
         kv_cache_line(cfg),
     ]
+    if mem.total > GPU_BYTES:
+        if fit is None:
+            lines.append(f"fits {GPU_BYTES / 2**30:.0f} GiB / GPU   on no layout up to 16384 GPUs")
+        else:
+            w, e, m = fit
+            lines.append(
+                f"fits {GPU_BYTES / 2**30:.0f} GiB / GPU   from world={w} (ep={e}, dp={w // e}): "
+                f"{m.total / 2**30:.2f} GiB ({m.states / 2**30:.2f} states + "
+                f"{m.buffers / 2**30:.2f} buffers); `braid info --world {w} --ep {e}`"
+            )
     return "\n".join(lines)

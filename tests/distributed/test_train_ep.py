@@ -39,6 +39,18 @@ SMALL = [
     "--checkpoint.allow_safe_changes=true",
 ]
 E6 = ["--moe.num_experts=6"]  # a model variant: 3 experts per rank at ep=2
+# Every router option and MTP at once: group-limited top-k (4 groups of 2, 2 eligible) on
+# sigmoid scores with the balancing bias, routed_scaling, the gated shared expert, and two MTP
+# modules whose blocks are MoE (the last layer is), each its own FSDP unit.
+ARCH = [
+    "--moe.n_groups=4",
+    "--moe.topk_groups=2",
+    "--moe.score_func=sigmoid",
+    "--moe.bias_balance=true",
+    "--moe.routed_scaling=2.5",
+    "--moe.shared_gate=true",
+    "--model.mtp_depth=2",
+]
 # Attention variants (docs/architectures.md): every option on, windows on some layers.
 GQA_OPTS = [
     "--model.head_dim=24",
@@ -68,19 +80,6 @@ MLA_OPTS = [
     "--model.window=6",
     "--model.window_layers=[1]",
 ]
-# Every router option and MTP at once: group-limited top-k (4 groups of 2, 2 eligible) on
-# sigmoid scores with the balancing bias, routed_scaling, the gated shared expert, and two MTP
-# modules whose blocks are MoE (the last layer is), each its own FSDP unit.
-ARCH = [
-    "--moe.n_groups=4",
-    "--moe.topk_groups=2",
-    "--moe.score_func=sigmoid",
-    "--moe.bias_balance=true",
-    "--moe.routed_scaling=2.5",
-    "--moe.shared_gate=true",
-    "--model.mtp_depth=2",
-]
-VARIANTS = {"": [], "e6": E6, "arch": ARCH}
 LAYOUTS = {  # name: (model variant, layout)
     "dp2_ep2": ([], ["--parallel.ep=2"]),
     "dp1_ep4": ([], ["--parallel.ep=4"]),
@@ -97,7 +96,10 @@ LAYOUTS = {  # name: (model variant, layout)
     ),
     "dp2_ep2_mla": (MLA_OPTS, ["--parallel.ep=2"]),
     "dp2_ep2_arch": (ARCH, ["--parallel.ep=2"]),
-    "dp1_ep4_arch_ac": (ARCH, ["--parallel.ep=4", "--parallel.activation_checkpoint=true"]),
+    "dp1_ep4_arch_mla_ac": (
+        ARCH + MLA_OPTS,
+        ["--parallel.ep=4", "--parallel.activation_checkpoint=true"],
+    ),
 }
 
 # bf16 compute weights (FSDP2 MixedPrecisionPolicy): same layouts, losses close to fp32's.
@@ -234,10 +236,9 @@ def test_ep_layouts_match_single_process_and_checkpoint_reshards(four_ranks):
 
 def test_bf16_compute_weights_train_close_to_the_fp32_run(four_ranks):
     results, _ = four_ranks
-    refs = {key: _single(model) for key, model in VARIANTS.items() if key in ("", "arch")}
-    for name in MIXED:
+    for name, (model, _) in MIXED.items():
         steps = results[0]["train"][name]["steps"]
-        ref = refs["arch" if "arch" in name else ""]
+        ref = _single(model)
         loss_err = max(abs(g[0] - r[0]) / r[0] for g, r in zip(steps, ref, strict=True))
         print(f"{name:>24}: max rel err loss vs fp32 {loss_err:.2e}")
         assert loss_err < MIXED_TOL, name

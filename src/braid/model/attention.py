@@ -71,8 +71,3 @@ class Attention(nn.Module):
     def new_cache(self, batch: int, max_len: int, like: Tensor) -> KVCache:
         shape = (batch, self.n_kv, max_len, self.head_dim)
         return KVCache(like.new_zeros(shape), like.new_zeros(shape))
-
-    @staticmethod
-    def cache_elems_per_token(cfg: ModelConfig) -> int:
-        """Cached elements per token in one layer: a key and a value per kv head."""
-        return 2 * cfg.kv_heads * cfg.attn_head_dim
