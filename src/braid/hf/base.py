@@ -210,7 +210,20 @@ def stacked_experts(braid: str, n: int, gate: str, up: str, down: str) -> list[S
     d = tuple(down.format(e=e) for e in range(n))
 
     def w13_in(ts: list[Tensor]) -> Tensor:
-        return torch.stack([torch.cat([ts[e], ts[n + e]]).t() for e in range(n)]).contiguous()
+        # One preallocated stack filled by transposed copies: no per-expert temporaries.
+        F, D = ts[0].shape
+        out = ts[0].new_empty(n, D, 2 * F)
+        for e in range(n):
+            out[e, :, :F].copy_(ts[e].t())
+            out[e, :, F:].copy_(ts[n + e].t())
+        return out
+
+    def w2_in(ts: list[Tensor]) -> Tensor:
+        D, F = ts[0].shape
+        out = ts[0].new_empty(n, F, D)
+        for e in range(n):
+            out[e].copy_(ts[e].t())
+        return out
 
     def w13_out(t: Tensor) -> list[Tensor]:
         gates, ups = zip(*(w.t().contiguous().chunk(2) for w in t), strict=True)
@@ -221,7 +234,7 @@ def stacked_experts(braid: str, n: int, gate: str, up: str, down: str) -> list[S
         Spec(
             f"{braid}.w2",
             d,
-            lambda ts: torch.stack([w.t() for w in ts]).contiguous(),
+            w2_in,
             lambda t: [w.t().contiguous() for w in t],
         ),
     ]

@@ -121,7 +121,7 @@ class HFCheckpoint:
         self.where = found
 
     def read(self, keys: list[str]) -> list[Tensor]:
-        """The tensors `keys`, each shard opened once and closed before returning."""
+        """The tensors `keys`, each shard opened once; the tensors map the file lazily."""
         from safetensors import safe_open
 
         out: dict[str, Tensor] = {}
@@ -131,7 +131,9 @@ class HFCheckpoint:
         for path, names in by_shard.items():
             with safe_open(path, "pt") as f:
                 for k in names:
-                    out[k] = f.get_tensor(k).clone()  # own the memory, not the file mapping
+                    # A view of the file mapping (it outlives the handle): the transform's copy
+                    # is the read, and the pages go when the tensor does.
+                    out[k] = f.get_tensor(k)
         return [out[k] for k in keys]
 
 
