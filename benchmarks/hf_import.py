@@ -134,6 +134,7 @@ def main() -> None:
         gen_s = time.perf_counter() - t
         print(f"checkpoint: {total / 1e9:.2f} GB in {gen_s:.0f} s", flush=True)
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+        load_before = os.getloadavg()[0]  # a shared machine slows everything: say how busy
         t = time.perf_counter()
         proc = subprocess.run([sys.executable, "-m", "braid", "import", str(hf), "--out",
                                str(braid_dir)], env=env, capture_output=True, text=True)
@@ -152,6 +153,7 @@ def main() -> None:
             "peak_rss_gb": round(peak_kb * 1024 / 1e9, 3),
             "peak_rss_fraction_of_checkpoint": round(peak_kb * 1024 / total, 4),
             "output_bytes": out_bytes, "generate_s": round(gen_s, 1),
+            "load_average_1min": [round(load_before, 1), round(os.getloadavg()[0], 1)],
         }
         write_result(args.out, result)
         print(json.dumps(result, indent=1))

@@ -9,6 +9,10 @@ than one layer.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -21,8 +25,9 @@ pytest.importorskip("transformers")
 
 TOL = 1e-4
 ARCHS = ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v3"]
-# Options of the same architectures: YaRN; MLA without q LoRA on half-split RoPE rows.
-VARIANTS = ["qwen3_moe_yarn", "deepseek_v3_plain"]
+# Options of the same architectures: YaRN; MLA without q LoRA on half-split RoPE rows;
+# sliding windows on every layer (Mixtral) or the layers layer_types names (Qwen2-MoE).
+VARIANTS = ["qwen3_moe_yarn", "deepseek_v3_plain", "mixtral_window", "qwen2_moe_window"]
 
 
 def _logits(model, ids):
@@ -70,3 +75,14 @@ def test_bf16_checkpoint_keeps_bf16_values(tmp_path):
     ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(2))
     model, _ = braid.load(out)
     assert (model(ids) - _logits(ref32, ids)).abs().max().item() < TOL
+
+
+def test_generate_runs_on_an_imported_directory(tmp_path):
+    save_hf("mixtral", tmp_path / "hf")
+    out = import_hf(tmp_path / "hf", tmp_path / "braid")
+    proc = subprocess.run(
+        [sys.executable, "-m", "braid", "generate", "--run", str(out), "--prompt", "a mixture",
+         "--max-new-tokens", "4", "--cpu", "--temperature", "0"],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("a mixture")

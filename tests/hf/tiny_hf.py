@@ -69,6 +69,15 @@ def hf_config(kind: str):
             mlp_only_layers=[0],
             norm_topk_prob=False,
         )
+    if kind == "mixtral_window":
+        return tf.MixtralConfig(**COMMON, num_hidden_layers=2, intermediate_size=24,
+                                num_local_experts=4, num_experts_per_tok=2, sliding_window=5)
+    if kind == "qwen2_moe_window":  # a window on layer 1 only
+        return tf.Qwen2MoeConfig(**COMMON, num_hidden_layers=2, intermediate_size=40,
+                                 moe_intermediate_size=16, shared_expert_intermediate_size=24,
+                                 num_experts=4, num_experts_per_tok=2, use_sliding_window=True,
+                                 sliding_window=5, layer_types=["full_attention",
+                                                                "sliding_attention"])
     if kind == "qwen3_moe_yarn":
         yarn = {
             "rope_type": "yarn",
@@ -205,7 +214,7 @@ BRAID_BASE = [
 ]
 # One Braid model per architecture, each with the options that architecture holds.
 BRAID_MODELS = {
-    "mixtral": ["--moe.first_k_dense=0", "--model.tie_embeddings=true"],
+    "mixtral": ["--moe.first_k_dense=0", "--model.tie_embeddings=true", "--model.window=6"],
     "qwen3_moe": [
         "--model.head_dim=16",
         "--model.qk_norm=head",

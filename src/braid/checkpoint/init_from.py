@@ -29,11 +29,19 @@ from braid.config import Config
 from braid.errors import BraidError
 
 # Knobs that change how a model is trained, never what its weights compute.
-TRAINING_ONLY = frozenset({
-    "model.init_std", "model.max_seq_len", "model.mtp_loss_weight", "moe.aux_loss_coef",
-    "moe.z_loss_coef", "moe.bias_update_rate", "moe.bias_balance", "moe.capacity_factor",
-    "moe.expert_impl",
-})
+TRAINING_ONLY = frozenset(
+    {
+        "model.init_std",
+        "model.max_seq_len",
+        "model.mtp_loss_weight",
+        "moe.aux_loss_coef",
+        "moe.z_loss_coef",
+        "moe.bias_update_rate",
+        "moe.bias_balance",
+        "moe.capacity_factor",
+        "moe.expert_impl",
+    }
+)
 
 
 def check_same_model(cfg: Config, saved: Config, where: Path) -> None:
@@ -49,10 +57,12 @@ def check_same_model(cfg: Config, saved: Config, where: Path) -> None:
                     saved.model.n_layers
                 ):
                     continue
-            raise BraidError(f"checkpoint.init_from={str(where)!r} holds a model with "
-                             f"{name}={value!r} but this run has {mine.get(key)!r}: set "
-                             f"--{name}={value!r} (or use the [model]/[moe] of "
-                             f"{where / 'model.toml'} when it has one)")
+            raise BraidError(
+                f"checkpoint.init_from={str(where)!r} holds a model with "
+                f"{name}={value!r} but this run has {mine.get(key)!r}: set "
+                f"--{name}={value!r} (or use the [model]/[moe] of "
+                f"{where / 'model.toml'} when it has one)"
+            )
 
 
 def check_init(cfg: Config, data_tokenizer: str | Path | None = None) -> None:
@@ -64,15 +74,33 @@ def check_init(cfg: Config, data_tokenizer: str | Path | None = None) -> None:
 
     path = Path(cfg.checkpoint.init_from)
     if not (path / WEIGHTS_FILE).is_file():
-        raise BraidError(f"checkpoint.init_from={str(path)!r} has no {WEIGHTS_FILE}: give a "
-                         "directory written by braid import or braid export")
+        raise BraidError(
+            f"checkpoint.init_from={str(path)!r} has no {WEIGHTS_FILE}: give a "
+            "directory written by braid import or braid export"
+        )
+    if _is_hf(path):
+        raise BraidError(
+            f"checkpoint.init_from={str(path)!r} is a Hugging Face checkpoint: "
+            f"convert it first with braid import {path} --out DIR"
+        )
     check_same_model(cfg, read_export_config(path), path)
     if data_tokenizer is not None and (path / TOKENIZER_FILE).is_file():
         mine = Tokenizer.from_file(str(data_tokenizer)).to_str()
         if mine != Tokenizer.from_file(str(path / TOKENIZER_FILE)).to_str():
-            raise BraidError(f"the training data was tokenized with {data_tokenizer}, not with "
-                             f"{path / TOKENIZER_FILE} of checkpoint.init_from: prepare it with "
-                             f"braid prep --tokenizer {path / TOKENIZER_FILE}")
+            raise BraidError(
+                f"the training data was tokenized with {data_tokenizer}, not with "
+                f"{path / TOKENIZER_FILE} of checkpoint.init_from: prepare it with "
+                f"braid prep --tokenizer {path / TOKENIZER_FILE}"
+            )
+
+
+def _is_hf(path: Path) -> bool:
+    import json
+
+    try:
+        return "model_type" in json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
 
 
 @torch.no_grad()
@@ -92,21 +120,25 @@ def load_init(model: nn.Module, path: str | Path, cfg: Config) -> int:
     with safe_open(path / WEIGHTS_FILE, "pt") as f:
         extra = sorted(set(f.keys()) - set(targets))
         if extra:
-            raise BraidError(f"{path / WEIGHTS_FILE} holds {extra[0]}, which this run's model "
-                             "does not have")
+            raise BraidError(
+                f"{path / WEIGHTS_FILE} holds {extra[0]}, which this run's model does not have"
+            )
         for name, t in targets.items():
             if name not in f.keys():
                 raise BraidError(f"{path / WEIGHTS_FILE} lacks {name}")
             src = f.get_slice(name)
             if tuple(src.get_shape()) != tuple(t.shape):  # a DTensor reports its global shape
-                raise BraidError(f"{path / WEIGHTS_FILE}: {name} is {list(src.get_shape())}, "
-                                 f"the model needs {list(t.shape)}")
+                raise BraidError(
+                    f"{path / WEIGHTS_FILE}: {name} is {list(src.get_shape())}, "
+                    f"the model needs {list(t.shape)}"
+                )
             if isinstance(t, DTensor):
                 local = t.to_local()
                 if local.numel() == 0:
                     continue  # FSDP padding: this rank holds no rows of this tensor
                 shape, offset = compute_local_shape_and_global_offset(
-                    t.shape, t.device_mesh, t.placements)
+                    t.shape, t.device_mesh, t.placements
+                )
                 part = src[tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))]
             else:
                 local, part = t.data, src[:]

@@ -28,17 +28,35 @@ from braid.hf.base import (
 from braid.hf.rope import read_rope, write_rope
 
 
-def refuse_window(hf: HFConfig, max_len: int) -> None:
-    """Sliding-window attention that can change a result is refused (full attention only)."""
+def read_window(
+    hf: HFConfig, n_layers: int, max_len: int, per_layer: bool | None
+) -> dict[str, Any]:
+    """Sliding-window knobs. transformers' window of w lets a query see itself and the w-1
+    tokens before it, as Braid's model.window does. `per_layer`: the architecture chooses the
+    windowed layers by `layer_types` (Qwen2-MoE); otherwise every layer is windowed (Mixtral)."""
     window = hf.get("sliding_window")
     use = hf.get("use_sliding_window", window is not None)
     types = hf.get("layer_types") or []
     if any(t not in ("full_attention", "sliding_attention") for t in types):
         hf.refuse("layer_types", types, "braid knows full_attention and sliding_attention")
-    if "sliding_attention" in types and not (window and window < max_len):
-        return  # a window that cannot cut anything off: full attention
-    if use and window and window < max_len:
-        hf.refuse("sliding_window", window, "braid imports full causal attention only")
+    if not (use and window and window < max_len):
+        return {}  # no window, or one that cannot cut anything off: full attention
+    if per_layer is None:
+        hf.refuse("sliding_window", window, "braid imports full causal attention only here")
+    if per_layer and not types:
+        hf.refuse(
+            "use_sliding_window",
+            use,
+            "without layer_types braid cannot tell which layers transformers windows",
+        )
+    layers = [i for i, t in enumerate(types) if t == "sliding_attention"] if per_layer else []
+    if per_layer and not layers:
+        return {}
+    needs("model", "window", "sliding-window attention", hf.model_type)
+    out: dict[str, Any] = {"window": int(window)}
+    if layers and len(layers) < n_layers:
+        out["window_layers"] = layers
+    return out
 
 
 def check_braid(cfg: Config, arch: str, wanted: dict[tuple[str, str], Any]) -> None:
@@ -61,6 +79,9 @@ class LlamaStyleMoE(Adapter):
     sparse_layers = False  # decoder_sparse_step / mlp_only_layers choose the MoE layers
     renorm_key: str | None = "norm_topk_prob"  # None: always renormalised (Mixtral)
     shared_key: str | None = None  # config.json name of the shared expert's hidden size
+    # How sliding windows are read: None refuses them, False windows every layer (Mixtral),
+    # True takes the windowed layers from layer_types (Qwen2-MoE).
+    window_per_layer: bool | None = None
 
     # ---- config: HF -> Braid -----------------------------------------------------------------
 
@@ -90,7 +111,7 @@ class LlamaStyleMoE(Adapter):
             needs("model", "qk_norm", "RMSNorm on q and k", self.model_type)
             model["qk_norm"] = self.qk_norm
         self.read_attention_bias(hf, model)
-        refuse_window(hf, max_len)
+        model.update(read_window(hf, n_layers, max_len, self.window_per_layer))
         if hf.get("mlp_bias", False):
             hf.refuse("mlp_bias", True, "braid's SwiGLU layers have no biases")
         if float(hf.get("router_jitter_noise", 0.0) or 0.0) != 0.0:
@@ -149,7 +170,6 @@ class LlamaStyleMoE(Adapter):
             ("model", "attention"): "gqa",
             ("model", "qk_norm"): self.qk_norm,
             ("model", "rope_fraction"): 1.0,
-            ("model", "window"): 0,
             ("model", "mtp_depth"): 0,
             ("model", "qkv_bias"): self.has_qkv_bias,
             ("moe", "score_func"): "softmax",
@@ -164,6 +184,7 @@ class LlamaStyleMoE(Adapter):
         check_braid(cfg, arch, wanted)
         if moe.num_experts == 0:
             refuse_braid("moe.num_experts", 0, arch, "a dense model is no MoE architecture")
+        out_window = self.write_window(cfg)
         layers = moe.moe_layer_ids(m.n_layers)
         if not self.sparse_layers and layers != list(range(m.n_layers)):
             refuse_braid("moe.layers", layers, arch, f"{arch} has an MoE in every layer")
@@ -189,7 +210,7 @@ class LlamaStyleMoE(Adapter):
             self.expert_hidden_key: moe.expert_hidden,
             "router_aux_loss_coef": moe.aux_loss_coef,
             "attention_bias": False,
-            "sliding_window": None,
+            **out_window,
             "use_cache": True,
         }
         if self.renorm_key:
@@ -202,6 +223,35 @@ class LlamaStyleMoE(Adapter):
         if self.has_qkv_bias:
             out["qkv_bias"] = True
         return out
+
+    def write_window(self, cfg: Config) -> dict[str, Any]:
+        m, arch = cfg.model, self.architecture
+        window = knob(cfg, "model", "window", 0)
+        if not window:
+            return {"sliding_window": None}
+        layers = [i for i in range(m.n_layers) if m.window_for(i)]
+        if self.window_per_layer is None or (
+            not self.window_per_layer and len(layers) < m.n_layers
+        ):
+            refuse_braid(
+                "model.window",
+                window,
+                arch,
+                "windows on some layers only"
+                if self.window_per_layer is not None
+                else "no sliding window",
+            )
+        if not self.window_per_layer:
+            return {"sliding_window": window}
+        types = [
+            "sliding_attention" if i in layers else "full_attention" for i in range(m.n_layers)
+        ]
+        return {
+            "sliding_window": window,
+            "use_sliding_window": True,
+            "layer_types": types,
+            "max_window_layers": m.n_layers,
+        }
 
     # ---- tensors -----------------------------------------------------------------------------
 

@@ -15,3 +15,4 @@ class Mixtral(LlamaStyleMoE):
     moe_prefix = "block_sparse_moe"
     expert_names = ("w1", "w3", "w2")
     renorm_key = None  # Mixtral always renormalises the top-k gates
+    window_per_layer = False  # sliding_window, when set, windows every layer

@@ -15,3 +15,4 @@ class Qwen2Moe(LlamaStyleMoE):
     has_qkv_bias = True
     sparse_layers = True
     shared_key = "shared_expert_intermediate_size"
+    window_per_layer = True  # layer_types names the windowed layers
