@@ -41,7 +41,7 @@ SMALL = [
 E6 = ["--moe.num_experts=6"]  # a model variant: 3 experts per rank at ep=2
 # Every router option and MTP at once: group-limited top-k (4 groups of 2, 2 eligible) on
 # sigmoid scores with the balancing bias, routed_scaling, the gated shared expert, and two MTP
-# modules whose blocks are MoE (the last layer is), each its own FSDP unit.
+# modules whose blocks are MoE (the last layer is), each its own FSDP unit, with an untied head.
 ARCH = [
     "--moe.n_groups=4",
     "--moe.topk_groups=2",
@@ -50,6 +50,7 @@ ARCH = [
     "--moe.routed_scaling=2.5",
     "--moe.shared_gate=true",
     "--model.mtp_depth=2",
+    "--model.tie_embeddings=false",  # embedding and head are FSDP units; MTP reuses the head
 ]
 # Attention variants (docs/architectures.md): every option on, windows on some layers.
 GQA_OPTS = [
