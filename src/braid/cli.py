@@ -111,9 +111,24 @@ def _cmd_dash(args, overrides: list[str]) -> int:
 
 
 def _cmd_export(args, overrides: list[str]) -> int:
+    if args.format == "hf":
+        from braid.hf.exporter import export_hf
+
+        print(export_hf(Path(args.run), Path(args.out), arch=args.arch,
+                        dtype=args.dtype or "bf16", max_shard_size=args.max_shard_size or "5GB"))
+        return 0
+    if args.arch or args.dtype or args.max_shard_size:
+        raise BraidError("--arch, --dtype and --max-shard-size are for --format hf")
     from braid.checkpoint.export import export
 
     print(export(Path(args.run), Path(args.out)))
+    return 0
+
+
+def _cmd_import(args, overrides: list[str]) -> int:
+    from braid.hf.importer import import_hf
+
+    print(import_hf(Path(args.hf_dir), Path(args.out)))
     return 0
 
 
@@ -190,7 +205,17 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="write consolidated safetensors weights and config")
     e.add_argument("--run", required=True)
     e.add_argument("--out", required=True)
+    e.add_argument("--format", choices=("braid", "hf"), default="braid",
+                   help="braid (model.safetensors + config) or hf (a transformers checkpoint)")
+    e.add_argument("--arch", default=None, help="hf: the architecture (default: automatic)")
+    e.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="hf: default bf16")
+    e.add_argument("--max-shard-size", default=None, help="hf: e.g. 5GB (the default)")
     e.set_defaults(fn=_cmd_export)
+
+    im = sub.add_parser("import", help="convert a Hugging Face checkpoint into a Braid model")
+    im.add_argument("hf_dir", help="a transformers checkpoint directory (safetensors)")
+    im.add_argument("--out", required=True, help="the Braid model directory to write")
+    im.set_defaults(fn=_cmd_import)
     return p
 
 

@@ -15,6 +15,11 @@ class CheckpointConfig:
         " at train.stop_at and on SIGTERM.",
     )
     resume: str = knob("auto", "auto (latest in run dir if any), none, or a checkpoint path.")
+    init_from: str = knob(
+        "",
+        "A Braid model directory (braid import / braid export) whose weights start a new run at"
+        " step 0 with a fresh optimizer; a checkpoint of the run itself takes precedence.",
+    )
     keep_last: int = knob(2, "Keep the newest k checkpoints.")
     keep_every: int = knob(0, "Also keep every checkpoint whose step is a multiple of m (0: none).")
     allow_safe_changes: bool = knob(

@@ -33,7 +33,7 @@ from braid.checkpoint.meta import read_meta
 from braid.checkpoint.state import fsync_dir, write_json_durable
 from braid.errors import BraidError
 
-_EXPORT_FILES = {WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE}
+_EXPORT_FILES = {WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE, "model.toml"}
 
 
 def export(run: Path, out: Path) -> Path:
@@ -44,7 +44,7 @@ def export(run: Path, out: Path) -> Path:
     if not tok.is_file():
         raise BraidError(f"{tok} is missing: the run directory lost its tokenizer; copy the "
                          "tokenizer.json used for training there and export again")
-    _check_target(out)
+    check_target(out)
     step = read_meta(ckpt)["step"]
     model, cfg = load_checkpoint_model(ckpt, torch.device("cpu"))
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
@@ -66,13 +66,13 @@ def export(run: Path, out: Path) -> Path:
         write_json_durable(tmp / CONFIG_FILE, {"fingerprint": cfg.fingerprint(),
                                                "config": cfg.to_dict(), "step": step,
                                                "hashes": hashes}, indent=2)
-        _install(tmp, out)
+        install(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
-def _check_target(out: Path) -> None:
+def check_target(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise BraidError(f"--out {out} is a file: give a directory path")
     if out.is_dir():
@@ -82,7 +82,7 @@ def _check_target(out: Path) -> None:
                              "give a new or empty directory")
 
 
-def _install(tmp: Path, out: Path) -> None:
+def install(tmp: Path, out: Path) -> None:
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
     if out.exists():
         os.replace(out, old)

@@ -90,8 +90,26 @@ def load_checkpoint_model(ckpt: Path, device: torch.device) -> tuple[Transformer
     return model.eval(), cfg
 
 
-def read_export_config(path: Path) -> Config:
-    return _read_export_body(path)[1]
+def read_export_config(path: Path, verify: bool = False) -> Config:
+    """The config of a model directory (export or import); with `verify`, its weights and
+    tokenizer are first checked against the hashes its config.json keeps."""
+    body, cfg = _read_export_body(path)
+    if verify:
+        _verify(path, body)
+    return cfg
+
+
+def _verify(path: Path, body: dict) -> None:
+    """Check the files of a model directory against its hashes (directories written before
+    hashes existed have none and are read unchecked)."""
+    hashes = body.get("hashes")
+    if hashes is None:
+        return
+    if not isinstance(hashes, dict) or WEIGHTS_FILE not in hashes:
+        raise BraidError(f"{Path(path) / CONFIG_FILE} has bad 'hashes': the file was altered; "
+                         "write the directory again (braid export or braid import)")
+    verify_files(path, hashes, [n for n in hashes if n in _HASHED], "model directory",
+                 "write it again (braid export or braid import)")
 
 
 def _read_export_body(path: Path) -> tuple[dict, Config]:
@@ -112,13 +130,7 @@ def load_export(path: Path, device: torch.device) -> Transformer:
     from safetensors.torch import load_file
 
     body, cfg = _read_export_body(path)
-    hashes = body.get("hashes")
-    if hashes is not None:
-        if not isinstance(hashes, dict) or WEIGHTS_FILE not in hashes:
-            raise BraidError(f"{Path(path) / CONFIG_FILE} has bad 'hashes': the file was "
-                             "altered; re-run braid export")
-        verify_files(path, hashes, [n for n in hashes if n in _HASHED], "export",
-                     "re-run braid export")
+    _verify(path, body)
     model = build_single(cfg, device)
     file = Path(path) / WEIGHTS_FILE
     try:

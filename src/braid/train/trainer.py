@@ -130,7 +130,12 @@ def _train(cfg: Config, ctx: ParallelContext) -> dict:
     # Dependencies, data and model first: a bad corpus or config fails before anything is written.
     check_logging(cfg)
     train_ds, val_ds, loader, val_batches = load_data(cfg, ctx)
-    model = build_model(cfg, ctx)
+    init_from = cfg.checkpoint.init_from
+    if init_from:
+        from braid.checkpoint.init_from import check_init
+
+        check_init(cfg, train_ds.tokenizer_path)
+    model = build_model(cfg, ctx, init=not init_from)  # init_from/resume fill it below
     run_id = broadcast_object(new_run_id(cfg), ctx)
     lock = RunLock(Path(cfg.run.dir) / run_id)  # one writer per run; rank 0 holds it for all
     made: tuple[Path | None, str | None] = (None, None)
@@ -167,6 +172,10 @@ def _run(cfg, ctx, run_id, run_dir, loader, val_batches, model) -> dict:
 
     ckpt = Checkpointer(run_dir, cfg, ctx)
     ckpt.resume(model, opt, loader, state)
+    if init_from and state.step == 0:  # a new run (resume found nothing): start from weights
+        from braid.checkpoint.init_from import load_init
+
+        load_init(model, init_from, cfg)
     log = TrainLogger(cfg, ctx, run_id, run_dir, arithmetic(cfg).flops_per_token)
     from braid.parallel.expert import watch_exchange_choice  # exchange.algorithm=auto: record
     watch_exchange_choice(model, lambda choice: log.writer.log(state.step, choice.metrics()))
