@@ -172,6 +172,7 @@ def _run(cfg, ctx, run_id, run_dir, loader, val_batches, model) -> dict:
 
     ckpt = Checkpointer(run_dir, cfg, ctx)
     ckpt.resume(model, opt, loader, state)
+    init_from = cfg.checkpoint.init_from
     if init_from and state.step == 0:  # a new run (resume found nothing): start from weights
         from braid.checkpoint.init_from import load_init
 
