@@ -88,8 +88,9 @@ def equivalence(smoke: bool, dev: torch.device, dtype: torch.dtype) -> dict:
     # bf16 as Megatron trains it: the model inside Float16Module (casts params and buffers).
     wrap = (lambda m: Float16Module(cfg, m)) if dtype == torch.bfloat16 else (lambda m: m)
     local = get_gpt_layer_local_spec(num_experts=s["E"])
-    theirs = wrap(GPTModel(transformer_layer_spec=local, **kw))
-    ours = wrap(GPTModel(transformer_layer_spec=get_braid_layer_spec(cfg), **kw))
+    # Megatron's trainer moves the model to the GPU itself (embeddings are built on the host)
+    theirs = wrap(GPTModel(transformer_layer_spec=local, **kw)).to(dev)
+    ours = wrap(GPTModel(transformer_layer_spec=get_braid_layer_spec(cfg), **kw)).to(dev)
     ours.load_state_dict(megatron_to_braid(theirs.state_dict()), strict=True)
     out = {"shape": dict(s, layers=layers, seq=seq, batch=batch, vocab=vocab)}
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -146,6 +147,7 @@ def layer_time(name: str, s: dict, tokens: int, dev: torch.device) -> dict:
     sd = megatron_to_braid({"mlp." + k: v for k, v in theirs.state_dict().items()})
     ours.load_state_dict({k[len("mlp.") :]: v for k, v in sd.items()}, strict=True)
     ours.to(dev)
+    theirs.to(dev)
     for who, layer in (("megatron", theirs), ("braid", ours)):
 
         def step(layer=layer):
