@@ -7,7 +7,8 @@
      an expert-parallel one — the model never knows which);
   3. experts: grouped SwiGLU GEMMs over the rows this rank received, grouped by local expert;
   4. combine: outputs go back to their tokens and are summed, weighted by the gates;
-  5. shared experts (if any) see every token and are added.
+  5. shared experts (if any) see every token and are added, scaled per token by
+     sigmoid(x . w_gate) when `moe.shared_gate` is on (Qwen2-MoE's gated shared expert).
 With an overlap engine installed (`braid.overlap` sets `self.overlap`), steps 2-5 run as token
 chunks whose exchanges overlap the expert GEMMs, and weight grads may be deferred into the
 exchange windows (`overlap.chunks`, `overlap.split_dw`); the arithmetic per token is the same.
@@ -28,6 +29,7 @@ from braid.moe.config import MoEConfig
 from braid.moe.dispatcher import TokenDispatcher
 from braid.moe.experts import GroupedExperts
 from braid.moe.router import Router
+from braid.ops.swiglu import gated
 
 
 @dataclass
@@ -49,6 +51,8 @@ class MoE(nn.Module):
         if cfg.num_shared_experts:
             hidden = (cfg.shared_hidden or cfg.expert_hidden) * cfg.num_shared_experts
             self.shared = SwiGLU(mcfg.dim, hidden)
+        # Qwen2-MoE: shared_expert_gate, Linear(dim, 1) without bias.
+        self.shared_gate = nn.Linear(mcfg.dim, 1, bias=False) if cfg.shared_gate else None
         self.overlap: Any = None  # braid.overlap.pipeline.LayerOverlap, installed from outside
 
     def forward(self, x_BTD: Tensor) -> tuple[Tensor, MoEStats]:
@@ -59,12 +63,13 @@ class MoE(nn.Module):
         r = self.router(x_ND, exchange.all_reduce_sum)  # 1. route
         if self.overlap is not None:  # 2-5, pipelined
             out_ND, dropped = self.overlap.run(x_ND, r.topk_idx_NK, r.gates_NK, self.dispatcher,
-                                               self.experts, self.shared)
+                                               self.experts, self.shared, self.shared_gate)
             return out_ND.view_as(x_BTD), MoEStats(r.aux_loss, r.z_loss, r.counts_E, dropped)
         d = self.dispatcher.dispatch(x_ND, r.topk_idx_NK)  # 2. dispatch
         y_RD = self.experts(d.x_RD, d.counts_L)  # 3. experts
         out_ND = self.dispatcher.combine(y_RD, r.gates_NK, d)  # 4. combine
         if self.shared is not None:
-            out_ND = out_ND + self.shared(x_ND)  # 5. shared experts
+            out_ND = out_ND + gated(self.shared(x_ND), x_ND, self.shared_gate)  # 5. shared
         stats = MoEStats(r.aux_loss, r.z_loss, r.counts_E, d.num_dropped)
         return out_ND.view_as(x_BTD), stats
+

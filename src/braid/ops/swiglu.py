@@ -13,6 +13,8 @@ Shapes: R rows, F expert hidden size.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -43,3 +45,11 @@ def swiglu(h_RF2: Tensor) -> Tensor:
         gate, up = h_RF2.chunk(2, dim=-1)
         return F.silu(gate) * up
     return _SwiGLU.apply(h_RF2)
+
+
+def gated(shared_ND: Tensor, x_ND: Tensor, gate: Callable[[Tensor], Tensor] | None) -> Tensor:
+    """A shared expert's output times sigmoid(gate(x)) per token (Qwen2-MoE's gated shared
+    expert); unchanged when there is no gate."""
+    if gate is None:
+        return shared_ND
+    return shared_ND * torch.sigmoid(gate(x_ND)).to(shared_ND.dtype)

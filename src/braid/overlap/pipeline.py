@@ -51,6 +51,7 @@ from braid.ops.permute import (
     sum_copies,
     weighted_sum,
 )
+from braid.ops.swiglu import gated
 from braid.overlap.streams import Clock
 from braid.overlap.timeline import LayerTimeline
 from braid.overlap.wgrad import WgradQueue, flush_point, swiglu_split_dw
@@ -335,13 +336,18 @@ class LayerOverlap:
         dispatcher: Any,
         experts: Any,
         shared: Any | None,
+        shared_gate: Any | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """Steps 2-5 of MoE.forward; returns (out_ND with the shared experts added, dropped)."""
+        """Steps 2-5 of MoE.forward; returns (out_ND with the shared experts added, dropped).
+        `shared_gate` (or None) scales the shared experts' output (`braid.ops.swiglu.gated`)."""
         sink = self.queue if self.split_dw else None
         overlap_shared = shared is not None and (self.chunks > 1 or self.split_dw)
         side = None
         if overlap_shared:
-            side = (lambda x: swiglu_split_dw(shared, x, sink)) if sink is not None else shared
+            if sink is not None:
+                side = lambda x: gated(swiglu_split_dw(shared, x, sink), x, shared_gate)  # noqa: E731
+            else:
+                side = lambda x: gated(shared(x), x, shared_gate)  # noqa: E731
         grad = torch.is_grad_enabled()
         with self.timeline.span("forward"):
             chunks, dropped = plan_chunks(topk_NK, self.chunks, dispatcher)
@@ -365,5 +371,5 @@ class LayerOverlap:
         if overlap_shared:
             out_ND = out_ND + side_ND
         elif shared is not None:
-            out_ND = out_ND + shared(x_ND)
+            out_ND = out_ND + gated(shared(x_ND), x_ND, shared_gate)
         return out_ND, dropped

@@ -19,15 +19,21 @@ from __future__ import annotations
 from torch import nn
 
 from braid.config import Config
+from braid.errors import BraidError
 from braid.parallel.mesh import ParallelContext
 
 
 def parallelize(model: nn.Module, cfg: Config, ctx: ParallelContext) -> nn.Module:
+    if cfg.parallel.param_dtype != "fp32" and not ctx.distributed:
+        raise BraidError(
+            f"parallel.param_dtype={cfg.parallel.param_dtype} sets the dtype of FSDP units, which "
+            "exist only under torchrun; in one process use train.dtype=bf16 (autocast) or fp32"
+        )
     if ctx.distributed:
         from braid.parallel.expert import apply_expert_parallel
 
         apply_expert_parallel(model, cfg, ctx)  # 1
-    for block in model.blocks:
+    for block in model.all_blocks():  # the MTP modules' blocks included
         block.activation_checkpoint = cfg.parallel.activation_checkpoint  # 2
         if cfg.train.compile:
             block.compile()  # 3: in place, so parameter names do not change
