@@ -111,7 +111,12 @@ class OverlapSession:
             if cfg.chunks == "auto" or cfg.report:
                 if shape not in models:
                     models[shape] = measure(
-                        shape, moe.dispatcher.exchange, moe.experts, device, dtype
+                        shape,
+                        moe.dispatcher.exchange,
+                        moe.experts,
+                        device,
+                        dtype,
+                        dispatcher=moe.dispatcher,
                     )
                 cost = models[shape]
             if cfg.chunks == "auto":
