@@ -138,13 +138,16 @@ class SimulatedExchange(Exchange):
     def _move_cuda(self, x_RD: Tensor, nbytes: int, ms: float) -> Handle:
         self._calibrate(x_RD.device)
         cross = nbytes * (self.ranks - 1) // self.ranks  # what would leave the rank
-        if self._scratch is None or self._scratch.numel() < cross:
-            self._scratch = torch.empty(max(cross, 1), dtype=torch.uint8, device=x_RD.device)
         x = x_RD.contiguous()
         start = torch.cuda.Event(enable_timing=True)
         end = torch.cuda.Event(enable_timing=True)
         self._stream.wait_stream(torch.cuda.current_stream(x.device))
         with torch.cuda.stream(self._stream):
+            if self._scratch is None or self._scratch.numel() < cross:
+                # Allocated on the exchange's stream: a replaced buffer's memory is reused only
+                # behind this stream's earlier copies into it.
+                self._scratch = None
+                self._scratch = torch.empty(max(cross, 1), dtype=torch.uint8, device=x.device)
             start.record(self._stream)
             if cross:
                 self._scratch[:cross].copy_(x.view(-1).view(torch.uint8)[:cross])
