@@ -16,7 +16,11 @@ named by dotted path; auto. Checks:
     layers under the overlap engine (chunks=2, split_dw: several movements in flight) give the
     losses and gradients of `nccl` without overlap; `auto` decides once, rank 0 prints one
     `exchange auto: chose ...` line on stderr (other ranks none), and the trainer's watcher
-    gets one record with every candidate's time.
+    gets one record with every candidate's time; `hierarchical` (node_size 2) under
+    `overlap.report` (also with chunks=auto and split_dw) reports every layer's exchange time;
+  - overlap through the `Handle` contract alone, for every exchange above and the plug-in:
+    with rank 0 starting each movement late, the other ranks drain queued dW inside the
+    movements' windows, and the timeline's exchange time is nonzero.
 """
 
 from __future__ import annotations
