@@ -58,3 +58,14 @@ def test_cuda_streams_are_created_in_one_module():
         if "cuda.Stream(" in f.read_text() and f != SRC / "overlap" / "streams.py"
     ]
     assert made == []
+
+
+def test_exchange_builtins_are_registered_at_import():
+    import subprocess
+    import sys
+
+    code = "from braid.exchange import EXCHANGES; print(' '.join(EXCHANGES.names()))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    ).stdout.split()
+    assert out == ["auto", "hierarchical", "nccl", "simulated", "symmetric"]
