@@ -13,9 +13,10 @@ from braid.model.config import ModelConfig
 from braid.model.init import init_weights
 from braid.model.transformer import Transformer
 from braid.moe.config import MoEConfig
+from braid.moe.dispatcher import token_bounds
 from braid.moe.layer import MoE
 from braid.overlap.config import OverlapConfig
-from braid.overlap.pipeline import LayerOverlap, token_bounds
+from braid.overlap.pipeline import LayerOverlap
 from braid.overlap.session import OverlapSession
 from braid.overlap.streams import Clock
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from braid.model.rope import apply_rope, plain_rope_table
-from braid.ops.swiglu import swiglu
+from braid.ops.swiglu import SwiGLU as SwiGLU  # re-exported: the model's FFN
 
 # Kept importable from here: rope_table(rot, max_len, theta) is the unscaled table.
 rope_table = plain_rope_table
@@ -25,15 +25,3 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-
-
-class SwiGLU(nn.Module):
-    """y = W2 (silu(W1 x) * W3 x); W1 and W3 are stored fused as one [2F, D] matrix."""
-
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.w13 = nn.Linear(dim, 2 * hidden, bias=False)
-        self.w2 = nn.Linear(hidden, dim, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.w2(swiglu(self.w13(x)))

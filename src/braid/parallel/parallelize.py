@@ -3,7 +3,9 @@
 Order (each step assumes the previous one):
   1. expert parallelism: keep this rank's experts (as DTensors of global shape) and install
      the EP exchange in every MoE dispatcher; under pure data parallelism (ep = 1) the exchange
-     has one rank and only sums router statistics over the world (braid.parallel.expert);
+     has one rank and only sums router statistics over the world (braid.parallel.expert).
+     In one process the local exchange stays, unless `exchange.algorithm = "simulated"`, which
+     is installed instead (the local exchange taking a real one's time, docs/exchange.md);
   2. activation checkpointing per block (parallel.activation_checkpoint);
   3. torch.compile per block (train.compile);
   4. data parallelism: FSDP2 `fully_shard` of experts over their dp group, then of each block
@@ -20,6 +22,7 @@ from torch import nn
 
 from braid.config import Config
 from braid.errors import BraidError
+from braid.exchange import get_exchange
 from braid.parallel.mesh import ParallelContext
 
 
@@ -33,6 +36,10 @@ def parallelize(model: nn.Module, cfg: Config, ctx: ParallelContext) -> nn.Modul
         from braid.parallel.expert import apply_expert_parallel
 
         apply_expert_parallel(model, cfg, ctx)  # 1
+    elif cfg.exchange.algorithm == "simulated":
+        from braid.parallel.expert import install_exchange
+
+        install_exchange(model, get_exchange("simulated")(None, None, cfg.exchange))  # 1
     for block in model.all_blocks():  # the MTP modules' blocks included
         block.activation_checkpoint = cfg.parallel.activation_checkpoint  # 2
         if cfg.train.compile:

@@ -32,7 +32,8 @@ from braid.config import Config
 from braid.errors import BraidError
 from braid.info import arithmetic
 from braid.overlap.session import OverlapSession
-from braid.parallel.mesh import ParallelContext, init_parallel
+from braid.parallel.distributed import init_parallel
+from braid.parallel.mesh import ParallelContext
 from braid.train.log import TrainLogger, check_logging
 from braid.train.model_setup import build_model, load_data
 from braid.train.optim import build_optimizer, lr_at
