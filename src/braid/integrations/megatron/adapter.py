@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,7 +73,11 @@ class SharedExchange:
             else:
                 from braid.exchange import get_exchange
 
-                self._built[key] = get_exchange(self.cfg.algorithm)(ep_group, stats_group, self.cfg)
+                cfg = self.cfg
+                if cfg.node_size == 0:  # as braid.parallel does: this node's ranks in the group
+                    local = int(os.environ.get("LOCAL_WORLD_SIZE", ep_group.size()))
+                    cfg = dataclasses.replace(cfg, node_size=math.gcd(local, ep_group.size()))
+                self._built[key] = get_exchange(cfg.algorithm)(ep_group, stats_group, cfg)
         return self._built[key]
 
 
