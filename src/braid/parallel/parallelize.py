@@ -5,7 +5,8 @@ Order (each step assumes the previous one):
      the EP exchange in every MoE dispatcher; under pure data parallelism (ep = 1) the exchange
      has one rank and only sums router statistics over the world (braid.parallel.expert);
   2. activation checkpointing per block (parallel.activation_checkpoint);
-  3. torch.compile per block (train.compile);
+  3. torch.compile per block (train.compile), in reduce-overhead mode (CUDA graphs of each
+     block's forward and backward) with train.cuda_graphs, which one GPU alone can take;
   4. data parallelism: FSDP2 `fully_shard` of experts over their dp group, then of each block
      and the root over all ranks (or replication), when there is more than one process
      (braid.parallel.data, which also sets the gradient scaling).
@@ -19,18 +20,22 @@ from __future__ import annotations
 from torch import nn
 
 from braid.config import Config
+from braid.errors import ConfigError
 from braid.parallel.mesh import ParallelContext
 
 
 def parallelize(model: nn.Module, cfg: Config, ctx: ParallelContext) -> nn.Module:
+    if cfg.train.cuda_graphs and (ctx.device.type != "cuda" or ctx.distributed):
+        where = "several processes" if ctx.distributed else f"device {ctx.device.type}"
+        raise ConfigError("train.cuda_graphs", True, f"needs one GPU alone (this run: {where})")
     if ctx.distributed:
         from braid.parallel.expert import apply_expert_parallel
 
         apply_expert_parallel(model, cfg, ctx)  # 1
     for block in model.blocks:
         block.activation_checkpoint = cfg.parallel.activation_checkpoint  # 2
-        if cfg.train.compile:
-            block.compile()  # 3: in place, so parameter names do not change
+        if cfg.train.compile:  # 3: in place, so parameter names do not change
+            block.compile(mode="reduce-overhead" if cfg.train.cuda_graphs else None)
     if ctx.distributed:
         from braid.parallel.data import apply_data_parallel
 
