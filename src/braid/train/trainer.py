@@ -205,8 +205,9 @@ def _loop(
             if tc.cuda_graphs:  # a new replay: the last one's graph outputs may be reused
                 torch.compiler.cudagraph_mark_step_begin()
             x, y = loader.next_batch()
-            loss, p = loss_fn(model, x.to(ctx.device), y.to(ctx.device), cfg, amp)
+            loss, p = loss_fn(model, _upload(x, ctx.device), _upload(y, ctx.device), cfg, amp)
             (loss / tc.grad_accum).backward()
+            log.micro_stats([p])  # now: CUDA graphs may reuse the router stats' memory
             parts.append(p)
         overlap.flush()  # every deferred weight grad lands before the norm and the step
         ce = torch.stack([p["ce"] for p in parts]).mean()
@@ -226,7 +227,6 @@ def _loop(
             )
         state.step += 1
         state.tokens_seen += micro_tokens * tc.grad_accum
-        log.micro_stats(parts)
         at_log = state.step % tc.log_every == 0 or state.step == stop
         at_val = state.step % tc.val_every == 0 and state.step < stop
         stopping = (votes > 0 or fails > 0) and state.step < stop  # at `stop` it just finishes
@@ -310,6 +310,14 @@ def _host_gate(cfg, ctx, model, opt, state, ce, grad_norm, sigterm, failed, trai
         model.update_router_biases()
         train_loss = state.extra["train_loss"] = ce_val
     return ce_val, gn_val, votes, fails, train_loss
+
+
+def _upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch onto the device. To CUDA through pinned memory without blocking: a copy from
+    pageable memory waits for the stream (a host sync every micro-step)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def _nonfinite_error(step: int, loss_bad: bool, culprit: str) -> BraidError:
