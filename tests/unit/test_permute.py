@@ -77,3 +77,28 @@ def test_regroup_index_groups_received_rows_by_local_expert():
     rows = [(w, e) for w in range(2) for e in range(3) for _ in range(int(recv[w, e]))]
     want = sorted(range(len(rows)), key=lambda i: (rows[i][1], rows[i][0], i))
     assert regroup_index(recv, len(rows)).tolist() == want
+
+
+def _expand_cast_case(fused):
+    """expand_tokens gathering an fp32 x straight into bf16 against autograd of
+    `x.index_select(0, token).to(bf16)` (its backward: cast to fp32, then index_add)."""
+    N, K, D = 29, 3, 16
+    _, _, token, pos = _routing(N, K)
+    x = torch.randn(N, D, requires_grad=True)
+    dy = torch.randn(N * K, D).to(torch.bfloat16)
+    want = x.index_select(0, token).to(torch.bfloat16)
+    want.backward(dy)
+    want_grad, x.grad = x.grad, None
+    got = expand_tokens(x, token, pos, torch.bfloat16, fused=fused)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+    got.backward(dy)
+    assert x.grad.dtype == torch.float32
+    torch.testing.assert_close(x.grad, want_grad, rtol=1e-6, atol=1e-6)
+
+
+def test_expand_tokens_casts_as_it_gathers_and_sums_copies_in_fp32():
+    _expand_cast_case(fused=False)
+
+
+def test_expand_tokens_fused_gather_cast_kernel_matches_reference():
+    _expand_cast_case(fused=True)  # the compiled one-pass kernel CUDA uses by default

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from braid.exchange.base import Exchange, LocalExchange
+from braid.ops.grouped_gemm import compute_dtype
 from braid.ops.permute import (
     combine_tokens,
     expand_tokens,
@@ -99,7 +100,8 @@ class TokenDispatcher:
             return self._dispatch_capacity(x_ND, sorted_e_M, order_M, token_M, counts_E)
 
         pos_NK = inverse_permutation(order_M).view(N, K)
-        x_MD = expand_tokens(x_ND, token_M, pos_NK)  # backward: a gather, no atomics
+        # Gathered straight into the GEMMs' dtype; backward: a gather, no atomics.
+        x_MD = expand_tokens(x_ND, token_M, pos_NK, compute_dtype(x_ND))
         if W == 1:
             return Dispatched(
                 x_MD,

@@ -6,9 +6,10 @@ benchmarks/results/moe_profile_h200.json) and, in floating point, dependent on t
 Dropless routing gives every token exactly K copies, so each scatter here has a gather form:
 
 - `permute_rows(x, perm, inv)`: y = x[perm], a bijection; backward g[inv].
-- `expand_tokens(x_ND, token_M, pos_NK)`: the M = N*K copies x[token_M] in sorted order;
-  backward: the K copies of each token gathered back (pos_NK[n, k] is the sorted position of
-  copy k of token n) and summed in k order.
+- `expand_tokens(x_ND, token_M, pos_NK, dtype)`: the M = N*K copies x[token_M] in sorted order,
+  cast to the GEMMs' dtype in the same pass (on CUDA one compiled kernel: an fp32 residual
+  stream is never copied K times in fp32); backward: the K copies of each token gathered back
+  (pos_NK[n, k] is the sorted position of copy k of token n) and summed in k order.
 - `combine_tokens(y_MD, gates_NK, pos_NK, order_M)`: out[n] = sum_k gates[n, k] * y[pos[n, k]];
   backward: dgates by row dot products, dy gathered into sorted order by `order_M`
   (sorted position -> copy index n*K + k, the inverse of pos).
@@ -19,6 +20,8 @@ Shapes: N tokens, K copies per token, M = N*K rows, D row width.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import Tensor
@@ -46,27 +49,56 @@ def permute_rows(x: Tensor, perm: Tensor, inv: Tensor) -> Tensor:
     return _Permute.apply(x, perm, inv)
 
 
+def _gather_cast(x_ND: Tensor, token_M: Tensor, dtype: torch.dtype) -> Tensor:
+    return x_ND.index_select(0, token_M).to(dtype)
+
+
+@functools.cache
+def _gather_cast_compiled():
+    # One kernel: each copy read once in x's dtype and written once in the compute dtype
+    # (dynamic: the row count changes with the batch).
+    return torch.compile(_gather_cast, dynamic=True)
+
+
+def gather_rows(x_ND: Tensor, token_M: Tensor, dtype: torch.dtype | None = None,
+                fused: bool | None = None) -> Tensor:
+    """x[token_M] cast to `dtype`; on CUDA (`fused` by default) gather and cast are one pass."""
+    if dtype is None or dtype == x_ND.dtype:
+        return x_ND.index_select(0, token_M)
+    if fused is None:
+        fused = x_ND.is_cuda and not torch.compiler.is_compiling()
+    return (_gather_cast_compiled() if fused else _gather_cast)(x_ND, token_M, dtype)
+
+
 class _Expand(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_ND, token_M, pos_NK):
+    def forward(ctx, x_ND, token_M, pos_NK, dtype, fused):
         ctx.save_for_backward(pos_NK)
-        return x_ND.index_select(0, token_M)
+        ctx.x_dtype = x_ND.dtype
+        return gather_rows(x_ND, token_M, dtype, fused)
 
     @staticmethod
     def backward(ctx, g_MD):
         (pos_NK,) = ctx.saved_tensors
-        return sum_copies(g_MD, pos_NK), None, None
+        return sum_copies(g_MD, pos_NK, ctx.x_dtype), None, None, None, None
 
 
-def sum_copies(g_MD: Tensor, pos_NK: Tensor) -> Tensor:
-    """dx[n] = sum_k g[pos[n, k]]: the K copies of each token, gathered and summed."""
+def sum_copies(g_MD: Tensor, pos_NK: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """dx[n] = sum_k g[pos[n, k]]: the K copies of each token, gathered and summed (in fp32 for
+    bf16 rows, rounded once to `dtype`, by default g's own)."""
     N, K = pos_NK.shape
-    return g_MD.index_select(0, pos_NK.flatten()).view(N, K, g_MD.shape[-1]).sum(1)
+    g_NKD = g_MD.index_select(0, pos_NK.flatten()).view(N, K, g_MD.shape[-1])
+    if dtype is None or dtype == g_MD.dtype:
+        return g_NKD.sum(1)
+    return g_NKD.sum(1, dtype=torch.promote_types(dtype, torch.float32)).to(dtype)
 
 
-def expand_tokens(x_ND: Tensor, token_M: Tensor, pos_NK: Tensor) -> Tensor:
-    """The rows x[token_M]; the backward sums each token's K copies (no scatter)."""
-    return _Expand.apply(x_ND, token_M, pos_NK)
+def expand_tokens(x_ND: Tensor, token_M: Tensor, pos_NK: Tensor,
+                  dtype: torch.dtype | None = None, fused: bool | None = None) -> Tensor:
+    """The rows x[token_M], cast to `dtype` (the GEMMs' dtype) as they are gathered, so the
+    copies never exist in x's wider dtype; the backward sums each token's K copies (no
+    scatter) in fp32 and returns x's dtype."""
+    return _Expand.apply(x_ND, token_M, pos_NK, dtype, fused)
 
 
 def weighted_sum(y_MD: Tensor, gates_NK: Tensor, pos_NK: Tensor) -> tuple[Tensor, Tensor]:
