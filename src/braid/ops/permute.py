@@ -12,7 +12,8 @@ Dropless routing gives every token exactly K copies, so each scatter here has a 
   (pos_NK[n, k] is the sorted position of copy k of token n) and summed in k order.
 - `combine_tokens(y_MD, gates_NK, pos_NK, order_M)`: out[n] = sum_k gates[n, k] * y[pos[n, k]];
   backward: dgates by row dot products, dy gathered into sorted order by `order_M`
-  (sorted position -> copy index n*K + k, the inverse of pos).
+  (sorted position -> copy index n*K + k, the inverse of pos). On CUDA forward and backward
+  are compiled kernels that never write the gathered copies or the products (`_CombineFused`).
 - `regroup_index(recv_WL, total)`: rows received as [source rank][local expert] blocks, put in
   [local expert][source rank] order, so that each expert's rows are contiguous.
 Sums over k accumulate in fp32 for bf16 inputs (torch reductions do) and round once.
@@ -129,9 +130,57 @@ class _Combine(torch.autograd.Function):
         return dy_MD, dgates, None, None
 
 
-def combine_tokens(y_MD: Tensor, gates_NK: Tensor, pos_NK: Tensor, order_M: Tensor) -> Tensor:
-    """Each token's K expert outputs (rows in sorted order), weighted by its gates and summed."""
-    return _Combine.apply(y_MD, gates_NK, pos_NK, order_M)
+def combine_forward_math(y_MD: Tensor, gates_NK: Tensor, pos_NK: Tensor) -> Tensor:
+    """out[n] = sum_k gates[n, k] * y[pos[n, k]], products and sum in fp32, rounded once."""
+    N, K = pos_NK.shape
+    y_NKD = y_MD.index_select(0, pos_NK.flatten()).view(N, K, y_MD.shape[-1]).float()
+    return (y_NKD * gates_NK.float()[..., None]).sum(1).to(y_MD.dtype)
+
+
+def combine_backward_math(
+    y_MD: Tensor, gates_NK: Tensor, pos_NK: Tensor, order_M: Tensor, g_ND: Tensor
+) -> tuple[Tensor, Tensor]:
+    """(dy_MD, dgates_NK): dy[m] = gates[copy m] * g[token of m] written in sorted order, and
+    dgates[n, k] = <y[pos[n, k]], g[n]>, in fp32, rounded once."""
+    N, K = pos_NK.shape
+    g = g_ND.float()
+    y_NKD = y_MD.index_select(0, pos_NK.flatten()).view(N, K, y_MD.shape[-1]).float()
+    dgates = (y_NKD * g[:, None, :]).sum(-1).to(gates_NK.dtype)
+    w_M = gates_NK.flatten().float().index_select(0, order_M)
+    dy_MD = (w_M[:, None] * g.index_select(0, order_M // K)).to(y_MD.dtype)
+    return dy_MD, dgates
+
+
+@functools.cache
+def _compiled(fn):
+    return torch.compile(fn, dynamic=True)
+
+
+class _CombineFused(torch.autograd.Function):
+    """`_Combine` as two compiled kernels a pass: the gathered copies y_NKD and the products
+    never exist in memory (reference: `_Combine`, tested equal within one rounding)."""
+
+    @staticmethod
+    def forward(ctx, y_MD, gates_NK, pos_NK, order_M):
+        ctx.save_for_backward(y_MD, gates_NK, pos_NK, order_M)
+        return _compiled(combine_forward_math)(y_MD, gates_NK, pos_NK)
+
+    @staticmethod
+    def backward(ctx, g_ND):
+        y_MD, gates_NK, pos_NK, order_M = ctx.saved_tensors
+        fn = _compiled(combine_backward_math)
+        dy_MD, dgates = fn(y_MD, gates_NK, pos_NK, order_M, g_ND.contiguous())
+        return dy_MD, dgates, None, None
+
+
+def combine_tokens(
+    y_MD: Tensor, gates_NK: Tensor, pos_NK: Tensor, order_M: Tensor, fused: bool | None = None
+) -> Tensor:
+    """Each token's K expert outputs (rows in sorted order), weighted by its gates and summed;
+    `fused` (default: on CUDA outside torch.compile) runs the compiled one-pass kernels."""
+    if fused is None:
+        fused = y_MD.is_cuda and not torch.compiler.is_compiling() and y_MD.shape[0] > 0
+    return (_CombineFused if fused else _Combine).apply(y_MD, gates_NK, pos_NK, order_M)
 
 
 def regroup_index(recv_WL: Tensor, total: int) -> Tensor:
