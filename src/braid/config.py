@@ -112,6 +112,9 @@ class Config:
         elif self.parallel.ep > 1:
             why = f"needs parallel.ep=1 (parallel.ep={self.parallel.ep}: the exchange reads its "
             why += "split sizes on the host)"
+        elif self.train.grad_accum > 1:
+            why = f"needs train.grad_accum=1 (train.grad_accum={self.train.grad_accum}: a replay "
+            why += "would overwrite the gradients the last micro-step left in the graph's memory)"
         elif self.moe.capacity_factor > 0:
             why = "needs dropless routing (moe.capacity_factor=0)"
         elif self.overlap.chunks != 1 or self.overlap.split_dw:

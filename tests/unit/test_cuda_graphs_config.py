@@ -1,6 +1,6 @@
 """train.cuda_graphs is refused in one line wherever a graph could not replay the step: no
-compile, the CPU, expert parallelism (host-read split sizes), capacity dropping, the overlap
-engine; and at build time on any device but one GPU alone."""
+compile, the CPU, expert parallelism (host-read split sizes), gradient accumulation, capacity
+dropping, the overlap engine; and at build time on any device but one GPU alone."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ ON = ["--train.cuda_graphs=true", "--train.compile=true"]
         (["--train.device=cpu"], "needs a GPU"),
         (["--parallel.ep=2"], "needs parallel.ep=1"),
         (["--moe.capacity_factor=1.25"], "needs dropless routing"),
+        (["--train.grad_accum=2"], "needs train.grad_accum=1"),
         (["--overlap.chunks=2"], "needs overlap.chunks=1"),
         (["--overlap.split_dw=true"], "overlap.split_dw=false"),
     ],

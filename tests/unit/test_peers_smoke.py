@@ -38,6 +38,7 @@ def test_smoke_times_braid_and_reports_absent_peers_as_skipped(peers, tmp_path):
         assert r["layer"][f"{peer}/tiny"]["skipped"], peer  # a reason, not an empty string
     table = json.loads(Path(row["profile"]).read_text())
     assert any(e["name"] == "aten::_grouped_mm" for e in table["rows"])
+    assert not peers.braid_failed(r)
 
 
 def test_every_peer_layer_gets_the_same_router_weight(peers):
