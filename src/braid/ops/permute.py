@@ -66,8 +66,8 @@ def gather_rows(x_ND: Tensor, token_M: Tensor, dtype: torch.dtype | None = None,
     """x[token_M] cast to `dtype`; on CUDA (`fused` by default) gather and cast are one pass."""
     if dtype is None or dtype == x_ND.dtype:
         return x_ND.index_select(0, token_M)
-    if fused is None:
-        fused = x_ND.is_cuda and not torch.compiler.is_compiling()
+    if fused is None:  # training on CUDA (inference skips the compile)
+        fused = x_ND.is_cuda and torch.is_grad_enabled() and not torch.compiler.is_compiling()
     return (_gather_cast_compiled() if fused else _gather_cast)(x_ND, token_M, dtype)
 
 
@@ -177,9 +177,11 @@ def combine_tokens(
     y_MD: Tensor, gates_NK: Tensor, pos_NK: Tensor, order_M: Tensor, fused: bool | None = None
 ) -> Tensor:
     """Each token's K expert outputs (rows in sorted order), weighted by its gates and summed;
-    `fused` (default: on CUDA outside torch.compile) runs the compiled one-pass kernels."""
+    `fused` (default: training on CUDA outside torch.compile) runs the compiled one-pass
+    kernels."""
     if fused is None:
-        fused = y_MD.is_cuda and not torch.compiler.is_compiling() and y_MD.shape[0] > 0
+        fused = y_MD.is_cuda and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        fused = fused and y_MD.shape[0] > 0
     return (_CombineFused if fused else _Combine).apply(y_MD, gates_NK, pos_NK, order_M)
 
 

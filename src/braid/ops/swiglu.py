@@ -77,11 +77,12 @@ class _SwiGLUFused(torch.autograd.Function):
 
 
 def swiglu(h_RF2: Tensor, fused: bool | None = None) -> Tensor:
-    """silu(gate) * up for h = [gate | up] along the last dim. `fused` (default: on CUDA with
-    rows) picks the one-pass compiled kernels; otherwise the reference Function."""
+    """silu(gate) * up for h = [gate | up] along the last dim. `fused` (default: training on
+    CUDA; inference such as `braid generate` skips the compile) picks the one-pass compiled
+    kernels; otherwise the reference Function."""
     if torch.compiler.is_compiling():
         gate, up = h_RF2.chunk(2, dim=-1)
         return F.silu(gate) * up
     if fused is None:
-        fused = h_RF2.is_cuda and h_RF2.shape[0] > 0
+        fused = h_RF2.is_cuda and torch.is_grad_enabled() and h_RF2.shape[0] > 0
     return _SwiGLUFused.apply(h_RF2) if fused else _SwiGLU.apply(h_RF2)
