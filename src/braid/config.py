@@ -117,6 +117,9 @@ class Config:
             why += "would overwrite the gradients the last micro-step left in the graph's memory)"
         elif self.moe.capacity_factor > 0:
             why = "needs dropless routing (moe.capacity_factor=0)"
+        elif self.exchange.algorithm == "simulated":
+            why = "cannot replay exchange.algorithm=simulated (its movements time themselves "
+            why += "on their own stream)"
         elif self.overlap.chunks != 1 or self.overlap.split_dw:
             why = "needs overlap.chunks=1 and overlap.split_dw=false (the overlap engine runs "
             why += "work on its own streams outside the graphs)"

@@ -175,7 +175,8 @@ def measure(
     unit outside the model's forward would make it a root.)"""
     s, W, L = shape, shape.ep, experts.num_experts
     group = getattr(exchange, "ep_group", None)
-    align = (lambda: torch.distributed.barrier(group=group)) if W > 1 else None
+    ranks = W > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+    align = (lambda: torch.distributed.barrier(group=group)) if ranks else None
     amp = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
 
     def inputs(rows: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -53,7 +53,7 @@ def layer_shape(moe: Any, tokens_per_rank: int, dtype: torch.dtype) -> LayerShap
         hidden=moe.experts.hidden,
         top_k=moe.dispatcher.top_k,
         num_experts=moe.dispatcher.num_experts,
-        ep=moe.dispatcher.exchange.size,
+        ep=moe.dispatcher.exchange.traffic_ranks,
         elem_bytes=wire,
         shared_hidden=shared,
     )
@@ -133,7 +133,8 @@ class OverlapSession:
                 )
             layers[i] = moe.overlap = LayerOverlap(i, chunks, cfg.split_dw, clock, deferrable)
             layers[i].predicted_ms = predicted
-            enable_exchange_timing(moe.dispatcher.exchange, device, cfg.report)
+            if cfg.report:
+                moe.dispatcher.exchange.enable_timing()  # handles measure their own time
         return cls(cfg, layers, device, log_every, is_main, run_dir, rank, log)
 
     def flush(self) -> int:
@@ -190,10 +191,3 @@ def expert_dw_deferrable(experts: nn.Module) -> bool:
     dispatch exchange whose window the dW would fill). Plain and DTensor parameters are fine:
     the GEMM writes a deferred dW into the parameter itself (`braid.ops.grouped_gemm`)."""
     return not (hasattr(experts, "reshard") and hasattr(experts, "unshard"))
-
-
-def enable_exchange_timing(exchange: Any, device: torch.device, report: bool) -> None:
-    """NCCL times each collective only when asked (read back by the timeline's exchange_ms)."""
-    group = getattr(exchange, "ep_group", None)
-    if report and device.type == "cuda" and group is not None:
-        group._enable_collectives_timing()  # private torch API; see timeline._exchange_ms

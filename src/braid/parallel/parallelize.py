@@ -3,7 +3,9 @@
 Order (each step assumes the previous one):
   1. expert parallelism: keep this rank's experts (as DTensors of global shape) and install
      the EP exchange in every MoE dispatcher; under pure data parallelism (ep = 1) the exchange
-     has one rank and only sums router statistics over the world (braid.parallel.expert);
+     has one rank and only sums router statistics over the world (braid.parallel.expert).
+     In one process the local exchange stays, unless `exchange.algorithm = "simulated"`, which
+     is installed instead (the local exchange taking a real one's time, docs/exchange.md);
   2. activation checkpointing per block (parallel.activation_checkpoint);
   3. torch.compile per block (train.compile), in reduce-overhead mode (CUDA graphs of each
      block's forward and backward) with train.cuda_graphs, which one GPU alone can take;
@@ -20,7 +22,8 @@ from __future__ import annotations
 from torch import nn
 
 from braid.config import Config
-from braid.errors import ConfigError
+from braid.errors import BraidError, ConfigError
+from braid.exchange import get_exchange
 from braid.parallel.mesh import ParallelContext
 
 
@@ -28,11 +31,20 @@ def parallelize(model: nn.Module, cfg: Config, ctx: ParallelContext) -> nn.Modul
     if cfg.train.cuda_graphs and (ctx.device.type != "cuda" or ctx.distributed):
         where = "several processes" if ctx.distributed else f"device {ctx.device.type}"
         raise ConfigError("train.cuda_graphs", True, f"needs one GPU alone (this run: {where})")
+    if cfg.parallel.param_dtype != "fp32" and not ctx.distributed:
+        raise BraidError(
+            f"parallel.param_dtype={cfg.parallel.param_dtype} sets the dtype of FSDP units, which "
+            "exist only under torchrun; in one process use train.dtype=bf16 (autocast) or fp32"
+        )
     if ctx.distributed:
         from braid.parallel.expert import apply_expert_parallel
 
         apply_expert_parallel(model, cfg, ctx)  # 1
-    for block in model.blocks:
+    elif cfg.exchange.algorithm == "simulated":
+        from braid.parallel.expert import install_exchange
+
+        install_exchange(model, get_exchange("simulated")(None, None, cfg.exchange))  # 1
+    for block in model.all_blocks():  # the MTP modules' blocks included
         block.activation_checkpoint = cfg.parallel.activation_checkpoint  # 2
         if cfg.train.compile:  # 3: in place, so parameter names do not change
             block.compile(mode="reduce-overhead" if cfg.train.cuda_graphs else None)
