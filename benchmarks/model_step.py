@@ -1,9 +1,11 @@
 """Forward + backward of a whole Braid model on one GPU: step time, tokens/s and MFU.
 
     PYTHONPATH=src python benchmarks/model_step.py --config medium --out results/x.json
-    PYTHONPATH=src python benchmarks/model_step.py --config moonlight --set model.n_layers=12 \
-        --batch 4 --seq 4096 --variants eager,compile \
-        --out benchmarks/results/model_step_moonlight_h200.json
+    PYTHONPATH=src python benchmarks/model_step.py --config moonlight --set model.n_layers=8 \
+        --batch 2 --seq 4096 --variants eager,compile \
+        --out benchmarks/results/model_step_moonlight_h100.json
+(moonlight's 27 layers hold 16B fp32 weights + grads, 128 GB, more than one GPU; 8 layers of
+the same shape, 4.9B, fit an 80 GB H100 with the fp32 logits of 8192 tokens.)
 
 `--set section.key=value` (repeatable) overrides the config, e.g. fewer layers of the same shape
 when a preset does not fit one GPU. MFU counts training FLOPs per token from `braid.info`

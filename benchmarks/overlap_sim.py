@@ -152,7 +152,9 @@ def bench_layer(name: str, shape: tuple, args, device, amp, dtype, log) -> dict:
     x = torch.randn(args.tokens, H, device=device, generator=gen)
     g = torch.randn(args.tokens, H, device=device, generator=gen) * 1e-2
     shp = layer_shape(moe, args.tokens, dtype)
-    cost = measure(shp, moe.dispatcher.exchange, moe.experts, device, dtype)
+    cost = measure(
+        shp, moe.dispatcher.exchange, moe.experts, device, dtype, dispatcher=moe.dispatcher
+    )
     cands = tuple(c for c in CANDIDATES if c <= OverlapConfig().max_chunks)
     plan = {split: choose_chunks(shp, split, cost, cands)[0] for split in (False, True)}
     clock = Clock(device)

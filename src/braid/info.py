@@ -64,6 +64,7 @@ def memory_per_gpu(cfg: Config, world: int, ep: int, dense: str = "fsdp", model=
     """Bytes per GPU under (world, ep, dense); see the module docstring for what is counted.
     `model`: the meta-built model, when the caller has one already."""
     from braid.moe.experts import GroupedExperts
+    from braid.parallel.data import fsdp_units
 
     check_info_layout(cfg, world, ep)
     dp = world // ep
@@ -71,7 +72,9 @@ def memory_per_gpu(cfg: Config, world: int, ep: int, dense: str = "fsdp", model=
     experts = {
         id(p) for m in model.modules() if isinstance(m, GroupedExperts) for p in m.parameters()
     }
-    units = model.units()  # the FSDP units: blocks and MTP modules; the rest is the root's
+    # The dense FSDP units (blocks, MTP modules, an untied embedding and head); the rest is the
+    # root's. With dense=replicate nothing is gathered, so the grouping does not matter.
+    units = fsdp_units(model)
     in_unit = {id(p) for u in units for p in u.parameters()}
     root = [p for p in model.parameters() if id(p) not in in_unit]
     held, gathered = 0, []  # elements this rank holds; elements each FSDP block gathers whole

@@ -9,7 +9,9 @@ same process group):
     rank, so FSDP shards experts on dim 1;
   - the elements each rank holds match `braid info`'s memory estimate for the layout;
   - a checkpoint written by the (2, 2) run after step 3 (Checkpointer, DCP) resumes under
-    (1, 4), and in one process (in the parent), and the next steps give the same losses.
+    (1, 4), and in one process (in the parent), and the next steps give the same losses;
+  - the attention options (GQA with head_dim, qk-norm, biases, partial rotary, YaRN and
+    windows; MLA with a q LoRA and a window) train under EP with the single-process losses.
 Each step uses the trainer's own pieces: build_model (meta -> parallelize -> init), loss_fn,
 clip_grad_norm, AdamW and the lr schedule. Every rank takes its contiguous slice of each global
 batch, as BatchLoader does.
@@ -39,7 +41,7 @@ SMALL = [
 E6 = ["--moe.num_experts=6"]  # a model variant: 3 experts per rank at ep=2
 # Every router option and MTP at once: group-limited top-k (4 groups of 2, 2 eligible) on
 # sigmoid scores with the balancing bias, routed_scaling, the gated shared expert, and two MTP
-# modules whose blocks are MoE (the last layer is), each its own FSDP unit.
+# modules whose blocks are MoE (the last layer is), each its own FSDP unit, with an untied head.
 ARCH = [
     "--moe.n_groups=4",
     "--moe.topk_groups=2",
@@ -48,8 +50,37 @@ ARCH = [
     "--moe.routed_scaling=2.5",
     "--moe.shared_gate=true",
     "--model.mtp_depth=2",
+    "--model.tie_embeddings=false",  # embedding and head are FSDP units; MTP reuses the head
 ]
-VARIANTS = {"": [], "e6": E6, "arch": ARCH}
+# Attention variants (docs/architectures.md): every option on, windows on some layers.
+GQA_OPTS = [
+    "--model.head_dim=24",
+    "--model.qk_norm=head",
+    "--model.qkv_bias=true",
+    "--model.rope_fraction=0.5",
+    "--model.rope_scaling=yarn",
+    "--model.rope_factor=2",
+    "--model.rope_original_max_seq_len=16",
+    "--model.rope_mscale_all_dim=1",
+    "--model.window=5",
+    "--model.window_every=2",
+]
+GQA_FULL_NORM = [
+    "--model.n_kv_heads=1",
+    "--model.qk_norm=full",
+    "--model.window=4",
+    "--model.window_layers=[0,2]",
+]
+MLA_OPTS = [
+    "--model.attention=mla",
+    "--model.q_lora_rank=16",
+    "--model.kv_lora_rank=16",
+    "--model.qk_rope_head_dim=8",
+    "--model.qk_nope_head_dim=8",
+    "--model.v_head_dim=12",
+    "--model.window=6",
+    "--model.window_layers=[1]",
+]
 LAYOUTS = {  # name: (model variant, layout)
     "dp2_ep2": ([], ["--parallel.ep=2"]),
     "dp1_ep4": ([], ["--parallel.ep=4"]),
@@ -59,8 +90,17 @@ LAYOUTS = {  # name: (model variant, layout)
         ["--parallel.ep=2", "--parallel.dense=replicate", "--parallel.activation_checkpoint=true"],
     ),
     "dp2_ep2_e6_dim1": (E6, ["--parallel.ep=2"]),
+    "dp2_ep2_gqa_options": (GQA_OPTS, ["--parallel.ep=2"]),
+    "dp1_ep4_gqa_full_norm_ac": (
+        GQA_FULL_NORM,
+        ["--parallel.ep=4", "--parallel.activation_checkpoint=true"],
+    ),
+    "dp2_ep2_mla": (MLA_OPTS, ["--parallel.ep=2"]),
     "dp2_ep2_arch": (ARCH, ["--parallel.ep=2"]),
-    "dp1_ep4_arch_ac": (ARCH, ["--parallel.ep=4", "--parallel.activation_checkpoint=true"]),
+    "dp1_ep4_arch_mla_ac": (
+        ARCH + MLA_OPTS,
+        ["--parallel.ep=4", "--parallel.activation_checkpoint=true"],
+    ),
 }
 
 # bf16 compute weights (FSDP2 MixedPrecisionPolicy): same layouts, losses close to fp32's.
@@ -174,18 +214,14 @@ def test_ep_layouts_match_single_process_and_checkpoint_reshards(four_ranks):
         assert {k: v["steps"] for k, v in r.items()} == {
             k: v["steps"] for k, v in per_rank[0].items()
         }
-    refs = {key: _single(model) for key, model in VARIANTS.items()}
-
-    def variant(name: str) -> str:
-        return next((k for k in VARIANTS if k and f"_{k}" in name), "")
-
+    refs = {tuple(model): _single(model) for model, _ in LAYOUTS.values()}
     got = {
-        name: (res["steps"], refs[variant(name)])
-        for name, res in per_rank[0].items()
-        if name not in MIXED
+        name: (per_rank[0][name]["steps"], refs[tuple(model)])
+        for name, (model, _) in LAYOUTS.items()
     }
     ckpt = f"{run_dir}/checkpoints/step_{SAVE_AT:08d}"
-    got["resumed_single_process"] = (_single([], run_dir, ckpt), refs[""])
+    got["resumed_dp1_ep4"] = (per_rank[0]["resumed_dp1_ep4"]["steps"], refs[()])
+    got["resumed_single_process"] = (_single([], run_dir, ckpt), refs[()])
     bad = []
     for name, (steps, ref) in got.items():
         want = ref[-len(steps) :]  # resumed runs cover the last steps only
@@ -201,10 +237,9 @@ def test_ep_layouts_match_single_process_and_checkpoint_reshards(four_ranks):
 
 def test_bf16_compute_weights_train_close_to_the_fp32_run(four_ranks):
     results, _ = four_ranks
-    refs = {key: _single(model) for key, model in VARIANTS.items() if key in ("", "arch")}
-    for name in MIXED:
+    for name, (model, _) in MIXED.items():
         steps = results[0]["train"][name]["steps"]
-        ref = refs["arch" if "arch" in name else ""]
+        ref = _single(model)
         loss_err = max(abs(g[0] - r[0]) / r[0] for g, r in zip(steps, ref, strict=True))
         print(f"{name:>24}: max rel err loss vs fp32 {loss_err:.2e}")
         assert loss_err < MIXED_TOL, name

@@ -273,3 +273,57 @@ def test_bad_attention_options_are_one_line_errors(override, match):
 
     with pytest.raises(ConfigError, match=match):
         ModelConfig(**override).validate()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("attention", ["gqa", "mla"])
+def test_windowed_block_on_cuda_trains_like_the_masked_reference(attention):
+    """Forward and backward of a windowed attention layer on CUDA (flex attention, also inside
+    a compiled module) equal the same layer run through the masked SDPA path on CPU."""
+    extra = (
+        dict(
+            attention="mla",
+            kv_lora_rank=64,
+            qk_rope_head_dim=32,
+            qk_nope_head_dim=64,
+            v_head_dim=64,
+        )
+        if attention == "mla"
+        else dict(n_kv_heads=2)
+    )
+    cfg = ModelConfig(dim=256, n_heads=4, max_seq_len=256, window=48, **extra)
+    cfg.validate()
+    torch.manual_seed(0)
+    from braid.model.mla import MLA
+
+    ref = (MLA if attention == "mla" else Attention)(cfg, window=48)
+    x = torch.randn(2, 256, 256, requires_grad=True)
+    ref(x, rope_table(cfg)).square().mean().backward()
+    for compiled in (False, True):
+        gpu = (MLA if attention == "mla" else Attention)(cfg, window=48).cuda()
+        gpu.load_state_dict(ref.state_dict())
+        xg = x.detach().cuda().requires_grad_()
+        fn = torch.compile(gpu) if compiled else gpu
+        fn(xg, rope_table(cfg).cuda()).square().mean().backward()
+        torch.testing.assert_close(xg.grad.cpu(), x.grad, rtol=1e-3, atol=1e-5)
+        for (n, p), (_, q) in zip(gpu.named_parameters(), ref.named_parameters(), strict=True):
+            torch.testing.assert_close(p.grad.cpu(), q.grad, rtol=1e-3, atol=1e-5, msg=n)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("qk_norm", ["head", "full"])
+def test_windowed_qk_norm_under_bf16_autocast_on_cuda(qk_norm):
+    """Training dtype on GPU: fp32 weights under bf16 autocast, through flex attention."""
+    cfg = ModelConfig(
+        dim=256, n_heads=4, n_kv_heads=2, max_seq_len=256, window=48, qk_norm=qk_norm, qkv_bias=True
+    )
+    torch.manual_seed(0)
+    attn = Attention(cfg, window=48).cuda()
+    x, rope = torch.randn(2, 256, 256, device="cuda"), rope_table(cfg).cuda()
+    ref = attn(x, rope)
+    with torch.autocast("cuda", torch.bfloat16):
+        y = attn(x, rope)
+    y.float().square().mean().backward()
+    torch.testing.assert_close(y.float(), ref, rtol=5e-2, atol=5e-2)

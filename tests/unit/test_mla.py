@@ -195,6 +195,8 @@ def test_info_counts_mla_and_cache_bytes():
     assert arithmetic(cfg).total_params == sum(p.numel() for p in m.parameters())
     cached, per_head = kv_cache_bytes_per_token(cfg.model, 2)
     assert cached == 2 * (16 + 8)  # latent + rope key, bf16
+    held = [sum(t[0, 0].numel() for t in (c.kv, c.pe)) for c in m.new_caches(1, 1)]
+    assert held == [cached // 2] * 3  # what generation allocates per token and layer
     assert per_head == 2 * 4 * (8 + 8 + 12)
     gqa = load_config(
         None,
@@ -210,3 +212,12 @@ def test_info_counts_mla_and_cache_bytes():
         m = Transformer(gqa.model, gqa.moe)
     assert arithmetic(gqa).total_params == sum(p.numel() for p in m.parameters())
     assert kv_cache_bytes_per_token(gqa.model, 4)[0] == 4 * 2 * 2 * 12
+    held = [c.k[0, :, 0].numel() + c.v[0, :, 0].numel() for c in m.new_caches(1, 1)]
+    assert held == [2 * 2 * 12] * 3
+
+
+def test_info_prints_the_cache_line():
+    from braid.info import describe
+
+    text = describe(load_config(None, SMALL + MLA_OPTS))
+    assert "KV cache / token" in text and "48 B per layer" in text  # (16 + 8) * 2 bytes

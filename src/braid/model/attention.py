@@ -57,6 +57,9 @@ class Attention(nn.Module):
         if self.qk_norm == "head":  # Qwen3: each head over its own Dh
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, rope_T), apply_rope(k, rope_T)
+        # Under autocast a qk-norm may return fp32 next to a bf16 v; flex attention, unlike
+        # SDPA, is not cast by autocast and wants one dtype.
+        q, k = q.to(v.dtype), k.to(v.dtype)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # -> [B, heads, T, Dh]
         s0 = 0
         if cache is not None:
@@ -71,8 +74,3 @@ class Attention(nn.Module):
     def new_cache(self, batch: int, max_len: int, like: Tensor) -> KVCache:
         shape = (batch, self.n_kv, max_len, self.head_dim)
         return KVCache(like.new_zeros(shape), like.new_zeros(shape))
-
-    @staticmethod
-    def cache_elems_per_token(cfg: ModelConfig) -> int:
-        """Cached elements per token in one layer: a key and a value per kv head."""
-        return 2 * cfg.kv_heads * cfg.attn_head_dim

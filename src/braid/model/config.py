@@ -129,7 +129,7 @@ class ModelConfig:
         if self.attention == "gqa":
             rot = self.rope_fraction * self.attn_head_dim
             check(
-                abs(rot - round(rot)) < 1e-6 and round(rot) % 2 == 0 and round(rot) > 0,
+                abs(rot - round(rot)) < 1e-3 and round(rot) % 2 == 0 and round(rot) > 0,
                 "model.rope_fraction",
                 self.rope_fraction,
                 f"rope_fraction * head_dim ({self.attn_head_dim}) must be a positive even integer",

@@ -106,7 +106,9 @@ class MLA(nn.Module):
         k_B1SX = torch.cat([c_BSR, pe_BSP], dim=-1).unsqueeze(1).to(q_BHTX.dtype)
         v_B1SR = c_BSR.unsqueeze(1).to(q_BHTX.dtype)
         scale = self.scale if self.scale is not None else (self.nope + self.rope) ** -0.5
-        o_BHTR = attend(q_BHTX, k_B1SX, v_B1SR, scale=scale, window=self.window, q_start=s0)
+        o_BHTR = attend(
+            q_BHTX, k_B1SX, v_B1SR, scale=scale, window=self.window, q_start=s0, flex=False
+        )
         # Then W_uv on the attention-weighted latent.
         y_BTHV = torch.einsum("bhtr,hvr->bthv", o_BHTR, w_uv_HVR.to(o_BHTR.dtype))
         return self.wo(y_BTHV.reshape(B, T, -1))
@@ -115,13 +117,3 @@ class MLA(nn.Module):
         return LatentCache(
             like.new_zeros(batch, max_len, self.rank), like.new_zeros(batch, max_len, self.rope)
         )
-
-    @staticmethod
-    def cache_elems_per_token(cfg: ModelConfig) -> int:
-        """Cached elements per token in one layer: the latent and the shared RoPE key."""
-        return cfg.kv_lora_rank + cfg.qk_rope_head_dim
-
-    @staticmethod
-    def expanded_elems_per_token(cfg: ModelConfig) -> int:
-        """What a per-head k/v cache of the same heads would hold (for comparison)."""
-        return cfg.n_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim)

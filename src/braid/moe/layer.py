@@ -69,7 +69,7 @@ class MoE(nn.Module):
         x_ND = x_BTD.reshape(-1, x_BTD.shape[-1])
         d = self.dispatcher
         if self.overlap is not None:
-            x_ND = self.overlap.flush_point(x_ND)  # deferred dW is flushed when grads reach here
+            x_ND = self.overlap.flush_point(x_ND)  # grads here: queued dW run, experts reduced
         r = self.router(x_ND, d.exchange.all_reduce_sum)  # 1. route
         chunks = 1 if self.overlap is None else self.overlap.chunks
         plan = d.plan(r.topk_idx_NK, chunks)  # 2a. routes: counts exchanged, splits on the host

@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 
 from braid.ops.swiglu import gated
+from braid.overlap.fsdp_unit import ExpertUnit
 from braid.overlap.streams import Clock
 from braid.overlap.timeline import LayerTimeline
 from braid.overlap.wgrad import WgradQueue, flush_point, swiglu_split_dw
@@ -107,8 +108,10 @@ class _Run:
         tl: LayerTimeline,
         drain: Callable[[Any], int] | None,
         grad: bool,
+        unit: ExpertUnit,
     ):
         self.routes, self.dsp, self.experts, self.shared = routes, dispatcher, experts, shared
+        self.unit = unit
         self.tl, self.drain, self.grad = tl, drain, grad
         C = len(routes)
         self.roots: list[Tensor | None] = [None] * C  # per chunk: the expert graph's end
@@ -151,6 +154,7 @@ class _Run:
         side = x_ND.new_zeros(0)
         if self.shared is not None:
             side = self._side_forward(x_ND, anchor)  # overlaps D0
+        self.unit.gather()  # an FSDP expert unit: one all-gather for every chunk
         for c in range(C):
             if c + 1 < C:
                 disp[c + 1] = issue_dispatch(c + 1)
@@ -159,6 +163,8 @@ class _Run:
             comb[c] = tl.issue("combine_a2a", lambda y=y_RD, r=route: dsp.issue_combine(y, r), y_RD)
             if c >= 1:
                 outs[c - 1] = finish(c - 1, tl.wait(comb[c - 1]))
+            if c == C - 1:
+                self.unit.release()
         outs[C - 1] = finish(C - 1, tl.wait(comb[C - 1]))
         return (outs[0] if C == 1 else torch.cat(outs)), side
 
@@ -192,6 +198,7 @@ class _Run:
         def finish(c: int, g_MD: Tensor) -> None:
             dxs[c] = dsp.finish_grad(g_MD, self.routes[c], self.x_dtype)
 
+        self.unit.hold()  # an FSDP expert unit: reduce-scattered once, at the flush point
         bg[0] = issue_bg(0)
         dx_side = None
         if self.shared is not None:
@@ -226,14 +233,24 @@ class LayerOverlap:
         self, layer: int, chunks: int, split_dw: bool, clock: Clock, defer_expert_dw: bool = True
     ):
         self.layer, self.chunks, self.split_dw = layer, chunks, split_dw
-        self.defer_expert_dw = split_dw and defer_expert_dw  # see session.expert_dw_deferrable
+        # Routed-expert dW too (an FSDP expert unit waits for it: `fsdp_unit.ExpertUnit`).
+        self.defer_expert_dw = split_dw and defer_expert_dw
         self.timeline = LayerTimeline(layer, clock)
         self.queue = WgradQueue(self.timeline.span)
         self.predicted_ms: float | None = None
+        self.unit: ExpertUnit | None = None  # the experts, once `run` has seen them
 
     def flush_point(self, x_ND: Tensor) -> Tensor:
-        """Identity whose backward flushes this layer's dW queue (call at the layer input)."""
-        return flush_point(x_ND, self.queue) if self.split_dw else x_ND
+        """Identity whose backward flushes this layer's dW queue, then reduces its FSDP expert
+        unit once (call at the layer input)."""
+        return flush_point(x_ND, self)
+
+    def flush(self) -> int:
+        """Run every queued dW of the layer, then the expert unit's one reduction if held."""
+        n = self.queue.flush()
+        if self.unit is not None:
+            self.unit.reduce()
+        return n
 
     def run(
         self,
@@ -257,6 +274,8 @@ class LayerOverlap:
             else:
                 side = lambda x: gated(shared(x), x, shared_gate)  # noqa: E731
         grad = torch.is_grad_enabled()
+        if self.unit is None or self.unit.module is not experts:
+            self.unit = ExpertUnit(experts)
         with self.timeline.span("forward"):
             expert_sink = sink if self.defer_expert_dw else None
             run = _Run(
@@ -267,6 +286,7 @@ class LayerOverlap:
                 self.timeline,
                 self.queue.drain if sink is not None else None,
                 grad,
+                self.unit,
             )
             if grad:
                 anchor = torch.zeros((), device=x_ND.device, requires_grad=True)

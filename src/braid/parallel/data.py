@@ -11,8 +11,9 @@
      (no FSDP unit) whose grads the GEMM divides by world (`GroupedExperts.grad_divide`). Then
      nothing reduces their grads when they reach the experts' input, so the overlap engine may
      defer their dW into the exchange windows (`overlap.split_dw`, docs/overlap.md);
-  2. dense weights (parallel.dense): `fully_shard` of each block, then of the root, over the
-     flattened world mesh (fsdp), or FSDP2's `replicate` (an all-reduce per block, weights
+  2. dense weights (parallel.dense): `fully_shard` of each block and MTP module (and of the
+     embedding and head when untied, `fsdp_units`), then of the root, over the flattened world
+     mesh (fsdp), or FSDP2's `replicate` (an all-reduce per block, weights
      whole on every rank). Both average gradients over the world, the right scale for
      dense weights; experts are left to their own groups from step 1.
 With parallel.param_dtype = "bf16", every FSDP unit (experts and dense) gets FSDP2's
@@ -66,10 +67,9 @@ def apply_data_parallel(model: nn.Module, cfg: Config, ctx: ParallelContext) -> 
     # Experts that are no FSDP unit of their own (dp = 1) stay out of the dense units.
     ignored = expert_params if ctx.dp == 1 else None
     if cfg.parallel.dense == "fsdp":  # 2.
-        # One unit per block and per MTP module (model.units()), then the root.
         units += [
-            fully_shard(b, mesh=world_mesh, ignored_params=ignored, mp_policy=mp)
-            for b in model.units()
+            fully_shard(u, mesh=world_mesh, ignored_params=ignored, mp_policy=mp)
+            for u in fsdp_units(model)
         ]
         units.append(fully_shard(model, mesh=world_mesh, ignored_params=ignored, mp_policy=mp))
     else:
@@ -83,6 +83,17 @@ def apply_data_parallel(model: nn.Module, cfg: Config, ctx: ParallelContext) -> 
         )
     for unit in units:
         unit.set_force_sum_reduction_for_comms(sum_only)
+
+
+def fsdp_units(model: nn.Module) -> list[nn.Module]:
+    """The dense FSDP units under the root, in order: each block, each MTP module, and with an
+    untied head the embedding and the head on their own (torchtitan's layout), so the root
+    never gathers both vocabulary matrices at once (1.9B elements for dsv3). A tied matrix
+    stays in the root: the head reads it outside the embedding's forward."""
+    units = list(model.units())
+    if model.output is not None:
+        units += [model.tok_emb, model.output]
+    return units
 
 
 def assign_full(param: Tensor, value: Tensor, row: int | None = None) -> None:
