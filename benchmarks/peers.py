@@ -17,8 +17,8 @@ Parts:
   (`train.cuda_graphs`), where launch overhead matters.
 `--profile DIR` writes a torch.profiler key-averages table of Braid's layer (each shape) as JSON.
 A peer that is absent or cannot run is recorded as skipped with the reason; the peers' versions
-are recorded. `--smoke` runs the layer part at tiny shapes on the CPU, where only Braid runs and
-the peers report themselves skipped (the test of this script).
+are recorded. `--smoke` runs the layer and step parts at tiny shapes on the CPU, where only Braid
+runs and the peers report themselves skipped (the test of this script).
 """
 
 from __future__ import annotations
@@ -314,16 +314,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq", type=int, default=4096)
     p.add_argument("--profile", default=None, help="directory for profiler tables (Braid layer)")
-    p.add_argument("--smoke", action="store_true", help="Braid alone, tiny shapes, on the CPU")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (Braid alone)")
     args = p.parse_args(argv)
     smoke = args.smoke
     device = torch.device("cpu" if smoke or not torch.cuda.is_available() else "cuda")
     dtype = torch.bfloat16
     peers = args.peers.split(",")  # on the CPU every peer but Braid reports itself skipped
-    parts = ["layer"] if smoke else args.parts.split(",")
+    parts = ["layer", "step"] if smoke else args.parts.split(",")
     shapes = SMOKE_SHAPES if smoke else SHAPES
-    if smoke:
-        args.iters = 2
+    if smoke:  # the whole step of the `tiny` preset, reshaped as for torchtitan
+        args.iters, args.step_config, args.batch, args.seq = 2, "tiny", 1, 32
     env = environment()
     if argv is not None:  # called in-process: record the arguments given, not the caller's
         env["command"] = " ".join(["python", "benchmarks/peers.py", *argv])

@@ -1,6 +1,7 @@
 """The peers benchmark's `--smoke` mode runs on the CPU, so the script the GPU run uses does not
-rot: Braid's layer is timed at a tiny shape with the shared router weight, the peers (absent or
-CUDA-only here) are reported as skipped with a reason, versions and environment are recorded,
+rot: Braid's layer is timed at a tiny shape with the shared router weight and its whole step
+with the preset reshaped as for torchtitan, the peers (absent or CUDA-only here) are reported
+as skipped with a reason, versions and environment are recorded,
 and `--profile` writes a key-averages table that contains the grouped GEMM."""
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ def test_smoke_times_braid_and_reports_absent_peers_as_skipped(peers, tmp_path):
         assert r["layer"][f"{peer}/tiny"]["skipped"], peer  # a reason, not an empty string
     table = json.loads(Path(row["profile"]).read_text())
     assert any(e["name"] == "aten::_grouped_mm" for e in table["rows"])
+    step = r["step"]
+    assert step["shape"]["config"] == "tiny" and step["braid"]["tokens_per_s"] > 0
+    assert step["torchtitan"]["skipped"]
     assert not peers.braid_failed(r)
 
 
