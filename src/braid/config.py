@@ -97,7 +97,34 @@ class Config:
                 self.parallel.ep,
                 f"must divide moe.num_experts={self.moe.num_experts}",
             )
+        if self.train.cuda_graphs:
+            self._check_cuda_graphs()
         return self
+
+    def _check_cuda_graphs(self) -> None:
+        """CUDA graphs replay fixed kernels with fixed sizes: every size must live on the device
+        (dropless routing with device-side counts), one device, nothing read by the host."""
+        why = None
+        if not self.train.compile:
+            why = "needs train.compile=true (the graphs are captured by torch.compile)"
+        elif self.train.device == "cpu":
+            why = "needs a GPU (train.device=cpu)"
+        elif self.parallel.ep > 1:
+            why = f"needs parallel.ep=1 (parallel.ep={self.parallel.ep}: the exchange reads its "
+            why += "split sizes on the host)"
+        elif self.train.grad_accum > 1:
+            why = f"needs train.grad_accum=1 (train.grad_accum={self.train.grad_accum}: a replay "
+            why += "would overwrite the gradients the last micro-step left in the graph's memory)"
+        elif self.moe.capacity_factor > 0:
+            why = "needs dropless routing (moe.capacity_factor=0)"
+        elif self.exchange.algorithm == "simulated":
+            why = "cannot replay exchange.algorithm=simulated (its movements time themselves "
+            why += "on their own stream)"
+        elif self.overlap.chunks != 1 or self.overlap.split_dw:
+            why = "needs overlap.chunks=1 and overlap.split_dw=false (the overlap engine runs "
+            why += "work on its own streams outside the graphs)"
+        if why is not None:
+            raise ConfigError("train.cuda_graphs", True, why)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)

@@ -77,3 +77,55 @@ def test_regroup_index_groups_received_rows_by_local_expert():
     rows = [(w, e) for w in range(2) for e in range(3) for _ in range(int(recv[w, e]))]
     want = sorted(range(len(rows)), key=lambda i: (rows[i][1], rows[i][0], i))
     assert regroup_index(recv, len(rows)).tolist() == want
+
+
+def _expand_cast_case(fused):
+    """expand_tokens gathering an fp32 x straight into bf16 against autograd of
+    `x.index_select(0, token).to(bf16)` (its backward: cast to fp32, then index_add)."""
+    N, K, D = 29, 3, 16
+    _, _, token, pos = _routing(N, K)
+    x = torch.randn(N, D, requires_grad=True)
+    dy = torch.randn(N * K, D).to(torch.bfloat16)
+    want = x.index_select(0, token).to(torch.bfloat16)
+    want.backward(dy)
+    want_grad, x.grad = x.grad, None
+    got = expand_tokens(x, token, pos, torch.bfloat16, fused=fused)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+    got.backward(dy)
+    assert x.grad.dtype == torch.float32
+    torch.testing.assert_close(x.grad, want_grad, rtol=1e-6, atol=1e-6)
+
+
+def test_expand_tokens_casts_as_it_gathers_and_sums_copies_in_fp32():
+    _expand_cast_case(fused=False)
+
+
+def test_expand_tokens_fused_gather_cast_kernel_matches_reference():
+    _expand_cast_case(fused=True)  # the compiled one-pass kernel CUDA uses by default
+
+
+def test_fused_combine_matches_reference_within_one_rounding():
+    """The compiled combine CUDA uses by default against the reference Function (fp32: equal
+    to 1e-6; bf16: within one rounding and never further from an fp64 truth)."""
+    for dtype in (torch.float32, torch.bfloat16):
+        N, K, D = 31, 3, 16
+        _, order, _, pos = _routing(N, K)
+        g = torch.Generator().manual_seed(5)
+        y0 = torch.randn(N * K, D, generator=g).to(dtype)
+        gates0 = torch.rand(N, K, generator=g).to(dtype)
+        dy = torch.randn(N, D, generator=g).to(dtype)
+        runs = []
+        for fused, cast in ((False, dtype), (True, dtype), (False, torch.float64)):
+            y = y0.to(cast).clone().requires_grad_(True)
+            gates = gates0.to(cast).clone().requires_grad_(True)
+            out = combine_tokens(y, gates, pos, order, fused=fused)
+            out.backward(dy.to(cast))
+            runs.append((out.detach(), y.grad, gates.grad))
+        for ref, got, truth in zip(*runs, strict=True):
+            assert got.dtype == dtype
+            if dtype == torch.float32:
+                torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+                continue
+            torch.testing.assert_close(got.float(), ref.float(), rtol=2**-7, atol=2e-2)
+            err = (got.double() - truth).abs().sum()
+            assert err <= (ref.double() - truth).abs().sum() * 1.001

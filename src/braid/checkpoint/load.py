@@ -73,7 +73,9 @@ def build_single(cfg: Config, device: torch.device) -> Transformer:
     """The one-process model of `cfg` on `device`, allocated but not initialised."""
     from braid.parallel.build import build_model
 
-    cfg = cfg.replace(train={"compile": False}, parallel={"activation_checkpoint": False})
+    cfg = cfg.replace(
+        train={"compile": False, "cuda_graphs": False}, parallel={"activation_checkpoint": False}
+    )
     ctx = ParallelContext(rank=0, world=1, local_rank=0, device=device)
     return build_model(cfg, ctx, init=False)
 

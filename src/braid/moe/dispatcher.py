@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from braid.exchange.base import Exchange, Handle, LocalExchange
+from braid.ops.grouped_gemm import compute_dtype
 from braid.ops.permute import (
     combine_tokens,
     expand_tokens,
@@ -185,7 +186,8 @@ class TokenDispatcher:
         """Rows for this rank's experts, grouped by local expert (autograd op)."""
         x_ND = x_ND[route.start : route.stop]
         if route.pos_NK is not None:
-            x_MD = expand_tokens(x_ND, route.token_M, route.pos_NK)  # backward: a gather
+            # Gathered straight into the GEMMs' dtype; backward: a gather, no atomics.
+            x_MD = expand_tokens(x_ND, route.token_M, route.pos_NK, compute_dtype(x_ND))
         else:
             x_MD = x_ND.index_select(0, route.token_M)
         x_RD = _Move.apply(x_MD, self.exchange, route.send, route.recv, "dispatch")

@@ -110,8 +110,9 @@ class Router(nn.Module):
 
     @torch.no_grad()
     def update_bias(self) -> None:
-        """DeepSeek-V3's aux-free step on the loads counted since the last call; then reset."""
-        if self.cfg.bias_balance and self.load_acc.sum() > 0:
+        """DeepSeek-V3's aux-free step on the loads counted since the last call; then reset.
+        No host sync: with no loads counted, err is zero and the bias stays as it is."""
+        if self.cfg.bias_balance:
             err = self.load_acc.mean() - self.load_acc
             self.expert_bias += self.cfg.bias_update_rate * err.sign()
         self.load_acc.zero_()

@@ -6,12 +6,14 @@ benchmarks/results/moe_profile_h200.json) and, in floating point, dependent on t
 Dropless routing gives every token exactly K copies, so each scatter here has a gather form:
 
 - `permute_rows(x, perm, inv)`: y = x[perm], a bijection; backward g[inv].
-- `expand_tokens(x_ND, token_M, pos_NK)`: the M = N*K copies x[token_M] in sorted order;
-  backward: the K copies of each token gathered back (pos_NK[n, k] is the sorted position of
-  copy k of token n) and summed in k order.
+- `expand_tokens(x_ND, token_M, pos_NK, dtype)`: the M = N*K copies x[token_M] in sorted order,
+  cast to the GEMMs' dtype in the same pass (on CUDA one compiled kernel: an fp32 residual
+  stream is never copied K times in fp32); backward: the K copies of each token gathered back
+  (pos_NK[n, k] is the sorted position of copy k of token n) and summed in k order.
 - `combine_tokens(y_MD, gates_NK, pos_NK, order_M)`: out[n] = sum_k gates[n, k] * y[pos[n, k]];
   backward: dgates by row dot products, dy gathered into sorted order by `order_M`
-  (sorted position -> copy index n*K + k, the inverse of pos).
+  (sorted position -> copy index n*K + k, the inverse of pos). On CUDA forward and backward
+  are compiled kernels that never write the gathered copies or the products (`_CombineFused`).
 - `regroup_index(recv_WL, total)`: rows received as [source rank][local expert] blocks, put in
   [local expert][source rank] order, so that each expert's rows are contiguous.
 Sums over k accumulate in fp32 for bf16 inputs (torch reductions do) and round once.
@@ -19,6 +21,8 @@ Shapes: N tokens, K copies per token, M = N*K rows, D row width.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import Tensor
@@ -46,27 +50,56 @@ def permute_rows(x: Tensor, perm: Tensor, inv: Tensor) -> Tensor:
     return _Permute.apply(x, perm, inv)
 
 
+def _gather_cast(x_ND: Tensor, token_M: Tensor, dtype: torch.dtype) -> Tensor:
+    return x_ND.index_select(0, token_M).to(dtype)
+
+
+@functools.cache
+def _gather_cast_compiled():
+    # One kernel: each copy read once in x's dtype and written once in the compute dtype
+    # (dynamic: the row count changes with the batch).
+    return torch.compile(_gather_cast, dynamic=True)
+
+
+def gather_rows(x_ND: Tensor, token_M: Tensor, dtype: torch.dtype | None = None,
+                fused: bool | None = None) -> Tensor:
+    """x[token_M] cast to `dtype`; on CUDA (`fused` by default) gather and cast are one pass."""
+    if dtype is None or dtype == x_ND.dtype:
+        return x_ND.index_select(0, token_M)
+    if fused is None:  # training on CUDA (inference skips the compile)
+        fused = x_ND.is_cuda and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+    return (_gather_cast_compiled() if fused else _gather_cast)(x_ND, token_M, dtype)
+
+
 class _Expand(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_ND, token_M, pos_NK):
+    def forward(ctx, x_ND, token_M, pos_NK, dtype, fused):
         ctx.save_for_backward(pos_NK)
-        return x_ND.index_select(0, token_M)
+        ctx.x_dtype = x_ND.dtype
+        return gather_rows(x_ND, token_M, dtype, fused)
 
     @staticmethod
     def backward(ctx, g_MD):
         (pos_NK,) = ctx.saved_tensors
-        return sum_copies(g_MD, pos_NK), None, None
+        return sum_copies(g_MD, pos_NK, ctx.x_dtype), None, None, None, None
 
 
-def sum_copies(g_MD: Tensor, pos_NK: Tensor) -> Tensor:
-    """dx[n] = sum_k g[pos[n, k]]: the K copies of each token, gathered and summed."""
+def sum_copies(g_MD: Tensor, pos_NK: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """dx[n] = sum_k g[pos[n, k]]: the K copies of each token, gathered and summed (in fp32 for
+    bf16 rows, rounded once to `dtype`, by default g's own)."""
     N, K = pos_NK.shape
-    return g_MD.index_select(0, pos_NK.flatten()).view(N, K, g_MD.shape[-1]).sum(1)
+    g_NKD = g_MD.index_select(0, pos_NK.flatten()).view(N, K, g_MD.shape[-1])
+    if dtype is None or dtype == g_MD.dtype:
+        return g_NKD.sum(1)
+    return g_NKD.sum(1, dtype=torch.promote_types(dtype, torch.float32)).to(dtype)
 
 
-def expand_tokens(x_ND: Tensor, token_M: Tensor, pos_NK: Tensor) -> Tensor:
-    """The rows x[token_M]; the backward sums each token's K copies (no scatter)."""
-    return _Expand.apply(x_ND, token_M, pos_NK)
+def expand_tokens(x_ND: Tensor, token_M: Tensor, pos_NK: Tensor,
+                  dtype: torch.dtype | None = None, fused: bool | None = None) -> Tensor:
+    """The rows x[token_M], cast to `dtype` (the GEMMs' dtype) as they are gathered, so the
+    copies never exist in x's wider dtype; the backward sums each token's K copies (no
+    scatter) in fp32 and returns x's dtype."""
+    return _Expand.apply(x_ND, token_M, pos_NK, dtype, fused)
 
 
 def weighted_sum(y_MD: Tensor, gates_NK: Tensor, pos_NK: Tensor) -> tuple[Tensor, Tensor]:
@@ -97,9 +130,59 @@ class _Combine(torch.autograd.Function):
         return dy_MD, dgates, None, None
 
 
-def combine_tokens(y_MD: Tensor, gates_NK: Tensor, pos_NK: Tensor, order_M: Tensor) -> Tensor:
-    """Each token's K expert outputs (rows in sorted order), weighted by its gates and summed."""
-    return _Combine.apply(y_MD, gates_NK, pos_NK, order_M)
+def combine_forward_math(y_MD: Tensor, gates_NK: Tensor, pos_NK: Tensor) -> Tensor:
+    """out[n] = sum_k gates[n, k] * y[pos[n, k]], products and sum in fp32, rounded once."""
+    N, K = pos_NK.shape
+    y_NKD = y_MD.index_select(0, pos_NK.flatten()).view(N, K, y_MD.shape[-1]).float()
+    return (y_NKD * gates_NK.float()[..., None]).sum(1).to(y_MD.dtype)
+
+
+def combine_backward_math(
+    y_MD: Tensor, gates_NK: Tensor, pos_NK: Tensor, order_M: Tensor, g_ND: Tensor
+) -> tuple[Tensor, Tensor]:
+    """(dy_MD, dgates_NK): dy[m] = gates[copy m] * g[token of m] written in sorted order, and
+    dgates[n, k] = <y[pos[n, k]], g[n]>, in fp32, rounded once."""
+    N, K = pos_NK.shape
+    g = g_ND.float()
+    y_NKD = y_MD.index_select(0, pos_NK.flatten()).view(N, K, y_MD.shape[-1]).float()
+    dgates = (y_NKD * g[:, None, :]).sum(-1).to(gates_NK.dtype)
+    w_M = gates_NK.flatten().float().index_select(0, order_M)
+    dy_MD = (w_M[:, None] * g.index_select(0, order_M // K)).to(y_MD.dtype)
+    return dy_MD, dgates
+
+
+@functools.cache
+def _compiled(fn):
+    return torch.compile(fn, dynamic=True)
+
+
+class _CombineFused(torch.autograd.Function):
+    """`_Combine` as two compiled kernels a pass: the gathered copies y_NKD and the products
+    never exist in memory (reference: `_Combine`, tested equal within one rounding)."""
+
+    @staticmethod
+    def forward(ctx, y_MD, gates_NK, pos_NK, order_M):
+        ctx.save_for_backward(y_MD, gates_NK, pos_NK, order_M)
+        return _compiled(combine_forward_math)(y_MD, gates_NK, pos_NK)
+
+    @staticmethod
+    def backward(ctx, g_ND):
+        y_MD, gates_NK, pos_NK, order_M = ctx.saved_tensors
+        fn = _compiled(combine_backward_math)
+        dy_MD, dgates = fn(y_MD, gates_NK, pos_NK, order_M, g_ND.contiguous())
+        return dy_MD, dgates, None, None
+
+
+def combine_tokens(
+    y_MD: Tensor, gates_NK: Tensor, pos_NK: Tensor, order_M: Tensor, fused: bool | None = None
+) -> Tensor:
+    """Each token's K expert outputs (rows in sorted order), weighted by its gates and summed;
+    `fused` (default: training on CUDA outside torch.compile) runs the compiled one-pass
+    kernels."""
+    if fused is None:
+        fused = y_MD.is_cuda and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        fused = fused and y_MD.shape[0] > 0
+    return (_CombineFused if fused else _Combine).apply(y_MD, gates_NK, pos_NK, order_M)
 
 
 def regroup_index(recv_WL: Tensor, total: int) -> Tensor:

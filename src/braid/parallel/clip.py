@@ -23,8 +23,15 @@ from braid.parallel.mesh import ParallelContext
 
 
 @torch.no_grad()
-def clip_grad_norm(model: nn.Module, max_norm: float, ctx: ParallelContext | None = None) -> Tensor:
-    """Clip all gradients to a global L2 norm of `max_norm` (0: only measure); return the norm."""
+def clip_grad_norm(
+    model: nn.Module,
+    max_norm: float,
+    ctx: ParallelContext | None = None,
+    sums_out: list[Tensor] | None = None,
+) -> Tensor:
+    """Clip all gradients to a global L2 norm of `max_norm` (0: only measure); return the norm.
+    `sums_out`, if given, receives each local gradient's sum of squares (parameters in
+    `model.parameters()` order, those without a gradient left out), before any clipping."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     distributed = ctx is not None and ctx.distributed
     if not grads and not distributed:
@@ -34,6 +41,8 @@ def clip_grad_norm(model: nn.Module, max_norm: float, ctx: ParallelContext | Non
     sq = torch.zeros((), dtype=torch.float32, device=device)
     for g, lg in zip(grads, local, strict=True):
         part = lg.float().square().sum()
+        if sums_out is not None:
+            sums_out.append(part)
         sq += part / _copies(g, ctx) if distributed else part
     if distributed:
         dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=ctx.world_mesh.get_group())

@@ -7,7 +7,8 @@ Order (each step assumes the previous one):
      In one process the local exchange stays, unless `exchange.algorithm = "simulated"`, which
      is installed instead (the local exchange taking a real one's time, docs/exchange.md);
   2. activation checkpointing per block (parallel.activation_checkpoint);
-  3. torch.compile per block (train.compile);
+  3. torch.compile per block (train.compile), in reduce-overhead mode (CUDA graphs of each
+     block's forward and backward) with train.cuda_graphs, which one GPU alone can take;
   4. data parallelism: FSDP2 `fully_shard` of experts over their dp group, then of each block
      and the root over all ranks (or replication), when there is more than one process
      (braid.parallel.data, which also sets the gradient scaling).
@@ -21,12 +22,15 @@ from __future__ import annotations
 from torch import nn
 
 from braid.config import Config
-from braid.errors import BraidError
+from braid.errors import BraidError, ConfigError
 from braid.exchange import get_exchange
 from braid.parallel.mesh import ParallelContext
 
 
 def parallelize(model: nn.Module, cfg: Config, ctx: ParallelContext) -> nn.Module:
+    if cfg.train.cuda_graphs and (ctx.device.type != "cuda" or ctx.distributed):
+        where = "several processes" if ctx.distributed else f"device {ctx.device.type}"
+        raise ConfigError("train.cuda_graphs", True, f"needs one GPU alone (this run: {where})")
     if cfg.parallel.param_dtype != "fp32" and not ctx.distributed:
         raise BraidError(
             f"parallel.param_dtype={cfg.parallel.param_dtype} sets the dtype of FSDP units, which "
@@ -42,8 +46,8 @@ def parallelize(model: nn.Module, cfg: Config, ctx: ParallelContext) -> nn.Modul
         install_exchange(model, get_exchange("simulated")(None, None, cfg.exchange))  # 1
     for block in model.all_blocks():  # the MTP modules' blocks included
         block.activation_checkpoint = cfg.parallel.activation_checkpoint  # 2
-        if cfg.train.compile:
-            block.compile()  # 3: in place, so parameter names do not change
+        if cfg.train.compile:  # 3: in place, so parameter names do not change
+            block.compile(mode="reduce-overhead" if cfg.train.cuda_graphs else None)
     if ctx.distributed:
         from braid.parallel.data import apply_data_parallel
 

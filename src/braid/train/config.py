@@ -27,6 +27,9 @@ class TrainConfig:
     dtype: str = knob("auto", "Compute dtype: auto (bf16 on GPU, fp32 on CPU), bf16 or fp32.")
     device: str = knob("auto", "auto, cpu or cuda.")
     compile: bool = knob(False, "Wrap each transformer block in torch.compile.")
+    cuda_graphs: bool = knob(
+        False, "Replay each compiled block as CUDA graphs (compile mode reduce-overhead; one GPU)."
+    )
     log_every: int = knob(10, "Log train metrics every n steps.")
     val_every: int = knob(50, "Run validation every n steps (and at start and end).")
     val_batches: int = knob(4, "Batches of batch_size sequences per validation.")

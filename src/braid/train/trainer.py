@@ -6,6 +6,10 @@ Phases of `train(cfg)`:
   3. model: built on the meta device, parallelized, materialised with `to_empty`, then
      initialised layout-independently (braid.model.init) — or restored from a checkpoint;
   4. loop: grad-accumulated micro-steps, clip, AdamW, router bias update, log/validate/checkpoint;
+     in one process with a fused optimizer (CUDA) the step never waits for the host: non-finite
+     steps are masked on the device (train/step.py) and the host reads the loss, grad norm and
+     skip count only at log, validation and checkpoint steps; otherwise (several processes, or
+     CPU's foreach AdamW) the host gate reads them every step;
   5. end: final validation, a checkpoint, summary.json, and one JSON line on stdout (last line).
 SIGTERM (what schedulers send) or Ctrl-C (SIGINT) ends the loop after the current step, on every
 rank alike: metrics flushed, a checkpoint of that step, the run marked killed, then `Stopped`
@@ -39,6 +43,7 @@ from braid.train.model_setup import build_model, load_data
 from braid.train.optim import build_optimizer, lr_at
 from braid.train.rundir import new_run_id, prepare_run_dir, write_json_atomic
 from braid.train.runlock import RunLock
+from braid.train.step import DeviceGate, supports_device_gate
 
 
 @dataclass
@@ -209,6 +214,11 @@ def _loop(
     train_loss = state.extra.get("train_loss", float("nan"))  # restored by a resume
     t_last, tokens_last = time.perf_counter(), state.tokens_seen
     stop = min(tc.stop_at or tc.steps, tc.steps)
+    # One process with a fused optimizer: no host sync between logging steps (train/step.py).
+    gate = None
+    if not ctx.distributed and supports_device_gate(opt):
+        gate = DeviceGate(ctx.device, skip_nonfinite=tc.skip_nonfinite, loss=train_loss)
+    skipped_before, gn_val = state.skipped_steps, float("nan")
     while state.step < stop:
         step = state.step
         lr = lr_at(step, tc)
@@ -217,44 +227,45 @@ def _loop(
         parts = []
         overlap.begin_step(step + 1)
         for _ in range(tc.grad_accum):
+            if tc.cuda_graphs:  # a new replay: the last one's graph outputs may be reused
+                torch.compiler.cudagraph_mark_step_begin()
             x, y = loader.next_batch()
-            loss, p = loss_fn(model, x.to(ctx.device), y.to(ctx.device), cfg, amp)
+            loss, p = loss_fn(model, _upload(x, ctx.device), _upload(y, ctx.device), cfg, amp)
             (loss / tc.grad_accum).backward()
+            log.micro_stats([p])  # now: CUDA graphs may reuse the router stats' memory
             parts.append(p)
         overlap.flush()  # every deferred weight grad lands before the norm and the step
-        grad_norm = _clip(model, tc.grad_clip, ctx)
         ce = torch.stack([p["ce"] for p in parts]).mean()
-        # A stop signal on any rank, or a metrics file that cannot be written (a host-side flag,
-        # no sync), stops every rank after this step; the votes ride on the loss.
         failed = log.write_failed()
-        vote = ce.new_tensor([float(sigterm.requested != 0), float(failed is not None)])
-        if ctx.distributed:  # the loss of the global batch: every rank reports and decides alike
-            from braid.parallel.distributed import all_reduce_mean
-
-            ce, *vote = all_reduce_mean(torch.cat([ce[None], vote]), ctx).unbind()
-            vote = torch.stack(vote)
-        # One host sync per step: the loss and grad norm decide whether the step is applied.
-        ce_val, gn_val, votes, fails = torch.cat([torch.stack([ce, grad_norm.float()]),
-                                                  vote]).tolist()
-        if not (_finite(ce_val) and _finite(gn_val)):
-            if not tc.skip_nonfinite:
-                raise BraidError(
-                    f"non-finite {'loss' if not _finite(ce_val) else 'gradient norm'} at step "
-                    f"{step + 1} (first bad gradient: {nonfinite_culprit(model)}); no checkpoint "
-                    "was written for it. Lower train.lr or set train.skip_nonfinite=true"
-                )
-            state.skipped_steps += 1
+        if gate is not None:  # one process: the step is applied or masked on the device
+            sums: list[torch.Tensor] = []
+            grad_norm = _clip(model, tc.grad_clip, ctx, sums)
+            names = [n for n, p in model.named_parameters() if p.grad is not None]
+            gate.step(opt, step + 1, ce, grad_norm, torch.stack(sums) if sums else None, names)
             opt.zero_grad(set_to_none=True)
-            model.update_router_biases()  # drop the loads counted during the skipped step
+            model.update_router_biases()  # as the host gate: the loads are good either way
+            votes, fails = float(sigterm.requested != 0), float(failed is not None)
         else:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            model.update_router_biases()
-            train_loss = state.extra["train_loss"] = ce_val
+            grad_norm = _clip(model, tc.grad_clip, ctx)
+            ce_val, gn_val, votes, fails, train_loss = _host_gate(
+                cfg, ctx, model, opt, state, ce, grad_norm, sigterm, failed, train_loss, step
+            )
         state.step += 1
         state.tokens_seen += micro_tokens * tc.grad_accum
-        log.micro_stats(parts)
-        if state.step % tc.log_every == 0 or state.step == stop:
+        at_log = state.step % tc.log_every == 0 or state.step == stop
+        at_val = state.step % tc.val_every == 0 and state.step < stop
+        stopping = (votes > 0 or fails > 0) and state.step < stop  # at `stop` it just finishes
+        every = cfg.checkpoint.every
+        at_ckpt = stopping or (every and state.step % every == 0 and state.step < stop)
+        if gate is not None and (at_log or at_val or at_ckpt):
+            # The device gate's one host sync, before anything is logged or saved.
+            view = gate.read()
+            if view.bad_step >= 0 and not tc.skip_nonfinite:
+                raise _nonfinite_error(view.bad_step, view.bad_loss, gate.culprit(view))
+            state.skipped_steps = skipped_before + view.skipped
+            train_loss, gn_val = view.loss, view.grad_norm
+            state.extra["train_loss"] = train_loss
+        if at_log:
             now = time.perf_counter()
             tokens, seconds = state.tokens_seen - tokens_last, now - t_last
             log.train(state.step, train_loss, lr, gn_val, state.skipped_steps, tokens, seconds)
@@ -262,11 +273,9 @@ def _loop(
         if overlap_metrics := overlap.end_step(state.step):  # timed steps only (report/auto)
             log.writer.log(state.step, overlap_metrics)
         log.progress(state.step, train_loss)
-        if state.step % tc.val_every == 0 and state.step < stop:
+        if at_val:
             log.val(state.step, evaluate(model, val_batches, cfg, amp, ctx))
-        stopping = (votes > 0 or fails > 0) and state.step < stop  # at `stop` it just finishes
-        every = cfg.checkpoint.every
-        if stopping or (every and state.step % every == 0 and state.step < stop):
+        if at_ckpt:
             log.flush()  # metrics first: a run resumed from here never lacks a step's rows
             ckpt.save(model, opt, loader, state)
         if stopping and fails > 0:
@@ -299,6 +308,51 @@ def _loop(
     return result
 
 
+def _host_gate(cfg, ctx, model, opt, state, ce, grad_norm, sigterm, failed, train_loss, step):
+    """The reference gate: loss, grad norm and stop votes read on the host (one sync per step);
+    the step is applied, skipped or stops the run. Returns (loss, grad norm, stop votes,
+    metrics-failure votes, train loss)."""
+    # A stop signal on any rank, or a metrics file that cannot be written (a host-side flag,
+    # no sync), stops every rank after this step; the votes ride on the loss.
+    vote = ce.new_tensor([float(sigterm.requested != 0), float(failed is not None)])
+    if ctx.distributed:  # the loss of the global batch: every rank reports and decides alike
+        from braid.parallel.distributed import all_reduce_mean
+
+        ce, *vote = all_reduce_mean(torch.cat([ce[None], vote]), ctx).unbind()
+        vote = torch.stack(vote)
+    # One host sync per step: the loss and grad norm decide whether the step is applied.
+    ce_val, gn_val, votes, fails = torch.cat([torch.stack([ce, grad_norm.float()]),
+                                              vote]).tolist()
+    if not (_finite(ce_val) and _finite(gn_val)):
+        if not cfg.train.skip_nonfinite:
+            raise _nonfinite_error(step + 1, not _finite(ce_val), nonfinite_culprit(model))
+        state.skipped_steps += 1
+        opt.zero_grad(set_to_none=True)
+        model.update_router_biases()  # drop the loads counted during the skipped step
+    else:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        model.update_router_biases()
+        train_loss = state.extra["train_loss"] = ce_val
+    return ce_val, gn_val, votes, fails, train_loss
+
+
+def _upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch onto the device. To CUDA through pinned memory without blocking: a copy from
+    pageable memory waits for the stream (a host sync every micro-step)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def _nonfinite_error(step: int, loss_bad: bool, culprit: str) -> BraidError:
+    return BraidError(
+        f"non-finite {'loss' if loss_bad else 'gradient norm'} at step {step} (first bad "
+        f"gradient: {culprit}); no checkpoint was written for it. Lower train.lr or set "
+        "train.skip_nonfinite=true"
+    )
+
+
 def _round(v: float | None) -> float | None:
     return None if v is None else round(v, 6)
 
@@ -307,10 +361,10 @@ def _finite(v: float) -> bool:
     return v == v and abs(v) != float("inf")
 
 
-def _clip(model, max_norm: float, ctx: ParallelContext) -> torch.Tensor:
+def _clip(model, max_norm: float, ctx: ParallelContext, sums=None) -> torch.Tensor:
     from braid.parallel.clip import clip_grad_norm
 
-    return clip_grad_norm(model, max_norm, ctx)
+    return clip_grad_norm(model, max_norm, ctx, sums)
 
 
 class Stopped(Exception):
