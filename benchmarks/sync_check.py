@@ -75,7 +75,10 @@ class Guard:
         return [s for s in self.checked if s not in bad]
 
     def record(self, message, category, filename, lineno, file=None, line=None) -> None:
-        if "synchronizing" in str(message) and self.armed:
+        text = str(message)
+        if "prototype feature" in text:  # torch's notice on switching the mode on, not a sync
+            return
+        if "synchronizing" in text and self.armed:
             stack = "".join(traceback.format_stack(limit=14)[:-2])
             self.syncs.append({"step": self.step, "message": str(message), "stack": stack})
 
