@@ -15,6 +15,8 @@ Dispatch (capacity_factor > 0): each expert takes at most C = ceil(cf*N*K/E) cop
 rank, earliest tokens first (Switch); rows go into fixed [E, C] slots (empty slots are zero), so
 splits are known without a count exchange or a host sync. Capacity applies per rank's batch.
 Combine reverses 4, 3 and 1 and sums each token's expert outputs weighted by its gates.
+With `send_fp8` (`train.precision=fp8`, set by `braid.parallel.fp8`), dropless steps 3-4 send
+the rows quantised and hand the experts `Fp8Rows` (`braid.moe.fp8_dispatch`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import torch
 from torch import Tensor
 
 from braid.exchange.base import Exchange, LocalExchange
+from braid.moe.fp8_dispatch import dispatch_fp8
+from braid.ops.fp8_gemm import Fp8Rows
 from braid.ops.permute import (
     combine_tokens,
     expand_tokens,
@@ -39,7 +43,7 @@ from braid.ops.permute import (
 class Dispatched:
     """Rows for this rank's experts plus what `combine` needs to send the outputs back."""
 
-    x_RD: Tensor  # rows grouped by local expert
+    x_RD: Tensor | Fp8Rows  # rows grouped by local expert
     counts_L: Tensor  # rows per local expert (int64)
     order_M: Tensor  # sorted position -> flat copy index (n*K + k)
     token_M: Tensor  # sorted position -> token index
@@ -72,6 +76,7 @@ class TokenDispatcher:
     def __init__(self, num_experts: int, top_k: int, capacity_factor: float = 0.0):
         self.num_experts, self.top_k, self.capacity_factor = num_experts, top_k, capacity_factor
         self.exchange: Exchange = LocalExchange()
+        self.send_fp8 = False
 
     @property
     def num_local(self) -> int:
@@ -120,11 +125,15 @@ class TokenDispatcher:
         # One host sync: the splits of both directions must be known on the host.
         sizes = torch.cat([counts_E.view(W, L).sum(1), recv_WL.sum(1)]).tolist()
         send, recv = sizes[:W], sizes[W:]
-        x_RD = _Move.apply(x_MD, self.exchange, send, recv, "dispatch")
         regroup_R = regroup_index(recv_WL, sum(recv))
         unregroup_R = inverse_permutation(regroup_R)
+        if self.send_fp8:
+            x_RD = dispatch_fp8(x_MD, self.exchange, send, recv, regroup_R, unregroup_R)
+        else:
+            x_RD = _Move.apply(x_MD, self.exchange, send, recv, "dispatch")
+            x_RD = permute_rows(x_RD, regroup_R, unregroup_R)
         return Dispatched(
-            permute_rows(x_RD, regroup_R, unregroup_R),
+            x_RD,
             recv_WL.sum(0),
             order_M,
             token_M,

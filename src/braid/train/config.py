@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from braid.knobs import check, knob, one_of
+
+_SKIP_PATTERN = re.compile(r"[A-Za-z0-9_.*?\[\]]+")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -26,6 +29,16 @@ class TrainConfig:
     grad_clip: float = knob(1.0, "Clip the global gradient norm to this (0 disables).")
     dtype: str = knob("auto", "Compute dtype: auto (bf16 on GPU, fp32 on CPU), bf16 or fp32.")
     device: str = knob("auto", "auto, cpu or cuda.")
+    precision: str = knob(
+        "bf16",
+        "GEMM precision: bf16 (the compute dtype) or fp8 (e4m3 rowwise-scaled expert and dense "
+        "GEMMs, dispatch sent as fp8; emulated in fp32 off CUDA; see docs/fp8.md).",
+    )
+    fp8_skip: list[str] = knob(
+        ["router", "tok_emb", "output"],
+        "precision=fp8: modules kept in the compute dtype, by name or glob, matched against each "
+        "module path and its parts (experts, shared, attn, ffn, blocks.0.attn.wq, ...).",
+    )
     compile: bool = knob(False, "Wrap each transformer block in torch.compile.")
     log_every: int = knob(10, "Log train metrics every n steps.")
     val_every: int = knob(50, "Run validation every n steps (and at start and end).")
@@ -53,3 +66,9 @@ class TrainConfig:
         )
         one_of("train.dtype", self.dtype, ("auto", "bf16", "fp32"))
         one_of("train.device", self.device, ("auto", "cpu", "cuda"))
+        one_of("train.precision", self.precision, ("bf16", "fp8"))
+        for pat in self.fp8_skip:
+            check(
+                isinstance(pat, str) and bool(_SKIP_PATTERN.fullmatch(pat)),
+                "train.fp8_skip", pat, "entries are module names or globs ([A-Za-z0-9_.*?])",
+            )
