@@ -106,12 +106,13 @@ def test_dense_linear_equals_reference_and_counts_stats():
     y = fp8_linear(x, w, st, "lin")
     y.backward(gy)
     x2, g2 = x.detach().reshape(10, 32), gy.reshape(10, 24)
-    torch.testing.assert_close(y.reshape(10, 24).double(), qdq(x2, 1) @ qdq(w.detach(), 1).t(),
-                               rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(x.grad.reshape(10, 32).double(),
-                               qdq(g2, 1) @ qdq(w.detach(), 0), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(w.grad.double(), g2.double().t() @ qdq(x2, 1), rtol=1e-5,
-                               atol=1e-5)
+    torch.testing.assert_close(
+        y.reshape(10, 24).double(), qdq(x2, 1) @ qdq(w.detach(), 1).t(), rtol=1e-5, atol=1e-5
+    )
+    torch.testing.assert_close(
+        x.grad.reshape(10, 32).double(), qdq(g2, 1) @ qdq(w.detach(), 0), rtol=1e-5, atol=1e-5
+    )
+    torch.testing.assert_close(w.grad.double(), g2.double().t() @ qdq(x2, 1), rtol=1e-5, atol=1e-5)
     out = st.read()
     assert out["fp8/lin/x/amax"] == pytest.approx(x.abs().max().item())
     assert out["fp8/lin/grad/amax"] == pytest.approx(gy.abs().max().item())

@@ -79,8 +79,9 @@ def test_blockwise_scales_each_tile_alone():
         for b in range(2):
             q_ref, s_ref = naive_row(x[r, b * 128 : (b + 1) * 128])
             assert s[r, b].item() == s_ref
-            assert torch.equal(q[r, b * 128 : (b + 1) * 128].view(torch.uint8),
-                               q_ref.view(torch.uint8))
+            assert torch.equal(
+                q[r, b * 128 : (b + 1) * 128].view(torch.uint8), q_ref.view(torch.uint8)
+            )
     # row 6 has a tiny half: tiles keep it far more accurate than one scale per row
     row_err = (fp8.dequantize(*fp8.quantize(x[6:7])) - x[6:7]).abs()[0, :128].max()
     deq = (q[6].float().view(2, 128) * s[6, :, None]).flatten()

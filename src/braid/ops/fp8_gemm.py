@@ -53,14 +53,24 @@ def emulated(x: Tensor) -> bool:
 
 
 def scaled_grouped_mm(
-    xq_RK: Tensor, sx_R1: Tensor, wq_ENK: Tensor, sw_EN1: Tensor, offs_E: Tensor,
-    out_dtype: torch.dtype, impl: str = "grouped",
+    xq_RK: Tensor,
+    sx_R1: Tensor,
+    wq_ENK: Tensor,
+    sw_EN1: Tensor,
+    offs_E: Tensor,
+    out_dtype: torch.dtype,
+    impl: str = "grouped",
 ) -> Tensor:
     """y[rows of e] = (xq * sx)[rows of e] @ (wq[e] * sw[e])^T; wq is [E, N, K] contiguous."""
     if not emulated(xq_RK):
         y = torch._scaled_grouped_mm(
-            xq_RK, wq_ENK.transpose(-2, -1), sx_R1.squeeze(-1), sw_EN1.squeeze(-1),
-            offs=offs_E, out_dtype=torch.bfloat16, use_fast_accum=True,
+            xq_RK,
+            wq_ENK.transpose(-2, -1),
+            sx_R1.squeeze(-1),
+            sw_EN1.squeeze(-1),
+            offs=offs_E,
+            out_dtype=torch.bfloat16,
+            use_fast_accum=True,
         )
         return y.to(out_dtype)
     with torch.autocast(xq_RK.device.type, enabled=False):
@@ -74,8 +84,12 @@ def scaled_mm(
     """(xq * sx) @ (wq * sw)^T; wq is [N, K] contiguous."""
     if not emulated(xq_MK):
         y = torch._scaled_mm(
-            xq_MK, wq_NK.t(), scale_a=sx_M1, scale_b=sw_N1.view(1, -1),
-            out_dtype=torch.bfloat16, use_fast_accum=True,
+            xq_MK,
+            wq_NK.t(),
+            scale_a=sx_M1,
+            scale_b=sw_N1.view(1, -1),
+            out_dtype=torch.bfloat16,
+            use_fast_accum=True,
         )
         return y.to(out_dtype)
     with torch.autocast(xq_MK.device.type, enabled=False):

@@ -26,11 +26,13 @@ class Fp8Stats:
             return
         with torch.no_grad():
             flushed = ((q.view(torch.uint8) & 0x7F) == 0) & (x != 0)  # +0 and -0 codes
-            new = torch.stack([
-                x.detach().abs().amax().float(),
-                flushed.sum().float(),
-                torch.tensor(float(x.numel()), device=x.device),
-            ])
+            new = torch.stack(
+                [
+                    x.detach().abs().amax().float(),
+                    flushed.sum().float(),
+                    torch.tensor(float(x.numel()), device=x.device),
+                ]
+            )
             acc = self._acc.get(name)
             if acc is None:
                 self._acc[name] = new

@@ -184,6 +184,7 @@ def _loop(
     train_loss = state.extra.get("train_loss", float("nan"))  # restored by a resume
     t_last, tokens_last = time.perf_counter(), state.tokens_seen
     stop = min(tc.stop_at or tc.steps, tc.steps)
+    fp8_stats = getattr(model, "fp8_stats", None)  # train.precision=fp8 (braid.parallel.fp8)
     while state.step < stop:
         step = state.step
         lr = lr_at(step, tc)
@@ -191,11 +192,15 @@ def _loop(
             g["lr"] = lr
         parts = []
         overlap.begin_step(step + 1)
+        if fp8_stats is not None:  # fp8 numerics: recorded on the last step of a log interval
+            fp8_stats.active = (step + 1) % tc.log_every == 0 or step + 1 == stop
         for _ in range(tc.grad_accum):
             x, y = loader.next_batch()
             loss, p = loss_fn(model, x.to(ctx.device), y.to(ctx.device), cfg, amp)
             (loss / tc.grad_accum).backward()
             parts.append(p)
+        if fp8_stats is not None:
+            fp8_stats.active = False
         overlap.flush()  # every deferred weight grad lands before the norm and the step
         grad_norm = _clip(model, tc.grad_clip, ctx)
         ce = torch.stack([p["ce"] for p in parts]).mean()
@@ -233,6 +238,8 @@ def _loop(
             now = time.perf_counter()
             tokens, seconds = state.tokens_seen - tokens_last, now - t_last
             log.train(state.step, train_loss, lr, gn_val, state.skipped_steps, tokens, seconds)
+            if fp8_stats is not None:
+                log.writer.log(state.step, fp8_stats.read())
             t_last, tokens_last = now, state.tokens_seen
         if overlap_metrics := overlap.end_step(state.step):  # timed steps only (report/auto)
             log.writer.log(state.step, overlap_metrics)
