@@ -21,10 +21,13 @@ def test_fp8_layer_bench_smoke(tmp_path):
     assert r["date"] and r["torch"]
     assert set(r["layer"]) == {"smoke_8x_top2", "smoke_16x_top4"}
     for row in r["layer"].values():
-        assert row["bf16_ms"] > 0 and row["fp8_ms"] > 0 and row["speedup"] > 0
-        errs = row["rel_err_fp8_vs_bf16"]
-        assert set(errs) == {"out", "dx", "dw13", "dw2"}
-        assert all(1e-3 < v < 0.12 for v in errs.values())  # fp8 ran, and agrees
+        assert row["bf16_ms"] > 0 and row["fp8_ms"] > 0 and row["fp8_dw8_ms"] > 0
+        assert row["speedup"] > 0 and row["speedup_dw8"] > 0
+        for prec in ("fp8", "fp8_dw8"):
+            errs = row[f"rel_err_{prec}_vs_bf16"]
+            assert set(errs) == {"out", "dx", "dw13", "dw2"}
+            assert all(1e-3 < v < 0.12 for v in errs.values())  # fp8 ran, and agrees
+        assert row["rel_err_fp8_vs_bf16"]["dx"] == row["rel_err_fp8_dw8_vs_bf16"]["dx"]
     step = r["step"]
     assert step["bf16_tokens_per_s"] > 0 and step["fp8_tokens_per_s"] > 0 and step["agrees"]
     assert step["loss"]["fp8"] != step["loss"]["bf16"]

@@ -44,8 +44,8 @@ def test_compiled_quantisers_equal_eager_bitwise():
         assert torch.equal(qc.cpu().view(torch.uint8), qe.view(torch.uint8)), fn.__name__
 
 
-@pytest.mark.parametrize("D, F", [(256, 512), (512, 128)])
-def test_grouped_linear_cuda_equals_emulation(D, F):
+@pytest.mark.parametrize("D, F, dw8", [(256, 512, False), (512, 128, False), (256, 512, True)])
+def test_grouped_linear_cuda_equals_emulation(D, F, dw8):
     g = torch.Generator().manual_seed(0)
     R = sum(COUNTS)
     x = torch.randn(R, D, generator=g).bfloat16()
@@ -56,7 +56,7 @@ def test_grouped_linear_cuda_equals_emulation(D, F):
         xd = x.to(dev).requires_grad_()
         wd = w.to(dev).requires_grad_()
         offs = counts_to_offsets(torch.tensor(COUNTS, device=dev))
-        y = fp8_grouped_linear(xd, wd, offs)
+        y = fp8_grouped_linear(xd, wd, offs, fp8_wgrad=dw8)
         y.backward(gy.to(dev))
         outs[dev] = (y, xd.grad, wd.grad)
     for got, want in zip(outs["cuda"], outs["cpu"], strict=True):

@@ -32,6 +32,7 @@ class GroupedExperts(nn.Module):
         self.grad_divide = 1.0
         self.fp8_stats: Fp8Stats | None = None  # not None: GEMMs in fp8 (braid.parallel.fp8)
         self.fp8_name = "experts"
+        self.fp8_wgrad = False  # dW in fp8 as well (train.fp8_wgrad)
         self.w13 = nn.Parameter(torch.empty(num_experts, dim, 2 * hidden))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))
 
@@ -50,9 +51,10 @@ class GroupedExperts(nn.Module):
         if isinstance(x_RD, Fp8Rows):
             pre, x_RD = (x_RD.q_RD, x_RD.s_R1), x_RD.anchor_RD
         args = (self.impl, sink, self.grad_divide)
-        name = self.fp8_name
-        h_RF2 = fp8_grouped_linear(x_RD, self.w13, offs, *args, pre, stats, f"{name}.w13")
-        return fp8_grouped_linear(swiglu(h_RF2), self.w2, offs, *args, None, stats, f"{name}.w2")
+        name, dw8 = self.fp8_name, self.fp8_wgrad
+        h_RF2 = fp8_grouped_linear(x_RD, self.w13, offs, *args, pre, stats, f"{name}.w13", dw8)
+        y = swiglu(h_RF2)
+        return fp8_grouped_linear(y, self.w2, offs, *args, None, stats, f"{name}.w2", dw8)
 
     def shard(self, rank: int, size: int) -> None:
         """Keep only experts [rank*L, (rank+1)*L) of the global E (called by braid.parallel)."""

@@ -73,6 +73,32 @@ def quantize_blocks_ref(x_RD: Tensor, block: int = BLOCK) -> tuple[Tensor, Tenso
     return q.reshape(R, D), s.squeeze(-1)
 
 
+def quantize_groups_ref(
+    x_RD: Tensor, gid_R: Tensor, dest_R: Tensor, num_groups: int, width: int
+) -> tuple[Tensor, Tensor]:
+    """Scales per (group, column) over the group's rows, codes transposed and spread out:
+    q [D, width] with row r's codes in column dest[r] (other columns 0), s [G, D].
+    This is the operand layout of the 2d-2d scaled grouped GEMM (groups along the reduction)."""
+    R, D = x_RD.shape
+    a = x_RD.abs().float()
+    amax_GD = a.new_zeros(num_groups, D).scatter_reduce(
+        0, gid_R[:, None].expand(R, D), a, "amax", include_self=True
+    )
+    s_GD = _scales(amax_GD)
+    q_RD = (x_RD.float() / s_GD.index_select(0, gid_R)).to(E4M3).view(torch.uint8)
+    q_DW = x_RD.new_zeros(D, width, dtype=torch.uint8).index_copy(1, dest_R, q_RD.t())
+    return q_DW.view(E4M3), s_GD
+
+
+def quantize_groups(
+    x_RD: Tensor, gid_R: Tensor, dest_R: Tensor, num_groups: int, width: int
+) -> tuple[Tensor, Tensor]:
+    """`quantize_groups_ref`, fused on CUDA."""
+    if x_RD.is_cuda and x_RD.numel() > 0 and not torch.compiler.is_compiling():
+        return _compiled(quantize_groups_ref)(x_RD, gid_R, dest_R, num_groups, width)
+    return quantize_groups_ref(x_RD, gid_R, dest_R, num_groups, width)
+
+
 def dequantize(q: Tensor, s: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     """q * s in fp32 (exact: e4m3 values and their products with fp32 scales), then `dtype`."""
     return (q.float() * s).to(dtype)

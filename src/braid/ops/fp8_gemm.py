@@ -6,10 +6,14 @@ reduction dim of the GEMM they feed):
   dX       dx = g @ w^T    g: a scale per row (e4m3 too: rowwise scales adapt to each row's
                            range, which is what e5m2's wider exponent buys with tensor scales);
                            w: a scale per input row (per expert), re-quantised in backward
-  dW       dw = x^T @ g    in the compute dtype (bf16 on GPU) from the saved fp8 x, dequantised:
-                           its reduction runs over tokens, which would need scales per expert
-                           group along the token dim (the 2d-2d form of `_scaled_grouped_mm`);
-                           bf16 keeps dW exact to the fp8 inputs and costs a third of the GEMMs.
+  dW       dw = x^T @ g    by default in the compute dtype (bf16 on GPU) from the saved fp8 x,
+                           dequantised. With `fp8_wgrad` (grouped GEMM only) in e4m3 too: its
+                           reduction runs over tokens, so both operands get a scale per (expert,
+                           column) over that expert's rows and are transposed into a layout
+                           whose expert groups start at multiples of 16 tokens (zero columns
+                           between): the 2d-2d form of `_scaled_grouped_mm`. x is re-quantised
+                           from its saved fp8 codes (dequantised exactly to bf16), so dW sees
+                           two roundings of x; g is quantised from bf16.
 The forward saves x as fp8 plus scales (half of bf16's activation memory). Outputs and dx are
 in the compute dtype; dW lands in the parameter's dtype.
 
@@ -96,6 +100,55 @@ def scaled_mm(
         return (fp8.dequantize(xq_MK, sx_M1) @ fp8.dequantize(wq_NK, sw_N1).t()).to(out_dtype)
 
 
+ALIGN = 16  # 2d-2d fp8 grouped GEMM: each group's start along the reduction, in elements
+
+
+def padded_groups(offs_E: Tensor, R: int) -> tuple[Tensor, Tensor, Tensor, int]:
+    """For rows grouped by `offs_E`: each row's group, its column in a layout where every
+    group starts at a multiple of ALIGN, the padded group offsets (int32), and that layout's
+    width (a static bound, R rounded up plus ALIGN per group: no host sync)."""
+    E, dev = offs_E.numel(), offs_E.device
+    counts = torch.diff(offs_E.long(), prepend=offs_E.new_zeros(1, dtype=torch.long))
+    padded = (counts + ALIGN - 1) // ALIGN * ALIGN
+    pad_end = torch.cumsum(padded, 0)
+    gid = torch.repeat_interleave(torch.arange(E, device=dev), counts, output_size=R)
+    shift = (pad_end - padded) - (offs_E.long() - counts)  # padded start - start, per group
+    dest = torch.arange(R, device=dev) + shift.index_select(0, gid)
+    width = (R + ALIGN - 1) // ALIGN * ALIGN + ALIGN * E
+    return gid, dest, pad_end.to(torch.int32), width
+
+
+def scaled_grouped_wgrad(
+    xq_DW: Tensor,
+    sx_ED: Tensor,
+    gq_FW: Tensor,
+    sg_EF: Tensor,
+    offs_pad_E: Tensor,
+    out_dtype: torch.dtype,
+    impl: str = "grouped",
+) -> Tensor:
+    """dW[e] = (x_e s_x[e])^T (g_e s_g[e]) -> [E, D, F], operands as `quantize_groups` lays
+    them out (transposed, groups at `offs_pad_E`)."""
+    if not emulated(xq_DW):
+        dw = torch._scaled_grouped_mm(
+            xq_DW,
+            gq_FW.t(),
+            sx_ED.flatten(),
+            sg_EF.flatten(),
+            offs=offs_pad_E,
+            out_dtype=torch.bfloat16,
+            use_fast_accum=True,
+        )
+        return dw.to(out_dtype)
+    E, W = offs_pad_E.numel(), xq_DW.shape[1]
+    col_group = torch.searchsorted(offs_pad_E, torch.arange(W, device=xq_DW.device), right=True)
+    col_group = col_group.clamp(max=E - 1)
+    with torch.autocast(xq_DW.device.type, enabled=False):
+        x_WD = (xq_DW.float() * sx_ED.t().index_select(1, col_group)).t()
+        g_WF = (gq_FW.float() * sg_EF.t().index_select(1, col_group)).t()
+        return gmm_wgrad(x_WD, g_WF, offs_pad_E, impl).to(out_dtype)
+
+
 def _record(stats: Fp8Stats | None, name: str, x: Tensor, q: Tensor) -> None:
     if stats is not None:
         stats.record(name, x, q)
@@ -103,7 +156,7 @@ def _record(stats: Fp8Stats | None, name: str, x: Tensor, q: Tensor) -> None:
 
 class _Fp8GroupedLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_RD, w_EDF, offs_E, impl, wgrad_sink, grad_divide, pre, stats, name):
+    def forward(ctx, x_RD, w_EDF, offs_E, impl, wgrad_sink, grad_divide, pre, stats, name, dw8):
         out_dtype = compute_dtype(x_RD)
         if pre is None:
             xq, sx = fp8.quantize(x_RD)
@@ -114,6 +167,7 @@ class _Fp8GroupedLinear(torch.autograd.Function):
         ctx.save_for_backward(xq, sx, offs_E)
         ctx.w, ctx.impl, ctx.wgrad_sink, ctx.grad_divide = w_EDF, impl, wgrad_sink, grad_divide
         ctx.x_dtype, ctx.out_dtype, ctx.stats, ctx.name = x_RD.dtype, out_dtype, stats, name
+        ctx.dw8 = dw8
         return scaled_grouped_mm(xq, sx, wq_EFD, sw_EF1, offs_E, out_dtype, impl)
 
     @staticmethod
@@ -129,20 +183,28 @@ class _Fp8GroupedLinear(torch.autograd.Function):
             dx = scaled_grouped_mm(gq, sg, wq_EDF, sw_ED1, offs_E, ctx.out_dtype, impl)
             dx = dx.to(ctx.x_dtype)
         if not ctx.needs_input_grad[1]:
-            return dx, *[None] * 8
+            return dx, *[None] * 9
+        dw8 = ctx.dw8
 
         def dw_local(x=xq, s=sx, g=g_RF, offs=offs_E, w=param) -> Tensor:
-            return gmm_wgrad(fp8.dequantize(x, s, g.dtype), g, offs, impl).to(w.dtype)
+            if not dw8:
+                return gmm_wgrad(fp8.dequantize(x, s, g.dtype), g, offs, impl).to(w.dtype)
+            gid, dest, offs_pad, width = padded_groups(offs, x.shape[0])
+            E = offs.numel()
+            xq_DW, sx_ED = fp8.quantize_groups(fp8.dequantize(x, s, g.dtype), gid, dest, E, width)
+            gq_FW, sg_EF = fp8.quantize_groups(g, gid, dest, E, width)
+            dw = scaled_grouped_wgrad(xq_DW, sx_ED, gq_FW, sg_EF, offs_pad, g.dtype, impl)
+            return dw.to(w.dtype)
 
         if ctx.wgrad_sink is None:
-            return dx, _like_param(param, dw_local(), divide), *[None] * 7
+            return dx, _like_param(param, dw_local(), divide), *[None] * 8
 
         def wgrad(w=param):
             dw = _like_param(w, dw_local(), divide)
             w.grad = dw if w.grad is None else w.grad.add_(dw)
 
         ctx.wgrad_sink(wgrad)
-        return dx, *[None] * 8
+        return dx, *[None] * 9
 
 
 def fp8_grouped_linear(
@@ -155,10 +217,11 @@ def fp8_grouped_linear(
     pre: tuple[Tensor, Tensor] | None = None,
     stats: Fp8Stats | None = None,
     name: str = "experts",
+    fp8_wgrad: bool = False,
 ) -> Tensor:
-    """`grouped_linear` in fp8 (see the module docstring for `pre` and the recipe)."""
+    """`grouped_linear` in fp8 (see the module docstring for `pre`, `fp8_wgrad`, the recipe)."""
     return _Fp8GroupedLinear.apply(
-        x_RD, w_EDF, offs_E, impl, wgrad_sink, grad_divide, pre, stats, name
+        x_RD, w_EDF, offs_E, impl, wgrad_sink, grad_divide, pre, stats, name, fp8_wgrad
     )
 
 

@@ -3,8 +3,9 @@
 Applied first by `parallelize` (on the meta device, before sharding):
   * every `nn.Linear` whose path is not matched by `train.fp8_skip` becomes an `Fp8Linear`
     (attention projections, dense FFNs, shared experts; the output head is skipped by default);
-  * every MoE layer's routed experts (unless skipped) run `fp8_grouped_linear`, and its
-    dispatcher quantises the rows once before the exchange and sends them as fp8;
+  * every MoE layer's routed experts (unless skipped) run `fp8_grouped_linear` (dW in fp8 too
+    with train.fp8_wgrad=fp8), and its dispatcher quantises the rows once before the
+    exchange and sends them as fp8;
   * one `Fp8Stats` is attached to the model (`model.fp8_stats`) and to every fp8 module.
 The router (not a linear; fp32 inside), norms, softmax and the loss keep their precision.
 A skip entry matches a module by glob against its dotted path or any one part of it, so
@@ -40,7 +41,9 @@ def _check_aligned(path: str, dims: tuple[int, ...]) -> None:
         )
 
 
-def apply_fp8(model: nn.Module, skip: list[str], device: torch.device) -> Fp8Stats:
+def apply_fp8(
+    model: nn.Module, skip: list[str], device: torch.device, fp8_wgrad: bool = False
+) -> Fp8Stats:
     """Swap the model's GEMMs to fp8 in place (see the module docstring); returns the stats."""
     stats = Fp8Stats()
     on_cuda = device.type == "cuda"
@@ -56,7 +59,7 @@ def apply_fp8(model: nn.Module, skip: list[str], device: torch.device) -> Fp8Sta
             ex = mod.experts
             if on_cuda:
                 _check_aligned(f"{path}.experts", (ex.dim, ex.hidden))
-            ex.fp8_stats, ex.fp8_name = stats, f"{path}.experts"
+            ex.fp8_stats, ex.fp8_name, ex.fp8_wgrad = stats, f"{path}.experts", fp8_wgrad
             mod.dispatcher.send_fp8 = True
     model.fp8_stats = stats
     return stats

@@ -28,7 +28,7 @@ def parallelize(model: nn.Module, cfg: Config, ctx: ParallelContext) -> nn.Modul
     if cfg.train.precision == "fp8":
         from braid.parallel.fp8 import apply_fp8
 
-        apply_fp8(model, cfg.train.fp8_skip, ctx.device)  # 0
+        apply_fp8(model, cfg.train.fp8_skip, ctx.device, cfg.train.fp8_wgrad == "fp8")  # 0
     if ctx.distributed:
         from braid.parallel.expert import apply_expert_parallel
 

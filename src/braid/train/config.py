@@ -34,6 +34,11 @@ class TrainConfig:
         "GEMM precision: bf16 (the compute dtype) or fp8 (e4m3 rowwise-scaled expert and dense "
         "GEMMs, dispatch sent as fp8; emulated in fp32 off CUDA; see docs/fp8.md).",
     )
+    fp8_wgrad: str = knob(
+        "bf16",
+        "precision=fp8: expert weight-gradient GEMMs in bf16 (from the saved fp8 activations) "
+        "or fp8 (2d-2d scaled grouped GEMM, expert groups padded to 16 tokens).",
+    )
     fp8_skip: list[str] = knob(
         ["router", "tok_emb", "output"],
         "precision=fp8: modules kept in the compute dtype, by name or glob, matched against each "
@@ -67,6 +72,7 @@ class TrainConfig:
         one_of("train.dtype", self.dtype, ("auto", "bf16", "fp32"))
         one_of("train.device", self.device, ("auto", "cpu", "cuda"))
         one_of("train.precision", self.precision, ("bf16", "fp8"))
+        one_of("train.fp8_wgrad", self.fp8_wgrad, ("bf16", "fp8"))
         for pat in self.fp8_skip:
             check(
                 isinstance(pat, str) and bool(_SKIP_PATTERN.fullmatch(pat)),
