@@ -15,8 +15,9 @@ Dispatch (capacity_factor > 0): each expert takes at most C = ceil(cf*N*K/E) cop
 rank, earliest tokens first (Switch); rows go into fixed [E, C] slots (empty slots are zero), so
 splits are known without a count exchange or a host sync. Capacity applies per rank's batch.
 Combine reverses 4, 3 and 1 and sums each token's expert outputs weighted by its gates.
-With `send_fp8` (`train.precision=fp8`, set by `braid.parallel.fp8`), dropless steps 3-4 send
-the rows quantised and hand the experts `Fp8Rows` (`braid.moe.fp8_dispatch`).
+With `send_fp8` (`train.precision=fp8`, set by `braid.parallel.fp8`), dropless steps 1, 3 and
+4 gather, send and regroup fp8 rows quantised once per token, and hand the experts `Fp8Rows`
+(`braid.moe.fp8_dispatch`).
 """
 
 from __future__ import annotations
@@ -104,8 +105,11 @@ class TokenDispatcher:
             return self._dispatch_capacity(x_ND, sorted_e_M, order_M, token_M, counts_E)
 
         pos_NK = inverse_permutation(order_M).view(N, K)
-        x_MD = expand_tokens(x_ND, token_M, pos_NK)  # backward: a gather, no atomics
         if W == 1:
+            if self.send_fp8:  # the gather emits fp8 rows (quantised per token, not per copy)
+                x_MD = dispatch_fp8(x_ND, token_M, pos_NK, self.exchange, [], [], None, None)
+            else:
+                x_MD = expand_tokens(x_ND, token_M, pos_NK)  # backward: a gather, no atomics
             return Dispatched(
                 x_MD,
                 counts_E,
@@ -128,8 +132,10 @@ class TokenDispatcher:
         regroup_R = regroup_index(recv_WL, sum(recv))
         unregroup_R = inverse_permutation(regroup_R)
         if self.send_fp8:
-            x_RD = dispatch_fp8(x_MD, self.exchange, send, recv, regroup_R, unregroup_R)
+            x_RD = dispatch_fp8(x_ND, token_M, pos_NK, self.exchange, send, recv, regroup_R,
+                                unregroup_R)
         else:
+            x_MD = expand_tokens(x_ND, token_M, pos_NK)  # backward: a gather, no atomics
             x_RD = _Move.apply(x_MD, self.exchange, send, recv, "dispatch")
             x_RD = permute_rows(x_RD, regroup_R, unregroup_R)
         return Dispatched(

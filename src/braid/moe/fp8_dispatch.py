@@ -1,17 +1,23 @@
-"""Quantise once, send fp8: the dispatch movement of `train.precision=fp8`.
+"""Quantise once, send fp8: the dropless dispatch of `train.precision=fp8`.
 
-The rows are quantised rowwise (`braid.ops.fp8`, power-of-two scales) on the sending rank, move
-as packed uint8 rows in the `fp8` compressor's wire format (D code bytes, then the fp32 scale;
-gloo has no fp8 collectives), are regrouped by local expert, and reach the expert GEMM as
-codes plus scales (`Fp8Rows`), never decoded: the exchange moves about half of bf16's bytes
-and nothing is quantised twice. Quantising a row before or after a move gives the same codes
-(rowwise scales depend on the row alone), so EP results equal the single-process ones, where
-the experts quantise the same rows themselves.
-The backward is the exact reverse movement of the bf16 gradient (as `_Move` in the dispatcher):
+Forward, per token (not per copy):
+  1. quantise the N token rows rowwise (`braid.ops.fp8`, power-of-two scales) and pack them in
+     the `fp8` compressor's wire format: D code bytes, then the fp32 scale (gloo has no fp8
+     collectives, so everything travels as uint8);
+  2. gather the K copies of each token in expert order from the packed rows: the permutation
+     moves 1-byte codes, and quantisation ran over N rows, not N*K;
+  3. with more than one rank, move the packed rows to the experts' ranks and regroup them by
+     local expert;
+  4. hand the experts `Fp8Rows` (codes, scales, an autograd anchor), never decoded.
+Rowwise scales depend on the row alone, so the codes equal those of quantising each copy where
+it lands: EP results equal the single-process ones, and the experts' own quantiser (used when
+rows arrive in the compute dtype: capacity mode, the overlap pipeline) gives the same numbers.
+Backward (the anchor's gradient is dX of the received rows): un-regroup, the exact reverse
+movement of the bf16 gradient, and the sum of each token's K copies (a gather, no atomics):
 straight through the quantisation, like every compressor (`braid.exchange.compress.base`).
-The combine direction stays in the compute dtype: the expert outputs are summed with the gates
-at home, where e4m3's 4 significant bits would add error to the residual stream directly.
-Shapes: M rows sent, R rows received, D row width.
+The combine direction stays in the compute dtype: expert outputs enter the residual stream,
+where e4m3's 4 significant bits would add error with no scale to adapt.
+Shapes: N tokens, K copies per token, M = N*K rows sent, R rows received, D row width.
 """
 
 from __future__ import annotations
@@ -23,44 +29,57 @@ from braid.exchange.base import Exchange
 from braid.exchange.compress.fp8 import Fp8Compressor
 from braid.exchange.compress.wrap import CompressedExchange
 from braid.exchange.config import ExchangeConfig
+from braid.ops import fp8
 from braid.ops.fp8_gemm import Fp8Rows
+from braid.ops.permute import sum_copies
 
 ROWWISE = Fp8Compressor(ExchangeConfig(scale_block=0))  # one scale per row: the GEMM's scales
 
 
 class _Fp8Dispatch(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_MD, exchange, send, recv, regroup_R, unregroup_R):
-        D = x_MD.shape[1]
-        transport = exchange.inner if isinstance(exchange, CompressedExchange) else exchange
-        p_RB = transport.dispatch(ROWWISE.encode(x_MD), send, recv).wait()
-        if regroup_R is not None:
-            p_RB = p_RB.index_select(0, regroup_R)
-        q_RD, s_R1 = ROWWISE.unpack(p_RB, D)
-        q_RD = q_RD.contiguous()  # fp8 GEMMs want dense, 16-byte aligned rows
+    def forward(ctx, x_ND, token_M, pos_NK, exchange, send, recv, regroup_R, unregroup_R):
+        D = x_ND.shape[1]
+        if exchange.size > 1:
+            p_MB = ROWWISE.encode(x_ND).index_select(0, token_M)  # 1, 2
+            # 3; a compressing wrapper is bypassed: these rows are fp8 already
+            transport = exchange.inner if isinstance(exchange, CompressedExchange) else exchange
+            p_MB = transport.dispatch(p_MB, send, recv).wait()
+            if regroup_R is not None:
+                p_MB = p_MB.index_select(0, regroup_R)
+            q_RD, s_R1 = ROWWISE.unpack(p_MB, D)
+            q_RD = q_RD.contiguous()  # fp8 GEMMs want dense, 16-byte aligned rows
+        else:  # one rank: nothing to pack (the same codes, and a graph torch.compile keeps)
+            q_ND, s_N1 = fp8.quantize(x_ND)
+            q_RD = q_ND.view(torch.uint8).index_select(0, token_M).view(fp8.E4M3)
+            s_R1 = s_N1.index_select(0, token_M)
         ctx.exchange, ctx.send, ctx.recv = exchange, send, recv
-        ctx.save_for_backward(unregroup_R)
-        anchor_RD = x_MD.new_zeros(()).expand(q_RD.shape[0], D)
+        ctx.save_for_backward(pos_NK, unregroup_R)
         ctx.mark_non_differentiable(q_RD, s_R1)
-        return anchor_RD, q_RD, s_R1
+        return x_ND.new_zeros(()).expand(q_RD.shape[0], D), q_RD, s_R1
 
     @staticmethod
     def backward(ctx, g_RD, _gq, _gs):
-        (unregroup_R,) = ctx.saved_tensors
+        pos_NK, unregroup_R = ctx.saved_tensors
         if unregroup_R is not None:
             g_RD = g_RD.index_select(0, unregroup_R)
-        g_MD = ctx.exchange.move(g_RD.contiguous(), ctx.recv, ctx.send).wait()
-        return g_MD, None, None, None, None, None
+        if ctx.exchange.size > 1:
+            g_RD = ctx.exchange.move(g_RD.contiguous(), ctx.recv, ctx.send).wait()
+        return sum_copies(g_RD, pos_NK), *[None] * 7
 
 
 def dispatch_fp8(
-    x_MD: Tensor,
+    x_ND: Tensor,
+    token_M: Tensor,
+    pos_NK: Tensor,
     exchange: Exchange,
     send: list[int],
     recv: list[int],
     regroup_R: Tensor | None,
     unregroup_R: Tensor | None,
 ) -> Fp8Rows:
-    """Quantise x_MD, move it like `exchange.dispatch`, regroup by `regroup_R` (if any)."""
-    anchor, q, s = _Fp8Dispatch.apply(x_MD, exchange, send, recv, regroup_R, unregroup_R)
+    """Dropless dispatch of x_ND's copies `token_M` (sorted by expert) as fp8 rows."""
+    anchor, q, s = _Fp8Dispatch.apply(
+        x_ND, token_M, pos_NK, exchange, send, recv, regroup_R, unregroup_R
+    )
     return Fp8Rows(q, s, anchor)
