@@ -95,3 +95,10 @@ def test_fp8_wgrad_reaches_the_experts():
     assert model.blocks[1].ffn.experts.fp8_wgrad and model.blocks[2].ffn.experts.fp8_wgrad
     with pytest.raises(ConfigError, match="train.fp8_wgrad"):
         load_config(None, ["--train.fp8_wgrad=e5m2"])
+
+
+def test_gemv_sized_linears_stay_as_they_are():
+    model, cfg = build()
+    model.blocks[1].ffn.gate = torch.nn.Linear(32, 1, bias=False, device="meta")
+    apply_fp8(model, cfg.train.fp8_skip, torch.device("cuda"))  # no refusal for a 1-wide gate
+    assert type(model.blocks[1].ffn.gate) is torch.nn.Linear

@@ -9,9 +9,11 @@ Applied first by `parallelize` (on the meta device, before sharding):
   * one `Fp8Stats` is attached to the model (`model.fp8_stats`) and to every fp8 module.
 The router (not a linear; fp32 inside), norms, softmax and the loss keep their precision.
 A skip entry matches a module by glob against its dotted path or any one part of it, so
-`experts`, `attn`, `blocks.0.*` and `wq` all work. fp8 GEMMs on CUDA need both dims of every
-weight to be multiples of 16 (the kernels' alignment); a module that is not is refused with
-its name, so the run never silently mixes precisions.
+`experts`, `attn`, `blocks.0.*` and `wq` all work. Linears with fewer than 16 inputs or
+outputs (a shared expert's gate, say) are GEMVs, not GEMMs, and stay as they are. Otherwise
+fp8 GEMMs on CUDA need both dims of every weight to be multiples of 16 (the kernels'
+alignment); a module that is not is refused with its name, so the run never silently mixes
+precisions.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from braid.errors import BraidError
 from braid.model.fp8_linear import Fp8Linear
 from braid.moe.layer import MoE
 from braid.ops.fp8_stats import Fp8Stats
+
+SMALLEST = 16  # linears with a dim below this (gates, scalar heads) keep the compute dtype
 
 
 def skipped(path: str, patterns: list[str]) -> bool:
@@ -51,6 +55,8 @@ def apply_fp8(
         if skipped(path, skip):
             continue
         if type(mod) is nn.Linear:
+            if min(mod.weight.shape) < SMALLEST:
+                continue  # a gate or a head of a few outputs: no GEMM worth quantising
             if on_cuda:
                 _check_aligned(path, tuple(mod.weight.shape))
             mod.__class__ = Fp8Linear
