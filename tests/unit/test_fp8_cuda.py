@@ -63,7 +63,8 @@ def test_grouped_linear_cuda_equals_emulation(D, F, dw8):
         close(got, want)
 
 
-def test_dense_linear_cuda_equals_emulation():
+@pytest.mark.parametrize("dw8", [False, True])
+def test_dense_linear_cuda_equals_emulation(dw8):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(4, 96, 256, generator=g).bfloat16()
     w = torch.randn(384, 256, generator=g) * 0.05
@@ -71,7 +72,7 @@ def test_dense_linear_cuda_equals_emulation():
     outs = {}
     for dev in ("cpu", "cuda"):
         xd, wd = x.to(dev).requires_grad_(), w.to(dev).requires_grad_()
-        y = fp8_linear(xd, wd)
+        y = fp8_linear(xd, wd, fp8_wgrad=dw8)
         y.backward(gy.to(dev))
         outs[dev] = (y, xd.grad, wd.grad)
     for got, want in zip(outs["cuda"], outs["cpu"], strict=True):

@@ -181,3 +181,17 @@ def test_fp8_wgrad_equals_groupwise_quantised_reference(counts):
     x.grad = None
     fp8_grouped_linear(x, w.detach(), offs).backward(gy)
     assert torch.equal(x.grad, dx8)  # dX does not depend on how dW is computed
+
+
+@pytest.mark.parametrize("M", [10, 32])  # 10 tokens: padded to 16 for the reduction
+def test_dense_fp8_wgrad_equals_featurewise_quantised_reference(M):
+    g = torch.Generator().manual_seed(8)
+    x = (torch.randn(M, 32, generator=g) * torch.logspace(-2, 1, 32)).requires_grad_()
+    w = (torch.randn(24, 32, generator=g) * 0.1).requires_grad_()
+    gy = torch.randn(M, 24, generator=g)
+    fp8_linear(x, w, fp8_wgrad=True).backward(gy)
+    # x: its rowwise codes, then a scale per feature over the tokens; g likewise
+    ref = qdq(gy, 0).t() @ qdq(qdq(x.detach(), 1), 0)
+    torch.testing.assert_close(w.grad.double(), ref, rtol=1e-5, atol=1e-5)
+    exact = gy.t() @ x.detach()
+    assert 1e-3 < ((w.grad - exact).norm() / exact.norm()).item() < 0.08

@@ -93,6 +93,7 @@ def test_fp8_wgrad_reaches_the_experts():
     model, cfg = build("--train.fp8_wgrad=fp8")
     apply_fp8(model, cfg.train.fp8_skip, torch.device("cpu"), cfg.train.fp8_wgrad == "fp8")
     assert model.blocks[1].ffn.experts.fp8_wgrad and model.blocks[2].ffn.experts.fp8_wgrad
+    assert model.blocks[0].attn.wq.fp8_wgrad and model.blocks[1].ffn.shared.w13.fp8_wgrad
     with pytest.raises(ConfigError, match="train.fp8_wgrad"):
         load_config(None, ["--train.fp8_wgrad=e5m2"])
 

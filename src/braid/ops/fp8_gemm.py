@@ -13,7 +13,8 @@ reduction dim of the GEMM they feed):
                            whose expert groups start at multiples of 16 tokens (zero columns
                            between): the 2d-2d form of `_scaled_grouped_mm`. x is re-quantised
                            from its saved fp8 codes (dequantised exactly to bf16), so dW sees
-                           two roundings of x; g is quantised from bf16.
+                           two roundings of x; g is quantised from bf16. The dense linear's dW
+                           likewise, with `_scaled_mm` (tokens zero-padded to a multiple of 16).
 The forward saves x as fp8 plus scales (half of bf16's activation memory). Outputs and dx are
 in the compute dtype; dW lands in the parameter's dtype.
 
@@ -225,9 +226,25 @@ def fp8_grouped_linear(
     )
 
 
+def _pad_rows(x_MK: Tensor) -> Tensor:
+    """x with zero rows appended up to a multiple of ALIGN (fp8 GEMMs reduce over rows here:
+    zeros add nothing, and `_scaled_mm` wants the reduction dim aligned)."""
+    pad = -x_MK.shape[0] % ALIGN
+    return torch.nn.functional.pad(x_MK, (0, 0, 0, pad)) if pad else x_MK
+
+
+def dense_wgrad_fp8(xq_MK: Tensor, sx_M1: Tensor, g_MN: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """dW = g^T x [N, K] in fp8: both operands scaled per feature over the tokens (the GEMM's
+    reduction), x re-quantised from its saved rowwise codes (dequantised exactly)."""
+    x_MK = _pad_rows(fp8.dequantize(xq_MK, sx_M1, g_MN.dtype))
+    gq_NM, sg_N1 = fp8.quantize_cols(_pad_rows(g_MN))
+    xq_KM, sx_K1 = fp8.quantize_cols(x_MK)
+    return scaled_mm(gq_NM, sg_N1, xq_KM, sx_K1, out_dtype)
+
+
 class _Fp8Linear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w_NK, stats, name):
+    def forward(ctx, x, w_NK, stats, name, dw8):
         out_dtype = compute_dtype(x)
         x_MK = x.reshape(-1, x.shape[-1])
         xq, sx = fp8.quantize(x_MK)
@@ -235,7 +252,7 @@ class _Fp8Linear(torch.autograd.Function):
         wq, sw = fp8.quantize(w_NK)
         ctx.save_for_backward(xq, sx, w_NK)
         ctx.x_dtype, ctx.out_dtype, ctx.stats, ctx.name = x.dtype, out_dtype, stats, name
-        ctx.x_shape = x.shape
+        ctx.x_shape, ctx.dw8 = x.shape, dw8
         y = scaled_mm(xq, sx, wq, sw, out_dtype)
         return y.view(*x.shape[:-1], w_NK.shape[0])
 
@@ -251,11 +268,16 @@ class _Fp8Linear(torch.autograd.Function):
             dx = scaled_mm(gq, sg, wq_KN, sw_K1, ctx.out_dtype).to(ctx.x_dtype)
             dx = dx.view(ctx.x_shape)
         if ctx.needs_input_grad[1]:
-            x_MK = fp8.dequantize(xq, sx, g_MN.dtype)
-            dw = (g_MN.t() @ x_MK).to(w_NK.dtype)
-        return dx, dw, None, None
+            if ctx.dw8:
+                dw = dense_wgrad_fp8(xq, sx, g_MN, g_MN.dtype).to(w_NK.dtype)
+            else:
+                dw = (g_MN.t() @ fp8.dequantize(xq, sx, g_MN.dtype)).to(w_NK.dtype)
+        return dx, dw, None, None, None
 
 
-def fp8_linear(x: Tensor, w_NK: Tensor, stats: Fp8Stats | None = None, name: str = "") -> Tensor:
-    """x @ w^T (no bias) in fp8: `F.linear`'s contract, any leading dims of x."""
-    return _Fp8Linear.apply(x, w_NK, stats, name)
+def fp8_linear(
+    x: Tensor, w_NK: Tensor, stats: Fp8Stats | None = None, name: str = "", fp8_wgrad: bool = False
+) -> Tensor:
+    """x @ w^T (no bias) in fp8: `F.linear`'s contract, any leading dims of x; `fp8_wgrad`:
+    dW in fp8 too (`dense_wgrad_fp8`)."""
+    return _Fp8Linear.apply(x, w_NK, stats, name, fp8_wgrad)

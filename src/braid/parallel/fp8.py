@@ -2,7 +2,8 @@
 
 Applied first by `parallelize` (on the meta device, before sharding):
   * every `nn.Linear` whose path is not matched by `train.fp8_skip` becomes an `Fp8Linear`
-    (attention projections, dense FFNs, shared experts; the output head is skipped by default);
+    (attention projections, dense FFNs, shared experts; the output head is skipped by default;
+    dW in fp8 too with train.fp8_wgrad=fp8);
   * every MoE layer's routed experts (unless skipped) run `fp8_grouped_linear` (dW in fp8 too
     with train.fp8_wgrad=fp8), and its dispatcher quantises the rows once before the
     exchange and sends them as fp8;
@@ -60,7 +61,7 @@ def apply_fp8(
             if on_cuda:
                 _check_aligned(path, tuple(mod.weight.shape))
             mod.__class__ = Fp8Linear
-            mod.fp8_stats, mod.fp8_name = stats, path
+            mod.fp8_stats, mod.fp8_name, mod.fp8_wgrad = stats, path, fp8_wgrad
         elif isinstance(mod, MoE) and not skipped(f"{path}.experts", skip):
             ex = mod.experts
             if on_cuda:

@@ -36,8 +36,8 @@ class TrainConfig:
     )
     fp8_wgrad: str = knob(
         "bf16",
-        "precision=fp8: expert weight-gradient GEMMs in bf16 (from the saved fp8 activations) "
-        "or fp8 (2d-2d scaled grouped GEMM, expert groups padded to 16 tokens).",
+        "precision=fp8: weight-gradient GEMMs (experts and linears) in bf16, from the saved fp8 "
+        "activations, or in fp8 (scales per feature over the tokens; see docs/fp8.md).",
     )
     fp8_skip: list[str] = knob(
         ["router", "tok_emb", "output"],
