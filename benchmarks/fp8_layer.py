@@ -13,10 +13,11 @@ forward+backward (CUDA events), the speedups over bf16, and the agreement of fp8
 Frobenius errors of the output, the input gradient and the expert weight gradients, which must
 stay below LAYER_TOL (a failed check is recorded in the JSON and makes the exit code 1).
 Part 2, step: forward + backward of the `medium` model with train.compile, batch 2 x 4096, bf16
-vs fp8 (every linear but the output head and the router, and the experts), tokens/s. By default
-with --step-layers 12 of medium's 30 (the same layer shapes; compile and timing then fit the
-six-minute budget with the layer part); --step-layers 30 runs the whole model. The two losses
-on the same batch and initial weights must agree within STEP_TOL (relative).
+vs fp8 (every linear but the output head and the router, and the experts) vs fp8_dw8
+(train.fp8_wgrad=fp8 too), tokens/s. By default with --step-layers 8 of medium's 30 (the same
+layer shapes, 4 of them MoE; three compiles and the timing then fit the six-minute budget with
+the layer part); --step-layers 30 runs the whole model. The losses on the same batch and
+initial weights must agree within STEP_TOL (relative).
 --smoke: tiny shapes on CPU (fp32 vs the fp32 emulation of fp8), the same checks and fields.
 """
 
@@ -123,8 +124,11 @@ def _step_run(
     iters: int,
     extra: list[str],
 ) -> tuple[float, dict]:
-    """(first loss, timing) of one precision; the model is freed on return."""
+    """(first loss, timing) of one variant (bf16, fp8, fp8_dw8); the model is freed on return."""
     compile_ = str(dev.type == "cuda").lower()
+    precision = ["--train.precision=bf16"] if prec == "bf16" else ["--train.precision=fp8"]
+    if prec == "fp8_dw8":
+        precision.append("--train.fp8_wgrad=fp8")
     cfg = load_config(
         config,
         [
@@ -132,7 +136,7 @@ def _step_run(
             f"--train.seq_len={seq}",
             f"--train.compile={compile_}",
             "--parallel.ep=1",
-            f"--train.precision={prec}",
+            *precision,
             *extra,
         ],
     )
@@ -154,7 +158,14 @@ def _step_run(
 
 
 def step_case(
-    config: str, layers: int, batch: int, seq: int, dev: torch.device, iters: int, extra: list[str]
+    config: str,
+    layers: int,
+    batch: int,
+    seq: int,
+    dev: torch.device,
+    iters: int,
+    extra: list[str],
+    variants: list[str],
 ) -> dict:
     out: dict = {
         "config": config,
@@ -164,7 +175,7 @@ def step_case(
         "compile": dev.type == "cuda",
     }
     losses = {}
-    for prec in ("bf16", "fp8"):
+    for prec in variants:
         losses[prec], t = _step_run(config, prec, layers, batch, seq, dev, iters, extra)
         out[f"{prec}_ms"] = round(t["median_ms"], 2)
         out[f"{prec}_tokens_per_s"] = round(batch * seq / (t["median_ms"] / 1e3))
@@ -172,9 +183,13 @@ def step_case(
             out[f"{prec}_max_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-    out["speedup"] = round(out["fp8_tokens_per_s"] / out["bf16_tokens_per_s"], 3)
+        print(prec, {k: v for k, v in out.items() if k.startswith(prec)}, flush=True)
     out["loss"] = {k: round(v, 5) for k, v in losses.items()}
-    out["agrees"] = abs(losses["fp8"] - losses["bf16"]) <= STEP_TOL * abs(losses["bf16"])
+    agrees = True
+    for prec in variants[1:]:
+        out[f"speedup_{prec}"] = round(out[f"{prec}_tokens_per_s"] / out["bf16_tokens_per_s"], 3)
+        agrees = agrees and abs(losses[prec] - losses["bf16"]) <= STEP_TOL * abs(losses["bf16"])
+    out["agrees"] = agrees
     return out
 
 
@@ -184,7 +199,8 @@ def main() -> int:
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (CI)")
     p.add_argument("--parts", default="layer,step")
     p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--step-layers", type=int, default=12)
+    p.add_argument("--step-layers", type=int, default=8)
+    p.add_argument("--step-variants", default="bf16,fp8,fp8_dw8", help="bf16 first")
     args = p.parse_args()
     dev = torch.device("cpu" if args.smoke else "cuda")
     env = environment()
@@ -197,9 +213,11 @@ def main() -> int:
             write_result(args.out, result)
     if "step" in result["parts"]:
         if args.smoke:
-            r = step_case("tiny", 2, 2, 64, dev, 2, ["--moe.num_shared_experts=1"])
+            variants = args.step_variants.split(",")
+            r = step_case("tiny", 2, 2, 64, dev, 2, ["--moe.num_shared_experts=1"], variants)
         else:
-            r = step_case("medium", args.step_layers, 2, 4096, dev, args.iters, [])
+            variants = args.step_variants.split(",")
+            r = step_case("medium", args.step_layers, 2, 4096, dev, args.iters, [], variants)
         result["step"] = r
         print("step", r, flush=True)
     checks = [r["agrees"] for r in result["layer"].values()]

@@ -30,6 +30,7 @@ def test_fp8_layer_bench_smoke(tmp_path):
         assert row["rel_err_fp8_vs_bf16"]["dx"] == row["rel_err_fp8_dw8_vs_bf16"]["dx"]
     step = r["step"]
     assert step["bf16_tokens_per_s"] > 0 and step["fp8_tokens_per_s"] > 0 and step["agrees"]
+    assert step["speedup_fp8"] > 0 and step["speedup_fp8_dw8"] > 0
     assert step["loss"]["fp8"] != step["loss"]["bf16"]
 
 
