@@ -30,7 +30,8 @@ def test_fp8_dispatch_equals_local_quantisation_bitwise():
         init_weights(model, 0, cfg.model.init_std, cfg.model.n_layers)
         apply_fp8(model, cfg.train.fp8_skip, torch.device("cpu"))
         moe = model.blocks[1].ffn
-        moe.dispatcher.send_fp8 = send
+        if not send:
+            moe.dispatcher.send_fp8 = None
         calls = []
         real = moe.experts._forward_fp8
         moe.experts._forward_fp8 = lambda x, *a, c=calls, f=real: (
@@ -41,6 +42,15 @@ def test_fp8_dispatch_equals_local_quantisation_bitwise():
         y, _ = moe(x)
         y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(2)))
         assert calls == (["Fp8Rows"] if send else ["Tensor"])
+        stats = model.fp8_stats.read()
+        assert stats == {}  # recorded only while active
+        model.fp8_stats.active = True
+        moe(x)
+        got = model.fp8_stats.read()
+        assert got["fp8/blocks.1.ffn.experts.w13/x/amax"] == x.abs().max().item()
+        results.append(got)
         results.append([y, x.grad] + [p.grad for p in moe.parameters()])
+    stats_send, stats_local = results.pop(0), results.pop(1)
+    assert stats_send.keys() == stats_local.keys() and stats_send == stats_local
     for a, b in zip(*results, strict=True):
         assert torch.equal(a, b)

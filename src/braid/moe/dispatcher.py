@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from braid.exchange.base import Exchange, LocalExchange
-from braid.moe.fp8_dispatch import dispatch_fp8
+from braid.moe.fp8_dispatch import Fp8Send, dispatch_fp8
 from braid.ops.fp8_gemm import Fp8Rows
 from braid.ops.permute import (
     combine_tokens,
@@ -77,7 +77,7 @@ class TokenDispatcher:
     def __init__(self, num_experts: int, top_k: int, capacity_factor: float = 0.0):
         self.num_experts, self.top_k, self.capacity_factor = num_experts, top_k, capacity_factor
         self.exchange: Exchange = LocalExchange()
-        self.send_fp8 = False
+        self.send_fp8: Fp8Send | None = None  # train.precision=fp8 (braid.parallel.fp8)
 
     @property
     def num_local(self) -> int:
@@ -106,8 +106,10 @@ class TokenDispatcher:
 
         pos_NK = inverse_permutation(order_M).view(N, K)
         if W == 1:
-            if self.send_fp8:  # the gather emits fp8 rows (quantised per token, not per copy)
-                x_MD = dispatch_fp8(x_ND, token_M, pos_NK, self.exchange, [], [], None, None)
+            if self.send_fp8 is not None:  # the gather emits fp8 (quantised per token)
+                x_MD = dispatch_fp8(
+                    x_ND, token_M, pos_NK, self.exchange, [], [], None, None, self.send_fp8
+                )
             else:
                 x_MD = expand_tokens(x_ND, token_M, pos_NK)  # backward: a gather, no atomics
             return Dispatched(
@@ -131,9 +133,9 @@ class TokenDispatcher:
         send, recv = sizes[:W], sizes[W:]
         regroup_R = regroup_index(recv_WL, sum(recv))
         unregroup_R = inverse_permutation(regroup_R)
-        if self.send_fp8:
+        if self.send_fp8 is not None:
             x_RD = dispatch_fp8(x_ND, token_M, pos_NK, self.exchange, send, recv, regroup_R,
-                                unregroup_R)
+                                unregroup_R, self.send_fp8)
         else:
             x_MD = expand_tokens(x_ND, token_M, pos_NK)  # backward: a gather, no atomics
             x_RD = _Move.apply(x_MD, self.exchange, send, recv, "dispatch")

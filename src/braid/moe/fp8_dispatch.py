@@ -22,6 +22,8 @@ Shapes: N tokens, K copies per token, M = N*K rows sent, R rows received, D row 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -31,17 +33,30 @@ from braid.exchange.compress.wrap import CompressedExchange
 from braid.exchange.config import ExchangeConfig
 from braid.ops import fp8
 from braid.ops.fp8_gemm import Fp8Rows
+from braid.ops.fp8_stats import Fp8Stats
 from braid.ops.permute import sum_copies
 
 ROWWISE = Fp8Compressor(ExchangeConfig(scale_block=0))  # one scale per row: the GEMM's scales
 
 
+@dataclass
+class Fp8Send:
+    """A dispatcher's fp8 setting (`braid.parallel.fp8`): where the numerics of the rows it
+    quantises are recorded, under the name of the first expert GEMM's input."""
+
+    stats: Fp8Stats | None = None
+    name: str = "experts.w13"
+
+
 class _Fp8Dispatch(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_ND, token_M, pos_NK, exchange, send, recv, regroup_R, unregroup_R):
+    def forward(ctx, x_ND, token_M, pos_NK, exchange, send, recv, regroup_R, unregroup_R, rec):
         D = x_ND.shape[1]
         if exchange.size > 1:
-            p_MB = ROWWISE.encode(x_ND).index_select(0, token_M)  # 1, 2
+            p_NB = ROWWISE.encode(x_ND)
+            if rec.stats is not None:
+                rec.stats.record(f"{rec.name}/x", x_ND, ROWWISE.unpack(p_NB, D)[0])
+            p_MB = p_NB.index_select(0, token_M)  # 1, 2
             # 3; a compressing wrapper is bypassed: these rows are fp8 already
             transport = exchange.inner if isinstance(exchange, CompressedExchange) else exchange
             p_MB = transport.dispatch(p_MB, send, recv).wait()
@@ -51,6 +66,8 @@ class _Fp8Dispatch(torch.autograd.Function):
             q_RD = q_RD.contiguous()  # fp8 GEMMs want dense, 16-byte aligned rows
         else:  # one rank: nothing to pack (the same codes, and a graph torch.compile keeps)
             q_ND, s_N1 = fp8.quantize(x_ND)
+            if rec.stats is not None:
+                rec.stats.record(f"{rec.name}/x", x_ND, q_ND)
             q_RD = q_ND.view(torch.uint8).index_select(0, token_M).view(fp8.E4M3)
             s_R1 = s_N1.index_select(0, token_M)
         ctx.exchange, ctx.send, ctx.recv = exchange, send, recv
@@ -65,7 +82,7 @@ class _Fp8Dispatch(torch.autograd.Function):
             g_RD = g_RD.index_select(0, unregroup_R)
         if ctx.exchange.size > 1:
             g_RD = ctx.exchange.move(g_RD.contiguous(), ctx.recv, ctx.send).wait()
-        return sum_copies(g_RD, pos_NK), *[None] * 7
+        return sum_copies(g_RD, pos_NK), *[None] * 8
 
 
 def dispatch_fp8(
@@ -77,9 +94,13 @@ def dispatch_fp8(
     recv: list[int],
     regroup_R: Tensor | None,
     unregroup_R: Tensor | None,
+    setting: Fp8Send | None = None,
 ) -> Fp8Rows:
     """Dropless dispatch of x_ND's copies `token_M` (sorted by expert) as fp8 rows."""
+    rec = setting or Fp8Send()
+    if torch.compiler.is_compiling():  # numerics are recorded eagerly only (Fp8Stats)
+        rec = Fp8Send(None, rec.name)
     anchor, q, s = _Fp8Dispatch.apply(
-        x_ND, token_M, pos_NK, exchange, send, recv, regroup_R, unregroup_R
+        x_ND, token_M, pos_NK, exchange, send, recv, regroup_R, unregroup_R, rec
     )
     return Fp8Rows(q, s, anchor)

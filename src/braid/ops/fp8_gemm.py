@@ -7,7 +7,7 @@ reduction dim of the GEMM they feed):
                            range, which is what e5m2's wider exponent buys with tensor scales);
                            w: a scale per input row (per expert), re-quantised in backward
   dW       dw = x^T @ g    by default in the compute dtype (bf16 on GPU) from the saved fp8 x,
-                           dequantised. With `fp8_wgrad` (grouped GEMM only) in e4m3 too: its
+                           dequantised. With `fp8_wgrad` in e4m3 too. Grouped: its
                            reduction runs over tokens, so both operands get a scale per (expert,
                            column) over that expert's rows and are transposed into a layout
                            whose expert groups start at multiples of 16 tokens (zero columns

@@ -26,6 +26,7 @@ from torch import nn
 
 from braid.errors import BraidError
 from braid.model.fp8_linear import Fp8Linear
+from braid.moe.fp8_dispatch import Fp8Send
 from braid.moe.layer import MoE
 from braid.ops.fp8_stats import Fp8Stats
 
@@ -67,6 +68,6 @@ def apply_fp8(
             if on_cuda:
                 _check_aligned(f"{path}.experts", (ex.dim, ex.hidden))
             ex.fp8_stats, ex.fp8_name, ex.fp8_wgrad = stats, f"{path}.experts", fp8_wgrad
-            mod.dispatcher.send_fp8 = True
+            mod.dispatcher.send_fp8 = Fp8Send(stats, f"{path}.experts.w13")
     model.fp8_stats = stats
     return stats
