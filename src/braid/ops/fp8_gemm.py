@@ -71,8 +71,8 @@ def scaled_grouped_mm(
         y = torch._scaled_grouped_mm(
             xq_RK,
             wq_ENK.transpose(-2, -1),
-            sx_R1.squeeze(-1),
-            sw_EN1.squeeze(-1),
+            sx_R1.reshape(-1).contiguous(),
+            sw_EN1.squeeze(-1).contiguous(),
             offs=offs_E,
             out_dtype=torch.bfloat16,
             use_fast_accum=True,
@@ -91,8 +91,8 @@ def scaled_mm(
         y = torch._scaled_mm(
             xq_MK,
             wq_NK.t(),
-            scale_a=sx_M1,
-            scale_b=sw_N1.view(1, -1),
+            scale_a=sx_M1.reshape(-1, 1).contiguous(),
+            scale_b=sw_N1.reshape(1, -1).contiguous(),
             out_dtype=torch.bfloat16,
             use_fast_accum=True,
         )
