@@ -2,9 +2,11 @@
 really sends fp8 (quantised once, before the exchange).
 
 Rank side (in the shared spawn, spawn.py): the steps of test_train_ep (small MoE) under
-(dp1, ep4) and (dp2, ep2), also with exchange.compressor=fp8 (the dispatch ignores it: its rows
-are fp8 already) and compress_combine; the number of fp8 dispatches is counted. Parent: the
-same steps in one process, where the experts quantise the rows themselves.
+(dp1, ep4) and (dp2, ep2), also with exchange.compressor=fp8 (the dispatch bypasses it: its
+rows are fp8 already, so the numbers are the same); the number of fp8 dispatches is counted.
+Parent: the same steps in one process, where the experts quantise the rows themselves.
+Measured: the first two steps' losses are bitwise equal in every layout, later ones within
+2e-4 relative.
 """
 
 from __future__ import annotations
@@ -16,16 +18,12 @@ FP8 = ["--train.precision=fp8"]
 LAYOUTS = {
     "dp1_ep4": ["--parallel.ep=4"],
     "dp2_ep2": ["--parallel.ep=2"],
-    "dp1_ep4_compressed": [
-        "--parallel.ep=4",
-        "--exchange.compressor=fp8",
-        "--exchange.compress_combine=true",
-    ],
+    "dp1_ep4_compressed": ["--parallel.ep=4", "--exchange.compressor=fp8"],
 }
 # The first step sees identical weights: its loss matches to fp32 summation order. Later steps
 # follow weights whose last bits differ (gradient sums over ranks in another order); an fp8 code
 # may then round the other way (a 2^-4 relative step of one element), so the bound is looser.
-FIRST_TOL, TOL = 1e-5, 2e-3
+FIRST_TOL, TOL = 1e-6, 2e-3
 
 
 def rank_checks(rank: int, world: int, run_dir: str) -> dict:
@@ -66,6 +64,8 @@ def test_fp8_under_ep_equals_fp8_in_one_process(four_ranks):
         want = 2 * T.STEPS
         assert all(r["fp8"][name]["fp8_dispatches"] == want for r in results), name
         steps = got["steps"]
+        errs = [abs(a[0] - b[0]) / abs(b[0]) for a, b in zip(steps, ref, strict=True)]
+        print(f"{name}: loss rel err per step {[f'{e:.1e}' for e in errs]}")
         assert abs(steps[0][0] - ref[0][0]) <= FIRST_TOL * abs(ref[0][0]), (name, steps, ref)
         for (loss, _), (want, _) in zip(steps, ref, strict=True):
             assert abs(loss - want) <= TOL * abs(want), (name, steps, ref)
