@@ -54,8 +54,14 @@ def test_fp8_convergence_script_smoke(tmp_path):
         "--out",
         str(out),
     ]
+    part = subprocess.run(
+        cmd + ["--stop-at", "3"], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+    assert part.returncode == 3 and "stopped at step 3" in part.stdout, part.stderr[-3000:]
+    assert not out.exists()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "resumed from" in proc.stderr  # bf16 continued from its step-3 checkpoint
     r = json.loads(out.read_text())
     assert set(r["val_loss"]) == {"bf16", "fp8"} and r["within_1pct"]
     assert [s for s, _ in r["val_loss"]["fp8"]] == [0, 3, 6]
