@@ -32,6 +32,7 @@ import torch  # noqa: E402
 from common import environment, time_cuda, write_result  # noqa: E402
 
 from braid.config import load_config  # noqa: E402
+from braid.moe.fp8_dispatch import Fp8Send  # noqa: E402
 from braid.moe.layer import MoE  # noqa: E402
 from braid.ops.fp8_stats import Fp8Stats  # noqa: E402
 from braid.parallel.mesh import ParallelContext  # noqa: E402
@@ -90,8 +91,9 @@ def layer_case(shape: tuple, dev: torch.device, iters: int) -> dict:
     out: dict = {"experts": E, "top_k": K, "hidden": H, "ffn": F, "tokens": N}
     grads = {}
     for prec in ("bf16", "fp8", "fp8_dw8"):
-        layer.experts.fp8_stats = None if prec == "bf16" else Fp8Stats()
-        layer.experts.fp8_wgrad = prec == "fp8_dw8"
+        stats = None if prec == "bf16" else Fp8Stats()  # as braid.parallel.fp8 sets it up
+        layer.experts.fp8_stats, layer.experts.fp8_wgrad = stats, prec == "fp8_dw8"
+        layer.dispatcher.send_fp8 = None if stats is None else Fp8Send(stats)
         y = step()
         grads[prec] = (y.detach(), x.grad, layer.experts.w13.grad, layer.experts.w2.grad)
         t = time_cuda(step, iters=iters, warmup=3)
