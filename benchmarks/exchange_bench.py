@@ -56,7 +56,6 @@ from braid.exchange.auto import choose_exchange  # noqa: E402
 from braid.exchange.compress import get_compressor, with_compressor  # noqa: E402
 from braid.exchange.config import ExchangeConfig  # noqa: E402
 from braid.overlap.pipeline import LayerOverlap  # noqa: E402
-from braid.overlap.session import expert_dw_deferrable  # noqa: E402
 from braid.overlap.streams import Clock  # noqa: E402
 
 COMPRESSIONS = {  # label -> [exchange] overrides
@@ -175,8 +174,7 @@ def ep_layer(layer, inner, comp: str, overlap: bool = False):
     ep.dispatcher.exchange = with_compressor(inner, ExchangeConfig(**COMPRESSIONS[comp]))
     if overlap:
         dev = next(ep.parameters()).device
-        deferrable = expert_dw_deferrable(ep.experts)
-        ep.overlap = LayerOverlap(0, OVERLAP["chunks"], OVERLAP["split_dw"], Clock(dev), deferrable)
+        ep.overlap = LayerOverlap(0, OVERLAP["chunks"], OVERLAP["split_dw"], Clock(dev))
     return ep
 
 

@@ -1,9 +1,16 @@
 """Forward + backward of a whole Braid model on one GPU: step time, tokens/s and MFU.
 
     PYTHONPATH=src python benchmarks/model_step.py --config medium --out results/x.json
+    PYTHONPATH=src python benchmarks/model_step.py --config moonlight --set model.n_layers=8 \
+        --batch 2 --seq 4096 --variants eager,compile \
+        --out benchmarks/results/model_step_moonlight_h100.json
+(moonlight's 27 layers hold 16B fp32 weights + grads, 128 GB, more than one GPU; 8 layers of
+the same shape, 4.9B, fit an 80 GB H100 with the fp32 logits of 8192 tokens.)
 
-MFU counts training FLOPs per token from `braid.info` (6 x active GEMM parameters + causal
-attention) against the H100/H200 dense bf16 datasheet peak (989 TFLOP/s) and, for reference,
+`--set section.key=value` (repeatable) overrides the config, e.g. fewer layers of the same shape
+when a preset does not fit one GPU. MFU counts training FLOPs per token from `braid.info`
+(6 x active GEMM parameters + causal attention, with MLA's query-key and value widths and the
+MTP modules) against the H100/H200 dense bf16 datasheet peak (989 TFLOP/s) and, for reference,
 against the 788 TFLOP/s a large bf16 matmul reaches on the same machine. Weights are fp32 with
 bf16 autocast, as in training. The optimizer step is excluded (forward + backward only).
 """
@@ -34,10 +41,11 @@ def matmul_ceiling() -> float:
     return 2 * 8192**3 / (t["median_ms"] / 1e3)
 
 
-def run(config: str, batch: int, seq: int, compile_: bool, ac: bool, iters: int) -> dict:
+def run(config: str, batch: int, seq: int, compile_: bool, ac: bool, iters: int,
+        sets: tuple[str, ...] = ()) -> dict:
     cfg = load_config(config, [f"--train.seq_len={seq}", f"--train.compile={str(compile_).lower()}",
                                f"--parallel.activation_checkpoint={str(ac).lower()}",
-                               "--parallel.ep=1"])
+                               "--parallel.ep=1", *(f"--{s}" for s in sets)])
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ctx = ParallelContext(rank=0, world=1, local_rank=0, device=dev)
     model = build_model(cfg, ctx)
@@ -53,7 +61,8 @@ def run(config: str, batch: int, seq: int, compile_: bool, ac: bool, iters: int)
     t = time_cuda(step, iters=iters, warmup=3 if not compile_ else 4)
     a = arithmetic(cfg, seq)
     tokens_per_s = batch * seq / (t["median_ms"] / 1e3)
-    out = {"config": config, "batch": batch, "seq_len": seq, "compile": compile_,
+    out = {"config": config, "overrides": list(sets), "batch": batch, "seq_len": seq,
+           "compile": compile_,
            "activation_checkpoint": ac, **t, "tokens_per_s": round(tokens_per_s),
            "total_params": a.total_params, "active_params": a.active_params,
            "flops_per_token": a.flops_per_token,
@@ -74,12 +83,15 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--variants", default="eager,compile", help="eager, compile, ac (comma list)")
     p.add_argument("--out", default="benchmarks/results/model_step.json")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="config override (repeatable), e.g. model.n_layers=8")
     args = p.parse_args()
     result = {"env": environment(), "runs": []}
     if torch.cuda.is_available():
         result["matmul_bf16_tflops"] = round(matmul_ceiling() / 1e12, 1)
     for v in args.variants.split(","):
-        r = run(args.config, args.batch, args.seq, v == "compile", v == "ac", args.iters)
+        r = run(args.config, args.batch, args.seq, v == "compile", v == "ac", args.iters,
+                tuple(args.set))
         if "matmul_bf16_tflops" in result:
             r["mfu_vs_measured_matmul"] = round(r["tflops"] / result["matmul_bf16_tflops"], 4)
         result["runs"].append(r)

@@ -260,9 +260,9 @@ def speed(
     # The same step's exchanges alone: its splits, its row width and dtype.
     with torch.no_grad():
         r = layer.router(x.detach(), layer.dispatcher.exchange.all_reduce_sum)
-        d = layer.dispatcher.dispatch(x.detach(), r.topk_idx_NK)
+        (route,) = layer.dispatcher.plan(r.topk_idx_NK).routes
     ex = layer.dispatcher.exchange
-    send, recv = d.send_splits, d.recv_splits
+    send, recv = route.send, route.recv
     rows_out, rows_in = x.new_empty(sum(send), H), x.new_empty(sum(recv), H)
 
     def exchanges():  # dispatch, combine (forward); their reverses (backward)

@@ -75,7 +75,7 @@ from braid.moe.layer import MoE  # noqa: E402
 from braid.overlap.config import OverlapConfig  # noqa: E402
 from braid.overlap.pipeline import LayerOverlap  # noqa: E402
 from braid.overlap.planner import CANDIDATES, choose_chunks, measure, predict_ms  # noqa: E402
-from braid.overlap.session import enable_exchange_timing, layer_shape  # noqa: E402
+from braid.overlap.session import layer_shape  # noqa: E402
 from braid.overlap.streams import Clock, synchronize  # noqa: E402
 
 SHAPES = {  # name: (experts, top_k, hidden, ffn)
@@ -108,7 +108,7 @@ def build(shape: tuple, device: torch.device, ep_group) -> MoE:
     moe.dispatcher.exchange = NcclExchange(ep_group, dist.group.WORLD)
     # NCCL's own per-collective durations for exchange_ms (on from the start, so every
     # schedule is timed under the same conditions).
-    enable_exchange_timing(moe.dispatcher.exchange, device, report=True)
+    moe.dispatcher.exchange.enable_timing()
     return moe
 
 

@@ -37,7 +37,7 @@ from overlap_exchange import record, slowest, time_alone  # noqa: E402
 from braid.config import Config, load_config  # noqa: E402
 from braid.info import arithmetic  # noqa: E402
 from braid.overlap.pipeline import LayerOverlap  # noqa: E402
-from braid.overlap.session import OverlapSession, enable_exchange_timing  # noqa: E402
+from braid.overlap.session import OverlapSession  # noqa: E402
 from braid.overlap.streams import Clock, synchronize  # noqa: E402
 from braid.parallel.clip import clip_grad_norm  # noqa: E402
 from braid.parallel.distributed import all_reduce_mean, init_distributed  # noqa: E402
@@ -160,7 +160,7 @@ def bench_config(
     saved = [t.detach().clone() for t in _state(model)]
     moes = model.moe_modules()
     exchange = next(iter(moes.values())).dispatcher.exchange
-    enable_exchange_timing(exchange, device, report=True)
+    exchange.enable_timing()
     gen = torch.Generator().manual_seed(1000 + ctx.rank)  # this rank's fixed batch
     x = torch.randint(0, cfg.model.vocab_size, (batch, seq + 1), generator=gen).to(device)
     a = arithmetic(cfg, seq)

@@ -12,7 +12,8 @@ import pytest
 from braid.config import load_config
 from braid.errors import BraidError, ConfigError
 from braid.info import memory_per_gpu
-from braid.parallel.mesh import check_layout, expert_shard_dim, init_parallel
+from braid.parallel.distributed import init_parallel
+from braid.parallel.mesh import check_layout, expert_shard_dim
 
 
 @pytest.mark.parametrize(

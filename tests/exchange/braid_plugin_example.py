@@ -3,7 +3,9 @@
 `exchange.compressor = "braid_plugin_example:Fp16Compressor"` (see docs/exchange.md).
 
 `P2PExchange` moves rows with point-to-point sends and receives (`dist.batch_isend_irecv`)
-instead of one all-to-all: one message per (source, destination) pair with rows to move.
+instead of one all-to-all: one message per (source, destination) pair with rows to move. Its
+handle is `WorksHandle` over those Works (wait, done, elapsed_ms: the whole `Handle` contract),
+which is all the overlap engine needs to fill its windows and time it.
 `Fp16Compressor` sends rows as float16 bytes (bound 2^-11 relative; values beyond fp16's
 range of 65504 overflow, so it suits normalised activations only).
 """
@@ -17,17 +19,8 @@ from torch import Tensor
 from braid.exchange.base import Done, Handle
 from braid.exchange.compress import Compressor
 from braid.exchange.config import ExchangeConfig
+from braid.exchange.handles import WorksHandle
 from braid.exchange.nccl import NcclExchange
-
-
-class _Works(Handle):
-    def __init__(self, works: list, out: Tensor):
-        self.works, self.out = works, out
-
-    def wait(self) -> Tensor:
-        for w in self.works:
-            w.wait()
-        return self.out
 
 
 class P2PExchange(NcclExchange):
@@ -58,7 +51,7 @@ class P2PExchange(NcclExchange):
                         dist.P2POp(dist.irecv, out[r0 : r0 + nr], self.peers[w], self.ep_group)
                     )
             s0, r0 = s0 + ns, r0 + nr
-        return _Works(dist.batch_isend_irecv(ops) if ops else [], out)
+        return WorksHandle(dist.batch_isend_irecv(ops) if ops else [], out)
 
 
 class Fp16Compressor(Compressor):

@@ -18,13 +18,18 @@ class SimulatedDispatcher:
         self.compressor = get_compressor(cfg.compressor)(cfg)
         self.exchange = inner.exchange
 
-    def dispatch(self, x_ND, topk_idx_NK):
-        return self.inner.dispatch(straight_through(x_ND, self.compressor), topk_idx_NK)
+    def __getattr__(self, name):  # plan and the rest: the inner dispatcher's
+        if name.startswith("__") or name == "inner":  # copy/pickle probe before __init__
+            raise AttributeError(name)
+        return getattr(self.inner, name)
 
-    def combine(self, y_RD, gates_NK, d):
+    def dispatch(self, x_ND, route):
+        return self.inner.dispatch(straight_through(x_ND, self.compressor), route)
+
+    def combine(self, y_RD, gates_NK, route):
         if self.cfg.compress_combine:
             y_RD = straight_through(y_RD, self.compressor)
-        return self.inner.combine(y_RD, gates_NK, d)
+        return self.inner.combine(y_RD, gates_NK, route)
 
 
 def simulate_compression(model: nn.Module, cfg: ExchangeConfig) -> nn.Module:

@@ -16,7 +16,11 @@ named by dotted path; auto. Checks:
     layers under the overlap engine (chunks=2, split_dw: several movements in flight) give the
     losses and gradients of `nccl` without overlap; `auto` decides once, rank 0 prints one
     `exchange auto: chose ...` line on stderr (other ranks none), and the trainer's watcher
-    gets one record with every candidate's time.
+    gets one record with every candidate's time; `hierarchical` (node_size 2) under
+    `overlap.report` (also with chunks=auto and split_dw) reports every layer's exchange time;
+  - overlap through the `Handle` contract alone, for every exchange above and the plug-in:
+    with rank 0 starting each movement late, the other ranks drain queued dW inside the
+    movements' windows, and the timeline's exchange time is nonzero.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import time
 
 import pytest
 import torch
@@ -119,10 +124,18 @@ MODEL = [  # a small model as the trainer builds it: 3 MoE layers over ep=4
     "--moe.first_k_dense=0",
     "--parallel.ep=4",
 ]
-MODELS = {  # name -> ([exchange] overrides, overlap engine on)
-    "nccl": ([], False),
-    "hier-n2": (["--exchange.algorithm=hierarchical", "--exchange.node_size=2"], True),
-    "auto": (["--exchange.algorithm=auto", "--exchange.node_size=2"], True),
+HIER_N2 = ["--exchange.algorithm=hierarchical", "--exchange.node_size=2"]
+ON = {"chunks": 2, "split_dw": True}
+MODELS = {  # name -> ([exchange] overrides, [overlap] settings)
+    "nccl": ([], {}),
+    "hier-n2": (HIER_N2, ON),
+    "auto": (["--exchange.algorithm=auto", "--exchange.node_size=2"], ON),
+    # The report times every exchange through its handle (this crashed on the two-stage handle).
+    "hier-n2-report": (HIER_N2, {"report": True}),
+    "hier-n2-auto-report": (
+        HIER_N2,
+        {"chunks": "auto", "split_dw": True, "report": True, "max_chunks": 4},
+    ),
 }
 
 
@@ -144,7 +157,7 @@ def _model_run(name: str, rank: int, world: int) -> dict:
     watch_exchange_choice(model, records.append)
     session = OverlapSession.install(
         model,
-        OverlapConfig(chunks=2 if overlap else 1, split_dw=overlap),
+        OverlapConfig(**overlap),
         device=ctx.device,
         tokens_per_rank=2 * 16,
         dtype=torch.float32,
@@ -154,6 +167,7 @@ def _model_run(name: str, rank: int, world: int) -> dict:
     data = torch.randint(0, 128, (2 * world, 17), generator=torch.Generator().manual_seed(5))
     tokens = data[2 * rank : 2 * rank + 2]
     err, losses = io.StringIO(), []
+    session.begin_step(1)  # a log step: timed when the report is on
     with contextlib.redirect_stderr(err):
         for _ in range(2):  # two passes: the choice is made (and reported) at the first only
             out = model(tokens[:, :-1])
@@ -161,6 +175,7 @@ def _model_run(name: str, rank: int, world: int) -> dict:
             (ce + 0.01 * out.aux_loss).backward()
             losses.append(float(ce))
     session.flush()
+    metrics = session.end_step(1)
     grads = {}
     for n, p in model.named_parameters():
         g = p.grad
@@ -175,6 +190,58 @@ def _model_run(name: str, rank: int, world: int) -> dict:
         "overlap": [m.overlap is not None and m.overlap.chunks for m in moes],
         "stderr": err.getvalue(),
         "records": [(r.record(), r.line(), r.metrics()) for r in records],
+        "metrics": metrics,
+    }
+
+
+class _Late:
+    """Rank 0's exchange in the window check: every movement starts LATE seconds late, so the
+    peers' movements are still in flight when they drain (gloo completes a collective only
+    once every rank has joined it); rows, counts and handles are the inner exchange's."""
+
+    LATE = 0.03
+
+    def __init__(self, inner):
+        self.inner, self.size, self.rank = inner, inner.size, inner.rank
+
+    def exchange_counts(self, send_counts_WL):
+        return self.inner.exchange_counts(send_counts_WL)
+
+    def move(self, x_RD, send_splits, recv_splits):
+        time.sleep(self.LATE)
+        return self.inner.move(x_RD, send_splits, recv_splits)
+
+    def dispatch(self, x_RD, send_splits, recv_splits):
+        time.sleep(self.LATE)
+        return self.inner.dispatch(x_RD, send_splits, recv_splits)
+
+    def combine(self, y_RD, send_splits, recv_splits):
+        time.sleep(self.LATE)
+        return self.inner.combine(y_RD, send_splits, recv_splits)
+
+    def all_reduce_sum(self, t):
+        return self.inner.all_reduce_sum(t)
+
+
+def _overlap_window(layer, ex, x, gy, plain, rank: int, world: int) -> dict:
+    """The EP layer under the overlap engine (chunks=2, split_dw, timed) with exchange `ex`:
+    how many dW tasks ran inside exchange windows, the timeline's exchange time, and the error
+    against the single-process layer."""
+    from braid.overlap.pipeline import LayerOverlap
+    from braid.overlap.streams import Clock
+
+    ep = copy.deepcopy(layer)
+    ep.experts.shard(rank, world)
+    ep.dispatcher.exchange = _Late(ex) if rank == 0 else ex
+    ep.overlap = lo = LayerOverlap(0, 2, True, Clock(torch.device("cpu")))
+    lo.timeline.timing = True
+    mine = slice(rank * N_PER_RANK, (rank + 1) * N_PER_RANK)
+    res = _run(ep, x[mine], gy[mine])
+    row = lo.timeline.summary()
+    return {
+        "drained": lo.queue.num_drained,
+        "exchange_ms": row["exchange_ms"],
+        "err": max(_rel(res["out"], plain["out"][mine]), _rel(res["x"], plain["x"][mine])),
     }
 
 
@@ -261,7 +328,13 @@ def _worker(rank: int, world: int) -> dict:
     out["auto_built"] = type(choice.exchange).__name__
     out["plugin_calls"] = inner["plugin"].calls
 
-    # 4. whole models: one exchange per model, shared by every MoE layer.
+    # 4. overlap through the Handle contract alone: dW in exchange windows, exchange time > 0.
+    out["windows"] = {
+        name: _overlap_window(layer, ex, x, gy, plain, rank, world)
+        for name, ex in {**inner, "auto": auto}.items()
+    }
+
+    # 5. whole models: one exchange per model, shared by every MoE layer.
     out["models"] = {name: _model_run(name, rank, world) for name in MODELS}
     return out
 
@@ -323,6 +396,8 @@ def test_every_moe_layer_of_a_model_shares_one_exchange(per_rank):
         "nccl": "NcclExchange",
         "hier-n2": "HierarchicalExchange",
         "auto": "AutoExchange",
+        "hier-n2-report": "HierarchicalExchange",
+        "hier-n2-auto-report": "HierarchicalExchange",
     }
     assert per_rank[0]["models"]["hier-n2"]["overlap"] == [2, 2, 2]
 
@@ -331,7 +406,7 @@ def test_shared_exchange_under_overlap_matches_nccl_plain(per_rank):
     worst = {}
     for r in per_rank:
         ref = r["models"]["nccl"]
-        for name in ("hier-n2", "auto"):
+        for name in ("hier-n2", "auto", "hier-n2-report", "hier-n2-auto-report"):
             got = r["models"][name]
             errs = [abs(a - b) / abs(b) for a, b in zip(got["losses"], ref["losses"], strict=True)]
             errs += [_rel(got["grads"][n], g) for n, g in ref["grads"].items()]
@@ -357,3 +432,33 @@ def test_auto_decides_once_per_model_and_reports_choice_and_timings(per_rank):
     for m in per_rank[0]["models"].values():  # other exchanges report nothing
         if m["exchange_type"] != "AutoExchange":
             assert m["records"] == [] and "exchange auto:" not in m["stderr"]
+
+
+def test_hierarchical_under_the_overlap_report_times_every_exchange(per_rank):
+    """`hierarchical` (two stages) with `overlap.report` (also with chunks=auto and split_dw)
+    reports a nonzero exchange time for every MoE layer on every rank."""
+    for r in per_rank:
+        for name in ("hier-n2-report", "hier-n2-auto-report"):
+            metrics = r["models"][name]["metrics"]
+            ex = {k: v for k, v in metrics.items() if k.startswith("overlap/exchange_ms/")}
+            assert len(ex) == 3 and all(v > 0 for v in ex.values()), (name, metrics)
+            assert all(metrics[k.replace("exchange_ms", "exposed_ms")] >= 0 for k in ex)
+
+
+def test_every_exchange_and_the_plugin_get_dw_in_exchange_windows_and_a_timed_report(per_rank):
+    """The overlap engine uses only the `Handle` contract (wait, done, elapsed_ms): with rank 0
+    late, every other rank's movements are in flight when it drains, so queued dW runs inside
+    the windows, and the timeline's exchange time is nonzero, for every built-in exchange that
+    runs on CPU and for the plug-in written from docs/exchange.md."""
+    names = set(per_rank[0]["windows"])
+    assert names >= {"nccl", "hier-n1", "hier-n2", "hier-n4", "plugin", "auto"}
+    for rank, r in enumerate(per_rank):
+        for name, w in r["windows"].items():
+            assert w["err"] <= EXACT, (rank, name, w)
+            assert w["exchange_ms"] > 0, (rank, name, w)
+    for name in names:  # rank 0 is the late one: its peers are ready, nothing to wait for.
+        # Not every rank need find a window: a movement in which a rank exchanges no rows with
+        # rank 0 completes without it, and `hierarchical` on gloo blocks inside `move` until
+        # its stage 1 lands. So: dW ran in some window of some rank, for every exchange.
+        drained = [r["windows"][name]["drained"] for r in per_rank[1:]]
+        assert sum(drained) > 0, (name, drained)

@@ -2,7 +2,7 @@
 
 The whole CLI path (launcher, mesh, FSDP2, the nccl exchange on gloo, the metrics store) for
 the same global batch: per-step train loss, and the router statistics that the logger reduces
-over the world (aux and z losses, load balance), against a single-process run.
+over the world (aux, z and MTP losses, load balance), against a single-process run.
 """
 
 import contextlib
@@ -21,8 +21,9 @@ TINY = ["--model.vocab_size=300", "--model.dim=64", "--model.n_heads=4", "--mode
         "--model.ffn_hidden=128", "--moe.expert_hidden=64", "--moe.first_k_dense=0",
         "--train.batch_size=4", "--train.seq_len=32", "--train.steps=4", "--train.warmup=1",
         "--train.val_batches=1", "--train.val_every=100", "--train.log_every=1",
-        "--train.progress=false", "--checkpoint.every=0"]
-LOGGED = ("train/loss", "train/aux_loss", "train/z_loss", "train/load_max_over_mean")
+        "--train.progress=false", "--checkpoint.every=0", "--model.mtp_depth=1"]
+LOGGED = ("train/loss", "train/aux_loss", "train/z_loss", "train/load_max_over_mean",
+          "train/mtp_loss")
 
 
 @pytest.fixture(scope="module")

@@ -13,22 +13,24 @@ from braid.model.config import ModelConfig
 from braid.model.init import init_weights
 from braid.model.transformer import Transformer
 from braid.moe.config import MoEConfig
+from braid.moe.dispatcher import token_bounds
 from braid.moe.layer import MoE
 from braid.overlap.config import OverlapConfig
-from braid.overlap.pipeline import LayerOverlap, token_bounds
+from braid.overlap.pipeline import LayerOverlap
 from braid.overlap.session import OverlapSession
 from braid.overlap.streams import Clock
 
 CPU = Clock(torch.device("cpu"))
 
 
-def _moe(shared: int, capacity: float) -> MoE:
+def _moe(shared: int, capacity: float, shared_gate: bool = False) -> MoE:
     cfg = MoEConfig(
         num_experts=4,
         top_k=2,
         expert_hidden=12,
         num_shared_experts=shared,
         capacity_factor=capacity,
+        shared_gate=shared_gate,
     )
     moe = MoE(ModelConfig(dim=16), cfg)
     gen = torch.Generator().manual_seed(0)
@@ -49,9 +51,12 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp(min=1e-30))
 
 
-@pytest.mark.parametrize("shared,capacity", [(0, 0.0), (1, 0.0), (0, 1.0), (1, 1.25)])
-def test_pipeline_matches_plain_path_for_every_chunk_count(shared, capacity):
-    base = _moe(shared, capacity)
+@pytest.mark.parametrize(
+    "shared,capacity,gate",
+    [(0, 0.0, False), (1, 0.0, False), (0, 1.0, False), (1, 1.25, False), (1, 0.0, True)],
+)
+def test_pipeline_matches_plain_path_for_every_chunk_count(shared, capacity, gate):
+    base = _moe(shared, capacity, gate)
     x = torch.randn(2, 7, 16, generator=torch.Generator().manual_seed(1))
     ref = _run(copy.deepcopy(base), x)
     for chunks in (1, 2, 3, 4, 20):  # 20 > 14 tokens: empty chunks

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from braid.overlap.planner import CostModel, LayerShape, choose_chunks, fit, fit_line, predict_ms
@@ -100,3 +102,59 @@ def test_chunking_must_beat_the_plain_path_by_the_margin():
     assert min(table.values()) < table[1]  # a chunked schedule is nominally faster ...
     assert min(table.values()) > table[1] * (1 - PLAN_MARGIN)  # ... but within the margin
     assert choose_chunks(SHAPE, False, m)[0] == 1
+
+
+def test_measured_non_gemm_work_is_added_once_per_layer_and_per_chunk():
+    base, m = model(), replace(model(), overhead_ms=3.0, overhead_per_chunk_ms=0.5)
+    for c in (1, 2, 4):
+        for split in (False, True):
+            got, want = predict_ms(SHAPE, c, split, m), predict_ms(SHAPE, c, split, base)
+            assert got == pytest.approx(want + 3.0 + 0.5 * c)
+    # A large per-chunk cost (kernel launches, index math of every chunk) keeps the plain path.
+    assert choose_chunks(SHAPE, False, replace(base, overhead_per_chunk_ms=5.0))[0] == 1
+
+
+def test_compressed_dispatch_shortens_the_forward_only():
+    m = model()
+    half = replace(m, dispatch_factor=0.5)
+    for c in (1, 2, 4):
+        gain = predict_ms(SHAPE, c, False, m) - predict_ms(SHAPE, c, False, half)
+        assert 0 < gain <= 0.5 * _chunk_x(c) * c + 1e-9  # at most half of each chunk's dispatch
+
+
+def _chunk_x(c: int) -> float:
+    """One chunk's exchange under `model()`: latency + its share of the 1 ms full exchange."""
+    return 0.05 + 1.0 / c
+
+
+def test_measure_on_a_real_dispatcher_and_a_compressing_exchange():
+    import torch
+
+    from braid.exchange import get_exchange
+    from braid.exchange.config import ExchangeConfig
+    from braid.model.config import ModelConfig
+    from braid.moe.config import MoEConfig
+    from braid.moe.layer import MoE
+    from braid.overlap.planner import measure
+    from braid.overlap.session import layer_shape
+
+    moe = MoE(ModelConfig(dim=64), MoEConfig(num_experts=8, top_k=2, expert_hidden=32))
+    cfg = ExchangeConfig(
+        algorithm="simulated", compressor="int8", simulate_gbps=0.01, simulate_latency_us=5
+    )
+    moe.dispatcher.exchange = get_exchange("simulated")(None, None, cfg)
+    shape = layer_shape(moe, 256, torch.float32)
+    assert shape.ep == 4  # the simulated exchange's ranks
+    m = measure(
+        shape,
+        moe.dispatcher.exchange,
+        moe.experts,
+        torch.device("cpu"),
+        torch.float32,
+        reps=3,
+        dispatcher=moe.dispatcher,
+    )
+    assert m.overhead_ms + m.overhead_per_chunk_ms > 0  # the token-side work was timed
+    # int8 rows are about a quarter of fp32 rows: the simulated dispatch is clearly faster,
+    # the uncompressed combine about as fast as the exact move.
+    assert m.dispatch_factor < 0.7 and 0.5 < m.combine_factor < 2.0

@@ -4,7 +4,7 @@ exchange windows. A serialized schedule (every exchange waited right after its i
 the same numbers, so only the order of events can tell them apart; that is what is checked.
 
 One process, W = 1: `FakeExchange` is duck-typed like `braid.exchange.base.Exchange` (rows stay
-where they are), but each movement stays in flight (`work.is_completed()` False) until its
+where they are), but each movement stays in flight (`handle.done()` False) until its
 handle is waited, as an NCCL all_to_all that takes longer than the compute beside it. The
 schedule does not depend on W (W > 1 only adds the regroup permutations). `RecordingTimeline`
 logs, in order: `issue <kind> c` and `waited <kind> c` for each exchange (kinds: dispatch_a2a,
@@ -29,6 +29,7 @@ from collections import Counter
 import pytest
 import torch
 
+from braid.exchange.base import Handle
 from braid.model.config import ModelConfig
 from braid.moe.config import MoEConfig
 from braid.moe.layer import MoE
@@ -40,22 +41,17 @@ from braid.overlap.wgrad import WgradQueue
 C = 3
 
 
-class FakeWork:
-    def __init__(self):
-        self.done = False
-
-    def is_completed(self) -> bool:
-        return self.done
-
-
-class FakeHandle:
-    """In flight until `wait()` (then complete), like `braid.exchange.nccl.WorkHandle`."""
+class FakeHandle(Handle):
+    """In flight until `wait()` (then complete), as an exchange slower than the compute."""
 
     def __init__(self, out: torch.Tensor):
-        self.out, self.work = out, FakeWork()
+        self.out, self.finished = out, False
+
+    def done(self) -> bool:
+        return self.finished
 
     def wait(self) -> torch.Tensor:
-        self.work.done = True
+        self.finished = True
         return self.out
 
 
@@ -115,7 +111,7 @@ class RecordingTimeline(LayerTimeline):
         return fl
 
     def wait(self, fl: InFlight, drain=None) -> torch.Tensor:
-        done = fl.handle.work.is_completed()
+        done = fl.handle.done()
         out = super().wait(fl, drain)
         if not done:
             self.log.append(f"waited {fl.name}")

@@ -4,8 +4,11 @@ first-step gradients of every parameter with the overlap engine on as off, for (
 
 Built from the trainer's own pieces (build_model -> parallelize -> init, OverlapSession.install,
 loss_fn, flush, clip_grad_norm, AdamW), as tests/distributed/test_train_ep.py does. With dp=1
-the routed experts are no FSDP unit, so split_dw defers their dW into the exchange windows too
-(asserted); with dp=2 they are an FSDP unit and only the shared expert's dW is deferred.
+the routed experts are no FSDP unit; with dp=2 they are one, which the engine gathers once per
+layer and reduce-scatters once per layer, at the flush point after the deferred dW
+(`overlap/fsdp_unit.py`). In both layouts split_dw defers the routed experts' dW (asserted), and
+with dp=2 the expert unit's all-gathers and reduce-scatters are counted: one of each per MoE
+layer and direction, whatever C.
 """
 
 from __future__ import annotations
@@ -40,6 +43,38 @@ OVERLAP = {
 }
 
 
+class _ExpertComms:
+    """Counts the expert units' real all-gathers and reduce-scatters (FSDP2's param groups)."""
+
+    def __init__(self):
+        from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
+
+        self.cls, self.gathers, self.reduces = FSDPParamGroup, 0, 0
+        self.unshard, self.post_backward = FSDPParamGroup.unshard, FSDPParamGroup.post_backward
+
+    def __enter__(self):
+        from braid.moe.experts import GroupedExperts
+
+        def experts(group) -> bool:
+            return any(isinstance(m, GroupedExperts) for m in group.modules)
+
+        def unshard(group, *a, **k):
+            if experts(group) and not group.is_unsharded and group._all_gather_result is None:
+                self.gathers += 1
+            return self.unshard(group, *a, **k)
+
+        def post_backward(group, *a):
+            if experts(group) and group.reduce_grads and group.is_unsharded:
+                self.reduces += 1
+            return self.post_backward(group, *a)
+
+        self.cls.unshard, self.cls.post_backward = unshard, post_backward
+        return self
+
+    def __exit__(self, *exc):
+        self.cls.unshard, self.cls.post_backward = self.unshard, self.post_backward
+
+
 def _run(cfg, ctx) -> tuple[list, dict, dict, list]:
     from braid.overlap.session import OverlapSession
     from braid.parallel.clip import clip_grad_norm
@@ -66,9 +101,12 @@ def _run(cfg, ctx) -> tuple[list, dict, dict, list]:
             g["lr"] = lr_at(step, cfg.train)
         overlap.begin_step(step + 1)
         x = data[step][ctx.rank * b : (ctx.rank + 1) * b]
-        loss, parts = loss_fn(model, x[:, :-1], x[:, 1:], cfg, amp)
-        loss.backward()
-        overlap.flush()
+        with _ExpertComms() as comms:
+            loss, parts = loss_fn(model, x[:, :-1], x[:, 1:], cfg, amp)
+            loss.backward()
+            overlap.flush()
+        if step == 0:
+            counts = (comms.gathers, comms.reduces, len(model.moe_modules()))
         if step == 0:  # this rank's block of every gradient, before clipping
             for n, p in model.named_parameters():
                 g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
@@ -80,7 +118,7 @@ def _run(cfg, ctx) -> tuple[list, dict, dict, list]:
         model.update_router_biases()
         metrics = overlap.end_step(step + 1) or metrics
     deferred = [lo.defer_expert_dw for lo in overlap.layers.values()]
-    return out, metrics, grads, deferred
+    return out, metrics, grads, deferred, counts
 
 
 def _worker(rank: int, world: int) -> dict:
@@ -99,7 +137,7 @@ def test_training_with_overlap_matches_overlap_off_under_ep():
     per_rank = run_ranks(_worker, 4)
     bad = {}
     for rank, got in enumerate(per_rank):
-        for key, (_, _, grads, _) in got.items():
+        for key, (_, _, grads, _, _) in got.items():
             ref = got[f"{key.split('/')[0]}/off"][2]
             assert grads.keys() == ref.keys()
             for n, g in grads.items():
@@ -107,10 +145,12 @@ def test_training_with_overlap_matches_overlap_off_under_ep():
                 if err > TOL:
                     bad[f"rank{rank}/{key}/{n}"] = err
     got = per_rank[0]
-    for key, (steps, metrics, _, deferred) in got.items():
+    for key, (steps, metrics, _, deferred, (gathers, reduces, moes)) in got.items():
         layout, name = key.split("/")
-        if "split" in name:  # routed-expert dW deferred exactly where no FSDP unit forbids it
-            assert deferred and all(d == (layout == "dp1_ep4") for d in deferred), (key, deferred)
+        if "split" in name:  # routed-expert dW deferred in both layouts
+            assert deferred and all(deferred), (key, deferred)
+        if layout == "dp2_ep2":  # the expert unit: gathered once per direction, reduced once
+            assert (gathers, reduces) == (2 * moes, moes), (key, gathers, reduces, moes)
         ref = got[f"{layout}/off"][0]
         err = max(
             abs(a - r) / abs(r)

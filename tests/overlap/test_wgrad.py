@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 
+from braid.exchange.base import Done, Handle
 from braid.model.config import ModelConfig
 from braid.model.init import init_weights
 from braid.model.layers import SwiGLU
@@ -18,20 +19,18 @@ from braid.overlap.streams import Clock
 from braid.overlap.wgrad import WgradQueue, flush_point, split_linear, swiglu_split_dw
 
 
-class FakeWork:
-    """An exchange that completes after `polls` calls of is_completed()."""
+class FakeHandle(Handle):
+    """An exchange that completes after `polls` calls of done()."""
 
     def __init__(self, polls: int):
         self.polls = polls
 
-    def is_completed(self) -> bool:
+    def done(self) -> bool:
         self.polls -= 1
         return self.polls < 0
 
-
-class FakeHandle:
-    def __init__(self, polls: int):
-        self.work = FakeWork(polls)
+    def wait(self) -> torch.Tensor:
+        return torch.zeros(0)
 
 
 def test_flush_runs_tasks_in_queue_order_and_empties_the_queue():
@@ -50,7 +49,8 @@ def test_drain_runs_tasks_only_while_the_exchange_is_in_flight():
         q(lambda i=i: ran.append(i))
     assert q.drain(FakeHandle(polls=2)) == 2  # two polls say "in flight", then done
     assert ran == [0, 1] and len(q) == 3
-    assert q.drain(object()) == 0  # a handle without a Work is complete (Done)
+    assert q.drain(Done(torch.zeros(0))) == 0  # a completed movement has no window
+    assert q.num_drained == 2
     q.flush()
     assert ran == [0, 1, 2, 3, 4]
 

@@ -29,7 +29,8 @@ def test_sdpa_attention_equals_naive(kv_heads):
     torch.manual_seed(0)
     cfg = ModelConfig(dim=32, n_heads=4, n_kv_heads=kv_heads, max_seq_len=16)
     attn = Attention(cfg)
-    rope = rope_table(cfg.head_dim, 16, cfg.rope_theta)[:10]
+    rope = rope_table(cfg.attn_head_dim, 16, cfg.rope_theta)[:10]
+    assert rope.shape == (10, cfg.attn_head_dim // 2, 2)
     x = torch.randn(2, 10, 32)
     torch.testing.assert_close(attn(x, rope), naive_attention(attn, x, rope), rtol=1e-5, atol=1e-5)
 

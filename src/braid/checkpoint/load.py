@@ -71,7 +71,7 @@ def find_checkpoint(path: Path) -> Path:
 
 def build_single(cfg: Config, device: torch.device) -> Transformer:
     """The one-process model of `cfg` on `device`, allocated but not initialised."""
-    from braid.train.model_setup import build_model
+    from braid.parallel.build import build_model
 
     cfg = cfg.replace(train={"compile": False}, parallel={"activation_checkpoint": False})
     ctx = ParallelContext(rank=0, world=1, local_rank=0, device=device)

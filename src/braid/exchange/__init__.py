@@ -1,6 +1,7 @@
 """Exchanges move routed rows between expert-parallel ranks; see `base.py` for the contract.
 
-Registered by name (`exchange.algorithm`): nccl, hierarchical, symmetric, auto. A user class
+Registered by name (`exchange.algorithm`), at import: nccl, hierarchical, symmetric, auto, and
+simulated (one process: the local exchange that takes the time of a real one). A user class
 can be named by dotted path (`mypkg.mymod:MyExchange`). `get_exchange(name)` returns a factory
 called as `factory(ep_group, world_group, cfg)`: it builds the exchange and attaches the
 configured payload compressor (`exchange.compressor`, see `braid.exchange.compress`), so
@@ -26,22 +27,30 @@ ExchangeFactory = Callable[..., "Exchange"]
 
 
 def _register_builtins() -> None:
+    """Every built-in, registered when `braid.exchange` is imported (their modules import only
+    `braid.exchange.base`/`config`/`handles` and `braid.overlap.streams`, never this package)."""
     from braid.exchange.auto import AutoExchange
     from braid.exchange.hierarchical import HierarchicalExchange
     from braid.exchange.nccl import NcclExchange
+    from braid.exchange.simulated import SimulatedExchange
     from braid.exchange.symmetric import SymmetricExchange
 
-    EXCHANGES.register("nccl")(NcclExchange)
-    EXCHANGES.register("hierarchical")(HierarchicalExchange)
-    EXCHANGES.register("symmetric")(SymmetricExchange)
-    EXCHANGES.register("auto")(AutoExchange)
+    for name, cls in (
+        ("nccl", NcclExchange),
+        ("hierarchical", HierarchicalExchange),
+        ("symmetric", SymmetricExchange),
+        ("auto", AutoExchange),
+        ("simulated", SimulatedExchange),
+    ):
+        EXCHANGES.register(name)(cls)
+
+
+_register_builtins()
 
 
 def get_exchange(name: str) -> ExchangeFactory:
     """Factory for exchange `name`: `(ep_group, world_group, cfg) -> Exchange` with cfg's
     compressor attached (a registered name or `package.module:Class`)."""
-    if not EXCHANGES.names():
-        _register_builtins()
     cls = EXCHANGES.get(name)
 
     def build(ep_group, world_group, cfg: ExchangeConfig | None = None) -> Exchange:

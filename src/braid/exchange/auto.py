@@ -100,9 +100,8 @@ def choose_exchange(
 ) -> AutoChoice:
     """The fastest candidate at this payload shape, every candidate's time and the chosen
     exchange object; the same choice on every rank of `world_group` (a collective)."""
-    from braid.exchange import EXCHANGES, get_exchange
+    from braid.exchange import EXCHANGES
 
-    get_exchange("nccl")  # make sure the built-ins are registered
     W, me = dist.get_world_size(ep_group), dist.get_rank(ep_group)
     agreed = torch.tensor([rows], dtype=torch.long, device=device)
     dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=world_group)
@@ -226,6 +225,9 @@ class AutoExchange(NcclExchange):
 
     def combine(self, y_RD: Tensor, send_splits: list[int], recv_splits: list[int]) -> Handle:
         return self._pick(y_RD).combine(y_RD, send_splits, recv_splits)
+
+    def enable_timing(self) -> None:
+        super().enable_timing()  # the chosen exchange shares the EP group
 
     def all_reduce_sum(self, t: Tensor) -> Tensor:
         if self.chosen is None:

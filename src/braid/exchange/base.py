@@ -1,11 +1,15 @@
 """The exchange contract: how routed rows travel between the ranks of an expert-parallel group.
 
 An exchange is an autograd-free primitive. The MoE dispatcher (`braid.moe.dispatcher`) holds the
-only autograd glue around it. Every data movement returns a `Handle`; the caller decides when to
-`wait()`, so the overlap scheduler can fill the time in between with other work.
+only autograd glue around it. Every data movement returns a `Handle` (`wait`, `done`,
+`elapsed_ms`; below); the caller decides when to `wait()`, so the overlap scheduler can fill the
+time in between with other work, polling `done()`. `braid.exchange.handles` has ready-made
+handles for torch.distributed Works and CUDA events.
 
 Contract (checked by the conformance tests for every registered exchange):
-- `size`/`rank`: the expert-parallel group; rank r owns experts [r*E/size, (r+1)*E/size).
+- `size`/`rank`: the expert-parallel group; rank r owns experts [r*E/size, (r+1)*E/size). A
+  one-process exchange has size 1 and still gets every movement (the local exchange returns
+  `Done`, the simulated one takes a real exchange's time).
 - `exchange_counts(send_counts_WL)`: send_counts_WL[w, l] rows go from this rank to local expert
   l of rank w; returns recv_counts_WL[w, l], the rows rank w sends to this rank's expert l.
 - `move(x_RD, send_splits, recv_splits)`: rows are ordered by destination rank; rank w gets
@@ -29,10 +33,27 @@ from torch import Tensor
 
 
 class Handle(ABC):
-    """An exchange in flight; `wait()` blocks (or orders the stream) and returns the rows."""
+    """One movement in flight. The whole interface the overlap engine uses (`braid.overlap`):
+
+    - `wait()`: returns the received rows, once the movement has completed; on CUDA it may
+      instead order the caller's current stream after the movement (as `Work.wait()` does for
+      NCCL), so the host need not block. Called exactly once per handle.
+    - `done()`: a non-blocking poll, True once the movement has completed. The engine runs
+      deferred weight gradients while it is False (`WgradQueue.drain`); a handle that is never
+      False gets nothing overlapped, whatever its exchange does underneath.
+    - `elapsed_ms()`: the movement's own duration (issue to completion) as the exchange measured
+      it, read after `wait()` and a device synchronize; None when the exchange does not know it
+      (the engine's report then uses issue to the end of `wait()`, an upper bound).
+    """
 
     @abstractmethod
     def wait(self) -> Tensor: ...
+
+    @abstractmethod
+    def done(self) -> bool: ...
+
+    def elapsed_ms(self) -> float | None:
+        return None
 
 
 class Done(Handle):
@@ -43,6 +64,12 @@ class Done(Handle):
 
     def wait(self) -> Tensor:
         return self._out
+
+    def done(self) -> bool:
+        return True
+
+    def elapsed_ms(self) -> float | None:
+        return 0.0
 
 
 class Exchange(ABC):
@@ -63,6 +90,15 @@ class Exchange(ABC):
 
     @abstractmethod
     def all_reduce_sum(self, t: Tensor) -> Tensor: ...
+
+    @property
+    def traffic_ranks(self) -> int:
+        """Ranks one movement's traffic is spread over (what a cost model calls W): `size`,
+        except for an exchange that imitates more (`simulated`)."""
+        return self.size
+
+    def enable_timing(self) -> None:  # noqa: B027 (optional hook, a no-op by default)
+        """Make handles' `elapsed_ms()` measure (the overlap report asks; may cost a little)."""
 
 
 class LocalExchange(Exchange):

@@ -11,7 +11,8 @@ from braid.knobs import check, knob
 class ExchangeConfig:
     algorithm: str = knob(
         "nccl",
-        "Exchange when parallel.ep > 1: nccl, hierarchical, symmetric, auto, or pkg.mod:Cls.",
+        "Exchange when parallel.ep > 1: nccl, hierarchical, symmetric, auto, or pkg.mod:Cls; "
+        "simulated (one process): the local exchange taking a real one's time.",
     )
     compressor: str = knob(
         "none", "Dispatch payload compressor: none, bf16, int8, fp8, or pkg.mod:Cls."
@@ -29,6 +30,15 @@ class ExchangeConfig:
     )
     symmetric_headroom: float = knob(
         2.0, "symmetric, capacity 0: buffers get this multiple of the rows a step needs."
+    )
+    simulate_ranks: int = knob(
+        4, "simulated: ranks whose all-to-all is imitated ((W-1)/W of each payload leaves)."
+    )
+    simulate_gbps: float = knob(
+        0.0, "simulated: bandwidth per rank in GB/s; 0 = interpolate the measured 4x H200 table."
+    )
+    simulate_latency_us: float = knob(
+        40.0, "simulated: time floor of one movement, and the cost of a count exchange (us)."
     )
     auto_candidates: list[str] = knob(
         ["nccl", "hierarchical", "symmetric"], "algorithm=auto: exchanges timed at start-up."
@@ -64,5 +74,13 @@ class ExchangeConfig:
             "exchange.auto_candidates",
             self.auto_candidates,
             "must name at least one exchange other than auto",
+        )
+        check(self.simulate_ranks >= 1, "exchange.simulate_ranks", self.simulate_ranks, ">= 1")
+        check(self.simulate_gbps >= 0, "exchange.simulate_gbps", self.simulate_gbps, "must be >= 0")
+        check(
+            self.simulate_latency_us >= 0,
+            "exchange.simulate_latency_us",
+            self.simulate_latency_us,
+            "must be >= 0",
         )
         validate_names(self, imports=imports)

@@ -1,7 +1,8 @@
 """`hierarchical` (Pipe-A2A): a two-stage all-to-all that crosses between nodes once per row.
 
-The W ranks of the expert-parallel group form N = W/S nodes of S ranks (`exchange.node_size`,
-default the local world size); rank r is (node a, local index i) with r = a*S + i. Rows bound
+The W ranks of the expert-parallel group form N = W/S nodes of S ranks (`exchange.node_size`;
+0 is resolved by `braid.parallel` to the ranks per node of its parallel context); rank r is
+(node a, local index i) with r = a*S + i. Rows bound
 for rank (b, j) travel:
   stage 1 (intra-node, group "node a"): (a, i) -> (a, j), the local rank whose index matches the
            destination's, so it gathers every row of node a bound for rank (b, j);
@@ -37,8 +38,7 @@ group in sorted order. EP ranks are assumed node-major (consecutive EP ranks sha
 
 from __future__ import annotations
 
-import math
-import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -47,11 +47,15 @@ from torch import Tensor
 from braid.errors import BraidError
 from braid.exchange.base import Done, Handle
 from braid.exchange.config import ExchangeConfig
+from braid.exchange.handles import WorksHandle
 from braid.exchange.nccl import NcclExchange
 
 
 def resolve_node_size(cfg: ExchangeConfig, ep_size: int) -> int:
-    """`exchange.node_size`, or (0) the local world size from torchrun or the device count."""
+    """`exchange.node_size`. `braid.parallel` resolves 0 to the ranks per node from its parallel
+    context before it builds the exchange; an exchange built directly with 0 treats the EP group
+    as one node (the two stages degenerate to one all-to-all). Nothing here reads the
+    environment."""
     if cfg.node_size:
         if ep_size % cfg.node_size:
             raise BraidError(
@@ -59,8 +63,7 @@ def resolve_node_size(cfg: ExchangeConfig, ep_size: int) -> int:
                 f"{ep_size}; set it to the GPUs per node or 0"
             )
         return cfg.node_size
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or torch.cuda.device_count() or ep_size
-    return math.gcd(local, ep_size)
+    return ep_size
 
 
 def _part(n: int, k: int, chunks: int) -> tuple[int, int]:
@@ -106,11 +109,12 @@ class HierarchicalExchange(NcclExchange):
             return Done(x_RD)
         if not self.two_stage:
             return super().move(x_RD, send_splits, recv_splits)
-        return _TwoStage(self, x_RD.contiguous(), send_splits, recv_splits)
+        two = _TwoStage(self, x_RD.contiguous(), send_splits, recv_splits)
+        return WorksHandle(two.works, two.out, finish=two.place, started=two.started)
 
 
-class _TwoStage(Handle):
-    """One hierarchical movement in flight; phases (1)-(3) run in __init__, (4) in wait()."""
+class _TwoStage:
+    """One hierarchical movement: phases (1)-(3) run in __init__, (4) in `place` (at wait)."""
 
     def __init__(self, ex: HierarchicalExchange, x_RD: Tensor, send: list[int], recv: list[int]):
         S, N, K, a = ex.node_size, ex.num_nodes, ex.chunks, ex.node
@@ -121,6 +125,7 @@ class _TwoStage(Handle):
         self.copies: list[tuple[Tensor, list[tuple[int, int]]]] = []
         self.works: list = []
         self.keep: list[Tensor] = []
+        self.started = time.perf_counter()
 
         # (1) counts: c1[i][b] = rows that (a, i) sends to (b, j), j = this rank's local index.
         send_NS = torch.tensor(send, dtype=torch.long, device=x_RD.device).view(N, S)
@@ -185,29 +190,15 @@ class _TwoStage(Handle):
                 dist.all_to_all_single(dst, buf, rsplit, ssplit, group=ex.rail_group, async_op=True)
             )
 
-    @property
-    def work(self) -> _AllOf:
-        """Pollable like a torch Work (`is_completed`), for `braid.overlap.streams.in_flight`."""
-        return _AllOf(self.works)
-
-    def wait(self) -> Tensor:
-        for w in self.works:
-            w.wait()
-        for tmp, places in self.copies:  # (4) chunk pieces into their source blocks
+    def place(self, out: Tensor) -> Tensor:
+        """(4), after every Work completed: chunk pieces into their source blocks."""
+        for tmp, places in self.copies:
             at = 0
             for start, n in places:
-                self.out[start : start + n].copy_(tmp[at : at + n])
+                out[start : start + n].copy_(tmp[at : at + n])
                 at += n
-        self.works, self.copies, self.keep = [], [], []
-        return self.out
-
-
-class _AllOf:
-    def __init__(self, works: list):
-        self.works = works
-
-    def is_completed(self) -> bool:
-        return all(w.is_completed() for w in self.works)
+        self.copies, self.keep = [], []
+        return out
 
 
 def _sz(part: tuple[int, int]) -> int:

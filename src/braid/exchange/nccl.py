@@ -1,9 +1,10 @@
 """`nccl`: the exchange as one `all_to_all_single` with uneven splits (runs on NCCL and gloo).
 
 Counts travel in a small all_to_all of int64s (blocking: the dispatcher needs them on the host
-next); rows in one all_to_all_single whose `Work` is the handle (async: on CUDA, `wait()` makes
-the current stream wait for the communication stream). Router statistics are summed over the
-world group, not the EP group: every rank holds a distinct slice of the global batch.
+next); rows in one all_to_all_single whose `Work` the handle wraps (`WorksHandle`; async: on
+CUDA, `wait()` makes the current stream wait for the communication stream). Router statistics
+are summed over the world group, not the EP group: every rank holds a distinct slice of the
+global batch.
 
 Groups are passed in (`NcclExchange(ep_group, world_group, cfg)`); nothing here reads global
 process-group state.
@@ -17,17 +18,7 @@ from torch import Tensor
 
 from braid.exchange.base import Done, Exchange, Handle
 from braid.exchange.config import ExchangeConfig
-
-
-class WorkHandle(Handle):
-    """Wraps a torch.distributed Work and the tensor it fills."""
-
-    def __init__(self, work: dist.Work, out: Tensor):
-        self.work, self.out = work, out
-
-    def wait(self) -> Tensor:
-        self.work.wait()
-        return self.out
+from braid.exchange.handles import WorksHandle
 
 
 class NcclExchange(Exchange):
@@ -61,7 +52,11 @@ class NcclExchange(Exchange):
             group=self.ep_group,
             async_op=True,
         )
-        return WorkHandle(work, out)
+        return WorksHandle([work], out)
+
+    def enable_timing(self) -> None:
+        if self.size > 1 and dist.get_backend(self.ep_group) == "nccl":
+            self.ep_group._enable_collectives_timing()  # private torch API: Work._get_duration
 
     def all_reduce_sum(self, t: Tensor) -> Tensor:
         out = t.detach().clone()  # statistics only: no autograd through the sum

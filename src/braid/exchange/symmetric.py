@@ -38,7 +38,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
-import os
 
 import torch
 from torch import Tensor
@@ -46,7 +45,9 @@ from torch import Tensor
 from braid.errors import BraidError
 from braid.exchange.base import Done, Handle
 from braid.exchange.config import ExchangeConfig
+from braid.exchange.handles import EventHandle
 from braid.exchange.nccl import NcclExchange
+from braid.overlap.streams import new_stream
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,9 @@ class SymmetricExchange(NcclExchange):
             raise BraidError(NEEDS_CUDA)
         super().__init__(ep_group, world_group, cfg)
         self.cfg = cfg if cfg is not None else ExchangeConfig()
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or torch.cuda.device_count()
+        # Ranks per node: `exchange.node_size` as `braid.parallel` resolved it from its context
+        # (built directly with 0: the visible GPUs). Nothing here reads the environment.
+        local = self.cfg.node_size or torch.cuda.device_count()
         if self.size > local:
             raise BraidError(
                 f"exchange.algorithm=symmetric needs the expert-parallel group on one node "
@@ -80,7 +83,7 @@ class SymmetricExchange(NcclExchange):
         self.device = torch.device("cuda", torch.cuda.current_device())
         self.group_name = ep_group.group_name
         # The exchange's own stream, as NCCL has its internal one (braid.overlap.streams).
-        self.stream = torch.cuda.Stream(device=self.device)
+        self.stream = new_stream(self.device)
         W = self.size
         self.counts = symm_mem.empty(W * W, dtype=torch.long, device=self.device).zero_()
         self.counts_hdl = symm_mem.rendezvous(self.counts, self.group_name)
@@ -101,7 +104,9 @@ class SymmetricExchange(NcclExchange):
         B = _row_bytes(x_RD)
         out = x_RD.new_empty((sum(recv_splits),) + tail)
         cur = torch.cuda.current_stream(self.device)
+        start = torch.cuda.Event(enable_timing=True)
         with torch.cuda.stream(self.stream):
+            start.record(self.stream)
             # 1. counts: row `me` of every peer's table, barrier, one host read. The counts are
             #    host data, so this waits only for earlier exchange work, not the caller's.
             send_W = torch.tensor(send_splits, dtype=torch.long, device=self.device)
@@ -135,9 +140,9 @@ class SymmetricExchange(NcclExchange):
             for lo, hi in ((0, mine), (mine + own, total)):
                 if hi > lo:
                     ob[lo:hi].copy_(self.buf[lo * B : hi * B].view(-1, B))
-            done = torch.cuda.Event()
+            done = torch.cuda.Event(enable_timing=True)
             done.record(self.stream)
-        return _EventHandle(done, out)
+        return EventHandle(start, done, out)
 
     def _ensure(self, need_rows: int, row_bytes: int) -> None:
         """Grow or check the receive buffer; every rank calls this with the same arguments."""
@@ -167,28 +172,6 @@ class SymmetricExchange(NcclExchange):
         self.peer_bufs = [
             self.buf_hdl.get_buffer(p, (nbytes,), torch.uint8) for p in range(self.size)
         ]
-
-
-class _EventHandle(Handle):
-    """Rows produced on the exchange's stream; `wait()` orders the caller's stream after them."""
-
-    def __init__(self, event: torch.cuda.Event, out: Tensor):
-        self.event, self.out = event, out
-        self.work = _EventWork(event)
-
-    def wait(self) -> Tensor:
-        torch.cuda.current_stream(self.out.device).wait_event(self.event)
-        return self.out
-
-
-class _EventWork:
-    """Pollable like a torch Work, for `braid.overlap.streams.in_flight`."""
-
-    def __init__(self, event: torch.cuda.Event):
-        self.event = event
-
-    def is_completed(self) -> bool:
-        return self.event.query()
 
 
 def _row_bytes(x_RD: Tensor) -> int:

@@ -10,7 +10,8 @@ the experts it holds (`GroupedExperts.expert_offset`/`num_experts`), one expert 
 no rank ever materialises all experts of a layer.
 
 Scheme (GPT-2 / Megatron): normal(0, std) everywhere, output projections of each residual branch
-(attention wo, FFN/expert w2) scaled by 1/sqrt(2 * n_layers); norms start at one.
+(attention wo, FFN/expert w2) scaled by 1/sqrt(2 * n_layers); norms (including qk-norm and
+MLA's q_norm/kv_norm) start at one, projection biases at zero.
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ def init_weights(model: nn.Module, seed: int, std: float, n_layers: int,
         leaf = name.rsplit(".", 1)[-1]
         if name.endswith("norm.weight"):
             assign(p, torch.ones(shape, device=device, dtype=p.dtype), None)
+            continue
+        if leaf == "bias":  # projection biases (qkv_bias) start at zero
+            assign(p, torch.zeros(shape, device=device, dtype=p.dtype), None)
             continue
         is_resid_out = leaf == "w2" or name.endswith(("wo.weight", "w2.weight"))
         s = resid_std if is_resid_out else std

@@ -17,7 +17,10 @@ from torch.utils.checkpoint import checkpoint
 
 from braid.model.attention import Attention, KVCache
 from braid.model.config import ModelConfig
-from braid.model.layers import RMSNorm, SwiGLU, rope_table
+from braid.model.layers import RMSNorm, SwiGLU
+from braid.model.mla import MLA, LatentCache
+from braid.model.mtp import MTPModule
+from braid.model.rope import rope_table
 from braid.moe.config import MoEConfig
 from braid.moe.layer import MoE, MoEStats
 
@@ -28,18 +31,23 @@ class ModelOutput:
     aux_loss: Tensor  # mean over MoE layers (unweighted)
     z_loss: Tensor  # mean over MoE layers (unweighted)
     moe: dict[int, MoEStats] = field(default_factory=dict)  # per MoE layer index
+    # Multi-token prediction (training only): depth k's logits [B, T-k, V], for targets y[:, k:].
+    mtp_logits: list[Tensor] = field(default_factory=list)
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, moe_cfg: MoEConfig, is_moe: bool):
+    def __init__(self, cfg: ModelConfig, moe_cfg: MoEConfig, is_moe: bool, layer: int = 0):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attn = Attention(cfg)
+        attn_cls = MLA if cfg.attention == "mla" else Attention
+        self.attn = attn_cls(cfg, window=cfg.window_for(layer))
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn = MoE(cfg, moe_cfg) if is_moe else SwiGLU(cfg.dim, cfg.ffn_hidden)
         self.activation_checkpoint = False
 
-    def forward(self, x, rope, cache: KVCache | None = None) -> tuple[Tensor, MoEStats | None]:
+    def forward(
+        self, x, rope, cache: KVCache | LatentCache | None = None
+    ) -> tuple[Tensor, MoEStats | None]:
         if self.activation_checkpoint and self.training:
             return checkpoint(self._forward, x, rope, None, use_reentrant=False)
         return self._forward(x, rope, cache)
@@ -59,50 +67,87 @@ class Transformer(nn.Module):
         self.moe_layers = moe_cfg.moe_layer_ids(cfg.n_layers)
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.blocks = nn.ModuleList(
-            Block(cfg, moe_cfg, i in self.moe_layers) for i in range(cfg.n_layers)
+            Block(cfg, moe_cfg, i in self.moe_layers, layer=i) for i in range(cfg.n_layers)
         )
+        # MTP modules (DeepSeek-V3): their block is built like the main model's last layer (MoE
+        # iff it is, the same attention window). Their MoE layers are numbered n_layers,
+        # n_layers+1, ... in `moe_layers`.
+        last = cfg.n_layers - 1
+        last_is_moe = last in self.moe_layers
+        self.mtp = nn.ModuleList(
+            MTPModule(cfg.dim, cfg.norm_eps, Block(cfg, moe_cfg, last_is_moe, layer=last))
+            for _ in range(cfg.mtp_depth)
+        )
+        if last_is_moe:
+            self.moe_layers = self.moe_layers + [cfg.n_layers + d for d in range(cfg.mtp_depth)]
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self.register_buffer(
-            "rope", rope_table(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta), persistent=False
-        )
+        self.register_buffer("rope", rope_table(cfg), persistent=False)
 
     def forward(
-        self, idx_BT: Tensor, caches: list[KVCache] | None = None, start_pos: int = 0
+        self,
+        idx_BT: Tensor,
+        caches: list[KVCache] | list[LatentCache] | None = None,
+        start_pos: int = 0,
     ) -> ModelOutput:
+        """Logits of the next token; in training (no caches) also the MTP modules' logits."""
         T = idx_BT.shape[1]
         rope = self.rope[start_pos : start_pos + T]
-        x = self.tok_emb(idx_BT)
+        emb = self.tok_emb(idx_BT)
+        x = emb
         stats: dict[int, MoEStats] = {}
         for i, block in enumerate(self.blocks):
             x, s = block(x, rope, None if caches is None else caches[i])
             if s is not None:
                 stats[i] = s
-                if self.training:
-                    block.ffn.router.record_load(s.counts_E)
-        x = self.norm(x)
-        logits = F.linear(x, self.tok_emb.weight) if self.output is None else self.output(x)
+        logits = self._head(self.norm(x))
+        mtp_logits = []
+        if self.training and caches is None:  # MTP: training only (generate never runs it)
+            h = x
+            for k, module in enumerate(self.mtp, start=1):
+                if T - k <= 0:
+                    break
+                h, hn, s = module(h[:, :-1], emb[:, k:], rope[: T - k])
+                mtp_logits.append(self._head(hn))
+                if s is not None:
+                    stats[self.cfg.n_layers + k - 1] = s
+        if self.training:
+            moes = self.moe_modules()
+            for i, s in stats.items():
+                moes[i].router.record_load(s.counts_E)
         zero = logits.new_zeros((), dtype=torch.float32)
         aux = torch.stack([s.aux_loss for s in stats.values()]).mean() if stats else zero
         z = torch.stack([s.z_loss for s in stats.values()]).mean() if stats else zero
-        return ModelOutput(logits, aux, z, stats)
+        return ModelOutput(logits, aux, z, stats, mtp_logits)
+
+    def _head(self, x_BTD: Tensor) -> Tensor:
+        return F.linear(x_BTD, self.tok_emb.weight) if self.output is None else self.output(x_BTD)
+
+    def units(self) -> list[nn.Module]:
+        """The blocks, then the MTP modules: the units parallelism wraps one by one."""
+        return [*self.blocks, *self.mtp]
+
+    def all_blocks(self) -> list[Block]:
+        """Every transformer block, the MTP modules' included (activation checkpointing)."""
+        return [*self.blocks, *(m.block for m in self.mtp)]
 
     @torch.no_grad()
     def reset_buffers(self) -> None:
         """Recompute non-parameter state (after `to_empty` from the meta device)."""
-        c = self.cfg
-        self.rope = rope_table(c.head_dim, c.max_seq_len, c.rope_theta).to(self.tok_emb.weight.device)
+        self.rope = rope_table(self.cfg).to(self.tok_emb.weight.device)
         for moe in self.moe_modules().values():
             moe.router.expert_bias.zero_()
             moe.router.load_acc.zero_()
 
     def moe_modules(self) -> dict[int, MoE]:
-        return {i: self.blocks[i].ffn for i in self.moe_layers}
+        """MoE layers by index; those of the MTP modules come after the main model's."""
+        blocks = self.all_blocks()
+        return {i: blocks[i].ffn for i in self.moe_layers}
 
     def update_router_biases(self) -> None:
         for moe in self.moe_modules().values():
             moe.router.update_bias()
 
-    def new_caches(self, batch: int, max_len: int) -> list[KVCache]:
+    def new_caches(self, batch: int, max_len: int) -> list[KVCache] | list[LatentCache]:
         like = self.tok_emb.weight
         return [b.attn.new_cache(batch, max_len, like) for b in self.blocks]

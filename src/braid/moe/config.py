@@ -17,6 +17,15 @@ class MoEConfig:
     every: int = knob(1, "With layers empty: after first_k_dense, every n-th layer is MoE.")
     score_func: str = knob("softmax", "Router scores: softmax (Switch/GShard) or sigmoid (DSV3).")
     renormalize: bool = knob(True, "Renormalise the top-k gates to sum to one.")
+    n_groups: int = knob(
+        1, "Expert groups for group-limited top-k (DeepSeek-V3); must divide num_experts; 1 = off."
+    )
+    topk_groups: int = knob(
+        1, "With n_groups > 1: the best groups (sum of their top-2 scores) a token may use."
+    )
+    routed_scaling: float = knob(
+        1.0, "Multiplies the routed gates after renormalisation (DeepSeek-V3: 2.5)."
+    )
     aux_loss_coef: float = knob(0.01, "Switch/GShard load-balancing loss weight (0 disables).")
     z_loss_coef: float = knob(0.001, "Router z-loss weight (ST-MoE; 0 disables).")
     bias_balance: bool = knob(False, "Aux-loss-free balancing: per-expert routing bias (DSV3).")
@@ -26,6 +35,9 @@ class MoEConfig:
     )
     num_shared_experts: int = knob(0, "Always-on shared experts added to every token.")
     shared_hidden: int = knob(0, "Hidden size of each shared expert; 0 means expert_hidden.")
+    shared_gate: bool = knob(
+        False, "Scale the shared experts' output by sigmoid(x . w), w of size dim (Qwen2-MoE)."
+    )
     expert_impl: str = knob(
         "grouped", "Expert GEMMs: grouped (grouped_mm; fp32 on CUDA uses the loop) or loop."
     )
@@ -67,3 +79,25 @@ class MoEConfig:
         )
         check(self.num_shared_experts >= 0, "moe.num_shared_experts", self.num_shared_experts, ">= 0")
         check(self.shared_hidden >= 0, "moe.shared_hidden", self.shared_hidden, "must be >= 0")
+        E, G = self.num_experts, self.n_groups
+        check(G >= 1 and E % G == 0, "moe.n_groups", G, f"must divide moe.num_experts={E}")
+        check(
+            1 <= self.topk_groups <= G,
+            "moe.topk_groups",
+            self.topk_groups,
+            f"must be between 1 and moe.n_groups={G}",
+        )
+        check(
+            self.topk_groups * (E // G) >= self.top_k,
+            "moe.topk_groups",
+            self.topk_groups,
+            f"must leave at least moe.top_k={self.top_k} experts eligible "
+            f"(topk_groups * num_experts / n_groups >= top_k)",
+        )
+        check(self.routed_scaling > 0, "moe.routed_scaling", self.routed_scaling, "must be > 0")
+        check(
+            not self.shared_gate or self.num_shared_experts > 0,
+            "moe.shared_gate",
+            self.shared_gate,
+            "needs moe.num_shared_experts > 0",
+        )

@@ -1,23 +1,36 @@
 """Token dispatcher: sends each token copy to its expert's rank and brings the outputs home.
 
-This file holds the only autograd glue around an exchange (`braid.exchange`): the backward of a
-movement is the reverse movement (`Exchange.move` with the splits swapped), uncompressed.
+The one place that knows how routed tokens travel. It offers the MoE layer two ways to use the
+same primitives (`braid.moe.layer` reads as the specification of both):
+  plan     -> `Plan`: the token range of each chunk sorted by expert, counts exchanged (all
+              chunks at once) and the splits read on the host; capacity decided over the batch;
+  plain    -> `dispatch(x_ND, route)` / `combine(y_RD, gates_NK, route)`: autograd ops (the
+              exchange is waited at once, its backward is the exact reverse `move`);
+  chunked  -> for the overlap engine, autograd-free steps per `Route` that return handles:
+              `send_rows` -> `issue_dispatch` -> `to_experts` ... `from_experts` ->
+              `issue_combine` -> `finish`, and in backward `combine_grad` -> `issue_back` ->
+              `finish_grad`. The engine (`braid.overlap.pipeline`) only schedules these.
+This file holds the only autograd glue around an exchange (`braid.exchange`).
 
-Shape legend: N tokens on this rank, K experts per token, M = N*K token copies, E experts,
-W ranks in the expert-parallel group, L = E/W experts per rank, R rows received, D dim, C capacity.
+Shape legend: N tokens on this rank, K experts per token, M kept token copies of a chunk (N*K
+when dropless), E experts, W ranks in the expert-parallel group, L = E/W experts per rank,
+R rows received, D dim.
 
-Dispatch (dropless):
-  1. sort the M copies by expert id (stable), gather their rows -> x_MD in expert order;
-  2. exchange the per-expert counts (W x L), one host sync for the splits;
-  3. move rows to their owners; rows arrive grouped [source rank][local expert];
-  4. regroup them to [local expert][source rank] so each expert's rows are contiguous.
-Dispatch (capacity_factor > 0): each expert takes at most C = ceil(cf*N*K/E) copies from this
-rank, earliest tokens first (Switch); rows go into fixed [E, C] slots (empty slots are zero), so
-splits are known without a count exchange or a host sync. Capacity applies per rank's batch.
-Combine reverses 4, 3 and 1 and sums each token's expert outputs weighted by its gates.
-With `send_fp8` (`train.precision=fp8`, set by `braid.parallel.fp8`), dropless steps 1, 3 and
-4 gather, send and regroup fp8 rows quantised once per token, and hand the experts `Fp8Rows`
-(`braid.moe.fp8_dispatch`).
+Plan (per chunk of tokens [start, stop)):
+  1. sort the chunk's copies by expert id (stable); in capacity mode keep only the copies that
+     fit: each expert takes at most C = ceil(cf*N*K/E) copies of this rank's batch, earliest
+     tokens first (Switch), decided over the whole batch so chunking never changes it;
+  2. count rows per expert (`count_per_expert`, the one counting function) and exchange the
+     counts of every chunk in one [W, C*L] all-to-all; one host sync gives every split.
+Dispatch: gather the kept copies in expert order (x_MD), move them to their owners (rows arrive
+grouped [source rank][local expert]), regroup to [local expert][source rank].
+Combine reverses those steps and sums each token's expert outputs weighted by its gates.
+With one rank (the local or simulated exchange) nothing is counted across ranks and, dropless,
+no host sync is needed: the splits follow from the shapes.
+With `send_fp8` (`train.precision=fp8`, set by `braid.parallel.fp8`), the plain dropless
+dispatch gathers, sends and regroups fp8 rows quantised once per token and hands the experts
+`Fp8Rows` (`braid.moe.fp8_dispatch`); the chunked path moves compute-dtype rows and the experts
+quantise them on arrival (the same codes).
 """
 
 from __future__ import annotations
@@ -28,7 +41,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from braid.exchange.base import Exchange, LocalExchange
+from braid.exchange.base import Exchange, Handle, LocalExchange
 from braid.moe.fp8_dispatch import Fp8Send, dispatch_fp8
 from braid.ops.fp8_gemm import Fp8Rows
 from braid.ops.permute import (
@@ -37,26 +50,48 @@ from braid.ops.permute import (
     inverse_permutation,
     permute_rows,
     regroup_index,
+    sum_copies,
+    weighted_sum,
 )
 
 
-@dataclass
-class Dispatched:
-    """Rows for this rank's experts plus what `combine` needs to send the outputs back."""
+@dataclass(frozen=True, kw_only=True)
+class Route:
+    """How the tokens [start, stop) of this rank travel to their experts and back."""
 
-    x_RD: Tensor | Fp8Rows  # rows grouped by local expert
-    counts_L: Tensor  # rows per local expert (int64)
-    order_M: Tensor  # sorted position -> flat copy index (n*K + k)
-    token_M: Tensor  # sorted position -> token index
-    keep_M: Tensor | None  # capacity mode: copies that fit
-    slot_M: Tensor | None  # capacity mode: [E*C] slot of each kept copy
-    send_splits: list[int]
-    recv_splits: list[int]
-    regroup_R: Tensor | None  # dropless, W > 1: received order -> grouped order
-    unregroup_R: Tensor | None  # its inverse
+    start: int
+    stop: int
+    order_M: Tensor  # sorted position -> flat copy index in the chunk (n*K + k), kept copies
+    token_M: Tensor  # sorted position -> token index in the chunk
     pos_NK: Tensor | None  # dropless: sorted position of copy k of token n (inverse of order_M)
-    num_tokens: int
-    num_dropped: Tensor  # copies dropped by capacity (scalar)
+    send: list[int]  # rows to each rank
+    recv: list[int]  # rows from each rank
+    counts_L: Tensor  # received rows per local expert (int64)
+    regroup_R: Tensor | None  # W > 1: received [rank][expert] order -> [expert][rank]
+    unregroup_R: Tensor | None  # its inverse
+
+
+@dataclass(frozen=True, kw_only=True)
+class Plan:
+    """Every chunk's route, and the copies dropped by capacity on this rank (scalar)."""
+
+    routes: list[Route]
+    num_dropped: Tensor
+
+
+def token_bounds(num_tokens: int, num_chunks: int) -> list[tuple[int, int]]:
+    """C contiguous ranges covering [0, N), sizes differing by at most one (some may be empty)."""
+    q, r = divmod(num_tokens, num_chunks)
+    sizes = [q + (c < r) for c in range(num_chunks)]
+    starts = [sum(sizes[:c]) for c in range(num_chunks)]
+    return [(s, s + n) for s, n in zip(starts, sizes, strict=True)]
+
+
+def count_per_expert(expert_M: Tensor, num_experts: int) -> Tensor:
+    """Copies per expert (int64 [E]). scatter_add, not bincount: a fixed-size result keeps
+    torch.compile graphs whole. Every count of the dispatcher goes through here."""
+    out = torch.zeros(num_experts, dtype=torch.long, device=expert_M.device)
+    return out.scatter_add_(0, expert_M, torch.ones_like(expert_M))
 
 
 class _Move(torch.autograd.Function):
@@ -86,121 +121,159 @@ class TokenDispatcher:
     def capacity(self, num_tokens: int) -> int:
         return math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts)
 
-    def dispatch(self, x_ND: Tensor, topk_idx_NK: Tensor) -> Dispatched:
-        N, K, E, W, L = (
-            x_ND.shape[0],
-            self.top_k,
-            self.num_experts,
-            self.exchange.size,
-            self.num_local,
-        )
-        flat_M = topk_idx_NK.flatten()
-        sorted_e_M, order_M = torch.sort(flat_M, stable=True)
-        token_M = order_M // K
-        # scatter_add, not bincount: a fixed-size result keeps torch.compile graphs whole.
-        counts_E = torch.zeros(E, dtype=torch.long, device=flat_M.device).scatter_add_(
-            0, flat_M, torch.ones_like(flat_M)
-        )
+    # -- plan ------------------------------------------------------------------------------
+
+    def plan(self, topk_idx_NK: Tensor, num_chunks: int = 1) -> Plan:
+        """Routes of `num_chunks` contiguous token chunks (one count exchange, one host sync)."""
+        N, K = topk_idx_NK.shape
+        E, W, L, dev = self.num_experts, self.exchange.size, self.num_local, topk_idx_NK.device
+        keep_NK = None
+        dropped = torch.zeros((), dtype=torch.long, device=dev)
         if self.capacity_factor > 0:
-            return self._dispatch_capacity(x_ND, sorted_e_M, order_M, token_M, counts_E)
-
-        pos_NK = inverse_permutation(order_M).view(N, K)
+            keep_NK, dropped = self._within_capacity(topk_idx_NK)
+        parts, counts = [], []
+        for a, b in token_bounds(N, num_chunks):
+            sorted_e, order = torch.sort(topk_idx_NK[a:b].flatten(), stable=True)
+            if keep_NK is not None:
+                fits = keep_NK[a * K : b * K].index_select(0, order)
+                sorted_e, order = sorted_e[fits], order[fits]
+            parts.append((a, b, order))
+            counts.append(count_per_expert(sorted_e, E))
+        C = num_chunks
+        send_CWL = torch.stack(counts).view(C, W, L)
         if W == 1:
-            if self.send_fp8 is not None:  # the gather emits fp8 (quantised per token)
-                x_MD = dispatch_fp8(
-                    x_ND, token_M, pos_NK, self.exchange, [], [], None, None, self.send_fp8
-                )
-            else:
-                x_MD = expand_tokens(x_ND, token_M, pos_NK)  # backward: a gather, no atomics
-            return Dispatched(
-                x_MD,
-                counts_E,
-                order_M,
-                token_M,
-                None,
-                None,
-                [],
-                [],
-                None,
-                None,
-                pos_NK,
-                N,
-                x_ND.new_zeros((), dtype=torch.long),
-            )
-        recv_WL = self.exchange.exchange_counts(counts_E.view(W, L))
-        # One host sync: the splits of both directions must be known on the host.
-        sizes = torch.cat([counts_E.view(W, L).sum(1), recv_WL.sum(1)]).tolist()
-        send, recv = sizes[:W], sizes[W:]
-        regroup_R = regroup_index(recv_WL, sum(recv))
-        unregroup_R = inverse_permutation(regroup_R)
-        if self.send_fp8 is not None:
-            x_RD = dispatch_fp8(x_ND, token_M, pos_NK, self.exchange, send, recv, regroup_R,
-                                unregroup_R, self.send_fp8)
+            recv_WCL = send_CWL.transpose(0, 1)
+            # Dropless: M = N*K per chunk, known from the shapes (no host sync).
+            sizes = [(b - a) * K for a, b, _ in parts] if keep_NK is None else None
         else:
-            x_MD = expand_tokens(x_ND, token_M, pos_NK)  # backward: a gather, no atomics
-            x_RD = _Move.apply(x_MD, self.exchange, send, recv, "dispatch")
-            x_RD = permute_rows(x_RD, regroup_R, unregroup_R)
-        return Dispatched(
-            x_RD,
-            recv_WL.sum(0),
-            order_M,
-            token_M,
-            None,
-            None,
-            send,
-            recv,
-            regroup_R,
-            unregroup_R,
-            pos_NK,
-            N,
-            x_ND.new_zeros((), dtype=torch.long),
-        )
+            recv_WCL = self.exchange.exchange_counts(
+                send_CWL.transpose(0, 1).reshape(W, C * L)
+            ).view(W, C, L)
+            sizes = None
+        if sizes is None:  # one host sync: every chunk's splits, both directions
+            both = torch.cat([send_CWL.sum(2).flatten(), recv_WCL.sum(2).t().flatten()])
+            both = both.tolist()
+        routes = []
+        for c, (a, b, order) in enumerate(parts):
+            if sizes is not None:
+                send = recv = [sizes[c]]
+            else:
+                send, recv = both[c * W : (c + 1) * W], both[(C + c) * W :][:W]
+            recv_WL = recv_WCL[:, c]
+            regroup = regroup_index(recv_WL, sum(recv)) if W > 1 else None
+            routes.append(
+                Route(
+                    start=a,
+                    stop=b,
+                    order_M=order,
+                    token_M=order // K,
+                    pos_NK=inverse_permutation(order).view(b - a, K) if keep_NK is None else None,
+                    send=send,
+                    recv=recv,
+                    counts_L=recv_WL.sum(0),
+                    regroup_R=regroup,
+                    unregroup_R=inverse_permutation(regroup) if regroup is not None else None,
+                )
+            )
+        return Plan(routes=routes, num_dropped=dropped)
 
-    def _dispatch_capacity(self, x_ND, sorted_e_M, order_M, token_M, counts_E) -> Dispatched:
-        N, E, W, L = x_ND.shape[0], self.num_experts, self.exchange.size, self.num_local
-        C = self.capacity(N)
-        start_E = torch.cumsum(counts_E, 0) - counts_E
-        pos_M = torch.arange(sorted_e_M.numel(), device=x_ND.device) - start_E[sorted_e_M]
-        keep_M = pos_M < C
-        slot_M = (sorted_e_M * C + pos_M)[keep_M]
-        buf = x_ND.new_zeros(E * C, x_ND.shape[1])
-        buf = buf.index_copy(0, slot_M, x_ND.index_select(0, token_M[keep_M]))
-        splits = [L * C] * W
-        if W > 1:
-            buf = _Move.apply(buf, self.exchange, splits, splits, "dispatch")
-        # Received [W, L, C] -> grouped by local expert [L, W*C].
-        x_RD = buf.view(W, L, C, -1).transpose(0, 1).reshape(L * W * C, -1)
-        counts_L = torch.full((L,), W * C, dtype=torch.long, device=x_ND.device)
-        dropped = (~keep_M).sum()
-        return Dispatched(
-            x_RD,
-            counts_L,
-            order_M,
-            token_M,
-            keep_M,
-            slot_M,
-            splits,
-            splits,
-            None,
-            None,
-            None,
-            N,
-            dropped,
-        )
+    def _within_capacity(self, topk_idx_NK: Tensor) -> tuple[Tensor, Tensor]:
+        """(keep_NK flat: copies that fit their expert's capacity, number dropped)."""
+        sorted_e, order = torch.sort(topk_idx_NK.flatten(), stable=True)
+        counts_E = count_per_expert(sorted_e, self.num_experts)
+        first_E = torch.cumsum(counts_E, 0) - counts_E
+        rank_M = torch.arange(sorted_e.numel(), device=sorted_e.device) - first_E[sorted_e]
+        fits = rank_M < self.capacity(topk_idx_NK.shape[0])
+        return torch.empty_like(fits).scatter_(0, order, fits), (~fits).sum()
 
-    def combine(self, y_RD: Tensor, gates_NK: Tensor, d: Dispatched) -> Tensor:
-        W, L, D = self.exchange.size, self.num_local, y_RD.shape[-1]
-        if d.keep_M is None:  # dropless: K copies per token, gathered back (no atomics)
-            if d.regroup_R is not None:
-                y_RD = permute_rows(y_RD, d.unregroup_R, d.regroup_R)
-                y_RD = _Move.apply(y_RD, self.exchange, d.recv_splits, d.send_splits, "combine")
-            return combine_tokens(y_RD, gates_NK, d.pos_NK, d.order_M)
-        w_M = gates_NK.flatten().index_select(0, d.order_M).to(y_RD.dtype)
-        C = y_RD.shape[0] // max(W * L, 1)
-        buf = y_RD.view(L, W, C, D).transpose(0, 1).reshape(W * L * C, D)
-        if W > 1:
-            buf = _Move.apply(buf, self.exchange, d.recv_splits, d.send_splits, "combine")
-        y_MD = buf.index_select(0, d.slot_M) * w_M[d.keep_M, None]
-        out = y_MD.new_zeros(d.num_tokens, D)
-        return out.index_add(0, d.token_M[d.keep_M], y_MD)
+    # -- the plain path: autograd ops ------------------------------------------------------
 
+    def dispatch(self, x_ND: Tensor, route: Route) -> Tensor | Fp8Rows:
+        """Rows for this rank's experts, grouped by local expert (autograd op)."""
+        x_ND = x_ND[route.start : route.stop]
+        if self.send_fp8 is not None and route.pos_NK is not None:  # quantise once, send fp8
+            return dispatch_fp8(x_ND, route.token_M, route.pos_NK, self.exchange, route.send,
+                                route.recv, route.regroup_R, route.unregroup_R, self.send_fp8)
+        if route.pos_NK is not None:
+            x_MD = expand_tokens(x_ND, route.token_M, route.pos_NK)  # backward: a gather
+        else:
+            x_MD = x_ND.index_select(0, route.token_M)
+        x_RD = _Move.apply(x_MD, self.exchange, route.send, route.recv, "dispatch")
+        return self.to_experts(x_RD, route)
+
+    def combine(self, y_RD: Tensor, gates_NK: Tensor, route: Route) -> Tensor:
+        """Each token's expert outputs back home, weighted by its gates and summed (autograd)."""
+        y_RD = self.from_experts(y_RD, route)
+        y_MD = _Move.apply(y_RD, self.exchange, route.recv, route.send, "combine")
+        gates_NK = gates_NK[route.start : route.stop]
+        if route.pos_NK is not None:  # K copies per token, gathered back (no atomics)
+            return combine_tokens(y_MD, gates_NK, route.pos_NK, route.order_M)
+        w_M = gates_NK.flatten().index_select(0, route.order_M).to(y_MD.dtype)
+        out = y_MD.new_zeros(route.stop - route.start, y_MD.shape[1])
+        return out.index_add(0, route.token_M, y_MD * w_M[:, None])
+
+    # -- both paths: the expert-side permutation (autograd ops) ----------------------------
+
+    def to_experts(self, x_RD: Tensor, route: Route) -> Tensor:
+        """Received rows [source rank][local expert] -> grouped by local expert."""
+        if route.regroup_R is None:
+            return x_RD
+        return permute_rows(x_RD, route.regroup_R, route.unregroup_R)
+
+    def from_experts(self, y_RD: Tensor, route: Route) -> Tensor:
+        """The inverse of `to_experts`: rows back in received order, ready to go home."""
+        if route.unregroup_R is None:
+            return y_RD
+        return permute_rows(y_RD, route.unregroup_R, route.regroup_R)
+
+    # -- the chunked path: autograd-free steps that return handles -------------------------
+
+    def send_rows(self, x_ND: Tensor, route: Route) -> Tensor:
+        """The chunk's kept copies in expert order (the dispatch payload)."""
+        return x_ND[route.start : route.stop].index_select(0, route.token_M)
+
+    def issue_dispatch(self, x_MD: Tensor, route: Route) -> Handle:
+        return self.exchange.dispatch(x_MD, route.send, route.recv)
+
+    def issue_combine(self, y_RD: Tensor, route: Route) -> Handle:
+        """`y_RD` in received order (after `from_experts`) goes home."""
+        return self.exchange.combine(y_RD, route.recv, route.send)
+
+    def finish(self, y_MD: Tensor, gates_NK: Tensor, route: Route) -> Tensor:
+        """The chunk's output [stop-start, D]: the plain path's `combine` arithmetic."""
+        gates_NK = gates_NK[route.start : route.stop]
+        if route.pos_NK is not None:
+            return weighted_sum(y_MD, gates_NK, route.pos_NK)[0]
+        w_M = gates_NK.flatten().index_select(0, route.order_M).to(y_MD.dtype)
+        out = y_MD.new_zeros(route.stop - route.start, y_MD.shape[1])
+        return out.index_add(0, route.token_M, y_MD * w_M[:, None])
+
+    def combine_grad(
+        self, g_ND: Tensor, y_MD: Tensor, gates_NK: Tensor, route: Route
+    ) -> tuple[Tensor, Tensor]:
+        """Backward of `finish` for the chunk: (grad of y_MD, to send back to the experts;
+        grad of the chunk's gates [stop-start, K])."""
+        K = self.top_k
+        gates_NK = gates_NK[route.start : route.stop]
+        g_MD = g_ND[route.start : route.stop].index_select(0, route.token_M)
+        g_w = (g_MD * y_MD).sum(1).to(gates_NK.dtype)
+        if route.pos_NK is not None:
+            dgates = g_w.index_select(0, route.pos_NK.flatten())
+        else:
+            dgates = g_w.new_zeros((route.stop - route.start) * K).index_add_(0, route.order_M, g_w)
+        w_M = gates_NK.flatten().index_select(0, route.order_M).to(y_MD.dtype)
+        return g_MD * w_M[:, None], dgates.view(-1, K)
+
+    def issue_back(self, g_RD: Tensor, route: Route, toward: str) -> Handle:
+        """The exact reverse movement of a gradient: toward "experts" (combine's backward) or
+        "home" (dispatch's backward)."""
+        if toward == "experts":
+            return self.exchange.move(g_RD, route.send, route.recv)
+        return self.exchange.move(g_RD, route.recv, route.send)
+
+    def finish_grad(self, g_MD: Tensor, route: Route, dtype: torch.dtype) -> Tensor:
+        """Backward of `send_rows`: the chunk's input grad [stop-start, D] from its copies."""
+        if route.pos_NK is not None:
+            return sum_copies(g_MD, route.pos_NK).to(dtype)
+        dx = g_MD.new_zeros(route.stop - route.start, g_MD.shape[1], dtype=dtype)
+        return dx.index_add_(0, route.token_M, g_MD.to(dtype))

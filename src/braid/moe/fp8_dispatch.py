@@ -6,8 +6,8 @@ Forward, per token (not per copy):
      collectives, so everything travels as uint8);
   2. gather the K copies of each token in expert order from the packed rows: the permutation
      moves 1-byte codes, and quantisation ran over N rows, not N*K;
-  3. with more than one rank, move the packed rows to the experts' ranks and regroup them by
-     local expert;
+  3. through any exchange but the local one, move the packed rows to the experts' ranks (the
+     simulated exchange times their bytes) and regroup them by local expert;
   4. hand the experts `Fp8Rows` (codes, scales, an autograd anchor), never decoded.
 Rowwise scales depend on the row alone, so the codes equal those of quantising each copy where
 it lands: EP results equal the single-process ones, and the experts' own quantiser (used when
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from braid.exchange.base import Exchange
+from braid.exchange.base import Exchange, LocalExchange
 from braid.exchange.compress.fp8 import Fp8Compressor
 from braid.exchange.compress.wrap import CompressedExchange
 from braid.exchange.config import ExchangeConfig
@@ -52,7 +52,8 @@ class _Fp8Dispatch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_ND, token_M, pos_NK, exchange, send, recv, regroup_R, unregroup_R, rec):
         D = x_ND.shape[1]
-        if exchange.size > 1:
+        moves = not isinstance(exchange, LocalExchange)  # a real (or simulated) exchange
+        if moves:
             p_NB = ROWWISE.encode(x_ND)
             if rec.stats is not None:
                 rec.stats.record(f"{rec.name}/x", x_ND, ROWWISE.unpack(p_NB, D)[0])
@@ -64,13 +65,13 @@ class _Fp8Dispatch(torch.autograd.Function):
                 p_MB = p_MB.index_select(0, regroup_R)
             q_RD, s_R1 = ROWWISE.unpack(p_MB, D)
             q_RD = q_RD.contiguous()  # fp8 GEMMs want dense, 16-byte aligned rows
-        else:  # one rank: nothing to pack (the same codes, and a graph torch.compile keeps)
+        else:  # the local exchange: nothing to pack (same codes; a graph torch.compile keeps)
             q_ND, s_N1 = fp8.quantize(x_ND)
             if rec.stats is not None:
                 rec.stats.record(f"{rec.name}/x", x_ND, q_ND)
             q_RD = q_ND.view(torch.uint8).index_select(0, token_M).view(fp8.E4M3)
             s_R1 = s_N1.index_select(0, token_M)
-        ctx.exchange, ctx.send, ctx.recv = exchange, send, recv
+        ctx.exchange, ctx.send, ctx.recv, ctx.moves = exchange, send, recv, moves
         ctx.save_for_backward(pos_NK, unregroup_R)
         ctx.mark_non_differentiable(q_RD, s_R1)
         return x_ND.new_zeros(()).expand(q_RD.shape[0], D), q_RD, s_R1
@@ -80,7 +81,7 @@ class _Fp8Dispatch(torch.autograd.Function):
         pos_NK, unregroup_R = ctx.saved_tensors
         if unregroup_R is not None:
             g_RD = g_RD.index_select(0, unregroup_R)
-        if ctx.exchange.size > 1:
+        if ctx.moves:
             g_RD = ctx.exchange.move(g_RD.contiguous(), ctx.recv, ctx.send).wait()
         return sum_copies(g_RD, pos_NK), *[None] * 8
 

@@ -5,7 +5,13 @@ Shape legend: N tokens on this rank, E experts, K experts per token.
 - scores: softmax over experts (Switch/GShard) or sigmoid per expert (DeepSeek-V3).
 - choice: top-k of the scores, plus a per-expert bias when aux-loss-free balancing is on; the
   bias only changes which experts are chosen, never the gate values (DeepSeek-V3, sec. 2.1.2).
-- gates: the chosen scores, renormalised to sum to one if `renormalize`.
+- group-limited choice (DeepSeek-V3, `n_groups` > 1): the E experts form n_groups contiguous
+  groups; a group's score is the sum of its two best choice scores (bias included, as in
+  DeepSeek-V3's reference inference code), only the best `topk_groups` groups stay eligible,
+  and the top-k is taken among their experts. With experts laid out contiguously over EP ranks
+  and groups aligned to ranks, this bounds the ranks a token is sent to (docs/routing.md).
+- gates: the chosen scores, renormalised to sum to one if `renormalize`, then multiplied by
+  `routed_scaling` (DeepSeek-V3's routed_scaling_factor).
 - aux loss (Switch eq. 4 / GShard): E * sum_i f_i * P_i, f_i the fraction of token copies sent
   to expert i and P_i the mean routing probability of expert i (for sigmoid scores, the scores
   normalised per token). f is counted over the global batch (all ranks) through `reduce`, so the
@@ -57,12 +63,16 @@ class Router(nn.Module):
         else:
             scores_NE = logits_NE.sigmoid()
         choice_NE = scores_NE + self.expert_bias if self.cfg.bias_balance else scores_NE
+        if self.cfg.n_groups > 1:
+            choice_NE = self._limit_groups(choice_NE)
         topk_idx_NK = choice_NE.topk(self.top_k, dim=-1, sorted=False).indices
         # Fixed order of a token's experts (ascending id) keeps combine sums layout-independent.
         topk_idx_NK = topk_idx_NK.sort(dim=-1).values
         gates_NK = scores_NE.gather(1, topk_idx_NK)
         if self.cfg.renormalize:
             gates_NK = gates_NK / (gates_NK.sum(dim=-1, keepdim=True) + 1e-20)
+        if self.cfg.routed_scaling != 1.0:
+            gates_NK = gates_NK * self.cfg.routed_scaling
 
         # One small all-reduce gives the global counts (the aux loss and the bias need them).
         local_counts_E = torch.zeros_like(scores_NE[0]).scatter_add_(
@@ -81,6 +91,16 @@ class Router(nn.Module):
         if self.cfg.z_loss_coef > 0 and x_ND.shape[0] > 0:
             z = torch.logsumexp(logits_NE, dim=-1).square().mean()
         return RouterOutput(topk_idx_NK, gates_NK.to(x_ND.dtype), aux, z, counts_E)
+
+    def _limit_groups(self, choice_NE: Tensor) -> Tensor:
+        """choice_NE with the experts of all but the best topk_groups groups set to -inf."""
+        G = self.cfg.n_groups
+        choice_NGe = choice_NE.unflatten(-1, (G, -1))
+        best = min(2, choice_NGe.shape[-1])  # a group of one expert scores by that expert
+        group_NG = choice_NGe.topk(best, dim=-1).values.sum(dim=-1)
+        keep_NG = group_NG.topk(self.cfg.topk_groups, dim=-1, sorted=False).indices
+        mask_NG = torch.ones_like(group_NG, dtype=torch.bool).scatter_(1, keep_NG, False)
+        return choice_NGe.masked_fill(mask_NG[..., None], float("-inf")).flatten(1)
 
     @torch.no_grad()
     def record_load(self, counts_E: Tensor) -> None:

@@ -13,9 +13,11 @@ Shapes: R rows, F expert hidden size.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 
 class _SwiGLU(torch.autograd.Function):
@@ -43,3 +45,23 @@ def swiglu(h_RF2: Tensor) -> Tensor:
         gate, up = h_RF2.chunk(2, dim=-1)
         return F.silu(gate) * up
     return _SwiGLU.apply(h_RF2)
+
+
+def gated(shared_ND: Tensor, x_ND: Tensor, gate: Callable[[Tensor], Tensor] | None) -> Tensor:
+    """A shared expert's output times sigmoid(gate(x)) per token (Qwen2-MoE's gated shared
+    expert); unchanged when there is no gate."""
+    if gate is None:
+        return shared_ND
+    return shared_ND * torch.sigmoid(gate(x_ND)).to(shared_ND.dtype)
+
+
+class SwiGLU(nn.Module):
+    """y = W2 (silu(W1 x) * W3 x); W1 and W3 are stored fused as one [2F, D] matrix."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w13 = nn.Linear(dim, 2 * hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(swiglu(self.w13(x)))

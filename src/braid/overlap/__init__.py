@@ -1,7 +1,7 @@
 """braid.overlap: hide the MoE all-to-all behind computation (see docs/overlap.md).
 
     OverlapSession.install / begin_step / flush / end_step   session.py  (the trainer's handle)
-    LayerOverlap (moe.overlap), plan_chunks, token_bounds     pipeline.py (chunked region)
+    LayerOverlap (moe.overlap)                                pipeline.py (chunked region)
     WgradQueue, flush_point, split_linear, swiglu_split_dw    wgrad.py    (dW/dX split)
     CostModel, LayerShape, measure, predict_ms, choose_chunks planner.py
     LayerTimeline, format_summary                             timeline.py

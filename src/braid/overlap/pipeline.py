@@ -3,21 +3,22 @@
 Job: the same result as dispatch -> experts -> combine (+ shared) of `braid.moe`, with the
 exchange of one chunk in flight while another chunk's experts run, in forward and backward.
 
-Design (Tutel / PlanMoE, token chunks): the N tokens of this rank are cut into C contiguous
-ranges (sizes differ by at most one; a range may be empty, since C must match on every rank
-while N may not). Each chunk is an independent dispatch -> experts -> combine over its tokens,
-so per token the arithmetic is the plain path's (rows sorted by expert, the K outputs of a token
-summed in expert order); only the grouping of rows into GEMM calls differs. Every chunk's
-counts travel in one count exchange ([W, C*L]: the exchange's all-to-all over dim 0) and one
-host sync. Capacity mode decides which copies fit over the whole batch first (as the
-dispatcher does), then moves only the kept rows.
+Design (Tutel / PlanMoE, token chunks): the dispatcher's plan cuts the N tokens of this rank
+into C contiguous routes (`braid.moe.dispatcher.TokenDispatcher.plan`: one count exchange and
+one host sync for all of them; capacity decided over the whole batch). Each route is an
+independent dispatch -> experts -> combine over its tokens, so per token the arithmetic is the
+plain path's; only the grouping of rows into GEMM calls differs. This file holds no routing
+math: it is a scheduler over the dispatcher's per-route primitives (send_rows, issue_dispatch,
+to_experts/from_experts, issue_combine, finish; combine_grad, issue_back, finish_grad), which
+return `braid.exchange` handles, and it waits on handles through their contract only
+(`wait`, `done`, `elapsed_ms`).
 
 Autograd: one Function spans the region. Its forward runs the schedule below and keeps, per
 chunk, a small expert-side graph (received rows -> regroup -> experts -> un-regroup) built under
-enable_grad; token-side permutations are done by hand as gathers (`braid.ops.permute`; the
-index_add scatter only in capacity mode, where a token may have fewer than K copies), so nothing
-is kept that the plain path frees. Its backward replays the schedule in
-reverse, calling torch.autograd.backward on each chunk's graph.
+enable_grad; token-side steps go through the dispatcher's autograd-free primitives and their
+hand-written backward (`combine_grad`, `finish_grad`), so nothing is kept that the plain path
+frees. Its backward replays the schedule in reverse, calling torch.autograd.backward on each
+chunk's graph.
 
 Phases (forward; D = dispatch exchange, E = experts, B = combine exchange, S = shared experts):
   issue D0; S (overlaps D0);
@@ -38,93 +39,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from braid.ops.permute import (
-    inverse_permutation,
-    permute_rows,
-    regroup_index,
-    sum_copies,
-    weighted_sum,
-)
+from braid.ops.swiglu import gated
+from braid.overlap.fsdp_unit import ExpertUnit
 from braid.overlap.streams import Clock
 from braid.overlap.timeline import LayerTimeline
 from braid.overlap.wgrad import WgradQueue, flush_point, swiglu_split_dw
-
-
-@dataclass
-class Chunk:
-    a: int  # first token
-    b: int  # one past the last token
-    order_M: Tensor  # sorted position -> flat copy index in the chunk (n*K + k); kept copies
-    token_M: Tensor  # sorted position -> token index in the chunk
-    send: list[int]  # rows to each rank
-    recv: list[int]  # rows from each rank
-    counts_L: Tensor  # received rows per local expert
-    regroup_R: Tensor | None  # received [rank][expert] order -> [expert][rank] (W > 1)
-    unregroup_R: Tensor | None
-    pos_NK: Tensor | None  # dropless: sorted position of copy k of token n (inverse of order_M)
-
-
-def token_bounds(num_tokens: int, num_chunks: int) -> list[tuple[int, int]]:
-    """C contiguous ranges covering [0, N), sizes differing by at most one (some may be empty)."""
-    q, r = divmod(num_tokens, num_chunks)
-    sizes = [q + (c < r) for c in range(num_chunks)]
-    starts = [sum(sizes[:c]) for c in range(num_chunks)]
-    return [(s, s + n) for s, n in zip(starts, sizes, strict=True)]
-
-
-def plan_chunks(topk_NK: Tensor, num_chunks: int, dispatcher: Any) -> tuple[list[Chunk], Tensor]:
-    """Sort each chunk's copies by expert, exchange all counts at once; (chunks, num_dropped)."""
-    N, K = topk_NK.shape
-    E, W = dispatcher.num_experts, dispatcher.exchange.size
-    L, dev = E // W, topk_NK.device
-    keep_M, dropped = None, torch.zeros((), dtype=torch.long, device=dev)
-    if dispatcher.capacity_factor > 0:  # the dispatcher's rule, over the whole batch
-        sorted_e, order = torch.sort(topk_NK.flatten(), stable=True)
-        counts_E = torch.zeros(E, dtype=torch.long, device=dev).scatter_add_(
-            0, sorted_e, torch.ones_like(sorted_e)
-        )
-        pos = (
-            torch.arange(sorted_e.numel(), device=dev)
-            - (torch.cumsum(counts_E, 0) - counts_E)[sorted_e]
-        )
-        fits = pos < dispatcher.capacity(N)
-        keep_M = torch.empty_like(fits).scatter_(0, order, fits)
-        dropped = (~fits).sum()
-    parts, counts = [], []
-    for a, b in token_bounds(N, num_chunks):
-        sorted_e, order = torch.sort(topk_NK[a:b].flatten(), stable=True)
-        if keep_M is not None:
-            fits = keep_M[a * K : b * K].index_select(0, order)
-            sorted_e, order = sorted_e[fits], order[fits]
-        parts.append((a, b, order))
-        counts.append(
-            torch.zeros(E, dtype=torch.long, device=dev).scatter_add_(
-                0, sorted_e, torch.ones_like(sorted_e)
-            )
-        )
-    send_CWL = torch.stack(counts).view(num_chunks, W, L)
-    recv_WCL = dispatcher.exchange.exchange_counts(
-        send_CWL.transpose(0, 1).reshape(W, num_chunks * L)
-    ).view(W, num_chunks, L)
-    # One host sync: every chunk's splits, both directions.
-    sizes = torch.cat([send_CWL.sum(2).flatten(), recv_WCL.sum(2).t().flatten()]).tolist()
-    chunks = []
-    for c, (a, b, order) in enumerate(parts):
-        send, recv = sizes[c * W : (c + 1) * W], sizes[(num_chunks + c) * W :][:W]
-        recv_WL = recv_WCL[:, c]
-        regroup = regroup_index(recv_WL, sum(recv)) if W > 1 else None
-        unregroup = inverse_permutation(regroup) if regroup is not None else None
-        pos = inverse_permutation(order).view(b - a, K) if keep_M is None else None
-        chunks.append(
-            Chunk(a, b, order, order // K, send, recv, recv_WL.sum(0), regroup, unregroup, pos)
-        )
-    return chunks, dropped
 
 
 class _Capture(torch.autograd.Function):
@@ -177,69 +101,70 @@ class _Run:
 
     def __init__(
         self,
-        chunks: list[Chunk],
-        ex: Any,
+        routes: list[Any],
+        dispatcher: Any,
         experts: Callable,
         shared: Callable | None,
         tl: LayerTimeline,
         drain: Callable[[Any], int] | None,
         grad: bool,
+        unit: ExpertUnit,
     ):
-        self.chunks, self.ex, self.experts, self.shared = chunks, ex, experts, shared
+        self.routes, self.dsp, self.experts, self.shared = routes, dispatcher, experts, shared
+        self.unit = unit
         self.tl, self.drain, self.grad = tl, drain, grad
+        C = len(routes)
+        self.roots: list[Tensor | None] = [None] * C  # per chunk: the expert graph's end
+        self.boxes: list[list[Tensor]] = [[] for _ in range(C)]  # ... and its input grad
+        self.y_home: list[Tensor | None] = [None] * C  # expert outputs back home (combine_grad)
         self.side_box: list[Tensor] = []
         self.side_root: Tensor | None = None
+        self.gates_NK: Tensor | None = None
+        self.x_dtype = torch.float32
 
     def forward(self, x_ND: Tensor, gates_NK: Tensor, anchor: Tensor | None):
-        tl, ex, C = self.tl, self.ex, len(self.chunks)
-        self.N, self.K, self.x_dtype, self.g_dtype = *gates_NK.shape, x_ND.dtype, gates_NK.dtype
-        self.roots, self.boxes = [None] * C, [[] for _ in range(C)]
-        self.y_home, self.w_M = [None] * C, [None] * C
+        tl, dsp, C = self.tl, self.dsp, len(self.routes)
+        self.x_dtype = x_ND.dtype
+        if self.grad:
+            self.gates_NK = gates_NK
         disp, comb, outs = [None] * C, [None] * C, [None] * C
 
         def issue_dispatch(c: int):
-            ch = self.chunks[c]
-            x_MD = x_ND[ch.a : ch.b].index_select(0, ch.token_M)
-            return tl.issue("dispatch_a2a", lambda: ex.dispatch(x_MD, ch.send, ch.recv), x_MD)
+            route = self.routes[c]
+            x_MD = dsp.send_rows(x_ND, route)
+            return tl.issue("dispatch_a2a", lambda: dsp.issue_dispatch(x_MD, route), x_MD)
 
         def run_experts(c: int, x_RD: Tensor) -> Tensor:
-            ch = self.chunks[c]
+            route = self.routes[c]
             with tl.span("experts"), torch.enable_grad() if self.grad else nullcontext():
                 if self.grad:
                     x_RD = _Capture.apply(anchor, x_RD, self.boxes[c])
-                if ch.regroup_R is not None:
-                    x_RD = permute_rows(x_RD, ch.regroup_R, ch.unregroup_R)
-                y_RD = self.experts(x_RD, ch.counts_L)
-                if ch.unregroup_R is not None:
-                    y_RD = permute_rows(y_RD, ch.unregroup_R, ch.regroup_R)
+                y_RD = self.experts(dsp.to_experts(x_RD, route), route.counts_L)
+                y_RD = dsp.from_experts(y_RD, route)
                 if self.grad:
                     self.roots[c] = _Root.apply(y_RD)
             return y_RD.detach()
 
         def finish(c: int, y_MD: Tensor) -> Tensor:
-            ch = self.chunks[c]
-            w_M = gates_NK[ch.a : ch.b].flatten().index_select(0, ch.order_M).to(y_MD.dtype)
             if self.grad:
-                self.y_home[c], self.w_M[c] = y_MD, w_M
-            if ch.pos_NK is not None:  # the plain path's `combine_tokens` arithmetic
-                return weighted_sum(y_MD, gates_NK[ch.a : ch.b], ch.pos_NK)[0]
-            out = y_MD.new_zeros(ch.b - ch.a, y_MD.shape[1])
-            return out.index_add(0, ch.token_M, y_MD * w_M[:, None])
+                self.y_home[c] = y_MD
+            return dsp.finish(y_MD, gates_NK, self.routes[c])
 
         disp[0] = issue_dispatch(0)
         side = x_ND.new_zeros(0)
         if self.shared is not None:
             side = self._side_forward(x_ND, anchor)  # overlaps D0
+        self.unit.gather()  # an FSDP expert unit: one all-gather for every chunk
         for c in range(C):
             if c + 1 < C:
                 disp[c + 1] = issue_dispatch(c + 1)
             y_RD = run_experts(c, tl.wait(disp[c]))
-            ch = self.chunks[c]
-            comb[c] = tl.issue(
-                "combine_a2a", lambda y=y_RD, ch=ch: ex.combine(y, ch.recv, ch.send), y_RD
-            )
+            route = self.routes[c]
+            comb[c] = tl.issue("combine_a2a", lambda y=y_RD, r=route: dsp.issue_combine(y, r), y_RD)
             if c >= 1:
                 outs[c - 1] = finish(c - 1, tl.wait(comb[c - 1]))
+            if c == C - 1:
+                self.unit.release()
         outs[C - 1] = finish(C - 1, tl.wait(comb[C - 1]))
         return (outs[0] if C == 1 else torch.cat(outs)), side
 
@@ -252,39 +177,28 @@ class _Run:
         return s.detach()
 
     def backward(self, g_out: Tensor, g_side: Tensor) -> tuple[Tensor, Tensor]:
-        tl, ex, C, drain = self.tl, self.ex, len(self.chunks), self.drain
+        tl, dsp, C, drain = self.tl, self.dsp, len(self.routes), self.drain
         g_out = g_out.contiguous()
         bg, dg, dxs, dgates = [None] * C, [None] * C, [None] * C, [None] * C
 
         def issue_bg(c: int):
-            ch = self.chunks[c]
-            y, w = self.y_home[c], self.w_M[c]
-            self.y_home[c] = self.w_M[c] = None
-            g_MD = g_out[ch.a : ch.b].index_select(0, ch.token_M)
-            g_w = (g_MD * y).sum(1).to(self.g_dtype)
-            if ch.pos_NK is not None:
-                dgates[c] = g_w.index_select(0, ch.pos_NK.flatten())
-            else:
-                dgates[c] = g_w.new_zeros((ch.b - ch.a) * self.K).index_add_(0, ch.order_M, g_w)
-            g_y = g_MD * w[:, None]
-            return tl.issue("combine_a2a_bwd", lambda: ex.move(g_y, ch.send, ch.recv), g_y)
+            route, y_MD = self.routes[c], self.y_home[c]
+            self.y_home[c] = None
+            g_MD, dgates[c] = dsp.combine_grad(g_out, y_MD, self.gates_NK, route)
+            return tl.issue("combine_a2a_bwd", lambda: dsp.issue_back(g_MD, route, "experts"), g_MD)
 
         def issue_dg(c: int, g_RD: Tensor):
-            ch = self.chunks[c]
             with tl.span("experts_bwd"):
                 torch.autograd.backward(self.roots[c], g_RD)
             self.roots[c] = None
             g_x = self.boxes[c].pop().contiguous()  # the buffer the exchange reads
-            return tl.issue("dispatch_a2a_bwd", lambda: ex.move(g_x, ch.recv, ch.send), g_x)
+            route = self.routes[c]
+            return tl.issue("dispatch_a2a_bwd", lambda: dsp.issue_back(g_x, route, "home"), g_x)
 
         def finish(c: int, g_MD: Tensor) -> None:
-            ch = self.chunks[c]
-            if ch.pos_NK is not None:
-                dxs[c] = sum_copies(g_MD, ch.pos_NK).to(self.x_dtype)
-                return
-            dx = g_MD.new_zeros(ch.b - ch.a, g_MD.shape[1], dtype=self.x_dtype)
-            dxs[c] = dx.index_add_(0, ch.token_M, g_MD.to(self.x_dtype))
+            dxs[c] = dsp.finish_grad(g_MD, self.routes[c], self.x_dtype)
 
+        self.unit.hold()  # an FSDP expert unit: reduce-scattered once, at the flush point
         bg[0] = issue_bg(0)
         dx_side = None
         if self.shared is not None:
@@ -299,10 +213,11 @@ class _Run:
             if c >= 1:
                 finish(c - 1, tl.wait(dg[c - 1], drain))
         finish(C - 1, tl.wait(dg[C - 1], drain))
+        self.gates_NK = None
         dx = dxs[0] if C == 1 else torch.cat(dxs)
         if dx_side is not None:
             dx = dx + dx_side
-        return dx, torch.cat(dgates).view(self.N, self.K)
+        return dx, torch.cat(dgates)
 
 
 class LayerOverlap:
@@ -318,42 +233,60 @@ class LayerOverlap:
         self, layer: int, chunks: int, split_dw: bool, clock: Clock, defer_expert_dw: bool = True
     ):
         self.layer, self.chunks, self.split_dw = layer, chunks, split_dw
-        self.defer_expert_dw = split_dw and defer_expert_dw  # see session.expert_dw_deferrable
+        # Routed-expert dW too (an FSDP expert unit waits for it: `fsdp_unit.ExpertUnit`).
+        self.defer_expert_dw = split_dw and defer_expert_dw
         self.timeline = LayerTimeline(layer, clock)
         self.queue = WgradQueue(self.timeline.span)
         self.predicted_ms: float | None = None
+        self.unit: ExpertUnit | None = None  # the experts, once `run` has seen them
 
     def flush_point(self, x_ND: Tensor) -> Tensor:
-        """Identity whose backward flushes this layer's dW queue (call at the layer input)."""
-        return flush_point(x_ND, self.queue) if self.split_dw else x_ND
+        """Identity whose backward flushes this layer's dW queue, then reduces its FSDP expert
+        unit once (call at the layer input)."""
+        return flush_point(x_ND, self)
+
+    def flush(self) -> int:
+        """Run every queued dW of the layer, then the expert unit's one reduction if held."""
+        n = self.queue.flush()
+        if self.unit is not None:
+            self.unit.reduce()
+        return n
 
     def run(
         self,
         x_ND: Tensor,
-        topk_NK: Tensor,
         gates_NK: Tensor,
+        plan: Any,
         dispatcher: Any,
         experts: Any,
         shared: Any | None,
-    ) -> tuple[Tensor, Tensor]:
-        """Steps 2-5 of MoE.forward; returns (out_ND with the shared experts added, dropped)."""
+        shared_gate: Any | None = None,
+    ) -> Tensor:
+        """Steps 2b-5 of MoE.forward over `plan.routes` (`braid.moe.dispatcher.Plan`); returns
+        out_ND with the shared experts added, scaled by `shared_gate` when there is one
+        (`braid.ops.swiglu.gated`)."""
         sink = self.queue if self.split_dw else None
         overlap_shared = shared is not None and (self.chunks > 1 or self.split_dw)
         side = None
         if overlap_shared:
-            side = (lambda x: swiglu_split_dw(shared, x, sink)) if sink is not None else shared
+            if sink is not None:
+                side = lambda x: gated(swiglu_split_dw(shared, x, sink), x, shared_gate)  # noqa: E731
+            else:
+                side = lambda x: gated(shared(x), x, shared_gate)  # noqa: E731
         grad = torch.is_grad_enabled()
+        if self.unit is None or self.unit.module is not experts:
+            self.unit = ExpertUnit(experts)
         with self.timeline.span("forward"):
-            chunks, dropped = plan_chunks(topk_NK, self.chunks, dispatcher)
             expert_sink = sink if self.defer_expert_dw else None
             run = _Run(
-                chunks,
-                dispatcher.exchange,
+                plan.routes,
+                dispatcher,
                 lambda x, n: experts(x, n, expert_sink),
                 side,
                 self.timeline,
                 self.queue.drain if sink is not None else None,
                 grad,
+                self.unit,
             )
             if grad:
                 anchor = torch.zeros((), device=x_ND.device, requires_grad=True)
@@ -365,5 +298,5 @@ class LayerOverlap:
         if overlap_shared:
             out_ND = out_ND + side_ND
         elif shared is not None:
-            out_ND = out_ND + shared(x_ND)
-        return out_ND, dropped
+            out_ND = out_ND + gated(shared(x_ND), x_ND, shared_gate)
+        return out_ND

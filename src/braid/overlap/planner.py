@@ -11,7 +11,13 @@ Cost model (all times in ms; fitted at start-up by `measure`, or given by tests)
 - compute and exchange at once: max(x, y) + interference * min(x, y) (0: perfect overlap,
   1: serialised, e.g. by SM or memory-bandwidth contention);
 - per chunk, the backward writes one weight-sized dW per expert GEMM into the fp32 grads
-  (dw_accumulate_ms): a fixed cost per chunk that makes many chunks expensive for big experts.
+  (dw_accumulate_ms): a fixed cost per chunk that makes many chunks expensive for big experts;
+- the non-GEMM work of the region, measured on the layer's own dispatcher (its plan with the
+  count exchange and host sync, the token-side gathers, weighted sums and their backward):
+  overhead_ms + C * overhead_per_chunk_ms, serial on the compute stream;
+- compression: the forward dispatch (and combine, with exchange.compress_combine) is timed
+  through the exchange's own `dispatch`/`combine` (encode + packed move + decode) against the
+  exact `move` the gradients take: dispatch_factor, combine_factor scale those exchanges.
 Per chunk (balanced routing, N*K/C rows): d = b = one exchange, e = the expert GEMMs.
 Pipeline (the 3-stage formula; the two exchanges share the link, so their stage is d + b):
   T(C) = d + e + b + (C - 1) * both(e, d + b)
@@ -32,7 +38,7 @@ import statistics
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -64,6 +70,10 @@ class CostModel:
     gemm_ms_per_flop: float
     interference: float = 0.0
     dw_accumulate_ms: float = 0.0  # per chunk: cast + add of the experts' dW into their grads
+    overhead_ms: float = 0.0  # non-GEMM work of the region, once per layer
+    overhead_per_chunk_ms: float = 0.0  # ... and once per chunk
+    dispatch_factor: float = 1.0  # forward dispatch time / exact move time (compression)
+    combine_factor: float = 1.0  # forward combine time / exact move time
 
     def exchange_ms(self, nbytes: float, ep: int) -> float:
         return 0.0 if ep == 1 else self.a2a_latency_ms + nbytes * self.a2a_ms_per_byte
@@ -85,22 +95,23 @@ def predict_ms(shape: LayerShape, chunks: int, split_dw: bool, m: CostModel) -> 
     rows = s.tokens * s.top_k / C
     wire = rows * s.dim * s.elem_bytes * (s.ep - 1) / s.ep
     x = m.exchange_ms(wire, s.ep)
+    d_fwd, link_fwd = x * m.dispatch_factor, x * (m.dispatch_factor + m.combine_factor)
     e = m.gemm_ms(6.0 * rows * s.dim * s.hidden, calls=2)  # w13: 2*D*2F, w2: 2*F*D per row
     e_dw = e + m.dw_accumulate_ms
 
-    def pipe(e_chunk: float) -> float:
-        return 2 * x + e_chunk + (C - 1) * m.both(e_chunk, 2 * x)
+    def pipe(e_chunk: float, link: float) -> float:
+        return link + e_chunk + (C - 1) * m.both(e_chunk, link)
 
     overlapped = C > 1 or split_dw  # the schedule that overlaps the shared experts
     sh = m.gemm_ms(6.0 * s.tokens * s.dim * s.shared_hidden, calls=2) if s.shared_hidden else 0.0
-    fwd = pipe(e) + ((m.both(sh, x) - x) if overlapped else sh)
+    fwd = pipe(e, link_fwd) + ((m.both(sh, d_fwd) - d_fwd) if overlapped else sh)
     if split_dw:
-        t = pipe(e) + m.both(sh, x) - x  # dX only (e_dX == e_fwd), shared dX beside Bg0
+        t = pipe(e, 2 * x) + m.both(sh, x) - x  # dX only (e_dX == e_fwd), shared dX beside Bg0
         idle = max(t - C * e - sh, 0.0)  # compute-stream time spent waiting on exchanges
         bwd = t + max(0.0, C * e_dw + sh - idle * (1.0 - m.interference))
     else:
-        bwd = pipe(e + e_dw) + ((m.both(2 * sh, x) - x) if overlapped else 2 * sh)
-    return fwd + bwd
+        bwd = pipe(e + e_dw, 2 * x) + ((m.both(2 * sh, x) - x) if overlapped else 2 * sh)
+    return fwd + bwd + m.overhead_ms + C * m.overhead_per_chunk_ms
 
 
 def choose_chunks(
@@ -167,15 +178,18 @@ def measure(
     dtype: torch.dtype,
     reps: int = 5,
     fractions: tuple[int, ...] = (1, 2, 4, 8),
+    dispatcher: Any = None,
 ) -> CostModel:
     """Time exchanges and expert passes at this run's chunk sizes, agree (MAX) across ranks, fit.
     The expert pass is the experts' forward (`grouped_linear` x2 + SwiGLU) on stand-in fp32
     weights of the local shape under autocast to `dtype`, as in training, so per-call costs
     (weight casts) land in the latency a chunk pays. (Not the module itself: calling an FSDP
-    unit outside the model's forward would make it a root.)"""
+    unit outside the model's forward would make it a root.) With `dispatcher` (the layer's,
+    duck-typed `braid.moe.dispatcher.TokenDispatcher`) the non-GEMM work is measured too."""
     s, W, L = shape, shape.ep, experts.num_experts
     group = getattr(exchange, "ep_group", None)
-    align = (lambda: torch.distributed.barrier(group=group)) if W > 1 else None
+    ranks = W > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+    align = (lambda: torch.distributed.barrier(group=group)) if ranks else None
     amp = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
 
     def inputs(rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -228,14 +242,59 @@ def measure(
         for shp in ((L, s.dim, 2 * s.hidden), (L, s.hidden, s.dim))
     ]
     acc_ms = _median_ms(lambda: [a.add_(d.to(a.dtype)) for a, d in accs], device, reps)
+    extra = [0.0, 0.0, 1.0, 1.0]  # overhead at C = 1 and 4; dispatch, combine factors
+    if dispatcher is not None:
+        extra[:2] = [_token_side_ms(dispatcher, s, c, device, dtype, reps) for c in (1, 4)]
+    if W > 1 and getattr(exchange, "compressor", None) is not None:
+        rows = s.tokens * s.top_k // W * W
+        x = torch.randn(rows, s.dim, device=device, dtype=dtype)
+        split = [rows // W] * W
+        go = {n: getattr(exchange, n) for n in ("move", "dispatch", "combine")}
+        t = {
+            n: _median_ms(lambda f=f: f(x, split, split).wait(), device, reps, align)
+            for n, f in go.items()
+        }
+        extra[2:] = [t["dispatch"] / t["move"], t["combine"] / t["move"]]
     agreed = _max_over_world(
-        torch.tensor(times + [both, acc_ms], dtype=torch.float64), exchange, device
+        torch.tensor(times + [both, acc_ms] + extra, dtype=torch.float64), exchange, device
     )
     samples: dict[str, list[tuple[float, float]]] = {"a2a": [], "gemm": []}
-    for (kind, size), t in zip(sizes, agreed[:-2], strict=True):
+    for (kind, size), t in zip(sizes, agreed[:-6], strict=True):
         samples[kind].append((size, t))
     alone = (samples["gemm"][0][1], samples["a2a"][0][1] if samples["a2a"] else 0.0)
-    return fit(samples, agreed[-2], alone, agreed[-1])
+    m = fit(samples, agreed[-6], alone, agreed[-5])
+    one, four, fd, fc = agreed[-4:]
+    per_chunk = max((four - one) / 3, 0.0)
+    return replace(
+        m,
+        overhead_ms=max(one - per_chunk, 0.0),
+        overhead_per_chunk_ms=per_chunk,
+        dispatch_factor=fd,
+        combine_factor=fc,
+    )
+
+
+def _token_side_ms(
+    dispatcher: Any, s: LayerShape, chunks: int, device: torch.device, dtype: torch.dtype, reps: int
+) -> float:
+    """The region's non-GEMM work at C = `chunks` on balanced random routing: the plan (counts
+    exchanged, host sync) and, per route, the token-side gathers and weighted sums of the
+    forward and their backward (the expert-side regroup is left out: it needs received rows)."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    N, K, E = s.tokens, s.top_k, dispatcher.num_experts
+    topk = torch.rand(N, E, device=device, generator=gen).topk(K, dim=1).indices.sort(1).values
+    x = torch.randn(N, s.dim, device=device, dtype=dtype, generator=gen)
+    gates = torch.full((N, K), 1.0 / K, device=device, dtype=dtype)
+
+    def run() -> None:
+        for r in dispatcher.plan(topk, chunks).routes:
+            rows = dispatcher.send_rows(x, r)
+            dispatcher.finish(rows, gates, r)
+            g_rows, _ = dispatcher.combine_grad(x, rows, gates, r)
+            dispatcher.finish_grad(g_rows, r, dtype)
+
+    with torch.no_grad():
+        return _median_ms(run, device, reps)
 
 
 def _max_over_world(t: torch.Tensor, exchange: Any, device: torch.device) -> list[float]:
@@ -256,5 +315,7 @@ def describe(
         f"{table[best]:.3f} ms fwd+bwd ({preds}) | model: a2a {m.a2a_latency_ms:.3f} ms + "
         f"{m.a2a_ms_per_byte * 1e6:.4f} ms/MB, gemm {m.gemm_latency_ms:.3f} ms/call + "
         f"{m.gemm_ms_per_flop * 1e12:.3f} ms/TFLOP, dW accumulate "
-        f"{m.dw_accumulate_ms:.3f} ms/chunk, interference {m.interference:.2f}"
+        f"{m.dw_accumulate_ms:.3f} ms/chunk, interference {m.interference:.2f}, non-GEMM "
+        f"{m.overhead_ms:.3f} ms + {m.overhead_per_chunk_ms:.3f} ms/chunk, dispatch x"
+        f"{m.dispatch_factor:.2f} combine x{m.combine_factor:.2f}"
     )

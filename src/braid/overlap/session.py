@@ -53,7 +53,7 @@ def layer_shape(moe: Any, tokens_per_rank: int, dtype: torch.dtype) -> LayerShap
         hidden=moe.experts.hidden,
         top_k=moe.dispatcher.top_k,
         num_experts=moe.dispatcher.num_experts,
-        ep=moe.dispatcher.exchange.size,
+        ep=moe.dispatcher.exchange.traffic_ranks,
         elem_bytes=wire,
         shared_hidden=shared,
     )
@@ -102,16 +102,17 @@ class OverlapSession:
         models: dict[LayerShape, CostModel] = {}
         for i, moe in moes.items():
             shape = layer_shape(moe, tokens_per_rank, dtype)
-            deferrable = expert_dw_deferrable(moe.experts)
-            # The planner's split_dw is the routed experts' dW filling the windows; where it
-            # stays in place (an FSDP unit) plan without it (the shared expert's dW, still
-            # deferred, is then not counted: a conservative estimate).
-            plan_split = cfg.split_dw and deferrable
+            plan_split = cfg.split_dw  # routed dW deferred, FSDP expert units too (fsdp_unit)
             cost = None
             if cfg.chunks == "auto" or cfg.report:
                 if shape not in models:
                     models[shape] = measure(
-                        shape, moe.dispatcher.exchange, moe.experts, device, dtype
+                        shape,
+                        moe.dispatcher.exchange,
+                        moe.experts,
+                        device,
+                        dtype,
+                        dispatcher=moe.dispatcher,
                     )
                 cost = models[shape]
             if cfg.chunks == "auto":
@@ -124,21 +125,15 @@ class OverlapSession:
                 predicted = None if cost is None else predict_ms(shape, chunks, plan_split, cost)
             if chunks == 1 and not cfg.split_dw and not watch:
                 continue  # the planner chose the plain path
-            if cfg.split_dw and not deferrable and is_main:
-                log(
-                    f"overlap moe{i}: routed-expert dW computed in place, not deferred: with "
-                    "parallel.dp > 1 the experts are an FSDP unit, whose gradients are "
-                    "reduce-scattered when they reach the experts' input, before any exchange "
-                    "window (shared-expert dW is still deferred; see docs/overlap.md, 'FSDP')"
-                )
-            layers[i] = moe.overlap = LayerOverlap(i, chunks, cfg.split_dw, clock, deferrable)
+            layers[i] = moe.overlap = LayerOverlap(i, chunks, cfg.split_dw, clock)
             layers[i].predicted_ms = predicted
-            enable_exchange_timing(moe.dispatcher.exchange, device, cfg.report)
+            if cfg.report:
+                moe.dispatcher.exchange.enable_timing()  # handles measure their own time
         return cls(cfg, layers, device, log_every, is_main, run_dir, rank, log)
 
     def flush(self) -> int:
         """Run every queued weight gradient (before clipping and the optimizer step)."""
-        return sum(lo.queue.flush() for lo in self.layers.values())
+        return sum(lo.flush() for lo in self.layers.values())
 
     def begin_step(self, step: int) -> None:
         cfg = self.cfg
@@ -182,18 +177,3 @@ class OverlapSession:
         if self.cfg.report and self.is_main:
             self.log(format_summary(step, rows, self.layers))
         return out
-
-
-def expert_dw_deferrable(experts: nn.Module) -> bool:
-    """Whether the experts' weight grads may be deferred past their dX: not for an FSDP unit,
-    whose grads FSDP2 reduce-scatters in a hook on the experts' input gradient (before the
-    dispatch exchange whose window the dW would fill). Plain and DTensor parameters are fine:
-    the GEMM writes a deferred dW into the parameter itself (`braid.ops.grouped_gemm`)."""
-    return not (hasattr(experts, "reshard") and hasattr(experts, "unshard"))
-
-
-def enable_exchange_timing(exchange: Any, device: torch.device, report: bool) -> None:
-    """NCCL times each collective only when asked (read back by the timeline's exchange_ms)."""
-    group = getattr(exchange, "ep_group", None)
-    if report and device.type == "cuda" and group is not None:
-        group._enable_collectives_timing()  # private torch API; see timeline._exchange_ms

@@ -74,6 +74,5 @@ class InFlight:
 
 
 def in_flight(handle: Any) -> bool:
-    """True while an exchange has not completed (handles without a Work are complete)."""
-    work = getattr(handle, "work", None)
-    return work is not None and not work.is_completed()
+    """True while an exchange has not completed (`Handle.done()`, the exchange contract)."""
+    return not handle.done()

@@ -10,9 +10,9 @@ is on (report steps), the same places are also stamped on the compute stream
 - exposed_ms: time the compute stream waits on an exchange, i.e. inside `handle.wait()` after
   the dW drain (CUDA: events just before and after the wait, so the gap is the stream stall;
   CPU/gloo: host time blocked in the wait);
-- exchange_ms: issue to completion of each exchange, summed (CUDA: NCCL's own duration when
-  collective timing is on, else issue to the end of the wait, an upper bound; CPU: a future
-  callback stamps completion);
+- exchange_ms: issue to completion of each exchange, summed: the handle's own measurement
+  (`Handle.elapsed_ms()`: NCCL's duration when collective timing is on, CUDA events of an
+  exchange's stream, or host stamps on CPU), else issue to the end of the wait (an upper bound);
 - forward_ms/backward_ms: the pipelined region; measured_ms = forward + backward + dW_flush.
 Values are per micro-step (averaged over the forwards recorded since the last `summary`).
 
@@ -21,10 +21,9 @@ Phases: record (during the step, no host syncs) -> `summary()` after `streams.sy
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor
@@ -37,8 +36,7 @@ from braid.overlap.streams import Clock, InFlight
 class _Exchange:
     kind: str
     issued: Any
-    work: Any
-    done_host: list[float] = field(default_factory=list)  # CPU: completion stamp (callback)
+    handle: Any  # braid.exchange.base.Handle
     waited: Any = None
 
 
@@ -68,14 +66,8 @@ class LayerTimeline:
         with record_function(f"{self.prefix}/{kind}"):
             issued = self.clock.mark() if self.timing else None
             fl = InFlight(go(), send, kind)
-        work = getattr(fl.handle, "work", None)  # None: nothing moved (one rank, Done)
-        if self.timing and work is not None:
-            rec = _Exchange(kind, issued, work)
-            if not self.clock.cuda:
-                work.get_future().add_done_callback(
-                    lambda _f, box=rec.done_host: box.append(time.perf_counter())
-                )
-            fl.record = rec
+        if self.timing:
+            fl.record = _Exchange(kind, issued, fl.handle)
         return fl
 
     def wait(self, fl: InFlight, drain: Callable[[Any], int] | None = None) -> Tensor:
@@ -109,13 +101,8 @@ class LayerTimeline:
         return out
 
     def _exchange_ms(self, x: _Exchange) -> float:
-        if self.clock.cuda:
-            try:
-                return float(x.work._get_duration())  # needs collective timing on the group
-            except (AttributeError, RuntimeError):  # timing off / not NCCL: the upper bound
-                return self.clock.ms(x.issued, x.waited)
-        end = x.done_host[0] if x.done_host else x.waited
-        return self.clock.ms(x.issued, end)
+        own = x.handle.elapsed_ms()
+        return self.clock.ms(x.issued, x.waited) if own is None else own
 
 
 def format_summary(step: int, rows: dict[int, dict[str, float]], plans: dict[int, Any]) -> str:

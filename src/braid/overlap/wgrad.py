@@ -8,7 +8,7 @@ Phases of one MoE layer's backward with `overlap.split_dw = true`:
   1. a GEMM's backward computes dX at once (the exchange that needs it can start) and pushes its
      dW closure here (`WgradQueue.__call__`, the `WgradSink` signature);
   2. the pipeline issues the exchange and calls `drain(handle)`: queued dW runs on the compute
-     stream while `not work.is_completed()` (on CUDA the host runs ahead of the GPU, so this
+     stream while `not handle.done()` (on CUDA the host runs ahead of the GPU, so this
      enqueues every queued dW behind the issue; the GPU runs them beside the exchange);
   3. `wait()` on the handle; whatever did not fit stays queued for the next window;
   4. flush points: `flush_point(x, queue)` is an autograd identity at the MoE layer's input whose
@@ -46,6 +46,7 @@ class WgradQueue:
         self._tasks: deque[Task] = deque()
         self._span = span or (lambda kind: nullcontext())
         self.num_run = 0  # tasks run since construction (tests and the timeline read it)
+        self.num_drained = 0  # of those, tasks run inside an exchange window (by `drain`)
 
     def __call__(self, task: Task) -> None:
         self._tasks.append(task)
@@ -59,6 +60,7 @@ class WgradQueue:
         while self._tasks and in_flight(handle):
             self._run_one()
             n += 1
+        self.num_drained += n
         return n
 
     def flush(self) -> int:

@@ -12,7 +12,13 @@ class ParallelConfig:
     ep: int = knob(1, "Expert-parallel size; dp = world_size / ep replicas of each expert.")
     dense: str = knob("fsdp", "Dense weights: fsdp (fully_shard over all ranks) or replicate.")
     activation_checkpoint: bool = knob(False, "Recompute each block's activations in backward.")
+    param_dtype: str = knob(
+        "fp32",
+        "FSDP compute weights: fp32, or bf16 (gathered in bf16, fp32 master weights, grads "
+        "and Adam state kept sharded, grads reduced in fp32; torchrun only).",
+    )
 
     def validate(self) -> None:
         check(self.ep >= 1, "parallel.ep", self.ep, "must be >= 1")
         one_of("parallel.dense", self.dense, ("fsdp", "replicate"))
+        one_of("parallel.param_dtype", self.param_dtype, ("fp32", "bf16"))

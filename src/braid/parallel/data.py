@@ -11,18 +11,27 @@
      (no FSDP unit) whose grads the GEMM divides by world (`GroupedExperts.grad_divide`). Then
      nothing reduces their grads when they reach the experts' input, so the overlap engine may
      defer their dW into the exchange windows (`overlap.split_dw`, docs/overlap.md);
-  2. dense weights (parallel.dense): `fully_shard` of each block, then of the root, over the
-     flattened world mesh (fsdp), or FSDP2's `replicate` (an all-reduce per block, weights
+  2. dense weights (parallel.dense): `fully_shard` of each block and MTP module (and of the
+     embedding and head when untied, `fsdp_units`), then of the root, over the flattened world
+     mesh (fsdp), or FSDP2's `replicate` (an all-reduce per block, weights
      whole on every rank). Both average gradients over the world, the right scale for
      dense weights; experts are left to their own groups from step 1.
+With parallel.param_dtype = "bf16", every FSDP unit (experts and dense) gets FSDP2's
+MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32): the sharded parameters stay fp32 (the
+master copy that AdamW updates, with fp32 grads and moments, all sharded), the all-gather
+carries and the forward/backward compute with bf16 copies, and gradients are reduced in fp32.
+Unit inputs are cast to bf16 (FSDP2's cast_forward_inputs), so the residual stream is bf16 too
+(torchtitan's default). Experts that are no FSDP unit (dp = 1) keep fp32 weights; their grouped
+GEMMs cast to the input's dtype.
 On gloo (CPU) reductions are forced to SUM followed by a division, because gloo has no AVG or
 PREMUL_SUM. `assign_full` is the `assign` of `braid.model.init` for sharded parameters.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
@@ -37,6 +46,9 @@ def apply_data_parallel(model: nn.Module, cfg: Config, ctx: ParallelContext) -> 
     # group, where torch 2.13 would divide twice (in the copy that stands in for the
     # reduce-scatter, and again after it).
     sum_only = ctx.device.type == "cpu"
+    mp = MixedPrecisionPolicy()  # FSDP2's default: compute in the parameters' own dtype
+    if cfg.parallel.param_dtype == "bf16":
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     expert_params: set[nn.Parameter] = set()
     for moe in (m for m in model.modules() if isinstance(m, MoE)):  # 1.
         L = moe.experts.num_experts
@@ -48,24 +60,40 @@ def apply_data_parallel(model: nn.Module, cfg: Config, ctx: ParallelContext) -> 
         if ctx.dp == 1:
             moe.experts.grad_divide = float(ctx.world)
             continue
-        fully_shard(moe.experts, mesh=dp_mesh, shard_placement_fn=placement)
+        fully_shard(moe.experts, mesh=dp_mesh, shard_placement_fn=placement, mp_policy=mp)
         moe.experts.set_gradient_divide_factor(float(ctx.world))
         moe.experts.set_force_sum_reduction_for_comms(sum_only)
     units: list[FSDPModule] = []
     # Experts that are no FSDP unit of their own (dp = 1) stay out of the dense units.
     ignored = expert_params if ctx.dp == 1 else None
     if cfg.parallel.dense == "fsdp":  # 2.
-        units += [fully_shard(b, mesh=world_mesh, ignored_params=ignored) for b in model.blocks]
-        units.append(fully_shard(model, mesh=world_mesh, ignored_params=ignored))
+        units += [
+            fully_shard(u, mesh=world_mesh, ignored_params=ignored, mp_policy=mp)
+            for u in fsdp_units(model)
+        ]
+        units.append(fully_shard(model, mesh=world_mesh, ignored_params=ignored, mp_policy=mp))
     else:
         from torch.distributed._composable.replicate_with_fsdp import replicate
 
-        for block in model.blocks:
+        for block in model.units():
             ignored = {p for p in block.parameters() if p in expert_params}
-            units.append(replicate(block, mesh=world_mesh, ignored_params=ignored))
-        units.append(replicate(model, mesh=world_mesh, ignored_params=expert_params))
+            units.append(replicate(block, mesh=world_mesh, ignored_params=ignored, mp_policy=mp))
+        units.append(
+            replicate(model, mesh=world_mesh, ignored_params=expert_params, mp_policy=mp)
+        )
     for unit in units:
         unit.set_force_sum_reduction_for_comms(sum_only)
+
+
+def fsdp_units(model: nn.Module) -> list[nn.Module]:
+    """The dense FSDP units under the root, in order: each block, each MTP module, and with an
+    untied head the embedding and the head on their own (torchtitan's layout), so the root
+    never gathers both vocabulary matrices at once (1.9B elements for dsv3). A tied matrix
+    stays in the root: the head reads it outside the embedding's forward."""
+    units = list(model.units())
+    if model.output is not None:
+        units += [model.tok_emb, model.output]
+    return units
 
 
 def assign_full(param: Tensor, value: Tensor, row: int | None = None) -> None:

@@ -1,10 +1,10 @@
 """torch.distributed plumbing: start (or join) the process group, build the mesh, small collectives.
 
-`init_distributed(cfg)` is called under torchrun (RANK/WORLD_SIZE/LOCAL_RANK in the
-environment). It creates the process group itself (NCCL on GPU, gloo on CPU) unless one is
-already initialised, in which case it joins that one (tests spawn gloo ranks themselves) and
-leaves its teardown to whoever made it. Every collective here takes the context explicitly: no
-module-global process-group state.
+`init_parallel(cfg)`: one process, or under torchrun (RANK/WORLD_SIZE/LOCAL_RANK in the
+environment) `init_distributed(cfg)`. That creates the process group itself (NCCL on GPU, gloo
+on CPU) unless one is already initialised, in which case it joins that one (tests spawn gloo
+ranks themselves) and leaves its teardown to whoever made it. Every collective here takes the
+context explicitly: no module-global process-group state.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from braid.config import Config
+from braid.errors import BraidError
 from braid.parallel.mesh import ParallelContext, check_layout, pick_device
 
 
@@ -51,7 +52,24 @@ def init_distributed(cfg: Config) -> ParallelContext:
         mesh=mesh,
         world_mesh=world_mesh,
         owns_process_group=owns,
+        # The topology exchanges need (hierarchical, symmetric) comes from here, not from
+        # their own reading of the environment.
+        local_world=int(os.environ.get("LOCAL_WORLD_SIZE", "0"))
+        or torch.cuda.device_count()
+        or world,
     )
+
+
+def init_parallel(cfg: Config) -> ParallelContext:
+    """One process, or the torchrun group described by the environment."""
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        if cfg.parallel.ep != 1:
+            raise BraidError(
+                f"parallel.ep={cfg.parallel.ep} needs that many processes: launch with "
+                f"torchrun --nproc_per_node={cfg.parallel.ep} -m braid train ..."
+            )
+        return ParallelContext(rank=0, world=1, local_rank=0, device=pick_device(cfg))
+    return init_distributed(cfg)
 
 
 def shutdown(ctx: ParallelContext) -> None:

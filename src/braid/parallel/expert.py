@@ -26,6 +26,8 @@ statistics are still global, so every layout computes the same routing losses.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import sys
 from collections.abc import Callable
 
@@ -44,10 +46,12 @@ def apply_expert_parallel(model: nn.Module, cfg: Config, ctx: ParallelContext) -
     if not moes:
         return
     ep_mesh = ctx.mesh["ep"]
-    # 2. one exchange for the whole model (built before the loop: it may create groups).
-    exchange = get_exchange(cfg.exchange.algorithm)(
-        ep_mesh.get_group(), ctx.world_mesh.get_group(), cfg.exchange
-    )
+    # 2. one exchange for the whole model (built before the loop: it may create groups), with
+    # the topology of this context: node_size 0 means this node's ranks (that share the EP group).
+    xcfg = cfg.exchange
+    if xcfg.node_size == 0:
+        xcfg = dataclasses.replace(xcfg, node_size=math.gcd(ctx.local_world, ctx.ep))
+    exchange = get_exchange(xcfg.algorithm)(ep_mesh.get_group(), ctx.world_mesh.get_group(), xcfg)
     auto = find_auto(exchange)
     if auto is not None and ctx.is_main:
         auto.watch(lambda choice: print(choice.line(), file=sys.stderr, flush=True))
@@ -59,7 +63,13 @@ def apply_expert_parallel(model: nn.Module, cfg: Config, ctx: ParallelContext) -
             # run_check=False: no communication; every rank's block has the same shape.
             glob = DTensor.from_local(local, ep_mesh, [Shard(0)], run_check=False)
             setattr(experts, name, nn.Parameter(glob))
-        moe.dispatcher.exchange = exchange  # 2. the same object in every layer
+    install_exchange(model, exchange)  # 2. the same object in every layer
+
+
+def install_exchange(model: nn.Module, exchange) -> None:
+    """Put ONE exchange object in every MoE layer's dispatcher."""
+    for moe in (m for m in model.modules() if isinstance(m, MoE)):
+        moe.dispatcher.exchange = exchange
 
 
 def watch_exchange_choice(model: nn.Module, fn: Callable[[AutoChoice], None]) -> None:

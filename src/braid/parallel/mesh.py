@@ -1,7 +1,8 @@
 """Process layout: world, rank, device, and (under torchrun) the DeviceMesh with dp and ep.
 
-This module is the only place that does rank arithmetic. Without torchrun, `init_parallel`
-returns a one-process context and nothing in torch.distributed is touched.
+This module is the only place that does rank arithmetic; it imports nothing of torch.distributed
+(`braid.parallel.distributed.init_parallel` builds the context, and without torchrun returns a
+one-process one without touching torch.distributed).
 
 Layout of `world` ranks as a (dp, ep) mesh, row-major: rank = dp_index * ep + ep_index. An
 expert-parallel group is `ep` consecutive ranks, so with ep <= GPUs per node the all-to-all
@@ -11,7 +12,6 @@ data-parallel over the flattened ("world") mesh, experts over their "dp" dimensi
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +32,7 @@ class ParallelContext:
     mesh: Any = None  # DeviceMesh ("dp", "ep") when distributed
     world_mesh: Any = None  # the same ranks flattened to one dimension ("world")
     owns_process_group: bool = False  # init_distributed created it, so `shutdown` ends it
+    local_world: int = 1  # ranks on this node (torchrun's LOCAL_WORLD_SIZE)
 
     @property
     def dp(self) -> int:
@@ -100,20 +101,6 @@ def expert_shard_dim(num_local: int, dim1: int, dp: int) -> int:
     if num_local % dp == 0 or dim1 % dp != 0:
         return 0
     return 1
-
-
-def init_parallel(cfg: Config) -> ParallelContext:
-    """One process, or the torchrun group described by the environment."""
-    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        if cfg.parallel.ep != 1:
-            raise BraidError(
-                f"parallel.ep={cfg.parallel.ep} needs that many processes: launch with "
-                f"torchrun --nproc_per_node={cfg.parallel.ep} -m braid train ..."
-            )
-        return ParallelContext(rank=0, world=1, local_rank=0, device=pick_device(cfg))
-    from braid.parallel.distributed import init_distributed
-
-    return init_distributed(cfg)
 
 
 def _divisors(n: int) -> list[int]:

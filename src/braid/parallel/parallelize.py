@@ -5,7 +5,9 @@ Order (each step assumes the previous one):
      dispatchers send fp8 (braid.parallel.fp8; before sharding, so it sees whole modules);
   1. expert parallelism: keep this rank's experts (as DTensors of global shape) and install
      the EP exchange in every MoE dispatcher; under pure data parallelism (ep = 1) the exchange
-     has one rank and only sums router statistics over the world (braid.parallel.expert);
+     has one rank and only sums router statistics over the world (braid.parallel.expert).
+     In one process the local exchange stays, unless `exchange.algorithm = "simulated"`, which
+     is installed instead (the local exchange taking a real one's time, docs/exchange.md);
   2. activation checkpointing per block (parallel.activation_checkpoint);
   3. torch.compile per block (train.compile);
   4. data parallelism: FSDP2 `fully_shard` of experts over their dp group, then of each block
@@ -21,10 +23,17 @@ from __future__ import annotations
 from torch import nn
 
 from braid.config import Config
+from braid.errors import BraidError
+from braid.exchange import get_exchange
 from braid.parallel.mesh import ParallelContext
 
 
 def parallelize(model: nn.Module, cfg: Config, ctx: ParallelContext) -> nn.Module:
+    if cfg.parallel.param_dtype != "fp32" and not ctx.distributed:
+        raise BraidError(
+            f"parallel.param_dtype={cfg.parallel.param_dtype} sets the dtype of FSDP units, which "
+            "exist only under torchrun; in one process use train.dtype=bf16 (autocast) or fp32"
+        )
     if cfg.train.precision == "fp8":
         from braid.parallel.fp8 import apply_fp8
 
@@ -33,7 +42,11 @@ def parallelize(model: nn.Module, cfg: Config, ctx: ParallelContext) -> nn.Modul
         from braid.parallel.expert import apply_expert_parallel
 
         apply_expert_parallel(model, cfg, ctx)  # 1
-    for block in model.blocks:
+    elif cfg.exchange.algorithm == "simulated":
+        from braid.parallel.expert import install_exchange
+
+        install_exchange(model, get_exchange("simulated")(None, None, cfg.exchange))  # 1
+    for block in model.all_blocks():  # the MTP modules' blocks included
         block.activation_checkpoint = cfg.parallel.activation_checkpoint  # 2
         if cfg.train.compile:
             block.compile()  # 3: in place, so parameter names do not change

@@ -111,8 +111,9 @@ class TrainLogger:
 
     def micro_stats(self, parts: list[dict]) -> None:
         for p in parts:
-            for k in ("aux", "z"):
-                self._sums[k] = self._sums.get(k, 0) + p[k]
+            for k in ("aux", "z", "mtp"):
+                if k in p:
+                    self._sums[k] = self._sums.get(k, 0) + p[k]
             for layer, s in p["moe"].items():
                 self._loads[layer] = self._loads.get(layer, 0) + s.counts_E
                 self._sums["dropped"] = self._sums.get("dropped", 0) + s.num_dropped
@@ -135,6 +136,8 @@ class TrainLogger:
                   "train/tokens_per_s": tps, "train/aux_loss": sums.get("aux", 0.0),
                   "train/z_loss": sums.get("z", 0.0), "train/skipped_steps": skipped,
                   "train/dropped_per_micro": sums.get("dropped", 0.0)}
+        if "mtp" in sums:  # mean cross-entropy over the MTP depths (unweighted)
+            values["train/mtp_loss"] = sums["mtp"]
         mfu = self._mfu(tps)
         if mfu is not None:
             values["train/mfu"] = mfu
@@ -154,6 +157,8 @@ class TrainLogger:
         line = (f"step {step:>6}/{self.cfg.train.steps} | loss {loss:.4f} | "
                 f"aux {values['train/aux_loss']:.3f} | z {values['train/z_loss']:.3f} | "
                 f"lr {lr:.2e} | gnorm {grad_norm:.3f} | {tps:,.0f} tok/s")
+        if "mtp" in sums:
+            line += f" | mtp {sums['mtp']:.4f}"
         if mfu is not None:
             line += f" | mfu {100 * mfu:.1f}%"
         if balance:
@@ -162,9 +167,9 @@ class TrainLogger:
 
     def _global_sums(self) -> dict[str, float]:
         """Per-micro-batch means of the router statistics over the whole global batch, so the
-        logged numbers do not depend on the layout: aux and z averaged over ranks (each is a
+        logged numbers do not depend on the layout: aux, z and mtp averaged over ranks (each a
         mean over its rank's equal share of tokens), dropped copies summed over ranks."""
-        keys = [k for k in ("aux", "z", "dropped") if k in self._sums]
+        keys = [k for k in ("aux", "z", "mtp", "dropped") if k in self._sums]
         if not keys:
             return {}
         v = torch.stack([torch.as_tensor(self._sums[k]).float() for k in keys])

@@ -32,7 +32,8 @@ from braid.config import Config
 from braid.errors import BraidError
 from braid.info import arithmetic
 from braid.overlap.session import OverlapSession
-from braid.parallel.mesh import ParallelContext, init_parallel
+from braid.parallel.distributed import init_parallel
+from braid.parallel.mesh import ParallelContext
 from braid.train.log import TrainLogger, check_logging
 from braid.train.model_setup import build_model, load_data
 from braid.train.optim import build_optimizer, lr_at
@@ -65,8 +66,22 @@ def loss_fn(model, x, y, cfg: Config, amp) -> tuple[torch.Tensor, dict]:
         out = model(x)
     ce = F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten())
     loss = ce + cfg.moe.aux_loss_coef * out.aux_loss + cfg.moe.z_loss_coef * out.z_loss
-    return loss, {"ce": ce.detach(), "aux": out.aux_loss.detach(), "z": out.z_loss.detach(),
-                  "moe": out.moe}
+    parts = {"ce": ce.detach(), "aux": out.aux_loss.detach(), "z": out.z_loss.detach(),
+             "moe": out.moe}
+    if out.mtp_logits:  # DeepSeek-V3 eq. 25: lambda / D * sum_k CE_k
+        mtp = mtp_loss(out.mtp_logits, y)
+        loss = loss + cfg.model.mtp_loss_weight * mtp
+        parts["mtp"] = mtp.detach()
+    return loss, parts
+
+
+def mtp_loss(mtp_logits: list[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
+    """Mean over depths of depth k's cross-entropy against the targets shifted by k."""
+    losses = [
+        F.cross_entropy(lg.float().flatten(0, 1), y[:, k:].flatten())
+        for k, lg in enumerate(mtp_logits, start=1)
+    ]
+    return torch.stack(losses).mean()
 
 
 @torch.no_grad()

@@ -25,10 +25,11 @@ class DecodeHandle(Handle):
     def __init__(self, inner: Handle, compressor: Compressor, dim: int, dtype: torch.dtype):
         self.inner, self.compressor, self.dim, self.dtype = inner, compressor, dim, dtype
 
-    @property
-    def work(self):
-        """The inner handle's Work, so `braid.overlap.streams.in_flight` can poll it."""
-        return getattr(self.inner, "work", None)
+    def done(self) -> bool:
+        return self.inner.done()
+
+    def elapsed_ms(self) -> float | None:
+        return self.inner.elapsed_ms()
 
     def wait(self) -> Tensor:
         return self.compressor.decode(self.inner.wait(), self.dim, self.dtype)
@@ -59,6 +60,13 @@ class CompressedExchange(Exchange):
 
     def all_reduce_sum(self, t: Tensor) -> Tensor:
         return self.inner.all_reduce_sum(t)
+
+    def enable_timing(self) -> None:
+        self.inner.enable_timing()
+
+    @property
+    def traffic_ranks(self) -> int:
+        return self.inner.traffic_ranks
 
 
 def with_compressor(inner: Exchange, cfg: ExchangeConfig) -> Exchange:

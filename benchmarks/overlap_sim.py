@@ -1,0 +1,466 @@
+"""Overlap measured on ONE GPU: the simulated exchange at 4-rank traffic, every overlap mode.
+
+    PYTHONPATH=src python benchmarks/overlap_sim.py --out benchmarks/results/overlap_sim_h200.json \
+        --trace benchmarks/results/overlap_sim_trace_h200.json                  # one H200, < 8 min
+    PYTHONPATH=src python benchmarks/overlap_sim.py --smoke --out /tmp/s.json     # CPU, seconds
+
+One process stands in for one rank of an expert-parallel group of `--ranks` (4): every MoE
+layer's exchange is `exchange.algorithm = "simulated"` (docs/exchange.md), which moves rows like
+the local exchange (results bitwise the same) but keeps a communication stream busy for the
+time the measured 4x H200 NVLink all-to-all takes for the same payload, with real device
+copies of the bytes that would leave the rank. The rank holds all E experts and sees about the
+N*K rows a real rank's E/W experts would (balanced routing); fp32 weights, bf16 autocast.
+
+Part `layer`: one MoE layer forward + backward at 32768 tokens, fine-grained (64 experts top-8,
+2048/1408) and Mixtral-like (8 experts top-2, 4096/14336). Part `train`: forward + backward +
+AdamW step of `medium` and `moonlet` with `--train-layers` layers (default 4: the whole models
+do not fit one GPU with their optimizer state; `n_layers`/`layers_override` in the JSON), batch
+2 x 4096 tokens. Modes: off (the plain path), split_dw, chunks2, chunks4, chunks2_split,
+chunks4_split, auto (the planner's C), auto_split. Per mode: `median_ms` (CUDA events),
+`exchange_ms`/`exposed_ms` from the overlap timeline (one timed step; off: its C=1 twin, the
+plain path's order), `exposed_over_exchange_alone` (exposed / the movements of off's step
+replayed alone), `slower_than_off`, and per layer/config `auto_vs_best` (auto's best mode time
+over the best fixed mode's, minus 1) and `best_mode`. Every mode's results are checked against
+off's first (layer: output and grads; train: the first two losses).
+`--trace PATH` writes a Chrome trace (torch.profiler) of one training step in mode auto_split
+(of the layer's fine-grained shape if only the layer part runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))
+import torch  # noqa: E402
+from common import environment, time_cuda, write_result  # noqa: E402
+from overlap_exchange import Movement, record  # noqa: E402
+
+from braid.config import load_config  # noqa: E402
+from braid.exchange import get_exchange  # noqa: E402
+from braid.exchange.config import ExchangeConfig  # noqa: E402
+from braid.info import arithmetic  # noqa: E402
+from braid.model.config import ModelConfig  # noqa: E402
+from braid.moe.config import MoEConfig  # noqa: E402
+from braid.moe.layer import MoE  # noqa: E402
+from braid.overlap.config import OverlapConfig  # noqa: E402
+from braid.overlap.pipeline import LayerOverlap  # noqa: E402
+from braid.overlap.planner import CANDIDATES, choose_chunks, measure  # noqa: E402
+from braid.overlap.session import OverlapSession, layer_shape  # noqa: E402
+from braid.overlap.streams import Clock, synchronize  # noqa: E402
+from braid.parallel.clip import clip_grad_norm  # noqa: E402
+from braid.parallel.distributed import init_parallel  # noqa: E402
+from braid.train.model_setup import build_model  # noqa: E402
+from braid.train.optim import build_optimizer, lr_at  # noqa: E402
+from braid.train.trainer import autocast, loss_fn  # noqa: E402
+
+SHAPES = {"fine_64e_top8": (64, 8, 2048, 1408), "mixtral_8e_top2": (8, 2, 4096, 14336)}
+SMOKE_SHAPES = {"smoke_16e_top4": (16, 4, 32, 48), "smoke_8e_top2": (8, 2, 64, 96)}
+MODES = {  # name: (chunks, split_dw); None: overlap off (the plain path)
+    "off": None,
+    "split_dw": (1, True),
+    "chunks2": (2, False),
+    "chunks4": (4, False),
+    "chunks2_split": (2, True),
+    "chunks4_split": (4, True),
+    "auto": ("auto", False),
+    "auto_split": ("auto", True),
+}
+SMOKE_TRAIN = [
+    "--model.dim=32",
+    "--model.n_layers=3",
+    "--model.n_heads=2",
+    "--model.vocab_size=128",
+    "--model.ffn_hidden=64",
+    "--model.max_seq_len=32",
+    "--moe.expert_hidden=16",
+]
+
+
+def sim_config(args) -> ExchangeConfig:
+    return ExchangeConfig(algorithm="simulated", simulate_ranks=args.ranks)
+
+
+def time_alone(exchange, calls: list[Movement], device: torch.device, iters: int) -> float:
+    """The recorded movements replayed back to back, each waited at once (median ms)."""
+
+    def replay() -> None:
+        for mv in calls:
+            buf = torch.empty(mv.shape, dtype=mv.dtype, device=device)
+            getattr(exchange, mv.method)(buf, list(mv.send), list(mv.recv)).wait()
+
+    return time_cuda(replay, iters=iters, warmup=2)["median_ms"]
+
+
+def summarize(rows: dict[str, dict]) -> dict[str, Any]:
+    """Best mode, auto against the best fixed mode, and the issue's three targets."""
+    fixed = {m: r["median_ms"] for m, r in rows.items() if not m.startswith("auto")}
+    best_fixed = min(fixed, key=fixed.get)
+    autos = {m: r["median_ms"] for m, r in rows.items() if m.startswith("auto")}
+    best_auto = min(autos, key=autos.get) if autos else None
+    best = min(rows, key=lambda m: rows[m]["median_ms"])
+    out = {
+        "best_mode": best,
+        "best_fixed_mode": best_fixed,
+        "best_exposed_over_exchange_alone": rows[best]["exposed_over_exchange_alone"],
+        "worst_slower_than_off": max(r["slower_than_off"] for r in rows.values()),
+    }
+    if best_auto is not None:
+        out["auto_vs_best"] = autos[best_auto] / fixed[best_fixed] - 1
+    out["targets_met"] = {
+        "best_exposed_le_10pct": out["best_exposed_over_exchange_alone"] <= 0.10,
+        "no_mode_over_2pct_slower": out["worst_slower_than_off"] <= 0.02,
+        "auto_within_3pct_of_best": out.get("auto_vs_best", 0.0) <= 0.03,
+    }
+    return out
+
+
+def row_of(t: dict, tl: dict, alone_ms: float, off_ms: float | None, **extra) -> dict:
+    med = t["median_ms"]
+    exposed, exchange = tl["exposed_ms"], tl["exchange_ms"]
+    return {
+        **extra,
+        "median_ms": med,
+        "min_ms": t["min_ms"],
+        "max_ms": t["max_ms"],
+        "exchange_ms": exchange,
+        "exposed_ms": exposed,
+        "dW_ms": tl.get("dW_ms", 0.0),
+        "exposed_fraction": exposed / max(exchange, 1e-9),
+        "exposed_over_exchange_alone": exposed / max(alone_ms, 1e-9),
+        "slower_than_off": 0.0 if off_ms is None else med / off_ms - 1,
+    }
+
+
+# -- the MoE layer ----------------------------------------------------------------------------
+
+
+def bench_layer(name: str, shape: tuple, args, device, amp, dtype, log) -> dict:
+    E, k, H, F = shape
+    cfg = MoEConfig(num_experts=E, top_k=k, expert_hidden=F, aux_loss_coef=0.0, z_loss_coef=0.0)
+    with torch.device(device):
+        moe = MoE(ModelConfig(dim=H), cfg)
+    gen = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(0.0, 0.02, generator=gen)
+    moe.dispatcher.exchange = get_exchange("simulated")(None, None, sim_config(args))
+    x = torch.randn(args.tokens, H, device=device, generator=gen)
+    g = torch.randn(args.tokens, H, device=device, generator=gen) * 1e-2
+    shp = layer_shape(moe, args.tokens, dtype)
+    cost = measure(
+        shp, moe.dispatcher.exchange, moe.experts, device, dtype, dispatcher=moe.dispatcher
+    )
+    cands = tuple(c for c in CANDIDATES if c <= OverlapConfig().max_chunks)
+    plan = {split: choose_chunks(shp, split, cost, cands)[0] for split in (False, True)}
+    clock = Clock(device)
+
+    def step():
+        for p in moe.parameters():
+            p.grad = None
+        xx = x.detach().requires_grad_()
+        with amp:
+            y, _ = moe(xx)
+        y.backward(g)
+        if moe.overlap is not None:
+            moe.overlap.queue.flush()
+        return [y.detach().float(), xx.grad.float()] + [
+            p.grad.float() for p in moe.experts.parameters()
+        ]
+
+    def timeline() -> dict:
+        tl = moe.overlap.timeline
+        tl.timing = True
+        step()
+        synchronize(device)
+        tl.timing = False
+        return tl.summary()
+
+    with record(moe.dispatcher.exchange) as calls:
+        ref = step()
+    alone = time_alone(moe.dispatcher.exchange, calls, device, args.iters)
+    out: dict[str, Any] = {
+        "shape": {"experts": E, "top_k": k, "hidden": H, "ffn": F, "tokens": args.tokens},
+        "exchange_alone_ms": alone,
+        "exchange_alone_movements": len(calls),
+        "planned_chunks": {"split_dw=false": plan[False], "split_dw=true": plan[True]},
+        "cost_model": cost.__dict__,
+        "modes": {},
+    }
+    off_ms = None
+    for mode, sched in MODES.items():
+        C, split = (None, False) if sched is None else sched
+        if sched is not None:
+            C = plan[split] if C == "auto" else C
+            moe.overlap = LayerOverlap(0, C, split, clock)
+        else:
+            moe.overlap = None
+        got = step()
+        err = max(
+            float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
+            for a, b in zip(got, ref, strict=True)
+        )
+        if err > args.tol:
+            raise SystemExit(f"layer {name}/{mode}: results differ from off: {err:.2e}")
+        t = time_cuda(step, iters=args.iters, warmup=2)
+        if moe.overlap is None:
+            moe.overlap = LayerOverlap(0, 1, False, clock)  # the plain path's order, timed
+        tl = timeline()
+        row = row_of(t, tl, alone, off_ms, chunks=C or 1, split_dw=split, rel_err_vs_off=err)
+        off_ms = off_ms or row["median_ms"]
+        out["modes"][mode] = row
+        log(
+            f"layer {name:>16} {mode:>13}: C={C or 1} {row['median_ms']:9.2f} ms  exchange "
+            f"{row['exchange_ms']:7.2f} (alone {alone:7.2f}) exposed {row['exposed_ms']:7.2f} "
+            f"({100 * row['exposed_over_exchange_alone']:5.1f}%)  "
+            f"vs off {100 * row['slower_than_off']:+5.1f}%"
+        )
+    if args.trace and args.only_layer_trace and name == next(iter(args.shapes)):
+        C = plan[True]
+        moe.overlap = LayerOverlap(0, C, True, clock)
+        trace(step, device, args.trace)
+        out["trace"] = {"path": args.trace, "mode": "auto_split", "chunks": C}
+    moe.overlap = None
+    out.update(summarize(out["modes"]))
+    return out
+
+
+# -- a training step --------------------------------------------------------------------------
+
+
+def train_overrides(name: str, args, mode: tuple | None) -> list[str]:
+    over = [
+        "--parallel.ep=1",  # one process: all experts here, the exchange simulated
+        "--exchange.algorithm=simulated",
+        f"--exchange.simulate_ranks={args.ranks}",
+        f"--train.batch_size={args.train_batch}",
+        f"--train.seq_len={args.train_seq}",
+        "--train.grad_accum=1",
+    ]
+    if args.smoke:
+        over = SMOKE_TRAIN + over + ["--train.device=cpu"]
+    if args.train_layers:
+        over.append(f"--model.n_layers={args.train_layers}")
+    if mode is not None:
+        C, split = mode
+        over += [f'--overlap.chunks="{C}"' if C == "auto" else f"--overlap.chunks={C}"]
+        over += [f"--overlap.split_dw={'true' if split else 'false'}"]
+    return over
+
+
+def bench_train(name: str, args, log) -> dict:
+    cfg = load_config(name, train_overrides(name, args, None))
+    ctx = init_parallel(cfg)
+    device = ctx.device
+    model = build_model(cfg, ctx)
+    saved = [t.detach().clone() for t in list(model.parameters()) + list(model.buffers())]
+    moes = model.moe_modules()
+    exchange = next(iter(moes.values())).dispatcher.exchange
+    gen = torch.Generator().manual_seed(1000)
+    x = torch.randint(
+        0, cfg.model.vocab_size, (args.train_batch, args.train_seq + 1), generator=gen
+    )
+    x = x.to(device)
+    amp = autocast(cfg, device)
+    dtype = torch.bfloat16 if isinstance(amp, torch.autocast) else torch.float32
+    a = arithmetic(cfg, args.train_seq)
+    out: dict[str, Any] = {
+        "config": name,
+        "n_layers": cfg.model.n_layers,
+        "layers_override": bool(args.train_layers),
+        "moe_layers": len(moes),
+        "experts": cfg.moe.num_experts,
+        "top_k": cfg.moe.top_k,
+        "shared_experts": cfg.moe.num_shared_experts,
+        "tokens_per_step": args.train_batch * args.train_seq,
+        "total_params": a.total_params,
+        "compute_dtype": str(dtype),
+        "modes": {},
+    }
+    off_ms = None
+    for mode, sched in MODES.items():
+        with torch.no_grad():
+            for t, s in zip(list(model.parameters()) + list(model.buffers()), saved, strict=True):
+                t.copy_(s)
+        for moe in moes.values():
+            moe.overlap = None
+        mcfg = load_config(name, train_overrides(name, args, sched))
+        session = OverlapSession.install(
+            model,
+            mcfg.overlap,
+            device=device,
+            tokens_per_rank=args.train_batch * args.train_seq,
+            dtype=dtype,
+            log=lambda line: None,
+        )
+        opt = build_optimizer(model, mcfg.train, device)
+        for grp in opt.param_groups:
+            grp["lr"] = mcfg.train.lr
+
+        def step(opt=opt, session=session, mcfg=mcfg):
+            loss, parts = loss_fn(model, x[:, :-1], x[:, 1:], mcfg, amp)
+            loss.backward()
+            session.flush()
+            clip_grad_norm(model, mcfg.train.grad_clip, ctx)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            model.update_router_biases()
+            return parts["ce"]
+
+        if mode == "off":
+            with record(exchange) as calls:
+                first = float(step())
+        else:
+            first = float(step())
+        losses = [first, float(step())]
+        if mode == "off":
+            out["reference_losses"] = losses
+            out["exchange_alone_ms"] = time_alone(exchange, calls, device, max(args.iters, 3))
+            out["exchange_alone_movements"] = len(calls)
+        ref = out["reference_losses"]
+        err = max(abs(p - q) / abs(q) for p, q in zip(losses, ref, strict=True))
+        if err > args.train_tol:
+            raise SystemExit(f"train {name}/{mode}: losses {losses} != off's {ref}")
+        for grp in opt.param_groups:
+            grp["lr"] = lr_at(0, mcfg.train)
+        t = time_cuda(step, iters=args.train_iters, warmup=1)
+        tl = timeline_step(model, step, device)
+        chunks = sorted({lo.chunks for lo in session.layers.values()}) or [1]
+        row = row_of(t, tl, out["exchange_alone_ms"], off_ms, chunks=chunks, losses=losses)
+        off_ms = off_ms or row["median_ms"]
+        out["modes"][mode] = row
+        log(
+            f"train {name:>8} {mode:>13}: C={chunks!s:>6} {row['median_ms']:9.2f} ms  exchange "
+            f"{row['exchange_ms']:7.2f} (alone {out['exchange_alone_ms']:7.2f}) exposed "
+            f"{row['exposed_ms']:7.2f} ({100 * row['exposed_over_exchange_alone']:5.1f}%)  "
+            f"vs off {100 * row['slower_than_off']:+5.1f}%"
+        )
+        if args.trace and not args.only_layer_trace and mode == "auto_split" and not args.traced:
+            trace(step, device, args.trace)
+            out["trace"] = {"path": args.trace, "mode": mode, "chunks": chunks}
+            args.traced = True
+        del opt, session, step
+        gc.collect()
+        if device.type == "cuda":
+            out["max_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            torch.cuda.empty_cache()
+    for moe in moes.values():
+        moe.overlap = None
+    out.update(summarize(out["modes"]))
+    return out
+
+
+def timeline_step(model, step, device) -> dict[str, float]:
+    """One step with every MoE layer's timeline on (off: the C=1 twin); sums over layers."""
+    moes, twins = model.moe_modules(), set()
+    for i, moe in moes.items():
+        if moe.overlap is None:
+            moe.overlap = LayerOverlap(i, 1, False, Clock(device))
+            twins.add(i)
+        moe.overlap.timeline.timing = True
+    step()
+    synchronize(device)
+    rows = [moe.overlap.timeline.summary() for moe in moes.values()]
+    for i, moe in moes.items():
+        moe.overlap.timeline.timing = False
+        if i in twins:
+            moe.overlap = None
+    keys = ("exchange_ms", "exposed_ms", "dW_ms", "measured_ms")
+    return {k: sum(r.get(k, 0.0) for r in rows) for k in keys}
+
+
+def trace(step, device: torch.device, path: str) -> None:
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=acts) as prof:
+        step()
+        synchronize(device)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="", help="JSON result file")
+    ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, a few seconds")
+    ap.add_argument("--parts", default="layer,train", help="comma list of: layer, train")
+    ap.add_argument("--ranks", type=int, default=4, help="ranks whose traffic is simulated")
+    ap.add_argument("--tokens", type=int, default=0, help="layer: tokens (32768)")
+    ap.add_argument("--iters", type=int, default=0, help="layer: timed iterations (5)")
+    ap.add_argument("--train-configs", default="medium,moonlet")
+    ap.add_argument("--train-layers", type=int, default=-1, help="n_layers (4; 0: config's)")
+    ap.add_argument("--train-batch", type=int, default=0, help="sequences (2)")
+    ap.add_argument("--train-seq", type=int, default=0, help="tokens per sequence (4096)")
+    ap.add_argument("--train-iters", type=int, default=0, help="timed steps per mode (3)")
+    ap.add_argument("--trace", default="", help="Chrome trace of one step (auto_split) to PATH")
+    args = ap.parse_args()
+    parts = args.parts.split(",")
+    if unknown := set(parts) - {"layer", "train"}:
+        raise SystemExit(f"--parts: unknown {sorted(unknown)}; expected layer and/or train")
+    if args.smoke:
+        torch.set_num_threads(1)
+        device, amp = torch.device("cpu"), torch.autocast("cpu", enabled=False)
+        dtype = torch.float32
+        args.shapes, defaults = SMOKE_SHAPES, (32, 1, 1, 16, 1)
+        args.tol, args.train_tol = 1e-5, 1e-5
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("overlap_sim.py needs a CUDA GPU (or --smoke for the CPU check)")
+        device = torch.device("cuda", 0)
+        torch.cuda.set_device(device)
+        amp, dtype = torch.autocast("cuda", dtype=torch.bfloat16), torch.bfloat16
+        args.shapes, defaults = SHAPES, (32768, 5, 2, 4096, 3)
+        args.tol, args.train_tol = 3e-2, 5e-3
+    args.tokens = args.tokens or defaults[0]
+    args.iters = args.iters or defaults[1]
+    args.train_batch = args.train_batch or defaults[2]
+    args.train_seq = args.train_seq or defaults[3]
+    args.train_iters = args.train_iters or defaults[4]
+    if args.train_layers < 0:
+        args.train_layers = 0 if args.smoke else 4
+    args.only_layer_trace = "train" not in parts
+    args.traced = False
+    t0 = time.perf_counter()
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+
+    result: dict[str, Any] = {
+        **environment(),
+        "command": "PYTHONPATH=src python " + " ".join(sys.argv),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "exchange": {"algorithm": "simulated", **sim_config(args).__dict__},
+        "smoke": args.smoke,
+        "complete": False,
+        "layer": {},
+        "train": {},
+    }
+
+    def save() -> None:
+        result["seconds"] = round(time.perf_counter() - t0, 1)
+        if args.out:
+            write_result(args.out, result)
+
+    if "layer" in parts:
+        for name, shape in args.shapes.items():
+            result["layer"][name] = bench_layer(name, shape, args, device, amp, dtype, log)
+            save()
+    if "train" in parts:
+        for name in args.train_configs.split(","):
+            result["train"][name] = bench_train(name, args, log)
+            save()
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    result["complete"] = True
+    save()
+    log(f"done in {result['seconds']} s" + (f"; wrote {args.out}" if args.out else ""))
+
+
+if __name__ == "__main__":
+    main()

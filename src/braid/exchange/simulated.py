@@ -1,0 +1,183 @@
+"""`simulated`: the local exchange that takes the time of a real one (one process, one GPU).
+
+Job: measure overlap where there is one GPU. Rows move exactly as with the local exchange (the
+result of a movement IS its input, so outputs are bitwise the local exchange's), but each
+movement occupies a communication stream for as long as an all-to-all of the same payload would
+take on `exchange.simulate_ranks` ranks:
+
+  t(bytes) = max(latency, bytes / bw(bytes))      bytes = the payload this rank sends (algbw)
+
+bw is `exchange.simulate_gbps` when set, else interpolated (log-log in the message size, held
+at the ends) from `NVLINK_H200X4`: all_to_all_single measured on 4x H200 over NVLink (about
+113 GB/s per rank at 8 MiB, 409 GB/s at 256 MiB; latency floor `exchange.simulate_latency_us`,
+about 40 us). Movements run one after another on the stream, as they would on a link.
+
+On CUDA a movement, on the exchange's own stream (made by `braid.overlap.streams.new_stream`,
+ordered after the caller's stream as NCCL's is): (1) copies the (W-1)/W of the payload that
+would leave the rank into a scratch buffer, so HBM traffic contends with the compute beside it
+as the real send and receive would; (2) spins a one-thread `torch.cuda._sleep` kernel for the
+rest of t. `wait()` orders the caller's stream after it (`EventHandle`). The sleep cycles per ms
+and the copy bandwidth are measured once, at the first movement.
+On CPU nothing is copied: a movement is complete at its deadline (`done()` polls the host
+clock, `wait()` sleeps until it), so the engine's drain and report work as on a real link.
+`exchange_counts` and `all_reduce_sum` cost one latency each (serial, as their blocking
+collectives are); their values are the local exchange's.
+
+Not modelled (docs/exchange.md): NVLink/NIC contention between ranks, NCCL's own SM use
+(the sleep kernel takes one thread, NCCL takes several thread blocks), rank skew and
+stragglers, uneven splits (only the payload size matters), and the count exchange's host
+sync beyond its latency.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from torch import Tensor
+
+from braid.errors import BraidError
+from braid.exchange.base import Exchange, Handle
+from braid.exchange.config import ExchangeConfig
+from braid.exchange.handles import EventHandle
+from braid.overlap.streams import new_stream
+
+# Payload bytes per rank -> algbw GB/s, all_to_all_single on 4x H200 (NVLink, NCCL 2.28.9).
+NVLINK_H200X4 = ((8 * 2**20, 113.0), (256 * 2**20, 409.0))
+
+
+def simulated_ms(nbytes: int, cfg: ExchangeConfig) -> float:
+    """Model time in ms of one all-to-all whose payload is `nbytes` per rank."""
+    latency = cfg.simulate_latency_us / 1e3
+    if nbytes <= 0:
+        return latency
+    gbps = cfg.simulate_gbps or interpolate_gbps(nbytes, NVLINK_H200X4)
+    return max(latency, nbytes / (gbps * 1e9) * 1e3)
+
+
+def interpolate_gbps(nbytes: float, table: tuple[tuple[int, float], ...]) -> float:
+    """Bandwidth at `nbytes`, log-log between the table's points, held beyond its ends."""
+    if nbytes <= table[0][0]:
+        return table[0][1]
+    for (b0, g0), (b1, g1) in zip(table, table[1:], strict=False):
+        if nbytes <= b1:
+            f = math.log(nbytes / b0) / math.log(b1 / b0)
+            return math.exp(math.log(g0) + f * math.log(g1 / g0))
+    return table[-1][1]
+
+
+class _Deadline(Handle):
+    """CPU: a movement that completes at a host-clock deadline."""
+
+    def __init__(self, out: Tensor, deadline: float, ms: float):
+        self.out, self.deadline, self.ms = out, deadline, ms
+
+    def done(self) -> bool:
+        return time.perf_counter() >= self.deadline
+
+    def wait(self) -> Tensor:
+        left = self.deadline - time.perf_counter()
+        if left > 2e-3:
+            time.sleep(left - 1e-3)  # the OS may oversleep by a millisecond: spin the rest
+        while time.perf_counter() < self.deadline:
+            pass
+        return self.out
+
+    def elapsed_ms(self) -> float | None:
+        return self.ms
+
+
+class SimulatedExchange(Exchange):
+    size, rank = 1, 0
+
+    def __init__(self, ep_group=None, world_group=None, cfg: ExchangeConfig | None = None):
+        if ep_group is not None or world_group is not None:
+            raise BraidError(
+                "exchange.algorithm=simulated runs in one process (it stands in for "
+                "exchange.simulate_ranks ranks); launch without torchrun, or use nccl"
+            )
+        self.cfg = cfg if cfg is not None else ExchangeConfig(algorithm="simulated")
+        self.ranks = self.cfg.simulate_ranks
+        self._busy_until = 0.0  # CPU: the link is free again at this host time
+        self._stream = None
+        self._scratch: Tensor | None = None
+        self._cycles_per_ms = 0.0
+        self._copy_bytes_per_ms = 0.0
+
+    @property
+    def traffic_ranks(self) -> int:
+        return self.ranks
+
+    def exchange_counts(self, send_counts_WL: Tensor) -> Tensor:
+        self._pause(send_counts_WL)
+        return send_counts_WL
+
+    def all_reduce_sum(self, t: Tensor) -> Tensor:
+        self._pause(t)
+        return t
+
+    def move(self, x_RD: Tensor, send_splits: list[int], recv_splits: list[int]) -> Handle:
+        nbytes = x_RD.numel() * x_RD.element_size()
+        ms = simulated_ms(nbytes, self.cfg)
+        if not x_RD.is_cuda:
+            start = max(time.perf_counter(), self._busy_until)
+            self._busy_until = start + ms / 1e3
+            return _Deadline(x_RD, self._busy_until, ms)
+        return self._move_cuda(x_RD, nbytes, ms)
+
+    def _pause(self, t: Tensor) -> None:
+        """One latency, serial on the caller's stream (a small blocking collective)."""
+        ms = self.cfg.simulate_latency_us / 1e3
+        if t.is_cuda:
+            self._calibrate(t.device)
+            torch.cuda._sleep(int(ms * self._cycles_per_ms))
+        elif ms > 0:
+            time.sleep(ms / 1e3)
+
+    def _move_cuda(self, x_RD: Tensor, nbytes: int, ms: float) -> Handle:
+        self._calibrate(x_RD.device)
+        cross = nbytes * (self.ranks - 1) // self.ranks  # what would leave the rank
+        x = x_RD.contiguous()
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        self._stream.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(self._stream):
+            if self._scratch is None or self._scratch.numel() < cross:
+                # Allocated on the exchange's stream: a replaced buffer's memory is reused only
+                # behind this stream's earlier copies into it.
+                self._scratch = None
+                self._scratch = torch.empty(max(cross, 1), dtype=torch.uint8, device=x.device)
+            start.record(self._stream)
+            if cross:
+                self._scratch[:cross].copy_(x.view(-1).view(torch.uint8)[:cross])
+            rest = ms - cross / self._copy_bytes_per_ms
+            if rest > 0:
+                torch.cuda._sleep(int(rest * self._cycles_per_ms))
+            end.record(self._stream)
+        x.record_stream(self._stream)  # read on the exchange's stream
+        return EventHandle(start, end, x_RD)
+
+    def _calibrate(self, device: torch.device) -> None:
+        """Once: sleep-kernel cycles per ms and device copy bandwidth on this GPU."""
+        if self._cycles_per_ms:
+            return
+        self._stream = new_stream(device)
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        cycles = 2_000_000
+        torch.cuda._sleep(cycles)  # warm-up
+        a.record()
+        torch.cuda._sleep(cycles)
+        b.record()
+        b.synchronize()
+        self._cycles_per_ms = cycles / a.elapsed_time(b)
+        n = 64 * 2**20
+        src = torch.empty(n, dtype=torch.uint8, device=device)
+        dst = torch.empty_like(src)
+        dst.copy_(src)
+        a.record()
+        for _ in range(5):
+            dst.copy_(src)
+        b.record()
+        b.synchronize()
+        self._copy_bytes_per_ms = 5 * n / a.elapsed_time(b)

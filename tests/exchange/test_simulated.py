@@ -1,0 +1,150 @@
+"""The simulated exchange: the local exchange's results, bit for bit, in a real exchange's time.
+
+On CPU a movement completes at a host-clock deadline, so these tests check the model's time,
+the serialisation of movements on the one link, and that the overlap engine fills its windows
+and reports its time, all through the `Handle` contract. The CUDA path (a copy of the bytes
+that would leave the rank, then a sleep kernel, on the exchange's own stream) runs in
+`benchmarks/overlap_sim.py`; `test_cuda_movement_takes_the_modelled_time` checks it on a GPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import pytest
+import torch
+
+from braid.errors import BraidError
+from braid.exchange import get_exchange
+from braid.exchange.config import ExchangeConfig
+from braid.exchange.simulated import NVLINK_H200X4, SimulatedExchange, simulated_ms
+from braid.model.config import ModelConfig
+from braid.moe.config import MoEConfig
+from braid.moe.layer import MoE
+from braid.overlap.pipeline import LayerOverlap
+from braid.overlap.streams import Clock
+
+MiB = 2**20
+
+
+def _moe(shared: int = 1, capacity: float = 0.0) -> MoE:
+    cfg = MoEConfig(
+        num_experts=4,
+        top_k=2,
+        expert_hidden=12,
+        num_shared_experts=shared,
+        capacity_factor=capacity,
+    )
+    moe = MoE(ModelConfig(dim=16), cfg)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    return moe
+
+
+def _step(moe: MoE, x: torch.Tensor) -> list[torch.Tensor]:
+    x = x.clone().requires_grad_()
+    y, stats = moe(x)
+    (y.square().sum() + stats.aux_loss).backward()
+    return [y.detach(), x.grad, stats.num_dropped] + [p.grad for p in moe.parameters()]
+
+
+def test_model_time_follows_the_measured_table():
+    cfg = ExchangeConfig(algorithm="simulated")
+    assert simulated_ms(1024, cfg) == pytest.approx(0.040)  # the latency floor
+    assert simulated_ms(0, cfg) == pytest.approx(0.040)
+    for nbytes, gbps in NVLINK_H200X4:
+        assert simulated_ms(nbytes, cfg) == pytest.approx(nbytes / (gbps * 1e9) * 1e3)
+    mid = [simulated_ms(n * MiB, cfg) for n in (8, 16, 64, 128, 256, 1024)]
+    assert mid == sorted(mid)  # longer for more bytes
+    rate = [n * MiB / t for n, t in zip((8, 16, 64, 128, 256), mid, strict=False)]
+    assert rate == sorted(rate)  # and faster per byte for larger messages, as measured
+    flat = ExchangeConfig(algorithm="simulated", simulate_gbps=2.0, simulate_latency_us=10)
+    assert simulated_ms(4 * 10**6, flat) == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("shared,capacity", [(1, 0.0), (0, 1.0)])
+def test_layer_outputs_and_grads_are_bitwise_the_local_exchanges(shared, capacity):
+    base = _moe(shared, capacity)
+    x = torch.randn(2, 7, 16, generator=torch.Generator().manual_seed(1))
+    fast = ExchangeConfig(algorithm="simulated", simulate_gbps=1000.0, simulate_latency_us=1)
+    for chunks, split in ((None, False), (1, False), (3, True)):
+        ref, sim = copy.deepcopy(base), copy.deepcopy(base)
+        sim.dispatcher.exchange = get_exchange("simulated")(None, None, fast)
+        for m in (ref, sim):
+            if chunks is not None:
+                m.overlap = LayerOverlap(0, chunks, split, Clock(torch.device("cpu")))
+        for a, b in zip(_step(sim, x), _step(ref, x), strict=True):
+            assert torch.equal(a, b), (chunks, split)
+
+
+def test_movements_take_the_modelled_time_one_after_another():
+    cfg = ExchangeConfig(algorithm="simulated", simulate_gbps=1.0, simulate_latency_us=40)
+    ex = SimulatedExchange(cfg=cfg)
+    x = torch.zeros(5 * 10**7, dtype=torch.uint8)  # 50 MB at 1 GB/s: 50 ms
+    t0 = time.perf_counter()
+    h1, h2 = ex.move(x, [1], [1]), ex.move(x, [1], [1])
+    assert not h1.done() and not h2.done()
+    assert h1.wait() is x  # the local exchange's rows: the input itself
+    assert h1.done() and not h2.done()  # the second waits for the link
+    h2.wait()
+    assert time.perf_counter() - t0 >= 0.1
+    assert h1.elapsed_ms() == pytest.approx(50.0) and h2.elapsed_ms() == pytest.approx(50.0)
+
+
+def test_engine_fills_simulated_windows_and_reports_their_time():
+    moe = _moe(shared=1)
+    slow = ExchangeConfig(algorithm="simulated", simulate_gbps=0.001, simulate_latency_us=500)
+    moe.dispatcher.exchange = get_exchange("simulated")(None, None, slow)
+    moe.overlap = lo = LayerOverlap(0, 2, True, Clock(torch.device("cpu")))
+    lo.timeline.timing = True
+    _step(moe, torch.randn(2, 8, 16))
+    row = lo.timeline.summary()
+    assert lo.queue.num_drained > 0  # dW ran while movements were in flight
+    assert row["exchange_ms"] >= 8 * 0.5  # 8 movements of at least the latency each
+    assert row["exposed_ms"] > 0  # C=2 cannot hide movements this slow
+
+
+def test_refused_with_process_groups_and_installed_in_one_process():
+    with pytest.raises(BraidError, match="exchange.algorithm=simulated runs in one process"):
+        SimulatedExchange(object(), object())
+    from braid.config import load_config
+    from braid.parallel.distributed import init_parallel
+    from braid.train.model_setup import build_model
+
+    cfg = load_config(
+        None,
+        [
+            "--model.dim=32",
+            "--model.n_layers=2",
+            "--model.n_heads=2",
+            "--model.vocab_size=64",
+            "--model.ffn_hidden=64",
+            "--moe.first_k_dense=0",
+            "--exchange.algorithm=simulated",
+            "--exchange.simulate_ranks=8",
+            "--train.device=cpu",
+        ],
+    )
+    model = build_model(cfg, init_parallel(cfg))
+    exchanges = {id(m.dispatcher.exchange) for m in model.moe_modules().values()}
+    (ex,) = [m.dispatcher.exchange for m in model.moe_modules().values()][:1]
+    assert len(exchanges) == 1 and isinstance(ex, SimulatedExchange)
+    assert ex.size == 1 and ex.traffic_ranks == 8
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_movement_takes_the_modelled_time():
+    cfg = ExchangeConfig(algorithm="simulated")
+    ex = SimulatedExchange(cfg=cfg)
+    x = torch.randn(64 * MiB // 2, dtype=torch.bfloat16, device="cuda")  # 64 MiB
+    ex.move(x, [1], [1]).wait()  # calibrates
+    torch.cuda.synchronize()
+    h = ex.move(x, [1], [1])
+    assert h.wait() is x
+    torch.cuda.synchronize()
+    want = simulated_ms(64 * MiB, cfg)
+    assert h.elapsed_ms() == pytest.approx(want, rel=0.15)
