@@ -11,10 +11,12 @@ WORLD = 4
 
 
 def run_all(rank: int, world: int, run_dir: str) -> dict:
+    import test_fp8_ep
     import test_moe_layer_ep
     import test_train_ep
 
     return {
         "layer": test_moe_layer_ep.rank_checks(rank, world, run_dir),
         "train": test_train_ep.rank_checks(rank, world, run_dir),
+        "fp8": test_fp8_ep.rank_checks(rank, world, run_dir),
     }

@@ -27,6 +27,9 @@ ALWAYS_ALLOWED = frozenset({
 SAFE = frozenset({
     "train.steps", "train.warmup", "train.min_lr_ratio", "train.log_every", "train.val_every",
     "run.dir", "parallel.ep", "parallel.dense", "parallel.activation_checkpoint",
+    # Weights and optimizer state are stored in full precision whatever the GEMM precision,
+    # so a run may switch between bf16 and fp8 GEMMs (a change of numerics, not of the model).
+    "train.precision", "train.fp8_skip", "train.fp8_wgrad",
 })
 SAFE_SECTIONS = ("metrics.", "checkpoint.")
 _SHOWN = 6  # keys named in an error line before "and N more"

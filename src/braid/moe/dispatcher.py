@@ -27,6 +27,10 @@ grouped [source rank][local expert]), regroup to [local expert][source rank].
 Combine reverses those steps and sums each token's expert outputs weighted by its gates.
 With one rank (the local or simulated exchange) nothing is counted across ranks and, dropless,
 no host sync is needed: the splits follow from the shapes.
+With `send_fp8` (`train.precision=fp8`, set by `braid.parallel.fp8`), the plain dropless
+dispatch gathers, sends and regroups fp8 rows quantised once per token and hands the experts
+`Fp8Rows` (`braid.moe.fp8_dispatch`); the chunked path moves compute-dtype rows and the experts
+quantise them on arrival (the same codes).
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ import torch
 from torch import Tensor
 
 from braid.exchange.base import Exchange, Handle, LocalExchange
+from braid.moe.fp8_dispatch import Fp8Send, dispatch_fp8
+from braid.ops.fp8_gemm import Fp8Rows
 from braid.ops.grouped_gemm import compute_dtype
 from braid.ops.permute import (
     combine_tokens,
@@ -107,6 +113,7 @@ class TokenDispatcher:
     def __init__(self, num_experts: int, top_k: int, capacity_factor: float = 0.0):
         self.num_experts, self.top_k, self.capacity_factor = num_experts, top_k, capacity_factor
         self.exchange: Exchange = LocalExchange()
+        self.send_fp8: Fp8Send | None = None  # train.precision=fp8 (braid.parallel.fp8)
 
     @property
     def num_local(self) -> int:
@@ -182,9 +189,12 @@ class TokenDispatcher:
 
     # -- the plain path: autograd ops ------------------------------------------------------
 
-    def dispatch(self, x_ND: Tensor, route: Route) -> Tensor:
+    def dispatch(self, x_ND: Tensor, route: Route) -> Tensor | Fp8Rows:
         """Rows for this rank's experts, grouped by local expert (autograd op)."""
         x_ND = x_ND[route.start : route.stop]
+        if self.send_fp8 is not None and route.pos_NK is not None:  # quantise once, send fp8
+            return dispatch_fp8(x_ND, route.token_M, route.pos_NK, self.exchange, route.send,
+                                route.recv, route.regroup_R, route.unregroup_R, self.send_fp8)
         if route.pos_NK is not None:
             # Gathered straight into the GEMMs' dtype; backward: a gather, no atomics.
             x_MD = expand_tokens(x_ND, route.token_M, route.pos_NK, compute_dtype(x_ND))

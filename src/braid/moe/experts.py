@@ -8,6 +8,9 @@ layout). Under `braid.parallel` the weights are DTensors of global shape [E, ...
 the expert-parallel ranks; the GEMMs run on the local block, which holds experts
 [expert_offset, expert_offset + num_experts). `grad_divide` (set by `braid.parallel` where no
 FSDP unit averages the experts' grads) divides their weight gradients.
+With `fp8_stats` set (`train.precision=fp8`, by `braid.parallel.fp8`) both GEMMs run in fp8
+(`braid.ops.fp8_gemm`); the rows may then arrive already quantised (`Fp8Rows`, from a
+dispatcher that sent fp8), and the first GEMM consumes their codes and scales directly.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from braid.ops.fp8_gemm import Fp8Rows, fp8_grouped_linear
+from braid.ops.fp8_stats import Fp8Stats
 from braid.ops.grouped_gemm import WgradSink, counts_to_offsets, grouped_linear
 from braid.ops.swiglu import swiglu
 
@@ -25,15 +30,31 @@ class GroupedExperts(nn.Module):
         self.num_experts, self.dim, self.hidden, self.impl = num_experts, dim, hidden, impl
         self.expert_offset = 0
         self.grad_divide = 1.0
+        self.fp8_stats: Fp8Stats | None = None  # not None: GEMMs in fp8 (braid.parallel.fp8)
+        self.fp8_name = "experts"
+        self.fp8_wgrad = False  # dW in fp8 as well (train.fp8_wgrad)
         self.w13 = nn.Parameter(torch.empty(num_experts, dim, 2 * hidden))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))
 
     def forward(
-        self, x_RD: Tensor, counts_L: Tensor, wgrad_sink: WgradSink | None = None
+        self, x_RD: Tensor | Fp8Rows, counts_L: Tensor, wgrad_sink: WgradSink | None = None
     ) -> Tensor:
         offs, div = counts_to_offsets(counts_L), self.grad_divide
+        if self.fp8_stats is not None:
+            return self._forward_fp8(x_RD, offs, wgrad_sink)
         h_RF2 = grouped_linear(x_RD, self.w13, offs, self.impl, wgrad_sink, div)
         return grouped_linear(swiglu(h_RF2), self.w2, offs, self.impl, wgrad_sink, div)
+
+    def _forward_fp8(self, x_RD: Tensor | Fp8Rows, offs: Tensor, sink: WgradSink | None) -> Tensor:
+        stats = None if torch.compiler.is_compiling() else self.fp8_stats
+        pre = None
+        if isinstance(x_RD, Fp8Rows):
+            pre, x_RD = (x_RD.q_RD, x_RD.s_R1), x_RD.anchor_RD
+        args = (self.impl, sink, self.grad_divide)
+        name, dw8 = self.fp8_name, self.fp8_wgrad
+        h_RF2 = fp8_grouped_linear(x_RD, self.w13, offs, *args, pre, stats, f"{name}.w13", dw8)
+        y = swiglu(h_RF2)
+        return fp8_grouped_linear(y, self.w2, offs, *args, None, stats, f"{name}.w2", dw8)
 
     def shard(self, rank: int, size: int) -> None:
         """Keep only experts [rank*L, (rank+1)*L) of the global E (called by braid.parallel)."""

@@ -1,6 +1,8 @@
 """Apply parallelism to a single-device model from outside, in a fixed, documented order.
 
 Order (each step assumes the previous one):
+  0. precision: with train.precision=fp8, swap linears and expert GEMMs to fp8 and let the
+     dispatchers send fp8 (braid.parallel.fp8; before sharding, so it sees whole modules);
   1. expert parallelism: keep this rank's experts (as DTensors of global shape) and install
      the EP exchange in every MoE dispatcher; under pure data parallelism (ep = 1) the exchange
      has one rank and only sums router statistics over the world (braid.parallel.expert).
@@ -36,6 +38,10 @@ def parallelize(model: nn.Module, cfg: Config, ctx: ParallelContext) -> nn.Modul
             f"parallel.param_dtype={cfg.parallel.param_dtype} sets the dtype of FSDP units, which "
             "exist only under torchrun; in one process use train.dtype=bf16 (autocast) or fp32"
         )
+    if cfg.train.precision == "fp8":
+        from braid.parallel.fp8 import apply_fp8
+
+        apply_fp8(model, cfg.train.fp8_skip, ctx.device, cfg.train.fp8_wgrad == "fp8")  # 0
     if ctx.distributed:
         from braid.parallel.expert import apply_expert_parallel
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from braid.knobs import check, knob, one_of
+
+_SKIP_PATTERN = re.compile(r"[A-Za-z0-9_.*?\[\]]+")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -26,6 +29,21 @@ class TrainConfig:
     grad_clip: float = knob(1.0, "Clip the global gradient norm to this (0 disables).")
     dtype: str = knob("auto", "Compute dtype: auto (bf16 on GPU, fp32 on CPU), bf16 or fp32.")
     device: str = knob("auto", "auto, cpu or cuda.")
+    precision: str = knob(
+        "bf16",
+        "GEMM precision: bf16 (the compute dtype) or fp8 (e4m3 rowwise-scaled expert and dense "
+        "GEMMs, dispatch sent as fp8; emulated in fp32 off CUDA; see docs/fp8.md).",
+    )
+    fp8_wgrad: str = knob(
+        "bf16",
+        "precision=fp8: weight-gradient GEMMs (experts and linears) in bf16, from the saved fp8 "
+        "activations, or in fp8 (scales per feature over the tokens; see docs/fp8.md).",
+    )
+    fp8_skip: list[str] = knob(
+        ["router", "tok_emb", "output"],
+        "precision=fp8: modules kept in the compute dtype, by name or glob, matched against each "
+        "module path and its parts (experts, shared, attn, ffn, blocks.0.attn.wq, ...).",
+    )
     compile: bool = knob(False, "Wrap each transformer block in torch.compile.")
     cuda_graphs: bool = knob(
         False, "Replay each compiled block as CUDA graphs (compile mode reduce-overhead; one GPU)."
@@ -56,3 +74,10 @@ class TrainConfig:
         )
         one_of("train.dtype", self.dtype, ("auto", "bf16", "fp32"))
         one_of("train.device", self.device, ("auto", "cpu", "cuda"))
+        one_of("train.precision", self.precision, ("bf16", "fp8"))
+        one_of("train.fp8_wgrad", self.fp8_wgrad, ("bf16", "fp8"))
+        for pat in self.fp8_skip:
+            check(
+                isinstance(pat, str) and bool(_SKIP_PATTERN.fullmatch(pat)),
+                "train.fp8_skip", pat, "entries are module names or globs ([A-Za-z0-9_.*?])",
+            )

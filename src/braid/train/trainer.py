@@ -219,6 +219,7 @@ def _loop(
     if not ctx.distributed and supports_device_gate(opt):
         gate = DeviceGate(ctx.device, skip_nonfinite=tc.skip_nonfinite, loss=train_loss)
     skipped_before, gn_val = state.skipped_steps, float("nan")
+    fp8_stats = getattr(model, "fp8_stats", None)  # train.precision=fp8 (braid.parallel.fp8)
     while state.step < stop:
         step = state.step
         lr = lr_at(step, tc)
@@ -226,6 +227,8 @@ def _loop(
             g["lr"] = lr
         parts = []
         overlap.begin_step(step + 1)
+        if fp8_stats is not None:  # fp8 numerics: recorded on the last step of a log interval
+            fp8_stats.active = (step + 1) % tc.log_every == 0 or step + 1 == stop
         for _ in range(tc.grad_accum):
             if tc.cuda_graphs:  # a new replay: the last one's graph outputs may be reused
                 torch.compiler.cudagraph_mark_step_begin()
@@ -234,6 +237,8 @@ def _loop(
             (loss / tc.grad_accum).backward()
             log.micro_stats([p])  # now: CUDA graphs may reuse the router stats' memory
             parts.append(p)
+        if fp8_stats is not None:
+            fp8_stats.active = False
         overlap.flush()  # every deferred weight grad lands before the norm and the step
         ce = torch.stack([p["ce"] for p in parts]).mean()
         failed = log.write_failed()
@@ -269,6 +274,8 @@ def _loop(
             now = time.perf_counter()
             tokens, seconds = state.tokens_seen - tokens_last, now - t_last
             log.train(state.step, train_loss, lr, gn_val, state.skipped_steps, tokens, seconds)
+            if fp8_stats is not None:
+                log.writer.log(state.step, fp8_stats.read())
             t_last, tokens_last = now, state.tokens_seen
         if overlap_metrics := overlap.end_step(state.step):  # timed steps only (report/auto)
             log.writer.log(state.step, overlap_metrics)

@@ -1,4 +1,4 @@
-"""The quantisation arithmetic of `int8` and `fp8`, as pure functions.
+"""The quantisation arithmetic of `int8`, as pure functions (`fp8` uses `braid.ops.fp8`).
 
 Shapes: x_RD rows (one scale per row) or x_RNB rows of N blocks of B elements (one scale per
 block); p_RB packed rows (values' bytes, then fp32 scales). Each function is a few elementwise
@@ -21,8 +21,6 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0
 INT8_MAX = 127.0
 
 
@@ -32,32 +30,12 @@ def scales(x: Tensor, qmax: float) -> Tensor:
     return torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
 
 
-# |x / s| <= qmax up to one fp32 rounding, which rounds back to qmax: no clamp is needed.
-def quantize_fp8_rows(x_RD: Tensor) -> tuple[Tensor, Tensor]:
-    s_R1 = scales(x_RD, FP8_MAX)
-    return (x_RD.float() / s_R1).to(FP8), s_R1
-
-
-def quantize_fp8_blocks(x_RNB: Tensor) -> tuple[Tensor, Tensor]:
-    s_RN1 = scales(x_RNB, FP8_MAX)
-    return (x_RNB.float() / s_RN1).to(FP8), s_RN1
-
-
 def quantize_int8_rows(x_RD: Tensor) -> tuple[Tensor, Tensor]:
     s_R1 = scales(x_RD, INT8_MAX)
     return torch.round(x_RD.float() / s_R1).to(torch.int8), s_R1
 
 
-# q * s in fp32, rounded once to `dtype` (e4m3 and int8 values are exact in fp32).
-def dequantize_fp8_rows(p_RB: Tensor, dim: int, s_R1: Tensor, dtype: torch.dtype) -> Tensor:
-    return (p_RB[:, :dim].view(FP8).float() * s_R1).to(dtype)
-
-
-def dequantize_fp8_blocks(p_RB: Tensor, dim: int, s_RN1: Tensor, dtype: torch.dtype) -> Tensor:
-    q_RNB = p_RB[:, :dim].view(FP8).unflatten(1, (s_RN1.shape[1], -1))
-    return (q_RNB.float() * s_RN1).to(dtype).flatten(1)
-
-
+# q * s in fp32, rounded once to `dtype` (int8 values are exact in fp32).
 def dequantize_int8_rows(p_RB: Tensor, dim: int, s_R1: Tensor, dtype: torch.dtype) -> Tensor:
     return (p_RB[:, :dim].view(torch.int8).float() * s_R1).to(dtype)
 
