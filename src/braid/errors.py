@@ -6,6 +6,12 @@ its traceback.
 """
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (at most 200 characters), for one-line errors."""
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else "no detail"
+
+
 class BraidError(Exception):
     """An error caused by user input; its message is one line that says what to change."""
 

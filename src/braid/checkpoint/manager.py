@@ -237,27 +237,15 @@ class Checkpointer:
 
     def _first_error(self, err: BraidError | None) -> BraidError | None:
         """The first failing rank's error, on every rank (keeps DamagedFile's class)."""
-        if not self.ctx.distributed:
-            return err
-        box: list[Any] = [None] * self.ctx.world
-        mine = None if err is None else (isinstance(err, DamagedFile), str(err))
-        torch.distributed.all_gather_object(box, mine, group=self._group())
-        first = next((m for m in box if m is not None), None)
-        if first is None:
-            return None
-        return (DamagedFile if first[0] else BraidError)(first[1])
+        from braid.parallel.distributed import first_error
+
+        return first_error(err, self.ctx)
 
     def _agree(self, err: BraidError | None) -> None:
         """Raise on every rank if any rank failed a check (first failing rank's message)."""
-        if self.ctx.distributed:
-            box: list[Any] = [None] * self.ctx.world
-            torch.distributed.all_gather_object(box, None if err is None else str(err),
-                                                group=self._group())
-            first = next((m for m in box if m is not None), None)
-            if first is not None:
-                raise BraidError(first)
-        elif err is not None:
-            raise err
+        from braid.parallel.distributed import raise_on_any
+
+        raise_on_any(err, self.ctx)
 
 
 def _install(tmp: Path, final: Path) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from braid.errors import BraidError
+from braid.errors import BraidError, first_line
 
 _TAGS = ("__tuple__", "__float__", "__ndarray__", "__tensor__", "__dict__")
 
@@ -139,10 +139,5 @@ def read_json(path: Path, what: str,
     try:
         return decode(json.loads(text))
     except (ValueError, TypeError, KeyError, AttributeError) as e:
-        raise BraidError(f"{what} {path} is corrupt ({type(e).__name__}: {_first_line(e)}); "
+        raise BraidError(f"{what} {path} is corrupt ({type(e).__name__}: {first_line(e)}); "
                          f"{fix}") from None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:200] if text else "no detail"

@@ -35,7 +35,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystemWriter, _StorageInfo
 
-from braid.errors import BraidError
+from braid.errors import BraidError, first_line
 
 METADATA_FILE = ".metadata"  # DCP's name for the global metadata file
 
@@ -214,4 +214,4 @@ def _one_line(e: BaseException) -> str:
     if "weights_only" in text or "Weights only load failed" in text:
         # torch's advice (load with weights_only=False) would run code from the file: never
         return "a tensor file holds something other than tensors, which braid refuses to load"
-    return text.splitlines()[0][:200] if text else "no detail"
+    return first_line(e)

@@ -44,7 +44,7 @@ from typing import Any
 import duckdb
 import numpy as np
 
-from braid.errors import BraidError
+from braid.errors import BraidError, first_line
 from braid.metrics import queries
 
 log = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ class MetricsWriter:
                 con.close()
         except Exception as e:  # duckdb.Error (corrupt file), OSError
             raise BraidError(f"metrics store {self.path} cannot be written ({type(e).__name__}: "
-                             f"{_first_line(e)}): move it aside or fix its permissions, or set "
+                             f"{first_line(e)}): move it aside or fix its permissions, or set "
                              "metrics.on_error=continue to train without it") from None
 
     def flush(self) -> None:
@@ -277,7 +277,7 @@ class _Sink:
                 con.close()
         except Exception as e:  # duckdb.Error, OSError, or a bad value: keep rows, go on
             if not _lock_conflict(e):  # a reader holding the file longer is retried, not fatal
-                self.error = self.error or f"{type(e).__name__}: {_first_line(e)}"
+                self.error = self.error or f"{type(e).__name__}: {first_line(e)}"
             self._warn("write", f"metrics not written to {self.path} yet (will retry): {e}")
             self._trim_pending()
             return False
@@ -308,11 +308,6 @@ class _Sink:
         if kind not in self._warned:
             log.warning(msg)
             self._warned.add(kind)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:200] if text else "no detail"
 
 
 def _lock_conflict(e: BaseException) -> bool:

@@ -100,18 +100,29 @@ def broadcast_object(obj: Any, ctx: ParallelContext) -> Any:
     return box[0]
 
 
-def raise_on_any(err: BaseException | None, ctx: ParallelContext) -> None:
-    """Raise the first failing rank's error (as a BraidError with its message) on every rank,
-    so that no rank goes on into a collective that the failed one never joins. In one
-    process, raise `err` itself if there is one."""
+def first_error(err: BaseException | None, ctx: ParallelContext) -> BaseException | None:
+    """The first failing rank's error on every rank, of the same BraidError class (other
+    exceptions come back as BraidError with their message); `err` itself in one process."""
     from braid.errors import BraidError
 
     if not ctx.distributed:
-        if err is not None:
-            raise err
-        return
+        return err
+    mine = None
+    if err is not None:
+        mine = (type(err) if isinstance(err, BraidError) else BraidError, str(err))
     box: list[Any] = [None] * ctx.world
-    dist.all_gather_object(box, None if err is None else str(err), group=world_group(ctx))
+    dist.all_gather_object(box, mine, group=world_group(ctx))
     first = next((m for m in box if m is not None), None)
-    if first is not None:
-        raise BraidError(first)
+    if first is None:
+        return None
+    try:
+        return first[0](first[1])
+    except TypeError:  # a class built from other arguments (ConfigError): keep the message
+        return BraidError(first[1])
+
+
+def raise_on_any(err: BaseException | None, ctx: ParallelContext) -> None:
+    """Raise the first failing rank's error on every rank, so that no rank goes on into a
+    collective that the failed one never joins."""
+    if (found := first_error(err, ctx)) is not None:
+        raise found
