@@ -144,11 +144,23 @@ def router_weight(m: nn.Module, E: int, H: int) -> nn.Parameter:
     return hits[0]
 
 
+def _titan_on_older_torch() -> None:
+    """torchtitan 0.3.0's FSDP helpers import `torch.distributed.fsdp.DataParallelMeshDims`
+    (newer than torch 2.11) only to annotate their signatures, and `torchtitan.models.qwen3` imports
+    them. The one-GPU model never calls them: a placeholder name lets the model import on
+    torch 2.11. Nothing else is changed."""
+    import torch.distributed.fsdp as fsdp
+
+    if not hasattr(fsdp, "DataParallelMeshDims"):
+        fsdp.DataParallelMeshDims = type("DataParallelMeshDims", (), {})
+
+
 def titan_qwen3(cfg, device: torch.device) -> nn.Module:
     """torchtitan's Qwen3 decoder with MoE blocks in the shape of a Braid config: every layer
     MoE, softmax top-k with renormalised gates, no balancing loss, no QK-norm (Braid has none),
     causal SDPA, untied embeddings. Built on `device` in fp32 (autocast does the rest)."""
     _require("torchtitan")
+    _titan_on_older_torch()
     from torchtitan.models.common import CosSinRoPE, Embedding, Linear
     from torchtitan.models.common.attention import ScaledDotProductAttention
     from torchtitan.models.common.config_utils import (
@@ -180,7 +192,7 @@ def titan_qwen3(cfg, device: torch.device) -> nn.Module:
             normalized_shape=dim, eps=mc.norm_eps, param_init={"weight": torch.nn.init.ones_}
         )
 
-    rope = CosSinRoPE.Config(dim=mc.head_dim, max_seq_len=mc.max_seq_len, theta=mc.rope_theta)
+    rope = CosSinRoPE.Config(dim=mc.attn_head_dim, max_seq_len=mc.max_seq_len, theta=mc.rope_theta)
     blocks = [
         Qwen3TransformerBlock.Config(
             attention_norm=norm(mc.dim),
@@ -189,7 +201,7 @@ def titan_qwen3(cfg, device: torch.device) -> nn.Module:
                 dim=mc.dim,
                 n_heads=mc.n_heads,
                 n_kv_heads=mc.kv_heads,
-                head_dim=mc.head_dim,
+                head_dim=mc.attn_head_dim,
                 wqkv_param_init=init,
                 wo_param_init=init,
                 fuse_qkv=True,

@@ -27,11 +27,13 @@ pytestmark = [
 COUNTS = [0, 37, 5, 200, 1, 0, 64, 13]  # ragged, with empty experts
 
 
-def close(got: torch.Tensor, want: torch.Tensor) -> None:
+def close(got: torch.Tensor, want: torch.Tensor, what: str = "") -> None:
+    assert got is not None and want is not None, f"{what}: a gradient is missing"
     got, want = got.float().cpu(), want.float().cpu()
     bound = 2.0**-7 * want.abs() + 2.0**-7 * want.abs().max()
     worst = ((got - want).abs() - bound).max().item()
-    assert worst <= 0, f"exceeds the bound by {worst}"
+    rel = ((got - want).abs().max() / want.abs().max().clamp(min=1e-30)).item()
+    assert worst <= 0, f"{what}: exceeds the bound by {worst} (max error / max |want| = {rel:.2e})"
 
 
 def test_compiled_quantisers_equal_eager_bitwise():
@@ -53,14 +55,14 @@ def test_grouped_linear_cuda_equals_emulation(D, F, dw8):
     gy = torch.randn(R, F, generator=g).bfloat16()
     outs = {}
     for dev in ("cpu", "cuda"):
-        xd = x.to(dev).requires_grad_()
-        wd = w.to(dev).requires_grad_()
+        xd = x.to(dev, copy=True).requires_grad_()  # a fresh leaf per device
+        wd = w.to(dev, copy=True).requires_grad_()
         offs = counts_to_offsets(torch.tensor(COUNTS, device=dev))
         y = fp8_grouped_linear(xd, wd, offs, fp8_wgrad=dw8)
         y.backward(gy.to(dev))
         outs[dev] = (y, xd.grad, wd.grad)
-    for got, want in zip(outs["cuda"], outs["cpu"], strict=True):
-        close(got, want)
+    for what, got, want in zip(("y", "dx", "dw"), outs["cuda"], outs["cpu"], strict=True):
+        close(got, want, what)
 
 
 @pytest.mark.parametrize("dw8", [False, True])
@@ -71,30 +73,40 @@ def test_dense_linear_cuda_equals_emulation(dw8):
     gy = torch.randn(4, 96, 384, generator=g).bfloat16()
     outs = {}
     for dev in ("cpu", "cuda"):
-        xd, wd = x.to(dev).requires_grad_(), w.to(dev).requires_grad_()
+        xd = x.to(dev, copy=True).requires_grad_()  # a fresh leaf per device
+        wd = w.to(dev, copy=True).requires_grad_()
         y = fp8_linear(xd, wd, fp8_wgrad=dw8)
         y.backward(gy.to(dev))
         outs[dev] = (y, xd.grad, wd.grad)
-    for got, want in zip(outs["cuda"], outs["cpu"], strict=True):
-        close(got, want)
+    for what, got, want in zip(("y", "dx", "dw"), outs["cuda"], outs["cpu"], strict=True):
+        close(got, want, what)
 
 
-def test_fp8_experts_compile_and_match_eager():
+def test_fp8_experts_compile_and_stay_within_the_fp8_bound():
+    """Compiled fp8 experts against eager ones and both against fp32. They are not bitwise
+    equal: eager rounds the SwiGLU output to bf16 before its e4m3 cast, the compiler fuses
+    SwiGLU into the quantiser and casts from fp32, so a few percent of the elements (bf16
+    values on an e4m3 rounding tie) land one e4m3 step apart. Stated bounds, norm-wise: each
+    within 10% of fp32 (two fp8 GEMMs per direction, as on the CPU), each other within 3%."""
     torch.manual_seed(2)
     ex = GroupedExperts(8, 256, 128).cuda()
     ex.w13.data.normal_(0, 0.05)
     ex.w2.data.normal_(0, 0.05)
-    ex.fp8_stats = Fp8Stats()
     counts = torch.tensor(COUNTS, device="cuda")
     x = torch.randn(sum(COUNTS), 256, device="cuda")
     res = {}
-    for mode in ("eager", "compiled"):
+    for mode in ("fp32", "eager", "compiled"):
+        ex.fp8_stats = None if mode == "fp32" else Fp8Stats()
         xi = x.clone().requires_grad_()
         ex.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=mode != "fp32"):
             fwd = torch.compile(ex) if mode == "compiled" else ex
             y = fwd(xi, counts)
         y.float().square().sum().backward()
-        res[mode] = (y, xi.grad, ex.w13.grad, ex.w2.grad)
-    for got, want in zip(res["compiled"], res["eager"], strict=True):
-        close(got, want)
+        res[mode] = [t.float() for t in (y, xi.grad, ex.w13.grad, ex.w2.grad)]
+    names = ("y", "dx", "dw13", "dw2")
+    pairs = (("eager", "fp32", 0.1), ("compiled", "fp32", 0.1), ("compiled", "eager", 0.03))
+    for a, b, bound in pairs:
+        for what, got, want in zip(names, res[a], res[b], strict=True):
+            rel = ((got - want).norm() / want.norm()).item()
+            assert rel < bound, f"{what}: {a} vs {b}: {rel:.3e} >= {bound}"

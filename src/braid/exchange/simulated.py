@@ -15,9 +15,10 @@ about 40 us). Movements run one after another on the stream, as they would on a 
 On CUDA a movement, on the exchange's own stream (made by `braid.overlap.streams.new_stream`,
 ordered after the caller's stream as NCCL's is): (1) copies the (W-1)/W of the payload that
 would leave the rank into a scratch buffer, so HBM traffic contends with the compute beside it
-as the real send and receive would; (2) spins a one-thread `torch.cuda._sleep` kernel for the
-rest of t. `wait()` orders the caller's stream after it (`EventHandle`). The sleep cycles per ms
-and the copy bandwidth are measured once, at the first movement.
+as the real send and receive would; (2) spins a one-block kernel for the rest of t
+(`braid.ops.spin`: on the GPU's nanosecond timer, so SM clock changes do not stretch it).
+`wait()` orders the caller's stream after it (`EventHandle`). The copy bandwidth is measured
+once, at the first movement.
 On CPU nothing is copied: a movement is complete at its deadline (`done()` polls the host
 clock, `wait()` sleeps until it), so the engine's drain and report work as on a real link.
 `exchange_counts` and `all_reduce_sum` cost one latency each (serial, as their blocking
@@ -41,6 +42,7 @@ from braid.errors import BraidError
 from braid.exchange.base import Exchange, Handle
 from braid.exchange.config import ExchangeConfig
 from braid.exchange.handles import EventHandle
+from braid.ops.spin import spin
 from braid.overlap.streams import new_stream
 
 # Payload bytes per rank -> algbw GB/s, all_to_all_single on 4x H200 (NVLink, NCCL 2.28.9).
@@ -102,7 +104,6 @@ class SimulatedExchange(Exchange):
         self._busy_until = 0.0  # CPU: the link is free again at this host time
         self._stream = None
         self._scratch: Tensor | None = None
-        self._cycles_per_ms = 0.0
         self._copy_bytes_per_ms = 0.0
 
     @property
@@ -130,8 +131,7 @@ class SimulatedExchange(Exchange):
         """One latency, serial on the caller's stream (a small blocking collective)."""
         ms = self.cfg.simulate_latency_us / 1e3
         if t.is_cuda:
-            self._calibrate(t.device)
-            torch.cuda._sleep(int(ms * self._cycles_per_ms))
+            spin(ms, t.device)
         elif ms > 0:
             time.sleep(ms / 1e3)
 
@@ -151,26 +151,18 @@ class SimulatedExchange(Exchange):
             start.record(self._stream)
             if cross:
                 self._scratch[:cross].copy_(x.view(-1).view(torch.uint8)[:cross])
-            rest = ms - cross / self._copy_bytes_per_ms
-            if rest > 0:
-                torch.cuda._sleep(int(rest * self._cycles_per_ms))
+            spin(ms - cross / self._copy_bytes_per_ms, x.device)
             end.record(self._stream)
         x.record_stream(self._stream)  # read on the exchange's stream
         return EventHandle(start, end, x_RD)
 
     def _calibrate(self, device: torch.device) -> None:
-        """Once: sleep-kernel cycles per ms and device copy bandwidth on this GPU."""
-        if self._cycles_per_ms:
+        """Once: the exchange's stream and the device copy bandwidth on this GPU."""
+        if self._copy_bytes_per_ms:
             return
         self._stream = new_stream(device)
+        spin(1e-3, device)  # compiles the spin kernel now, not inside a timed movement
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        cycles = 2_000_000
-        torch.cuda._sleep(cycles)  # warm-up
-        a.record()
-        torch.cuda._sleep(cycles)
-        b.record()
-        b.synchronize()
-        self._cycles_per_ms = cycles / a.elapsed_time(b)
         n = 64 * 2**20
         src = torch.empty(n, dtype=torch.uint8, device=device)
         dst = torch.empty_like(src)

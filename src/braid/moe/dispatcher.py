@@ -46,13 +46,15 @@ from braid.moe.fp8_dispatch import Fp8Send, dispatch_fp8
 from braid.ops.fp8_gemm import Fp8Rows
 from braid.ops.grouped_gemm import compute_dtype
 from braid.ops.permute import (
+    combine_rows,
+    combine_rows_grad,
     combine_tokens,
     expand_tokens,
+    gather_rows,
     inverse_permutation,
     permute_rows,
     regroup_index,
     sum_copies,
-    weighted_sum,
 )
 
 
@@ -93,6 +95,13 @@ def count_per_expert(expert_M: Tensor, num_experts: int) -> Tensor:
     torch.compile graphs whole. Every count of the dispatcher goes through here."""
     out = torch.zeros(num_experts, dtype=torch.long, device=expert_M.device)
     return out.scatter_add_(0, expert_M, torch.ones_like(expert_M))
+
+
+def _fused(t: Tensor) -> bool:
+    """Whether the chunked path uses the compiled one-pass permutation kernels for `t`: on
+    CUDA outside a compiled region (inside one, the compiler fuses the plain expressions), as
+    the plain path's autograd ops do."""
+    return t.is_cuda and not torch.compiler.is_compiling()
 
 
 class _Move(torch.autograd.Function):
@@ -231,8 +240,12 @@ class TokenDispatcher:
     # -- the chunked path: autograd-free steps that return handles -------------------------
 
     def send_rows(self, x_ND: Tensor, route: Route) -> Tensor:
-        """The chunk's kept copies in expert order (the dispatch payload)."""
-        return x_ND[route.start : route.stop].index_select(0, route.token_M)
+        """The chunk's kept copies in expert order (the dispatch payload), dropless in the
+        GEMMs' dtype as the plain path sends them (gathered and cast in one pass on CUDA)."""
+        x_ND = x_ND[route.start : route.stop]
+        if route.pos_NK is None:
+            return x_ND.index_select(0, route.token_M)
+        return gather_rows(x_ND, route.token_M, compute_dtype(x_ND), fused=_fused(x_ND))
 
     def issue_dispatch(self, x_MD: Tensor, route: Route) -> Handle:
         return self.exchange.dispatch(x_MD, route.send, route.recv)
@@ -244,8 +257,8 @@ class TokenDispatcher:
     def finish(self, y_MD: Tensor, gates_NK: Tensor, route: Route) -> Tensor:
         """The chunk's output [stop-start, D]: the plain path's `combine` arithmetic."""
         gates_NK = gates_NK[route.start : route.stop]
-        if route.pos_NK is not None:
-            return weighted_sum(y_MD, gates_NK, route.pos_NK)[0]
+        if route.pos_NK is not None:  # the plain path's kernels (`combine_tokens`)
+            return combine_rows(y_MD, gates_NK, route.pos_NK, fused=_fused(y_MD))
         w_M = gates_NK.flatten().index_select(0, route.order_M).to(y_MD.dtype)
         out = y_MD.new_zeros(route.stop - route.start, y_MD.shape[1])
         return out.index_add(0, route.token_M, y_MD * w_M[:, None])
@@ -256,13 +269,14 @@ class TokenDispatcher:
         """Backward of `finish` for the chunk: (grad of y_MD, to send back to the experts;
         grad of the chunk's gates [stop-start, K])."""
         K = self.top_k
-        gates_NK = gates_NK[route.start : route.stop]
-        g_MD = g_ND[route.start : route.stop].index_select(0, route.token_M)
+        gates_NK, g_ND = gates_NK[route.start : route.stop], g_ND[route.start : route.stop]
+        if route.pos_NK is not None:  # the plain path's kernels (`combine_tokens`' backward)
+            return combine_rows_grad(
+                y_MD, gates_NK, route.pos_NK, route.order_M, g_ND, fused=_fused(y_MD)
+            )
+        g_MD = g_ND.index_select(0, route.token_M)
         g_w = (g_MD * y_MD).sum(1).to(gates_NK.dtype)
-        if route.pos_NK is not None:
-            dgates = g_w.index_select(0, route.pos_NK.flatten())
-        else:
-            dgates = g_w.new_zeros((route.stop - route.start) * K).index_add_(0, route.order_M, g_w)
+        dgates = g_w.new_zeros((route.stop - route.start) * K).index_add_(0, route.order_M, g_w)
         w_M = gates_NK.flatten().index_select(0, route.order_M).to(y_MD.dtype)
         return g_MD * w_M[:, None], dgates.view(-1, K)
 

@@ -111,18 +111,24 @@ def _compiled(fn: Callable) -> Callable:
 
 def _run(fn: Callable, x: Tensor) -> tuple[Tensor, Tensor]:
     if x.is_cuda and x.numel() > 0 and not torch.compiler.is_compiling():
-        return _compiled(fn)(x)
+        # A plain tensor of fixed rank: parameters, grad flags and ranks would each be one
+        # more compiled variant, and the compiler gives up after a few (then runs eagerly).
+        return _compiled(fn)(x.detach())
     return fn(x)
 
 
 def quantize(x: Tensor) -> tuple[Tensor, Tensor]:
     """`quantize_ref`, fused into one kernel pair on CUDA."""
-    return _run(quantize_ref, x)
+    lead = x.shape[:-1]
+    q, s = _run(quantize_ref, x.reshape(-1, x.shape[-1]))
+    return q.view(*lead, x.shape[-1]), s.view(*lead, 1)
 
 
 def quantize_cols(x: Tensor) -> tuple[Tensor, Tensor]:
     """`quantize_cols_ref`, fused on CUDA (the transpose is folded into the cast's store)."""
-    return _run(quantize_cols_ref, x)
+    *lead, K, N = x.shape
+    q, s = _run(quantize_cols_ref, x.reshape(-1, K, N))
+    return q.view(*lead, N, K), s.view(*lead, N, 1)
 
 
 def quantize_blocks(x_RD: Tensor) -> tuple[Tensor, Tensor]:

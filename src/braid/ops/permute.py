@@ -173,6 +173,28 @@ class _CombineFused(torch.autograd.Function):
         return dy_MD, dgates, None, None
 
 
+def combine_rows(y_MD: Tensor, gates_NK: Tensor, pos_NK: Tensor, fused: bool) -> Tensor:
+    """`combine_tokens`' value without autograd (the chunked pipeline's per-chunk finish):
+    the compiled one-pass kernel when `fused`, else `weighted_sum`."""
+    if fused and y_MD.shape[0] > 0:
+        return _compiled(combine_forward_math)(y_MD, gates_NK, pos_NK)
+    return weighted_sum(y_MD, gates_NK, pos_NK)[0]
+
+
+def combine_rows_grad(
+    y_MD: Tensor, gates_NK: Tensor, pos_NK: Tensor, order_M: Tensor, g_ND: Tensor, fused: bool
+) -> tuple[Tensor, Tensor]:
+    """`combine_rows`' backward without autograd: (dy_MD in sorted order, dgates_NK); the
+    compiled one-pass kernel when `fused`, else the gathers and products of `_Combine`."""
+    if fused and y_MD.shape[0] > 0:
+        return _compiled(combine_backward_math)(y_MD, gates_NK, pos_NK, order_M, g_ND.contiguous())
+    K = pos_NK.shape[1]
+    g_MD = g_ND.index_select(0, order_M // K)
+    dgates = (g_MD * y_MD).sum(1).to(gates_NK.dtype).index_select(0, pos_NK.flatten())
+    w_M = gates_NK.flatten().index_select(0, order_M).to(y_MD.dtype)
+    return g_MD * w_M[:, None], dgates.view_as(gates_NK)
+
+
 def combine_tokens(
     y_MD: Tensor, gates_NK: Tensor, pos_NK: Tensor, order_M: Tensor, fused: bool | None = None
 ) -> Tensor:
