@@ -86,6 +86,7 @@ class _Fp8Dispatch(torch.autograd.Function):
         return sum_copies(g_RD, pos_NK), *[None] * 8
 
 
+@torch.compiler.disable  # eager under torch.compile, as the fp8 GEMMs (braid.ops.fp8_gemm)
 def dispatch_fp8(
     x_ND: Tensor,
     token_M: Tensor,

@@ -15,6 +15,9 @@ reduction dim of the GEMM they feed):
                            from its saved fp8 codes (dequantised exactly to bf16), so dW sees
                            two roundings of x; g is quantised from bf16. The dense linear's dW
                            likewise, with `_scaled_mm` (tokens zero-padded to a multiple of 16).
+Under torch.compile both GEMM Functions run eagerly (`torch.compiler.disable`: a graph break
+on each side): traced by torch 2.11 on CUDA, their backward gave all-zero gradients while the
+forward was right (tests/unit/test_fp8_cuda.py checks compiled against eager and fp32).
 The forward saves x as fp8 plus scales (half of bf16's activation memory). Outputs and dx are
 in the compute dtype; dW lands in the parameter's dtype.
 
@@ -208,6 +211,7 @@ class _Fp8GroupedLinear(torch.autograd.Function):
         return dx, *[None] * 9
 
 
+@torch.compiler.disable
 def fp8_grouped_linear(
     x_RD: Tensor,
     w_EDF: Tensor,
@@ -275,6 +279,7 @@ class _Fp8Linear(torch.autograd.Function):
         return dx, dw, None, None, None
 
 
+@torch.compiler.disable
 def fp8_linear(
     x: Tensor, w_NK: Tensor, stats: Fp8Stats | None = None, name: str = "", fp8_wgrad: bool = False
 ) -> Tensor:
