@@ -84,11 +84,54 @@ class _SwiGLUFused(torch.autograd.Function):
         return _compiled(swiglu_backward_math)(h_RF2, dy_RF.contiguous())
 
 
+@torch.library.custom_op("braid::swiglu", mutates_args=())
+def swiglu_op(h: Tensor) -> Tensor:
+    """The one-pass SwiGLU as an operator torch.compile keeps whole (any leading dims): the
+    Triton kernels on CUDA, the fp32 math elsewhere. Its backward is `braid::swiglu_backward`."""
+    h2 = h.reshape(-1, h.shape[-1])
+    y = swiglu_triton.forward(h2) if swiglu_triton.available(h2) else swiglu_forward_math(h2)
+    return y.view(*h.shape[:-1], h.shape[-1] // 2)
+
+
+@swiglu_op.register_fake
+def _(h: Tensor) -> Tensor:
+    return h.new_empty(*h.shape[:-1], h.shape[-1] // 2)
+
+
+@torch.library.custom_op("braid::swiglu_backward", mutates_args=())
+def swiglu_backward_op(h: Tensor, dy: Tensor) -> Tensor:
+    h2, dy2 = h.reshape(-1, h.shape[-1]), dy.reshape(-1, dy.shape[-1])
+    if swiglu_triton.available(h2):
+        return swiglu_triton.backward(h2, dy2).view(h.shape)
+    return swiglu_backward_math(h2, dy2).view(h.shape)
+
+
+@swiglu_backward_op.register_fake
+def _(h: Tensor, dy: Tensor) -> Tensor:
+    return torch.empty_like(h)
+
+
+def _op_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(inputs[0])
+
+
+def _op_backward(ctx, dy: Tensor) -> Tensor:
+    (h,) = ctx.saved_tensors
+    return swiglu_backward_op(h, dy)
+
+
+swiglu_op.register_autograd(_op_backward, setup_context=_op_setup)
+
+
 def swiglu(h_RF2: Tensor, fused: bool | None = None) -> Tensor:
     """silu(gate) * up for h = [gate | up] along the last dim. `fused` (default: training on
     CUDA; inference such as `braid generate` skips the compile) picks the one-pass compiled
-    kernels; otherwise the reference Function."""
+    kernels; otherwise the reference Function. Under torch.compile on CUDA with Triton, the
+    `braid::swiglu` operator (the compiler's own kernel for the backward builds dh with a slow
+    `cat`); elsewhere the plain expression, which the compiler fuses."""
     if torch.compiler.is_compiling():
+        if h_RF2.is_cuda and swiglu_triton.triton is not None:
+            return swiglu_op(h_RF2)
         gate, up = h_RF2.chunk(2, dim=-1)
         return F.silu(gate) * up
     if fused is None:
