@@ -19,6 +19,7 @@ class Fp8Linear(nn.Linear):
     fp8_name: str = ""
     fp8_wgrad: bool = False  # dW in fp8 too (train.fp8_wgrad)
 
+    @torch.compiler.disable  # one graph break per call; tracing it recompiled per module
     def forward(self, x: Tensor) -> Tensor:
         stats = None if torch.compiler.is_compiling() else self.fp8_stats
         y = fp8_linear(x, self.weight, stats, self.fp8_name, self.fp8_wgrad)
