@@ -100,7 +100,11 @@ def _train_grads(overrides: list[str], micro: int = 2):
     model = build_model(cfg, CPU)
     lines: list[str] = []
     session = OverlapSession.install(
-        model, cfg.overlap, device=CPU.device, tokens_per_rank=32, dtype=torch.float32,
+        model,
+        cfg.overlap,
+        device=CPU.device,
+        tokens_per_rank=32,
+        dtype=torch.float32,
         log=lines.append,
     )
     data = torch.randint(0, 128, (micro, 2, 17), generator=torch.Generator().manual_seed(1))
@@ -121,6 +125,29 @@ def reference():
     return _train_grads([])[2]
 
 
+MLA = [
+    "--model.qkv_bias=false",  # a GQA option
+    "--model.attention=mla",
+    "--model.q_lora_rank=16",
+    "--model.kv_lora_rank=16",
+    "--model.qk_rope_head_dim=8",
+    "--model.qk_nope_head_dim=8",
+    "--model.v_head_dim=8",
+]
+
+
+def test_all_defers_mla_projections_with_the_gradients_of_overlap_off():
+    ref = _train_grads(MLA)[2]
+    model, session, grads, leftover, _ = _train_grads(MLA + ["--overlap.split_dw=all"])
+    deferred = {n for n, m in model.named_modules() if isinstance(m, DeferredLinear)}
+    expect = {
+        f"blocks.{b}.attn.{w}" for b in DEFERRED for w in ("wq_a", "wq_b", "wkv_a", "wkv_b", "wo")
+    }
+    expect |= {f"blocks.{b}.ffn.{w}" for b in (2, 5) for w in ("w13", "w2")}
+    assert deferred == expect and leftover == 0
+    assert max(_rel(g, ref[n]) for n, g in grads.items()) < TOL
+
+
 @pytest.mark.parametrize("chunks", [1, 2])
 def test_all_defers_the_blocks_above_each_moe_layer_with_the_gradients_of_overlap_off(
     reference, chunks
@@ -130,8 +157,10 @@ def test_all_defers_the_blocks_above_each_moe_layer_with_the_gradients_of_overla
     )
     assert leftover == 0  # the flush points at the MoE inputs ran everything
     assert all(len(lo.queue) == 0 and len(lo.dense) == 0 for lo in session.layers.values())
-    assert lines == ["overlap split_dw=all: attention/dense dW of blocks 2,3 -> moe1; "
-                     "block 4 -> moe3; block 5 -> moe4"]
+    assert lines == [
+        "overlap split_dw=all: attention/dense dW of blocks 2,3 -> moe1; "
+        "block 4 -> moe3; block 5 -> moe4"
+    ]
     deferred = {n for n, m in model.named_modules() if isinstance(m, DeferredLinear)}
     expect = {f"blocks.{b}.attn.{w}" for b in DEFERRED for w in ("wq", "wkv", "wo")}
     expect |= {f"blocks.{b}.ffn.{w}" for b in (2, 5) for w in ("w13", "w2")}
@@ -175,9 +204,7 @@ def _drained(overrides: list[str]) -> dict[int, tuple[int, int]]:
 def test_attention_dw_runs_inside_the_exchange_windows_of_the_moe_layer_below():
     # Every movement of the simulated exchange is in flight for 30 ms of host time: the
     # deferred GEMMs (microseconds each) run while `done()` is False, not at the flush point.
-    slow = _drained(
-        ["--exchange.algorithm=simulated", "--exchange.simulate_latency_us=30000"]
-    )
+    slow = _drained(["--exchange.algorithm=simulated", "--exchange.simulate_latency_us=30000"])
     for moe, (ran, drained) in slow.items():
         assert ran > 0 and drained == ran, (moe, ran, drained)
     # The same count with the local exchange (complete at issue): nothing is in flight, so

@@ -99,8 +99,12 @@ def _run(cfg, ctx, hold: bool) -> dict:
     opt = build_optimizer(model, cfg.train, ctx.device)
     b, amp = BATCH // ctx.world, autocast(cfg, ctx.device)
     session = OverlapSession.install(
-        model, cfg.overlap, device=ctx.device, dtype=torch.float32,
-        tokens_per_rank=b * cfg.train.seq_len, is_main=False,
+        model,
+        cfg.overlap,
+        device=ctx.device,
+        dtype=torch.float32,
+        tokens_per_rank=b * cfg.train.seq_len,
+        is_main=False,
     )
     gen = torch.Generator().manual_seed(0)
     data = torch.randint(0, 128, (STEPS, MICRO, BATCH, 17), generator=gen)
@@ -141,8 +145,13 @@ def _run(cfg, ctx, hold: bool) -> dict:
     finally:
         HeldUnit.hold = real_hold
     drained = {i: lo.dense.num_run for i, lo in session.layers.items()}
-    return {"steps": steps, "grads": grads, "reductions": reductions, "metrics": metrics,
-            "dense_tasks": drained}
+    return {
+        "steps": steps,
+        "grads": grads,
+        "reductions": reductions,
+        "metrics": metrics,
+        "dense_tasks": drained,
+    }
 
 
 def _worker(rank: int, world: int) -> dict:
