@@ -7,7 +7,8 @@ Model: 6 blocks, MoE layers 1, 3 and 4 (shared expert, q/k/v biases), so block 0
 no MoE below it, block 1 is the lowest MoE layer, block 2 is dense between MoE layers, block 3
 is MoE directly above another MoE layer, and block 5 is dense on top. Deferred: blocks 2 and 3
 into moe1, block 4 into moe3, block 5 into moe4 (block 3's attention: its own MoE layer runs
-its backward before it, so the window below is moe1's).
+its backward before it, so the window below is moe1's). Also with chunks=2, activation
+checkpointing (the blocks' forward recomputed in backward) and MLA attention.
 """
 
 from __future__ import annotations
@@ -148,12 +149,16 @@ def test_all_defers_mla_projections_with_the_gradients_of_overlap_off():
     assert max(_rel(g, ref[n]) for n, g in grads.items()) < TOL
 
 
-@pytest.mark.parametrize("chunks", [1, 2])
+@pytest.mark.parametrize(("chunks", "recompute"), [(1, False), (2, False), (2, True)])
 def test_all_defers_the_blocks_above_each_moe_layer_with_the_gradients_of_overlap_off(
-    reference, chunks
+    reference, chunks, recompute
 ):
     model, session, grads, leftover, lines = _train_grads(
-        ["--overlap.split_dw=all", f"--overlap.chunks={chunks}"]
+        [
+            "--overlap.split_dw=all",
+            f"--overlap.chunks={chunks}",
+            f"--parallel.activation_checkpoint={'true' if recompute else 'false'}",
+        ]
     )
     assert leftover == 0  # the flush points at the MoE inputs ran everything
     assert all(len(lo.queue) == 0 and len(lo.dense) == 0 for lo in session.layers.values())
