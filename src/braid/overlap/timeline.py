@@ -113,6 +113,9 @@ def format_summary(step: int, rows: dict[int, dict[str, float]], plans: dict[int
         f"overlap @ step {step}: layer  C  split  exchange_ms  exposed_ms  exposed%  "
         "dW_ms  measured_ms  predicted_ms"
     )
+    dense = any("dense_dW_ms" in r or "dense_dW_flush_ms" in r for r in rows.values())
+    if dense:  # split_dw = "all": the dW of the blocks above, in the windows + flushed
+        head += "  dense_dW_ms"
     lines = [head]
     for i, r in sorted(rows.items()):
         p = plans[i]
@@ -124,4 +127,6 @@ def format_summary(step: int, rows: dict[int, dict[str, float]], plans: dict[int
             f"  moe{i:<3} {p.chunks:>3}  {'on ' if p.split_dw else 'off'}  {ex:11.3f}  {exp:10.3f}"
             f"  {frac:7.1f}%  {dw:6.3f}  {r['measured_ms']:11.3f}  {pred:>12}"
         )
+        if dense:
+            lines[-1] += f"  {r.get('dense_dW_ms', 0.0) + r.get('dense_dW_flush_ms', 0.0):11.3f}"
     return "\n".join(lines)
