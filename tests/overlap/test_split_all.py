@@ -94,22 +94,23 @@ def test_resume_reads_a_saved_bool_as_its_mode():
 # -- gradients ---------------------------------------------------------------------------------
 
 
-def _train_grads(overrides: list[str], micro: int = 2):
-    """Gradients of `micro` micro-batches (accumulated) and the session, from fixed weights."""
+def _train_grads(overrides: list[str], micro: int = 2, ctx: ParallelContext = CPU):
+    """Gradients of `micro` micro-batches (accumulated) and the session, from fixed weights
+    (fp32: no autocast)."""
     cfg = load_config(None, MODEL + overrides)
     torch.manual_seed(0)
-    model = build_model(cfg, CPU)
+    model = build_model(cfg, ctx)
     lines: list[str] = []
     session = OverlapSession.install(
         model,
         cfg.overlap,
-        device=CPU.device,
+        device=ctx.device,
         tokens_per_rank=32,
         dtype=torch.float32,
         log=lines.append,
     )
     data = torch.randint(0, 128, (micro, 2, 17), generator=torch.Generator().manual_seed(1))
-    for x in data:
+    for x in data.to(ctx.device):
         out = model(x[:, :-1])
         (out.logits.square().mean() + 0.1 * out.aux_loss).backward()
     leftover = session.flush()
@@ -217,3 +218,20 @@ def test_attention_dw_runs_inside_the_exchange_windows_of_the_moe_layer_below():
     local = _drained([])
     for moe, (ran, drained) in local.items():
         assert ran > 0 and drained == 0, (moe, ran, drained)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_all_on_cuda_matches_off_and_runs_every_dense_dw_beside_an_exchange():
+    # On CUDA the host runs ahead of the GPU: when the pipeline drains, the simulated movement
+    # (a sleep kernel on the exchange stream, 2 ms) is still running, so every deferred dW is
+    # enqueued inside a window. fp32 (no autocast): CUDA's atomic index_add differs ~1e-7.
+    gpu = ParallelContext(rank=0, world=1, local_rank=0, device=torch.device("cuda", 0))
+    sim = ["--train.device=cuda", "--exchange.algorithm=simulated"]
+    sim += ["--exchange.simulate_latency_us=2000"]
+    ref = _train_grads(sim, ctx=gpu)[2]
+    _, session, grads, leftover, _ = _train_grads(sim + ["--overlap.split_dw=all"], ctx=gpu)
+    assert leftover == 0
+    assert max(_rel(g, ref[n]) for n, g in grads.items()) < 1e-5
+    for moe, lo in session.layers.items():
+        assert lo.dense.num_run > 0 and lo.dense.num_drained == lo.dense.num_run, moe
