@@ -73,9 +73,12 @@ class HeldUnit:
 def _uniform_grads(group: Any) -> None:
     """One gradient dtype for the reduce-scatter. With a reduce dtype (bf16 parameters, fp32
     reduction), FSDP2's held post-backward moved the grads known then to fp32 accumulators;
-    a deferred dW arrives later in the parameter's bf16. Add it into the accumulator, and
-    move a bf16-only grad to fp32 too (what the reduce-scatter would cast it to anyway)."""
-    for fp in group.fsdp_params:
-        if hasattr(fp, "_unsharded_param"):
-            fp.accumulate_unsharded_grad_if_needed()
+    a deferred dW arrives later in the parameter's bf16. Add it into its accumulator, and where
+    some grads are accumulators, move the bf16-only ones to fp32 too (the reduce-scatter's
+    dtype anyway). A unit whose grads all came deferred (the experts) is left as it is."""
+    params = [fp for fp in group.fsdp_params if hasattr(fp, "_unsharded_param")]
+    for fp in params:
+        fp.accumulate_unsharded_grad_if_needed()
+    if any(fp.unsharded_accumulated_grad is not None for fp in params):
+        for fp in params:
             fp.to_accumulated_grad_if_needed()
