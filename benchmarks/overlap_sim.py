@@ -16,10 +16,12 @@ Part `layer`: one MoE layer forward + backward at 32768 tokens, fine-grained (64
 AdamW step of `medium` and `moonlet` with `--train-layers` layers (default 4: the whole models
 do not fit one GPU with their optimizer state; `n_layers`/`layers_override` in the JSON), batch
 2 x 4096 tokens. Modes: off (the plain path), split_dw, chunks2, chunks4, chunks2_split,
-chunks4_split, auto (the planner's C), auto_split. Per mode: `median_ms` (CUDA events),
-`exchange_ms`/`exposed_ms` from the overlap timeline (one timed step; off: its C=1 twin, the
-plain path's order), `exposed_over_exchange_alone` (exposed / the movements of off's step
-replayed alone), `slower_than_off`, and per layer/config `auto_vs_best` (auto's best mode time
+chunks4_split, auto (the planner's C), auto_split; the train part adds split_all and auto_all
+(`overlap.split_dw = "all"`: the attention and dense-FFN dW of the blocks above each MoE layer
+deferred into its windows too; the layer part has no attention). Per mode: `median_ms` (CUDA
+events), `exchange_ms`/`exposed_ms` from the overlap timeline (one timed step; off: its C=1
+twin, the plain path's order), `exposed_over_exchange_alone` (exposed / the movements of off's
+step replayed alone), `slower_than_off`, and per layer/config `auto_vs_best` (auto's best mode time
 over the best fixed mode's, minus 1) and `best_mode`. Every mode's results are checked against
 off's first (layer: output and grads; train: the first two losses).
 `--trace PATH` writes a Chrome trace (torch.profiler) of one training step in mode auto_split
@@ -48,6 +50,7 @@ from braid.model.config import ModelConfig  # noqa: E402
 from braid.moe.config import MoEConfig  # noqa: E402
 from braid.moe.layer import MoE  # noqa: E402
 from braid.overlap.config import OverlapConfig  # noqa: E402
+from braid.overlap.dense import restore_dense  # noqa: E402
 from braid.overlap.pipeline import LayerOverlap  # noqa: E402
 from braid.overlap.planner import CANDIDATES, choose_chunks, measure  # noqa: E402
 from braid.overlap.session import OverlapSession, layer_shape  # noqa: E402
@@ -60,7 +63,7 @@ from braid.train.trainer import autocast, loss_fn  # noqa: E402
 
 SHAPES = {"fine_64e_top8": (64, 8, 2048, 1408), "mixtral_8e_top2": (8, 2, 4096, 14336)}
 SMOKE_SHAPES = {"smoke_16e_top4": (16, 4, 32, 48), "smoke_8e_top2": (8, 2, 64, 96)}
-MODES = {  # name: (chunks, split_dw); None: overlap off (the plain path)
+MODES = {  # name: (chunks, split_dw: bool or "all"); None: overlap off (the plain path)
     "off": None,
     "split_dw": (1, True),
     "chunks2": (2, False),
@@ -70,6 +73,7 @@ MODES = {  # name: (chunks, split_dw); None: overlap off (the plain path)
     "auto": ("auto", False),
     "auto_split": ("auto", True),
 }
+TRAIN_MODES = {**MODES, "split_all": (1, "all"), "auto_all": ("auto", "all")}
 SMOKE_TRAIN = [
     "--model.dim=32",
     "--model.n_layers=3",
@@ -248,7 +252,8 @@ def train_overrides(name: str, args, mode: tuple | None) -> list[str]:
     if mode is not None:
         C, split = mode
         over += [f'--overlap.chunks="{C}"' if C == "auto" else f"--overlap.chunks={C}"]
-        over += [f"--overlap.split_dw={'true' if split else 'false'}"]
+        split_mode = {False: "off", True: "experts"}.get(split, split)
+        over += [f"--overlap.split_dw={split_mode}"]
     return over
 
 
@@ -282,7 +287,7 @@ def bench_train(name: str, args, log) -> dict:
         "modes": {},
     }
     off_ms = None
-    for mode, sched in MODES.items():
+    for mode, sched in TRAIN_MODES.items():
         with torch.no_grad():
             for t, s in zip(list(model.parameters()) + list(model.buffers()), saved, strict=True):
                 t.copy_(s)
@@ -330,7 +335,18 @@ def bench_train(name: str, args, log) -> dict:
         t = time_cuda(step, iters=args.train_iters, warmup=1)
         tl = timeline_step(model, step, device)
         chunks = sorted({lo.chunks for lo in session.layers.values()}) or [1]
-        row = row_of(t, tl, out["exchange_alone_ms"], off_ms, chunks=chunks, losses=losses)
+        split = mcfg.overlap.split_dw
+        row = row_of(
+            t, tl, out["exchange_alone_ms"], off_ms, chunks=chunks, split_dw=split, losses=losses
+        )
+        if split == "all":  # the blocks above each MoE layer: dW drained in its windows, flushed
+            row["dense_dW_ms"] = tl["dense_dW_ms"]
+            row["dense_dW_flush_ms"] = tl["dense_dW_flush_ms"]
+            # Counts over every step this mode ran (checks, warm-up and timed steps).
+            row["dense_dW_tasks"] = sum(lo.dense.num_run for lo in session.layers.values())
+            row["dense_dW_tasks_in_windows"] = sum(
+                lo.dense.num_drained for lo in session.layers.values()
+            )
         off_ms = off_ms or row["median_ms"]
         out["modes"][mode] = row
         log(
@@ -350,6 +366,7 @@ def bench_train(name: str, args, log) -> dict:
             torch.cuda.empty_cache()
     for moe in moes.values():
         moe.overlap = None
+    restore_dense(model)
     out.update(summarize(out["modes"]))
     return out
 
@@ -370,6 +387,7 @@ def timeline_step(model, step, device) -> dict[str, float]:
         if i in twins:
             moe.overlap = None
     keys = ("exchange_ms", "exposed_ms", "dW_ms", "measured_ms")
+    keys += ("dense_dW_ms", "dense_dW_flush_ms")  # split_dw = "all"
     return {k: sum(r.get(k, 0.0) for r in rows) for k in keys}
 
 

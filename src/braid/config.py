@@ -120,8 +120,8 @@ class Config:
         elif self.exchange.algorithm == "simulated":
             why = "cannot replay exchange.algorithm=simulated (its movements time themselves "
             why += "on their own stream)"
-        elif self.overlap.chunks != 1 or self.overlap.split_dw:
-            why = "needs overlap.chunks=1 and overlap.split_dw=false (the overlap engine runs "
+        elif self.overlap.chunks != 1 or self.overlap.defers_dw:
+            why = 'needs overlap.chunks=1 and overlap.split_dw="off" (the overlap engine runs '
             why += "work on its own streams outside the graphs)"
         if why is not None:
             raise ConfigError("train.cuda_graphs", True, why)
@@ -262,6 +262,10 @@ def from_dict(raw: dict[str, dict[str, Any]]) -> Config:
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check `value` against the annotation `tp`; ints are accepted for floats."""
     origin = typing.get_origin(tp)
+    if origin is typing.Literal:  # one of the listed values, of the same type (1 is not True)
+        if any(type(value) is type(a) and value == a for a in typing.get_args(tp)):
+            return value
+        raise ConfigError(key, value, f"expected {_type_name(tp)}")
     if origin in (typing.Union, types.UnionType):
         for arm in typing.get_args(tp):
             try:
@@ -284,6 +288,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
 
 
 def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is typing.Literal:
+        return "one of " + ", ".join(json.dumps(a) for a in typing.get_args(tp))
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if typing.get_origin(tp) is list:

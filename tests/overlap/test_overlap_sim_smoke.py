@@ -13,6 +13,7 @@ from braid.overlap.planner import CANDIDATES
 
 ROOT = Path(__file__).resolve().parents[2]
 MODES = {"off", "split_dw", "chunks2", "chunks4", "chunks2_split", "chunks4_split", "auto"}
+TRAIN_ONLY = {"split_all", "auto_all"}  # split_dw = "all": the layer part has no attention
 
 
 def test_overlap_sim_smoke_reports_every_mode_with_a_trace(tmp_path):
@@ -30,7 +31,8 @@ def test_overlap_sim_smoke_reports_every_mode_with_a_trace(tmp_path):
     groups = list(res["layer"].values()) + list(res["train"].values())
     assert len(res["layer"]) == 2 and set(res["train"]) == {"medium", "moonlet"}
     for g in groups:
-        assert set(g["modes"]) == MODES | {"auto_split"}
+        train = g in res["train"].values()
+        assert set(g["modes"]) == MODES | {"auto_split"} | (TRAIN_ONLY if train else set())
         assert g["exchange_alone_ms"] > 0
         for mode, row in g["modes"].items():
             assert row["median_ms"] > 0 and row["exchange_ms"] > 0, mode
@@ -44,6 +46,11 @@ def test_overlap_sim_smoke_reports_every_mode_with_a_trace(tmp_path):
         }
     for g in res["layer"].values():
         assert set(g["planned_chunks"].values()) <= set(CANDIDATES)
+    for g in res["train"].values():  # blocks above an MoE layer deferred their dW into it
+        for mode in TRAIN_ONLY:
+            row = g["modes"][mode]
+            assert row["split_dw"] == "all" and row["dense_dW_tasks"] > 0, (mode, row)
+        assert g["modes"]["split_dw"]["split_dw"] == "experts"
     assert res["train"]["medium"]["trace"]["mode"] == "auto_split"
     names = {e.get("name") for e in json.loads(trace.read_text())["traceEvents"]}
     assert any(str(n).endswith("/dispatch_a2a") for n in names)

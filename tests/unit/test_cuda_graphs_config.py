@@ -25,7 +25,8 @@ ON = ["--train.cuda_graphs=true", "--train.compile=true"]
         (["--train.grad_accum=2"], "needs train.grad_accum=1"),
         (["--overlap.chunks=2"], "needs overlap.chunks=1"),
         (["--exchange.algorithm=simulated"], "cannot replay exchange.algorithm=simulated"),
-        (["--overlap.split_dw=true"], "overlap.split_dw=false"),
+        (["--overlap.split_dw=true"], 'overlap.split_dw="off"'),
+        (["--overlap.split_dw=all"], 'overlap.split_dw="off"'),
     ],
 )
 def test_cuda_graphs_refused_in_one_line(extra, says):

@@ -8,14 +8,16 @@ fingerprint is refused, naming the differing keys, with two exceptions:
     are accepted when `checkpoint.allow_safe_changes=true`.
 Everything else (model shape, lr, seed, data, batch, ...) would silently make a different run.
 A key the checkpoint does not have at all (a knob added to braid since) counts as unchanged
-while it is at its default, which by convention keeps the old behaviour.
+while it is at its default, which by convention keeps the old behaviour. A saved value is
+compared as this braid reads it: one written in a form that is now an alias (overlap.split_dw
+= false, now "off") is unchanged when it means the same.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from braid.config import Config, diff_configs
+from braid.config import SECTIONS, Config, diff_configs, from_dict
 from braid.errors import BraidError
 
 ALWAYS_ALLOWED = frozenset({
@@ -41,7 +43,7 @@ def is_safe(key: str) -> bool:
 
 def check_resume_config(saved: dict, cfg: Config, where: Path) -> list[str]:
     """The differing keys that are accepted; raises BraidError if resuming must be refused."""
-    now = cfg.to_dict()
+    now, saved = cfg.to_dict(), as_read_now(saved)
     diffs = [k for k in diff_configs(saved, now)
              if k not in ALWAYS_ALLOWED and not _new_knob_at_default(k, saved, now)]
     if not diffs:
@@ -60,6 +62,22 @@ def check_resume_config(saved: dict, cfg: Config, where: Path) -> list[str]:
         f"checkpoint {where} was written with another config: {shown}; these are safe to "
         "change: set checkpoint.allow_safe_changes=true to resume anyway"
     )
+
+
+def as_read_now(saved: dict) -> dict:
+    """`saved` with every value of a known key as this braid reads it (aliases resolved)."""
+    out = {}
+    for sec, body in saved.items():
+        known = sec in SECTIONS and isinstance(body, dict)
+        out[sec] = {k: _read_now(sec, k, v) for k, v in body.items()} if known else body
+    return out
+
+
+def _read_now(sec: str, key: str, value: object) -> object:
+    try:
+        return getattr(getattr(from_dict({sec: {key: value}}), sec), key)
+    except BraidError:  # a key or value this braid no longer has: compared as written
+        return value
 
 
 def _new_knob_at_default(key: str, saved: dict, now: dict) -> bool:

@@ -16,7 +16,8 @@ sets `self.overlap`) the plan has one route per token chunk and the engine runs 
 through the dispatcher's primitives (send_rows -> issue_dispatch -> to_experts -> experts ->
 from_experts -> issue_combine -> finish), so one chunk's exchange overlaps another's expert
 GEMMs, and weight grads may be deferred into the exchange windows (`overlap.chunks`,
-`overlap.split_dw`); the arithmetic per token is the plain path's.
+`overlap.split_dw`: the layer's experts, or with "all" also the attention and dense FFNs of the
+blocks above it); the arithmetic per token is the plain path's.
 
 Shape legend: B batch, T time, N = B*T tokens, D dim, K experts per token, R rows received.
 """

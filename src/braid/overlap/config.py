@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from braid.knobs import check, knob
+
+SPLIT_DW = ("off", "experts", "all")
+# Booleans stay accepted (configs written before the modes existed): false -> "off",
+# true -> "experts". They are read as these names at construction, so a config holds a name.
+SPLIT_DW_ALIASES = {False: "off", True: "experts"}
 
 
 @dataclass(frozen=True, kw_only=True)
 class OverlapConfig:
-    split_dw: bool = knob(False, "Compute input grads first and run weight grads during exchanges.")
+    split_dw: Literal["off", "experts", "all"] | bool = knob(
+        "off",
+        'Weight grads run during exchanges: "off"; "experts" (routed and shared experts; true); '
+        '"all" (also attention and dense FFNs of the blocks above an MoE layer).',
+    )
     chunks: int | str = knob(1, 'Pipeline chunks per MoE layer: 1 (plain), n, or "auto".')
     max_chunks: int = knob(8, 'Largest C that chunks="auto" may pick.')
     report: bool = knob(
@@ -17,7 +27,18 @@ class OverlapConfig:
     )
     trace_step: int = knob(0, "Write a Chrome trace of this step to the run dir (0: none).")
 
+    def __post_init__(self) -> None:
+        if isinstance(self.split_dw, bool):
+            object.__setattr__(self, "split_dw", SPLIT_DW_ALIASES[self.split_dw])
+
+    @property
+    def defers_dw(self) -> bool:
+        """Any weight gradient deferred into the exchange windows ("experts" or "all")."""
+        return self.split_dw != "off"
+
     def validate(self) -> None:
+        allowed = 'expected one of "off", "experts", "all" (or false = "off", true = "experts")'
+        check(self.split_dw in SPLIT_DW, "overlap.split_dw", self.split_dw, allowed)
         ok = self.chunks == "auto" or (isinstance(self.chunks, int) and self.chunks >= 1)
         check(ok, "overlap.chunks", self.chunks, 'must be an integer >= 1 or "auto"')
         check(self.max_chunks >= 1, "overlap.max_chunks", self.max_chunks, "must be >= 1")

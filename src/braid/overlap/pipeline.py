@@ -45,10 +45,10 @@ import torch
 from torch import Tensor
 
 from braid.ops.swiglu import gated
-from braid.overlap.fsdp_unit import ExpertUnit
+from braid.overlap.fsdp_unit import HeldUnit
 from braid.overlap.streams import Clock
 from braid.overlap.timeline import LayerTimeline
-from braid.overlap.wgrad import WgradQueue, flush_point, swiglu_split_dw
+from braid.overlap.wgrad import Task, WgradQueue, flush_point, swiglu_split_dw
 
 
 class _Capture(torch.autograd.Function):
@@ -108,7 +108,7 @@ class _Run:
         tl: LayerTimeline,
         drain: Callable[[Any], int] | None,
         grad: bool,
-        unit: ExpertUnit,
+        unit: HeldUnit,
     ):
         self.routes, self.dsp, self.experts, self.shared = routes, dispatcher, experts, shared
         self.unit = unit
@@ -227,18 +227,24 @@ class LayerOverlap:
     `defer_expert_dw`, the shared experts' always). With chunks == 1 and split_dw off
     (installed only for `overlap.report`), the schedule is the plain path's: every exchange is
     waited right after issue and the shared experts run after the combine.
+    With split_dw = "all" (`braid.overlap.dense`), `dense` holds the attention / dense-FFN dW
+    of the blocks above this layer (pushed through `dense_sink`): drained in this layer's
+    windows after `queue`, flushed at its flush point, where those blocks' FSDP units are
+    reduced.
     """
 
     def __init__(
         self, layer: int, chunks: int, split_dw: bool, clock: Clock, defer_expert_dw: bool = True
     ):
         self.layer, self.chunks, self.split_dw = layer, chunks, split_dw
-        # Routed-expert dW too (an FSDP expert unit waits for it: `fsdp_unit.ExpertUnit`).
+        # Routed-expert dW too (an FSDP expert unit waits for it: `fsdp_unit.HeldUnit`).
         self.defer_expert_dw = split_dw and defer_expert_dw
         self.timeline = LayerTimeline(layer, clock)
         self.queue = WgradQueue(self.timeline.span)
+        self.dense = WgradQueue(self.timeline.span, "dense_dW")  # split_dw = "all"
+        self._held: list[HeldUnit] = []  # block units held until `dense` is flushed
         self.predicted_ms: float | None = None
-        self.unit: ExpertUnit | None = None  # the experts, once `run` has seen them
+        self.unit: HeldUnit | None = None  # the experts, once `run` has seen them
 
     def flush_point(self, x_ND: Tensor) -> Tensor:
         """Identity whose backward flushes this layer's dW queue, then reduces its FSDP expert
@@ -246,11 +252,33 @@ class LayerOverlap:
         return flush_point(x_ND, self)
 
     def flush(self) -> int:
-        """Run every queued dW of the layer, then the expert unit's one reduction if held."""
+        """Run every queued dW of the layer, then the expert unit's one reduction if held; then
+        the deferred dW of the blocks above, then their held units' reductions."""
         n = self.queue.flush()
         if self.unit is not None:
             self.unit.reduce()
+        n += self.dense.flush()
+        while self._held:
+            self._held.pop().reduce()
         return n
+
+    def drain(self, handle: Any) -> int:
+        """Run queued dW while `handle` is in flight: the layer's own first, then `dense`."""
+        n = self.queue.drain(handle)
+        return n + self.dense.drain(handle)
+
+    def dense_sink(self, unit: HeldUnit) -> Callable[[Task], None]:
+        """The sink of one block's deferred dW (`braid.overlap.dense`): this layer's `dense`
+        queue. The block's FSDP unit (`unit`; a no-op without one) is held from the first dW
+        until this layer's flush point, so its reduce-scatter sees every deferred dW."""
+
+        def sink(task: Task) -> None:
+            if unit.module is not None and not unit.held:
+                unit.hold()
+                self._held.append(unit)
+            self.dense(task)
+
+        return sink
 
     def run(
         self,
@@ -275,7 +303,7 @@ class LayerOverlap:
                 side = lambda x: gated(shared(x), x, shared_gate)  # noqa: E731
         grad = torch.is_grad_enabled()
         if self.unit is None or self.unit.module is not experts:
-            self.unit = ExpertUnit(experts)
+            self.unit = HeldUnit(experts)
         with self.timeline.span("forward"):
             expert_sink = sink if self.defer_expert_dw else None
             run = _Run(
@@ -284,7 +312,7 @@ class LayerOverlap:
                 lambda x, n: experts(x, n, expert_sink),
                 side,
                 self.timeline,
-                self.queue.drain if sink is not None else None,
+                self.drain if sink is not None else None,
                 grad,
                 self.unit,
             )

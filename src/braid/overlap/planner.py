@@ -24,6 +24,8 @@ Pipeline (the 3-stage formula; the two exchanges share the link, so their stage 
 Forward: e = e_fwd. Backward: e = e_dX + e_dW, or with split_dw e = e_dX and the C*e_dW of
 deferred GEMMs fill the idle compute time (T - C*e_dX) * (1 - interference); the rest is exposed.
 Shared experts overlap the first exchange in each direction when C > 1 or split_dw.
+split_dw here is "experts" or "all" alike: the attention / dense-FFN dW that "all" adds to the
+windows (`braid.overlap.dense`) is not modelled.
 
 Phases of `measure` (collective: every rank calls it with the same shape): time exchanges at
 the chunk sizes (each repetition starts after a barrier, so rank skew is not timed), expert

@@ -5,7 +5,9 @@ Phases (called by `braid.train.trainer`):
      EP exchange is in place): with chunks="auto" (or report on, to show a prediction beside
      the measurement) measure the cost model once per distinct layer shape (collective: every
      rank), pick C per MoE layer, log the plan, and set `moe.overlap` to a `LayerOverlap`.
-     Overlap off and nothing to report or trace: nothing is installed (the plain path);
+     Overlap off and nothing to report or trace: nothing is installed (the plain path).
+     With split_dw = "all", the attention / dense-FFN linears of the blocks above each MoE
+     layer defer their dW into its windows (`braid.overlap.dense`; logs which block goes where);
   2. each optimizer step: `begin_step(step)` turns on timing at log steps (report or auto) and
      the profiler at `trace_step`; micro-steps; `flush()` before clipping — a safety net, the
      flush points at the layer inputs have already emptied every queue; `end_step(step)`
@@ -23,6 +25,7 @@ import torch
 from torch import nn
 
 from braid.overlap.config import OverlapConfig
+from braid.overlap.dense import defer_dense, restore_dense
 from braid.overlap.pipeline import LayerOverlap
 from braid.overlap.planner import (
     CANDIDATES,
@@ -39,6 +42,18 @@ from braid.overlap.timeline import format_summary
 
 def _stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
+
+
+def describe_dense(where: dict[int, int]) -> str:
+    """One line: which blocks' attention / dense-FFN dW waits for which MoE layer's windows."""
+    by: dict[int, list[int]] = {}
+    for block, moe in sorted(where.items()):
+        by.setdefault(moe, []).append(block)
+    parts = [
+        f"{'blocks' if len(b) > 1 else 'block'} {','.join(map(str, b))} -> moe{m}"
+        for m, b in sorted(by.items())
+    ]
+    return "overlap split_dw=all: attention/dense dW of " + ("; ".join(parts) or "no block")
 
 
 def layer_shape(moe: Any, tokens_per_rank: int, dtype: torch.dtype) -> LayerShape:
@@ -96,13 +111,15 @@ class OverlapSession:
         """Plan and install a `LayerOverlap` on every MoE layer that needs one."""
         moes = model.moe_modules()
         watch = cfg.report or cfg.trace_step > 0
-        if not moes or (cfg.chunks == 1 and not cfg.split_dw and not watch):
+        restore_dense(model)  # a model installed before keeps no deferred linear
+        split = cfg.defers_dw  # routed and shared dW deferred ("experts" and "all")
+        if not moes or (cfg.chunks == 1 and not split and not watch):
             return cls(cfg, {}, device, log_every, is_main, run_dir, rank, log)
         clock, layers = Clock(device), {}
         models: dict[LayerShape, CostModel] = {}
         for i, moe in moes.items():
             shape = layer_shape(moe, tokens_per_rank, dtype)
-            plan_split = cfg.split_dw  # routed dW deferred, FSDP expert units too (fsdp_unit)
+            plan_split = split  # routed dW deferred, FSDP expert units too (fsdp_unit)
             cost = None
             if cfg.chunks == "auto" or cfg.report:
                 if shape not in models:
@@ -123,12 +140,16 @@ class OverlapSession:
             else:
                 chunks = cfg.chunks
                 predicted = None if cost is None else predict_ms(shape, chunks, plan_split, cost)
-            if chunks == 1 and not cfg.split_dw and not watch:
+            if chunks == 1 and not split and not watch:
                 continue  # the planner chose the plain path
-            layers[i] = moe.overlap = LayerOverlap(i, chunks, cfg.split_dw, clock)
+            layers[i] = moe.overlap = LayerOverlap(i, chunks, split, clock)
             layers[i].predicted_ms = predicted
             if cfg.report:
                 moe.dispatcher.exchange.enable_timing()  # handles measure their own time
+        if cfg.split_dw == "all":
+            where = defer_dense(model, layers)
+            if is_main:
+                log(describe_dense(where))
         return cls(cfg, layers, device, log_every, is_main, run_dir, rank, log)
 
     def flush(self) -> int:
@@ -171,6 +192,9 @@ class OverlapSession:
             out[f"overlap/exchange_ms/layer{i}"] = r["exchange_ms"]
             out[f"overlap/measured_ms/layer{i}"] = r["measured_ms"]
             out[f"overlap/dW_ms/layer{i}"] = r.get("dW_ms", 0.0) + r.get("dW_flush_ms", 0.0)
+            if self.cfg.split_dw == "all":  # the blocks above: in the windows + at the flush
+                dense = r.get("dense_dW_ms", 0.0) + r.get("dense_dW_flush_ms", 0.0)
+                out[f"overlap/dense_dW_ms/layer{i}"] = dense
             out[f"overlap/chunks/layer{i}"] = float(lo.chunks)
             if lo.predicted_ms is not None:
                 out[f"overlap/predicted_ms/layer{i}"] = lo.predicted_ms

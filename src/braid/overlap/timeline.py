@@ -2,7 +2,8 @@
 
 Job: every piece of work the pipeline does runs inside a `record_function` range named
 `moe{i}/<kind>` (kinds: forward, backward, dispatch_a2a, combine_a2a, experts, experts_bwd,
-shared, shared_bwd, dW (drained in a window), dW_flush (at a flush point), and
+shared, shared_bwd, dW (drained in a window), dW_flush (at a flush point), dense_dW and
+dense_dW_flush (split_dw = "all": the blocks above, `braid.overlap.dense`), and
 `<exchange>_wait`), so a torch.profiler Chrome trace of one step
 shows each MoE layer's exchanges, expert GEMMs and deferred dW on their streams. When `timing`
 is on (report steps), the same places are also stamped on the compute stream
@@ -13,7 +14,8 @@ is on (report steps), the same places are also stamped on the compute stream
 - exchange_ms: issue to completion of each exchange, summed: the handle's own measurement
   (`Handle.elapsed_ms()`: NCCL's duration when collective timing is on, CUDA events of an
   exchange's stream, or host stamps on CPU), else issue to the end of the wait (an upper bound);
-- forward_ms/backward_ms: the pipelined region; measured_ms = forward + backward + dW_flush.
+- forward_ms/backward_ms: the pipelined region; measured_ms = forward + backward + dW_flush
+  (backward includes dense_dW drained in its windows; dense_dW_flush is not the layer's work).
 Values are per micro-step (averaged over the forwards recorded since the last `summary`).
 
 Phases: record (during the step, no host syncs) -> `summary()` after `streams.synchronize`.
@@ -111,6 +113,9 @@ def format_summary(step: int, rows: dict[int, dict[str, float]], plans: dict[int
         f"overlap @ step {step}: layer  C  split  exchange_ms  exposed_ms  exposed%  "
         "dW_ms  measured_ms  predicted_ms"
     )
+    dense = any("dense_dW_ms" in r or "dense_dW_flush_ms" in r for r in rows.values())
+    if dense:  # split_dw = "all": the dW of the blocks above, in the windows + flushed
+        head += "  dense_dW_ms"
     lines = [head]
     for i, r in sorted(rows.items()):
         p = plans[i]
@@ -122,4 +127,6 @@ def format_summary(step: int, rows: dict[int, dict[str, float]], plans: dict[int
             f"  moe{i:<3} {p.chunks:>3}  {'on ' if p.split_dw else 'off'}  {ex:11.3f}  {exp:10.3f}"
             f"  {frac:7.1f}%  {dw:6.3f}  {r['measured_ms']:11.3f}  {pred:>12}"
         )
+        if dense:
+            lines[-1] += f"  {r.get('dense_dW_ms', 0.0) + r.get('dense_dW_flush_ms', 0.0):11.3f}"
     return "\n".join(lines)

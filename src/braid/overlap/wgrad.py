@@ -4,7 +4,9 @@ Job: hold the weight-gradient GEMMs that `grouped_linear(..., wgrad_sink=queue)`
 `split_linear` hand over in backward, run them while an exchange is in flight, and guarantee
 that nothing is left queued when gradients are read.
 
-Phases of one MoE layer's backward with `overlap.split_dw = true`:
+Phases of one MoE layer's backward with `overlap.split_dw = "experts"` (or "all", where each
+MoE layer has a second queue for the attention and dense-FFN dW of the blocks above it,
+`braid.overlap.dense`, drained after this one):
   1. a GEMM's backward computes dX at once (the exchange that needs it can start) and pushes its
      dW closure here (`WgradQueue.__call__`, the `WgradSink` signature);
   2. the pipeline issues the exchange and calls `drain(handle)`: queued dW runs on the compute
@@ -40,11 +42,15 @@ Task = Callable[[], None]
 
 
 class WgradQueue:
-    """FIFO of deferred weight-gradient GEMMs for one MoE layer (callable: a `WgradSink`)."""
+    """FIFO of deferred weight-gradient GEMMs for one MoE layer (callable: a `WgradSink`).
+    Tasks run in `span(name)` when drained in a window, `span(name + "_flush")` when flushed."""
 
-    def __init__(self, span: Callable[[str], AbstractContextManager] | None = None):
+    def __init__(
+        self, span: Callable[[str], AbstractContextManager] | None = None, name: str = "dW"
+    ):
         self._tasks: deque[Task] = deque()
         self._span = span or (lambda kind: nullcontext())
+        self.name = name
         self.num_run = 0  # tasks run since construction (tests and the timeline read it)
         self.num_drained = 0  # of those, tasks run inside an exchange window (by `drain`)
 
@@ -67,11 +73,11 @@ class WgradQueue:
         """Run every queued task (a flush point); returns how many ran."""
         n = len(self._tasks)
         while self._tasks:
-            self._run_one("dW_flush")
+            self._run_one("_flush")
         return n
 
-    def _run_one(self, kind: str = "dW") -> None:
-        with self._span(kind):
+    def _run_one(self, suffix: str = "") -> None:
+        with self._span(self.name + suffix):
             self._tasks.popleft()()
         self.num_run += 1
 

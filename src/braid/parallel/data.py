@@ -10,12 +10,15 @@
      With dp = 1 there is nothing to shard or reduce: the experts stay plain DTensor parameters
      (no FSDP unit) whose grads the GEMM divides by world (`GroupedExperts.grad_divide`). Then
      nothing reduces their grads when they reach the experts' input, so the overlap engine may
-     defer their dW into the exchange windows (`overlap.split_dw`, docs/overlap.md);
+     defer their dW into the exchange windows (`overlap.split_dw`, docs/overlap.md; with dp > 1
+     the engine holds the expert unit's reduce-scatter until that dW has run instead);
   2. dense weights (parallel.dense): `fully_shard` of each block and MTP module (and of the
      embedding and head when untied, `fsdp_units`), then of the root, over the flattened world
      mesh (fsdp), or FSDP2's `replicate` (an all-reduce per block, weights
      whole on every rank). Both average gradients over the world, the right scale for
-     dense weights; experts are left to their own groups from step 1.
+     dense weights; experts are left to their own groups from step 1. With
+     `overlap.split_dw = "all"` the engine holds a block unit's reduction until the attention /
+     dense-FFN dW it deferred into an MoE layer below has run (docs/overlap.md, FSDP).
 With parallel.param_dtype = "bf16", every FSDP unit (experts and dense) gets FSDP2's
 MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32): the sharded parameters stay fp32 (the
 master copy that AdamW updates, with fp32 grads and moments, all sharded), the all-gather

@@ -51,7 +51,8 @@ def braid_settings(
     ov.validate()
     # The trainer-side parts of [overlap] need Braid's trainer; Megatron's DDP accumulates
     # grads in autograd hooks that a deferred weight gradient (split_dw) would bypass.
-    check(not ov.split_dw, "overlap.split_dw", ov.split_dw, "not under Megatron's DDP; use False")
+    no_split = 'not under Megatron\'s DDP; use "off"'
+    check(ov.split_dw == "off", "overlap.split_dw", ov.split_dw, no_split)
     check(ov.chunks != "auto", "overlap.chunks", ov.chunks, "give a number under Megatron")
     check(not ov.report, "overlap.report", ov.report, "needs Braid's trainer; use False")
     check(ov.trace_step == 0, "overlap.trace_step", ov.trace_step, "needs Braid's trainer; use 0")
