@@ -18,7 +18,9 @@ would leave the rank into a scratch buffer, so HBM traffic contends with the com
 as the real send and receive would; (2) spins a one-block kernel for the rest of t
 (`braid.ops.spin`: on the GPU's nanosecond timer, so SM clock changes do not stretch it).
 `wait()` orders the caller's stream after it (`EventHandle`). The copy bandwidth is measured
-once, at the first movement.
+once, at the first movement. When the copy is shorter than the host's launch of the spin
+kernel, the stream idles in between; that gap is measured on finished movements (events, no
+waiting) and taken off later spins, so small movements keep their modelled time.
 On CPU nothing is copied: a movement is complete at its deadline (`done()` polls the host
 clock, `wait()` sleeps until it), so the engine's drain and report work as on a real link.
 `exchange_counts` and `all_reduce_sum` cost one latency each (serial, as their blocking
@@ -46,6 +48,7 @@ from braid.ops.spin import spin
 from braid.overlap.streams import new_stream
 
 # Payload bytes per rank -> algbw GB/s, all_to_all_single on 4x H200 (NVLink, NCCL 2.28.9).
+MAX_GAP_MS = 0.1  # the largest launch gap a movement's spin is shortened by
 NVLINK_H200X4 = ((8 * 2**20, 113.0), (256 * 2**20, 409.0))
 
 
@@ -105,6 +108,8 @@ class SimulatedExchange(Exchange):
         self._stream = None
         self._scratch: Tensor | None = None
         self._copy_bytes_per_ms = 0.0
+        self._spins: list[tuple] = []  # (after-copy event, end event, spun ms) of movements
+        self._gap_ms, self._gap_n = 0.0, 0  # the launch gap before a spin (`_learn_gap`)
 
     @property
     def traffic_ranks(self) -> int:
@@ -137,6 +142,7 @@ class SimulatedExchange(Exchange):
 
     def _move_cuda(self, x_RD: Tensor, nbytes: int, ms: float) -> Handle:
         self._calibrate(x_RD.device)
+        self._learn_gap()
         cross = nbytes * (self.ranks - 1) // self.ranks  # what would leave the rank
         x = x_RD.contiguous()
         start = torch.cuda.Event(enable_timing=True)
@@ -151,10 +157,25 @@ class SimulatedExchange(Exchange):
             start.record(self._stream)
             if cross:
                 self._scratch[:cross].copy_(x.view(-1).view(torch.uint8)[:cross])
-            spin(ms - cross / self._copy_bytes_per_ms, x.device)
+            mid = torch.cuda.Event(enable_timing=True)
+            mid.record(self._stream)
+            rest = max(ms - cross / self._copy_bytes_per_ms - self._gap_ms, 0.0)
+            spin(rest, x.device)
             end.record(self._stream)
+        if rest > 0:
+            self._spins.append((mid, end, rest))
         x.record_stream(self._stream)  # read on the exchange's stream
         return EventHandle(start, end, x_RD)
+
+    def _learn_gap(self) -> None:
+        """The time between the copy's end and the spin's start (the host launching the spin
+        kernel after a copy shorter than that launch), from finished movements, without
+        waiting: later spins are shortened by it (running mean, at most `MAX_GAP_MS`)."""
+        while self._spins and self._spins[0][1].query():
+            mid, end, spun = self._spins.pop(0)
+            gap = min(max(mid.elapsed_time(end) - spun, 0.0), MAX_GAP_MS)
+            self._gap_ms = gap if self._gap_n == 0 else 0.7 * self._gap_ms + 0.3 * gap
+            self._gap_n += 1
 
     def _calibrate(self, device: torch.device) -> None:
         """Once: the exchange's stream and the device copy bandwidth on this GPU."""
