@@ -33,7 +33,8 @@ def test_dropless_step_never_syncs_between_logging_steps(tmp_path, extra):
         str(out),
         *extra,
     ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    path = [str(ROOT / "src")] + [p for p in [os.environ.get("PYTHONPATH", "")] if p]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}  # keep what the caller had
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     r = json.loads(out.read_text())
