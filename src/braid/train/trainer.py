@@ -99,6 +99,8 @@ def evaluate(model, batches, cfg: Config, amp, ctx: ParallelContext) -> float | 
     model.eval()
     total = torch.zeros((), device=ctx.device)
     for x, y in batches:
+        if cfg.train.cuda_graphs:  # a new replay, as in training: the last outputs are dead
+            torch.compiler.cudagraph_mark_step_begin()
         with amp:
             logits = model(x.to(ctx.device)).logits
         total += F.cross_entropy(logits.float().flatten(0, 1), y.to(ctx.device).flatten())
