@@ -132,3 +132,29 @@ def test_session_reports_metrics_and_writes_a_chrome_trace(tmp_path):
     for kind in ("dispatch_a2a", "experts", "combine_a2a", "experts_bwd", "dW_flush"):
         assert f"moe1/{kind}" in names, kind  # one process: exchanges never in flight, so the
         # dW waits for the flush point
+
+
+def test_chunked_path_under_bf16_autocast_is_bitwise_the_plain_path_with_one_chunk():
+    """fp32 residual, bf16 GEMMs: rows travel in bf16 both ways and each token's input grad is
+    summed over its copies in fp32 and rounded once, as the plain path does (C = 1 groups the
+    GEMMs identically, so everything is bitwise equal; C > 1 regroups the GEMM rows only)."""
+    base = MoE(ModelConfig(dim=16), MoEConfig(num_experts=4, top_k=2, expert_hidden=16))
+    with torch.no_grad():  # bf16 grouped GEMMs want 16-byte rows: widths that are multiples of 8
+        for p in base.parameters():
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(4)) * 0.3)
+    x = torch.randn(3, 9, 16, generator=torch.Generator().manual_seed(5))
+
+    def run(moe):
+        xx = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, _ = moe(xx)
+        y.float().square().sum().backward()
+        if moe.overlap is not None:
+            moe.overlap.flush()
+        return [y, xx.grad] + [p.grad for p in moe.parameters()]
+
+    ref = run(copy.deepcopy(base))
+    moe = copy.deepcopy(base)
+    moe.overlap = LayerOverlap(0, 1, False, CPU)
+    for got, want in zip(run(moe), ref, strict=True):
+        assert got.dtype == want.dtype and torch.equal(got, want)

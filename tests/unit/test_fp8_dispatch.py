@@ -54,3 +54,25 @@ def test_fp8_dispatch_equals_local_quantisation_bitwise():
     assert stats_send.keys() == stats_local.keys() and stats_send == stats_local
     for a, b in zip(*results, strict=True):
         assert torch.equal(a, b)
+
+
+def test_chunked_path_gives_the_experts_the_fp8_dispatch_codes():
+    """Under bf16 autocast with an fp32 residual, the chunked path (overlap engine, one chunk)
+    sends rows in x's dtype and the experts quantise them to the codes the plain path's fp8
+    dispatch sends: the layer's output is bitwise the same (a bf16 round trip first would
+    change a few percent of the codes)."""
+    from braid.overlap.pipeline import LayerOverlap
+    from braid.overlap.streams import Clock
+
+    cfg = load_config(None, SMALL)
+    model = Transformer(cfg.model, cfg.moe)
+    init_weights(model, 0, cfg.model.init_std, cfg.model.n_layers)
+    apply_fp8(model, cfg.train.fp8_skip, torch.device("cpu"))
+    moe = model.blocks[1].ffn
+    x = torch.randn(3, 7, 32, generator=torch.Generator().manual_seed(3)) * 3
+    outs = []
+    for overlap in (None, LayerOverlap(0, 1, False, Clock(torch.device("cpu")))):
+        moe.overlap = overlap
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            outs.append(moe(x)[0])
+    assert torch.equal(outs[0], outs[1])

@@ -126,3 +126,15 @@ def test_compiled_swiglu_on_cuda_matches_eager():
         outs[mode] = (y.float(), hh.grad.float())
     for a, b in zip(outs["compiled"], outs["eager"], strict=True):
         torch.testing.assert_close(a, b, rtol=2**-7, atol=1e-5)
+
+
+def test_operator_on_non_contiguous_input():
+    """The operator's results are contiguous whatever h's strides, as its fake says."""
+    from braid.ops.swiglu import swiglu_op
+
+    h = torch.randn(16, 6, generator=torch.Generator().manual_seed(6)).t().requires_grad_()
+    assert not h.is_contiguous()
+    torch.library.opcheck(swiglu_op, (h,))
+    y = swiglu_op(h)
+    assert y.is_contiguous()
+    torch.testing.assert_close(y, swiglu_forward_math(h.detach().contiguous()))

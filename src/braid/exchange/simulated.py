@@ -19,8 +19,9 @@ as the real send and receive would; (2) spins a one-block kernel for the rest of
 (`braid.ops.spin`: on the GPU's nanosecond timer, so SM clock changes do not stretch it).
 `wait()` orders the caller's stream after it (`EventHandle`). The copy bandwidth is measured
 once, at the first movement. When the copy is shorter than the host's launch of the spin
-kernel, the stream idles in between; that gap is measured on finished movements (events, no
-waiting) and taken off later spins, so small movements keep their modelled time.
+kernel, the stream idles in between; the launch time is learned from such gaps on finished
+movements (events, no waiting) and what a movement's copy does not hide of it is taken off
+its spin, so small movements keep their modelled time.
 On CPU nothing is copied: a movement is complete at its deadline (`done()` polls the host
 clock, `wait()` sleeps until it), so the engine's drain and report work as on a real link.
 `exchange_counts` and `all_reduce_sum` cost one latency each (serial, as their blocking
@@ -48,7 +49,7 @@ from braid.ops.spin import spin
 from braid.overlap.streams import new_stream
 
 # Payload bytes per rank -> algbw GB/s, all_to_all_single on 4x H200 (NVLink, NCCL 2.28.9).
-MAX_GAP_MS = 0.1  # the largest launch gap a movement's spin is shortened by
+MAX_GAP_MS = 0.1  # the largest launch time a movement's spin is shortened by
 NVLINK_H200X4 = ((8 * 2**20, 113.0), (256 * 2**20, 409.0))
 
 
@@ -109,7 +110,7 @@ class SimulatedExchange(Exchange):
         self._scratch: Tensor | None = None
         self._copy_bytes_per_ms = 0.0
         self._spins: list[tuple] = []  # (after-copy event, end event, spun ms) of movements
-        self._gap_ms, self._gap_n = 0.0, 0  # the launch gap before a spin (`_learn_gap`)
+        self._launch_ms, self._gap_n = 0.0, 0  # the spin's launch time (`_learn_gap`)
 
     @property
     def traffic_ranks(self) -> int:
@@ -159,22 +160,29 @@ class SimulatedExchange(Exchange):
                 self._scratch[:cross].copy_(x.view(-1).view(torch.uint8)[:cross])
             mid = torch.cuda.Event(enable_timing=True)
             mid.record(self._stream)
-            rest = max(ms - cross / self._copy_bytes_per_ms - self._gap_ms, 0.0)
+            copy_ms = cross / self._copy_bytes_per_ms
+            gap = max(self._launch_ms - copy_ms, 0.0)  # the copy hides the launch if longer
+            rest = max(ms - copy_ms - gap, 0.0)
             spin(rest, x.device)
             end.record(self._stream)
         if rest > 0:
-            self._spins.append((mid, end, rest))
+            self._spins.append((start, mid, end, rest))
         x.record_stream(self._stream)  # read on the exchange's stream
         return EventHandle(start, end, x_RD)
 
     def _learn_gap(self) -> None:
-        """The time between the copy's end and the spin's start (the host launching the spin
-        kernel after a copy shorter than that launch), from finished movements, without
-        waiting: later spins are shortened by it (running mean, at most `MAX_GAP_MS`)."""
-        while self._spins and self._spins[0][1].query():
-            mid, end, spun = self._spins.pop(0)
-            gap = min(max(mid.elapsed_time(end) - spun, 0.0), MAX_GAP_MS)
-            self._gap_ms = gap if self._gap_n == 0 else 0.7 * self._gap_ms + 0.3 * gap
+        """The host's launch time of the spin kernel, from finished movements, without
+        waiting: where the stream idled between the copy's end and the spin's start (a gap),
+        the launch took that gap plus the copy. Later spins are shortened by what their own
+        copy does not hide of it (running mean, at most `MAX_GAP_MS`). Time a spin waits for
+        a free SM behind busy kernels also looks like a gap; the cap bounds that error."""
+        while self._spins and self._spins[0][2].query():
+            start, mid, end, spun = self._spins.pop(0)
+            gap = mid.elapsed_time(end) - spun
+            if gap <= 2e-3:  # no gap: the copy hid the launch; nothing learned
+                continue
+            launch = min(gap + start.elapsed_time(mid), MAX_GAP_MS)
+            self._launch_ms = launch if self._gap_n == 0 else 0.7 * self._launch_ms + 0.3 * launch
             self._gap_n += 1
 
     def _calibrate(self, device: torch.device) -> None:

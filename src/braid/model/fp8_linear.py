@@ -15,12 +15,11 @@ from braid.ops.fp8_stats import Fp8Stats
 
 
 class Fp8Linear(nn.Linear):
-    fp8_stats: Fp8Stats | None = None  # set with the swap; numerics are recorded eagerly only
+    fp8_stats: Fp8Stats | None = None  # set with the swap; recorded while active (eager frame)
     fp8_name: str = ""
     fp8_wgrad: bool = False  # dW in fp8 too (train.fp8_wgrad)
 
     @torch.compiler.disable  # one graph break per call; tracing it recompiled per module
     def forward(self, x: Tensor) -> Tensor:
-        stats = None if torch.compiler.is_compiling() else self.fp8_stats
-        y = fp8_linear(x, self.weight, stats, self.fp8_name, self.fp8_wgrad)
+        y = fp8_linear(x, self.weight, self.fp8_stats, self.fp8_name, self.fp8_wgrad)
         return y if self.bias is None else y + self.bias.to(y.dtype)

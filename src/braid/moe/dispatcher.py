@@ -29,7 +29,7 @@ With one rank (the local or simulated exchange) nothing is counted across ranks 
 no host sync is needed: the splits follow from the shapes.
 With `send_fp8` (`train.precision=fp8`, set by `braid.parallel.fp8`), the plain dropless
 dispatch gathers, sends and regroups fp8 rows quantised once per token and hands the experts
-`Fp8Rows` (`braid.moe.fp8_dispatch`); the chunked path moves compute-dtype rows and the experts
+`Fp8Rows` (`braid.moe.fp8_dispatch`); the chunked path moves rows in x's dtype and the experts
 quantise them on arrival (the same codes).
 """
 
@@ -98,9 +98,9 @@ def count_per_expert(expert_M: Tensor, num_experts: int) -> Tensor:
 
 
 def _fused(t: Tensor) -> bool:
-    """Whether the chunked path uses the compiled one-pass permutation kernels for `t`: on
-    CUDA outside a compiled region (inside one, the compiler fuses the plain expressions), as
-    the plain path's autograd ops do."""
+    """Whether the chunked path may use the compiled one-pass permutation kernels for `t`: on
+    CUDA outside a compiled region (inside one, the compiler fuses the plain expressions); the
+    callers add "when training", as the plain path's autograd ops do (their defaults)."""
     return t.is_cuda and not torch.compiler.is_compiling()
 
 
@@ -239,13 +239,16 @@ class TokenDispatcher:
 
     # -- the chunked path: autograd-free steps that return handles -------------------------
 
-    def send_rows(self, x_ND: Tensor, route: Route) -> Tensor:
-        """The chunk's kept copies in expert order (the dispatch payload), dropless in the
-        GEMMs' dtype as the plain path sends them (gathered and cast in one pass on CUDA)."""
+    def send_rows(self, x_ND: Tensor, route: Route, train: bool = True) -> Tensor:
+        """The chunk's kept copies in expert order (the dispatch payload). Dropless, in the
+        GEMMs' dtype as the plain path sends them (gathered and cast in one pass on CUDA when
+        `train`, as the plain path's `expand_tokens`); with fp8 sends, in x's own dtype, so the
+        experts quantise the same values as the plain path's fp8 dispatch (the same codes)."""
         x_ND = x_ND[route.start : route.stop]
-        if route.pos_NK is None:
+        if route.pos_NK is None or self.send_fp8 is not None:
             return x_ND.index_select(0, route.token_M)
-        return gather_rows(x_ND, route.token_M, compute_dtype(x_ND), fused=_fused(x_ND))
+        fused = train and _fused(x_ND)
+        return gather_rows(x_ND, route.token_M, compute_dtype(x_ND), fused=fused)
 
     def issue_dispatch(self, x_MD: Tensor, route: Route) -> Handle:
         return self.exchange.dispatch(x_MD, route.send, route.recv)
@@ -254,11 +257,11 @@ class TokenDispatcher:
         """`y_RD` in received order (after `from_experts`) goes home."""
         return self.exchange.combine(y_RD, route.recv, route.send)
 
-    def finish(self, y_MD: Tensor, gates_NK: Tensor, route: Route) -> Tensor:
+    def finish(self, y_MD: Tensor, gates_NK: Tensor, route: Route, train: bool = True) -> Tensor:
         """The chunk's output [stop-start, D]: the plain path's `combine` arithmetic."""
         gates_NK = gates_NK[route.start : route.stop]
         if route.pos_NK is not None:  # the plain path's kernels (`combine_tokens`)
-            return combine_rows(y_MD, gates_NK, route.pos_NK, fused=_fused(y_MD))
+            return combine_rows(y_MD, gates_NK, route.pos_NK, fused=train and _fused(y_MD))
         w_M = gates_NK.flatten().index_select(0, route.order_M).to(y_MD.dtype)
         out = y_MD.new_zeros(route.stop - route.start, y_MD.shape[1])
         return out.index_add(0, route.token_M, y_MD * w_M[:, None])
@@ -290,6 +293,6 @@ class TokenDispatcher:
     def finish_grad(self, g_MD: Tensor, route: Route, dtype: torch.dtype) -> Tensor:
         """Backward of `send_rows`: the chunk's input grad [stop-start, D] from its copies."""
         if route.pos_NK is not None:
-            return sum_copies(g_MD, route.pos_NK).to(dtype)
+            return sum_copies(g_MD, route.pos_NK, dtype)  # in fp32 for bf16 rows, rounded once
         dx = g_MD.new_zeros(route.stop - route.start, g_MD.shape[1], dtype=dtype)
         return dx.index_add_(0, route.token_M, g_MD.to(dtype))

@@ -88,27 +88,28 @@ class _SwiGLUFused(torch.autograd.Function):
 def swiglu_op(h: Tensor) -> Tensor:
     """The one-pass SwiGLU as an operator torch.compile keeps whole (any leading dims): the
     Triton kernels on CUDA, the fp32 math elsewhere. Its backward is `braid::swiglu_backward`."""
-    h2 = h.reshape(-1, h.shape[-1])
+    h2 = h.reshape(-1, h.shape[-1]).contiguous()
     y = swiglu_triton.forward(h2) if swiglu_triton.available(h2) else swiglu_forward_math(h2)
-    return y.view(*h.shape[:-1], h.shape[-1] // 2)
+    return y.contiguous().view(*h.shape[:-1], h.shape[-1] // 2)  # the fake's layout
 
 
 @swiglu_op.register_fake
 def _(h: Tensor) -> Tensor:
-    return h.new_empty(*h.shape[:-1], h.shape[-1] // 2)
+    return torch.empty(*h.shape[:-1], h.shape[-1] // 2, dtype=h.dtype, device=h.device)
 
 
 @torch.library.custom_op("braid::swiglu_backward", mutates_args=())
 def swiglu_backward_op(h: Tensor, dy: Tensor) -> Tensor:
-    h2, dy2 = h.reshape(-1, h.shape[-1]), dy.reshape(-1, dy.shape[-1])
+    h2 = h.reshape(-1, h.shape[-1]).contiguous()
+    dy2 = dy.reshape(-1, dy.shape[-1]).contiguous()
     if swiglu_triton.available(h2):
         return swiglu_triton.backward(h2, dy2).view(h.shape)
-    return swiglu_backward_math(h2, dy2).view(h.shape)
+    return swiglu_backward_math(h2, dy2).contiguous().view(h.shape)
 
 
 @swiglu_backward_op.register_fake
 def _(h: Tensor, dy: Tensor) -> Tensor:
-    return torch.empty_like(h)
+    return torch.empty(h.shape, dtype=h.dtype, device=h.device)  # contiguous, as the real one
 
 
 def _op_setup(ctx, inputs, output) -> None:

@@ -67,7 +67,8 @@ def forward(h_RF2: Tensor) -> Tensor:
     R, F = h.shape[0], h.shape[1] // 2
     y = h.new_empty(R, F)
     nblk = triton.cdiv(F, BLOCK)
-    _forward_kernel[(R * nblk,)](h, y, F, nblk, BLOCK=BLOCK, num_warps=4)
+    with torch.cuda.device(h.device):
+        _forward_kernel[(R * nblk,)](h, y, F, nblk, BLOCK=BLOCK, num_warps=4)
     return y
 
 
@@ -76,5 +77,6 @@ def backward(h_RF2: Tensor, dy_RF: Tensor) -> Tensor:
     R, F = h.shape[0], h.shape[1] // 2
     dh = torch.empty_like(h)
     nblk = triton.cdiv(F, BLOCK)
-    _backward_kernel[(R * nblk,)](h, dy, dh, F, nblk, BLOCK=BLOCK, num_warps=4)
+    with torch.cuda.device(h.device):
+        _backward_kernel[(R * nblk,)](h, dy, dh, F, nblk, BLOCK=BLOCK, num_warps=4)
     return dh

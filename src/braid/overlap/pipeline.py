@@ -131,7 +131,7 @@ class _Run:
 
         def issue_dispatch(c: int):
             route = self.routes[c]
-            x_MD = dsp.send_rows(x_ND, route)
+            x_MD = dsp.send_rows(x_ND, route, self.grad)
             return tl.issue("dispatch_a2a", lambda: dsp.issue_dispatch(x_MD, route), x_MD)
 
         def run_experts(c: int, x_RD: Tensor) -> Tensor:
@@ -148,7 +148,7 @@ class _Run:
         def finish(c: int, y_MD: Tensor) -> Tensor:
             if self.grad:
                 self.y_home[c] = y_MD
-            return dsp.finish(y_MD, gates_NK, self.routes[c])
+            return dsp.finish(y_MD, gates_NK, self.routes[c], self.grad)
 
         disp[0] = issue_dispatch(0)
         side = x_ND.new_zeros(0)
