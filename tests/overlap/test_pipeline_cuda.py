@@ -52,10 +52,14 @@ def test_chunked_path_on_cuda_equals_plain_and_uses_fused_kernels(chunks, split,
         return real(fn)
 
     monkeypatch.setattr(permute, "_compiled", spy)
+    real_gather = permute._gather_cast_compiled
+    monkeypatch.setattr(
+        permute, "_gather_cast_compiled", lambda: (calls.append("gather_cast"), real_gather())[1]
+    )
     moe = copy.deepcopy(base)
     moe.overlap = LayerOverlap(0, chunks, split, Clock(torch.device("cuda")))
     got = _run(moe, x)
-    assert {"combine_forward_math", "combine_backward_math"} <= set(calls)
+    assert {"combine_forward_math", "combine_backward_math", "gather_cast"} <= set(calls)
     for g, w in zip(got, want, strict=True):
         err = float((g - w).abs().max() / w.abs().max())
         assert err < 2e-2, err  # bf16 GEMMs over differently grouped rows
