@@ -7,8 +7,9 @@ rounded once to h's dtype):
 Each program takes one row and BLOCK columns of both halves: the forward reads gate and up once
 and writes y; the backward reads gate, up and dy once and writes both halves of dh in place.
 torch.compile's kernel for the same math builds dh with a `cat`, which made every output element
-re-derive its half and ran at about a third of the memory bandwidth on an H100 (11.2 ms for the
-Mixtral-like layer's backward, [65536, 2 x 14336] bf16, where one pass moves 9.4 GB).
+re-derive its half and ran at about a third of the memory bandwidth on an H100 (12.3 ms for the
+Mixtral-like layer's backward, [65536, 2 x 14336] bf16, where one pass moves 9.4 GB:
+benchmarks/results/peers_profile_h100/braid_mixtral_like.json).
 Shapes: R rows, F expert hidden size; h [R, 2F] and dy [R, F], contiguous.
 """
 
