@@ -99,9 +99,7 @@ def dispatch_fp8(
     setting: Fp8Send | None = None,
 ) -> Fp8Rows:
     """Dropless dispatch of x_ND's copies `token_M` (sorted by expert) as fp8 rows."""
-    rec = setting or Fp8Send()
-    if torch.compiler.is_compiling():  # numerics are recorded eagerly only (Fp8Stats)
-        rec = Fp8Send(None, rec.name)
+    rec = setting or Fp8Send()  # recorded while active: this frame always runs eagerly
     anchor, q, s = _Fp8Dispatch.apply(
         x_ND, token_M, pos_NK, exchange, send, recv, regroup_R, unregroup_R, rec
     )
