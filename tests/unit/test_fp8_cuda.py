@@ -110,3 +110,79 @@ def test_fp8_experts_compile_and_stay_within_the_fp8_bound():
         for what, got, want in zip(names, res[a], res[b], strict=True):
             rel = ((got - want).norm() / want.norm()).item()
             assert rel < bound, f"{what}: {a} vs {b}: {rel:.3e} >= {bound}"
+
+
+def _codes_equal(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    assert torch.equal(a.view(torch.uint8).cpu(), b.view(torch.uint8).cpu()), what
+
+
+def test_triton_quantisers_equal_the_reference_bitwise():
+    from braid.ops import fp8_triton, swiglu_triton
+    from braid.ops.fp8_gemm import padded_groups
+
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(300, 1500, generator=g) * torch.logspace(-4, 4, 1500)).bfloat16().cuda()
+    x[7] = 0
+    q, s = fp8_triton.quantize_rows(x)
+    qr, sr = fp8.quantize_ref(x)
+    assert torch.equal(s, sr)
+    _codes_equal(q, qr, "rows")
+    w = torch.randn(4, 96, 1100, generator=g).cuda()  # fp32 master weights, leading dims
+    q, s = fp8_triton.quantize_rows(w.view(-1, 1100))
+    qr, sr = fp8.quantize_ref(w.view(-1, 1100))
+    assert torch.equal(s, sr)
+    _codes_equal(q, qr, "fp32 rows")
+    h = (torch.randn(300, 2 * 1100, generator=g) * 3).bfloat16().cuda()
+    q, s = fp8_triton.swiglu_quantize(h)
+    qr, sr = fp8.quantize_ref(swiglu_triton.forward(h))
+    assert torch.equal(s, sr)
+    _codes_equal(q, qr, "swiglu")
+    dy = torch.randn(300, 1100, generator=g).bfloat16().cuda()
+    dh, q, s = fp8_triton.swiglu_backward_quantize(h, dy)
+    dhr = swiglu_triton.backward(h, dy)
+    assert torch.equal(dh, dhr)
+    qr, sr = fp8.quantize_ref(dhr)
+    assert torch.equal(s, sr)
+    _codes_equal(q, qr, "swiglu backward")
+    assert torch.equal(fp8_triton.dequantize_rows(qr, sr, torch.bfloat16),
+                       fp8.dequantize(qr, sr, torch.bfloat16))  # fmt: skip
+    counts = torch.tensor([0, 37, 5, 200, 1, 0, 64, 13], device="cuda")
+    R = int(counts.sum())
+    offs = counts_to_offsets(counts)
+    gid, dest, pend, width = padded_groups(offs, R)
+    xg = torch.cat([x, x])[:R, :200].contiguous()  # R = 320 rows
+    for srow in (None, "codes"):
+        xin, sin = (xg, None) if srow is None else fp8.quantize_ref(xg)
+        ref_in = xg if srow is None else fp8.dequantize(xin, sin, torch.bfloat16)
+        q, s = fp8_triton.quantize_groups(xin, offs, pend, width, sin)
+        qr, sr = fp8.quantize_groups_ref(ref_in, gid, dest, 8, width)
+        assert torch.equal(s, sr), srow
+        _codes_equal(q, qr, f"groups from {srow or 'bf16'}")  # padding and tail zeros too
+
+
+@pytest.mark.parametrize("dw8", [False, True])
+def test_fused_experts_equal_the_unfused_composition_bitwise(dw8):
+    from braid.ops.fp8_experts import fp8_swiglu_experts
+    from braid.ops.swiglu import swiglu
+
+    g = torch.Generator().manual_seed(4)
+    R, D, F = sum(COUNTS), 256, 384
+    x = torch.randn(R, D, generator=g).bfloat16().cuda()
+    w13 = (torch.randn(8, D, 2 * F, generator=g) * 0.05).cuda()
+    w2 = (torch.randn(8, F, D, generator=g) * 0.05).cuda()
+    gy = torch.randn(R, D, generator=g).bfloat16().cuda()
+    offs = counts_to_offsets(torch.tensor(COUNTS, device="cuda"))
+
+    def composition(x, w13, w2, offs, **kw):
+        h = fp8_grouped_linear(x, w13, offs, **kw)
+        return fp8_grouped_linear(swiglu(h), w2, offs, **kw)
+
+    res = []
+    for fn in (fp8_swiglu_experts, composition):
+        xs, a, b = (t.clone().requires_grad_() for t in (x, w13, w2))
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = fn(xs, a, b, offs, fp8_wgrad=dw8)
+        y.backward(gy)
+        res.append((y, xs.grad, a.grad, b.grad))
+    for what, got, want in zip(("y", "dx", "dw13", "dw2"), *res, strict=True):
+        assert torch.equal(got, want), what

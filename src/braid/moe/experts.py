@@ -8,9 +8,10 @@ layout). Under `braid.parallel` the weights are DTensors of global shape [E, ...
 the expert-parallel ranks; the GEMMs run on the local block, which holds experts
 [expert_offset, expert_offset + num_experts). `grad_divide` (set by `braid.parallel` where no
 FSDP unit averages the experts' grads) divides their weight gradients.
-With `fp8_stats` set (`train.precision=fp8`, by `braid.parallel.fp8`) both GEMMs run in fp8
-(`braid.ops.fp8_gemm`); the rows may then arrive already quantised (`Fp8Rows`, from a
-dispatcher that sent fp8), and the first GEMM consumes their codes and scales directly.
+With `fp8_stats` set (`train.precision=fp8`, by `braid.parallel.fp8`) the FFN runs in fp8
+(`braid.ops.fp8_experts`, its quantisers fused with the SwiGLU); the rows may then arrive
+already quantised (`Fp8Rows`, from a dispatcher that sent fp8), and the first GEMM consumes
+their codes and scales directly.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from braid.ops.fp8_gemm import Fp8Rows, fp8_grouped_linear
+from braid.ops.fp8_experts import fp8_swiglu_experts
+from braid.ops.fp8_gemm import Fp8Rows
 from braid.ops.fp8_stats import Fp8Stats
 from braid.ops.grouped_gemm import WgradSink, counts_to_offsets, grouped_linear
 from braid.ops.swiglu import swiglu
@@ -50,11 +52,10 @@ class GroupedExperts(nn.Module):
         pre = None
         if isinstance(x_RD, Fp8Rows):
             pre, x_RD = (x_RD.q_RD, x_RD.s_R1), x_RD.anchor_RD
-        args = (self.impl, sink, self.grad_divide)
-        name, dw8 = self.fp8_name, self.fp8_wgrad
-        h_RF2 = fp8_grouped_linear(x_RD, self.w13, offs, *args, pre, stats, f"{name}.w13", dw8)
-        y = swiglu(h_RF2)
-        return fp8_grouped_linear(y, self.w2, offs, *args, None, stats, f"{name}.w2", dw8)
+        return fp8_swiglu_experts(
+            x_RD, self.w13, self.w2, offs, self.impl, sink, self.grad_divide, pre, stats,
+            self.fp8_name, self.fp8_wgrad,
+        )  # fmt: skip
 
     def shard(self, rank: int, size: int) -> None:
         """Keep only experts [rank*L, (rank+1)*L) of the global E (called by braid.parallel)."""

@@ -1,0 +1,169 @@
+"""The routed experts' SwiGLU FFN in fp8 as one autograd Function: the quantisers are fused
+with the SwiGLU and with each other so no activation is quantised from a tensor that was written
+only to be read back.
+
+    forward   xq = q(x)            (or the codes the fp8 dispatch received)
+              h  = xq @ q_cols(w13)                       [R, 2F] bf16, kept for backward
+              yq = q(swiglu(h))    one kernel: y is never written
+              out = yq @ q_cols(w2)
+    backward  dy = q(g) @ q_rows(w2)^T
+              dh, dhq = swiglu'(h, dy) and q(dh)   one kernel
+              dx = dhq @ q_rows(w13)^T
+              dW2 = y^T g,  dW13 = x^T dh  from the saved codes: dequantised to bf16 in one
+              pass, or (`fp8_wgrad`) quantised per (expert, column) straight from the codes
+              into the 2d-2d fp8 grouped GEMM's layout.
+Numerically this is `fp8_gemm.fp8_grouped_linear` (w13) -> swiglu -> `fp8_grouped_linear` (w2)
+(the same recipe, the same roundings; tests check it against that composition), with the
+SwiGLU's fp32 formulas of `braid.ops.swiglu_triton`. On CUDA with Triton the fused kernels are
+`braid.ops.fp8_triton`; elsewhere the reference quantisers run in sequence (the emulation).
+Under torch.compile it runs eagerly, as the other fp8 GEMMs do (`braid.ops.fp8_gemm`).
+Shapes: R rows, D model dim, F expert hidden size, E experts, W padded width.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from braid.ops import fp8, fp8_triton
+from braid.ops.fp8_gemm import padded_groups, scaled_grouped_mm, scaled_grouped_wgrad
+from braid.ops.fp8_stats import Fp8Stats
+from braid.ops.grouped_gemm import WgradSink, _like_param, _local, compute_dtype, gmm_wgrad
+from braid.ops.swiglu import swiglu_backward_math, swiglu_forward_math
+
+
+def _fused(x: Tensor) -> bool:
+    return fp8_triton.available(x)
+
+
+def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Rowwise codes of a 2-d tensor (any leading dims for weights: flattened)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    q, s = fp8_triton.quantize_rows(x2) if _fused(x2) else fp8.quantize(x2)
+    return q.view(x.shape), s.view(*x.shape[:-1], 1)
+
+
+def swiglu_quantize(h: Tensor) -> tuple[Tensor, Tensor]:
+    if _fused(h):
+        return fp8_triton.swiglu_quantize(h)
+    return fp8.quantize(swiglu_forward_math(h))
+
+
+def swiglu_backward_quantize(h: Tensor, dy: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    if _fused(h):
+        return fp8_triton.swiglu_backward_quantize(h, dy)
+    dh = swiglu_backward_math(h, dy)
+    return (dh, *fp8.quantize(dh))
+
+
+def dequantize_rows(q: Tensor, s: Tensor, dtype: torch.dtype) -> Tensor:
+    if _fused(q):
+        return fp8_triton.dequantize_rows(q, s, dtype)
+    return fp8.dequantize(q, s, dtype)
+
+
+def wgrad(
+    x: Tensor, sx: Tensor | None, g: Tensor, offs: Tensor, impl: str, fp8_wgrad: bool
+) -> Tensor:
+    """dW[e] = x_e^T g_e [E, D, F] in g's dtype; x is rowwise codes with scales `sx` (or plain
+    rows when `sx` is None). In bf16 from the dequantised codes, or (`fp8_wgrad`) in the 2d-2d
+    fp8 grouped GEMM with both operands scaled per (expert, column)."""
+    if not fp8_wgrad:
+        x = x if sx is None else dequantize_rows(x, sx, g.dtype)
+        return gmm_wgrad(x, g, offs, impl)
+    gid, dest, offs_pad, width = padded_groups(offs, x.shape[0])
+    E = offs.numel()
+    if _fused(g):
+        xq, sxg = fp8_triton.quantize_groups(x, offs, offs_pad, width, sx)
+        gq, sgg = fp8_triton.quantize_groups(g, offs, offs_pad, width)
+    else:
+        x = x if sx is None else fp8.dequantize(x, sx, g.dtype)
+        xq, sxg = fp8.quantize_groups_ref(x, gid, dest, E, width)
+        gq, sgg = fp8.quantize_groups_ref(g, gid, dest, E, width)
+    return scaled_grouped_wgrad(xq, sxg, gq, sgg, offs_pad, g.dtype, impl)
+
+
+def _record(stats: Fp8Stats | None, name: str, x: Callable[[], Tensor], q: Tensor) -> None:
+    if stats is not None and stats.active:
+        stats.record(name, x(), q)
+
+
+class _Fp8SwiGLUExperts(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_RD, w13, w2, offs, impl, sink, divide, pre, stats, name, dw8):
+        dt = compute_dtype(x_RD)
+        if pre is None:
+            xq, sx = quantize_rows(x_RD)
+            _record(stats, f"{name}.w13/x", lambda: x_RD, xq)
+        else:
+            xq, sx = pre
+        w13q, s13 = fp8.quantize_cols(_local(w13))  # [E, 2F, D]: scales along D
+        h = scaled_grouped_mm(xq, sx, w13q, s13, offs, dt, impl)
+        yq, sy = swiglu_quantize(h)
+        _record(stats, f"{name}.w2/x", lambda: swiglu_forward_math(h), yq)
+        w2q, s2 = fp8.quantize_cols(_local(w2))  # [E, D, F]: scales along F
+        ctx.save_for_backward(xq, sx, h, yq, sy, offs)
+        ctx.w13, ctx.w2, ctx.impl, ctx.sink, ctx.divide = w13, w2, impl, sink, divide
+        ctx.x_dtype, ctx.dt, ctx.stats, ctx.name, ctx.dw8 = x_RD.dtype, dt, stats, name, dw8
+        return scaled_grouped_mm(yq, sy, w2q, s2, offs, dt, impl)
+
+    @staticmethod
+    def backward(ctx, g_RD):
+        xq, sx, h, yq, sy, offs = ctx.saved_tensors
+        dt, impl, name = ctx.dt, ctx.impl, ctx.name
+        g_RD = g_RD.to(dt).contiguous()
+        gq, sg = quantize_rows(g_RD)
+        _record(ctx.stats, f"{name}.w2/grad", lambda: g_RD, gq)
+        w2q, s2 = quantize_rows(_local(ctx.w2))  # [E, F, D]: scales along D, dX's reduction
+        dy = scaled_grouped_mm(gq, sg, w2q, s2, offs, dt, impl)
+        dh, dhq, sdh = swiglu_backward_quantize(h, dy)
+        del dy
+        _record(ctx.stats, f"{name}.w13/grad", lambda: dh, dhq)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            w13q, s13 = quantize_rows(_local(ctx.w13))  # [E, D, 2F]: scales along 2F
+            dx = scaled_grouped_mm(dhq, sdh, w13q, s13, offs, dt, impl).to(ctx.x_dtype)
+        del dhq
+        dw8, divide = ctx.dw8, ctx.divide
+        tasks = {  # w2's first, as the unfused backward meets them
+            2: (ctx.w2, lambda: wgrad(yq, sy, g_RD, offs, impl, dw8)),
+            1: (ctx.w13, lambda: wgrad(xq, sx, dh, offs, impl, dw8)),
+        }
+        dws: dict[int, Tensor] = {}
+        for i, (w, f) in tasks.items():
+            if not ctx.needs_input_grad[i]:
+                continue
+            if ctx.sink is None:
+                dws[i] = _like_param(w, f().to(w.dtype), divide)
+                continue
+
+            def task(w=w, f=f) -> None:
+                dw = _like_param(w, f().to(w.dtype), divide)
+                w.grad = dw if w.grad is None else w.grad.add_(dw)
+
+            ctx.sink(task)
+        return dx, dws.get(1), dws.get(2), *[None] * 8
+
+
+@torch.compiler.disable
+def fp8_swiglu_experts(
+    x_RD: Tensor,
+    w13: Tensor,
+    w2: Tensor,
+    offs_E: Tensor,
+    impl: str = "grouped",
+    wgrad_sink: WgradSink | None = None,
+    grad_divide: float = 1.0,
+    pre: tuple[Tensor, Tensor] | None = None,
+    stats: Fp8Stats | None = None,
+    name: str = "experts",
+    fp8_wgrad: bool = False,
+) -> Tensor:
+    """w2-GEMM(swiglu(w13-GEMM(x))) per expert group, in fp8; the arguments are
+    `fp8_gemm.fp8_grouped_linear`'s (`pre`: rows quantised before an exchange, `x_RD` then only
+    the anchor of their gradient)."""
+    return _Fp8SwiGLUExperts.apply(
+        x_RD, w13, w2, offs_E, impl, wgrad_sink, grad_divide, pre, stats, name, fp8_wgrad
+    )

@@ -1,0 +1,236 @@
+"""The fp8 experts' quantisers as one-pass Triton kernels (CUDA), fused with what feeds them.
+
+Same recipe and results as `braid.ops.fp8` (power-of-two scales, e4m3 round-to-nearest-even;
+the GPU tests check bit equality with the reference quantisers):
+- `quantize_rows`: a scale per row. One program per row: it reads the row for its amax, then
+  again (from L2) to cast; torch.compile's kernel for the same math passed over memory twice.
+  (Measured: benchmarks/results/fp8_layer_h100.json.)
+- `swiglu_quantize`: y = silu(gate) * up rounded to h's dtype, then quantised per row, without
+  writing y (the codes are what the down GEMM reads and what its dW keeps).
+- `swiglu_backward_quantize`: dh of the SwiGLU (written, the up GEMM's dW reads it) and its
+  rowwise codes from the same pass.
+- `dequantize_rows`: codes times row scales, in the GEMM dtype (for a dW in bf16).
+- `quantize_groups`: the operand of the 2d-2d fp8 grouped dW GEMM: per expert group of rows,
+  a scale per column over that group's rows; codes stored transposed [D, W] with each group
+  starting at its padded offset (zeros in the padding). Reads bf16 rows, or rowwise codes and
+  scales (dequantised exactly in fp32), so saved fp8 activations are never expanded in memory.
+The SwiGLU formulas are `braid.ops.swiglu_triton`'s (fp32 inside, rounded once to h's dtype).
+Shapes: R rows, D columns, F expert hidden size, E groups, W padded width.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: `available()` is False
+    triton = None
+
+E4M3 = torch.float8_e4m3fn
+MAX_BLOCK = 8192  # columns per step of a row program
+GROUP_ROWS, GROUP_COLS = 64, 64  # the tile of `quantize_groups`
+
+
+def available(x: Tensor) -> bool:
+    return triton is not None and x.is_cuda and x.numel() > 0
+
+
+if triton is not None:
+
+    @triton.jit
+    def _scale(amax):
+        """2^ceil(log2(amax / 448)), exactly as `braid.ops.fp8.pow2_ceil`; 1 for zero rows."""
+        r = tl.math.div_rn(tl.where(amax > 7.888609052210118e-31, amax, 448.0), 448.0)
+        bits = r.to(tl.int32, bitcast=True)
+        return ((bits + 0x7FFFFF) & 0x7F800000).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _rows_kernel(x_ptr, q_ptr, s_ptr, D, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        x_row, q_row = x_ptr + row * D, q_ptr + row * D
+        amax = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, D, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            v = tl.load(x_row + cols, mask=cols < D, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(v))
+        s = _scale(tl.max(amax, 0))
+        tl.store(s_ptr + row, s)
+        for start in range(0, D, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            v = tl.load(x_row + cols, mask=cols < D, other=0.0).to(tl.float32)
+            tl.store(q_row + cols, tl.math.div_rn(v, s).to(tl.float8e4nv), mask=cols < D)
+
+    @triton.jit
+    def _swiglu(h_row, cols, F, mask):
+        gate = tl.load(h_row + cols, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(h_row + F + cols, mask=mask, other=0.0).to(tl.float32)
+        return gate * tl.sigmoid(gate) * up
+
+    @triton.jit
+    def _swiglu_rows_kernel(h_ptr, q_ptr, s_ptr, F, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        h_row, q_row = h_ptr + row * 2 * F, q_ptr + row * F
+        dt = h_ptr.dtype.element_ty
+        amax = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, F, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            y = _swiglu(h_row, cols, F, cols < F).to(dt).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(y))
+        s = _scale(tl.max(amax, 0))
+        tl.store(s_ptr + row, s)
+        for start in range(0, F, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            y = _swiglu(h_row, cols, F, cols < F).to(dt).to(tl.float32)
+            tl.store(q_row + cols, tl.math.div_rn(y, s).to(tl.float8e4nv), mask=cols < F)
+
+    @triton.jit
+    def _swiglu_backward_rows_kernel(h_ptr, dy_ptr, dh_ptr, q_ptr, s_ptr, F, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        h_row, dh_row, q_row = h_ptr + row * 2 * F, dh_ptr + row * 2 * F, q_ptr + row * 2 * F
+        dt = dh_ptr.dtype.element_ty
+        amax = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, F, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < F
+            gate = tl.load(h_row + cols, mask=mask, other=0.0).to(tl.float32)
+            up = tl.load(h_row + F + cols, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(dy_ptr + row * F + cols, mask=mask, other=0.0).to(tl.float32)
+            sg = tl.sigmoid(gate)
+            dgate = (dy * up * sg * (1 + gate * (1 - sg))).to(dt)
+            dup = (dy * gate * sg).to(dt)
+            tl.store(dh_row + cols, dgate, mask=mask)
+            tl.store(dh_row + F + cols, dup, mask=mask)
+            a = tl.maximum(tl.abs(dgate.to(tl.float32)), tl.abs(dup.to(tl.float32)))
+            amax = tl.maximum(amax, a)
+        s = _scale(tl.max(amax, 0))
+        tl.store(s_ptr + row, s)
+        for start in range(0, 2 * F, BLOCK):  # the row just written, read back from L2
+            cols = start + tl.arange(0, BLOCK)
+            v = tl.load(dh_row + cols, mask=cols < 2 * F, other=0.0).to(tl.float32)
+            tl.store(q_row + cols, tl.math.div_rn(v, s).to(tl.float8e4nv), mask=cols < 2 * F)
+
+    @triton.jit
+    def _dequant_kernel(q_ptr, s_ptr, x_ptr, D, nblk, BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        row = (pid // nblk).to(tl.int64)
+        cols = (pid % nblk) * BLOCK + tl.arange(0, BLOCK)
+        q = tl.load(q_ptr + row * D + cols, mask=cols < D, other=0.0).to(tl.float32)
+        x = q * tl.load(s_ptr + row)
+        tl.store(x_ptr + row * D + cols, x.to(x_ptr.dtype.element_ty), mask=cols < D)
+
+    @triton.jit
+    def _groups_kernel(
+        x_ptr, srow_ptr, offs_ptr, pend_ptr, q_ptr, s_ptr, D, W, E,
+        HAS_SROW: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr,
+    ):  # fmt: skip
+        e = tl.program_id(0)
+        cols = tl.program_id(1) * BD + tl.arange(0, BD)
+        cmask = cols < D
+        if e == E:  # the tail past the last group: zeros
+            pstart = tl.load(pend_ptr + E - 1)
+            for c0 in range(pstart, W, BR):
+                cc = c0 + tl.arange(0, BR)
+                ptr = q_ptr + cols[:, None].to(tl.int64) * W + cc[None, :]
+                zero = tl.zeros([BD, BR], tl.float32).to(tl.float8e4nv)
+                tl.store(ptr, zero, mask=cmask[:, None] & (cc[None, :] < W))
+        else:
+            start = tl.load(offs_ptr + e - 1, mask=e > 0, other=0)
+            end = tl.load(offs_ptr + e)
+            pend = tl.load(pend_ptr + e)
+            padded = (end - start + 15) // 16 * 16
+            pstart = pend - padded
+            amax = tl.zeros([BD], tl.float32)
+            for r0 in range(start, end, BR):
+                rows = r0 + tl.arange(0, BR)
+                v = _group_tile(x_ptr, srow_ptr, rows, cols, end, D, cmask, HAS_SROW)
+                amax = tl.maximum(amax, tl.max(tl.abs(v), 0))
+            s = _scale(amax)
+            tl.store(s_ptr + e * D + cols, s, mask=cmask)
+            for i in range(0, padded, BR):
+                rows = start + i + tl.arange(0, BR)
+                v = _group_tile(x_ptr, srow_ptr, rows, cols, end, D, cmask, HAS_SROW)
+                q = tl.math.div_rn(v, s[None, :]).to(tl.float8e4nv)  # [BR, BD]
+                cc = pstart + i + tl.arange(0, BR)
+                ptr = q_ptr + cols[:, None].to(tl.int64) * W + cc[None, :]
+                tl.store(ptr, tl.trans(q), mask=cmask[:, None] & (cc[None, :] < pend))
+
+    @triton.jit
+    def _group_tile(x_ptr, srow_ptr, rows, cols, end, D, cmask, HAS_SROW: tl.constexpr):
+        rmask = rows < end
+        ptr = x_ptr + rows[:, None].to(tl.int64) * D + cols[None, :]
+        v = tl.load(ptr, mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+        if HAS_SROW:
+            v = v * tl.load(srow_ptr + rows, mask=rmask, other=0.0)[:, None]
+        return v
+
+
+def _launch(kernel, grid, x: Tensor, *args, **kw) -> None:
+    with torch.cuda.device(x.device):
+        kernel[grid](*args, **kw)
+
+
+def _row_block(width: int) -> dict:
+    """A row program's step and warps: rows up to MAX_BLOCK wide in one step; wide programs
+    also keep few rows in flight, so a row's second pass reads it back from L2, not HBM."""
+    block = min(triton.next_power_of_2(width), MAX_BLOCK)
+    return {"BLOCK": block, "num_warps": max(4, block // 512)}
+
+
+def quantize_rows(x_RD: Tensor) -> tuple[Tensor, Tensor]:
+    """`fp8.quantize_ref` of a contiguous [R, D]: (q [R, D], s [R, 1])."""
+    x = x_RD.contiguous()
+    R, D = x.shape
+    q, s = torch.empty(R, D, dtype=E4M3, device=x.device), x.new_empty(R, 1, dtype=torch.float32)
+    _launch(_rows_kernel, (R,), x, x, q, s, D, **_row_block(D))
+    return q, s
+
+
+def swiglu_quantize(h_RF2: Tensor) -> tuple[Tensor, Tensor]:
+    """`fp8.quantize_ref(swiglu(h))` without writing the SwiGLU's output: (q [R, F], s [R, 1])."""
+    h = h_RF2.contiguous()
+    R, F = h.shape[0], h.shape[1] // 2
+    q, s = torch.empty(R, F, dtype=E4M3, device=h.device), h.new_empty(R, 1, dtype=torch.float32)
+    _launch(_swiglu_rows_kernel, (R,), h, h, q, s, F, **_row_block(F))
+    return q, s
+
+
+def swiglu_backward_quantize(h_RF2: Tensor, dy_RF: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The SwiGLU's dh [R, 2F] (h's dtype) and `fp8.quantize_ref(dh)`: (dh, q, s)."""
+    h, dy = h_RF2.contiguous(), dy_RF.contiguous()
+    R, F = h.shape[0], h.shape[1] // 2
+    dh, q = torch.empty_like(h), torch.empty(R, 2 * F, dtype=E4M3, device=h.device)
+    s = h.new_empty(R, 1, dtype=torch.float32)
+    _launch(_swiglu_backward_rows_kernel, (R,), h, h, dy, dh, q, s, F, **_row_block(F))
+    return dh, q, s
+
+
+def dequantize_rows(q_RD: Tensor, s_R1: Tensor, dtype: torch.dtype) -> Tensor:
+    """`fp8.dequantize(q, s, dtype)` in one pass."""
+    R, D = q_RD.shape
+    x = torch.empty(R, D, dtype=dtype, device=q_RD.device)
+    nblk = triton.cdiv(D, 1024)
+    _launch(_dequant_kernel, (R * nblk,), q_RD, q_RD, s_R1, x, D, nblk, BLOCK=1024, num_warps=4)
+    return x
+
+
+def quantize_groups(
+    x_RD: Tensor, offs_E: Tensor, pad_end_E: Tensor, width: int, s_R1: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """`fp8.quantize_groups_ref` for rows grouped by `offs_E` (ends, int32) into a layout whose
+    groups end at `pad_end_E` (`fp8_gemm.padded_groups`), zeros elsewhere: (q [D, W], s [E, D]).
+    With `s_R1`, `x_RD` holds rowwise e4m3 codes and these are their scales."""
+    x = x_RD.contiguous()
+    R, D = x.shape
+    E = offs_E.numel()
+    q = torch.empty(D, width, dtype=E4M3, device=x.device)
+    s = torch.empty(E, D, dtype=torch.float32, device=x.device)
+    srow = x if s_R1 is None else s_R1.contiguous()
+    grid = (E + 1, triton.cdiv(D, GROUP_COLS))
+    _launch(
+        _groups_kernel, grid, x, x, srow, offs_E, pad_end_E, q, s, D, width, E,
+        HAS_SROW=s_R1 is not None, BR=GROUP_ROWS, BD=GROUP_COLS, num_warps=4,
+    )  # fmt: skip
+    return q, s
