@@ -13,10 +13,11 @@ relative difference and whether it is within 1%) and a PNG of both validation cu
 it. Estimate on one H200: `small` is ~0.7B active parameters, so a step of 32768 tokens is
 ~1.4e14 FLOPs, ~0.35 s at 400 TFLOP/s: about 12 minutes per 2000-step run in bf16 (fp8 less),
 plus compile and validation; budget 30 minutes for both. Where one command may run at most 10
-minutes, add `--stop-at S`: the first unfinished run (bf16, then fp8) trains up to step S and
-stops with a checkpoint (exit code 3); the next command resumes it. So --stop-at 900, 1800,
-2000, then 900, 1800, 2000 again; the comparison is written once both runs reach --steps.
-`--smoke` runs 6 steps of the tiny model on CPU.
+minutes, add `--stop-at S`: each unfinished run trains up to step S and stops with a
+checkpoint (exit code 3); the next command resumes them. So --stop-at 900, 1800, then 2000;
+the comparison is written once both runs reach --steps.
+`--parallel` trains both runs at once on the one GPU (a small batch leaves it underused; their
+results do not depend on it). `--smoke` runs 6 steps of the tiny model on CPU.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -36,7 +38,7 @@ from braid.metrics import read_metrics  # noqa: E402
 FINAL_TOL = 0.01  # the issue's bound: final validation losses within 1%
 
 
-def train(name: str, precision: str, args: argparse.Namespace, run_root: Path) -> Path:
+def command(name: str, precision: str, args: argparse.Namespace, run_root: Path) -> list[str]:
     if args.smoke:
         model = [
             "tiny",
@@ -79,8 +81,26 @@ def train(name: str, precision: str, args: argparse.Namespace, run_root: Path) -
         cmd.append(f"--data.path={args.data}")
     cmd += [f"--{kv}" for kv in args.set]
     print(" ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, env={**os.environ})
-    return run_root / name
+    return cmd
+
+
+def train_all(precs: list[str], args: argparse.Namespace) -> dict[str, float]:
+    """Train the unfinished runs, one after the other or (`--parallel`) side by side on the
+    one GPU; returns each run's wall seconds."""
+    cmds = {p: command(p, p, args, Path(args.runs)) for p in precs}
+    t0, walls = time.perf_counter(), {}
+    if not args.parallel:
+        for p, cmd in cmds.items():
+            subprocess.run(cmd, check=True, env={**os.environ})
+            walls[p] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+        return walls
+    procs = {p: subprocess.Popen(cmd, env={**os.environ}) for p, cmd in cmds.items()}
+    for p, proc in procs.items():
+        if proc.wait() != 0:
+            raise SystemExit(f"{p}: braid train exited with {proc.returncode}")
+        walls[p] = time.perf_counter() - t0
+    return walls
 
 
 def finished(run_dir: Path) -> int:
@@ -127,6 +147,9 @@ def main() -> int:
         "then stop (checkpointed); the same command again continues",
     )
     p.add_argument("--smoke", action="store_true", help="6 steps of the tiny model on CPU")
+    p.add_argument(
+        "--parallel", action="store_true", help="train both runs at once (one GPU, shared)"
+    )
     args = p.parse_args()
     if args.smoke:
         args.steps = 6
@@ -134,10 +157,11 @@ def main() -> int:
     env["command"] = "PYTHONPATH=src " + env["command"].replace("python3", "python")
     result: dict = {**env, "steps": args.steps, "data": args.data or "built-in corpus"}
     curves = {}
+    todo = [p for p in ("bf16", "fp8") if finished(Path(args.runs) / p) < args.steps]
+    result["wall_s"] = {p: round(t, 1) for p, t in train_all(todo, args).items()}
+    result["parallel"] = args.parallel
     for prec in ("bf16", "fp8"):
         run_dir = Path(args.runs) / prec
-        if finished(run_dir) < args.steps:
-            train(prec, prec, args, Path(args.runs))
         if finished(run_dir) < args.steps:
             print(f"{prec}: stopped at step {finished(run_dir)}; run the same command again")
             return 3
