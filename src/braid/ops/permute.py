@@ -13,7 +13,8 @@ Dropless routing gives every token exactly K copies, so each scatter here has a 
 - `combine_tokens(y_MD, gates_NK, pos_NK, order_M)`: out[n] = sum_k gates[n, k] * y[pos[n, k]];
   backward: dgates by row dot products, dy gathered into sorted order by `order_M`
   (sorted position -> copy index n*K + k, the inverse of pos). On CUDA forward and backward
-  are compiled kernels that never write the gathered copies or the products (`_CombineFused`).
+  are one-pass kernels that never write the gathered copies or the products (`_CombineFused`:
+  Triton's in `braid.ops.combine_triton`, else compiled from the same math).
 - `regroup_index(recv_WL, total)`: rows received as [source rank][local expert] blocks, put in
   [local expert][source rank] order, so that each expert's rows are contiguous.
 Sums over k accumulate in fp32 for bf16 inputs (torch reductions do) and round once.
@@ -26,6 +27,8 @@ import functools
 
 import torch
 from torch import Tensor
+
+from braid.ops import combine_triton
 
 
 def inverse_permutation(perm: Tensor) -> Tensor:
@@ -156,6 +159,22 @@ def _compiled(fn):
     return torch.compile(fn, dynamic=True)
 
 
+def combine_fused(y_MD: Tensor, gates_NK: Tensor, pos_NK: Tensor) -> Tensor:
+    """`combine_forward_math` in one pass: the Triton kernel on CUDA, else compiled."""
+    if combine_triton.available(y_MD):
+        return combine_triton.forward(y_MD, gates_NK, pos_NK)
+    return _compiled(combine_forward_math)(y_MD, gates_NK, pos_NK)
+
+
+def combine_fused_grad(
+    y_MD: Tensor, gates_NK: Tensor, pos_NK: Tensor, order_M: Tensor, g_ND: Tensor
+) -> tuple[Tensor, Tensor]:
+    """`combine_backward_math` in one pass: the Triton kernel on CUDA, else compiled."""
+    if combine_triton.available(y_MD):
+        return combine_triton.backward(y_MD, gates_NK, pos_NK, g_ND)
+    return _compiled(combine_backward_math)(y_MD, gates_NK, pos_NK, order_M, g_ND.contiguous())
+
+
 class _CombineFused(torch.autograd.Function):
     """`_Combine` as two compiled kernels a pass: the gathered copies y_NKD and the products
     never exist in memory (reference: `_Combine`, tested equal within one rounding)."""
@@ -163,13 +182,12 @@ class _CombineFused(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y_MD, gates_NK, pos_NK, order_M):
         ctx.save_for_backward(y_MD, gates_NK, pos_NK, order_M)
-        return _compiled(combine_forward_math)(y_MD, gates_NK, pos_NK)
+        return combine_fused(y_MD, gates_NK, pos_NK)
 
     @staticmethod
     def backward(ctx, g_ND):
         y_MD, gates_NK, pos_NK, order_M = ctx.saved_tensors
-        fn = _compiled(combine_backward_math)
-        dy_MD, dgates = fn(y_MD, gates_NK, pos_NK, order_M, g_ND.contiguous())
+        dy_MD, dgates = combine_fused_grad(y_MD, gates_NK, pos_NK, order_M, g_ND)
         return dy_MD, dgates, None, None
 
 
@@ -177,7 +195,7 @@ def combine_rows(y_MD: Tensor, gates_NK: Tensor, pos_NK: Tensor, fused: bool) ->
     """`combine_tokens`' value without autograd (the chunked pipeline's per-chunk finish):
     the compiled one-pass kernel when `fused`, else `weighted_sum`."""
     if fused and y_MD.shape[0] > 0:
-        return _compiled(combine_forward_math)(y_MD, gates_NK, pos_NK)
+        return combine_fused(y_MD, gates_NK, pos_NK)
     return weighted_sum(y_MD, gates_NK, pos_NK)[0]
 
 
@@ -187,7 +205,7 @@ def combine_rows_grad(
     """`combine_rows`' backward without autograd: (dy_MD in sorted order, dgates_NK); the
     compiled one-pass kernel when `fused`, else the gathers and products of `_Combine`."""
     if fused and y_MD.shape[0] > 0:
-        return _compiled(combine_backward_math)(y_MD, gates_NK, pos_NK, order_M, g_ND.contiguous())
+        return combine_fused_grad(y_MD, gates_NK, pos_NK, order_M, g_ND)
     K = pos_NK.shape[1]
     g_MD = g_ND.index_select(0, order_M // K)
     dgates = (g_MD * y_MD).sum(1).to(gates_NK.dtype).index_select(0, pos_NK.flatten())
