@@ -1,7 +1,7 @@
 """Convergence: the same model, data and seed trained with train.precision=bf16 and =fp8.
 
     PYTHONPATH=src python benchmarks/fp8_convergence.py --steps 2000 --data <prepared dir> \\
-        --out benchmarks/results/fp8_convergence_h200.json
+        --out benchmarks/results/fp8_convergence_h100.json
 
 Two `braid train` runs (subprocesses, one GPU) of the `small` model (12 layers, hidden 2048,
 8 experts top-2 on four layers) with train.compile, batch 32 x 1024 tokens, lr 3e-4 with 200

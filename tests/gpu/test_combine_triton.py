@@ -4,8 +4,8 @@ braid.ops.permute on an H100/H200-class GPU:
     PYTHONPATH=src python -m pytest -q -m gpu tests/gpu/test_combine_triton.py
 
 dy is one fp32 product rounded once in both: equal bit for bit. out and dgates are fp32 sums
-in another order: within one rounding of the output dtype (out, bf16) and 1e-5 relative
-(dgates, fp32)."""
+in another order: within one rounding of the output dtype (out, bf16; plus 1e-6 of the sum of
+the products' magnitudes, where the sum cancels) and 1e-5 relative (dgates, fp32)."""
 
 import pytest
 import torch
@@ -29,8 +29,9 @@ def test_triton_combine_equals_the_reference_math(N, K, D):
     gy = torch.randn(N, D, device="cuda", generator=g).bfloat16()
     out = combine_triton.forward(y, gates, pos)
     ref = combine_forward_math(y, gates, pos)
-    ulp = ref.float().abs() * 2.0**-7 + 1e-30  # one bf16 step at most
-    assert ((out.float() - ref.float()).abs() <= ulp).all()
+    terms = combine_forward_math(y.abs(), gates, pos).float()  # sum of |products|
+    bound = ref.float().abs() * 2.0**-7 + terms * 1e-6  # one bf16 step + fp32 order effects
+    assert ((out.float() - ref.float()).abs() <= bound).all()
     dy, dgates = combine_triton.backward(y, gates, pos, gy)
     rdy, rdgates = combine_backward_math(y, gates, pos, order, gy)
     assert torch.equal(dy, rdy)

@@ -4,7 +4,6 @@ Same recipe and results as `braid.ops.fp8` (power-of-two scales, e4m3 round-to-n
 the GPU tests check bit equality with the reference quantisers):
 - `quantize_rows`: a scale per row. One program per row: it reads the row for its amax, then
   again (from L2) to cast; torch.compile's kernel for the same math passed over memory twice.
-  (Measured: benchmarks/results/fp8_layer_h100.json.)
 - `swiglu_quantize`: y = silu(gate) * up rounded to h's dtype, then quantised per row, without
   writing y (the codes are what the down GEMM reads and what its dW keeps).
 - `swiglu_backward_quantize`: dh of the SwiGLU (written, the up GEMM's dW reads it) and its
@@ -31,7 +30,7 @@ except ImportError:  # CPU-only installs: `available()` is False
 
 E4M3 = torch.float8_e4m3fn
 MAX_BLOCK = 8192  # columns per step of a row program
-GROUP_ROWS, GROUP_COLS = 64, 64  # the tile of `quantize_groups`
+GROUP_ROWS, GROUP_COLS = 128, 128  # the tile of `quantize_groups` (256-byte bf16 row reads)
 
 
 def available(x: Tensor) -> bool:
@@ -231,6 +230,6 @@ def quantize_groups(
     grid = (E + 1, triton.cdiv(D, GROUP_COLS))
     _launch(
         _groups_kernel, grid, x, x, srow, offs_E, pad_end_E, q, s, D, width, E,
-        HAS_SROW=s_R1 is not None, BR=GROUP_ROWS, BD=GROUP_COLS, num_warps=4,
+        HAS_SROW=s_R1 is not None, BR=GROUP_ROWS, BD=GROUP_COLS, num_warps=8,
     )  # fmt: skip
     return q, s
