@@ -34,7 +34,9 @@ def available(y: Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _forward_kernel(y_ptr, gates_ptr, pos_ptr, out_ptr, D, K: tl.constexpr, BLOCK: tl.constexpr):
+    def _combine_kernel(
+        y_ptr, gates_ptr, pos_ptr, out_ptr, D, K: tl.constexpr, BLOCK: tl.constexpr
+    ):
         n = tl.program_id(0).to(tl.int64)
         for c0 in range(0, D, BLOCK):
             cols = c0 + tl.arange(0, BLOCK)
@@ -47,7 +49,7 @@ if triton is not None:
             tl.store(out_ptr + n * D + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _backward_kernel(
+    def _combine_backward_kernel(
         y_ptr, gates_ptr, pos_ptr, g_ptr, dy_ptr, dgates_ptr, D,
         K: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr,
     ):  # fmt: skip
@@ -80,7 +82,7 @@ def forward(y_MD: Tensor, gates_NK: Tensor, pos_NK: Tensor) -> Tensor:
     out = y.new_empty(N, D)
     block, warps = _block(D)
     with torch.cuda.device(y.device):
-        _forward_kernel[(N,)](y, gates, pos, out, D, K=K, BLOCK=block, num_warps=warps)
+        _combine_kernel[(N,)](y, gates, pos, out, D, K=K, BLOCK=block, num_warps=warps)
     return out
 
 
@@ -92,7 +94,7 @@ def backward(y_MD: Tensor, gates_NK: Tensor, pos_NK: Tensor, g_ND: Tensor) -> tu
     block, warps = _block(D)
     kp = triton.next_power_of_2(K)
     with torch.cuda.device(y.device):
-        _backward_kernel[(N,)](
+        _combine_backward_kernel[(N,)](
             y, gates, pos, g, dy, dgates, D, K=K, KP=kp, BLOCK=block, num_warps=warps
         )
     return dy, dgates
