@@ -100,3 +100,33 @@ def test_module_uses_the_fused_path_and_skips_frozen_weights():
     assert ex.w2.grad is None and ex.w13.grad is not None
     ref = run(composition, x, ex.w13, ex.w2, gy, counts_to_offsets(counts), sink=False)
     assert torch.equal(xg.grad, ref[1]) and torch.equal(ex.w13.grad, ref[2])
+
+
+def test_backward_gives_back_h_and_works_under_activation_checkpointing(monkeypatch):
+    """h [R, 2F] is released as soon as the SwiGLU backward has read it (as the unfused
+    composition's SwiGLU node did), and the Function recomputes correctly under
+    non-reentrant activation checkpointing (the saved h is then the recomputed one)."""
+    from torch.utils.checkpoint import checkpoint
+
+    from braid.ops import fp8_experts
+
+    counts = [6, 0, 11, 3]
+    x, w13, w2, gy = data(counts, seed=3)
+    offs = counts_to_offsets(torch.tensor(counts))
+    seen = []
+    real = fp8_experts.swiglu_backward_quantize
+
+    def spy(h, dy):
+        seen.append(h)
+        return real(h, dy)
+
+    monkeypatch.setattr(fp8_experts, "swiglu_backward_quantize", spy)
+    want = run(fp8_swiglu_experts, x, w13, w2, gy, offs, sink=False)
+    assert len(seen) == 1 and seen[0].untyped_storage().nbytes() == 0
+
+    def ckpt(x, w13, w2, offs, wgrad_sink=None):
+        return checkpoint(fp8_swiglu_experts, x, w13, w2, offs, use_reentrant=False)
+
+    got = run(ckpt, x, w13, w2, gy, offs, sink=False)
+    for what, a, b in zip(("y", "dx", "dw13", "dw2"), got, want, strict=True):
+        assert torch.equal(a, b), what

@@ -27,7 +27,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from braid.ops import fp8, fp8_triton
+from braid.ops import fp8, fp8_triton, swiglu_triton
 from braid.ops.fp8_gemm import padded_groups, scaled_grouped_mm, scaled_grouped_wgrad
 from braid.ops.fp8_stats import Fp8Stats
 from braid.ops.grouped_gemm import WgradSink, _like_param, _local, compute_dtype, gmm_wgrad
@@ -49,6 +49,13 @@ def swiglu_quantize(h: Tensor) -> tuple[Tensor, Tensor]:
     if _fused(h):
         return fp8_triton.swiglu_quantize(h)
     return fp8.quantize(swiglu_forward_math(h))
+
+
+def swiglu_values(h: Tensor) -> Tensor:
+    """The SwiGLU output the codes of `swiglu_quantize` come from (for the numerics report)."""
+    return swiglu_triton.forward(h) if _fused(h) and swiglu_triton.available(h) else (
+        swiglu_forward_math(h)
+    )
 
 
 def swiglu_backward_quantize(h: Tensor, dy: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -102,7 +109,7 @@ class _Fp8SwiGLUExperts(torch.autograd.Function):
         w13q, s13 = fp8.quantize_cols(_local(w13))  # [E, 2F, D]: scales along D
         h = scaled_grouped_mm(xq, sx, w13q, s13, offs, dt, impl)
         yq, sy = swiglu_quantize(h)
-        _record(stats, f"{name}.w2/x", lambda: swiglu_forward_math(h), yq)
+        _record(stats, f"{name}.w2/x", lambda: swiglu_values(h), yq)
         w2q, s2 = fp8.quantize_cols(_local(w2))  # [E, D, F]: scales along F
         ctx.save_for_backward(xq, sx, h, yq, sy, offs)
         ctx.w13, ctx.w2, ctx.impl, ctx.sink, ctx.divide = w13, w2, impl, sink, divide
@@ -112,39 +119,46 @@ class _Fp8SwiGLUExperts(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_RD):
         xq, sx, h, yq, sy, offs = ctx.saved_tensors
-        dt, impl, name = ctx.dt, ctx.impl, ctx.name
+        dt, impl, name, dw8 = ctx.dt, ctx.impl, ctx.name, ctx.dw8
         g_RD = g_RD.to(dt).contiguous()
         gq, sg = quantize_rows(g_RD)
         _record(ctx.stats, f"{name}.w2/grad", lambda: g_RD, gq)
         w2q, s2 = quantize_rows(_local(ctx.w2))  # [E, F, D]: scales along D, dX's reduction
         dy = scaled_grouped_mm(gq, sg, w2q, s2, offs, dt, impl)
+        del gq, w2q
+        # w2's dW first, as the unfused backward meets it (and frees g and y's codes sooner)
+        dw2 = _deliver(ctx, 2, ctx.w2, lambda: wgrad(yq, sy, g_RD, offs, impl, dw8))
         dh, dhq, sdh = swiglu_backward_quantize(h, dy)
         del dy
+        # h [R, 2F] is this Function's own intermediate and nothing reads it after here, but
+        # autograd holds saved tensors until backward returns: give its memory back now, as
+        # the unfused composition's SwiGLU node did (a second backward through this graph,
+        # retain_graph, then fails on the empty storage instead of reading stale values).
+        h.untyped_storage().resize_(0)
         _record(ctx.stats, f"{name}.w13/grad", lambda: dh, dhq)
         dx = None
         if ctx.needs_input_grad[0]:
             w13q, s13 = quantize_rows(_local(ctx.w13))  # [E, D, 2F]: scales along 2F
             dx = scaled_grouped_mm(dhq, sdh, w13q, s13, offs, dt, impl).to(ctx.x_dtype)
         del dhq
-        dw8, divide = ctx.dw8, ctx.divide
-        tasks = {  # w2's first, as the unfused backward meets them
-            2: (ctx.w2, lambda: wgrad(yq, sy, g_RD, offs, impl, dw8)),
-            1: (ctx.w13, lambda: wgrad(xq, sx, dh, offs, impl, dw8)),
-        }
-        dws: dict[int, Tensor] = {}
-        for i, (w, f) in tasks.items():
-            if not ctx.needs_input_grad[i]:
-                continue
-            if ctx.sink is None:
-                dws[i] = _like_param(w, f().to(w.dtype), divide)
-                continue
+        dw13 = _deliver(ctx, 1, ctx.w13, lambda: wgrad(xq, sx, dh, offs, impl, dw8))
+        return dx, dw13, dw2, *[None] * 8
 
-            def task(w=w, f=f) -> None:
-                dw = _like_param(w, f().to(w.dtype), divide)
-                w.grad = dw if w.grad is None else w.grad.add_(dw)
 
-            ctx.sink(task)
-        return dx, dws.get(1), dws.get(2), *[None] * 8
+def _deliver(ctx, i: int, w: Tensor, dw_fn: Callable[[], Tensor]) -> Tensor | None:
+    """Input i's weight gradient: computed now and returned, or (with a wgrad sink) handed to
+    the overlap scheduler as a task that accumulates into `w.grad` (None returned)."""
+    if not ctx.needs_input_grad[i]:
+        return None
+    if ctx.sink is None:
+        return _like_param(w, dw_fn().to(w.dtype), ctx.divide)
+
+    def task(w=w, dw_fn=dw_fn, divide=ctx.divide) -> None:
+        dw = _like_param(w, dw_fn().to(w.dtype), divide)
+        w.grad = dw if w.grad is None else w.grad.add_(dw)
+
+    ctx.sink(task)
+    return None
 
 
 @torch.compiler.disable

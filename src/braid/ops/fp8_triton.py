@@ -106,6 +106,7 @@ if triton is not None:
             amax = tl.maximum(amax, a)
         s = _scale(tl.max(amax, 0))
         tl.store(s_ptr + row, s)
+        tl.debug_barrier()  # other threads stored parts of the row read back below
         for start in range(0, 2 * F, BLOCK):  # the row just written, read back from L2
             cols = start + tl.arange(0, BLOCK)
             v = tl.load(dh_row + cols, mask=cols < 2 * F, other=0.0).to(tl.float32)
@@ -208,6 +209,7 @@ def swiglu_backward_quantize(h_RF2: Tensor, dy_RF: Tensor) -> tuple[Tensor, Tens
 
 def dequantize_rows(q_RD: Tensor, s_R1: Tensor, dtype: torch.dtype) -> Tensor:
     """`fp8.dequantize(q, s, dtype)` in one pass."""
+    q_RD, s_R1 = q_RD.contiguous(), s_R1.contiguous()
     R, D = q_RD.shape
     x = torch.empty(R, D, dtype=dtype, device=q_RD.device)
     nblk = triton.cdiv(D, 1024)
