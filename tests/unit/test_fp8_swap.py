@@ -103,3 +103,14 @@ def test_gemv_sized_linears_stay_as_they_are():
     model.blocks[1].ffn.gate = torch.nn.Linear(32, 1, bias=False, device="meta")
     apply_fp8(model, cfg.train.fp8_skip, torch.device("cuda"))  # no refusal for a 1-wide gate
     assert type(model.blocks[1].ffn.gate) is torch.nn.Linear
+
+
+def test_gpus_without_fp8_grouped_gemms_are_refused_by_name(monkeypatch):
+    model, _ = build()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA A100-SXM4-80GB")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (8, 0))
+    with pytest.raises(BraidError, match=r"SM90\+ GPU.*NVIDIA A100-SXM4-80GB is SM80.*bf16"):
+        apply_fp8(model, ["router"], torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
+    apply_fp8(model, ["router"], torch.device("cuda"))  # Hopper: accepted

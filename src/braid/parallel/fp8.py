@@ -4,7 +4,7 @@ Applied first by `parallelize` (on the meta device, before sharding):
   * every `nn.Linear` whose path is not matched by `train.fp8_skip` becomes an `Fp8Linear`
     (attention projections, dense FFNs, shared experts; the output head is skipped by default;
     dW in fp8 too with train.fp8_wgrad=fp8);
-  * every MoE layer's routed experts (unless skipped) run `fp8_grouped_linear` (dW in fp8 too
+  * every MoE layer's routed experts (unless skipped) run `fp8_swiglu_experts` (dW in fp8 too
     with train.fp8_wgrad=fp8), and its dispatcher quantises the rows once before the
     exchange and sends them as fp8;
   * one `Fp8Stats` is attached to the model (`model.fp8_stats`) and to every fp8 module.
@@ -14,7 +14,7 @@ A skip entry matches a module by glob against its dotted path or any one part of
 outputs (a shared expert's gate, say) are GEMVs, not GEMMs, and stay as they are. Otherwise
 fp8 GEMMs on CUDA need both dims of every weight to be multiples of 16 (the kernels'
 alignment); a module that is not is refused with its name, so the run never silently mixes
-precisions.
+precisions. A GPU older than SM90 (Hopper), which has no fp8 grouped GEMM, is refused by name.
 """
 
 from __future__ import annotations
@@ -47,12 +47,26 @@ def _check_aligned(path: str, dims: tuple[int, ...]) -> None:
         )
 
 
+def _check_gpu(device: torch.device) -> None:
+    if not torch.cuda.is_available():
+        return  # building for a GPU elsewhere (tests on the meta device): nothing to ask
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (9, 0):
+        name = torch.cuda.get_device_name(device)
+        raise BraidError(
+            f"train.precision=fp8 needs an SM90+ GPU (H100, H200) for its fp8 grouped GEMMs; "
+            f"{name} is SM{major}{minor}: use train.precision=bf16"
+        )
+
+
 def apply_fp8(
     model: nn.Module, skip: list[str], device: torch.device, fp8_wgrad: bool = False
 ) -> Fp8Stats:
     """Swap the model's GEMMs to fp8 in place (see the module docstring); returns the stats."""
     stats = Fp8Stats()
     on_cuda = device.type == "cuda"
+    if on_cuda:
+        _check_gpu(device)
     for path, mod in model.named_modules():
         if skipped(path, skip):
             continue
