@@ -70,7 +70,7 @@ def run(config: str, batch: int, seq: int, compile_: bool, ac: bool, iters: int,
            "mfu_vs_989": round(tokens_per_s * a.flops_per_token / PEAK, 4)}
     if dev.type == "cuda":
         out["max_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
-    del model
+    model = None  # frees it (the step closure shares this name)
     torch.cuda.empty_cache() if dev.type == "cuda" else None
     return out
 

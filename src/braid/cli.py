@@ -195,7 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     dash = sub.add_parser("dash", help="live dashboard of the runs under a run root")
     dash.add_argument("root", nargs="?", default="runs", help="the run.dir root (default: runs)")
-    dash.add_argument("--run.dir", dest="run_dir", default=None, help="the same, as train spells it")
+    dash.add_argument(
+        "--run.dir", dest="run_dir", default=None, help="the same, as train spells it"
+    )
     dash.add_argument("--host", default="127.0.0.1", help="address to listen on")
     dash.add_argument("--port", type=int, default=8050)
     dash.add_argument("--allow-remote", action="store_true",

@@ -309,7 +309,7 @@ def test_two_concurrent_trainings_of_one_run_one_is_refused(world, tmp_path):
     outs = [p.communicate(timeout=300) for p in procs]
     codes = sorted(p.returncode for p in procs)
     assert codes == [0, 2], outs
-    refused = next(err for p, (_, err) in zip(procs, outs) if p.returncode == 2)
+    refused = next(err for p, (_, err) in zip(procs, outs, strict=True) if p.returncode == 2)
     assert "is in use by pid" in refused.strip().splitlines()[-1]
     from braid.metrics import read_metrics
 

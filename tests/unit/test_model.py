@@ -13,8 +13,9 @@ from braid.model.init import init_weights
 from braid.model.transformer import Transformer
 
 SMALL = ["--model.dim=64", "--model.n_layers=3", "--model.n_heads=4", "--model.n_kv_heads=2",
-         "--model.vocab_size=128", "--model.ffn_hidden=64", "--model.max_seq_len=64", "--train.seq_len=32",
-         "--moe.expert_hidden=32", "--moe.num_experts=4", "--moe.num_shared_experts=1"]
+         "--model.vocab_size=128", "--model.ffn_hidden=64", "--model.max_seq_len=64",
+         "--train.seq_len=32", "--moe.expert_hidden=32", "--moe.num_experts=4",
+         "--moe.num_shared_experts=1"]
 
 
 def small_model(*extra: str, seed: int = 0) -> Transformer:

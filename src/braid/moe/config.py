@@ -48,7 +48,8 @@ class MoEConfig:
             return []
         if self.layers:
             return sorted(self.layers)
-        return [i for i in range(self.first_k_dense, n_layers) if (i - self.first_k_dense) % self.every == 0]
+        first = self.first_k_dense
+        return [i for i in range(first, n_layers) if (i - first) % self.every == 0]
 
     def validate(self, n_layers: int) -> None:
         check(self.num_experts >= 0, "moe.num_experts", self.num_experts, "must be >= 0")
@@ -62,8 +63,10 @@ class MoEConfig:
         )
         check(self.expert_hidden > 0, "moe.expert_hidden", self.expert_hidden, "must be > 0")
         for i in self.layers:
-            check(0 <= i < n_layers, "moe.layers", self.layers, f"indices must be in [0, {n_layers})")
-        check(len(set(self.layers)) == len(self.layers), "moe.layers", self.layers, "has duplicates")
+            bound = f"indices must be in [0, {n_layers})"
+            check(0 <= i < n_layers, "moe.layers", self.layers, bound)
+        unique = len(set(self.layers)) == len(self.layers)
+        check(unique, "moe.layers", self.layers, "has duplicates")
         check(self.first_k_dense >= 0, "moe.first_k_dense", self.first_k_dense, "must be >= 0")
         check(self.every >= 1, "moe.every", self.every, "must be >= 1")
         one_of("moe.score_func", self.score_func, ("softmax", "sigmoid"))
@@ -77,7 +80,8 @@ class MoEConfig:
             self.capacity_factor,
             "must be 0 (dropless) or a positive multiple of the even share",
         )
-        check(self.num_shared_experts >= 0, "moe.num_shared_experts", self.num_shared_experts, ">= 0")
+        shared = self.num_shared_experts
+        check(shared >= 0, "moe.num_shared_experts", shared, ">= 0")
         check(self.shared_hidden >= 0, "moe.shared_hidden", self.shared_hidden, "must be >= 0")
         E, G = self.num_experts, self.n_groups
         check(G >= 1 and E % G == 0, "moe.n_groups", G, f"must divide moe.num_experts={E}")

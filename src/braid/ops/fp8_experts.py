@@ -30,7 +30,14 @@ from torch import Tensor
 from braid.ops import fp8, fp8_triton, swiglu_triton
 from braid.ops.fp8_gemm import padded_groups, scaled_grouped_mm, scaled_grouped_wgrad
 from braid.ops.fp8_stats import Fp8Stats
-from braid.ops.grouped_gemm import WgradSink, _like_param, _local, compute_dtype, gmm_wgrad
+from braid.ops.grouped_gemm import (
+    WgradSink,
+    _like_param,
+    _local,
+    accumulate_grad,
+    compute_dtype,
+    gmm_wgrad,
+)
 from braid.ops.swiglu import swiglu_backward_math, swiglu_forward_math
 
 
@@ -154,8 +161,7 @@ def _deliver(ctx, i: int, w: Tensor, dw_fn: Callable[[], Tensor]) -> Tensor | No
         return _like_param(w, dw_fn().to(w.dtype), ctx.divide)
 
     def task(w=w, dw_fn=dw_fn, divide=ctx.divide) -> None:
-        dw = _like_param(w, dw_fn().to(w.dtype), divide)
-        w.grad = dw if w.grad is None else w.grad.add_(dw)
+        accumulate_grad(w, dw_fn(), divide)
 
     ctx.sink(task)
     return None

@@ -42,7 +42,15 @@ from torch import Tensor
 
 from braid.ops import fp8
 from braid.ops.fp8_stats import Fp8Stats
-from braid.ops.grouped_gemm import WgradSink, _like_param, _local, compute_dtype, gmm, gmm_wgrad
+from braid.ops.grouped_gemm import (
+    WgradSink,
+    _like_param,
+    _local,
+    accumulate_grad,
+    compute_dtype,
+    gmm,
+    gmm_wgrad,
+)
 
 
 @dataclass
@@ -190,22 +198,20 @@ class _Fp8GroupedLinear(torch.autograd.Function):
             return dx, *[None] * 9
         dw8 = ctx.dw8
 
-        def dw_local(x=xq, s=sx, g=g_RF, offs=offs_E, w=param) -> Tensor:
+        def dw_local(x=xq, s=sx, g=g_RF, offs=offs_E) -> Tensor:
             if not dw8:
-                return gmm_wgrad(fp8.dequantize(x, s, g.dtype), g, offs, impl).to(w.dtype)
+                return gmm_wgrad(fp8.dequantize(x, s, g.dtype), g, offs, impl)
             gid, dest, offs_pad, width = padded_groups(offs, x.shape[0])
             E = offs.numel()
             xq_DW, sx_ED = fp8.quantize_groups(fp8.dequantize(x, s, g.dtype), gid, dest, E, width)
             gq_FW, sg_EF = fp8.quantize_groups(g, gid, dest, E, width)
-            dw = scaled_grouped_wgrad(xq_DW, sx_ED, gq_FW, sg_EF, offs_pad, g.dtype, impl)
-            return dw.to(w.dtype)
+            return scaled_grouped_wgrad(xq_DW, sx_ED, gq_FW, sg_EF, offs_pad, g.dtype, impl)
 
         if ctx.wgrad_sink is None:
-            return dx, _like_param(param, dw_local(), divide), *[None] * 8
+            return dx, _like_param(param, dw_local().to(param.dtype), divide), *[None] * 8
 
         def wgrad(w=param):
-            dw = _like_param(w, dw_local(), divide)
-            w.grad = dw if w.grad is None else w.grad.add_(dw)
+            accumulate_grad(w, dw_local(), divide)
 
         ctx.wgrad_sink(wgrad)
         return dx, *[None] * 9

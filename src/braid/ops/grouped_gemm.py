@@ -94,6 +94,18 @@ def _like_param(param: Tensor, dw_local: Tensor, divide: float) -> Tensor:
     )
 
 
+def accumulate_grad(param: Tensor, dw_local: Tensor, divide: float = 1.0) -> None:
+    """Add dW (of the local block, in any float dtype) into `param.grad`, as a deferred dW task
+    does. Into an existing grad without a divide, dW is added as it is (the add reads it in its
+    own dtype and sums in the grad's): bit for bit the add of its fp32 copy, without writing
+    that copy, a weight-sized pass saved for every chunk or micro-batch after the first."""
+    if param.grad is None or divide != 1.0:
+        dw = _like_param(param, dw_local.to(param.dtype), divide)
+        param.grad = dw if param.grad is None else param.grad.add_(dw)
+    else:
+        param.grad.add_(_like_param(param, dw_local, 1.0))
+
+
 class _GroupedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_RD, w_EDF, offs_E, impl, wgrad_sink, grad_divide):
@@ -121,8 +133,7 @@ class _GroupedLinear(torch.autograd.Function):
             return dx, _like_param(param, dw, divide), None, None, None, None
 
         def wgrad(w=param, x=x_RD, g=g_RF, offs=offs_E, impl=ctx.impl):
-            dw = _like_param(w, gmm_wgrad(x, g, offs, impl).to(w.dtype), divide)
-            w.grad = dw if w.grad is None else w.grad.add_(dw)
+            accumulate_grad(w, gmm_wgrad(x, g, offs, impl), divide)
 
         ctx.wgrad_sink(wgrad)
         return dx, None, None, None, None, None

@@ -3,7 +3,8 @@
 `spin(ms)` enqueues on the current stream a one-block kernel that ends `ms` after it starts.
 With Triton it spins on the GPU's `%globaltimer` (nanoseconds, independent of the SM clock);
 without it, `torch.cuda._sleep` spins for a number of SM clock cycles measured once per
-device, which drifts when the clock changes with load, power or temperature (seen in the GPU timing test on an H100: movements ran long).
+device, which drifts when the clock changes with load, power or temperature (seen in the GPU
+timing test on an H100: movements ran long).
 """
 
 from __future__ import annotations

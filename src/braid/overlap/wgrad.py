@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from braid.ops.grouped_gemm import compute_dtype
+from braid.ops.grouped_gemm import accumulate_grad, compute_dtype
 from braid.ops.swiglu import swiglu
 from braid.overlap.streams import in_flight
 
@@ -103,10 +103,6 @@ def flush_point(x: Tensor, queue: WgradQueue) -> Tensor:
     return _FlushPoint.apply(x, queue)
 
 
-def _accumulate(param: Tensor, dw: Tensor) -> None:
-    param.grad = dw if param.grad is None else param.grad.add_(dw)
-
-
 class _SplitLinear(torch.autograd.Function):
     """y = x @ w^T with dX in backward and dW handed to the sink (same casts as autocast)."""
 
@@ -126,7 +122,7 @@ class _SplitLinear(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
 
             def wgrad(w=ctx.w, x=x_c, g=g):
-                _accumulate(w, (g.flatten(0, -2).t() @ x.flatten(0, -2)).to(w.dtype))
+                accumulate_grad(w, g.flatten(0, -2).t() @ x.flatten(0, -2))
 
             ctx.sink(wgrad)
         return dx, None, None

@@ -23,7 +23,9 @@ class TrainConfig:
     lr: float = knob(3e-3, "Peak learning rate.")
     min_lr_ratio: float = knob(0.1, "Cosine decays to lr * min_lr_ratio.")
     warmup: int = knob(30, "Linear warmup steps.")
-    weight_decay: float = knob(0.1, "AdamW weight decay on matrices (not norms, biases, embeddings).")
+    weight_decay: float = knob(
+        0.1, "AdamW weight decay on matrices (not norms, biases, embeddings)."
+    )
     beta1: float = knob(0.9, "AdamW beta1.")
     beta2: float = knob(0.95, "AdamW beta2.")
     grad_clip: float = knob(1.0, "Clip the global gradient norm to this (0 disables).")
