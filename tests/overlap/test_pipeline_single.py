@@ -68,6 +68,34 @@ def test_pipeline_matches_plain_path_for_every_chunk_count(shared, capacity, gat
             assert max(_rel(a, b) for a, b in zip(got, ref, strict=True)) < 1e-5, (chunks, split)
 
 
+@pytest.mark.parametrize("fp8", [False, True])
+def test_chunks_share_one_cast_of_each_expert_weight(monkeypatch, fp8):
+    """Every chunk calls the experts; the weights are cast (fp8: quantised) once per layer
+    forward, not once per chunk, and the results equal the plain path's as before."""
+    from braid.ops import fp8 as fp8_ops
+    from braid.ops import grouped_gemm
+    from braid.ops.fp8_stats import Fp8Stats
+
+    base = _moe(0, 0.0)
+    if fp8:
+        base.experts.fp8_stats = Fp8Stats()
+    x = torch.randn(2, 7, 16, generator=torch.Generator().manual_seed(2))
+    ref = _run(copy.deepcopy(base), x)
+    casts = []
+    if fp8:
+        real = fp8_ops.quantize_cols
+        monkeypatch.setattr(fp8_ops, "quantize_cols", lambda w: (casts.append(w), real(w))[1])
+    else:
+        real = grouped_gemm._local
+        monkeypatch.setattr(grouped_gemm, "_local", lambda w: (casts.append(w), real(w))[1])
+    moe = copy.deepcopy(base)
+    moe.overlap = LayerOverlap(0, 3, False, CPU)
+    got = _run(moe, x)
+    assert len(casts) == 2  # w13 and w2, for all three chunks
+    assert moe.experts._casts is None  # nothing is kept past the layer
+    assert max(_rel(a, b) for a, b in zip(got, ref, strict=True)) < 1e-5
+
+
 def test_pipeline_without_grad_matches_plain_forward():
     base = _moe(1, 0.0)
     x = torch.randn(3, 5, 16)

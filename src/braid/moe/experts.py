@@ -16,13 +16,16 @@ their codes and scales directly.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import Tensor, nn
 
 from braid.ops.fp8_experts import fp8_swiglu_experts
 from braid.ops.fp8_gemm import Fp8Rows
 from braid.ops.fp8_stats import Fp8Stats
-from braid.ops.grouped_gemm import WgradSink, counts_to_offsets, grouped_linear
+from braid.ops.grouped_gemm import WeightCasts, WgradSink, counts_to_offsets, grouped_linear
 from braid.ops.swiglu import swiglu
 
 
@@ -35,6 +38,7 @@ class GroupedExperts(nn.Module):
         self.fp8_stats: Fp8Stats | None = None  # not None: GEMMs in fp8 (braid.parallel.fp8)
         self.fp8_name = "experts"
         self.fp8_wgrad = False  # dW in fp8 as well (train.fp8_wgrad)
+        self._casts: WeightCasts | None = None  # set inside `shared_casts()`
         self.w13 = nn.Parameter(torch.empty(num_experts, dim, 2 * hidden))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))
 
@@ -44,8 +48,20 @@ class GroupedExperts(nn.Module):
         offs, div = counts_to_offsets(counts_L), self.grad_divide
         if self.fp8_stats is not None:
             return self._forward_fp8(x_RD, offs, wgrad_sink)
-        h_RF2 = grouped_linear(x_RD, self.w13, offs, self.impl, wgrad_sink, div)
-        return grouped_linear(swiglu(h_RF2), self.w2, offs, self.impl, wgrad_sink, div)
+        casts = self._casts
+        h_RF2 = grouped_linear(x_RD, self.w13, offs, self.impl, wgrad_sink, div, casts)
+        return grouped_linear(swiglu(h_RF2), self.w2, offs, self.impl, wgrad_sink, div, casts)
+
+    @contextmanager
+    def shared_casts(self) -> Iterator[None]:
+        """Within the block, every call casts (or, in fp8, quantises) each expert weight once:
+        the chunked pipeline calls the experts once per chunk, and its chunks then share one
+        copy of the weights in the GEMM dtype, also in what autograd keeps for backward."""
+        self._casts = {}
+        try:
+            yield
+        finally:
+            self._casts = None
 
     def _forward_fp8(self, x_RD: Tensor | Fp8Rows, offs: Tensor, sink: WgradSink | None) -> Tensor:
         stats = self.fp8_stats  # the fp8 GEMMs run eagerly, also under torch.compile
@@ -54,7 +70,7 @@ class GroupedExperts(nn.Module):
             pre, x_RD = (x_RD.q_RD, x_RD.s_R1), x_RD.anchor_RD
         return fp8_swiglu_experts(
             x_RD, self.w13, self.w2, offs, self.impl, sink, self.grad_divide, pre, stats,
-            self.fp8_name, self.fp8_wgrad,
+            self.fp8_name, self.fp8_wgrad, self._casts,
         )  # fmt: skip
 
     def shard(self, rank: int, size: int) -> None:

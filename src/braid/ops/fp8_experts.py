@@ -31,6 +31,7 @@ from braid.ops import fp8, fp8_triton, swiglu_triton
 from braid.ops.fp8_gemm import padded_groups, scaled_grouped_mm, scaled_grouped_wgrad
 from braid.ops.fp8_stats import Fp8Stats
 from braid.ops.grouped_gemm import (
+    WeightCasts,
     WgradSink,
     _like_param,
     _local,
@@ -104,20 +105,30 @@ def _record(stats: Fp8Stats | None, name: str, x: Callable[[], Tensor], q: Tenso
         stats.record(name, x(), q)
 
 
+def _weight_codes(w: Tensor, casts: WeightCasts | None) -> tuple[Tensor, Tensor]:
+    """The forward GEMM's columnwise codes of `w`, quantised once per `casts` dict."""
+    if casts is None:
+        return fp8.quantize_cols(_local(w))
+    key = (id(w), "e4m3 cols")
+    if key not in casts:
+        casts[key] = fp8.quantize_cols(_local(w))
+    return casts[key]
+
+
 class _Fp8SwiGLUExperts(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_RD, w13, w2, offs, impl, sink, divide, pre, stats, name, dw8):
+    def forward(ctx, x_RD, w13, w2, offs, impl, sink, divide, pre, stats, name, dw8, casts):
         dt = compute_dtype(x_RD)
         if pre is None:
             xq, sx = quantize_rows(x_RD)
             _record(stats, f"{name}.w13/x", lambda: x_RD, xq)
         else:
             xq, sx = pre
-        w13q, s13 = fp8.quantize_cols(_local(w13))  # [E, 2F, D]: scales along D
+        w13q, s13 = _weight_codes(w13, casts)  # [E, 2F, D]: scales along D
         h = scaled_grouped_mm(xq, sx, w13q, s13, offs, dt, impl)
         yq, sy = swiglu_quantize(h)
         _record(stats, f"{name}.w2/x", lambda: swiglu_values(h), yq)
-        w2q, s2 = fp8.quantize_cols(_local(w2))  # [E, D, F]: scales along F
+        w2q, s2 = _weight_codes(w2, casts)  # [E, D, F]: scales along F
         ctx.save_for_backward(xq, sx, h, yq, sy, offs)
         ctx.w13, ctx.w2, ctx.impl, ctx.sink, ctx.divide = w13, w2, impl, sink, divide
         ctx.x_dtype, ctx.dt, ctx.stats, ctx.name, ctx.dw8 = x_RD.dtype, dt, stats, name, dw8
@@ -149,7 +160,7 @@ class _Fp8SwiGLUExperts(torch.autograd.Function):
             dx = scaled_grouped_mm(dhq, sdh, w13q, s13, offs, dt, impl).to(ctx.x_dtype)
         del dhq
         dw13 = _deliver(ctx, 1, ctx.w13, lambda: wgrad(xq, sx, dh, offs, impl, dw8))
-        return dx, dw13, dw2, *[None] * 8
+        return dx, dw13, dw2, *[None] * 9
 
 
 def _deliver(ctx, i: int, w: Tensor, dw_fn: Callable[[], Tensor]) -> Tensor | None:
@@ -180,10 +191,12 @@ def fp8_swiglu_experts(
     stats: Fp8Stats | None = None,
     name: str = "experts",
     fp8_wgrad: bool = False,
+    casts: WeightCasts | None = None,
 ) -> Tensor:
     """w2-GEMM(swiglu(w13-GEMM(x))) per expert group, in fp8; the arguments are
     `fp8_gemm.fp8_grouped_linear`'s (`pre`: rows quantised before an exchange, `x_RD` then only
-    the anchor of their gradient)."""
+    the anchor of their gradient); `casts` shares the weights' forward codes between the calls
+    that pass the same dict (`grouped_gemm.cast_weight`)."""
     return _Fp8SwiGLUExperts.apply(
-        x_RD, w13, w2, offs_E, impl, wgrad_sink, grad_divide, pre, stats, name, fp8_wgrad
+        x_RD, w13, w2, offs_E, impl, wgrad_sink, grad_divide, pre, stats, name, fp8_wgrad, casts
     )

@@ -78,6 +78,20 @@ def _local(w: Tensor) -> Tensor:
     return w.to_local() if hasattr(w, "to_local") else w
 
 
+WeightCasts = dict  # (id(weight), dtype) -> the local weight cast to dtype
+
+
+def cast_weight(w: Tensor, dtype: torch.dtype, casts: WeightCasts | None = None) -> Tensor:
+    """The local block of `w` in `dtype`; with `casts`, cast once and shared by every call
+    that passes the same dict (the chunks of one pipelined layer: one copy, one cast)."""
+    if casts is None:
+        return _local(w).to(dtype)
+    key = (id(w), dtype)
+    if key not in casts:
+        casts[key] = _local(w).to(dtype)
+    return casts[key]
+
+
 def _like_param(param: Tensor, dw_local: Tensor, divide: float) -> Tensor:
     """dW (of the local block) as the parameter's gradient: divided, wrapped like a DTensor."""
     if divide != 1.0:
@@ -108,12 +122,12 @@ def accumulate_grad(param: Tensor, dw_local: Tensor, divide: float = 1.0) -> Non
 
 class _GroupedLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_RD, w_EDF, offs_E, impl, wgrad_sink, grad_divide):
+    def forward(ctx, x_RD, w_EDF, offs_E, impl, wgrad_sink, grad_divide, casts):
         # Autocast does not reach grouped_mm: cast to its dtype here, keeping the fp32 master
         # weight as the input so that dW (now or deferred) lands in the parameter's grad.
         ctx.x_dtype, ctx.w, ctx.grad_divide = x_RD.dtype, w_EDF, grad_divide
         dt = compute_dtype(x_RD)
-        x_c, w_c = x_RD.to(dt), _local(w_EDF).to(dt)
+        x_c, w_c = x_RD.to(dt), cast_weight(w_EDF, dt, casts)
         ctx.save_for_backward(x_c, w_c, offs_E)
         ctx.impl, ctx.wgrad_sink = impl, wgrad_sink
         return gmm(x_c, w_c, offs_E, impl)
@@ -126,17 +140,17 @@ class _GroupedLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = gmm(g_RF, w_EDF.transpose(1, 2), offs_E, ctx.impl).to(ctx.x_dtype)
         if not ctx.needs_input_grad[1]:
-            return dx, None, None, None, None, None
+            return dx, *[None] * 6
         param, divide = ctx.w, ctx.grad_divide
         if ctx.wgrad_sink is None:
             dw = gmm_wgrad(x_RD, g_RF, offs_E, ctx.impl).to(param.dtype)
-            return dx, _like_param(param, dw, divide), None, None, None, None
+            return dx, _like_param(param, dw, divide), *[None] * 5
 
         def wgrad(w=param, x=x_RD, g=g_RF, offs=offs_E, impl=ctx.impl):
             accumulate_grad(w, gmm_wgrad(x, g, offs, impl), divide)
 
         ctx.wgrad_sink(wgrad)
-        return dx, None, None, None, None, None
+        return dx, *[None] * 6
 
 
 def grouped_linear(
@@ -146,6 +160,8 @@ def grouped_linear(
     impl: str = "grouped",
     wgrad_sink: WgradSink | None = None,
     grad_divide: float = 1.0,
+    casts: WeightCasts | None = None,
 ) -> Tensor:
-    """Differentiable grouped GEMM; see the module docstring for `wgrad_sink`."""
-    return _GroupedLinear.apply(x_RD, w_EDF, offs_E, impl, wgrad_sink, grad_divide)
+    """Differentiable grouped GEMM; see the module docstring for `wgrad_sink` (and
+    `cast_weight` for `casts`)."""
+    return _GroupedLinear.apply(x_RD, w_EDF, offs_E, impl, wgrad_sink, grad_divide, casts)

@@ -304,7 +304,8 @@ class LayerOverlap:
         grad = torch.is_grad_enabled()
         if self.unit is None or self.unit.module is not experts:
             self.unit = HeldUnit(experts)
-        with self.timeline.span("forward"):
+        casts = getattr(experts, "shared_casts", nullcontext)()  # one weight cast per layer
+        with self.timeline.span("forward"), casts:
             expert_sink = sink if self.defer_expert_dw else None
             run = _Run(
                 plan.routes,

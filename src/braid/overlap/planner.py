@@ -71,7 +71,7 @@ class CostModel:
     gemm_latency_ms: float
     gemm_ms_per_flop: float
     interference: float = 0.0
-    dw_accumulate_ms: float = 0.0  # per chunk: cast + add of the experts' dW into their grads
+    dw_accumulate_ms: float = 0.0  # per chunk: the add of the experts' dW into their grads
     overhead_ms: float = 0.0  # non-GEMM work of the region, once per layer
     overhead_per_chunk_ms: float = 0.0  # ... and once per chunk
     dispatch_factor: float = 1.0  # forward dispatch time / exact move time (compression)
@@ -202,12 +202,13 @@ def measure(
     w13 = torch.randn(L, s.dim, 2 * s.hidden, device=device) * 0.02
     w2 = torch.randn(L, s.hidden, s.dim, device=device) * 0.02
     impl = getattr(experts, "impl", "grouped")
+    casts: dict = {}  # the weights are cast once per layer, whatever C (`shared_casts`)
 
     def expert_pass(x: torch.Tensor, counts: torch.Tensor) -> None:
         with torch.no_grad(), amp:
             offs = counts_to_offsets(counts)
-            gate, up = grouped_linear(x, w13, offs, impl).chunk(2, dim=-1)
-            grouped_linear(F.silu(gate) * up, w2, offs, impl)
+            gate, up = grouped_linear(x, w13, offs, impl, casts=casts).chunk(2, dim=-1)
+            grouped_linear(F.silu(gate) * up, w2, offs, impl, casts=casts)
 
     times: list[float] = []
     sizes: list[tuple[str, float]] = []
@@ -236,14 +237,14 @@ def measure(
             h.wait()
 
         both = _median_ms(together, device, reps, align)
-    # What a chunk's backward adds per expert weight: its dW (compute dtype) cast and added
-    # into the fp32 grad of the local experts (w13 [L, D, 2F], w2 [L, F, D]), as grouped_gemm's
-    # dW does.
+    # What a chunk's backward adds per expert weight: its dW (compute dtype) added into the
+    # fp32 grad of the local experts (w13 [L, D, 2F], w2 [L, F, D]) without an fp32 copy, as
+    # `grouped_gemm.accumulate_grad` does.
     accs = [
         (torch.zeros(shp, device=device), torch.zeros(shp, device=device, dtype=dtype))
         for shp in ((L, s.dim, 2 * s.hidden), (L, s.hidden, s.dim))
     ]
-    acc_ms = _median_ms(lambda: [a.add_(d.to(a.dtype)) for a, d in accs], device, reps)
+    acc_ms = _median_ms(lambda: [a.add_(d) for a, d in accs], device, reps)
     extra = [0.0, 0.0, 1.0, 1.0]  # overhead at C = 1 and 4; dispatch, combine factors
     if dispatcher is not None:
         extra[:2] = [_token_side_ms(dispatcher, s, c, device, dtype, reps) for c in (1, 4)]
