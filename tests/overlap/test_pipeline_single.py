@@ -83,8 +83,14 @@ def test_chunks_share_one_cast_of_each_expert_weight(monkeypatch, fp8):
     ref = _run(copy.deepcopy(base), x)
     casts = []
     if fp8:
+        from braid.ops import fp8_experts
+
         real = fp8_ops.quantize_cols
         monkeypatch.setattr(fp8_ops, "quantize_cols", lambda w: (casts.append(w), real(w))[1])
+        real_rows = fp8_experts.quantize_rows
+        rows = []  # the backward's rowwise weight codes, also once per layer
+        spy = lambda t: (rows.append(t) if t.dim() == 3 else None, real_rows(t))[1]  # noqa: E731
+        monkeypatch.setattr(fp8_experts, "quantize_rows", spy)
     else:
         real = grouped_gemm._local
         monkeypatch.setattr(grouped_gemm, "_local", lambda w: (casts.append(w), real(w))[1])
@@ -92,6 +98,7 @@ def test_chunks_share_one_cast_of_each_expert_weight(monkeypatch, fp8):
     moe.overlap = LayerOverlap(0, 3, False, CPU)
     got = _run(moe, x)
     assert len(casts) == 2  # w13 and w2, for all three chunks
+    assert not fp8 or len(rows) == 2
     assert moe.experts._casts is None  # nothing is kept past the layer
     assert max(_rel(a, b) for a, b in zip(got, ref, strict=True)) < 1e-5
 

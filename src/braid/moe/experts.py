@@ -61,6 +61,7 @@ class GroupedExperts(nn.Module):
         try:
             yield
         finally:
+            self._casts.clear()  # (fp8 backward reuses the emptied dict for its own codes)
             self._casts = None
 
     def _forward_fp8(self, x_RD: Tensor | Fp8Rows, offs: Tensor, sink: WgradSink | None) -> Tensor:

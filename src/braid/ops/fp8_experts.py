@@ -105,13 +105,16 @@ def _record(stats: Fp8Stats | None, name: str, x: Callable[[], Tensor], q: Tenso
         stats.record(name, x(), q)
 
 
-def _weight_codes(w: Tensor, casts: WeightCasts | None) -> tuple[Tensor, Tensor]:
-    """The forward GEMM's columnwise codes of `w`, quantised once per `casts` dict."""
+def _weight_codes(w: Tensor, casts: WeightCasts | None, rows: bool) -> tuple[Tensor, Tensor]:
+    """`w`'s codes for the forward GEMM (columnwise) or for dX (`rows`: rowwise), quantised
+    once per `casts` dict: the chunks of a pipelined layer share them (the forward's are
+    dropped when its `shared_casts` block ends, the backward's with the layer's last ctx)."""
+    quantize = quantize_rows if rows else fp8.quantize_cols
     if casts is None:
-        return fp8.quantize_cols(_local(w))
-    key = (id(w), "e4m3 cols")
+        return quantize(_local(w))
+    key = (id(w), "e4m3 rows" if rows else "e4m3 cols")
     if key not in casts:
-        casts[key] = fp8.quantize_cols(_local(w))
+        casts[key] = quantize(_local(w))
     return casts[key]
 
 
@@ -124,13 +127,14 @@ class _Fp8SwiGLUExperts(torch.autograd.Function):
             _record(stats, f"{name}.w13/x", lambda: x_RD, xq)
         else:
             xq, sx = pre
-        w13q, s13 = _weight_codes(w13, casts)  # [E, 2F, D]: scales along D
+        w13q, s13 = _weight_codes(w13, casts, rows=False)  # [E, 2F, D]: scales along D
         h = scaled_grouped_mm(xq, sx, w13q, s13, offs, dt, impl)
         yq, sy = swiglu_quantize(h)
         _record(stats, f"{name}.w2/x", lambda: swiglu_values(h), yq)
-        w2q, s2 = _weight_codes(w2, casts)  # [E, D, F]: scales along F
+        w2q, s2 = _weight_codes(w2, casts, rows=False)  # [E, D, F]: scales along F
         ctx.save_for_backward(xq, sx, h, yq, sy, offs)
         ctx.w13, ctx.w2, ctx.impl, ctx.sink, ctx.divide = w13, w2, impl, sink, divide
+        ctx.casts = casts
         ctx.x_dtype, ctx.dt, ctx.stats, ctx.name, ctx.dw8 = x_RD.dtype, dt, stats, name, dw8
         return scaled_grouped_mm(yq, sy, w2q, s2, offs, dt, impl)
 
@@ -141,7 +145,7 @@ class _Fp8SwiGLUExperts(torch.autograd.Function):
         g_RD = g_RD.to(dt).contiguous()
         gq, sg = quantize_rows(g_RD)
         _record(ctx.stats, f"{name}.w2/grad", lambda: g_RD, gq)
-        w2q, s2 = quantize_rows(_local(ctx.w2))  # [E, F, D]: scales along D, dX's reduction
+        w2q, s2 = _weight_codes(ctx.w2, ctx.casts, rows=True)  # [E, F, D]: along D, dX's
         dy = scaled_grouped_mm(gq, sg, w2q, s2, offs, dt, impl)
         del gq, w2q
         # w2's dW first, as the unfused backward meets it (and frees g and y's codes sooner)
@@ -156,7 +160,7 @@ class _Fp8SwiGLUExperts(torch.autograd.Function):
         _record(ctx.stats, f"{name}.w13/grad", lambda: dh, dhq)
         dx = None
         if ctx.needs_input_grad[0]:
-            w13q, s13 = quantize_rows(_local(ctx.w13))  # [E, D, 2F]: scales along 2F
+            w13q, s13 = _weight_codes(ctx.w13, ctx.casts, rows=True)  # [E, D, 2F]: along 2F
             dx = scaled_grouped_mm(dhq, sdh, w13q, s13, offs, dt, impl).to(ctx.x_dtype)
         del dhq
         dw13 = _deliver(ctx, 1, ctx.w13, lambda: wgrad(xq, sx, dh, offs, impl, dw8))
