@@ -109,8 +109,11 @@ def test_gpus_without_fp8_grouped_gemms_are_refused_by_name(monkeypatch):
     model, _ = build()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA A100-SXM4-80GB")
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (8, 0))
-    with pytest.raises(BraidError, match=r"SM90\+ GPU.*NVIDIA A100-SXM4-80GB is SM80.*bf16"):
+    monkeypatch.setattr(torch.version, "hip", None)
+    for cap in ((8, 0), (12, 0)):  # Ampere; a consumer Blackwell (no fp8 grouped GEMM either)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None, c=cap: c)
+        with pytest.raises(BraidError, match=rf"SM90 or SM100.*A100-SXM4-80GB is SM{cap[0]}0"):
+            apply_fp8(model, ["router"], torch.device("cuda"))
+    for cap in ((9, 0), (10, 0)):  # Hopper, Blackwell data centre: accepted
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None, c=cap: c)
         apply_fp8(model, ["router"], torch.device("cuda"))
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
-    apply_fp8(model, ["router"], torch.device("cuda"))  # Hopper: accepted

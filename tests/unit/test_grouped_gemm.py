@@ -77,3 +77,40 @@ def test_compiled_experts_match_eager_in_fp32():
         results.append((xi.grad, experts.w13.grad.clone(), experts.w2.grad.clone()))
     for got, want in zip(results[1], results[0], strict=True):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("divide", [1.0, 3.0])
+def test_accumulate_grad_adds_low_precision_dw_bitwise_as_its_cast_copy(divide):
+    from braid.ops.grouped_gemm import accumulate_grad
+
+    g = torch.Generator().manual_seed(9)
+    dws = [torch.randn(4, 8, 6, generator=g).bfloat16() for _ in range(3)]
+    # fp32 grad, bf16 dW: added as it is; bf16 grad, fp32 dW: cast first (the old rule)
+    for w_dtype, dw_dtype in ((torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)):
+        w = torch.nn.Parameter(torch.randn(4, 8, 6, generator=g).to(w_dtype))
+        want = None
+        for dw in dws:  # the old rule: a copy of dW in the grad's dtype, divided, then added
+            d = dw.to(dw_dtype).to(w_dtype).div_(divide)
+            want = d if want is None else want.add_(d)
+        for dw in dws:
+            accumulate_grad(w, dw.to(dw_dtype), divide)
+        assert w.grad.dtype == w_dtype and torch.equal(w.grad, want), (w_dtype, divide)
+
+
+def test_shared_casts_check_the_weight_not_just_its_id():
+    from braid.ops.grouped_gemm import cast_weight
+
+    w1, w2 = torch.randn(2, 3), torch.randn(2, 3)
+    casts = {(id(w2), torch.bfloat16): (w1, "a stale cast of another weight")}
+    got = cast_weight(w2, torch.bfloat16, casts)
+    assert torch.equal(got, w2.bfloat16()) and cast_weight(w2, torch.bfloat16, casts) is got
+
+
+def test_shared_casts_blocks_nest():
+    ex = GroupedExperts(2, 4, 6)
+    with ex.shared_casts():
+        outer = ex._casts
+        with ex.shared_casts():
+            assert ex._casts is outer  # the inner block shares the outer one's casts
+        assert ex._casts is outer
+    assert ex._casts is None

@@ -57,11 +57,14 @@ class GroupedExperts(nn.Module):
         """Within the block, every call casts (or, in fp8, quantises) each expert weight once:
         the chunked pipeline calls the experts once per chunk, and its chunks then share one
         copy of the weights in the GEMM dtype, also in what autograd keeps for backward."""
-        self._casts = {}
+        if self._casts is not None:  # already inside a block: share its casts
+            yield
+            return
+        casts = self._casts = {}
         try:
             yield
         finally:
-            self._casts.clear()  # (fp8 backward reuses the emptied dict for its own codes)
+            casts.clear()  # (fp8 backward reuses the emptied dict for its own codes)
             self._casts = None
 
     def _forward_fp8(self, x_RD: Tensor | Fp8Rows, offs: Tensor, sink: WgradSink | None) -> Tensor:

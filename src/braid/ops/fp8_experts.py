@@ -38,6 +38,7 @@ from braid.ops.grouped_gemm import (
     accumulate_grad,
     compute_dtype,
     gmm_wgrad,
+    shared,
 )
 from braid.ops.swiglu import swiglu_backward_math, swiglu_forward_math
 
@@ -108,14 +109,10 @@ def _record(stats: Fp8Stats | None, name: str, x: Callable[[], Tensor], q: Tenso
 def _weight_codes(w: Tensor, casts: WeightCasts | None, rows: bool) -> tuple[Tensor, Tensor]:
     """`w`'s codes for the forward GEMM (columnwise) or for dX (`rows`: rowwise), quantised
     once per `casts` dict: the chunks of a pipelined layer share them (the forward's are
-    dropped when its `shared_casts` block ends, the backward's with the layer's last ctx)."""
+    dropped when its `shared_casts` block ends, the backward's with the layer's last ctx: both
+    weights' rowwise codes then live through the layer's backward, one fp8 copy)."""
     quantize = quantize_rows if rows else fp8.quantize_cols
-    if casts is None:
-        return quantize(_local(w))
-    key = (id(w), "e4m3 rows" if rows else "e4m3 cols")
-    if key not in casts:
-        casts[key] = quantize(_local(w))
-    return casts[key]
+    return shared(casts, w, "e4m3 rows" if rows else "e4m3 cols", lambda: quantize(_local(w)))
 
 
 class _Fp8SwiGLUExperts(torch.autograd.Function):

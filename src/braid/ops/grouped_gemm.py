@@ -20,6 +20,7 @@ task into `w.grad` — so a deferred dW lands in the parameter itself. `grad_div
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -78,18 +79,25 @@ def _local(w: Tensor) -> Tensor:
     return w.to_local() if hasattr(w, "to_local") else w
 
 
-WeightCasts = dict  # (id(weight), dtype) -> the local weight cast to dtype
+WeightCasts = dict  # (id(weight), what) -> (the weight, its cast): identity checked on use
+
+
+def shared(casts: WeightCasts | None, w: Tensor, what: object, make: Callable[[], Any]) -> Any:
+    """`make()` (a cast of weight `w`, named by `what`), once per `casts` dict: every call that
+    passes the same dict gets the first result (the chunks of one pipelined layer: one copy,
+    one cast). The entry keeps `w` itself, so a recycled id can never match another weight."""
+    if casts is None:
+        return make()
+    key = (id(w), what)
+    hit = casts.get(key)
+    if hit is None or hit[0] is not w:
+        hit = casts[key] = (w, make())
+    return hit[1]
 
 
 def cast_weight(w: Tensor, dtype: torch.dtype, casts: WeightCasts | None = None) -> Tensor:
-    """The local block of `w` in `dtype`; with `casts`, cast once and shared by every call
-    that passes the same dict (the chunks of one pipelined layer: one copy, one cast)."""
-    if casts is None:
-        return _local(w).to(dtype)
-    key = (id(w), dtype)
-    if key not in casts:
-        casts[key] = _local(w).to(dtype)
-    return casts[key]
+    """The local block of `w` in `dtype`, shared through `casts` (see `shared`)."""
+    return shared(casts, w, dtype, lambda: _local(w).to(dtype))
 
 
 def _like_param(param: Tensor, dw_local: Tensor, divide: float) -> Tensor:
@@ -109,11 +117,14 @@ def _like_param(param: Tensor, dw_local: Tensor, divide: float) -> Tensor:
 
 
 def accumulate_grad(param: Tensor, dw_local: Tensor, divide: float = 1.0) -> None:
-    """Add dW (of the local block, in any float dtype) into `param.grad`, as a deferred dW task
-    does. Into an existing grad without a divide, dW is added as it is (the add reads it in its
-    own dtype and sums in the grad's): bit for bit the add of its fp32 copy, without writing
-    that copy, a weight-sized pass saved for every chunk or micro-batch after the first."""
-    if param.grad is None or divide != 1.0:
+    """Add dW (of the local block) into `param.grad`, as a deferred dW task does. Into an
+    existing grad at least as wide as dW (bf16 dW, fp32 grad) without a divide, dW is added as
+    it is (the add reads it in its own dtype and sums in the grad's): bit for bit the add of
+    its copy in the grad's dtype, without writing that copy, a weight-sized pass saved for every
+    chunk or micro-batch after the first. Otherwise dW is cast first, as before."""
+    grad = param.grad
+    wider = grad is not None and torch.promote_types(dw_local.dtype, grad.dtype) != grad.dtype
+    if grad is None or divide != 1.0 or wider:
         dw = _like_param(param, dw_local.to(param.dtype), divide)
         param.grad = dw if param.grad is None else param.grad.add_(dw)
     else:

@@ -184,8 +184,9 @@ def measure(
 ) -> CostModel:
     """Time exchanges and expert passes at this run's chunk sizes, agree (MAX) across ranks, fit.
     The expert pass is the experts' forward (`grouped_linear` x2 + SwiGLU) on stand-in fp32
-    weights of the local shape under autocast to `dtype`, as in training, so per-call costs
-    (weight casts) land in the latency a chunk pays. (Not the module itself: calling an FSDP
+    weights of the local shape under autocast to `dtype`, as in training, with the weights cast
+    once outside the timing (a layer's chunks share one cast, whatever C; the one cast per layer
+    does not depend on C and is left out). (Not the module itself: calling an FSDP
     unit outside the model's forward would make it a root.) With `dispatcher` (the layer's,
     duck-typed `braid.moe.dispatcher.TokenDispatcher`) the non-GEMM work is measured too."""
     s, W, L = shape, shape.ep, experts.num_experts

@@ -14,7 +14,8 @@ A skip entry matches a module by glob against its dotted path or any one part of
 outputs (a shared expert's gate, say) are GEMVs, not GEMMs, and stay as they are. Otherwise
 fp8 GEMMs on CUDA need both dims of every weight to be multiples of 16 (the kernels'
 alignment); a module that is not is refused with its name, so the run never silently mixes
-precisions. A GPU older than SM90 (Hopper), which has no fp8 grouped GEMM, is refused by name.
+precisions. A CUDA GPU without torch's fp8 grouped GEMM (anything but SM90 and SM100) is
+refused by name.
 """
 
 from __future__ import annotations
@@ -47,15 +48,18 @@ def _check_aligned(path: str, dims: tuple[int, ...]) -> None:
         )
 
 
+FP8_GROUPED_SM = (9, 10)  # torch._scaled_grouped_mm's CUDA capabilities (Hopper, Blackwell DC)
+
+
 def _check_gpu(device: torch.device) -> None:
-    if not torch.cuda.is_available():
-        return  # building for a GPU elsewhere (tests on the meta device): nothing to ask
+    if not torch.cuda.is_available() or torch.version.hip is not None:
+        return  # building for a GPU elsewhere (tests on the meta device), or ROCm: not checked
     major, minor = torch.cuda.get_device_capability(device)
-    if (major, minor) < (9, 0):
+    if major not in FP8_GROUPED_SM:
         name = torch.cuda.get_device_name(device)
         raise BraidError(
-            f"train.precision=fp8 needs an SM90+ GPU (H100, H200) for its fp8 grouped GEMMs; "
-            f"{name} is SM{major}{minor}: use train.precision=bf16"
+            f"train.precision=fp8 needs an SM90 or SM100 GPU (H100, H200, B200) for its fp8 "
+            f"grouped GEMMs; {name} is SM{major}{minor}: use train.precision=bf16"
         )
 
 
