@@ -28,15 +28,19 @@ import torch
 from torch import Tensor
 
 from braid.ops import fp8, fp8_triton, swiglu_triton
-from braid.ops.fp8_gemm import padded_groups, scaled_grouped_mm, scaled_grouped_wgrad
+from braid.ops.fp8_gemm import (
+    padded_groups,
+    padded_offsets,
+    scaled_grouped_mm,
+    scaled_grouped_wgrad,
+)
 from braid.ops.fp8_stats import Fp8Stats
 from braid.ops.grouped_gemm import (
     WeightCasts,
     WgradSink,
-    _like_param,
     _local,
-    accumulate_grad,
     compute_dtype,
+    deliver_wgrad,
     gmm_wgrad,
     shared,
 )
@@ -62,9 +66,7 @@ def swiglu_quantize(h: Tensor) -> tuple[Tensor, Tensor]:
 
 def swiglu_values(h: Tensor) -> Tensor:
     """The SwiGLU output the codes of `swiglu_quantize` come from (for the numerics report)."""
-    return swiglu_triton.forward(h) if _fused(h) and swiglu_triton.available(h) else (
-        swiglu_forward_math(h)
-    )
+    return swiglu_triton.forward(h) if swiglu_triton.available(h) else swiglu_forward_math(h)
 
 
 def swiglu_backward_quantize(h: Tensor, dy: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -89,15 +91,15 @@ def wgrad(
     if not fp8_wgrad:
         x = x if sx is None else dequantize_rows(x, sx, g.dtype)
         return gmm_wgrad(x, g, offs, impl)
-    gid, dest, offs_pad, width = padded_groups(offs, x.shape[0])
-    E = offs.numel()
     if _fused(g):
+        _, _, offs_pad, width = padded_offsets(offs, x.shape[0])
         xq, sxg = fp8_triton.quantize_groups(x, offs, offs_pad, width, sx)
         gq, sgg = fp8_triton.quantize_groups(g, offs, offs_pad, width)
     else:
+        gid, dest, offs_pad, width = padded_groups(offs, x.shape[0])
         x = x if sx is None else fp8.dequantize(x, sx, g.dtype)
-        xq, sxg = fp8.quantize_groups_ref(x, gid, dest, E, width)
-        gq, sgg = fp8.quantize_groups_ref(g, gid, dest, E, width)
+        xq, sxg = fp8.quantize_groups_ref(x, gid, dest, offs.numel(), width)
+        gq, sgg = fp8.quantize_groups_ref(g, gid, dest, offs.numel(), width)
     return scaled_grouped_wgrad(xq, sxg, gq, sgg, offs_pad, g.dtype, impl)
 
 
@@ -146,7 +148,7 @@ class _Fp8SwiGLUExperts(torch.autograd.Function):
         dy = scaled_grouped_mm(gq, sg, w2q, s2, offs, dt, impl)
         del gq, w2q
         # w2's dW first, as the unfused backward meets it (and frees g and y's codes sooner)
-        dw2 = _deliver(ctx, 2, ctx.w2, lambda: wgrad(yq, sy, g_RD, offs, impl, dw8))
+        dw2 = _deliver(ctx, 2, lambda: wgrad(yq, sy, g_RD, offs, impl, dw8))
         dh, dhq, sdh = swiglu_backward_quantize(h, dy)
         del dy
         # h [R, 2F] is this Function's own intermediate and nothing reads it after here, but
@@ -160,23 +162,15 @@ class _Fp8SwiGLUExperts(torch.autograd.Function):
             w13q, s13 = _weight_codes(ctx.w13, ctx.casts, rows=True)  # [E, D, 2F]: along 2F
             dx = scaled_grouped_mm(dhq, sdh, w13q, s13, offs, dt, impl).to(ctx.x_dtype)
         del dhq
-        dw13 = _deliver(ctx, 1, ctx.w13, lambda: wgrad(xq, sx, dh, offs, impl, dw8))
+        dw13 = _deliver(ctx, 1, lambda: wgrad(xq, sx, dh, offs, impl, dw8))
         return dx, dw13, dw2, *[None] * 9
 
 
-def _deliver(ctx, i: int, w: Tensor, dw_fn: Callable[[], Tensor]) -> Tensor | None:
-    """Input i's weight gradient: computed now and returned, or (with a wgrad sink) handed to
-    the overlap scheduler as a task that accumulates into `w.grad` (None returned)."""
+def _deliver(ctx, i: int, dw_fn: Callable[[], Tensor]) -> Tensor | None:
+    """Input i's weight gradient, if autograd wants it (`grouped_gemm.deliver_wgrad`)."""
     if not ctx.needs_input_grad[i]:
         return None
-    if ctx.sink is None:
-        return _like_param(w, dw_fn().to(w.dtype), ctx.divide)
-
-    def task(w=w, dw_fn=dw_fn, divide=ctx.divide) -> None:
-        accumulate_grad(w, dw_fn(), divide)
-
-    ctx.sink(task)
-    return None
+    return deliver_wgrad(ctx.w13 if i == 1 else ctx.w2, dw_fn, ctx.divide, ctx.sink)
 
 
 @torch.compiler.disable

@@ -44,10 +44,9 @@ from braid.ops import fp8
 from braid.ops.fp8_stats import Fp8Stats
 from braid.ops.grouped_gemm import (
     WgradSink,
-    _like_param,
     _local,
-    accumulate_grad,
     compute_dtype,
+    deliver_wgrad,
     gmm,
     gmm_wgrad,
 )
@@ -115,19 +114,25 @@ def scaled_mm(
 ALIGN = 16  # 2d-2d fp8 grouped GEMM: each group's start along the reduction, in elements
 
 
+def padded_offsets(offs_E: Tensor, R: int) -> tuple[Tensor, Tensor, Tensor, int]:
+    """(per-group counts, padded counts, padded group ends as int32, the layout's width) of
+    `padded_groups`, without the per-row maps (the Triton quantiser derives those itself)."""
+    counts = torch.diff(offs_E.long(), prepend=offs_E.new_zeros(1, dtype=torch.long))
+    padded = (counts + ALIGN - 1) // ALIGN * ALIGN
+    width = (R + ALIGN - 1) // ALIGN * ALIGN + ALIGN * offs_E.numel()
+    return counts, padded, torch.cumsum(padded, 0).to(torch.int32), width
+
+
 def padded_groups(offs_E: Tensor, R: int) -> tuple[Tensor, Tensor, Tensor, int]:
     """For rows grouped by `offs_E`: each row's group, its column in a layout where every
     group starts at a multiple of ALIGN, the padded group offsets (int32), and that layout's
     width (a static bound, R rounded up plus ALIGN per group: no host sync)."""
     E, dev = offs_E.numel(), offs_E.device
-    counts = torch.diff(offs_E.long(), prepend=offs_E.new_zeros(1, dtype=torch.long))
-    padded = (counts + ALIGN - 1) // ALIGN * ALIGN
-    pad_end = torch.cumsum(padded, 0)
+    counts, padded, pad_end, width = padded_offsets(offs_E, R)
     gid = torch.repeat_interleave(torch.arange(E, device=dev), counts, output_size=R)
     shift = (pad_end - padded) - (offs_E.long() - counts)  # padded start - start, per group
     dest = torch.arange(R, device=dev) + shift.index_select(0, gid)
-    width = (R + ALIGN - 1) // ALIGN * ALIGN + ALIGN * E
-    return gid, dest, pad_end.to(torch.int32), width
+    return gid, dest, pad_end, width
 
 
 def scaled_grouped_wgrad(
@@ -198,7 +203,7 @@ class _Fp8GroupedLinear(torch.autograd.Function):
             return dx, *[None] * 9
         dw8 = ctx.dw8
 
-        def dw_local(x=xq, s=sx, g=g_RF, offs=offs_E) -> Tensor:
+        def dw_local(x=xq, s=sx, g=g_RF, offs=offs_E) -> Tensor:  # in the GEMM's dtype
             if not dw8:
                 return gmm_wgrad(fp8.dequantize(x, s, g.dtype), g, offs, impl)
             gid, dest, offs_pad, width = padded_groups(offs, x.shape[0])
@@ -207,14 +212,7 @@ class _Fp8GroupedLinear(torch.autograd.Function):
             gq_FW, sg_EF = fp8.quantize_groups(g, gid, dest, E, width)
             return scaled_grouped_wgrad(xq_DW, sx_ED, gq_FW, sg_EF, offs_pad, g.dtype, impl)
 
-        if ctx.wgrad_sink is None:
-            return dx, _like_param(param, dw_local().to(param.dtype), divide), *[None] * 8
-
-        def wgrad(w=param):
-            accumulate_grad(w, dw_local(), divide)
-
-        ctx.wgrad_sink(wgrad)
-        return dx, *[None] * 9
+        return dx, deliver_wgrad(param, dw_local, divide, ctx.wgrad_sink), *[None] * 8
 
 
 @torch.compiler.disable

@@ -131,6 +131,18 @@ def accumulate_grad(param: Tensor, dw_local: Tensor, divide: float = 1.0) -> Non
         param.grad.add_(_like_param(param, dw_local, 1.0))
 
 
+def deliver_wgrad(
+    param: Tensor, dw_fn: Callable[[], Tensor], divide: float, sink: WgradSink | None
+) -> Tensor | None:
+    """dW of `param` from `dw_fn()` (the local block, in the GEMM's dtype): returned now, as the
+    gradient autograd expects, or (with a `sink`) handed to the overlap scheduler as a task that
+    adds it into `param.grad` (`accumulate_grad`), and None returned."""
+    if sink is None:
+        return _like_param(param, dw_fn().to(param.dtype), divide)
+    sink(lambda: accumulate_grad(param, dw_fn(), divide))
+    return None
+
+
 class _GroupedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_RD, w_EDF, offs_E, impl, wgrad_sink, grad_divide, casts):
@@ -150,18 +162,12 @@ class _GroupedLinear(torch.autograd.Function):
         dx = None
         if ctx.needs_input_grad[0]:
             dx = gmm(g_RF, w_EDF.transpose(1, 2), offs_E, ctx.impl).to(ctx.x_dtype)
-        if not ctx.needs_input_grad[1]:
-            return dx, *[None] * 6
-        param, divide = ctx.w, ctx.grad_divide
-        if ctx.wgrad_sink is None:
-            dw = gmm_wgrad(x_RD, g_RF, offs_E, ctx.impl).to(param.dtype)
-            return dx, _like_param(param, dw, divide), *[None] * 5
-
-        def wgrad(w=param, x=x_RD, g=g_RF, offs=offs_E, impl=ctx.impl):
-            accumulate_grad(w, gmm_wgrad(x, g, offs, impl), divide)
-
-        ctx.wgrad_sink(wgrad)
-        return dx, *[None] * 6
+        dw = None
+        if ctx.needs_input_grad[1]:
+            impl = ctx.impl
+            dw_fn = lambda: gmm_wgrad(x_RD, g_RF, offs_E, impl)  # noqa: E731
+            dw = deliver_wgrad(ctx.w, dw_fn, ctx.grad_divide, ctx.wgrad_sink)
+        return dx, dw, *[None] * 5
 
 
 def grouped_linear(
