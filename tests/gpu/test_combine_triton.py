@@ -36,3 +36,24 @@ def test_triton_combine_equals_the_reference_math(N, K, D):
     rdy, rdgates = combine_backward_math(y, gates, pos, order, gy)
     assert torch.equal(dy, rdy)
     torch.testing.assert_close(dgates, rdgates, rtol=1e-5, atol=1e-5 * rdgates.abs().max().item())
+
+
+def test_compiled_combine_uses_the_operator_and_matches_eager():
+    from braid.ops.permute import combine_tokens
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    N, K, D = 300, 4, 1024
+    order = torch.randperm(N * K, device="cuda", generator=g)
+    pos = inverse_permutation(order).view(N, K)
+    y = torch.randn(N * K, D, device="cuda", generator=g).bfloat16()
+    gates = torch.rand(N, K, device="cuda", generator=g)
+    gy = torch.randn(N, D, device="cuda", generator=g).bfloat16()
+    outs = {}
+    for mode in ("eager", "compiled"):
+        yy, gg = y.clone().requires_grad_(), gates.clone().requires_grad_()
+        fn = torch.compile(combine_tokens, dynamic=True) if mode == "compiled" else combine_tokens
+        out = fn(yy, gg, pos, order)
+        out.backward(gy)
+        outs[mode] = (out, yy.grad, gg.grad)
+    for what, a, b in zip(("out", "dy", "dgates"), outs["compiled"], outs["eager"], strict=True):
+        assert torch.equal(a, b), what  # the same Triton kernels in both

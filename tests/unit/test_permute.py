@@ -129,3 +129,26 @@ def test_fused_combine_matches_reference_within_one_rounding():
             torch.testing.assert_close(got.float(), ref.float(), rtol=2**-7, atol=2e-2)
             err = (got.double() - truth).abs().sum()
             assert err <= (ref.double() - truth).abs().sum() * 1.001
+
+
+def test_combine_operator_registration_and_math():
+    """`braid::combine` (what torch.compile sees on CUDA): fake shapes, autograd and schema
+    pass torch's operator checks; values and grads are the reference math's."""
+    from braid.ops.permute import combine_backward_math, combine_forward_math, combine_op
+
+    g = torch.Generator().manual_seed(7)
+    N, K, D = 11, 3, 8
+    order = torch.randperm(N * K, generator=g)
+    pos = inverse_permutation(order).view(N, K)
+    y = torch.randn(N * K, D, generator=g, requires_grad=True)
+    gates = torch.rand(N, K, generator=g, requires_grad=True)
+    torch.library.opcheck(combine_op, (y, gates, pos, order))
+    out = combine_op(y, gates, pos, order)
+    gy = torch.randn(N, D, generator=g)
+    out.backward(gy)
+    torch.testing.assert_close(out, combine_forward_math(y.detach(), gates.detach(), pos))
+    dy, dgates = combine_backward_math(y.detach(), gates.detach(), pos, order, gy)
+    torch.testing.assert_close(y.grad, dy)
+    torch.testing.assert_close(gates.grad, dgates)
+    compiled = torch.compile(combine_op, backend="aot_eager", dynamic=True)
+    torch.testing.assert_close(compiled(y.detach(), gates.detach(), pos, order), out.detach())

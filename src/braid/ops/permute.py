@@ -213,12 +213,57 @@ def combine_rows_grad(
     return g_MD * w_M[:, None], dgates.view_as(gates_NK)
 
 
+@torch.library.custom_op("braid::combine", mutates_args=())
+def combine_op(y_MD: Tensor, gates_NK: Tensor, pos_NK: Tensor, order_M: Tensor) -> Tensor:
+    """`combine_tokens` as an operator torch.compile keeps whole (its own kernels for the
+    gathers are the slow per-element form): the Triton kernels on CUDA, the fp32 math
+    elsewhere. Its backward is `braid::combine_backward`; `order_M` only feeds that math."""
+    if combine_triton.available(y_MD):
+        return combine_triton.forward(y_MD, gates_NK, pos_NK)
+    return combine_forward_math(y_MD, gates_NK, pos_NK).contiguous()
+
+
+@combine_op.register_fake
+def _(y_MD: Tensor, gates_NK: Tensor, pos_NK: Tensor, order_M: Tensor) -> Tensor:
+    return y_MD.new_empty(pos_NK.shape[0], y_MD.shape[1])
+
+
+@torch.library.custom_op("braid::combine_backward", mutates_args=())
+def combine_backward_op(
+    y_MD: Tensor, gates_NK: Tensor, pos_NK: Tensor, order_M: Tensor, g_ND: Tensor
+) -> tuple[Tensor, Tensor]:
+    if combine_triton.available(y_MD):
+        return combine_triton.backward(y_MD, gates_NK, pos_NK, g_ND)
+    dy, dgates = combine_backward_math(y_MD, gates_NK, pos_NK, order_M, g_ND.contiguous())
+    return dy.contiguous(), dgates.contiguous()
+
+
+@combine_backward_op.register_fake
+def _(y_MD: Tensor, gates_NK: Tensor, pos_NK: Tensor, order_M: Tensor, g_ND: Tensor):
+    return y_MD.new_empty(y_MD.shape), gates_NK.new_empty(gates_NK.shape)
+
+
+def _combine_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _combine_backward(ctx, g_ND: Tensor):
+    y_MD, gates_NK, pos_NK, order_M = ctx.saved_tensors
+    dy_MD, dgates = combine_backward_op(y_MD, gates_NK, pos_NK, order_M, g_ND)
+    return dy_MD, dgates, None, None
+
+
+combine_op.register_autograd(_combine_backward, setup_context=_combine_setup)
+
+
 def combine_tokens(
     y_MD: Tensor, gates_NK: Tensor, pos_NK: Tensor, order_M: Tensor, fused: bool | None = None
 ) -> Tensor:
     """Each token's K expert outputs (rows in sorted order), weighted by its gates and summed;
-    `fused` (default: training on CUDA outside torch.compile) runs the compiled one-pass
-    kernels."""
+    `fused` (default: training on CUDA outside torch.compile) runs the one-pass kernels.
+    Under torch.compile on CUDA with Triton: the `braid::combine` operator."""
+    if torch.compiler.is_compiling() and y_MD.is_cuda and combine_triton.triton is not None:
+        return combine_op(y_MD, gates_NK, pos_NK, order_M)
     if fused is None:
         fused = y_MD.is_cuda and torch.is_grad_enabled() and not torch.compiler.is_compiling()
         fused = fused and y_MD.shape[0] > 0
