@@ -15,8 +15,9 @@ Part `layer`: one MoE layer forward + backward at 32768 tokens, fine-grained (64
 2048/1408) and Mixtral-like (8 experts top-2, 4096/14336). Part `train`: forward + backward +
 AdamW step of `medium` and `moonlet` with `--train-layers` layers (default 4: the whole models
 do not fit one GPU with their optimizer state; `n_layers`/`layers_override` in the JSON), batch
-2 x 4096 tokens. Modes: off (the plain path), split_dw, chunks2, chunks4, chunks2_split,
-chunks4_split, auto (the planner's C), auto_split; the train part adds split_all and auto_all
+2 x 4096 tokens. Modes: off (the plain path), split_dw, chunks2, chunks4, chunks8,
+chunks2_split, chunks4_split, chunks8_split, auto (the planner's C), auto_split (chunks hold
+experts or tokens as `--chunk-by` says: `overlap.chunk_by`, default auto); the train part adds split_all and auto_all
 (`overlap.split_dw = "all"`: the attention and dense-FFN dW of the blocks above each MoE layer
 deferred into its windows too; the layer part has no attention). Per mode: `median_ms` (CUDA
 events), `exchange_ms`/`exposed_ms` from the overlap timeline (one timed step; off: its C=1
@@ -49,7 +50,7 @@ from braid.info import arithmetic  # noqa: E402
 from braid.model.config import ModelConfig  # noqa: E402
 from braid.moe.config import MoEConfig  # noqa: E402
 from braid.moe.layer import MoE  # noqa: E402
-from braid.overlap.config import OverlapConfig  # noqa: E402
+from braid.overlap.config import OverlapConfig, chunk_axis  # noqa: E402
 from braid.overlap.dense import restore_dense  # noqa: E402
 from braid.overlap.pipeline import LayerOverlap  # noqa: E402
 from braid.overlap.planner import CANDIDATES, choose_chunks, measure  # noqa: E402
@@ -70,6 +71,8 @@ MODES = {  # name: (chunks, split_dw: bool or "all"); None: overlap off (the pla
     "chunks4": (4, False),
     "chunks2_split": (2, True),
     "chunks4_split": (4, True),
+    "chunks8": (8, False),
+    "chunks8_split": (8, True),
     "auto": ("auto", False),
     "auto_split": ("auto", True),
 }
@@ -160,7 +163,9 @@ def bench_layer(name: str, shape: tuple, args, device, amp, dtype, log) -> dict:
         shp, moe.dispatcher.exchange, moe.experts, device, dtype, dispatcher=moe.dispatcher
     )
     cands = tuple(c for c in CANDIDATES if c <= OverlapConfig().max_chunks)
-    plan = {split: choose_chunks(shp, split, cost, cands)[0] for split in (False, True)}
+    axis = lambda c: chunk_axis(args.chunk_by, c, moe.dispatcher.num_local)  # noqa: E731
+    cands = tuple(c for c in cands if args.chunk_by != "experts" or c <= E)
+    plan = {split: choose_chunks(shp, split, cost, cands, axis)[0] for split in (False, True)}
     clock = Clock(device)
 
     def step():
@@ -200,7 +205,7 @@ def bench_layer(name: str, shape: tuple, args, device, amp, dtype, log) -> dict:
         C, split = (None, False) if sched is None else sched
         if sched is not None:
             C = plan[split] if C == "auto" else C
-            moe.overlap = LayerOverlap(0, C, split, clock)
+            moe.overlap = LayerOverlap(0, C, split, clock, chunk_by=args.chunk_by)
         else:
             moe.overlap = None
         got = step()
@@ -215,6 +220,7 @@ def bench_layer(name: str, shape: tuple, args, device, amp, dtype, log) -> dict:
             moe.overlap = LayerOverlap(0, 1, False, clock)  # the plain path's order, timed
         tl = timeline()
         row = row_of(t, tl, alone, off_ms, chunks=C or 1, split_dw=split, rel_err_vs_off=err)
+        row["chunk_axis"] = axis(C or 1)
         off_ms = off_ms or row["median_ms"]
         out["modes"][mode] = row
         log(
@@ -225,7 +231,7 @@ def bench_layer(name: str, shape: tuple, args, device, amp, dtype, log) -> dict:
         )
     if args.trace and args.only_layer_trace and name == next(iter(args.shapes)):
         C = plan[True]
-        moe.overlap = LayerOverlap(0, C, True, clock)
+        moe.overlap = LayerOverlap(0, C, True, clock, chunk_by=args.chunk_by)
         trace(step, device, args.trace)
         out["trace"] = {"path": args.trace, "mode": "auto_split", "chunks": C}
     moe.overlap = None
@@ -253,7 +259,7 @@ def train_overrides(name: str, args, mode: tuple | None) -> list[str]:
         C, split = mode
         over += [f'--overlap.chunks="{C}"' if C == "auto" else f"--overlap.chunks={C}"]
         split_mode = {False: "off", True: "experts"}.get(split, split)
-        over += [f"--overlap.split_dw={split_mode}"]
+        over += [f"--overlap.split_dw={split_mode}", f"--overlap.chunk_by={args.chunk_by}"]
     return over
 
 
@@ -416,6 +422,7 @@ def main() -> None:
     ap.add_argument("--train-seq", type=int, default=0, help="tokens per sequence (4096)")
     ap.add_argument("--train-iters", type=int, default=0, help="timed steps per mode (3)")
     ap.add_argument("--trace", default="", help="Chrome trace of one step (auto_split) to PATH")
+    ap.add_argument("--chunk-by", default="auto", help="overlap.chunk_by: auto, experts, tokens")
     args = ap.parse_args()
     parts = args.parts.split(",")
     if unknown := set(parts) - {"layer", "train"}:

@@ -35,18 +35,19 @@ def _moe(capacity: float) -> MoE:
     return moe
 
 
-def _forward(moe: MoE, x: torch.Tensor, chunks: int | None):
+def _forward(moe: MoE, x: torch.Tensor, chunks: int | None, by: str = "tokens"):
     moe = copy.deepcopy(moe)
     if chunks is not None:
-        moe.overlap = LayerOverlap(0, chunks, True, CPU)
+        moe.overlap = LayerOverlap(0, chunks, True, CPU, chunk_by=by)
     x = x.clone().requires_grad_()
     y, stats = moe(x)
     y.square().sum().backward()
     return y.detach(), x.grad, stats.num_dropped
 
 
+@pytest.mark.parametrize("by", ["tokens", "experts"])
 @pytest.mark.parametrize("capacity", [0.0, 1.0])
-def test_both_paths_count_through_count_per_expert(monkeypatch, capacity):
+def test_both_paths_count_through_count_per_expert(monkeypatch, capacity, by):
     calls: list[int] = []
     real = dispatcher_mod.count_per_expert
 
@@ -60,15 +61,17 @@ def test_both_paths_count_through_count_per_expert(monkeypatch, capacity):
     _forward(moe, x, None)
     assert len(calls) == 1 + extra
     calls.clear()
-    _forward(moe, x, 3)
-    assert len(calls) == 3 + extra  # one count per chunk, all through the dispatcher
+    _forward(moe, x, 3, by)
+    # tokens: one count per chunk; experts: one for all chunks; all through the dispatcher
+    assert len(calls) == (3 if by == "tokens" else 1) + extra
 
 
-def test_both_paths_follow_the_dispatchers_capacity_rule(monkeypatch):
+@pytest.mark.parametrize("by", ["tokens", "experts"])
+def test_both_paths_follow_the_dispatchers_capacity_rule(monkeypatch, by):
     moe, x = _moe(1.0), torch.randn(2, 9, 16, generator=torch.Generator().manual_seed(2))
     before = _forward(moe, x, None)
     monkeypatch.setattr(TokenDispatcher, "capacity", lambda self, n: 1)  # one copy per expert
-    plain, chunked = _forward(moe, x, None), _forward(moe, x, 3)
+    plain, chunked = _forward(moe, x, None), _forward(moe, x, 3, by)
     assert plain[2].item() == chunked[2].item() == 18 * 2 - 4  # 4 experts keep one copy each
     assert not torch.equal(plain[0], before[0])
     for a, b in zip(plain, chunked, strict=True):

@@ -55,21 +55,25 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     "shared,capacity,gate",
     [(0, 0.0, False), (1, 0.0, False), (0, 1.0, False), (1, 1.25, False), (1, 0.0, True)],
 )
-def test_pipeline_matches_plain_path_for_every_chunk_count(shared, capacity, gate):
+@pytest.mark.parametrize("by", ["tokens", "experts"])
+def test_pipeline_matches_plain_path_for_every_chunk_count(shared, capacity, gate, by):
     base = _moe(shared, capacity, gate)
     x = torch.randn(2, 7, 16, generator=torch.Generator().manual_seed(1))
     ref = _run(copy.deepcopy(base), x)
-    for chunks in (1, 2, 3, 4, 20):  # 20 > 14 tokens: empty chunks
+    # tokens: 20 > 14 tokens gives empty chunks; experts: 3 chunks of 4 experts are uneven
+    for chunks in (1, 2, 3, 4, 20) if by == "tokens" else (1, 2, 3, 4):
         for split in (False, True):
             moe = copy.deepcopy(base)
-            moe.overlap = LayerOverlap(0, chunks, split, CPU)
+            moe.overlap = LayerOverlap(0, chunks, split, CPU, chunk_by=by)
             got = _run(moe, x)
             assert len(moe.overlap.queue) == 0
-            assert max(_rel(a, b) for a, b in zip(got, ref, strict=True)) < 1e-5, (chunks, split)
+            err = max(_rel(a, b) for a, b in zip(got, ref, strict=True))
+            assert err < 1e-5, (chunks, split)
 
 
+@pytest.mark.parametrize("by", ["tokens", "experts"])
 @pytest.mark.parametrize("fp8,bf16", [(False, False), (False, True), (True, False)])
-def test_chunks_share_one_cast_of_each_expert_weight(monkeypatch, fp8, bf16):
+def test_chunks_share_one_cast_of_each_expert_weight(monkeypatch, fp8, bf16, by):
     """Every chunk calls the experts; the weights are cast (fp8: quantised) once per layer
     forward, not once per chunk, and the results equal the plain path's as before."""
     from braid.ops import fp8 as fp8_ops
@@ -97,9 +101,10 @@ def test_chunks_share_one_cast_of_each_expert_weight(monkeypatch, fp8, bf16):
         monkeypatch.setattr(fp8_experts, "quantize_rows", spy)
     else:
         real = grouped_gemm._local
-        monkeypatch.setattr(grouped_gemm, "_local", lambda w: (casts.append(w), real(w))[1])
+        weight = lambda w: casts.append(w) if isinstance(w, torch.nn.Parameter) else None  # noqa: E731
+        monkeypatch.setattr(grouped_gemm, "_local", lambda w: (weight(w), real(w))[1])
     moe = copy.deepcopy(base)
-    moe.overlap = LayerOverlap(0, 3, False, CPU)
+    moe.overlap = LayerOverlap(0, 3, False, CPU, chunk_by=by)
     with amp:
         got = _run(moe, x)
     assert len(casts) == 2  # w13 and w2, for all three chunks

@@ -50,6 +50,7 @@ from braid.ops.permute import (
     combine_rows_grad,
     combine_tokens,
     expand_tokens,
+    expert_bounds,
     gather_rows,
     inverse_permutation,
     permute_rows,
@@ -72,14 +73,19 @@ class Route:
     counts_L: Tensor  # received rows per local expert (int64)
     regroup_R: Tensor | None  # W > 1: received [rank][expert] order -> [expert][rank]
     unregroup_R: Tensor | None  # its inverse
+    part: tuple[int, int] | None = None  # a chunk of experts: local experts [lo, hi) only
+    rows: tuple[int, int] | None = None  # ... and its copies [a, b) of the plan's `whole`
 
 
 @dataclass(frozen=True, kw_only=True)
 class Plan:
-    """Every chunk's route, and the copies dropped by capacity on this rank (scalar)."""
+    """Every chunk's route, and the copies dropped by capacity on this rank (scalar). Chunks of
+    experts also have `whole`: one route over all the copies, in the chunks' order (a token's
+    copies are spread over the chunks, so its output is summed once, over `whole`)."""
 
     routes: list[Route]
     num_dropped: Tensor
+    whole: Route | None = None
 
 
 def token_bounds(num_tokens: int, num_chunks: int) -> list[tuple[int, int]]:
@@ -123,6 +129,7 @@ class TokenDispatcher:
         self.num_experts, self.top_k, self.capacity_factor = num_experts, top_k, capacity_factor
         self.exchange: Exchange = LocalExchange()
         self.send_fp8: Fp8Send | None = None  # train.precision=fp8 (braid.parallel.fp8)
+        self._keys: dict[tuple, Tensor] = {}  # chunks of experts: sort key per expert
 
     @property
     def num_local(self) -> int:
@@ -133,14 +140,17 @@ class TokenDispatcher:
 
     # -- plan ------------------------------------------------------------------------------
 
-    def plan(self, topk_idx_NK: Tensor, num_chunks: int = 1) -> Plan:
-        """Routes of `num_chunks` contiguous token chunks (one count exchange, one host sync)."""
+    def plan(self, topk_idx_NK: Tensor, num_chunks: int = 1, by: str = "tokens") -> Plan:
+        """Routes of `num_chunks` chunks (one count exchange, one host sync): contiguous ranges
+        of the tokens (`by="tokens"`), or of each rank's local experts (`by="experts"`)."""
         N, K = topk_idx_NK.shape
         E, W, L, dev = self.num_experts, self.exchange.size, self.num_local, topk_idx_NK.device
         keep_NK = None
         dropped = torch.zeros((), dtype=torch.long, device=dev)
         if self.capacity_factor > 0:
             keep_NK, dropped = self._within_capacity(topk_idx_NK)
+        if by == "experts" and num_chunks > 1:
+            return self._plan_experts(topk_idx_NK, num_chunks, keep_NK, dropped)
         parts, counts = [], []
         for a, b in token_bounds(N, num_chunks):
             sorted_e, order = torch.sort(topk_idx_NK[a:b].flatten(), stable=True)
@@ -186,6 +196,69 @@ class TokenDispatcher:
                 )
             )
         return Plan(routes=routes, num_dropped=dropped)
+
+    def _plan_experts(
+        self, topk_idx_NK: Tensor, num_chunks: int, keep_NK: Tensor | None, dropped: Tensor
+    ) -> Plan:
+        """Chunk c holds the copies routed to local experts [lo, hi) of every rank (the same
+        slots on each), all tokens: each expert's rows meet in one chunk, so its GEMMs see
+        the plain path's rows and its dW is computed once. The copies are sorted by (chunk,
+        rank, expert), so a chunk's rows are contiguous and `whole` is their concatenation.
+        The row count of each chunk is data, so this plan always syncs with the host once."""
+        N, K = topk_idx_NK.shape
+        E, W, L, dev = self.num_experts, self.exchange.size, self.num_local, topk_idx_NK.device
+        parts = expert_bounds(L, num_chunks)  # local expert slots of each chunk
+        key_E = self._keys.get((num_chunks, W, dev))
+        if key_E is None:  # each expert's sort key: (chunk, rank, slot)
+            slot_chunk = torch.zeros(L, dtype=torch.long)
+            for c, (lo, hi) in enumerate(parts):
+                slot_chunk[lo:hi] = c
+            e = torch.arange(E)
+            key_E = ((slot_chunk[e % L] * W + e // L) * L + e % L).to(dev)
+            self._keys[(num_chunks, W, dev)] = key_E
+        _, order = torch.sort(key_E[topk_idx_NK.flatten()], stable=True)
+        if keep_NK is not None:
+            order = order[keep_NK.index_select(0, order)]
+        send_WL = count_per_expert(topk_idx_NK.flatten().index_select(0, order), E).view(W, L)
+        recv_WL = send_WL if W == 1 else self.exchange.exchange_counts(send_WL)
+        sums = [(m[:, lo:hi].sum(1)) for m in (send_WL, recv_WL) for lo, hi in parts]
+        both = torch.cat(sums).tolist()  # the one host sync: every chunk's splits
+        C, routes, a = num_chunks, [], 0
+        for c, (lo, hi) in enumerate(parts):
+            send, recv = both[c * W : (c + 1) * W], both[(C + c) * W :][:W]
+            b = a + sum(send)
+            order_c = order[a:b]
+            regroup = regroup_index(recv_WL[:, lo:hi], sum(recv)) if W > 1 else None
+            routes.append(
+                Route(
+                    start=0,
+                    stop=N,
+                    order_M=order_c,
+                    token_M=order_c // K,
+                    pos_NK=None,
+                    send=send,
+                    recv=recv,
+                    counts_L=recv_WL[:, lo:hi].sum(0),
+                    regroup_R=regroup,
+                    unregroup_R=inverse_permutation(regroup) if regroup is not None else None,
+                    part=(lo, hi),
+                    rows=(a, b),
+                )
+            )
+            a = b
+        whole = Route(
+            start=0,
+            stop=N,
+            order_M=order,
+            token_M=order // K,
+            pos_NK=inverse_permutation(order).view(N, K) if keep_NK is None else None,
+            send=[a],
+            recv=[a],
+            counts_L=recv_WL.sum(0),
+            regroup_R=None,
+            unregroup_R=None,
+        )
+        return Plan(routes=routes, num_dropped=dropped, whole=whole)
 
     def _within_capacity(self, topk_idx_NK: Tensor) -> tuple[Tensor, Tensor]:
         """(keep_NK flat: copies that fit their expert's capacity, number dropped)."""
@@ -245,7 +318,7 @@ class TokenDispatcher:
         `train`, as the plain path's `expand_tokens`); with fp8 sends, in x's own dtype, so the
         experts quantise the same values as the plain path's fp8 dispatch (the same codes)."""
         x_ND = x_ND[route.start : route.stop]
-        if route.pos_NK is None or self.send_fp8 is not None:
+        if (route.pos_NK is None and route.part is None) or self.send_fp8 is not None:
             return x_ND.index_select(0, route.token_M)
         fused = train and _fused(x_ND)
         return gather_rows(x_ND, route.token_M, compute_dtype(x_ND), fused=fused)

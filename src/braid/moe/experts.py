@@ -25,7 +25,13 @@ from torch import Tensor, nn
 from braid.ops.fp8_experts import fp8_swiglu_experts
 from braid.ops.fp8_gemm import Fp8Rows
 from braid.ops.fp8_stats import Fp8Stats
-from braid.ops.grouped_gemm import WeightCasts, WgradSink, counts_to_offsets, grouped_linear
+from braid.ops.grouped_gemm import (
+    Part,
+    WeightCasts,
+    WgradSink,
+    counts_to_offsets,
+    grouped_linear,
+)
 from braid.ops.swiglu import swiglu
 
 
@@ -43,14 +49,21 @@ class GroupedExperts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))
 
     def forward(
-        self, x_RD: Tensor | Fp8Rows, counts_L: Tensor, wgrad_sink: WgradSink | None = None
+        self,
+        x_RD: Tensor | Fp8Rows,
+        counts_L: Tensor,
+        wgrad_sink: WgradSink | None = None,
+        part: Part | None = None,
     ) -> Tensor:
+        """Rows grouped by local expert (`counts_L` per expert) through their experts. With
+        `part` = (lo, hi) the rows are those of local experts [lo, hi) only (a pipeline chunk
+        of experts; `counts_L` then has hi - lo entries), and so are the weight grads."""
         offs, div = counts_to_offsets(counts_L), self.grad_divide
         if self.fp8_stats is not None:
-            return self._forward_fp8(x_RD, offs, wgrad_sink)
-        casts = self._casts
-        h_RF2 = grouped_linear(x_RD, self.w13, offs, self.impl, wgrad_sink, div, casts)
-        return grouped_linear(swiglu(h_RF2), self.w2, offs, self.impl, wgrad_sink, div, casts)
+            return self._forward_fp8(x_RD, offs, wgrad_sink, part)
+        casts, impl = self._casts, self.impl
+        h_RF2 = grouped_linear(x_RD, self.w13, offs, impl, wgrad_sink, div, casts, part)
+        return grouped_linear(swiglu(h_RF2), self.w2, offs, impl, wgrad_sink, div, casts, part)
 
     @contextmanager
     def shared_casts(self) -> Iterator[None]:
@@ -67,14 +80,16 @@ class GroupedExperts(nn.Module):
             casts.clear()  # (fp8 backward reuses the emptied dict for its own codes)
             self._casts = None
 
-    def _forward_fp8(self, x_RD: Tensor | Fp8Rows, offs: Tensor, sink: WgradSink | None) -> Tensor:
+    def _forward_fp8(
+        self, x_RD: Tensor | Fp8Rows, offs: Tensor, sink: WgradSink | None, part: Part | None
+    ) -> Tensor:
         stats = self.fp8_stats  # the fp8 GEMMs run eagerly, also under torch.compile
         pre = None
         if isinstance(x_RD, Fp8Rows):
             pre, x_RD = (x_RD.q_RD, x_RD.s_R1), x_RD.anchor_RD
         return fp8_swiglu_experts(
             x_RD, self.w13, self.w2, offs, self.impl, sink, self.grad_divide, pre, stats,
-            self.fp8_name, self.fp8_wgrad, self._casts,
+            self.fp8_name, self.fp8_wgrad, self._casts, part,
         )  # fmt: skip
 
     def shard(self, rank: int, size: int) -> None:

@@ -36,6 +36,7 @@ from braid.ops.fp8_gemm import (
 )
 from braid.ops.fp8_stats import Fp8Stats
 from braid.ops.grouped_gemm import (
+    Part,
     WeightCasts,
     WgradSink,
     _local,
@@ -108,32 +109,36 @@ def _record(stats: Fp8Stats | None, name: str, x: Callable[[], Tensor], q: Tenso
         stats.record(name, x(), q)
 
 
-def _weight_codes(w: Tensor, casts: WeightCasts | None, rows: bool) -> tuple[Tensor, Tensor]:
+def _weight_codes(
+    w: Tensor, casts: WeightCasts | None, rows: bool, part: Part | None
+) -> tuple[Tensor, Tensor]:
     """`w`'s codes for the forward GEMM (columnwise) or for dX (`rows`: rowwise), quantised
     once per `casts` dict: the chunks of a pipelined layer share them (the forward's are
     dropped when its `shared_casts` block ends, the backward's with the layer's last ctx: both
-    weights' rowwise codes then live through the layer's backward, one fp8 copy)."""
+    weights' rowwise codes then live through the layer's backward, one fp8 copy). With `part`,
+    those of experts [lo, hi) (views: codes and scales lead with the expert)."""
     quantize = quantize_rows if rows else fp8.quantize_cols
-    return shared(casts, w, "e4m3 rows" if rows else "e4m3 cols", lambda: quantize(_local(w)))
+    q, s = shared(casts, w, "e4m3 rows" if rows else "e4m3 cols", lambda: quantize(_local(w)))
+    return (q, s) if part is None else (q[part[0] : part[1]], s[part[0] : part[1]])
 
 
 class _Fp8SwiGLUExperts(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_RD, w13, w2, offs, impl, sink, divide, pre, stats, name, dw8, casts):
+    def forward(ctx, x_RD, w13, w2, offs, impl, sink, divide, pre, stats, name, dw8, casts, part):
         dt = compute_dtype(x_RD)
         if pre is None:
             xq, sx = quantize_rows(x_RD)
             _record(stats, f"{name}.w13/x", lambda: x_RD, xq)
         else:
             xq, sx = pre
-        w13q, s13 = _weight_codes(w13, casts, rows=False)  # [E, 2F, D]: scales along D
+        w13q, s13 = _weight_codes(w13, casts, False, part)  # [E, 2F, D]: scales along D
         h = scaled_grouped_mm(xq, sx, w13q, s13, offs, dt, impl)
         yq, sy = swiglu_quantize(h)
         _record(stats, f"{name}.w2/x", lambda: swiglu_values(h), yq)
-        w2q, s2 = _weight_codes(w2, casts, rows=False)  # [E, D, F]: scales along F
+        w2q, s2 = _weight_codes(w2, casts, False, part)  # [E, D, F]: scales along F
         ctx.save_for_backward(xq, sx, h, yq, sy, offs)
         ctx.w13, ctx.w2, ctx.impl, ctx.sink, ctx.divide = w13, w2, impl, sink, divide
-        ctx.casts = casts
+        ctx.casts, ctx.part = casts, part
         ctx.x_dtype, ctx.dt, ctx.stats, ctx.name, ctx.dw8 = x_RD.dtype, dt, stats, name, dw8
         return scaled_grouped_mm(yq, sy, w2q, s2, offs, dt, impl)
 
@@ -144,7 +149,7 @@ class _Fp8SwiGLUExperts(torch.autograd.Function):
         g_RD = g_RD.to(dt).contiguous()
         gq, sg = quantize_rows(g_RD)
         _record(ctx.stats, f"{name}.w2/grad", lambda: g_RD, gq)
-        w2q, s2 = _weight_codes(ctx.w2, ctx.casts, rows=True)  # [E, F, D]: along D, dX's
+        w2q, s2 = _weight_codes(ctx.w2, ctx.casts, True, ctx.part)  # [E, F, D]: along D, dX's
         dy = scaled_grouped_mm(gq, sg, w2q, s2, offs, dt, impl)
         del gq, w2q
         # w2's dW first, as the unfused backward meets it (and frees g and y's codes sooner)
@@ -159,18 +164,18 @@ class _Fp8SwiGLUExperts(torch.autograd.Function):
         _record(ctx.stats, f"{name}.w13/grad", lambda: dh, dhq)
         dx = None
         if ctx.needs_input_grad[0]:
-            w13q, s13 = _weight_codes(ctx.w13, ctx.casts, rows=True)  # [E, D, 2F]: along 2F
+            w13q, s13 = _weight_codes(ctx.w13, ctx.casts, True, ctx.part)  # [E, D, 2F]: along 2F
             dx = scaled_grouped_mm(dhq, sdh, w13q, s13, offs, dt, impl).to(ctx.x_dtype)
         del dhq
         dw13 = _deliver(ctx, 1, lambda: wgrad(xq, sx, dh, offs, impl, dw8))
-        return dx, dw13, dw2, *[None] * 9
+        return dx, dw13, dw2, *[None] * 10
 
 
 def _deliver(ctx, i: int, dw_fn: Callable[[], Tensor]) -> Tensor | None:
     """Input i's weight gradient, if autograd wants it (`grouped_gemm.deliver_wgrad`)."""
     if not ctx.needs_input_grad[i]:
         return None
-    return deliver_wgrad(ctx.w13 if i == 1 else ctx.w2, dw_fn, ctx.divide, ctx.sink)
+    return deliver_wgrad(ctx.w13 if i == 1 else ctx.w2, dw_fn, ctx.divide, ctx.sink, ctx.part)
 
 
 @torch.compiler.disable
@@ -187,11 +192,13 @@ def fp8_swiglu_experts(
     name: str = "experts",
     fp8_wgrad: bool = False,
     casts: WeightCasts | None = None,
+    part: Part | None = None,
 ) -> Tensor:
     """w2-GEMM(swiglu(w13-GEMM(x))) per expert group, in fp8; the arguments are
     `fp8_gemm.fp8_grouped_linear`'s (`pre`: rows quantised before an exchange, `x_RD` then only
     the anchor of their gradient); `casts` shares the weights' forward codes between the calls
-    that pass the same dict (`grouped_gemm.cast_weight`)."""
+    that pass the same dict (`grouped_gemm.cast_weight`); `part` as `grouped_linear`'s."""
     return _Fp8SwiGLUExperts.apply(
-        x_RD, w13, w2, offs_E, impl, wgrad_sink, grad_divide, pre, stats, name, fp8_wgrad, casts
-    )
+        x_RD, w13, w2, offs_E, impl, wgrad_sink, grad_divide, pre, stats, name, fp8_wgrad, casts,
+        part,
+    )  # fmt: skip

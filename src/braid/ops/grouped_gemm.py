@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 WgradSink = Callable[[Callable[[], None]], None]
+Part = tuple[int, int]  # experts [lo, hi) of the local block (a pipeline chunk of experts)
 
 
 def counts_to_offsets(counts_E: Tensor) -> Tensor:
@@ -116,13 +117,24 @@ def _like_param(param: Tensor, dw_local: Tensor, divide: float) -> Tensor:
     )
 
 
-def accumulate_grad(param: Tensor, dw_local: Tensor, divide: float = 1.0) -> None:
+def accumulate_grad(
+    param: Tensor, dw_local: Tensor, divide: float = 1.0, part: Part | None = None
+) -> None:
     """Add dW (of the local block) into `param.grad`, as a deferred dW task does. Into an
     existing grad at least as wide as dW (bf16 dW, fp32 grad) without a divide, dW is added as
     it is (the add reads it in its own dtype and sums in the grad's): bit for bit the add of
     its copy in the grad's dtype, without writing that copy, a weight-sized pass saved for every
-    chunk or micro-batch after the first. Otherwise dW is cast first, as before."""
+    chunk or micro-batch after the first. Otherwise dW is cast first, as before.
+    With `part` = (lo, hi), dW is that of experts [lo, hi) of the local block only (a pipeline
+    chunk of experts) and is added into those rows of the grad (zeros where there was none)."""
     grad = param.grad
+    if part is not None:
+        if grad is None:
+            grad = param.grad = torch.zeros_like(param)
+        if divide != 1.0 or torch.promote_types(dw_local.dtype, grad.dtype) != grad.dtype:
+            dw_local = dw_local.to(param.dtype).div_(divide)
+        _local(grad)[part[0] : part[1]].add_(dw_local)
+        return
     wider = grad is not None and torch.promote_types(dw_local.dtype, grad.dtype) != grad.dtype
     if grad is None or divide != 1.0 or wider:
         dw = _like_param(param, dw_local.to(param.dtype), divide)
@@ -132,27 +144,39 @@ def accumulate_grad(param: Tensor, dw_local: Tensor, divide: float = 1.0) -> Non
 
 
 def deliver_wgrad(
-    param: Tensor, dw_fn: Callable[[], Tensor], divide: float, sink: WgradSink | None
+    param: Tensor,
+    dw_fn: Callable[[], Tensor],
+    divide: float,
+    sink: WgradSink | None,
+    part: Part | None = None,
 ) -> Tensor | None:
     """dW of `param` from `dw_fn()` (the local block, in the GEMM's dtype): returned now, as the
     gradient autograd expects, or (with a `sink`) handed to the overlap scheduler as a task that
-    adds it into `param.grad` (`accumulate_grad`), and None returned."""
-    if sink is None:
+    adds it into `param.grad` (`accumulate_grad`), and None returned. dW of a `part` (experts
+    [lo, hi) only) is always added into the grad's rows, now or as a task: returned to
+    autograd, it would cost a weight-sized zero-filled gradient per part."""
+    if sink is None and part is None:
         return _like_param(param, dw_fn().to(param.dtype), divide)
-    sink(lambda: accumulate_grad(param, dw_fn(), divide))
+    task = lambda: accumulate_grad(param, dw_fn(), divide, part)  # noqa: E731
+    if sink is None:
+        task()
+    else:
+        sink(task)
     return None
 
 
 class _GroupedLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_RD, w_EDF, offs_E, impl, wgrad_sink, grad_divide, casts):
+    def forward(ctx, x_RD, w_EDF, offs_E, impl, wgrad_sink, grad_divide, casts, part):
         # Autocast does not reach grouped_mm: cast to its dtype here, keeping the fp32 master
         # weight as the input so that dW (now or deferred) lands in the parameter's grad.
         ctx.x_dtype, ctx.w, ctx.grad_divide = x_RD.dtype, w_EDF, grad_divide
         dt = compute_dtype(x_RD)
         x_c, w_c = x_RD.to(dt), cast_weight(w_EDF, dt, casts)
+        if part is not None:
+            w_c = w_c[part[0] : part[1]]
         ctx.save_for_backward(x_c, w_c, offs_E)
-        ctx.impl, ctx.wgrad_sink = impl, wgrad_sink
+        ctx.impl, ctx.wgrad_sink, ctx.part = impl, wgrad_sink, part
         return gmm(x_c, w_c, offs_E, impl)
 
     @staticmethod
@@ -166,8 +190,8 @@ class _GroupedLinear(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             impl = ctx.impl
             dw_fn = lambda: gmm_wgrad(x_RD, g_RF, offs_E, impl)  # noqa: E731
-            dw = deliver_wgrad(ctx.w, dw_fn, ctx.grad_divide, ctx.wgrad_sink)
-        return dx, dw, *[None] * 5
+            dw = deliver_wgrad(ctx.w, dw_fn, ctx.grad_divide, ctx.wgrad_sink, ctx.part)
+        return dx, dw, *[None] * 6
 
 
 def grouped_linear(
@@ -178,7 +202,10 @@ def grouped_linear(
     wgrad_sink: WgradSink | None = None,
     grad_divide: float = 1.0,
     casts: WeightCasts | None = None,
+    part: Part | None = None,
 ) -> Tensor:
     """Differentiable grouped GEMM; see the module docstring for `wgrad_sink` (and
-    `cast_weight` for `casts`)."""
-    return _GroupedLinear.apply(x_RD, w_EDF, offs_E, impl, wgrad_sink, grad_divide, casts)
+    `cast_weight` for `casts`). With `part` = (lo, hi), the rows use experts [lo, hi) of the
+    weight's local block (offs_E has hi - lo entries) and their dW goes into those rows of the
+    grad (`deliver_wgrad`)."""
+    return _GroupedLinear.apply(x_RD, w_EDF, offs_E, impl, wgrad_sink, grad_divide, casts, part)

@@ -17,6 +17,7 @@ Dropless routing gives every token exactly K copies, so each scatter here has a 
   Triton's in `braid.ops.combine_triton`, else compiled from the same math).
 - `regroup_index(recv_WL, total)`: rows received as [source rank][local expert] blocks, put in
   [local expert][source rank] order, so that each expert's rows are contiguous.
+- `expert_bounds(L, C)`: the local experts of each pipeline chunk of experts.
 Sums over k accumulate in fp32 for bf16 inputs (torch reductions do) and round once.
 Shapes: N tokens, K copies per token, M = N*K rows, D row width.
 """
@@ -279,3 +280,21 @@ def regroup_index(recv_WL: Tensor, total: int) -> Tensor:
     new_starts_LW = torch.cumsum(sizes_LW, 0) - sizes_LW
     shift = torch.repeat_interleave(starts_LW - new_starts_LW, sizes_LW, output_size=total)
     return torch.arange(total, device=recv_WL.device) + shift
+
+
+def expert_bounds(num_local: int, num_chunks: int) -> list[tuple[int, int]]:
+    """C contiguous ranges of the L local experts, none empty, the first and the last about
+    half the size of the others (C >= 3): their exchanges are the pipeline's fill and drain,
+    which nothing overlaps, so they are kept short."""
+    if num_chunks > num_local:
+        raise ValueError(f"chunks of experts: {num_chunks} chunks > {num_local} experts per rank")
+    w = [1.0 if c in (0, num_chunks - 1) or num_chunks < 3 else 2.0 for c in range(num_chunks)]
+    cum, ends = 0.0, []
+    for x in w:
+        cum += x
+        ends.append(round(cum / sum(w) * num_local))
+    for c in range(num_chunks):  # none empty: at least one expert each, from both ends
+        ends[c] = max(ends[c], (ends[c - 1] if c else 0) + 1)
+    for c in reversed(range(num_chunks - 1)):
+        ends[c] = min(ends[c], ends[c + 1] - 1)
+    return list(zip([0] + ends[:-1], ends, strict=True))

@@ -8,6 +8,7 @@ from typing import Literal
 from braid.knobs import check, knob
 
 SPLIT_DW = ("off", "experts", "all")
+CHUNK_BY = ("auto", "experts", "tokens")
 # Booleans stay accepted (configs written before the modes existed): false -> "off",
 # true -> "experts". They are read as these names at construction, so a config holds a name.
 SPLIT_DW_ALIASES = {False: "off", True: "experts"}
@@ -22,6 +23,13 @@ class OverlapConfig:
     )
     chunks: int | str = knob(1, 'Pipeline chunks per MoE layer: 1 (plain), n, or "auto".')
     max_chunks: int = knob(8, 'Largest C that chunks="auto" may pick.')
+    chunk_by: Literal["auto", "experts", "tokens"] = knob(
+        "auto",
+        'What a chunk holds: "experts" (a slice of each rank\'s local experts, all their rows: '
+        "every expert's GEMMs and dW run once, at full size), \"tokens\" (a slice of the "
+        'tokens, all experts: each chunk adds its own dW into the grads), or "auto" (experts '
+        "when chunks <= experts per rank, else tokens).",
+    )
     report: bool = knob(
         False, "Time each MoE layer at log steps; print and log exposed/exchange ms per layer."
     )
@@ -42,4 +50,23 @@ class OverlapConfig:
         ok = self.chunks == "auto" or (isinstance(self.chunks, int) and self.chunks >= 1)
         check(ok, "overlap.chunks", self.chunks, 'must be an integer >= 1 or "auto"')
         check(self.max_chunks >= 1, "overlap.max_chunks", self.max_chunks, "must be >= 1")
+        check(
+            self.chunk_by in CHUNK_BY,
+            "overlap.chunk_by",
+            self.chunk_by,
+            'expected one of "auto", "experts", "tokens"',
+        )
         check(self.trace_step >= 0, "overlap.trace_step", self.trace_step, "must be >= 0")
+
+
+def chunk_axis(chunk_by: str, chunks: int, num_local: int) -> str:
+    """What C = `chunks` chunks of a layer with `num_local` experts per rank hold: "experts" or
+    "tokens" (`OverlapConfig.chunk_by`; "auto": experts when there are enough of them)."""
+    if chunk_by == "experts" and chunks > num_local:
+        raise ValueError(
+            f'overlap.chunk_by="experts": chunks={chunks} is more than the {num_local} experts '
+            'per rank; use chunks <= experts per rank, or chunk_by="tokens" or "auto"'
+        )
+    if chunks > 1 and (chunk_by == "experts" or (chunk_by == "auto" and chunks <= num_local)):
+        return "experts"
+    return "tokens"

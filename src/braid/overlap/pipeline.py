@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 
 from braid.ops.swiglu import gated
+from braid.overlap.config import chunk_axis
 from braid.overlap.fsdp_unit import HeldUnit
 from braid.overlap.streams import Clock
 from braid.overlap.timeline import LayerTimeline
@@ -102,6 +103,7 @@ class _Run:
     def __init__(
         self,
         routes: list[Any],
+        whole: Any | None,
         dispatcher: Any,
         experts: Callable,
         shared: Callable | None,
@@ -111,12 +113,14 @@ class _Run:
         unit: HeldUnit,
     ):
         self.routes, self.dsp, self.experts, self.shared = routes, dispatcher, experts, shared
+        self.whole = whole  # chunks of experts: the route of all copies, finished once
         self.unit = unit
         self.tl, self.drain, self.grad = tl, drain, grad
         C = len(routes)
         self.roots: list[Tensor | None] = [None] * C  # per chunk: the expert graph's end
         self.boxes: list[list[Tensor]] = [[] for _ in range(C)]  # ... and its input grad
         self.y_home: list[Tensor | None] = [None] * C  # expert outputs back home (combine_grad)
+        self.y_whole: Tensor | None = None  # ... all of them, with chunks of experts
         self.side_box: list[Tensor] = []
         self.side_root: Tensor | None = None
         self.gates_NK: Tensor | None = None
@@ -139,13 +143,15 @@ class _Run:
             with tl.span("experts"), torch.enable_grad() if self.grad else nullcontext():
                 if self.grad:
                     x_RD = _Capture.apply(anchor, x_RD, self.boxes[c])
-                y_RD = self.experts(dsp.to_experts(x_RD, route), route.counts_L)
+                y_RD = self.experts(dsp.to_experts(x_RD, route), route.counts_L, route.part)
                 y_RD = dsp.from_experts(y_RD, route)
                 if self.grad:
                     self.roots[c] = _Root.apply(y_RD)
             return y_RD.detach()
 
         def finish(c: int, y_MD: Tensor) -> Tensor:
+            if self.whole is not None:  # a token's copies span the chunks: summed at the end
+                return y_MD
             if self.grad:
                 self.y_home[c] = y_MD
             return dsp.finish(y_MD, gates_NK, self.routes[c], self.grad)
@@ -166,6 +172,11 @@ class _Run:
             if c == C - 1:
                 self.unit.release()
         outs[C - 1] = finish(C - 1, tl.wait(comb[C - 1]))
+        if self.whole is not None:
+            y_MD = torch.cat(outs)  # the copies in `whole`'s order
+            if self.grad:
+                self.y_whole = y_MD
+            return dsp.finish(y_MD, gates_NK, self.whole, self.grad), side
         return (outs[0] if C == 1 else torch.cat(outs)), side
 
     def _side_forward(self, x_ND: Tensor, anchor: Tensor | None) -> Tensor:
@@ -180,11 +191,18 @@ class _Run:
         tl, dsp, C, drain = self.tl, self.dsp, len(self.routes), self.drain
         g_out = g_out.contiguous()
         bg, dg, dxs, dgates = [None] * C, [None] * C, [None] * C, [None] * C
+        whole, g_whole = self.whole, None
+        if whole is not None:  # chunks of experts: every copy's grad at once, then sliced
+            g_whole, dgates_whole = dsp.combine_grad(g_out, self.y_whole, self.gates_NK, whole)
+            self.y_whole = None
 
         def issue_bg(c: int):
-            route, y_MD = self.routes[c], self.y_home[c]
-            self.y_home[c] = None
-            g_MD, dgates[c] = dsp.combine_grad(g_out, y_MD, self.gates_NK, route)
+            route = self.routes[c]
+            if g_whole is not None:
+                g_MD = g_whole[route.rows[0] : route.rows[1]]
+            else:
+                y_MD, self.y_home[c] = self.y_home[c], None
+                g_MD, dgates[c] = dsp.combine_grad(g_out, y_MD, self.gates_NK, route)
             return tl.issue("combine_a2a_bwd", lambda: dsp.issue_back(g_MD, route, "experts"), g_MD)
 
         def issue_dg(c: int, g_RD: Tensor):
@@ -196,7 +214,10 @@ class _Run:
             return tl.issue("dispatch_a2a_bwd", lambda: dsp.issue_back(g_x, route, "home"), g_x)
 
         def finish(c: int, g_MD: Tensor) -> None:
-            dxs[c] = dsp.finish_grad(g_MD, self.routes[c], self.x_dtype)
+            if whole is not None:  # summed per token at the end
+                dxs[c] = g_MD
+            else:
+                dxs[c] = dsp.finish_grad(g_MD, self.routes[c], self.x_dtype)
 
         self.unit.hold()  # an FSDP expert unit: reduce-scattered once, at the flush point
         bg[0] = issue_bg(0)
@@ -214,7 +235,11 @@ class _Run:
                 finish(c - 1, tl.wait(dg[c - 1], drain))
         finish(C - 1, tl.wait(dg[C - 1], drain))
         self.gates_NK = None
-        dx = dxs[0] if C == 1 else torch.cat(dxs)
+        if whole is not None:
+            dx = dsp.finish_grad(torch.cat(dxs), whole, self.x_dtype)
+            dgates = [dgates_whole]
+        else:
+            dx = dxs[0] if C == 1 else torch.cat(dxs)
         if dx_side is not None:
             dx = dx + dx_side
         return dx, torch.cat(dgates)
@@ -234,9 +259,16 @@ class LayerOverlap:
     """
 
     def __init__(
-        self, layer: int, chunks: int, split_dw: bool, clock: Clock, defer_expert_dw: bool = True
+        self,
+        layer: int,
+        chunks: int,
+        split_dw: bool,
+        clock: Clock,
+        defer_expert_dw: bool = True,
+        chunk_by: str = "auto",
     ):
         self.layer, self.chunks, self.split_dw = layer, chunks, split_dw
+        self.chunk_by = chunk_by  # `OverlapConfig.chunk_by`
         # Routed-expert dW too (an FSDP expert unit waits for it: `fsdp_unit.HeldUnit`).
         self.defer_expert_dw = split_dw and defer_expert_dw
         self.timeline = LayerTimeline(layer, clock)
@@ -245,6 +277,11 @@ class LayerOverlap:
         self._held: list[HeldUnit] = []  # block units held until `dense` is flushed
         self.predicted_ms: float | None = None
         self.unit: HeldUnit | None = None  # the experts, once `run` has seen them
+
+    def chunking(self, num_local: int) -> tuple[int, str]:
+        """(C, what a chunk holds: "experts" or "tokens") for a layer of `num_local` experts per
+        rank (`braid.moe.dispatcher.TokenDispatcher.plan`)."""
+        return self.chunks, chunk_axis(self.chunk_by, self.chunks, num_local)
 
     def flush_point(self, x_ND: Tensor) -> Tensor:
         """Identity whose backward flushes this layer's dW queue, then reduces its FSDP expert
@@ -309,8 +346,9 @@ class LayerOverlap:
             expert_sink = sink if self.defer_expert_dw else None
             run = _Run(
                 plan.routes,
+                plan.whole,
                 dispatcher,
-                lambda x, n: experts(x, n, expert_sink),
+                lambda x, n, part: experts(x, n, expert_sink, part),
                 side,
                 self.timeline,
                 self.drain if sink is not None else None,

@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from braid.ops.grouped_gemm import counts_to_offsets, grouped_linear
+from braid.ops.permute import expert_bounds
 from braid.overlap.streams import synchronize
 
 CANDIDATES = (1, 2, 3, 4, 6, 8, 12, 16)
@@ -91,39 +92,70 @@ class CostModel:
 PLAN_MARGIN = 0.02
 
 
-def predict_ms(shape: LayerShape, chunks: int, split_dw: bool, m: CostModel) -> float:
-    """Predicted forward + backward ms of the layer's pipelined region at C = `chunks`."""
+def predict_ms(
+    shape: LayerShape, chunks: int, split_dw: bool, m: CostModel, axis: str = "tokens"
+) -> float:
+    """Predicted forward + backward ms of the layer's pipelined region at C = `chunks` chunks
+    of `axis`: "tokens" (equal chunks; each adds its experts' dW into the grads), or "experts"
+    (`braid.ops.permute.expert_bounds`: the first and last chunk smaller; every expert's
+    GEMMs keep all their rows, so the compute splits in proportion, and its dW is computed
+    once, nothing added per chunk)."""
     C, s = chunks, shape
-    rows = s.tokens * s.top_k / C
-    wire = rows * s.dim * s.elem_bytes * (s.ep - 1) / s.ep
-    x = m.exchange_ms(wire, s.ep)
-    d_fwd, link_fwd = x * m.dispatch_factor, x * (m.dispatch_factor + m.combine_factor)
-    e = m.gemm_ms(6.0 * rows * s.dim * s.hidden, calls=2)  # w13: 2*D*2F, w2: 2*F*D per row
-    e_dw = e + m.dw_accumulate_ms
+    full = s.tokens * s.top_k
+    wire = full * s.dim * s.elem_bytes * (s.ep - 1) / s.ep
+    if axis == "experts":
+        L = max(s.num_experts // s.ep, C)
+        fr = [(hi - lo) / L for lo, hi in expert_bounds(L, C)]
+        x = [m.exchange_ms(wire * f, s.ep) for f in fr]
+        flops = 6.0 * full * s.dim * s.hidden  # w13: 2*D*2F, w2: 2*F*D per row
+        e = [m.gemm_ms(flops * f, calls=2) for f in fr]
+        e_dw = e
+    else:
+        x = [m.exchange_ms(wire / C, s.ep)] * C
+        e = [m.gemm_ms(6.0 * full / C * s.dim * s.hidden, calls=2)] * C
+        e_dw = [t + m.dw_accumulate_ms for t in e]
 
-    def pipe(e_chunk: float, link: float) -> float:
-        return link + e_chunk + (C - 1) * m.both(e_chunk, link)
+    def pipe(e_c: list[float], before: list[float], after: list[float]) -> float:
+        """Chunk c's compute e_c[c] beside the next chunk's `before` exchange and the previous
+        chunk's `after` one; the first `before` and the last `after` are exposed. Equal
+        chunks (tokens): the first link whole, then C - 1 steady steps, as derived in
+        tests/overlap/test_planner.py."""
+        if axis == "tokens":
+            link = before[0] + after[0]
+            return link + e_c[0] + (C - 1) * m.both(e_c[0], link)
+        t = before[0] + after[-1]
+        for c in range(C):
+            link = (before[c + 1] if c + 1 < C else 0.0) + (after[c - 1] if c else 0.0)
+            t += m.both(e_c[c], link)
+        return t
 
+    d_fwd = [t * m.dispatch_factor for t in x]
+    b_fwd = [t * m.combine_factor for t in x]
     overlapped = C > 1 or split_dw  # the schedule that overlaps the shared experts
     sh = m.gemm_ms(6.0 * s.tokens * s.dim * s.shared_hidden, calls=2) if s.shared_hidden else 0.0
-    fwd = pipe(e, link_fwd) + ((m.both(sh, d_fwd) - d_fwd) if overlapped else sh)
+    fwd = pipe(e, d_fwd, b_fwd) + ((m.both(sh, d_fwd[0]) - d_fwd[0]) if overlapped else sh)
     if split_dw:
-        t = pipe(e, 2 * x) + m.both(sh, x) - x  # dX only (e_dX == e_fwd), shared dX beside Bg0
-        idle = max(t - C * e - sh, 0.0)  # compute-stream time spent waiting on exchanges
-        bwd = t + max(0.0, C * e_dw + sh - idle * (1.0 - m.interference))
+        t = pipe(e, x, x) + m.both(sh, x[0]) - x[0]  # dX only (e_dX == e_fwd), shared dX beside Bg0
+        idle = max(t - sum(e) - sh, 0.0)  # compute-stream time spent waiting on exchanges
+        bwd = t + max(0.0, sum(e_dw) + sh - idle * (1.0 - m.interference))
     else:
-        bwd = pipe(e + e_dw, 2 * x) + ((m.both(2 * sh, x) - x) if overlapped else 2 * sh)
+        e_bwd = [a + b for a, b in zip(e, e_dw, strict=True)]
+        bwd = pipe(e_bwd, x, x) + ((m.both(2 * sh, x[0]) - x[0]) if overlapped else 2 * sh)
     return fwd + bwd + m.overhead_ms + C * m.overhead_per_chunk_ms
 
 
 def choose_chunks(
-    shape: LayerShape, split_dw: bool, m: CostModel, candidates: tuple[int, ...] = CANDIDATES
+    shape: LayerShape,
+    split_dw: bool,
+    m: CostModel,
+    candidates: tuple[int, ...] = CANDIDATES,
+    axis: Callable[[int], str] = lambda c: "tokens",
 ) -> tuple[int, float, dict[int, float]]:
     """(best C, its prediction, every candidate's prediction); ties go to the smaller C, and
     chunking must be predicted at least `PLAN_MARGIN` faster than the plain path (C = 1): the
     fit's noise alone should not buy a chunked schedule where there is little to hide."""
     usable = [c for c in candidates if c == 1 or c <= shape.tokens]
-    table = {c: predict_ms(shape, c, split_dw, m) for c in usable}
+    table = {c: predict_ms(shape, c, split_dw, m, axis(c)) for c in usable}
     best = min(usable, key=lambda c: (round(table[c], 9), c))
     if 1 in table and table[best] > table[1] * (1.0 - PLAN_MARGIN):
         best = 1

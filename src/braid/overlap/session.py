@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from braid.overlap.config import OverlapConfig
+from braid.overlap.config import OverlapConfig, chunk_axis
 from braid.overlap.dense import defer_dense, restore_dense
 from braid.overlap.pipeline import LayerOverlap
 from braid.overlap.planner import (
@@ -132,17 +132,26 @@ class OverlapSession:
                         dispatcher=moe.dispatcher,
                     )
                 cost = models[shape]
+            L = moe.dispatcher.num_local
+            axis = lambda c, L=L: chunk_axis(cfg.chunk_by, c, L)  # noqa: E731
             if cfg.chunks == "auto":
-                cands = tuple(c for c in CANDIDATES if c <= cfg.max_chunks)
-                chunks, predicted, table = choose_chunks(shape, plan_split, cost, cands)
+                cands = tuple(
+                    c
+                    for c in CANDIDATES
+                    if c <= cfg.max_chunks and (c <= L or cfg.chunk_by != "experts")
+                )
+                chunks, predicted, table = choose_chunks(shape, plan_split, cost, cands, axis)
                 if is_main:
                     log(describe(i, shape, chunks, table, plan_split, cost))
             else:
                 chunks = cfg.chunks
-                predicted = None if cost is None else predict_ms(shape, chunks, plan_split, cost)
+                axis(chunks)  # chunk_by="experts" with more chunks than experts: a clear error
+                predicted = None
+                if cost is not None:
+                    predicted = predict_ms(shape, chunks, plan_split, cost, axis(chunks))
             if chunks == 1 and not split and not watch:
                 continue  # the planner chose the plain path
-            layers[i] = moe.overlap = LayerOverlap(i, chunks, split, clock)
+            layers[i] = moe.overlap = LayerOverlap(i, chunks, split, clock, chunk_by=cfg.chunk_by)
             layers[i].predicted_ms = predicted
             if cfg.report:
                 moe.dispatcher.exchange.enable_timing()  # handles measure their own time
