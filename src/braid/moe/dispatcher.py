@@ -2,8 +2,9 @@
 
 The one place that knows how routed tokens travel. It offers the MoE layer two ways to use the
 same primitives (`braid.moe.layer` reads as the specification of both):
-  plan     -> `Plan`: the token range of each chunk sorted by expert, counts exchanged (all
-              chunks at once) and the splits read on the host; capacity decided over the batch;
+  plan     -> `Plan`: per chunk (a range of tokens, or of each rank's local experts), its
+              copies sorted by expert, counts exchanged (all chunks at once) and the splits
+              read on the host; capacity decided over the batch;
   plain    -> `dispatch(x_ND, route)` / `combine(y_RD, gates_NK, route)`: autograd ops (the
               exchange is waited at once, its backward is the exact reverse `move`);
   chunked  -> for the overlap engine, autograd-free steps per `Route` that return handles:

@@ -12,7 +12,8 @@
 Step 2 is two: (a) the dispatcher plans the routes (`TokenDispatcher.plan`: copies sorted by
 expert, capacity, counts exchanged, splits read on the host), then (b) moves the rows.
 The plain path runs 2b-5 once over one route. With an overlap engine installed (`braid.overlap`
-sets `self.overlap`) the plan has one route per token chunk and the engine runs 2b-5 per route
+sets `self.overlap`) the plan has one route per chunk (of experts or of tokens:
+`overlap.chunk_by`) and the engine runs 2b-5 per route
 through the dispatcher's primitives (send_rows -> issue_dispatch -> to_experts -> experts ->
 from_experts -> issue_combine -> finish), so one chunk's exchange overlaps another's expert
 GEMMs, and weight grads may be deferred into the exchange windows (`overlap.chunks`,

@@ -3,12 +3,14 @@
 Job: the same result as dispatch -> experts -> combine (+ shared) of `braid.moe`, with the
 exchange of one chunk in flight while another chunk's experts run, in forward and backward.
 
-Design (Tutel / PlanMoE, token chunks): the dispatcher's plan cuts the N tokens of this rank
-into C contiguous routes (`braid.moe.dispatcher.TokenDispatcher.plan`: one count exchange and
-one host sync for all of them; capacity decided over the whole batch). Each route is an
-independent dispatch -> experts -> combine over its tokens, so per token the arithmetic is the
-plain path's; only the grouping of rows into GEMM calls differs. This file holds no routing
-math: it is a scheduler over the dispatcher's per-route primitives (send_rows, issue_dispatch,
+Design: the dispatcher's plan cuts the layer into C routes
+(`braid.moe.dispatcher.TokenDispatcher.plan`: one count exchange and one host sync for all of
+them; capacity decided over the whole batch): contiguous ranges of local experts (chunks of
+experts: each expert's GEMMs and dW run once, on all its rows; the weighted sum of a token's
+copies, which span the chunks, runs once over the plan's `whole` route), or of tokens (Tutel /
+PlanMoE: each route an independent dispatch -> experts -> combine over its tokens). Per copy
+the arithmetic is the plain path's; only the grouping of rows into GEMM calls differs.
+This file holds no routing math: it is a scheduler over the dispatcher's per-route primitives (send_rows, issue_dispatch,
 to_experts/from_experts, issue_combine, finish; combine_grad, issue_back, finish_grad), which
 return `braid.exchange` handles, and it waits on handles through their contract only
 (`wait`, `done`, `elapsed_ms`).
