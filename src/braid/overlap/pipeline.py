@@ -10,8 +10,9 @@ experts: each expert's GEMMs and dW run once, on all its rows; the weighted sum 
 copies, which span the chunks, runs once over the plan's `whole` route), or of tokens (Tutel /
 PlanMoE: each route an independent dispatch -> experts -> combine over its tokens). Per copy
 the arithmetic is the plain path's; only the grouping of rows into GEMM calls differs.
-This file holds no routing math: it is a scheduler over the dispatcher's per-route primitives (send_rows, issue_dispatch,
-to_experts/from_experts, issue_combine, finish; combine_grad, issue_back, finish_grad), which
+This file holds no routing math: it is a scheduler over the dispatcher's per-route
+primitives (send_rows, issue_dispatch, to_experts/from_experts, issue_combine, finish;
+combine_grad, issue_back, finish_grad), which
 return `braid.exchange` handles, and it waits on handles through their contract only
 (`wait`, `done`, `elapsed_ms`).
 
