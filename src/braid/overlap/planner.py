@@ -99,7 +99,8 @@ def predict_ms(
     of `axis`: "tokens" (equal chunks; each adds its experts' dW into the grads), or "experts"
     (`braid.ops.permute.expert_bounds`: the first and last chunk smaller; every expert's
     GEMMs keep all their rows, so the compute splits in proportion, and its dW is computed
-    once, nothing added per chunk)."""
+    once and added once into its rows of the grads: the chunks' adds make one weight-sized
+    add in all, as at C = 1, which both axes predict alike)."""
     C, s = chunks, shape
     full = s.tokens * s.top_k
     wire = full * s.dim * s.elem_bytes * (s.ep - 1) / s.ep
@@ -109,7 +110,7 @@ def predict_ms(
         x = [m.exchange_ms(wire * f, s.ep) for f in fr]
         flops = 6.0 * full * s.dim * s.hidden  # w13: 2*D*2F, w2: 2*F*D per row
         e = [m.gemm_ms(flops * f, calls=2) for f in fr]
-        e_dw = e
+        e_dw = [t + m.dw_accumulate_ms * f for t, f in zip(e, fr, strict=True)]
     else:
         x = [m.exchange_ms(wire / C, s.ep)] * C
         e = [m.gemm_ms(6.0 * full / C * s.dim * s.hidden, calls=2)] * C
