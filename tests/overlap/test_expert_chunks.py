@@ -149,6 +149,34 @@ def test_accumulate_part_adds_bf16_dw_into_fp32_grad_bitwise():
     assert torch.equal(w.grad, want)
 
 
+@pytest.mark.parametrize("divide", [1.0, 3.0])
+def test_covering_parts_write_a_new_grad_then_later_passes_add(divide):
+    """Parts that cover the weight (the pipeline's chunks of experts: (lo, hi, True)) write
+    their rows of a new grad instead of adding into zeros; once whole, the next pass (another
+    micro-batch) adds. Bitwise the zeros-then-add reference, both passes."""
+    w = torch.nn.Parameter(_rand(6, 3, 4))
+    ref = torch.nn.Parameter(w.detach().clone())
+    bounds = [(0, 1), (1, 4), (4, 6)]
+    for step in range(2):
+        for i, (lo, hi) in enumerate(bounds):
+            dw = _rand(hi - lo, 3, 4, dtype=torch.bfloat16, seed=10 * step + i)
+            accumulate_grad(w, dw.clone(), divide, (lo, hi, True))
+            accumulate_grad(ref, dw.clone(), divide, (lo, hi))  # zeros, then adds
+            if step == 0 and i < len(bounds) - 1:
+                assert w.grad._braid_written == bounds[: i + 1]  # not whole yet
+        assert not hasattr(w.grad, "_braid_written")  # whole: the next pass adds
+        assert torch.equal(w.grad, ref.grad), step
+
+
+def test_covering_part_written_twice_in_one_pass_adds():
+    """A covering part whose rows were already written in this pass adds (never overwrites)."""
+    w = torch.nn.Parameter(_rand(4, 2, 2))
+    a, b = _rand(2, 2, 2, seed=1), _rand(2, 2, 2, seed=2)
+    accumulate_grad(w, a, 1.0, (0, 2, True))
+    accumulate_grad(w, b, 1.0, (0, 2, True))
+    assert torch.equal(w.grad[0:2], a + b)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("had_grad", [False, True])
 def test_accumulate_part_with_a_divide_casts_then_divides_then_adds(dtype, had_grad):

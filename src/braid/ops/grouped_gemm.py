@@ -27,7 +27,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 WgradSink = Callable[[Callable[[], None]], None]
-Part = tuple[int, int]  # experts [lo, hi) of the local block (a pipeline chunk of experts)
+# Experts [lo, hi) of the local block (a pipeline chunk of experts), and optionally whether the
+# caller's parts cover the weight in this pass (`_add_part`).
+Part = tuple[int, int] | tuple[int, int, bool]
 
 
 def counts_to_offsets(counts_E: Tensor) -> Tensor:
@@ -129,11 +131,7 @@ def accumulate_grad(
     chunk of experts) and is added into those rows of the grad (zeros where there was none)."""
     grad = param.grad
     if part is not None:
-        if grad is None:
-            grad = param.grad = torch.zeros_like(param)
-        if divide != 1.0 or torch.promote_types(dw_local.dtype, grad.dtype) != grad.dtype:
-            dw_local = dw_local.to(param.dtype).div_(divide)
-        _local(grad)[part[0] : part[1]].add_(dw_local)
+        _add_part(param, dw_local, divide, part)
         return
     wider = grad is not None and torch.promote_types(dw_local.dtype, grad.dtype) != grad.dtype
     if grad is None or divide != 1.0 or wider:
@@ -141,6 +139,35 @@ def accumulate_grad(
         param.grad = dw if param.grad is None else param.grad.add_(dw)
     else:
         param.grad.add_(_like_param(param, dw_local, 1.0))
+
+
+def _add_part(param: Tensor, dw_local: Tensor, divide: float, part: Part) -> None:
+    """`accumulate_grad` of experts [lo, hi). A new grad is zeros around the part, unless the
+    part says it `covers` (its third item, True: the caller delivers every part of the weight in
+    this pass, as the pipeline's chunks of experts do): then the grad is allocated unfilled and
+    each part's rows are written (the cast, as the plain path's dW), not added to zeros, which
+    saves two weight-sized fp32 passes. Such a grad remembers the parts written until it is
+    whole (`_braid_written`); a part that finds its rows written (another micro-batch) adds."""
+    lo, hi = part[0], part[1]
+    grad = param.grad
+    if grad is None:
+        if len(part) > 2 and part[2]:
+            grad = param.grad = torch.empty_like(param)
+            grad._braid_written = []  # type: ignore[attr-defined]
+        else:
+            grad = param.grad = torch.zeros_like(param)
+    written = getattr(grad, "_braid_written", None)
+    fresh = written is not None and all(hi <= a or b <= lo for a, b in written)
+    if fresh or divide != 1.0 or torch.promote_types(dw_local.dtype, grad.dtype) != grad.dtype:
+        dw_local = dw_local.to(grad.dtype).div_(divide)
+    rows = _local(grad)[lo:hi]
+    if not fresh:
+        rows.add_(dw_local)
+        return
+    rows.copy_(dw_local)
+    written.append((lo, hi))
+    if sum(b - a for a, b in written) == _local(grad).shape[0]:
+        del grad._braid_written  # whole: later parts add
 
 
 def deliver_wgrad(

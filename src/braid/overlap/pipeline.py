@@ -146,7 +146,10 @@ class _Run:
             with tl.span("experts"), torch.enable_grad() if self.grad else nullcontext():
                 if self.grad:
                     x_RD = _Capture.apply(anchor, x_RD, self.boxes[c])
-                y_RD = self.experts(dsp.to_experts(x_RD, route), route.counts_L, route.part)
+                # Chunks of experts cover every expert once: their dW rows are written, not
+                # added to zeros (`grouped_gemm.accumulate_grad`).
+                part = None if route.part is None else (*route.part, True)
+                y_RD = self.experts(dsp.to_experts(x_RD, route), route.counts_L, part)
                 y_RD = dsp.from_experts(y_RD, route)
                 if self.grad:
                     self.roots[c] = _Root.apply(y_RD)
