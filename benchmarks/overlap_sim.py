@@ -12,28 +12,29 @@ copies of the bytes that would leave the rank. The rank holds all E experts and 
 N*K rows a real rank's E/W experts would (balanced routing); fp32 weights, bf16 autocast.
 
 Part `layer`: one MoE layer forward + backward at 32768 tokens, fine-grained (64 experts top-8,
-2048/1408) and Mixtral-like (8 experts top-2, 4096/14336). Part `train`: forward + backward +
-AdamW step of `medium` and `moonlet` with `--train-layers` layers (default 4: the whole models
-do not fit one GPU with their optimizer state; `n_layers`/`layers_override` in the JSON), batch
-2 x 4096 tokens. Modes: off (the plain path), split_dw, chunks2, chunks4, chunks8,
-chunks2_split, chunks4_split, chunks8_split, auto (the planner's C), auto_split (chunks hold
-experts or tokens as `--chunk-by` says: `overlap.chunk_by`, default auto); the train part
-adds split_all and auto_all (`overlap.split_dw = "all"`: the attention and dense-FFN dW of
-the blocks above each MoE layer deferred into its windows too; the layer part has no attention).
-Per mode: `median_ms` (CUDA
-events), `exchange_ms`/`exposed_ms` from the overlap timeline (one timed step; off: its C=1
-twin, the plain path's order), `exposed_over_exchange_alone` (exposed / the movements of off's
-step replayed alone), `slower_than_off`, and per layer/config `auto_vs_best` (auto's best mode time
-over the best fixed mode's, minus 1) and `best_mode`. Every mode's results are checked against
-off's first (layer: output and grads; train: the first two losses).
-`--trace PATH` writes a Chrome trace (torch.profiler) of one training step in mode auto_split
-(of the layer's fine-grained shape if only the layer part runs).
-"""
+2048/1408) and Mixtral-like (8 experts top-2, 4096/14336). Part `train`: forward + backward + AdamW
+step of `medium` and `moonlet` with `--train-layers` layers (default 4: the whole models do not fit
+one GPU with their optimizer state; `n_layers`/`layers_override` in the JSON), batch 2 x 4096
+tokens. Modes: off (the plain path), split_dw, chunks2, chunks4, chunks8, chunks2_split,
+chunks4_split, chunks8_split, auto (the planner's C), auto_split (chunks hold experts or tokens as
+`--chunk-by` says: `overlap.chunk_by`, default auto); the train part adds split_all and auto_all
+(`overlap.split_dw = "all"`: the attention and dense-FFN dW of the blocks above each MoE layer
+deferred into its windows too; the layer part has no attention). Per mode: `median_ms` (CUDA
+events; the layer part times every mode once per round, `--rounds`, and takes the median of the
+rounds' medians, so that clock drift over the run does not favour the modes timed first),
+`exchange_ms`/`exposed_ms` from the overlap timeline (one timed step; off: its C=1 twin, the plain
+path's order), `exposed_over_exchange_alone` (exposed / the movements of off's step replayed
+alone), `slower_than_off`, and per layer/config `auto_vs_best` (auto's best mode time over the best
+fixed mode's, minus 1) and `best_mode`. Every mode's results are checked against off's first
+(layer: output and grads; train: the first two losses). `--trace PATH` writes a Chrome trace
+(torch.profiler) of one training step in mode auto_split (of the layer's fine-grained shape if only
+the layer part runs). """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -201,8 +202,9 @@ def bench_layer(name: str, shape: tuple, args, device, amp, dtype, log) -> dict:
         "cost_model": cost.__dict__,
         "modes": {},
     }
-    off_ms = None
-    for mode, sched in MODES.items():
+    engines: dict[str, Any] = {}  # mode -> its LayerOverlap (None: off)
+    checked: dict[str, tuple] = {}
+    for mode, sched in MODES.items():  # results first: every mode against off
         C, split = (None, False) if sched is None else sched
         if sched is not None:
             C = plan[split] if C == "auto" else C
@@ -216,12 +218,29 @@ def bench_layer(name: str, shape: tuple, args, device, amp, dtype, log) -> dict:
         )
         if err > args.tol:
             raise SystemExit(f"layer {name}/{mode}: results differ from off: {err:.2e}")
-        t = time_cuda(step, iters=args.iters, warmup=2)
+        engines[mode] = moe.overlap
         if moe.overlap is None:
             moe.overlap = LayerOverlap(0, 1, False, clock)  # the plain path's order, timed
-        tl = timeline()
+        checked[mode] = (C, split, err, timeline())
+    # Timing in rounds, every mode once per round (the GPU's clocks drift over a run: timing
+    # each mode once, in order, would bias the later modes); per mode the median over all.
+    times: dict[str, list[dict]] = {m: [] for m in MODES}
+    for _ in range(args.rounds):
+        for mode in MODES:
+            moe.overlap = engines[mode]
+            times[mode].append(time_cuda(step, iters=args.iters, warmup=1))
+    off_ms = None
+    for mode in MODES:
+        C, split, err, tl = checked[mode]
+        rounds = times[mode]
+        t = {
+            "median_ms": statistics.median(r["median_ms"] for r in rounds),
+            "min_ms": min(r["min_ms"] for r in rounds),
+            "max_ms": max(r["max_ms"] for r in rounds),
+        }
         row = row_of(t, tl, alone, off_ms, chunks=C or 1, split_dw=split, rel_err_vs_off=err)
         row["chunk_axis"] = axis(C or 1)
+        row["round_medians_ms"] = [r["median_ms"] for r in rounds]
         off_ms = off_ms or row["median_ms"]
         out["modes"][mode] = row
         log(
@@ -423,6 +442,7 @@ def main() -> None:
     ap.add_argument("--train-seq", type=int, default=0, help="tokens per sequence (4096)")
     ap.add_argument("--train-iters", type=int, default=0, help="timed steps per mode (3)")
     ap.add_argument("--trace", default="", help="Chrome trace of one step (auto_split) to PATH")
+    ap.add_argument("--rounds", type=int, default=0, help="layer: timing rounds (3)")
     ap.add_argument("--chunk-by", default="auto", help="overlap.chunk_by: auto, experts, tokens")
     args = ap.parse_args()
     parts = args.parts.split(",")
@@ -432,7 +452,7 @@ def main() -> None:
         torch.set_num_threads(1)
         device, amp = torch.device("cpu"), torch.autocast("cpu", enabled=False)
         dtype = torch.float32
-        args.shapes, defaults = SMOKE_SHAPES, (32, 1, 1, 16, 1)
+        args.shapes, defaults = SMOKE_SHAPES, (32, 1, 1, 16, 1, 1)
         args.tol, args.train_tol = 1e-5, 1e-5
     else:
         if not torch.cuda.is_available():
@@ -440,13 +460,14 @@ def main() -> None:
         device = torch.device("cuda", 0)
         torch.cuda.set_device(device)
         amp, dtype = torch.autocast("cuda", dtype=torch.bfloat16), torch.bfloat16
-        args.shapes, defaults = SHAPES, (32768, 5, 2, 4096, 3)
+        args.shapes, defaults = SHAPES, (32768, 5, 2, 4096, 3, 3)
         args.tol, args.train_tol = 3e-2, 5e-3
     args.tokens = args.tokens or defaults[0]
     args.iters = args.iters or defaults[1]
     args.train_batch = args.train_batch or defaults[2]
     args.train_seq = args.train_seq or defaults[3]
     args.train_iters = args.train_iters or defaults[4]
+    args.rounds = args.rounds or defaults[5]
     if args.train_layers < 0:
         args.train_layers = 0 if args.smoke else 4
     args.only_layer_trace = "train" not in parts

@@ -12,7 +12,10 @@ from pathlib import Path
 from braid.overlap.planner import CANDIDATES
 
 ROOT = Path(__file__).resolve().parents[2]
-MODES = {"off", "split_dw", "chunks2", "chunks4", "chunks2_split", "chunks4_split", "auto"}
+MODES = {
+    "off", "split_dw", "chunks2", "chunks4", "chunks8", "chunks2_split", "chunks4_split",
+    "chunks8_split", "auto",
+}
 TRAIN_ONLY = {"split_all", "auto_all"}  # split_dw = "all": the layer part has no attention
 
 
