@@ -158,13 +158,13 @@ def _add_part(param: Tensor, dw_local: Tensor, divide: float, part: Part) -> Non
             grad = param.grad = torch.zeros_like(param)
     written = getattr(grad, "_braid_written", None)
     fresh = written is not None and all(hi <= a or b <= lo for a, b in written)
-    if fresh or divide != 1.0 or torch.promote_types(dw_local.dtype, grad.dtype) != grad.dtype:
+    if divide != 1.0 or torch.promote_types(dw_local.dtype, grad.dtype) != grad.dtype:
         dw_local = dw_local.to(grad.dtype).div_(divide)
     rows = _local(grad)[lo:hi]
     if not fresh:
         rows.add_(dw_local)
         return
-    rows.copy_(dw_local)
+    rows.copy_(dw_local)  # casts as it copies: one pass, as the plain path's dW cast
     written.append((lo, hi))
     if sum(b - a for a, b in written) == _local(grad).shape[0]:
         del grad._braid_written  # whole: later parts add
