@@ -283,6 +283,26 @@ def train_overrides(name: str, args, mode: tuple | None) -> list[str]:
     return over
 
 
+def _check_train(name: str, mode: str, step, out: dict, exchange, device, args) -> None:
+    """Two steps of `mode` from the saved weights: their losses must be off's (off records
+    them, and its exchanges for the replay alone). The losses go to `out["_losses"]`."""
+    if mode == "off":
+        with record(exchange) as calls:
+            first = float(step())
+    else:
+        first = float(step())
+    losses = [first, float(step())]
+    if mode == "off":
+        out["reference_losses"] = losses
+        out["exchange_alone_ms"] = time_alone(exchange, calls, device, max(args.iters, 3))
+        out["exchange_alone_movements"] = len(calls)
+    ref = out["reference_losses"]
+    err = max(abs(p - q) / abs(q) for p, q in zip(losses, ref, strict=True))
+    if err > args.train_tol:
+        raise SystemExit(f"train {name}/{mode}: losses {losses} != off's {ref}")
+    out["_losses"] = losses
+
+
 def bench_train(name: str, args, log) -> dict:
     cfg = load_config(name, train_overrides(name, args, None))
     ctx = init_parallel(cfg)
@@ -312,84 +332,83 @@ def bench_train(name: str, args, log) -> dict:
         "compute_dtype": str(dtype),
         "modes": {},
     }
-    off_ms = None
-    for mode, sched in TRAIN_MODES.items():
-        with torch.no_grad():
-            for t, s in zip(list(model.parameters()) + list(model.buffers()), saved, strict=True):
-                t.copy_(s)
-        for moe in moes.values():
-            moe.overlap = None
-        mcfg = load_config(name, train_overrides(name, args, sched))
-        session = OverlapSession.install(
-            model,
-            mcfg.overlap,
-            device=device,
-            tokens_per_rank=args.train_batch * args.train_seq,
-            dtype=dtype,
-            log=lambda line: None,
-        )
-        opt = build_optimizer(model, mcfg.train, device)
-        for grp in opt.param_groups:
-            grp["lr"] = mcfg.train.lr
-
-        def step(opt=opt, session=session, mcfg=mcfg):
-            loss, parts = loss_fn(model, x[:, :-1], x[:, 1:], mcfg, amp)
-            loss.backward()
-            session.flush()
-            clip_grad_norm(model, mcfg.train.grad_clip, ctx)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            model.update_router_biases()
-            return parts["ce"]
-
-        if mode == "off":
-            with record(exchange) as calls:
-                first = float(step())
-        else:
-            first = float(step())
-        losses = [first, float(step())]
-        if mode == "off":
-            out["reference_losses"] = losses
-            out["exchange_alone_ms"] = time_alone(exchange, calls, device, max(args.iters, 3))
-            out["exchange_alone_movements"] = len(calls)
-        ref = out["reference_losses"]
-        err = max(abs(p - q) / abs(q) for p, q in zip(losses, ref, strict=True))
-        if err > args.train_tol:
-            raise SystemExit(f"train {name}/{mode}: losses {losses} != off's {ref}")
-        for grp in opt.param_groups:
-            grp["lr"] = lr_at(0, mcfg.train)
-        t = time_cuda(step, iters=args.train_iters, warmup=1)
-        tl = timeline_step(model, step, device)
-        chunks = sorted({lo.chunks for lo in session.layers.values()}) or [1]
-        split = mcfg.overlap.split_dw
-        row = row_of(
-            t, tl, out["exchange_alone_ms"], off_ms, chunks=chunks, split_dw=split, losses=losses
-        )
-        if split == "all":  # the blocks above each MoE layer: dW drained in its windows, flushed
-            row["dense_dW_ms"] = tl["dense_dW_ms"]
-            row["dense_dW_flush_ms"] = tl["dense_dW_flush_ms"]
-            # Counts over every step this mode ran (checks, warm-up and timed steps).
-            row["dense_dW_tasks"] = sum(lo.dense.num_run for lo in session.layers.values())
-            row["dense_dW_tasks_in_windows"] = sum(
-                lo.dense.num_drained for lo in session.layers.values()
+    times: dict[str, list[dict]] = {m: [] for m in TRAIN_MODES}
+    for rnd in range(args.rounds):  # every mode once per round (see the layer part)
+        for mode, sched in TRAIN_MODES.items():
+            with torch.no_grad():
+                params = list(model.parameters()) + list(model.buffers())
+                for t, s in zip(params, saved, strict=True):
+                    t.copy_(s)
+            for moe in moes.values():
+                moe.overlap = None
+            mcfg = load_config(name, train_overrides(name, args, sched))
+            session = OverlapSession.install(
+                model,
+                mcfg.overlap,
+                device=device,
+                tokens_per_rank=args.train_batch * args.train_seq,
+                dtype=dtype,
+                log=lambda line: None,
             )
-        off_ms = off_ms or row["median_ms"]
-        out["modes"][mode] = row
+            opt = build_optimizer(model, mcfg.train, device)
+            for grp in opt.param_groups:
+                grp["lr"] = mcfg.train.lr
+
+            def step(opt=opt, session=session, mcfg=mcfg):
+                loss, parts = loss_fn(model, x[:, :-1], x[:, 1:], mcfg, amp)
+                loss.backward()
+                session.flush()
+                clip_grad_norm(model, mcfg.train.grad_clip, ctx)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                model.update_router_biases()
+                return parts["ce"]
+
+            if rnd == 0:
+                _check_train(name, mode, step, out, exchange, device, args)
+            for grp in opt.param_groups:
+                grp["lr"] = lr_at(0, mcfg.train)
+            times[mode].append(time_cuda(step, iters=args.train_iters, warmup=1))
+            if rnd == 0:
+                tl = timeline_step(model, step, device)
+                chunks = sorted({lo.chunks for lo in session.layers.values()}) or [1]
+                split = mcfg.overlap.split_dw
+                row = row_of(
+                    times[mode][0], tl, out["exchange_alone_ms"], None, chunks=chunks,
+                    split_dw=split, losses=out.pop("_losses"),
+                )  # fmt: skip
+                if split == "all":  # the blocks above each MoE layer: dW drained, flushed
+                    row["dense_dW_ms"] = tl["dense_dW_ms"]
+                    row["dense_dW_flush_ms"] = tl["dense_dW_flush_ms"]
+                    # Counts over every step this mode ran (checks, warm-up and timed steps).
+                    layers = session.layers.values()
+                    row["dense_dW_tasks"] = sum(lo.dense.num_run for lo in layers)
+                    row["dense_dW_tasks_in_windows"] = sum(lo.dense.num_drained for lo in layers)
+                out["modes"][mode] = row
+                traced = args.traced or not args.trace or args.only_layer_trace
+                if mode == "auto_split" and not traced:
+                    trace(step, device, args.trace)
+                    out["trace"] = {"path": args.trace, "mode": mode, "chunks": chunks}
+                    args.traced = True
+            del opt, session, step
+            gc.collect()
+            if device.type == "cuda":
+                out["max_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+                torch.cuda.empty_cache()
+    off_ms = statistics.median(r["median_ms"] for r in times["off"])
+    for mode, row in out["modes"].items():
+        rounds = times[mode]
+        row["median_ms"] = statistics.median(r["median_ms"] for r in rounds)
+        row["min_ms"] = min(r["min_ms"] for r in rounds)
+        row["max_ms"] = max(r["max_ms"] for r in rounds)
+        row["round_medians_ms"] = [r["median_ms"] for r in rounds]
+        row["slower_than_off"] = row["median_ms"] / off_ms - 1
         log(
-            f"train {name:>8} {mode:>13}: C={chunks!s:>6} {row['median_ms']:9.2f} ms  exchange "
-            f"{row['exchange_ms']:7.2f} (alone {out['exchange_alone_ms']:7.2f}) exposed "
+            f"train {name:>8} {mode:>13}: C={row['chunks']!s:>6} {row['median_ms']:9.2f} ms  "
+            f"exchange {row['exchange_ms']:7.2f} (alone {out['exchange_alone_ms']:7.2f}) exposed "
             f"{row['exposed_ms']:7.2f} ({100 * row['exposed_over_exchange_alone']:5.1f}%)  "
             f"vs off {100 * row['slower_than_off']:+5.1f}%"
         )
-        if args.trace and not args.only_layer_trace and mode == "auto_split" and not args.traced:
-            trace(step, device, args.trace)
-            out["trace"] = {"path": args.trace, "mode": mode, "chunks": chunks}
-            args.traced = True
-        del opt, session, step
-        gc.collect()
-        if device.type == "cuda":
-            out["max_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-            torch.cuda.empty_cache()
     for moe in moes.values():
         moe.overlap = None
     restore_dense(model)
