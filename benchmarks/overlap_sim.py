@@ -161,9 +161,11 @@ def bench_layer(name: str, shape: tuple, args, device, amp, dtype, log) -> dict:
     x = torch.randn(args.tokens, H, device=device, generator=gen)
     g = torch.randn(args.tokens, H, device=device, generator=gen) * 1e-2
     shp = layer_shape(moe, args.tokens, dtype)
+    probe_by = "tokens" if args.chunk_by == "tokens" else "auto"
     cost = measure(
-        shp, moe.dispatcher.exchange, moe.experts, device, dtype, dispatcher=moe.dispatcher
-    )
+        shp, moe.dispatcher.exchange, moe.experts, device, dtype, dispatcher=moe.dispatcher,
+        axis=lambda c: chunk_axis(probe_by, c, moe.dispatcher.num_local),
+    )  # fmt: skip
     cands = tuple(c for c in CANDIDATES if c <= OverlapConfig().max_chunks)
     axis = lambda c: chunk_axis(args.chunk_by, c, moe.dispatcher.num_local)  # noqa: E731
     cands = tuple(c for c in cands if args.chunk_by != "experts" or c <= E)

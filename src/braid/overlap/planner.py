@@ -214,6 +214,7 @@ def measure(
     reps: int = 5,
     fractions: tuple[int, ...] = (1, 2, 4, 8),
     dispatcher: Any = None,
+    axis: Callable[[int], str] = lambda c: "tokens",
 ) -> CostModel:
     """Time exchanges and expert passes at this run's chunk sizes, agree (MAX) across ranks, fit.
     The expert pass is the experts' forward (`grouped_linear` x2 + SwiGLU) on stand-in fp32
@@ -221,7 +222,8 @@ def measure(
     once outside the timing (a layer's chunks share one cast, whatever C; the one cast per layer
     does not depend on C and is left out). (Not the module itself: calling an FSDP
     unit outside the model's forward would make it a root.) With `dispatcher` (the layer's,
-    duck-typed `braid.moe.dispatcher.TokenDispatcher`) the non-GEMM work is measured too."""
+    duck-typed `braid.moe.dispatcher.TokenDispatcher`) the non-GEMM work is measured too, with
+    the chunks `axis(C)` says a layer of C chunks will hold ("tokens" or "experts")."""
     s, W, L = shape, shape.ep, experts.num_experts
     group = getattr(exchange, "ep_group", None)
     ranks = W > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -281,7 +283,9 @@ def measure(
     acc_ms = _median_ms(lambda: [a.add_(d) for a, d in accs], device, reps)
     extra = [0.0, 0.0, 1.0, 1.0]  # overhead at C = 1 and 4; dispatch, combine factors
     if dispatcher is not None:
-        extra[:2] = [_token_side_ms(dispatcher, s, c, device, dtype, reps) for c in (1, 4)]
+        extra[:2] = [
+            _token_side_ms(dispatcher, s, c, device, dtype, reps, axis(c)) for c in (1, 4)
+        ]
     if W > 1 and getattr(exchange, "compressor", None) is not None:
         rows = s.tokens * s.top_k // W * W
         x = torch.randn(rows, s.dim, device=device, dtype=dtype)
@@ -312,11 +316,19 @@ def measure(
 
 
 def _token_side_ms(
-    dispatcher: Any, s: LayerShape, chunks: int, device: torch.device, dtype: torch.dtype, reps: int
+    dispatcher: Any,
+    s: LayerShape,
+    chunks: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    reps: int,
+    by: str = "tokens",
 ) -> float:
-    """The region's non-GEMM work at C = `chunks` on balanced random routing: the plan (counts
-    exchanged, host sync) and, per route, the token-side gathers and weighted sums of the
-    forward and their backward (the expert-side regroup is left out: it needs received rows)."""
+    """The region's non-GEMM work at C = `chunks` chunks of `by` on balanced random routing: the
+    plan (counts exchanged, host sync) and, per route, the token-side gathers and weighted sums
+    of the forward and their backward (chunks of experts: the weighted sums and their backward
+    once, over the plan's `whole`, as the pipeline does; the expert-side regroup is left out:
+    it needs received rows)."""
     gen = torch.Generator(device=device).manual_seed(0)
     N, K, E = s.tokens, s.top_k, dispatcher.num_experts
     topk = torch.rand(N, E, device=device, generator=gen).topk(K, dim=1).indices.sort(1).values
@@ -324,10 +336,14 @@ def _token_side_ms(
     gates = torch.full((N, K), 1.0 / K, device=device, dtype=dtype)
 
     def run() -> None:
-        for r in dispatcher.plan(topk, chunks).routes:
-            rows = dispatcher.send_rows(x, r)
-            dispatcher.finish(rows, gates, r)
-            g_rows, _ = dispatcher.combine_grad(x, rows, gates, r)
+        plan = dispatcher.plan(topk, chunks, by)
+        rows = [dispatcher.send_rows(x, r) for r in plan.routes]
+        pairs = list(zip(rows, plan.routes, strict=True))
+        if plan.whole is not None:
+            pairs = [(torch.cat(rows), plan.whole)]
+        for rows_r, r in pairs:
+            dispatcher.finish(rows_r, gates, r)
+            g_rows, _ = dispatcher.combine_grad(x, rows_r, gates, r)
             dispatcher.finish_grad(g_rows, r, dtype)
 
     with torch.no_grad():

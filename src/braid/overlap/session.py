@@ -120,6 +120,11 @@ class OverlapSession:
         for i, moe in moes.items():
             shape = layer_shape(moe, tokens_per_rank, dtype)
             plan_split = split  # routed dW deferred, FSDP expert units too (fsdp_unit)
+            L = moe.dispatcher.num_local
+            axis = lambda c, L=L: chunk_axis(cfg.chunk_by, c, L)  # noqa: E731
+            # What the planner times at C chunks: the axis, or tokens where experts cannot be.
+            by = "tokens" if cfg.chunk_by == "tokens" else "auto"
+            probe = lambda c, L=L, by=by: chunk_axis(by, c, L)  # noqa: E731
             cost = None
             if cfg.chunks == "auto" or cfg.report:
                 if shape not in models:
@@ -130,10 +135,9 @@ class OverlapSession:
                         device,
                         dtype,
                         dispatcher=moe.dispatcher,
+                        axis=probe,
                     )
                 cost = models[shape]
-            L = moe.dispatcher.num_local
-            axis = lambda c, L=L: chunk_axis(cfg.chunk_by, c, L)  # noqa: E731
             if cfg.chunks == "auto":
                 cands = tuple(
                     c
