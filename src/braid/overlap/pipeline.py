@@ -147,8 +147,11 @@ class _Run:
                 if self.grad:
                     x_RD = _Capture.apply(anchor, x_RD, self.boxes[c])
                 # Chunks of experts cover every expert once: their dW rows are written, not
-                # added to zeros (`grouped_gemm.accumulate_grad`).
-                part = None if route.part is None else (*route.part, True)
+                # added to zeros (`grouped_gemm.accumulate_grad`). Not in an FSDP unit: its
+                # post-backward runs after each chunk's call and, with a reduce dtype, moves
+                # the grad written so far into its accumulator, unwritten rows and all.
+                covers = self.unit.module is None
+                part = None if route.part is None else (*route.part, covers)
                 y_RD = self.experts(dsp.to_experts(x_RD, route), route.counts_L, part)
                 y_RD = dsp.from_experts(y_RD, route)
                 if self.grad:
