@@ -11,6 +11,8 @@ queued after backward.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from harness import run_ranks
@@ -54,7 +56,8 @@ def _grads(moe, x, w_out) -> list[torch.Tensor]:
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
-    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-30)) if b.numel() else 0.0
+    err = float((a - b).abs().max() / b.abs().max().clamp(min=1e-30)) if b.numel() else 0.0
+    return err if math.isfinite(err) else math.inf  # NaN never passes
 
 
 def _worker(rank: int, world: int) -> dict:
