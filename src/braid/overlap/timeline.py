@@ -1,6 +1,7 @@
 """Per-layer timeline of the overlap engine: named ranges for traces, and exposed communication.
 
-Job: every piece of work the pipeline does runs inside a `record_function` range named
+Job: while a profiler runs, every piece of work the pipeline does runs inside a
+`record_function` range named
 `moe{i}/<kind>` (kinds: forward, backward, dispatch_a2a, combine_a2a, experts, experts_bwd,
 shared, shared_bwd, dW (drained in a window), dW_flush (at a flush point), dense_dW and
 dense_dW_flush (split_dw = "all": the blocks above, `braid.overlap.dense`), and
@@ -24,10 +25,11 @@ Phases: record (during the step, no host syncs) -> `summary()` after `streams.sy
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor
 from torch.autograd.profiler import record_function
 
@@ -40,6 +42,12 @@ class _Exchange:
     issued: Any
     handle: Any  # braid.exchange.base.Handle
     waited: Any = None
+
+
+def _range(name: str) -> Any:
+    """A `record_function` range while a profiler is on; otherwise nothing: entering one costs
+    several microseconds of CPU even with no profiler, paid by every range of every chunk."""
+    return record_function(name) if torch.autograd._profiler_enabled() else nullcontext()
 
 
 class LayerTimeline:
@@ -55,7 +63,7 @@ class LayerTimeline:
 
     @contextmanager
     def span(self, kind: str) -> Iterator[None]:
-        with record_function(f"{self.prefix}/{kind}"):
+        with _range(f"{self.prefix}/{kind}"):
             if not self.timing:
                 yield
                 return
@@ -65,7 +73,7 @@ class LayerTimeline:
 
     def issue(self, kind: str, go: Callable[[], Any], send: Tensor) -> InFlight:
         """Start an exchange (`go()` returns its handle); the send buffer rides with the handle."""
-        with record_function(f"{self.prefix}/{kind}"):
+        with _range(f"{self.prefix}/{kind}"):
             issued = self.clock.mark() if self.timing else None
             fl = InFlight(go(), send, kind)
         if self.timing:
@@ -74,7 +82,7 @@ class LayerTimeline:
 
     def wait(self, fl: InFlight, drain: Callable[[Any], int] | None = None) -> Tensor:
         """Drain queued dW while the exchange is in flight, then wait for it (exposed time)."""
-        with record_function(f"{self.prefix}/{fl.kind}_wait"):
+        with _range(f"{self.prefix}/{fl.kind}_wait"):
             if drain is not None:
                 drain(fl.handle)
             before = self.clock.mark() if self.timing else None
