@@ -478,3 +478,19 @@ def test_expert_axis_keeps_one_dw_add_in_all():
     for c in (1, 2, 4, 8):
         added = predict_ms(shape, c, False, _cost(dw=2.0), "experts")
         assert added - predict_ms(shape, c, False, base, "experts") == pytest.approx(2.0)
+
+
+def test_planner_slices_the_experts_the_rank_holds(monkeypatch):
+    """A simulated exchange's one rank holds all E experts while its traffic is that of `ep`
+    ranks: the expert axis is modelled on the experts held (`local_experts`), not E / ep."""
+    import braid.overlap.planner as planner_mod
+
+    seen = []
+    real = planner_mod.expert_bounds
+    monkeypatch.setattr(planner_mod, "expert_bounds", lambda L, C: (seen.append(L), real(L, C))[1])
+    shape = LayerShape(tokens=4096, dim=64, hidden=96, top_k=8, num_experts=64, ep=4, elem_bytes=2)
+    m = CostModel(a2a_latency_ms=0.05, a2a_ms_per_byte=1e-6, gemm_latency_ms=0.01,
+                  gemm_ms_per_flop=1e-9)  # fmt: skip
+    predict_ms(shape, 4, True, m, "experts")
+    predict_ms(replace(shape, local_experts=64), 4, True, m, "experts")
+    assert seen == [16, 64]

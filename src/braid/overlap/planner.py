@@ -63,6 +63,7 @@ class LayerShape:
     ep: int
     elem_bytes: float  # bytes per element on the wire, averaged over the layer's exchanges
     shared_hidden: int = 0  # total hidden of the shared experts (0: none)
+    local_experts: int = 0  # experts this rank holds (0: num_experts // ep)
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,7 @@ def predict_ms(
     full = s.tokens * s.top_k
     wire = full * s.dim * s.elem_bytes * (s.ep - 1) / s.ep
     if axis == "experts":
-        L = max(s.num_experts // s.ep, C)
+        L = max(s.local_experts or s.num_experts // s.ep, C)
         fr = [(hi - lo) / L for lo, hi in expert_bounds(L, C)]
         x = [m.exchange_ms(wire * f, s.ep) for f in fr]
         flops = 6.0 * full * s.dim * s.hidden  # w13: 2*D*2F, w2: 2*F*D per row

@@ -71,6 +71,7 @@ def layer_shape(moe: Any, tokens_per_rank: int, dtype: torch.dtype) -> LayerShap
         ep=moe.dispatcher.exchange.traffic_ranks,
         elem_bytes=wire,
         shared_hidden=shared,
+        local_experts=moe.dispatcher.num_local,  # all E with a simulated exchange's one rank
     )
 
 
