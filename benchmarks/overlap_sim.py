@@ -20,15 +20,17 @@ chunks4_split, chunks8_split, auto (the planner's C), auto_split (chunks hold ex
 `--chunk-by` says: `overlap.chunk_by`, default auto); the train part adds split_all and auto_all
 (`overlap.split_dw = "all"`: the attention and dense-FFN dW of the blocks above each MoE layer
 deferred into its windows too; the layer part has no attention). Per mode: `median_ms` (CUDA
-events; the layer part times every mode once per round, `--rounds`, and takes the median of the
-rounds' medians, so that clock drift over the run does not favour the modes timed first),
+events; both parts time every mode once per round, `--rounds`, and take the median of the rounds'
+medians, so that clock drift over the run does not favour the modes timed first),
 `exchange_ms`/`exposed_ms` from the overlap timeline (one timed step; off: its C=1 twin, the plain
 path's order), `exposed_over_exchange_alone` (exposed / the movements of off's step replayed
 alone), `slower_than_off`, and per layer/config `auto_vs_best` (auto's best mode time over the best
 fixed mode's, minus 1) and `best_mode`. Every mode's results are checked against off's first
-(layer: output and grads; train: the first two losses). `--trace PATH` writes a Chrome trace
-(torch.profiler) of one training step in mode auto_split (of the layer's fine-grained shape if only
-the layer part runs). """
+(layer: output and grads; train: the first two losses). The training-step part lives in
+overlap_sim_train.py, the modes, rows and targets both parts share in overlap_modes.py. `--trace
+PATH` writes a Chrome trace (torch.profiler) of one training step in mode auto_split (of the
+layer's fine-grained shape if only the layer part runs).
+"""
 
 from __future__ import annotations
 
@@ -43,106 +45,25 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent))
 import torch  # noqa: E402
 from common import environment, time_cuda, write_result  # noqa: E402
-from overlap_exchange import Movement, record  # noqa: E402
+from overlap_exchange import record  # noqa: E402
+from overlap_modes import MODES, row_of, summarize, time_alone, trace  # noqa: E402
+from overlap_sim_train import bench_train  # noqa: E402
 
-from braid.config import load_config  # noqa: E402
 from braid.exchange import get_exchange  # noqa: E402
 from braid.exchange.config import ExchangeConfig  # noqa: E402
-from braid.info import arithmetic  # noqa: E402
 from braid.model.config import ModelConfig  # noqa: E402
 from braid.moe.config import MoEConfig  # noqa: E402
 from braid.moe.layer import MoE  # noqa: E402
 from braid.overlap.config import OverlapConfig, chunk_axis  # noqa: E402
-from braid.overlap.dense import restore_dense  # noqa: E402
 from braid.overlap.pipeline import LayerOverlap  # noqa: E402
 from braid.overlap.planner import CANDIDATES, choose_chunks, measure  # noqa: E402
-from braid.overlap.session import OverlapSession, layer_shape  # noqa: E402
+from braid.overlap.session import layer_shape  # noqa: E402
 from braid.overlap.streams import Clock, synchronize  # noqa: E402
-from braid.parallel.clip import clip_grad_norm  # noqa: E402
-from braid.parallel.distributed import init_parallel  # noqa: E402
-from braid.train.model_setup import build_model  # noqa: E402
-from braid.train.optim import build_optimizer, lr_at  # noqa: E402
-from braid.train.trainer import autocast, loss_fn  # noqa: E402
 
 SHAPES = {"fine_64e_top8": (64, 8, 2048, 1408), "mixtral_8e_top2": (8, 2, 4096, 14336)}
 SMOKE_SHAPES = {"smoke_16e_top4": (16, 4, 32, 48), "smoke_8e_top2": (8, 2, 64, 96)}
-MODES = {  # name: (chunks, split_dw: bool or "all"); None: overlap off (the plain path)
-    "off": None,
-    "split_dw": (1, True),
-    "chunks2": (2, False),
-    "chunks4": (4, False),
-    "chunks2_split": (2, True),
-    "chunks4_split": (4, True),
-    "chunks8": (8, False),
-    "chunks8_split": (8, True),
-    "auto": ("auto", False),
-    "auto_split": ("auto", True),
-}
-TRAIN_MODES = {**MODES, "split_all": (1, "all"), "auto_all": ("auto", "all")}
-SMOKE_TRAIN = [
-    "--model.dim=32",
-    "--model.n_layers=3",
-    "--model.n_heads=2",
-    "--model.vocab_size=128",
-    "--model.ffn_hidden=64",
-    "--model.max_seq_len=32",
-    "--moe.expert_hidden=16",
-]
-
-
 def sim_config(args) -> ExchangeConfig:
     return ExchangeConfig(algorithm="simulated", simulate_ranks=args.ranks)
-
-
-def time_alone(exchange, calls: list[Movement], device: torch.device, iters: int) -> float:
-    """The recorded movements replayed back to back, each waited at once (median ms)."""
-
-    def replay() -> None:
-        for mv in calls:
-            buf = torch.empty(mv.shape, dtype=mv.dtype, device=device)
-            getattr(exchange, mv.method)(buf, list(mv.send), list(mv.recv)).wait()
-
-    return time_cuda(replay, iters=iters, warmup=2)["median_ms"]
-
-
-def summarize(rows: dict[str, dict]) -> dict[str, Any]:
-    """Best mode, auto against the best fixed mode, and the issue's three targets."""
-    fixed = {m: r["median_ms"] for m, r in rows.items() if not m.startswith("auto")}
-    best_fixed = min(fixed, key=fixed.get)
-    autos = {m: r["median_ms"] for m, r in rows.items() if m.startswith("auto")}
-    best_auto = min(autos, key=autos.get) if autos else None
-    best = min(rows, key=lambda m: rows[m]["median_ms"])
-    out = {
-        "best_mode": best,
-        "best_fixed_mode": best_fixed,
-        "best_exposed_over_exchange_alone": rows[best]["exposed_over_exchange_alone"],
-        "worst_slower_than_off": max(r["slower_than_off"] for r in rows.values()),
-    }
-    if best_auto is not None:
-        out["auto_vs_best"] = autos[best_auto] / fixed[best_fixed] - 1
-    out["targets_met"] = {
-        "best_exposed_le_10pct": out["best_exposed_over_exchange_alone"] <= 0.10,
-        "no_mode_over_2pct_slower": out["worst_slower_than_off"] <= 0.02,
-        "auto_within_3pct_of_best": out.get("auto_vs_best", 0.0) <= 0.03,
-    }
-    return out
-
-
-def row_of(t: dict, tl: dict, alone_ms: float, off_ms: float | None, **extra) -> dict:
-    med = t["median_ms"]
-    exposed, exchange = tl["exposed_ms"], tl["exchange_ms"]
-    return {
-        **extra,
-        "median_ms": med,
-        "min_ms": t["min_ms"],
-        "max_ms": t["max_ms"],
-        "exchange_ms": exchange,
-        "exposed_ms": exposed,
-        "dW_ms": tl.get("dW_ms", 0.0),
-        "exposed_fraction": exposed / max(exchange, 1e-9),
-        "exposed_over_exchange_alone": exposed / max(alone_ms, 1e-9),
-        "slower_than_off": 0.0 if off_ms is None else med / off_ms - 1,
-    }
 
 
 # -- the MoE layer ----------------------------------------------------------------------------
@@ -259,194 +180,6 @@ def bench_layer(name: str, shape: tuple, args, device, amp, dtype, log) -> dict:
     moe.overlap = None
     out.update(summarize(out["modes"]))
     return out
-
-
-# -- a training step --------------------------------------------------------------------------
-
-
-def train_overrides(name: str, args, mode: tuple | None) -> list[str]:
-    over = [
-        "--parallel.ep=1",  # one process: all experts here, the exchange simulated
-        "--exchange.algorithm=simulated",
-        f"--exchange.simulate_ranks={args.ranks}",
-        f"--train.batch_size={args.train_batch}",
-        f"--train.seq_len={args.train_seq}",
-        "--train.grad_accum=1",
-    ]
-    if args.smoke:
-        over = SMOKE_TRAIN + over + ["--train.device=cpu"]
-    if args.train_layers:
-        over.append(f"--model.n_layers={args.train_layers}")
-    if mode is not None:
-        C, split = mode
-        over += [f'--overlap.chunks="{C}"' if C == "auto" else f"--overlap.chunks={C}"]
-        split_mode = {False: "off", True: "experts"}.get(split, split)
-        over += [f"--overlap.split_dw={split_mode}", f"--overlap.chunk_by={args.chunk_by}"]
-    return over
-
-
-def _check_train(name: str, mode: str, step, out: dict, exchange, device, args) -> None:
-    """Two steps of `mode` from the saved weights: their losses must be off's (off records
-    them, and its exchanges for the replay alone). The losses go to `out["_losses"]`."""
-    if mode == "off":
-        with record(exchange) as calls:
-            first = float(step())
-    else:
-        first = float(step())
-    losses = [first, float(step())]
-    if mode == "off":
-        out["reference_losses"] = losses
-        out["exchange_alone_ms"] = time_alone(exchange, calls, device, max(args.iters, 3))
-        out["exchange_alone_movements"] = len(calls)
-    ref = out["reference_losses"]
-    err = max(abs(p - q) / abs(q) for p, q in zip(losses, ref, strict=True))
-    if err > args.train_tol:
-        raise SystemExit(f"train {name}/{mode}: losses {losses} != off's {ref}")
-    out["_losses"] = losses
-
-
-def bench_train(name: str, args, log) -> dict:
-    cfg = load_config(name, train_overrides(name, args, None))
-    ctx = init_parallel(cfg)
-    device = ctx.device
-    model = build_model(cfg, ctx)
-    saved = [t.detach().clone() for t in list(model.parameters()) + list(model.buffers())]
-    moes = model.moe_modules()
-    exchange = next(iter(moes.values())).dispatcher.exchange
-    gen = torch.Generator().manual_seed(1000)
-    x = torch.randint(
-        0, cfg.model.vocab_size, (args.train_batch, args.train_seq + 1), generator=gen
-    )
-    x = x.to(device)
-    amp = autocast(cfg, device)
-    dtype = torch.bfloat16 if isinstance(amp, torch.autocast) else torch.float32
-    a = arithmetic(cfg, args.train_seq)
-    out: dict[str, Any] = {
-        "config": name,
-        "n_layers": cfg.model.n_layers,
-        "layers_override": bool(args.train_layers),
-        "moe_layers": len(moes),
-        "experts": cfg.moe.num_experts,
-        "top_k": cfg.moe.top_k,
-        "shared_experts": cfg.moe.num_shared_experts,
-        "tokens_per_step": args.train_batch * args.train_seq,
-        "total_params": a.total_params,
-        "compute_dtype": str(dtype),
-        "modes": {},
-    }
-    times: dict[str, list[dict]] = {m: [] for m in TRAIN_MODES}
-    for rnd in range(args.rounds):  # every mode once per round (see the layer part)
-        for mode, sched in TRAIN_MODES.items():
-            with torch.no_grad():
-                params = list(model.parameters()) + list(model.buffers())
-                for t, s in zip(params, saved, strict=True):
-                    t.copy_(s)
-            for moe in moes.values():
-                moe.overlap = None
-            mcfg = load_config(name, train_overrides(name, args, sched))
-            session = OverlapSession.install(
-                model,
-                mcfg.overlap,
-                device=device,
-                tokens_per_rank=args.train_batch * args.train_seq,
-                dtype=dtype,
-                log=lambda line: None,
-            )
-            opt = build_optimizer(model, mcfg.train, device)
-            for grp in opt.param_groups:
-                grp["lr"] = mcfg.train.lr
-
-            def step(opt=opt, session=session, mcfg=mcfg):
-                loss, parts = loss_fn(model, x[:, :-1], x[:, 1:], mcfg, amp)
-                loss.backward()
-                session.flush()
-                clip_grad_norm(model, mcfg.train.grad_clip, ctx)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                model.update_router_biases()
-                return parts["ce"]
-
-            if rnd == 0:
-                _check_train(name, mode, step, out, exchange, device, args)
-            for grp in opt.param_groups:
-                grp["lr"] = lr_at(0, mcfg.train)
-            times[mode].append(time_cuda(step, iters=args.train_iters, warmup=1))
-            if rnd == 0:
-                tl = timeline_step(model, step, device)
-                chunks = sorted({lo.chunks for lo in session.layers.values()}) or [1]
-                split = mcfg.overlap.split_dw
-                row = row_of(
-                    times[mode][0], tl, out["exchange_alone_ms"], None, chunks=chunks,
-                    split_dw=split, losses=out.pop("_losses"),
-                )  # fmt: skip
-                if split == "all":  # the blocks above each MoE layer: dW drained, flushed
-                    row["dense_dW_ms"] = tl["dense_dW_ms"]
-                    row["dense_dW_flush_ms"] = tl["dense_dW_flush_ms"]
-                    # Counts over every step this mode ran (checks, warm-up and timed steps).
-                    layers = session.layers.values()
-                    row["dense_dW_tasks"] = sum(lo.dense.num_run for lo in layers)
-                    row["dense_dW_tasks_in_windows"] = sum(lo.dense.num_drained for lo in layers)
-                out["modes"][mode] = row
-                traced = args.traced or not args.trace or args.only_layer_trace
-                if mode == "auto_split" and not traced:
-                    trace(step, device, args.trace)
-                    out["trace"] = {"path": args.trace, "mode": mode, "chunks": chunks}
-                    args.traced = True
-            del opt, session, step
-            gc.collect()
-            if device.type == "cuda":
-                out["max_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-                torch.cuda.empty_cache()
-    off_ms = statistics.median(r["median_ms"] for r in times["off"])
-    for mode, row in out["modes"].items():
-        rounds = times[mode]
-        row["median_ms"] = statistics.median(r["median_ms"] for r in rounds)
-        row["min_ms"] = min(r["min_ms"] for r in rounds)
-        row["max_ms"] = max(r["max_ms"] for r in rounds)
-        row["round_medians_ms"] = [r["median_ms"] for r in rounds]
-        row["slower_than_off"] = row["median_ms"] / off_ms - 1
-        log(
-            f"train {name:>8} {mode:>13}: C={row['chunks']!s:>6} {row['median_ms']:9.2f} ms  "
-            f"exchange {row['exchange_ms']:7.2f} (alone {out['exchange_alone_ms']:7.2f}) exposed "
-            f"{row['exposed_ms']:7.2f} ({100 * row['exposed_over_exchange_alone']:5.1f}%)  "
-            f"vs off {100 * row['slower_than_off']:+5.1f}%"
-        )
-    for moe in moes.values():
-        moe.overlap = None
-    restore_dense(model)
-    out.update(summarize(out["modes"]))
-    return out
-
-
-def timeline_step(model, step, device) -> dict[str, float]:
-    """One step with every MoE layer's timeline on (off: the C=1 twin); sums over layers."""
-    moes, twins = model.moe_modules(), set()
-    for i, moe in moes.items():
-        if moe.overlap is None:
-            moe.overlap = LayerOverlap(i, 1, False, Clock(device))
-            twins.add(i)
-        moe.overlap.timeline.timing = True
-    step()
-    synchronize(device)
-    rows = [moe.overlap.timeline.summary() for moe in moes.values()]
-    for i, moe in moes.items():
-        moe.overlap.timeline.timing = False
-        if i in twins:
-            moe.overlap = None
-    keys = ("exchange_ms", "exposed_ms", "dW_ms", "measured_ms")
-    keys += ("dense_dW_ms", "dense_dW_flush_ms")  # split_dw = "all"
-    return {k: sum(r.get(k, 0.0) for r in rows) for k in keys}
-
-
-def trace(step, device: torch.device, path: str) -> None:
-    acts = [torch.profiler.ProfilerActivity.CPU]
-    if device.type == "cuda":
-        acts.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=acts) as prof:
-        step()
-        synchronize(device)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    prof.export_chrome_trace(path)
 
 
 def main() -> None:

@@ -1,0 +1,92 @@
+"""Modes, rows and targets of the one-GPU overlap benchmark (benchmarks/overlap_sim.py).
+
+Shared by its MoE layer part (overlap_sim.py) and its training-step part (overlap_sim_train.py):
+the overlap modes, one result row per mode, the exchange replayed alone, the summary against
+the targets, and a Chrome trace of one step.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from common import time_cuda
+from overlap_exchange import Movement
+
+from braid.overlap.streams import synchronize
+
+MODES = {  # name: (chunks, split_dw: bool or "all"); None: overlap off (the plain path)
+    "off": None,
+    "split_dw": (1, True),
+    "chunks2": (2, False),
+    "chunks4": (4, False),
+    "chunks2_split": (2, True),
+    "chunks4_split": (4, True),
+    "chunks8": (8, False),
+    "chunks8_split": (8, True),
+    "auto": ("auto", False),
+    "auto_split": ("auto", True),
+}
+
+
+def time_alone(exchange, calls: list[Movement], device: torch.device, iters: int) -> float:
+    """The recorded movements replayed back to back, each waited at once (median ms)."""
+
+    def replay() -> None:
+        for mv in calls:
+            buf = torch.empty(mv.shape, dtype=mv.dtype, device=device)
+            getattr(exchange, mv.method)(buf, list(mv.send), list(mv.recv)).wait()
+
+    return time_cuda(replay, iters=iters, warmup=2)["median_ms"]
+
+
+def summarize(rows: dict[str, dict]) -> dict[str, Any]:
+    """Best mode, auto against the best fixed mode, and the issue's three targets."""
+    fixed = {m: r["median_ms"] for m, r in rows.items() if not m.startswith("auto")}
+    best_fixed = min(fixed, key=fixed.get)
+    autos = {m: r["median_ms"] for m, r in rows.items() if m.startswith("auto")}
+    best_auto = min(autos, key=autos.get) if autos else None
+    best = min(rows, key=lambda m: rows[m]["median_ms"])
+    out = {
+        "best_mode": best,
+        "best_fixed_mode": best_fixed,
+        "best_exposed_over_exchange_alone": rows[best]["exposed_over_exchange_alone"],
+        "worst_slower_than_off": max(r["slower_than_off"] for r in rows.values()),
+    }
+    if best_auto is not None:
+        out["auto_vs_best"] = autos[best_auto] / fixed[best_fixed] - 1
+    out["targets_met"] = {
+        "best_exposed_le_10pct": out["best_exposed_over_exchange_alone"] <= 0.10,
+        "no_mode_over_2pct_slower": out["worst_slower_than_off"] <= 0.02,
+        "auto_within_3pct_of_best": out.get("auto_vs_best", 0.0) <= 0.03,
+    }
+    return out
+
+
+def row_of(t: dict, tl: dict, alone_ms: float, off_ms: float | None, **extra) -> dict:
+    med = t["median_ms"]
+    exposed, exchange = tl["exposed_ms"], tl["exchange_ms"]
+    return {
+        **extra,
+        "median_ms": med,
+        "min_ms": t["min_ms"],
+        "max_ms": t["max_ms"],
+        "exchange_ms": exchange,
+        "exposed_ms": exposed,
+        "dW_ms": tl.get("dW_ms", 0.0),
+        "exposed_fraction": exposed / max(exchange, 1e-9),
+        "exposed_over_exchange_alone": exposed / max(alone_ms, 1e-9),
+        "slower_than_off": 0.0 if off_ms is None else med / off_ms - 1,
+    }
+
+
+def trace(step, device: torch.device, path: str) -> None:
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=acts) as prof:
+        step()
+        synchronize(device)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(path)
