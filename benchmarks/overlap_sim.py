@@ -62,6 +62,8 @@ from braid.overlap.streams import Clock, synchronize  # noqa: E402
 
 SHAPES = {"fine_64e_top8": (64, 8, 2048, 1408), "mixtral_8e_top2": (8, 2, 4096, 14336)}
 SMOKE_SHAPES = {"smoke_16e_top4": (16, 4, 32, 48), "smoke_8e_top2": (8, 2, 64, 96)}
+
+
 def sim_config(args) -> ExchangeConfig:
     return ExchangeConfig(algorithm="simulated", simulate_ranks=args.ranks)
 
@@ -82,10 +84,9 @@ def bench_layer(name: str, shape: tuple, args, device, amp, dtype, log) -> dict:
     x = torch.randn(args.tokens, H, device=device, generator=gen)
     g = torch.randn(args.tokens, H, device=device, generator=gen) * 1e-2
     shp = layer_shape(moe, args.tokens, dtype)
-    probe_by = "tokens" if args.chunk_by == "tokens" else "auto"
     cost = measure(
         shp, moe.dispatcher.exchange, moe.experts, device, dtype, dispatcher=moe.dispatcher,
-        axis=lambda c: chunk_axis(probe_by, c, moe.dispatcher.num_local),
+        axis=lambda c: chunk_axis(args.chunk_by, c, moe.dispatcher.num_local, strict=False),
     )  # fmt: skip
     cands = tuple(c for c in CANDIDATES if c <= OverlapConfig().max_chunks)
     axis = lambda c: chunk_axis(args.chunk_by, c, moe.dispatcher.num_local)  # noqa: E731

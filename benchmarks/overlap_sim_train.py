@@ -12,6 +12,7 @@ import torch
 from common import time_cuda
 from overlap_exchange import record
 from overlap_modes import MODES, row_of, summarize, time_alone, trace
+from overlap_train_step import SMOKE_SIZE  # the same tiny sizes as the multi-GPU benchmark
 
 from braid.config import load_config
 from braid.info import arithmetic
@@ -26,15 +27,6 @@ from braid.train.optim import build_optimizer, lr_at
 from braid.train.trainer import autocast, loss_fn
 
 TRAIN_MODES = {**MODES, "split_all": (1, "all"), "auto_all": ("auto", "all")}
-SMOKE_TRAIN = [
-    "--model.dim=32",
-    "--model.n_layers=3",
-    "--model.n_heads=2",
-    "--model.vocab_size=128",
-    "--model.ffn_hidden=64",
-    "--model.max_seq_len=32",
-    "--moe.expert_hidden=16",
-]
 
 
 def train_overrides(name: str, args, mode: tuple | None) -> list[str]:
@@ -47,7 +39,7 @@ def train_overrides(name: str, args, mode: tuple | None) -> list[str]:
         "--train.grad_accum=1",
     ]
     if args.smoke:
-        over = SMOKE_TRAIN + over + ["--train.device=cpu"]
+        over = SMOKE_SIZE + over + ["--train.device=cpu"]
     if args.train_layers:
         over.append(f"--model.n_layers={args.train_layers}")
     if mode is not None:

@@ -61,6 +61,7 @@ def test_chunk_axis_resolution(by, chunks, L, axis):
 def test_chunk_axis_refuses_more_chunks_of_experts_than_experts(chunks, L):
     with pytest.raises(ValueError, match=rf"overlap\.chunk_by.*chunks={chunks}.* {L} experts"):
         chunk_axis("experts", chunks, L)
+    assert chunk_axis("experts", chunks, L, strict=False) == "tokens"  # the planner's probe
 
 
 def test_chunk_by_knob_accepts_its_modes_and_refuses_others():

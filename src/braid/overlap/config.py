@@ -26,7 +26,7 @@ class OverlapConfig:
     chunk_by: Literal["auto", "experts", "tokens"] = knob(
         "auto",
         'What a chunk holds: "experts" (a slice of each rank\'s local experts, all their rows: '
-        "every expert's GEMMs and dW run once, at full size), \"tokens\" (a slice of the "
+        'every expert\'s GEMMs and dW run once, at full size), "tokens" (a slice of the '
         'tokens, all experts: each chunk adds its own dW into the grads), or "auto" (experts '
         "when chunks <= experts per rank, else tokens).",
     )
@@ -59,10 +59,14 @@ class OverlapConfig:
         check(self.trace_step >= 0, "overlap.trace_step", self.trace_step, "must be >= 0")
 
 
-def chunk_axis(chunk_by: str, chunks: int, num_local: int) -> str:
+def chunk_axis(chunk_by: str, chunks: int, num_local: int, strict: bool = True) -> str:
     """What C = `chunks` chunks of a layer with `num_local` experts per rank hold: "experts" or
-    "tokens" (`OverlapConfig.chunk_by`; "auto": experts when there are enough of them)."""
+    "tokens" (`OverlapConfig.chunk_by`; "auto": experts when there are enough of them).
+    "experts" with more chunks than experts is an error, or with `strict` off (the planner
+    probing chunk counts the layer will not run) "tokens"."""
     if chunk_by == "experts" and chunks > num_local:
+        if not strict:
+            return "tokens"
         raise ValueError(
             f'overlap.chunk_by="experts": chunks={chunks} is more than the {num_local} experts '
             'per rank; use chunks <= experts per rank, or chunk_by="tokens" or "auto"'

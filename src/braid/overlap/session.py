@@ -124,8 +124,7 @@ class OverlapSession:
             L = moe.dispatcher.num_local
             axis = lambda c, L=L: chunk_axis(cfg.chunk_by, c, L)  # noqa: E731
             # What the planner times at C chunks: the axis, or tokens where experts cannot be.
-            by = "tokens" if cfg.chunk_by == "tokens" else "auto"
-            probe = lambda c, L=L, by=by: chunk_axis(by, c, L)  # noqa: E731
+            probe = lambda c, L=L: chunk_axis(cfg.chunk_by, c, L, strict=False)  # noqa: E731
             cost = None
             if cfg.chunks == "auto" or cfg.report:
                 if shape not in models:
