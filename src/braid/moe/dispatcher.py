@@ -130,7 +130,7 @@ class TokenDispatcher:
         self.num_experts, self.top_k, self.capacity_factor = num_experts, top_k, capacity_factor
         self.exchange: Exchange = LocalExchange()
         self.send_fp8: Fp8Send | None = None  # train.precision=fp8 (braid.parallel.fp8)
-        self._keys: dict[tuple, Tensor] = {}  # chunks of experts: sort key per expert
+        self._keys: dict[tuple, Tensor] = {}  # chunks of experts: sort keys, chunk of each slot
 
     @property
     def num_local(self) -> int:
@@ -222,24 +222,31 @@ class TokenDispatcher:
             order = order[keep_NK.index_select(0, order)]
         send_WL = count_per_expert(topk_idx_NK.flatten().index_select(0, order), E).view(W, L)
         recv_WL = send_WL if W == 1 else self.exchange.exchange_counts(send_WL)
-        sums = [(m[:, lo:hi].sum(1)) for m in (send_WL, recv_WL) for lo, hi in parts]
-        both = torch.cat(sums).tolist()  # the one host sync: every chunk's splits
         C, routes, a = num_chunks, [], 0
+        # Every chunk's rows to and from each rank in one reduction: [2, W, C] (a few small
+        # kernels per layer, not a few per chunk: chunked steps are launch-bound).
+        chunk_L = self._keys.get(("chunk", num_chunks, L, dev))
+        if chunk_L is None:  # each local expert slot's chunk
+            chunk_L = torch.tensor([c for c, (lo, hi) in enumerate(parts) for _ in range(lo, hi)])
+            chunk_L = self._keys[("chunk", num_chunks, L, dev)] = chunk_L.to(dev)
+        sums = torch.zeros(2, W, C, dtype=send_WL.dtype, device=dev)
+        sums.index_add_(2, chunk_L, torch.stack([send_WL, recv_WL]))
+        both = sums.tolist()  # the one host sync: every chunk's splits
+        token_M, counts_L = order // K, recv_WL.sum(0)  # sliced per chunk below (views)
         for c, (lo, hi) in enumerate(parts):
-            send, recv = both[c * W : (c + 1) * W], both[(C + c) * W :][:W]
+            send, recv = [r[c] for r in both[0]], [r[c] for r in both[1]]
             b = a + sum(send)
-            order_c = order[a:b]
             regroup = regroup_index(recv_WL[:, lo:hi], sum(recv)) if W > 1 else None
             routes.append(
                 Route(
                     start=0,
                     stop=N,
-                    order_M=order_c,
-                    token_M=order_c // K,
+                    order_M=order[a:b],
+                    token_M=token_M[a:b],
                     pos_NK=None,
                     send=send,
                     recv=recv,
-                    counts_L=recv_WL[:, lo:hi].sum(0),
+                    counts_L=counts_L[lo:hi],
                     regroup_R=regroup,
                     unregroup_R=inverse_permutation(regroup) if regroup is not None else None,
                     part=(lo, hi),
@@ -251,11 +258,11 @@ class TokenDispatcher:
             start=0,
             stop=N,
             order_M=order,
-            token_M=order // K,
+            token_M=token_M,
             pos_NK=inverse_permutation(order).view(N, K) if keep_NK is None else None,
             send=[a],
             recv=[a],
-            counts_L=recv_WL.sum(0),
+            counts_L=counts_L,
             regroup_R=None,
             unregroup_R=None,
         )
