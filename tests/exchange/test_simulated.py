@@ -80,6 +80,30 @@ def test_layer_outputs_and_grads_are_bitwise_the_local_exchanges(shared, capacit
             assert torch.equal(a, b), (chunks, split)
 
 
+@pytest.mark.parametrize("by, chunks", [("tokens", 1), ("tokens", 2), ("experts", 2)])
+def test_plans_pay_the_count_exchange_of_the_ranks_it_stands_in_for(monkeypatch, by, chunks):
+    """A real group's dropless plan exchanges counts and reads the splits on the host; the
+    local exchange (one rank) needs neither; the simulated one pays both, as its ranks do."""
+    moe = _moe(shared=0)
+    fast = ExchangeConfig(algorithm="simulated", simulate_gbps=1000.0, simulate_latency_us=1)
+    sim = get_exchange("simulated")(None, None, fast)
+    calls, reads = [], []
+    real_counts = sim.exchange_counts
+    monkeypatch.setattr(sim, "exchange_counts", lambda c: calls.append(c.shape) or real_counts(c))
+    real_tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(1) or real_tolist(t))
+    topk = torch.randint(0, 4, (9, 2), generator=torch.Generator().manual_seed(2))
+    want = moe.dispatcher.plan(topk, chunks, by)  # the local exchange
+    local_reads = len(reads)
+    moe.dispatcher.exchange = sim
+    got = moe.dispatcher.plan(topk, chunks, by)
+    assert calls == [torch.Size([1, chunks * 4 if by == "tokens" else 4])]
+    assert len(reads) - local_reads == 1  # one host read for every chunk's splits
+    assert local_reads == (1 if by == "experts" else 0)  # chunk sizes of experts are data
+    for a, b in zip(got.routes, want.routes, strict=True):
+        assert (a.send, a.recv) == (b.send, b.recv) and torch.equal(a.order_M, b.order_M)
+
+
 def test_movements_take_the_modelled_time_one_after_another():
     cfg = ExchangeConfig(algorithm="simulated", simulate_gbps=1.0, simulate_latency_us=40)
     ex = SimulatedExchange(cfg=cfg)

@@ -25,12 +25,13 @@ its spin, so small movements keep their modelled time.
 On CPU nothing is copied: a movement is complete at its deadline (`done()` polls the host
 clock, `wait()` sleeps until it), so the engine's drain and report work as on a real link.
 `exchange_counts` and `all_reduce_sum` cost one latency each (serial, as their blocking
-collectives are); their values are the local exchange's.
+collectives are); their values are the local exchange's. The dispatcher's plans call
+`exchange_counts` and read the splits on the host here, as with the ranks it stands in for
+(`traffic_ranks`), so every mode pays the host sync that a real group's dispatch pays.
 
 Not modelled (docs/exchange.md): NVLink/NIC contention between ranks, NCCL's own SM use
 (the sleep kernel takes one thread, NCCL takes several thread blocks), rank skew and
-stragglers, uneven splits (only the payload size matters), and the count exchange's host
-sync beyond its latency.
+stragglers, and uneven splits (only the payload size matters).
 """
 
 from __future__ import annotations

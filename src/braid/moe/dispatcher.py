@@ -26,8 +26,9 @@ Plan (per chunk of tokens [start, stop)):
 Dispatch: gather the kept copies in expert order (x_MD), move them to their owners (rows arrive
 grouped [source rank][local expert]), regroup to [local expert][source rank].
 Combine reverses those steps and sums each token's expert outputs weighted by its gates.
-With one rank (the local or simulated exchange) nothing is counted across ranks and, dropless,
-no host sync is needed: the splits follow from the shapes.
+With one rank (the local exchange) nothing is counted across ranks and, dropless, no host sync
+is needed: the splits follow from the shapes. The simulated exchange stands in for several
+ranks: its plans exchange counts (one latency) and read the splits on the host as theirs do.
 With `send_fp8` (`train.precision=fp8`, set by `braid.parallel.fp8`), the plain dropless
 dispatch gathers, sends and regroups fp8 rows quantised once per token and hands the experts
 `Fp8Rows` (`braid.moe.fp8_dispatch`); the chunked path moves rows in x's dtype and the experts
@@ -162,7 +163,7 @@ class TokenDispatcher:
             counts.append(count_per_expert(sorted_e, E))
         C = num_chunks
         send_CWL = torch.stack(counts).view(C, W, L)
-        if W == 1:
+        if not self._counted():
             recv_WCL = send_CWL.transpose(0, 1)
             # Dropless: M = N*K per chunk, known from the shapes (no host sync).
             sizes = [(b - a) * K for a, b, _ in parts] if keep_NK is None else None
@@ -221,7 +222,7 @@ class TokenDispatcher:
         if keep_NK is not None:
             order = order[keep_NK.index_select(0, order)]
         send_WL = count_per_expert(topk_idx_NK.flatten().index_select(0, order), E).view(W, L)
-        recv_WL = send_WL if W == 1 else self.exchange.exchange_counts(send_WL)
+        recv_WL = self.exchange.exchange_counts(send_WL) if self._counted() else send_WL
         C, routes, a = num_chunks, [], 0
         # Every chunk's rows to and from each rank in one reduction: [2, W, C] (a few small
         # kernels per layer, not a few per chunk: chunked steps are launch-bound).
@@ -267,6 +268,14 @@ class TokenDispatcher:
             unregroup_R=None,
         )
         return Plan(routes=routes, num_dropped=dropped, whole=whole)
+
+    def _counted(self) -> bool:
+        """Whether a plan exchanges counts and reads the splits on the host: when the traffic
+        spans several ranks (`Exchange.traffic_ranks`). The simulated exchange counts the
+        ranks it stands in for, so one GPU pays the count exchange and the host read that a
+        real group's dispatch pays, in every mode (and `exchange_counts` returns the counts
+        unchanged there: one rank's are all of them)."""
+        return getattr(self.exchange, "traffic_ranks", self.exchange.size) > 1
 
     def _within_capacity(self, topk_idx_NK: Tensor) -> tuple[Tensor, Tensor]:
         """(keep_NK flat: copies that fit their expert's capacity, number dropped)."""
