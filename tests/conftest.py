@@ -1,4 +1,5 @@
-"""Shared pytest setup: make `tests/harness.py` importable and keep torch to one thread."""
+"""Shared pytest setup: make the shared test modules of this folder (`harness.py` and the others
+beside it) importable, and keep torch to one thread."""
 
 import os
 import sys

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from simulate import simulate_compression
 
 from harness import SMALL_MODEL, run_ranks
+from small_moe import seeded_moe
 
 N_PER_RANK, DIM = 24, 32
 # Relative (Frobenius) error of the layer's output and of every gradient against the
@@ -66,15 +67,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _layer_and_data(world: int):
-    from braid.model.config import ModelConfig
-    from braid.moe.config import MoEConfig
-    from braid.moe.layer import MoE
-
-    gen = torch.Generator().manual_seed(7)
-    layer = MoE(ModelConfig(dim=DIM), MoEConfig(num_experts=8, top_k=2, expert_hidden=48))
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    gen = torch.Generator().manual_seed(7)  # the weights, then the data
+    layer = seeded_moe(gen, DIM, num_experts=8, expert_hidden=48)
     x = torch.randn(world * N_PER_RANK, DIM, generator=gen)
     gy = torch.randn(world * N_PER_RANK, DIM, generator=gen)
     return layer, x, gy

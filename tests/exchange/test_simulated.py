@@ -19,36 +19,11 @@ from braid.errors import BraidError
 from braid.exchange import get_exchange
 from braid.exchange.config import ExchangeConfig
 from braid.exchange.simulated import NVLINK_H200X4, SimulatedExchange, simulated_ms
-from braid.model.config import ModelConfig
-from braid.moe.config import MoEConfig
-from braid.moe.layer import MoE
 from braid.overlap.pipeline import LayerOverlap
 from braid.overlap.streams import Clock
+from small_moe import moe_step, seeded_moe
 
 MiB = 2**20
-
-
-def _moe(shared: int = 1, capacity: float = 0.0) -> MoE:
-    cfg = MoEConfig(
-        num_experts=4,
-        top_k=2,
-        expert_hidden=12,
-        num_shared_experts=shared,
-        capacity_factor=capacity,
-    )
-    moe = MoE(ModelConfig(dim=16), cfg)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in moe.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-    return moe
-
-
-def _step(moe: MoE, x: torch.Tensor) -> list[torch.Tensor]:
-    x = x.clone().requires_grad_()
-    y, stats = moe(x)
-    (y.square().sum() + stats.aux_loss).backward()
-    return [y.detach(), x.grad, stats.num_dropped] + [p.grad for p in moe.parameters()]
 
 
 def test_model_time_follows_the_measured_table():
@@ -67,7 +42,7 @@ def test_model_time_follows_the_measured_table():
 
 @pytest.mark.parametrize("shared,capacity", [(1, 0.0), (0, 1.0)])
 def test_layer_outputs_and_grads_are_bitwise_the_local_exchanges(shared, capacity):
-    base = _moe(shared, capacity)
+    base = seeded_moe(num_shared_experts=shared, capacity_factor=capacity)
     x = torch.randn(2, 7, 16, generator=torch.Generator().manual_seed(1))
     fast = ExchangeConfig(algorithm="simulated", simulate_gbps=1000.0, simulate_latency_us=1)
     for chunks, split in ((None, False), (1, False), (3, True)):
@@ -76,7 +51,7 @@ def test_layer_outputs_and_grads_are_bitwise_the_local_exchanges(shared, capacit
         for m in (ref, sim):
             if chunks is not None:
                 m.overlap = LayerOverlap(0, chunks, split, Clock(torch.device("cpu")))
-        for a, b in zip(_step(sim, x), _step(ref, x), strict=True):
+        for a, b in zip(moe_step(sim, x), moe_step(ref, x), strict=True):
             assert torch.equal(a, b), (chunks, split)
 
 
@@ -84,7 +59,7 @@ def test_layer_outputs_and_grads_are_bitwise_the_local_exchanges(shared, capacit
 def test_plans_pay_the_count_exchange_of_the_ranks_it_stands_in_for(monkeypatch, by, chunks):
     """A real group's dropless plan exchanges counts and reads the splits on the host; the
     local exchange (one rank) needs neither; the simulated one pays both, as its ranks do."""
-    moe = _moe(shared=0)
+    moe = seeded_moe()  # no shared expert
     fast = ExchangeConfig(algorithm="simulated", simulate_gbps=1000.0, simulate_latency_us=1)
     sim = get_exchange("simulated")(None, None, fast)
     calls, reads = [], []
@@ -119,12 +94,12 @@ def test_movements_take_the_modelled_time_one_after_another():
 
 
 def test_engine_fills_simulated_windows_and_reports_their_time():
-    moe = _moe(shared=1)
+    moe = seeded_moe(num_shared_experts=1)
     slow = ExchangeConfig(algorithm="simulated", simulate_gbps=0.001, simulate_latency_us=500)
     moe.dispatcher.exchange = get_exchange("simulated")(None, None, slow)
     moe.overlap = lo = LayerOverlap(0, 2, True, Clock(torch.device("cpu")))
     lo.timeline.timing = True
-    _step(moe, torch.randn(2, 8, 16))
+    moe_step(moe, torch.randn(2, 8, 16))
     row = lo.timeline.summary()
     assert lo.queue.num_drained > 0  # dW ran while movements were in flight
     assert row["exchange_ms"] >= 8 * 0.5  # 8 movements of at least the latency each

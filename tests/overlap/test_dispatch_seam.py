@@ -15,24 +15,13 @@ import torch
 
 import braid.moe.dispatcher as dispatcher_mod
 import braid.overlap.pipeline as pipeline_mod
-from braid.model.config import ModelConfig
-from braid.moe.config import MoEConfig
 from braid.moe.dispatcher import TokenDispatcher
 from braid.moe.layer import MoE
 from braid.overlap.pipeline import LayerOverlap
 from braid.overlap.streams import Clock
+from small_moe import seeded_moe
 
 CPU = Clock(torch.device("cpu"))
-
-
-def _moe(capacity: float) -> MoE:
-    cfg = MoEConfig(num_experts=4, top_k=2, expert_hidden=12, capacity_factor=capacity)
-    moe = MoE(ModelConfig(dim=16), cfg)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in moe.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-    return moe
 
 
 def _forward(moe: MoE, x: torch.Tensor, chunks: int | None, by: str = "tokens"):
@@ -56,7 +45,8 @@ def test_both_paths_count_through_count_per_expert(monkeypatch, capacity, by):
         return real(expert_M, num_experts)
 
     monkeypatch.setattr(dispatcher_mod, "count_per_expert", spy)
-    moe, x = _moe(capacity), torch.randn(2, 9, 16, generator=torch.Generator().manual_seed(1))
+    moe = seeded_moe(capacity_factor=capacity)
+    x = torch.randn(2, 9, 16, generator=torch.Generator().manual_seed(1))
     extra = 1 if capacity else 0  # the capacity rule counts the whole batch once more
     _forward(moe, x, None)
     assert len(calls) == 1 + extra
@@ -68,7 +58,8 @@ def test_both_paths_count_through_count_per_expert(monkeypatch, capacity, by):
 
 @pytest.mark.parametrize("by", ["tokens", "experts"])
 def test_both_paths_follow_the_dispatchers_capacity_rule(monkeypatch, by):
-    moe, x = _moe(1.0), torch.randn(2, 9, 16, generator=torch.Generator().manual_seed(2))
+    moe = seeded_moe(capacity_factor=1.0)
+    x = torch.randn(2, 9, 16, generator=torch.Generator().manual_seed(2))
     before = _forward(moe, x, None)
     monkeypatch.setattr(TokenDispatcher, "capacity", lambda self, n: 1)  # one copy per expert
     plain, chunked = _forward(moe, x, None), _forward(moe, x, 3, by)

@@ -27,6 +27,7 @@ from braid.overlap.pipeline import LayerOverlap
 from braid.overlap.planner import CostModel, LayerShape, predict_ms
 from braid.overlap.session import OverlapSession
 from braid.overlap.streams import Clock
+from small_moe import seeded_moe
 
 CPU = Clock(torch.device("cpu"))
 
@@ -81,11 +82,7 @@ def test_chunk_by_knob_accepts_its_modes_and_refuses_others():
 
 
 def _moe(fp8: bool = False) -> MoE:
-    moe = MoE(ModelConfig(dim=16), MoEConfig(num_experts=4, top_k=2, expert_hidden=12))
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in moe.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    moe = seeded_moe()
     if fp8:
         moe.experts.fp8_stats = Fp8Stats()  # the fp8 experts, emulated on CPU
     return moe

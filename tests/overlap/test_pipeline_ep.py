@@ -16,6 +16,7 @@ import math
 import torch
 
 from harness import run_ranks
+from small_moe import seeded_moe
 
 TOL = 1e-5
 UNEVEN = [11, 2, 7, 6]  # tokens per rank; rank 1 has fewer tokens than chunks
@@ -25,26 +26,6 @@ VARIANTS = {  # shared experts, capacity factor, tokens per rank
     "shared": (1, 0.0, UNEVEN),
     "capacity": (0, 1.0, [8] * 4),
 }
-
-
-def _layer(shared: int, capacity: float):
-    from braid.model.config import ModelConfig
-    from braid.moe.config import MoEConfig
-    from braid.moe.layer import MoE
-
-    cfg = MoEConfig(
-        num_experts=8,
-        top_k=2,
-        expert_hidden=16,
-        num_shared_experts=shared,
-        capacity_factor=capacity,
-    )
-    moe = MoE(ModelConfig(dim=16), cfg)
-    gen = torch.Generator().manual_seed(1)  # identical weights on every rank
-    for p in moe.parameters():
-        with torch.no_grad():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-    return moe
 
 
 def _grads(moe, x, w_out) -> list[torch.Tensor]:
@@ -75,7 +56,13 @@ def _worker(rank: int, world: int) -> dict:
     problems: list[str] = []
     for layout, (group, ep, ep_rank) in layouts.items():
         for variant, (shared, capacity, tokens) in VARIANTS.items():
-            base = _layer(shared, capacity)
+            base = seeded_moe(
+                1,  # identical weights on every rank
+                num_experts=8,
+                expert_hidden=16,
+                num_shared_experts=shared,
+                capacity_factor=capacity,
+            )
             base.experts.shard(ep_rank, ep)
             base.dispatcher.exchange = NcclExchange(group, dist.group.WORLD)
             x = torch.randn(1, tokens[rank], 16, generator=gen)

@@ -20,32 +20,9 @@ from braid.overlap.config import OverlapConfig
 from braid.overlap.pipeline import LayerOverlap
 from braid.overlap.session import OverlapSession
 from braid.overlap.streams import Clock
+from small_moe import moe_step, seeded_moe
 
 CPU = Clock(torch.device("cpu"))
-
-
-def _moe(shared: int, capacity: float, shared_gate: bool = False) -> MoE:
-    cfg = MoEConfig(
-        num_experts=4,
-        top_k=2,
-        expert_hidden=12,
-        num_shared_experts=shared,
-        capacity_factor=capacity,
-        shared_gate=shared_gate,
-    )
-    moe = MoE(ModelConfig(dim=16), cfg)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in moe.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-    return moe
-
-
-def _run(moe: MoE, x: torch.Tensor) -> list[torch.Tensor]:
-    x = x.clone().requires_grad_()
-    y, stats = moe(x)
-    (y.square().sum() + stats.aux_loss).backward()
-    return [y.detach(), x.grad, stats.num_dropped] + [p.grad for p in moe.parameters()]
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -59,15 +36,15 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 )
 @pytest.mark.parametrize("by", ["tokens", "experts"])
 def test_pipeline_matches_plain_path_for_every_chunk_count(shared, capacity, gate, by):
-    base = _moe(shared, capacity, gate)
+    base = seeded_moe(num_shared_experts=shared, capacity_factor=capacity, shared_gate=gate)
     x = torch.randn(2, 7, 16, generator=torch.Generator().manual_seed(1))
-    ref = _run(copy.deepcopy(base), x)
+    ref = moe_step(copy.deepcopy(base), x)
     # tokens: 20 > 14 tokens gives empty chunks; experts: 3 chunks of 4 experts are uneven
     for chunks in (1, 2, 3, 4, 20) if by == "tokens" else (1, 2, 3, 4):
         for split in (False, True):
             moe = copy.deepcopy(base)
             moe.overlap = LayerOverlap(0, chunks, split, CPU, chunk_by=by)
-            got = _run(moe, x)
+            got = moe_step(moe, x)
             assert len(moe.overlap.queue) == 0
             err = max(_rel(a, b) for a, b in zip(got, ref, strict=True))
             assert err < 1e-5, (chunks, split)
@@ -82,7 +59,7 @@ def test_chunks_share_one_cast_of_each_expert_weight(monkeypatch, fp8, bf16, by)
     from braid.ops import grouped_gemm
     from braid.ops.fp8_stats import Fp8Stats
 
-    base = _moe(0, 0.0)
+    base = seeded_moe()
     if fp8:
         base.experts.fp8_stats = Fp8Stats()
     x = torch.randn(2, 7, 16, generator=torch.Generator().manual_seed(2))
@@ -90,7 +67,7 @@ def test_chunks_share_one_cast_of_each_expert_weight(monkeypatch, fp8, bf16, by)
     if bf16:
         base.experts.impl = "loop"  # CPU grouped_mm wants 16-byte strides; F = 12 is not
     with amp:
-        ref = _run(copy.deepcopy(base), x)
+        ref = moe_step(copy.deepcopy(base), x)
     casts = []
     if fp8:
         from braid.ops import fp8_experts
@@ -108,7 +85,7 @@ def test_chunks_share_one_cast_of_each_expert_weight(monkeypatch, fp8, bf16, by)
     moe = copy.deepcopy(base)
     moe.overlap = LayerOverlap(0, 3, False, CPU, chunk_by=by)
     with amp:
-        got = _run(moe, x)
+        got = moe_step(moe, x)
     assert len(casts) == 2  # w13 and w2, for all three chunks
     assert not fp8 or len(rows) == 2
     assert moe.experts._casts is None  # nothing is kept past the layer
@@ -116,7 +93,7 @@ def test_chunks_share_one_cast_of_each_expert_weight(monkeypatch, fp8, bf16, by)
 
 
 def test_pipeline_without_grad_matches_plain_forward():
-    base = _moe(1, 0.0)
+    base = seeded_moe(num_shared_experts=1)
     x = torch.randn(3, 5, 16)
     with torch.no_grad():
         ref, _ = copy.deepcopy(base)(x)

@@ -30,13 +30,12 @@ import pytest
 import torch
 
 from braid.exchange.base import Handle
-from braid.model.config import ModelConfig
-from braid.moe.config import MoEConfig
 from braid.moe.layer import MoE
 from braid.overlap.pipeline import LayerOverlap
 from braid.overlap.streams import Clock, InFlight
 from braid.overlap.timeline import LayerTimeline
 from braid.overlap.wgrad import WgradQueue
+from small_moe import seeded_moe
 
 C = 3
 
@@ -118,16 +117,6 @@ class RecordingTimeline(LayerTimeline):
         return out
 
 
-def _layer() -> MoE:
-    cfg = MoEConfig(num_experts=4, top_k=2, expert_hidden=12, num_shared_experts=1)
-    moe = MoE(ModelConfig(dim=16), cfg)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in moe.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-    return moe
-
-
 def _step(moe: MoE, x: torch.Tensor) -> list[torch.Tensor]:
     x = x.clone().requires_grad_()
     y, _ = moe(x)
@@ -144,7 +133,8 @@ def _max_rel(got: list, ref: list) -> float:
 
 def _record(split_dw: bool, serialize: bool = False) -> tuple[list[str], list, list]:
     """(event log, results, plain-path results) of one forward + backward of a C=3 layer."""
-    base, x = _layer(), torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(1))
+    base = seeded_moe(num_shared_experts=1)
+    x = torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(1))
     ref = _step(copy.deepcopy(base), x)  # the plain path, local exchange
     moe, log = base, []
     moe.dispatcher.exchange = FakeExchange()
