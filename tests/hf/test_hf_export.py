@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 
@@ -22,6 +21,7 @@ from tiny_hf import BRAID_MODELS, VOCAB, save_braid
 import braid
 from braid.hf.exporter import export_hf
 from braid.hf.importer import import_hf
+from tiny_run import prepare_words
 
 transformers = pytest.importorskip("transformers")
 TOL = 1e-4
@@ -81,14 +81,11 @@ def test_bf16_export_holds_the_rounded_weights(tmp_path):
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     from braid.config import load_config
-    from braid.data.prep import prepare
     from braid.train.trainer import train
 
     root = tmp_path_factory.mktemp("hfrun")
-    rnd = random.Random(1)
     words = "a mixture of experts routes each token to the best two of eight".split()
-    (root / "text.txt").write_text(" ".join(rnd.choice(words) for _ in range(6000)))
-    prepare([root / "text.txt"], root / "data", vocab_size=VOCAB, val_fraction=0.1, progress=False)
+    data = prepare_words(root, words, seed=1, count=6000, vocab_size=VOCAB)
     cfg = load_config(
         None,
         [
@@ -105,7 +102,7 @@ def trained_run(tmp_path_factory):
             "--train.steps=2",
             "--train.val_batches=1",
             "--train.progress=false",
-            f"--data.path={root / 'data'}",
+            f"--data.path={data}",
             f"--run.dir={root / 'runs'}",
             "--run.name=r",
         ],

@@ -11,8 +11,6 @@
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 from tiny_hf import VOCAB, save_hf
@@ -20,6 +18,7 @@ from tiny_hf import VOCAB, save_hf
 import braid
 from braid.errors import BraidError
 from harness import run_ranks
+from tiny_run import prepare_words
 
 pytest.importorskip("transformers")
 
@@ -35,22 +34,13 @@ LAYOUTS = {"dp1_ep2": ["--parallel.ep=2"], "dp2_ep1": ["--parallel.ep=1"]}
 
 @pytest.fixture(scope="module")
 def imported(tmp_path_factory):
-    from braid.data.prep import prepare
     from braid.hf.importer import import_hf
 
     root = tmp_path_factory.mktemp("init_from")
     save_hf("mixtral", root / "hf")
     model_dir = import_hf(root / "hf", root / "model")
-    rnd = random.Random(1)
     words = "a mixture of experts routes each token to the best two of eight".split()
-    (root / "text.txt").write_text(" ".join(rnd.choice(words) for _ in range(6000)))
-    prepare(
-        [root / "text.txt"],
-        root / "data",
-        tokenizer=str(model_dir / "tokenizer.json"),
-        val_fraction=0.1,
-        progress=False,
-    )
+    prepare_words(root, words, seed=1, count=6000, tokenizer=str(model_dir / "tokenizer.json"))
     return root, model_dir
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import random
 import shutil
 import socket
 import subprocess
@@ -28,11 +27,11 @@ from braid.checkpoint.integrity import hash_files
 from braid.cli import main
 from braid.config import fingerprint_of
 from braid.metrics.experiments import ExperimentsDB
+from tiny_run import TINY_MODEL, write_words
 
-TINY = ["--model.vocab_size=300", "--model.dim=64", "--model.n_heads=4", "--model.n_layers=2",
-        "--model.ffn_hidden=128", "--moe.expert_hidden=64", "--train.batch_size=4",
-        "--train.seq_len=32", "--train.steps=4", "--train.val_batches=1",
-        "--train.progress=false", "--checkpoint.every=2", "--train.log_every=1"]
+TINY = [*TINY_MODEL, "--train.batch_size=4", "--train.seq_len=32", "--train.steps=4",
+        "--train.val_batches=1", "--train.progress=false", "--checkpoint.every=2",
+        "--train.log_every=1"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
@@ -40,9 +39,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 def world(tmp_path_factory):
     """{root, data, runs, run, export, overrides}: one trained run and its export."""
     root = tmp_path_factory.mktemp("bad")
-    rnd = random.Random(5)
     words = "every expert takes its share of the tokens and sends them home again".split()
-    (root / "text.txt").write_text(" ".join(rnd.choice(words) for _ in range(6000)))
+    write_words(root / "text.txt", words, seed=5, count=6000)
     assert main(["prep", str(root / "text.txt"), "--out", str(root / "data"), "--vocab-size",
                  "300", "--val-fraction", "0.1"]) == 0
     overrides = TINY + [f"--data.path={root / 'data'}", f"--run.dir={root / 'runs'}"]

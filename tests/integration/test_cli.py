@@ -5,7 +5,6 @@ dependency. The module trains once (6 steps) and the other tests read that run.
 
 import json
 import os
-import random
 import re
 import signal
 import subprocess
@@ -19,14 +18,10 @@ from braid.config import load_config
 from braid.errors import BraidError
 from braid.metrics import read_metrics
 from braid.metrics.experiments import ExperimentsDB
+from tiny_run import TINY_MODEL, read_until_step, write_words
 
 TINY = [
-    "--model.vocab_size=300",
-    "--model.dim=64",
-    "--model.n_heads=4",
-    "--model.n_layers=2",
-    "--model.ffn_hidden=128",
-    "--moe.expert_hidden=64",
+    *TINY_MODEL,
     "--train.batch_size=4",
     "--train.seq_len=32",
     "--train.steps=6",
@@ -63,11 +58,8 @@ def strict_json(line: str):
 def cli(tmp_path_factory):
     """{root, overrides, prep, train, result, run_dir}: one `braid prep` and one `braid train`."""
     root = tmp_path_factory.mktemp("cli")
-    rnd = random.Random(3)
     words = "the king sends every token to two experts and the experts send it home".split()
-    (root / "text").mkdir()
-    for i in range(2):
-        (root / "text" / f"{i}.txt").write_text(" ".join(rnd.choice(words) for _ in range(5000)))
+    write_words(root / "text", words, seed=3, count=5000, files=2)
     prep = braid(
         "prep",
         str(root / "text"),
@@ -179,11 +171,7 @@ def test_sigterm_or_ctrl_c_stops_with_a_checkpoint_marks_the_run_killed(cli, sig
         text=True,
     )
     try:
-        lines = []
-        while not any(re.match(r"step +3/5000 \| loss", line) for line in lines):
-            line = proc.stderr.readline()
-            assert line, "".join(lines)[-2000:]  # it ended before step 3
-            lines.append(line)
+        read_until_step(proc, 3, 5000)
         proc.send_signal(signum)
         out, err = proc.communicate(timeout=60)
     finally:

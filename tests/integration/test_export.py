@@ -3,7 +3,6 @@ model, and a run directory and its export give identical logits."""
 
 import json
 import os
-import random
 import subprocess
 import sys
 
@@ -18,24 +17,18 @@ from braid.config import load_config
 from braid.errors import BraidError
 from braid.model.transformer import Transformer
 from braid.train.trainer import train
+from tiny_run import TINY_MODEL, prepare_words
 
-TINY = ["--model.vocab_size=300", "--model.dim=64", "--model.n_heads=4", "--model.n_layers=2",
-        "--model.ffn_hidden=128", "--moe.expert_hidden=64", "--train.batch_size=4",
-        "--train.seq_len=32", "--train.steps=3", "--train.val_batches=1",
-        "--train.progress=false"]
+TINY = [*TINY_MODEL, "--train.batch_size=4", "--train.seq_len=32", "--train.steps=3",
+        "--train.val_batches=1", "--train.progress=false"]
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    from braid.data.prep import prepare
-
     root = tmp_path_factory.mktemp("export")
-    rnd = random.Random(1)
     words = "a mixture of experts routes each token to the best two of eight".split()
-    (root / "text.txt").write_text(" ".join(rnd.choice(words) for _ in range(8000)))
-    prepare([root / "text.txt"], root / "data", vocab_size=300, val_fraction=0.1,
-            progress=False)
-    cfg = load_config(None, TINY + [f"--data.path={root / 'data'}",
+    data = prepare_words(root, words, seed=1, count=8000)
+    cfg = load_config(None, TINY + [f"--data.path={data}",
                                     f"--run.dir={root / 'runs'}", "--run.name=r"])
     result = train(cfg)
     return root / "runs" / "r", result

@@ -2,24 +2,16 @@
 stated bound of the fp32 run, fp8 numerics are logged as `fp8/*` metrics at log steps, and a
 checkpoint resumes across a precision change only with checkpoint.allow_safe_changes."""
 
-import random
 from pathlib import Path
 
 import pytest
 
-from braid.config import load_config
 from braid.errors import BraidError
 from braid.metrics import read_metrics
-from braid.train.log import TrainLogger
-from braid.train.trainer import train
+from tiny_run import TINY_MODEL, prepare_words, train_logged
 
 TINY = [
-    "--model.vocab_size=300",
-    "--model.dim=64",
-    "--model.n_heads=4",
-    "--model.n_layers=2",
-    "--model.ffn_hidden=128",
-    "--moe.expert_hidden=64",
+    *TINY_MODEL,
     "--train.batch_size=8",
     "--train.seq_len=32",
     "--train.warmup=5",
@@ -38,37 +30,17 @@ STEP_TOL, FINAL_TOL = 0.03, 0.02
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    from braid.data.prep import prepare
-
     root = tmp_path_factory.mktemp("fp8")
-    rnd = random.Random(0)
     words = "the quick brown fox jumps over a lazy dog while experts route every token".split()
-    (root / "text").mkdir()
-    for i in range(3):
-        (root / "text" / f"{i}.txt").write_text(" ".join(rnd.choice(words) for _ in range(4000)))
-    prepare([root / "text"], root / "data", vocab_size=300, val_fraction=0.1, progress=False)
-    return TINY + [f"--data.path={root / 'data'}", f"--run.dir={root / 'runs'}"]
-
-
-def run(overrides: list[str]) -> tuple[dict[int, float], dict]:
-    seen: dict[int, float] = {}
-    original = TrainLogger.train
-
-    def record(self, step, loss, *args, **kwargs):
-        seen[step] = loss
-        return original(self, step, loss, *args, **kwargs)
-
-    TrainLogger.train = record
-    try:
-        result = train(load_config(None, overrides))
-    finally:
-        TrainLogger.train = original
-    return seen, result
+    data = prepare_words(root, words, seed=0, count=4000, files=3)
+    return TINY + [f"--data.path={data}", f"--run.dir={root / 'runs'}"]
 
 
 def test_fp8_loss_curve_tracks_fp32_and_logs_numerics(base):
-    ref, _ = run(base + [f"--train.steps={STEPS}", "--run.name=fp32"])
-    got, result = run(base + [f"--train.steps={STEPS}", "--run.name=fp8", "--train.precision=fp8"])
+    ref, _ = train_logged(base + [f"--train.steps={STEPS}", "--run.name=fp32"])
+    got, result = train_logged(
+        base + [f"--train.steps={STEPS}", "--run.name=fp8", "--train.precision=fp8"]
+    )
     assert sorted(got) == sorted(ref) == list(range(5, STEPS + 1, 5))
     rel = {s: abs(got[s] - ref[s]) / ref[s] for s in ref}
     print({s: round(r, 5) for s, r in rel.items()})
@@ -85,10 +57,10 @@ def test_fp8_loss_curve_tracks_fp32_and_logs_numerics(base):
 
 def test_resume_across_precision_needs_allow_safe_changes(base):
     name = ["--run.name=switch", "--train.steps=6"]
-    run(base + name + ["--train.stop_at=3"])
+    train_logged(base + name + ["--train.stop_at=3"])
     with pytest.raises(BraidError, match=r"train.precision 'bf16' -> 'fp8'.*allow_safe"):
-        run(base + name + ["--train.precision=fp8"])
-    losses, result = run(
+        train_logged(base + name + ["--train.precision=fp8"])
+    losses, result = train_logged(
         base + name + ["--train.precision=fp8", "--checkpoint.allow_safe_changes=true"]
     )
     assert result["steps"] == 6 and list(losses) == [5, 6]

@@ -4,7 +4,6 @@ and counts the skipped step. The NaN is injected by monkeypatching the loss, not
 
 import json
 import os
-import random
 import subprocess
 import sys
 import textwrap
@@ -17,11 +16,11 @@ import braid.train.trainer as trainer
 from braid.checkpoint import paths
 from braid.checkpoint.load import load_checkpoint_model
 from braid.config import load_config
+from tiny_run import TINY_MODEL, prepare_words
 
-TINY = ["--model.vocab_size=300", "--model.dim=64", "--model.n_heads=4", "--model.n_layers=2",
-        "--model.ffn_hidden=128", "--moe.expert_hidden=64", "--train.batch_size=4",
-        "--train.seq_len=32", "--train.steps=6", "--train.val_batches=1",
-        "--train.progress=false", "--checkpoint.every=2", "--checkpoint.keep_last=5"]
+TINY = [*TINY_MODEL, "--train.batch_size=4", "--train.seq_len=32", "--train.steps=6",
+        "--train.val_batches=1", "--train.progress=false", "--checkpoint.every=2",
+        "--checkpoint.keep_last=5"]
 BAD_STEP = 4
 
 # Multiplies the loss of the BAD_STEP-th micro-step by NaN, so every gradient is NaN.
@@ -44,15 +43,10 @@ POISON = """
 
 @pytest.fixture(scope="module")
 def overrides(tmp_path_factory):
-    from braid.data.prep import prepare
-
     root = tmp_path_factory.mktemp("nonfinite")
-    rnd = random.Random(2)
     words = "loss goes up and then the gradient is not a number at all".split()
-    (root / "text.txt").write_text(" ".join(rnd.choice(words) for _ in range(8000)))
-    prepare([root / "text.txt"], root / "data", vocab_size=300, val_fraction=0.1,
-            progress=False)
-    return TINY + [f"--data.path={root / 'data'}", f"--run.dir={root / 'runs'}"]
+    data = prepare_words(root, words, seed=2, count=8000)
+    return TINY + [f"--data.path={data}", f"--run.dir={root / 'runs'}"]
 
 
 def test_nan_stops_with_exit_2_naming_the_step_and_no_later_checkpoint(overrides, tmp_path):

@@ -6,7 +6,6 @@ Every run is the tiny model on a small synthetic corpus prepared once per module
 """
 
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -20,52 +19,25 @@ import torch
 from braid.checkpoint import paths
 from braid.checkpoint.load import load_checkpoint_model
 from braid.checkpoint.manager import Checkpointer
-from braid.config import load_config
 from braid.errors import BraidError
 from braid.metrics import read_metrics
-from braid.train.log import TrainLogger
-from braid.train.trainer import train
+from tiny_run import TINY_MODEL, prepare_words, train_logged
 
-TINY = ["--model.vocab_size=300", "--model.dim=64", "--model.n_heads=4", "--model.n_layers=2",
-        "--model.ffn_hidden=128", "--moe.expert_hidden=64", "--train.batch_size=4",
-        "--train.seq_len=32", "--train.steps=6", "--train.warmup=2", "--train.val_batches=1",
-        "--train.val_every=2", "--train.log_every=1", "--train.progress=false",
-        "--checkpoint.every=2"]
+TINY = [*TINY_MODEL, "--train.batch_size=4", "--train.seq_len=32", "--train.steps=6",
+        "--train.warmup=2", "--train.val_batches=1", "--train.val_every=2", "--train.log_every=1",
+        "--train.progress=false", "--checkpoint.every=2"]
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """(overrides with data and run root, per-step losses of the unbroken 6-step run)."""
-    from braid.data.prep import prepare
-
     root = tmp_path_factory.mktemp("resume")
-    rnd = random.Random(0)
     words = "the quick brown fox jumps over a lazy dog while experts route every token".split()
-    (root / "text").mkdir()
-    for i in range(3):
-        (root / "text" / f"{i}.txt").write_text(" ".join(rnd.choice(words) for _ in range(4000)))
-    prepare([root / "text"], root / "data", vocab_size=300, val_fraction=0.1, progress=False)
-    overrides = TINY + [f"--data.path={root / 'data'}", f"--run.dir={root / 'runs'}"]
-    losses, result = run(overrides + ["--run.name=full"])
+    data = prepare_words(root, words, seed=0, count=4000, files=3)
+    overrides = TINY + [f"--data.path={data}", f"--run.dir={root / 'runs'}"]
+    losses, result = train_logged(overrides + ["--run.name=full"])
     assert result["steps"] == 6 and sorted(losses) == [1, 2, 3, 4, 5, 6]
     return overrides, losses
-
-
-def run(overrides: list[str]) -> tuple[dict[int, float], dict]:
-    """train() in this process; returns ({step: train/loss}, final result)."""
-    seen: dict[int, float] = {}
-    original = TrainLogger.train
-
-    def record(self, step, loss, *args, **kwargs):
-        seen[step] = loss
-        return original(self, step, loss, *args, **kwargs)
-
-    TrainLogger.train = record
-    try:
-        result = train(load_config(None, overrides))
-    finally:
-        TrainLogger.train = original
-    return seen, result
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -76,9 +48,9 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
 def test_stop_at_then_resume_is_bitwise_the_unbroken_run(setup):
     overrides, reference = setup
     split = overrides + ["--run.name=split"]
-    first, r1 = run(split + ["--train.stop_at=3"])
+    first, r1 = train_logged(split + ["--train.stop_at=3"])
     assert r1["steps"] == 3 and list(first) == [1, 2, 3]
-    second, r2 = run(split)  # the same command without stop_at: checkpoint.resume=auto
+    second, r2 = train_logged(split)  # the same command without stop_at: checkpoint.resume=auto
     assert r2["steps"] == 6 and list(second) == [4, 5, 6]
     assert {**first, **second} == reference  # float ==: every loss bit for bit
     full, resumed = weights(Path(r2["run_dir"]).parent / "full"), weights(Path(r2["run_dir"]))
@@ -86,7 +58,7 @@ def test_stop_at_then_resume_is_bitwise_the_unbroken_run(setup):
     assert all(torch.equal(full[k], resumed[k]) for k in full)
     # keep_last=2 of the saves at 2, 4, 6 (split also saved at its stop, step 3)
     assert [s for s, _ in paths.complete_checkpoints(Path(r2["run_dir"]))] == [4, 6]
-    third, r3 = run(split)  # once more: nothing left to train, the same result
+    third, r3 = train_logged(split)  # once more: nothing left to train, the same result
     assert third == {} and r3["steps"] == 6
     assert r3["final_train_loss"] == r2["final_train_loss"] == round(reference[6], 6)
 
@@ -136,7 +108,7 @@ def test_sigkill_during_save_leaves_previous_checkpoint_and_auto_resumes_it(setu
     assert dict(metrics["train/loss"]) == {s: reference[s] for s in (1, 2, 3, 4)}
     assert [s for s, _ in metrics["val/loss"]] == [0, 2, 4]
 
-    losses, result = run(killed)  # the same command again: resumes from step 2
+    losses, result = train_logged(killed)  # the same command again: resumes from step 2
     assert result["steps"] == 6 and list(losses) == [3, 4, 5, 6]
     assert losses == {s: reference[s] for s in (3, 4, 5, 6)}
     assert not paths.tmp_path(run_dir, 4).exists()  # cleaned up by the next save
@@ -151,21 +123,23 @@ def test_a_periodic_save_at_the_last_step_is_not_written_twice(setup, monkeypatc
         return real(self, model, opt, loader, state)
 
     monkeypatch.setattr(Checkpointer, "save", counting)
-    run(overrides + ["--run.name=once", "--train.steps=4"])  # checkpoint.every=2
+    train_logged(overrides + ["--run.name=once", "--train.steps=4"])  # checkpoint.every=2
     assert saved == [2, 4]
 
 
 def test_changed_config_is_refused_unless_safe_and_allowed(setup):
     overrides, _ = setup
     base = overrides + ["--run.name=changed"]
-    run(base + ["--train.stop_at=2"])
+    train_logged(base + ["--train.stop_at=2"])
     with pytest.raises(BraidError, match=r"train.lr 0.003 -> 0.001; these change the model"):
-        run(base + ["--train.lr=1e-3"])
+        train_logged(base + ["--train.lr=1e-3"])
     with pytest.raises(BraidError, match=r"train.steps 6 -> 8; .*allow_safe_changes=true"):
-        run(base + ["--train.steps=8"])
-    losses, result = run(base + ["--train.steps=8", "--train.stop_at=3",
-                                 "--checkpoint.allow_safe_changes=true"])
+        train_logged(base + ["--train.steps=8"])
+    losses, result = train_logged(base + ["--train.steps=8", "--train.stop_at=3",
+                                          "--checkpoint.allow_safe_changes=true"])
     assert result["steps"] == 3 and list(losses) == [3]
     # How often to save never needs permission (the default changed once, from 0 to 100).
-    losses, result = run(base + ["--train.steps=8", "--train.stop_at=4", "--checkpoint.every=3"])
+    losses, result = train_logged(
+        base + ["--train.steps=8", "--train.stop_at=4", "--checkpoint.every=3"]
+    )
     assert result["steps"] == 4 and list(losses) == [4]

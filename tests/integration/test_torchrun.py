@@ -7,8 +7,6 @@ over the world (aux, z and MTP losses, load balance), against a single-process r
 
 import contextlib
 import os
-import random
-import re
 import signal
 import subprocess
 import sys
@@ -17,25 +15,21 @@ from pathlib import Path
 import duckdb
 import pytest
 
-TINY = ["--model.vocab_size=300", "--model.dim=64", "--model.n_heads=4", "--model.n_layers=2",
-        "--model.ffn_hidden=128", "--moe.expert_hidden=64", "--moe.first_k_dense=0",
-        "--train.batch_size=4", "--train.seq_len=32", "--train.steps=4", "--train.warmup=1",
-        "--train.val_batches=1", "--train.val_every=100", "--train.log_every=1",
-        "--train.progress=false", "--checkpoint.every=0", "--model.mtp_depth=1"]
+from tiny_run import TINY_MODEL, prepare_words, read_until_step
+
+TINY = [*TINY_MODEL, "--moe.first_k_dense=0", "--train.batch_size=4", "--train.seq_len=32",
+        "--train.steps=4", "--train.warmup=1", "--train.val_batches=1", "--train.val_every=100",
+        "--train.log_every=1", "--train.progress=false", "--checkpoint.every=0",
+        "--model.mtp_depth=1"]
 LOGGED = ("train/loss", "train/aux_loss", "train/z_loss", "train/load_max_over_mean",
           "train/mtp_loss")
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from braid.data.prep import prepare
-
     root = tmp_path_factory.mktemp("torchrun")
-    rnd = random.Random(1)
     words = "a router sends every token to two experts and brings it home again".split()
-    (root / "text").mkdir()
-    (root / "text" / "t.txt").write_text(" ".join(rnd.choice(words) for _ in range(6000)))
-    prepare([root / "text"], root / "data", vocab_size=300, val_fraction=0.1, progress=False)
+    prepare_words(root, words, seed=1, count=6000, files=1)
     return root
 
 
@@ -94,11 +88,7 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     try:
-        lines = []
-        while not any(re.match(r"step +3/5000 \| loss", line) for line in lines):
-            line = proc.stderr.readline()
-            assert line, "".join(lines)[-2000:]  # it ended before step 3
-            lines.append(line)
+        read_until_step(proc, 3, 5000)
         os.kill(_workers(proc.pid)[1], signal.SIGTERM)  # rank 1 only: rank 0 must follow
         _, err = proc.communicate(timeout=120)  # a rank left waiting would hang here
     finally:

@@ -6,7 +6,6 @@ first non-finite gradient, and no checkpoint at or after that step."""
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ from braid.config import load_config
 from braid.errors import BraidError
 from braid.parallel.clip import clip_grad_norm
 from braid.train.step import DeviceGate, supports_device_gate
+from tiny_run import prepare_words
 
 
 def _model():
@@ -105,14 +105,10 @@ BAD = 4
 
 @pytest.fixture(scope="module")
 def overrides(tmp_path_factory):
-    from braid.data.prep import prepare
-
     root = tmp_path_factory.mktemp("gate")
-    rnd = random.Random(3)
     words = "a step that never waits for the host is masked on the device".split()
-    (root / "text.txt").write_text(" ".join(rnd.choice(words) for _ in range(6000)))
-    prepare([root / "text.txt"], root / "data", vocab_size=300, val_fraction=0.1, progress=False)
-    return TINY + [f"--data.path={root / 'data'}", f"--run.dir={root / 'runs'}"]
+    data = prepare_words(root, words, seed=3, count=6000)
+    return TINY + [f"--data.path={data}", f"--run.dir={root / 'runs'}"]
 
 
 def _train(monkeypatch, overrides, name, *, device_gate, poison=0, extra=(), reads=None):
