@@ -20,17 +20,22 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-# A small MoE model for multi-rank tests (3 layers, 8 experts of 16, one shared expert); tests
-# add their own [train]/[parallel]/[exchange] overrides.
-SMALL_MODEL = [
+# The sizes of the small models of the multi-rank tests (width 32, experts of 16, sequences of
+# 16 tokens), without their depth and experts.
+SMALL_SIZES = [
     "--model.dim=32",
-    "--model.n_layers=3",
     "--model.n_heads=2",
     "--model.vocab_size=128",
     "--model.ffn_hidden=64",
     "--model.max_seq_len=32",
     "--train.seq_len=16",
     "--moe.expert_hidden=16",
+]
+# A small MoE model for multi-rank tests (3 layers, 8 experts of 16, one shared expert); tests
+# add their own [train]/[parallel]/[exchange] overrides.
+SMALL_MODEL = [
+    *SMALL_SIZES,
+    "--model.n_layers=3",
     "--moe.num_experts=8",
     "--moe.num_shared_experts=1",
 ]

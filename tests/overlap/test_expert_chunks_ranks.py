@@ -9,27 +9,21 @@ unfilled tensors with NaN (`torch.empty_like`), so such a row cannot pass for a 
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-from harness import run_ranks
+from harness import SMALL_SIZES, run_ranks
+from train_steps import grad_errors, local_grads, overlap_trainer
 
 TOL = 1e-5
 STEPS, MICRO, BATCH = 2, 2, 4
 MODEL = [
-    "--model.dim=32",
+    *SMALL_SIZES,
     "--model.n_layers=2",
-    "--model.n_heads=2",
-    "--model.vocab_size=128",
-    "--model.ffn_hidden=64",
-    "--model.max_seq_len=32",
-    "--train.seq_len=16",
     "--train.warmup=1",
     f"--train.steps={STEPS}",
     "--train.lr=1e-2",
     f"--train.batch_size={BATCH}",
     "--moe.layers=[1]",
-    "--moe.expert_hidden=16",
     "--moe.num_experts=4",
 ]
 EXPERTS = ["--overlap.chunk_by=experts"]
@@ -59,23 +53,11 @@ def _poison_empty_like():
 
 
 def _run(cfg, ctx) -> dict:
-    from braid.overlap.session import OverlapSession
-    from braid.train.model_setup import build_model
-    from braid.train.optim import build_optimizer, lr_at
-    from braid.train.trainer import autocast, loss_fn
+    from braid.train.optim import lr_at
+    from braid.train.trainer import loss_fn
 
     torch.manual_seed(0)
-    model = build_model(cfg, ctx)
-    opt = build_optimizer(model, cfg.train, ctx.device)
-    b, amp = BATCH // ctx.world, autocast(cfg, ctx.device)
-    session = OverlapSession.install(
-        model,
-        cfg.overlap,
-        device=ctx.device,
-        dtype=torch.float32,
-        tokens_per_rank=b * cfg.train.seq_len,
-        is_main=False,
-    )
+    model, opt, session, amp, b = overlap_trainer(cfg, ctx)
     gen = torch.Generator().manual_seed(0)
     data = torch.randint(0, 128, (STEPS, MICRO, BATCH, 17), generator=gen)
     grads: dict = {}
@@ -88,9 +70,7 @@ def _run(cfg, ctx) -> dict:
             loss, _ = loss_fn(model, x[:, :-1], x[:, 1:], cfg, amp)
             (loss / MICRO).backward()
         session.flush()
-        for n, p in model.named_parameters():  # this rank's block of every gradient
-            g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
-            grads[f"{step}/{n}"] = None if g is None else g.detach().float().numpy().copy()
+        grads.update({f"{step}/{n}": g for n, g in local_grads(model).items()})
         opt.step()
         opt.zero_grad(set_to_none=True)
         session.end_step(step + 1)
@@ -113,12 +93,6 @@ def _worker(rank: int, world: int) -> dict:
         torch.empty_like = real
 
 
-def _rel(g, r) -> float:
-    if g is None or r is None:
-        return 0.0 if g is None and r is None else float("inf")
-    return float(np.linalg.norm(g - r) / max(np.linalg.norm(r), 1e-30))
-
-
 def test_chunks_of_experts_train_as_overlap_off_under_fsdp_and_ep():
     per_rank = run_ranks(_worker, 2)
     bad = {}
@@ -126,7 +100,7 @@ def test_chunks_of_experts_train_as_overlap_off_under_fsdp_and_ep():
         for key, grads in got.items():
             layout, _ = key.split("/")
             ref = got[f"{layout}/off"]
-            errs = {n: _rel(grads[n], r) for n, r in ref.items()}
+            errs = grad_errors(grads, ref)
             wrong = {n: e for n, e in errs.items() if not e <= TOL}  # NaN too
             if wrong:
                 bad[f"rank{rank}/{key}"] = wrong

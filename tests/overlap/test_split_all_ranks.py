@@ -15,27 +15,21 @@ Model as tests/overlap/test_split_all.py: 6 blocks, MoE layers 1, 3, 4, a shared
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-from harness import run_ranks
+from harness import SMALL_SIZES, run_ranks
+from train_steps import grad_errors, local_grads, overlap_trainer
 
 TOL = 1e-5
 STEPS, MICRO, BATCH = 2, 2, 4
 MODEL = [
-    "--model.dim=32",
+    *SMALL_SIZES,
     "--model.n_layers=6",
-    "--model.n_heads=2",
-    "--model.vocab_size=128",
-    "--model.ffn_hidden=64",
-    "--model.max_seq_len=32",
-    "--train.seq_len=16",
     "--train.warmup=1",
     f"--train.steps={STEPS}",
     "--train.lr=1e-2",
     f"--train.batch_size={BATCH}",
     "--moe.layers=[1,3,4]",
-    "--moe.expert_hidden=16",
     "--moe.num_experts=4",
     "--moe.num_shared_experts=1",
 ]
@@ -87,25 +81,13 @@ class _BlockReductions:
 def _run(cfg, ctx, hold: bool) -> dict:
     from braid.model.transformer import Block
     from braid.overlap.fsdp_unit import HeldUnit
-    from braid.overlap.session import OverlapSession
     from braid.parallel.clip import clip_grad_norm
     from braid.parallel.distributed import all_reduce_mean
-    from braid.train.model_setup import build_model
-    from braid.train.optim import build_optimizer, lr_at
-    from braid.train.trainer import autocast, loss_fn
+    from braid.train.optim import lr_at
+    from braid.train.trainer import loss_fn
 
     torch.manual_seed(0)
-    model = build_model(cfg, ctx)
-    opt = build_optimizer(model, cfg.train, ctx.device)
-    b, amp = BATCH // ctx.world, autocast(cfg, ctx.device)
-    session = OverlapSession.install(
-        model,
-        cfg.overlap,
-        device=ctx.device,
-        dtype=torch.float32,
-        tokens_per_rank=b * cfg.train.seq_len,
-        is_main=False,
-    )
+    model, opt, session, amp, b = overlap_trainer(cfg, ctx)
     gen = torch.Generator().manual_seed(0)
     data = torch.randint(0, 128, (STEPS, MICRO, BATCH, 17), generator=gen)
     steps, grads, reductions, metrics = [], {}, [], {}
@@ -132,9 +114,7 @@ def _run(cfg, ctx, hold: bool) -> dict:
                 leftover = session.flush()
             reductions.append((red.count, leftover))
             if step == 0:  # this rank's block of every gradient, before clipping
-                for n, p in model.named_parameters():
-                    g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
-                    grads[n] = None if g is None else g.detach().float().numpy().copy()
+                grads = local_grads(model)
             norm = clip_grad_norm(model, cfg.train.grad_clip, ctx)
             ce = all_reduce_mean(torch.stack(ces).mean(), ctx)
             steps.append((float(ce), float(norm)))
@@ -167,17 +147,6 @@ def _worker(rank: int, world: int) -> dict:
     return out
 
 
-def _grad_errors(got: dict, ref: dict) -> dict[str, float]:
-    errs = {}
-    for n, r in ref.items():
-        g = got[n]
-        if g is None or r is None:
-            errs[n] = 0.0 if g is None and r is None else float("inf")
-            continue
-        errs[n] = float(np.linalg.norm(g - r) / max(np.linalg.norm(r), 1e-30))
-    return errs
-
-
 def test_split_all_matches_overlap_off_under_ep_and_fsdp():
     per_rank = run_ranks(_worker, 2)
     bad = {}
@@ -186,7 +155,7 @@ def test_split_all_matches_overlap_off_under_ep_and_fsdp():
             layout, name = key.split("/")
             ref_name = {**MODES, **FSDP_ONLY}[name][1]
             ref = got[f"{layout}/{ref_name}"]
-            errs = _grad_errors(res["grads"], ref["grads"])
+            errs = grad_errors(res["grads"], ref["grads"])
             step_err = max(
                 abs(a - r) / abs(r)
                 for s, q in zip(res["steps"], ref["steps"], strict=True)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from harness import SMALL_MODEL, run_ranks
+from train_steps import local_grads, overlap_trainer
 
 TOL = 1e-5
 STEPS = 3
@@ -76,24 +77,12 @@ class _ExpertComms:
 
 
 def _run(cfg, ctx) -> tuple[list, dict, dict, list]:
-    from braid.overlap.session import OverlapSession
     from braid.parallel.clip import clip_grad_norm
     from braid.parallel.distributed import all_reduce_mean
-    from braid.train.model_setup import build_model
-    from braid.train.optim import build_optimizer, lr_at
-    from braid.train.trainer import autocast, loss_fn
+    from braid.train.optim import lr_at
+    from braid.train.trainer import loss_fn
 
-    model = build_model(cfg, ctx)
-    opt = build_optimizer(model, cfg.train, ctx.device)
-    b, amp = cfg.train.batch_size // ctx.world, autocast(cfg, ctx.device)
-    overlap = OverlapSession.install(
-        model,
-        cfg.overlap,
-        device=ctx.device,
-        dtype=torch.float32,
-        tokens_per_rank=b * cfg.train.seq_len,
-        is_main=False,
-    )
+    model, opt, overlap, amp, b = overlap_trainer(cfg, ctx)
     data = torch.randint(0, 128, (STEPS, 8, 17), generator=torch.Generator().manual_seed(0))
     out, metrics, grads = [], {}, {}
     for step in range(STEPS):
@@ -108,9 +97,7 @@ def _run(cfg, ctx) -> tuple[list, dict, dict, list]:
         if step == 0:
             counts = (comms.gathers, comms.reduces, len(model.moe_modules()))
         if step == 0:  # this rank's block of every gradient, before clipping
-            for n, p in model.named_parameters():
-                g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
-                grads[n] = g.detach().numpy().copy()  # by value through the queue
+            grads = local_grads(model)
         norm = clip_grad_norm(model, cfg.train.grad_clip, ctx)
         out.append((float(all_reduce_mean(parts["ce"], ctx)), float(norm)))
         opt.step()
