@@ -22,6 +22,18 @@ COMMON = dict(
     max_position_embeddings=64,
     tie_word_embeddings=False,
 )
+# What the two DeepSeek-V3 models share: COMMON with a kv head per head (MLA), a kv LoRA of 16
+# and experts of 16.
+DEEPSEEK = dict(
+    COMMON,
+    num_key_value_heads=4,
+    intermediate_size=40,
+    moe_intermediate_size=16,
+    num_experts_per_tok=2,
+    kv_lora_rank=16,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=8,
+)
 
 
 def hf_config(kind: str):
@@ -107,26 +119,15 @@ def hf_config(kind: str):
             "beta_slow": 1,
         }
         return tf.DeepseekV3Config(
-            vocab_size=VOCAB,
-            hidden_size=32,
+            **DEEPSEEK,
             num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            intermediate_size=40,
-            moe_intermediate_size=16,
             n_routed_experts=4,
-            num_experts_per_tok=2,
             n_group=1,
             topk_group=1,
             first_k_dense_replace=0,
             q_lora_rank=None,
-            kv_lora_rank=16,
-            qk_rope_head_dim=8,
-            qk_nope_head_dim=8,
             v_head_dim=12,
             n_shared_experts=2,
-            max_position_embeddings=64,
-            tie_word_embeddings=False,
             routed_scaling_factor=1.5,
             norm_topk_prob=False,
             rope_interleave=False,
@@ -134,26 +135,15 @@ def hf_config(kind: str):
         )
     if kind == "deepseek_v3":
         return tf.DeepseekV3Config(
-            vocab_size=VOCAB,
-            hidden_size=32,
+            **DEEPSEEK,
             num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            intermediate_size=40,
-            moe_intermediate_size=16,
             n_routed_experts=8,
-            num_experts_per_tok=2,
             n_group=4,
             topk_group=2,
             first_k_dense_replace=1,
             q_lora_rank=16,
-            kv_lora_rank=16,
-            qk_rope_head_dim=8,
-            qk_nope_head_dim=8,
             v_head_dim=8,
             n_shared_experts=1,
-            max_position_embeddings=64,
-            tie_word_embeddings=False,
             routed_scaling_factor=2.5,
             num_nextn_predict_layers=0,
         )

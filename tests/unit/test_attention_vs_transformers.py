@@ -65,57 +65,32 @@ def copy_gqa(att, ours: Attention, cfg: ModelConfig) -> None:
             ours.k_norm.weight.copy_(per_head(att.k_norm.weight, K, idx))
 
 
+# The sizes the Qwen3, OLMoE and Qwen2 cases share, in each library's names.
+HF_SIZES = dict(hidden_size=48, num_attention_heads=4, rope_theta=1000.0, rms_norm_eps=1e-6)
+OUR_SIZES = dict(dim=48, n_heads=4, rope_theta=1000.0, norm_eps=1e-6)
+
+
 def _qwen3():
     from transformers.models.qwen3 import modeling_qwen3 as m
 
-    hf = transformers.Qwen3Config(
-        hidden_size=48,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        rope_theta=1000.0,
-        rms_norm_eps=1e-6,
-    )
-    ours = ModelConfig(
-        dim=48,
-        n_heads=4,
-        n_kv_heads=2,
-        head_dim=16,
-        qk_norm="head",
-        rope_theta=1000.0,
-        norm_eps=1e-6,
-    )
+    hf = transformers.Qwen3Config(**HF_SIZES, num_key_value_heads=2, head_dim=16)
+    ours = ModelConfig(**OUR_SIZES, n_kv_heads=2, head_dim=16, qk_norm="head")
     return hf, m.Qwen3Attention, m.Qwen3RotaryEmbedding, ours
 
 
 def _olmoe():
     from transformers.models.olmoe import modeling_olmoe as m
 
-    hf = transformers.OlmoeConfig(
-        hidden_size=48,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        rope_theta=1000.0,
-        rms_norm_eps=1e-6,
-        clip_qkv=None,
-    )
-    ours = ModelConfig(dim=48, n_heads=4, qk_norm="full", rope_theta=1000.0, norm_eps=1e-6)
+    hf = transformers.OlmoeConfig(**HF_SIZES, num_key_value_heads=4, clip_qkv=None)
+    ours = ModelConfig(**OUR_SIZES, qk_norm="full")
     return hf, m.OlmoeAttention, m.OlmoeRotaryEmbedding, ours
 
 
 def _qwen2():
     from transformers.models.qwen2 import modeling_qwen2 as m
 
-    hf = transformers.Qwen2Config(
-        hidden_size=48,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        rope_theta=1000.0,
-        rms_norm_eps=1e-6,
-    )
-    ours = ModelConfig(
-        dim=48, n_heads=4, n_kv_heads=2, qkv_bias=True, rope_theta=1000.0, norm_eps=1e-6
-    )
+    hf = transformers.Qwen2Config(**HF_SIZES, num_key_value_heads=2)
+    ours = ModelConfig(**OUR_SIZES, n_kv_heads=2, qkv_bias=True)
     return hf, m.Qwen2Attention, m.Qwen2RotaryEmbedding, ours
 
 
