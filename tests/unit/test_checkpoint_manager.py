@@ -15,19 +15,9 @@ from braid.config import Config
 from braid.errors import BraidError
 from braid.parallel.mesh import ParallelContext
 from braid.train.trainer import TrainState
+from loader_cursor import Cursor
 
 CTX = ParallelContext(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
-
-
-class Cursor:
-    def __init__(self):
-        self.pos = 0
-
-    def state_dict(self):
-        return {"pos": self.pos}
-
-    def load_state_dict(self, s):
-        self.pos = s["pos"]
 
 
 def make():

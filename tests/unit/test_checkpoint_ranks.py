@@ -12,17 +12,7 @@ from braid.config import Config
 from braid.parallel.mesh import ParallelContext
 from braid.train.trainer import TrainState
 from harness import run_ranks
-
-
-class Cursor:
-    def __init__(self):
-        self.pos = 0
-
-    def state_dict(self):
-        return {"pos": self.pos}
-
-    def load_state_dict(self, s):
-        self.pos = s["pos"]
+from loader_cursor import Cursor
 
 
 def _build(ctx: ParallelContext):
