@@ -139,16 +139,20 @@ def test_mla_with_yarn_equals_deepseek_v3():
         "mscale": 1.0,
         "mscale_all_dim": 1.0,
     }
-    hf_cfg = transformers.DeepseekV3Config(
-        hidden_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=4,
+    # MLA's sizes, under the same names in both libraries
+    mla = dict(
         q_lora_rank=24,
         kv_lora_rank=16,
         qk_rope_head_dim=8,
         qk_nope_head_dim=12,
         v_head_dim=10,
         rope_theta=100.0,
+    )
+    hf_cfg = transformers.DeepseekV3Config(
+        **mla,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=4,
         max_position_embeddings=64,
         rope_scaling=yarn,
         rope_interleave=True,
@@ -157,15 +161,10 @@ def test_mla_with_yarn_equals_deepseek_v3():
     )
     hf_cfg._attn_implementation = "eager"
     cfg = ModelConfig(
+        **mla,
         dim=64,
         n_heads=4,
         attention="mla",
-        q_lora_rank=24,
-        kv_lora_rank=16,
-        qk_rope_head_dim=8,
-        qk_nope_head_dim=12,
-        v_head_dim=10,
-        rope_theta=100.0,
         max_seq_len=64,
         rope_scaling="yarn",
         rope_factor=4.0,
