@@ -105,3 +105,25 @@ def test_every_backend_matches_math_on_gpu(backend, heads, kv):
     for got in (eager, compiled):
         for a, b in zip(got, want, strict=True):
             assert ((a - b).abs().max() / b.abs().max()).item() < 2e-2
+
+
+def test_benchmark_smoke_runs_on_cpu(tmp_path):
+    """benchmarks/sdpa_backends.py's `--smoke` (CPU, the math backend only), so the script the
+    GPU run uses does not rot."""
+    import json
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[2] / "benchmarks"
+    sys.path.insert(0, str(bench))
+    try:
+        import sdpa_backends
+
+        out = tmp_path / "r.json"
+        sdpa_backends.main(["--smoke", "--out", str(out)])
+    finally:
+        sys.path.remove(str(bench))
+    r = json.loads(out.read_text())
+    row = r["kernels"]["smoke"]["MATH"]
+    assert row["median_ms"] > 0 and row["rel_err_vs_first"] == [0.0] * 4
+    assert r["steps"] == {} and "date" in r and "command" in r
