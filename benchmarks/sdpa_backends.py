@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--config", default="medium")
     p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--settings", default="torch,auto", help="model.sdpa_backend values to step")
+    p.add_argument("--settings", default="torch,cudnn,flash",
+                   help="model.sdpa_backend values to step")  # fmt: skip
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")

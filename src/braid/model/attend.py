@@ -3,8 +3,8 @@ queries that may start after cached keys.
 
 Which kernel:
   - full causal attention without a cache offset: SDPA with `is_causal` (fused, no mask); on
-    CUDA its backend is tried in the order `model.sdpa_backend` names (`sdpa_order`): by
-    default cuDNN's fused attention first on Hopper and newer, then PyTorch's own order;
+    CUDA `model.sdpa_backend` may name the backend to try first (`sdpa_order`; default:
+    PyTorch's own order);
   - a sliding window on CUDA without a cache offset: flex attention compiled with a block mask
     (He et al. 2024, "FlexAttention"): fully masked blocks are skipped and no [T, S] mask
     exists. The block mask is built once per (length, window, device) and cached;
@@ -25,16 +25,12 @@ from torch import Tensor
 
 
 def sdpa_order(backend: str, device: torch.device) -> list | None:
-    """SDPA backends in the order to try them for `model.sdpa_backend` on `device`; None keeps
-    PyTorch's own order (on the CPU, for "torch", and for "auto" before Hopper)."""
+    """SDPA backends in the order to try them for `model.sdpa_backend` on `device`: the named
+    one first, then PyTorch's others; None keeps PyTorch's own order (on the CPU, "torch")."""
     from torch.nn.attention import SDPBackend
 
     if device.type != "cuda" or backend == "torch":
         return None
-    if backend == "auto":
-        if torch.cuda.get_device_capability(device) < (9, 0):
-            return None
-        backend = "cudnn"
     first = {
         "cudnn": SDPBackend.CUDNN_ATTENTION,
         "flash": SDPBackend.FLASH_ATTENTION,
@@ -46,7 +42,7 @@ def sdpa_order(backend: str, device: torch.device) -> list | None:
 
 
 def causal_sdpa(q_BHTd: Tensor, k_BKSd: Tensor, v_BKSd: Tensor, scale: float | None,
-                backend: str = "auto") -> Tensor:  # fmt: skip
+                backend: str = "torch") -> Tensor:  # fmt: skip
     """Full causal SDPA, its backends tried in `sdpa_order(backend)`."""
     gqa = q_BHTd.shape[1] != k_BKSd.shape[1]
     order = sdpa_order(backend, q_BHTd.device)
@@ -111,7 +107,7 @@ def attend(
     window: int = 0,
     q_start: int = 0,
     flex: bool = True,
-    backend: str = "auto",
+    backend: str = "torch",
 ) -> Tensor:
     """softmax(q k^T * scale + causal/window mask) v -> [B, H, T, Dv]; scale None means
     1/sqrt(Dk). Keys are positions 0..S-1 and queries q_start..q_start+T-1 (S = q_start + T).

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from braid.knobs import check, knob, one_of
 
-SDPA_BACKENDS = ("auto", "torch", "cudnn", "flash", "efficient")
+SDPA_BACKENDS = ("torch", "cudnn", "flash", "efficient")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -25,10 +25,9 @@ class ModelConfig:
     # Attention options (docs/architectures.md, "Attention"); the defaults are the plain block.
     attention: str = knob("gqa", "Attention kind: gqa (grouped-query) or mla (multi-head latent).")
     sdpa_backend: str = knob(
-        "auto",
-        "Kernel of full causal attention on CUDA: auto (cuDNN first on Hopper and newer, "
-        "else PyTorch's order), torch (PyTorch's order), cudnn, flash or efficient (tried "
-        "first, PyTorch's others after it where it cannot run the shapes).",
+        "torch",
+        "Kernel of full causal attention on CUDA: torch (PyTorch's own order), cudnn, flash or "
+        "efficient (tried first, PyTorch's others after it where it cannot run the shapes).",
     )
     head_dim: int = knob(0, "GQA head size; 0 means dim // n_heads (Qwen3 sets it apart).")
     qk_norm: str = knob(
