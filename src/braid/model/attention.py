@@ -35,6 +35,7 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.attn_head_dim
         self.window, self.qk_norm = window, cfg.qk_norm
+        self.sdpa_backend = cfg.sdpa_backend
         q_width, kv_width = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         self.wq = nn.Linear(cfg.dim, q_width, bias=cfg.qkv_bias)
         self.wkv = nn.Linear(cfg.dim, 2 * kv_width, bias=cfg.qkv_bias)
@@ -68,7 +69,8 @@ class Attention(nn.Module):
             cache.v[:, :, s0 : s0 + T] = v
             cache.length = s0 + T
             k, v = cache.k[:, :, : s0 + T], cache.v[:, :, : s0 + T]
-        y = attend(q, k, v, scale=self.scale, window=self.window, q_start=s0)
+        y = attend(q, k, v, scale=self.scale, window=self.window, q_start=s0,
+                   backend=self.sdpa_backend)  # fmt: skip
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
     def new_cache(self, batch: int, max_len: int, like: Tensor) -> KVCache:

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from braid.knobs import check, knob, one_of
 
+SDPA_BACKENDS = ("torch", "cudnn", "flash", "efficient")
+
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
@@ -22,6 +24,11 @@ class ModelConfig:
     init_std: float = knob(0.02, "Std of the normal init; output projections are scaled by depth.")
     # Attention options (docs/architectures.md, "Attention"); the defaults are the plain block.
     attention: str = knob("gqa", "Attention kind: gqa (grouped-query) or mla (multi-head latent).")
+    sdpa_backend: str = knob(
+        "torch",
+        "Kernel of full causal attention on CUDA: torch (PyTorch's own order), cudnn, flash or "
+        "efficient (tried first, PyTorch's others after it where it cannot run the shapes).",
+    )
     head_dim: int = knob(0, "GQA head size; 0 means dim // n_heads (Qwen3 sets it apart).")
     qk_norm: str = knob(
         "none", "RMSNorm on q and k: none, head (per head, Qwen3) or full (whole width, OLMoE)."
@@ -118,6 +125,7 @@ class ModelConfig:
 
     def _validate_attention(self) -> None:
         one_of("model.attention", self.attention, ("gqa", "mla"))
+        one_of("model.sdpa_backend", self.sdpa_backend, SDPA_BACKENDS)
         one_of("model.qk_norm", self.qk_norm, ("none", "head", "full"))
         one_of("model.rope_scaling", self.rope_scaling, ("none", "yarn"))
         check(

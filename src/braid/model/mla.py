@@ -45,6 +45,7 @@ class MLA(nn.Module):
     def __init__(self, cfg: ModelConfig, window: int = 0):
         super().__init__()
         self.n_heads, self.window = cfg.n_heads, window
+        self.sdpa_backend = cfg.sdpa_backend
         self.rank, self.nope, self.rope = (
             cfg.kv_lora_rank,
             cfg.qk_nope_head_dim,
@@ -86,7 +87,7 @@ class MLA(nn.Module):
         q = torch.cat([q_nope, q_pe], dim=-1)
         k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, self.n_heads, -1)], dim=-1)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # -> [B, H, T, .]
-        y = attend(q, k, v, scale=self.scale, window=self.window)
+        y = attend(q, k, v, scale=self.scale, window=self.window, backend=self.sdpa_backend)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
     def _forward_cached(self, x_BTD: Tensor, rope_T: Tensor, cache: LatentCache) -> Tensor:
