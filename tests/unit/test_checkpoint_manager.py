@@ -100,6 +100,8 @@ def test_fingerprint_rule():
     flagged = cfg_with(train={"steps": 999}, parallel={"ep": 2},
                        checkpoint={"allow_safe_changes": True})
     assert check_resume_config(saved, flagged, where) == ["parallel.ep", "train.steps"]
+    kernel = cfg_with(model={"sdpa_backend": "cudnn"}, checkpoint={"allow_safe_changes": True})
+    assert check_resume_config(saved, kernel, where) == ["model.sdpa_backend"]
     older = {**saved, "train": {k: v for k, v in saved["train"].items() if k != "beta2"}}
     assert check_resume_config(older, Config(), where) == []  # a knob added since, at default
     with pytest.raises(BraidError, match=r"train.beta2 '<absent>' -> 0.9;"):

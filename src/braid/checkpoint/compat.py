@@ -32,6 +32,8 @@ SAFE = frozenset({
     # Weights and optimizer state are stored in full precision whatever the GEMM precision,
     # so a run may switch between bf16 and fp8 GEMMs (a change of numerics, not of the model).
     "train.precision", "train.fp8_skip", "train.fp8_wgrad",
+    # Which SDPA kernel computes the same attention (rounding differs, the model does not).
+    "model.sdpa_backend",
 })
 SAFE_SECTIONS = ("metrics.", "checkpoint.")
 _SHOWN = 6  # keys named in an error line before "and N more"
