@@ -18,6 +18,7 @@ Shape legend: B batch, H query heads, K kv heads, T queries, S keys, Dk q/k size
 from __future__ import annotations
 
 import functools
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -44,15 +45,11 @@ def sdpa_order(backend: str, device: torch.device) -> list | None:
 def causal_sdpa(q_BHTd: Tensor, k_BKSd: Tensor, v_BKSd: Tensor, scale: float | None,
                 backend: str = "torch") -> Tensor:  # fmt: skip
     """Full causal SDPA, its backends tried in `sdpa_order(backend)`."""
-    gqa = q_BHTd.shape[1] != k_BKSd.shape[1]
-    order = sdpa_order(backend, q_BHTd.device)
-    if order is None:
-        return F.scaled_dot_product_attention(
-            q_BHTd, k_BKSd, v_BKSd, is_causal=True, scale=scale, enable_gqa=gqa
-        )
     from torch.nn.attention import sdpa_kernel
 
-    with sdpa_kernel(order, set_priority=True):
+    gqa = q_BHTd.shape[1] != k_BKSd.shape[1]
+    order = sdpa_order(backend, q_BHTd.device)
+    with nullcontext() if order is None else sdpa_kernel(order, set_priority=True):
         return F.scaled_dot_product_attention(
             q_BHTd, k_BKSd, v_BKSd, is_causal=True, scale=scale, enable_gqa=gqa
         )
