@@ -28,6 +28,7 @@ from braid.overlap.planner import CostModel, LayerShape, predict_ms
 from braid.overlap.session import OverlapSession
 from braid.overlap.streams import Clock
 from small_moe import seeded_moe
+from unit_costs import unit_cost_model
 
 CPU = Clock(torch.device("cpu"))
 
@@ -253,22 +254,13 @@ def test_session_installs_the_chosen_axis(chunks, by, axis):
 
 # -- the planner -----------------------------------------------------------------------------
 
-# As tests/overlap/test_planner.py: the full dispatch moves 1e6 bytes across ranks and a full
-# expert pass is 1e9 FLOPs; here 32 experts on 4 ranks, 8 per rank.
+# As tests/overlap/test_planner.py (costs in layer units: `unit_cost_model`); here 32 experts
+# on 4 ranks, 8 per rank.
 SHAPE = LayerShape(tokens=1000, dim=125, hidden=1333, top_k=2, num_experts=32, ep=4, elem_bytes=4)
-WIRE = SHAPE.tokens * SHAPE.top_k * SHAPE.dim * SHAPE.elem_bytes * 3 / 4
-FLOPS = 6.0 * SHAPE.tokens * SHAPE.top_k * SHAPE.dim * SHAPE.hidden
 
 
 def _cost(lat=0.05, x_ms=1.0, call=0.01, e_ms=2.0, kappa=0.0, dw=0.0) -> CostModel:
-    return CostModel(
-        a2a_latency_ms=lat,
-        a2a_ms_per_byte=x_ms / WIRE,
-        gemm_latency_ms=call,
-        gemm_ms_per_flop=e_ms / FLOPS,
-        interference=kappa,
-        dw_accumulate_ms=dw,
-    )
+    return unit_cost_model(SHAPE, lat, x_ms, call, e_ms, kappa, dw)
 
 
 def test_expert_axis_matches_the_hand_derivation():

@@ -7,22 +7,16 @@ from dataclasses import replace
 import pytest
 
 from braid.overlap.planner import CostModel, LayerShape, choose_chunks, fit, fit_line, predict_ms
+from unit_costs import pass_flops, unit_cost_model, wire_bytes
 
 # A layer whose full dispatch moves exactly 1e6 bytes across ranks and whose expert pass
 # (forward) is exactly 1e9 FLOPs, so per-byte and per-FLOP costs read as "ms per full layer".
 SHAPE = LayerShape(tokens=1000, dim=125, hidden=1333, top_k=2, num_experts=8, ep=4, elem_bytes=4)
-WIRE = SHAPE.tokens * SHAPE.top_k * SHAPE.dim * SHAPE.elem_bytes * 3 / 4  # bytes per dispatch
-FLOPS = 6.0 * SHAPE.tokens * SHAPE.top_k * SHAPE.dim * SHAPE.hidden  # one expert pass
+WIRE, FLOPS = wire_bytes(SHAPE), pass_flops(SHAPE)  # bytes per dispatch, one expert pass
 
 
 def model(lat=0.05, x_ms=1.0, call=0.01, e_ms=2.0, kappa=0.0) -> CostModel:
-    return CostModel(
-        a2a_latency_ms=lat,
-        a2a_ms_per_byte=x_ms / WIRE,
-        gemm_latency_ms=call,
-        gemm_ms_per_flop=e_ms / FLOPS,
-        interference=kappa,
-    )
+    return unit_cost_model(SHAPE, lat, x_ms, call, e_ms, kappa)
 
 
 def test_three_stage_formula_matches_the_hand_derivation():
