@@ -1,4 +1,5 @@
-"""Run a function on N spawned gloo ranks and collect what each returns.
+"""Run a function on N spawned gloo ranks (or NCCL ranks, one GPU each) and collect what each
+returns.
 
 Each worker: OMP_NUM_THREADS=1, torch.set_num_threads(1), a `file://` rendezvous in a fresh
 temporary directory (no port races), a short process-group timeout. Start-up costs seconds per
@@ -41,12 +42,16 @@ SMALL_MODEL = [
 ]
 
 
-def _worker(rank: int, world: int, init_file: str, fn: Callable, args: tuple, queue) -> None:
+def _worker(
+    rank: int, world: int, init_file: str, fn: Callable, args: tuple, queue, backend: str
+) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     try:
+        if backend == "nccl":  # one GPU per rank
+            torch.cuda.set_device(rank)
         dist.init_process_group(
-            "gloo",
+            backend,
             init_method=f"file://{init_file}",
             rank=rank,
             world_size=world,
@@ -63,15 +68,17 @@ def _worker(rank: int, world: int, init_file: str, fn: Callable, args: tuple, qu
             dist.destroy_process_group()
 
 
-def run_ranks(fn: Callable, world: int, *args: Any, timeout: float = 300) -> list[Any]:
-    """fn(rank, world, *args) on `world` gloo ranks; returns the results in rank order.
-    `fn` must be a module-level function (it is pickled for spawn)."""
+def run_ranks(
+    fn: Callable, world: int, *args: Any, timeout: float = 300, backend: str = "gloo"
+) -> list[Any]:
+    """fn(rank, world, *args) on `world` gloo ranks (or nccl: rank r on GPU r); returns the
+    results in rank order. `fn` must be a module-level function (it is pickled for spawn)."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "rendezvous")
         procs = [
-            ctx.Process(target=_worker, args=(r, world, init_file, fn, args, queue))
+            ctx.Process(target=_worker, args=(r, world, init_file, fn, args, queue, backend))
             for r in range(world)
         ]
         old = os.environ.get("OMP_NUM_THREADS")

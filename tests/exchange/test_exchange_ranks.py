@@ -3,7 +3,9 @@
 Exchanges: nccl; hierarchical with node_size 1, 2 (chunks 1, 2, 3) and 4; the example plug-in
 named by dotted path; auto. Checks:
   - raw `move` of random uneven splits (empty blocks, an idle rank, fp32/bf16/uint8, trailing
-    dims) gives rows identical to `nccl`;
+    dims) gives rows identical to `nccl`; so do `move_into`/`combine_into`, written into a
+    buffer's rows and nothing around them, `nccl`'s by the collective itself (there once the
+    movement completes, before `wait()`: no copy);
   - the expert-parallel MoE layer (dropless) with each exchange x compressor equals
     (a) the single-process layer with the same compression simulated straight-through
         (`straight_through`: compression is per row, so EP with compression must equal it), and
@@ -239,6 +241,20 @@ def _overlap_window(layer, ex, x, gy, plain, rank: int, world: int) -> dict:
     }
 
 
+IN_PLACE = {"nccl"}  # exchanges whose `move_into` the collective itself writes (no copy)
+
+
+def _completed(h, into: torch.Tensor) -> torch.Tensor | None:
+    """`into` as it is once `h` reports completion, before `wait()` (which a copying default
+    needs to fill it); None if it never completes."""
+    deadline = time.perf_counter() + 20
+    while not h.done():
+        if time.perf_counter() > deadline:
+            return None
+        time.sleep(1e-4)
+    return into.clone()
+
+
 def _split_matrices(world: int) -> list[list[list[int]]]:
     g = torch.Generator().manual_seed(3)
     mats = [torch.randint(0, 9, (world, world), generator=g).tolist() for _ in range(3)]
@@ -286,6 +302,16 @@ def _worker(rank: int, world: int) -> dict:
                 for op in (ex.move, ex.dispatch, ex.combine):
                     got = op(x, send, recv).wait()
                     if got.dtype != want.dtype or not torch.equal(got, want):
+                        out["move_mismatch"].append((name, op.__name__, m, str(dtype)))
+                for op in (ex.move_into, ex.combine_into):  # received into a buffer's rows
+                    buf = torch.full((want.shape[0] + 2,) + tail, 7).to(dtype)
+                    into = buf[1 : 1 + want.shape[0]]
+                    h = op(x, send, recv, into)
+                    early = _completed(h, into) if name in IN_PLACE else want
+                    got = h.wait()
+                    ok = got.data_ptr() == into.data_ptr() and torch.equal(into, want)
+                    ok = ok and early is not None and torch.equal(early, want)
+                    if not ok or buf[0].ne(7).any() or buf[-1].ne(7).any():  # nothing else
                         out["move_mismatch"].append((name, op.__name__, m, str(dtype)))
 
     # 2. the MoE layer, every exchange x compression, against both references.

@@ -147,3 +147,19 @@ def test_cuda_movement_takes_the_modelled_time():
     torch.cuda.synchronize()
     want = simulated_ms(64 * MiB, cfg)
     assert h.elapsed_ms() == pytest.approx(want, rel=0.15)
+
+
+def test_move_into_receives_the_rows_in_the_callers_buffer():
+    """`move_into` (chunks of experts receive into one buffer's rows): the same rows as `move`,
+    in `out` itself, nothing written around it, the handle's time as `move`'s."""
+    from braid.exchange.config import ExchangeConfig
+    from braid.exchange.simulated import SimulatedExchange
+
+    ex = SimulatedExchange(cfg=ExchangeConfig(algorithm="simulated", simulate_latency_us=1.0))
+    x = torch.randn(6, 3)
+    buf = torch.full((8, 3), 7.0)
+    h = ex.move_into(x, [6], [6], buf[1:7])
+    got = h.wait()
+    assert got.data_ptr() == buf[1:7].data_ptr() and torch.equal(got, x)
+    assert buf[0].eq(7).all() and buf[7].eq(7).all()
+    assert h.elapsed_ms() == ex.move(x, [6], [6]).elapsed_ms()

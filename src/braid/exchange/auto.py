@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from braid.errors import BraidError
-from braid.exchange.base import Exchange, Handle
+from braid.exchange.base import Exchange, Handle, receive_into
 from braid.exchange.config import ExchangeConfig
 from braid.exchange.nccl import NcclExchange
 
@@ -225,6 +225,16 @@ class AutoExchange(NcclExchange):
 
     def combine(self, y_RD: Tensor, send_splits: list[int], recv_splits: list[int]) -> Handle:
         return self._pick(y_RD).combine(y_RD, send_splits, recv_splits)
+
+    def move_into(
+        self, x_RD: Tensor, send_splits: list[int], recv_splits: list[int], out: Tensor
+    ) -> Handle:
+        return receive_into(self._pick(x_RD), "move", x_RD, send_splits, recv_splits, out)
+
+    def combine_into(
+        self, y_RD: Tensor, send_splits: list[int], recv_splits: list[int], out: Tensor
+    ) -> Handle:
+        return receive_into(self._pick(y_RD), "combine", y_RD, send_splits, recv_splits, out)
 
     def enable_timing(self) -> None:
         super().enable_timing()  # the chosen exchange shares the EP group

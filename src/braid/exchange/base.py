@@ -17,6 +17,13 @@ Contract (checked by the conformance tests for every registered exchange):
   order. Exact (no compression); gradients always travel this way (straight-through).
 - `dispatch` (tokens to experts) and `combine` (outputs back to their tokens' home ranks) are the
   same movement as `move` in the forward pass; an exchange may compress either payload.
+- `move_into(x_RD, send, recv, out)` / `combine_into(...)`: the same movements, their rows
+  received into `out` (contiguous, [sum(recv), ...]), whose handle's `wait()` returns `out`
+  (the pipeline's chunks of experts receive into slices of one buffer, with no concatenation
+  after). The defaults move, then copy into `out` at `wait()`; an exchange that can receive in
+  place (`nccl`, `simulated`) overrides `move_into`, and `combine_into` follows it unless the
+  exchange overrides `combine`. Callers go through `receive_into`, which copies for an
+  exchange without them (duck-typed).
 - `all_reduce_sum(t)`: sum over every rank that holds a distinct part of the global batch
   (the whole world, not just the EP group), used for router statistics.
 - sharing: ONE exchange object serves every MoE layer of a model (`braid.parallel.expert`), and
@@ -72,6 +79,38 @@ class Done(Handle):
         return 0.0
 
 
+class Into(Handle):
+    """`inner`'s rows copied into `out` when waited (the default `move_into`)."""
+
+    def __init__(self, inner: Handle, out: Tensor):
+        self.inner, self.out = inner, out
+
+    def done(self) -> bool:
+        return self.inner.done()
+
+    def elapsed_ms(self) -> float | None:
+        return self.inner.elapsed_ms()
+
+    def wait(self) -> Tensor:
+        rows = self.inner.wait()
+        if rows.data_ptr() != self.out.data_ptr() or rows.shape != self.out.shape:
+            self.out.copy_(rows)
+        return self.out
+
+
+def receive_into(
+    exchange, op: str, x_RD: Tensor, send_splits: list[int], recv_splits: list[int], out: Tensor
+) -> Handle:
+    """`exchange.<op>_into(...)` (op: "move" or "combine"); an exchange without it (duck-typed,
+    not an `Exchange`) moves as `op`, its rows copied into `out` when waited. Every caller
+    that receives into a buffer goes through here: the dispatcher and the wrappers (`auto`,
+    compression), whose inner exchange may be duck-typed."""
+    into = getattr(exchange, f"{op}_into", None)
+    if into is None:
+        return Into(getattr(exchange, op)(x_RD, send_splits, recv_splits), out)
+    return into(x_RD, send_splits, recv_splits, out)
+
+
 class Exchange(ABC):
     size: int = 1
     rank: int = 0
@@ -87,6 +126,20 @@ class Exchange(ABC):
 
     def combine(self, y_RD: Tensor, send_splits: list[int], recv_splits: list[int]) -> Handle:
         return self.move(y_RD, send_splits, recv_splits)
+
+    def move_into(
+        self, x_RD: Tensor, send_splits: list[int], recv_splits: list[int], out: Tensor
+    ) -> Handle:
+        """`move`, its rows received into `out` (the contract above); by default a copy."""
+        return Into(self.move(x_RD, send_splits, recv_splits), out)
+
+    def combine_into(
+        self, y_RD: Tensor, send_splits: list[int], recv_splits: list[int], out: Tensor
+    ) -> Handle:
+        """`combine` into `out`: `move_into` where `combine` is the plain `move`."""
+        if type(self).combine is Exchange.combine:
+            return self.move_into(y_RD, send_splits, recv_splits, out)
+        return Into(self.combine(y_RD, send_splits, recv_splits), out)
 
     @abstractmethod
     def all_reduce_sum(self, t: Tensor) -> Tensor: ...

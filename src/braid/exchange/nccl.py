@@ -44,6 +44,20 @@ class NcclExchange(Exchange):
         if self.size == 1:
             return Done(x_RD)
         out = x_RD.new_empty((sum(recv_splits),) + tuple(x_RD.shape[1:]))
+        return self._all_to_all(x_RD, send_splits, recv_splits, out)
+
+    def move_into(
+        self, x_RD: Tensor, send_splits: list[int], recv_splits: list[int], out: Tensor
+    ) -> Handle:
+        if self.size == 1 or type(self).move is not NcclExchange.move:
+            # One rank; or a subclass moving its own way (the P2P plug-in example): its `move`,
+            # copied into `out` (Exchange's default), never an all-to-all behind its back.
+            return super().move_into(x_RD, send_splits, recv_splits, out)
+        return self._all_to_all(x_RD, send_splits, recv_splits, out)
+
+    def _all_to_all(
+        self, x_RD: Tensor, send_splits: list[int], recv_splits: list[int], out: Tensor
+    ) -> Handle:
         work = dist.all_to_all_single(
             out,
             x_RD.contiguous(),

@@ -126,13 +126,25 @@ class SimulatedExchange(Exchange):
         return t
 
     def move(self, x_RD: Tensor, send_splits: list[int], recv_splits: list[int]) -> Handle:
+        return self._move(x_RD, None)
+
+    def move_into(
+        self, x_RD: Tensor, send_splits: list[int], recv_splits: list[int], out: Tensor
+    ) -> Handle:
+        """The rows copied into `out` on the exchange's stream, as the movement's device copy
+        (every byte, where `move` copies the bytes that would leave the rank to scratch)."""
+        return self._move(x_RD, out)
+
+    def _move(self, x_RD: Tensor, out: Tensor | None) -> Handle:
         nbytes = x_RD.numel() * x_RD.element_size()
         ms = simulated_ms(nbytes, self.cfg)
         if not x_RD.is_cuda:
             start = max(time.perf_counter(), self._busy_until)
             self._busy_until = start + ms / 1e3
-            return _Deadline(x_RD, self._busy_until, ms)
-        return self._move_cuda(x_RD, nbytes, ms)
+            if out is not None:
+                out.copy_(x_RD)
+            return _Deadline(x_RD if out is None else out, self._busy_until, ms)
+        return self._move_cuda(x_RD, nbytes, ms, out)
 
     def _pause(self, t: Tensor) -> None:
         """One latency, serial on the caller's stream (a small blocking collective)."""
@@ -142,7 +154,7 @@ class SimulatedExchange(Exchange):
         elif ms > 0:
             time.sleep(ms / 1e3)
 
-    def _move_cuda(self, x_RD: Tensor, nbytes: int, ms: float) -> Handle:
+    def _move_cuda(self, x_RD: Tensor, nbytes: int, ms: float, out: Tensor | None) -> Handle:
         self._calibrate(x_RD.device)
         self._learn_gap()
         cross = nbytes * (self.ranks - 1) // self.ranks  # what would leave the rank
@@ -151,14 +163,18 @@ class SimulatedExchange(Exchange):
         end = torch.cuda.Event(enable_timing=True)
         self._stream.wait_stream(torch.cuda.current_stream(x.device))
         with torch.cuda.stream(self._stream):
-            if self._scratch is None or self._scratch.numel() < cross:
-                # Allocated on the exchange's stream: a replaced buffer's memory is reused only
-                # behind this stream's earlier copies into it.
-                self._scratch = None
-                self._scratch = torch.empty(max(cross, 1), dtype=torch.uint8, device=x.device)
             start.record(self._stream)
-            if cross:
-                self._scratch[:cross].copy_(x.view(-1).view(torch.uint8)[:cross])
+            if out is not None:  # received in place: every byte lands in `out`
+                out.copy_(x)
+                cross = nbytes
+            else:
+                if self._scratch is None or self._scratch.numel() < cross:
+                    # Allocated on the exchange's stream: a replaced buffer's memory is reused
+                    # only behind this stream's earlier copies into it.
+                    self._scratch = None
+                    self._scratch = torch.empty(max(cross, 1), dtype=torch.uint8, device=x.device)
+                if cross:
+                    self._scratch[:cross].copy_(x.view(-1).view(torch.uint8)[:cross])
             mid = torch.cuda.Event(enable_timing=True)
             mid.record(self._stream)
             copy_ms = cross / self._copy_bytes_per_ms
@@ -169,7 +185,9 @@ class SimulatedExchange(Exchange):
         if rest > 0:
             self._spins.append((start, mid, end, rest))
         x.record_stream(self._stream)  # read on the exchange's stream
-        return EventHandle(start, end, x_RD)
+        if out is not None:
+            out.record_stream(self._stream)  # written there
+        return EventHandle(start, end, x_RD if out is None else out)
 
     def _learn_gap(self) -> None:
         """The host's launch time of the spin kernel, from finished movements, without

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from braid.exchange.base import Exchange, Handle, LocalExchange
+from braid.exchange.base import Exchange, Handle, LocalExchange, receive_into
 from braid.moe.fp8_dispatch import Fp8Send, dispatch_fp8
 from braid.ops.fp8_gemm import Fp8Rows
 from braid.ops.grouped_gemm import compute_dtype
@@ -343,8 +343,11 @@ class TokenDispatcher:
     def issue_dispatch(self, x_MD: Tensor, route: Route) -> Handle:
         return self.exchange.dispatch(x_MD, route.send, route.recv)
 
-    def issue_combine(self, y_RD: Tensor, route: Route) -> Handle:
-        """`y_RD` in received order (after `from_experts`) goes home."""
+    def issue_combine(self, y_RD: Tensor, route: Route, out: Tensor | None = None) -> Handle:
+        """`y_RD` in received order (after `from_experts`) goes home (into `out`, if given:
+        the exchange's `combine_into`, `braid.exchange.base.receive_into`)."""
+        if out is not None:
+            return receive_into(self.exchange, "combine", y_RD, route.recv, route.send, out)
         return self.exchange.combine(y_RD, route.recv, route.send)
 
     def finish(self, y_MD: Tensor, gates_NK: Tensor, route: Route, train: bool = True) -> Tensor:
@@ -373,12 +376,15 @@ class TokenDispatcher:
         w_M = gates_NK.flatten().index_select(0, route.order_M).to(y_MD.dtype)
         return g_MD * w_M[:, None], dgates.view(-1, K)
 
-    def issue_back(self, g_RD: Tensor, route: Route, toward: str) -> Handle:
+    def issue_back(
+        self, g_RD: Tensor, route: Route, toward: str, out: Tensor | None = None
+    ) -> Handle:
         """The exact reverse movement of a gradient: toward "experts" (combine's backward) or
-        "home" (dispatch's backward)."""
-        if toward == "experts":
-            return self.exchange.move(g_RD, route.send, route.recv)
-        return self.exchange.move(g_RD, route.recv, route.send)
+        "home" (dispatch's backward); into `out`, if given (the exchange's `move_into`)."""
+        send, recv = (route.send, route.recv) if toward == "experts" else (route.recv, route.send)
+        if out is not None:
+            return receive_into(self.exchange, "move", g_RD, send, recv, out)
+        return self.exchange.move(g_RD, send, recv)
 
     def finish_grad(self, g_MD: Tensor, route: Route, dtype: torch.dtype) -> Tensor:
         """Backward of `send_rows`: the chunk's input grad [stop-start, D] from its copies."""

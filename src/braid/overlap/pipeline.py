@@ -165,6 +165,18 @@ class _Run:
                 self.y_home[c] = y_MD
             return dsp.finish(y_MD, gates_NK, self.routes[c], self.grad)
 
+        home = None  # chunks of experts: every chunk's rows come home into one buffer
+
+        def issue_combine(c: int, y_RD: Tensor):
+            nonlocal home
+            route, out = self.routes[c], None
+            if self.whole is not None:
+                if home is None:
+                    home = y_RD.new_empty((self.whole.send[0], y_RD.shape[1]))
+                out = home[route.rows[0] : route.rows[1]]
+            go = lambda: dsp.issue_combine(y_RD, route, out)  # noqa: E731
+            return tl.issue("combine_a2a", go, y_RD)
+
         disp[0] = issue_dispatch(0)
         side = x_ND.new_zeros(0)
         if self.shared is not None:
@@ -173,16 +185,14 @@ class _Run:
         for c in range(C):
             if c + 1 < C:
                 disp[c + 1] = issue_dispatch(c + 1)
-            y_RD = run_experts(c, tl.wait(disp[c]))
-            route = self.routes[c]
-            comb[c] = tl.issue("combine_a2a", lambda y=y_RD, r=route: dsp.issue_combine(y, r), y_RD)
+            comb[c] = issue_combine(c, run_experts(c, tl.wait(disp[c])))
             if c >= 1:
                 outs[c - 1] = finish(c - 1, tl.wait(comb[c - 1]))
             if c == C - 1:
                 self.unit.release()
         outs[C - 1] = finish(C - 1, tl.wait(comb[C - 1]))
         if self.whole is not None:
-            y_MD = torch.cat(outs)  # the copies in `whole`'s order
+            y_MD = home  # the copies in `whole`'s order, received in place
             if self.grad:
                 self.y_whole = y_MD
             return dsp.finish(y_MD, gates_NK, self.whole, self.grad), side
@@ -214,18 +224,24 @@ class _Run:
                 g_MD, dgates[c] = dsp.combine_grad(g_out, y_MD, self.gates_NK, route)
             return tl.issue("combine_a2a_bwd", lambda: dsp.issue_back(g_MD, route, "experts"), g_MD)
 
+        g_home = None  # chunks of experts: every chunk's copy grads come home into one buffer
+
         def issue_dg(c: int, g_RD: Tensor):
+            nonlocal g_home
             with tl.span("experts_bwd"):
                 torch.autograd.backward(self.roots[c], g_RD)
             self.roots[c] = None
             g_x = self.boxes[c].pop().contiguous()  # the buffer the exchange reads
-            route = self.routes[c]
-            return tl.issue("dispatch_a2a_bwd", lambda: dsp.issue_back(g_x, route, "home"), g_x)
+            route, out = self.routes[c], None
+            if whole is not None:
+                if g_home is None:
+                    g_home = g_x.new_empty((whole.send[0], g_x.shape[1]))
+                out = g_home[route.rows[0] : route.rows[1]]
+            go = lambda: dsp.issue_back(g_x, route, "home", out)  # noqa: E731
+            return tl.issue("dispatch_a2a_bwd", go, g_x)
 
         def finish(c: int, g_MD: Tensor) -> None:
-            if whole is not None:  # summed per token at the end
-                dxs[c] = g_MD
-            else:
+            if whole is None:  # chunks of experts: summed per token at the end, over g_home
                 dxs[c] = dsp.finish_grad(g_MD, self.routes[c], self.x_dtype)
 
         self.unit.hold()  # an FSDP expert unit: reduce-scattered once, at the flush point
@@ -245,7 +261,7 @@ class _Run:
         finish(C - 1, tl.wait(dg[C - 1], drain))
         self.gates_NK = None
         if whole is not None:
-            dx = dsp.finish_grad(torch.cat(dxs), whole, self.x_dtype)
+            dx = dsp.finish_grad(g_home, whole, self.x_dtype)
             dgates = [dgates_whole]
         else:
             dx = dxs[0] if C == 1 else torch.cat(dxs)

@@ -3,7 +3,8 @@
 `CompressedExchange(inner, compressor, compress_combine)` is itself an Exchange:
 - `dispatch`: encode the rows, move the packed rows with `inner.dispatch`, decode on `wait()`;
 - `combine`: the same when `compress_combine`, else `inner.combine` unchanged;
-- `move` (the exact path gradients take), `exchange_counts`, `all_reduce_sum`: `inner`'s.
+- `move` (the exact path gradients take), `move_into`, `exchange_counts`, `all_reduce_sum`:
+  `inner`'s (and `combine_into` when the combine is not compressed).
 Packed rows keep one row per payload row, so the splits do not change and any exchange (a
 user's plug-in too) can move them; compression is orthogonal to transport.
 `with_compressor(inner, cfg)` applies `cfg.compressor` (`none` returns `inner` itself).
@@ -14,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from braid.exchange.base import Exchange, Handle
+from braid.exchange.base import Exchange, Handle, receive_into
 from braid.exchange.compress.base import Compressor
 from braid.exchange.config import ExchangeConfig
 
@@ -57,6 +58,18 @@ class CompressedExchange(Exchange):
         p_RB = self.compressor.encode(y_RD)
         h = self.inner.combine(p_RB, send_splits, recv_splits)
         return DecodeHandle(h, self.compressor, y_RD.shape[1], y_RD.dtype)
+
+    def move_into(
+        self, x_RD: Tensor, send_splits: list[int], recv_splits: list[int], out: Tensor
+    ) -> Handle:
+        return receive_into(self.inner, "move", x_RD, send_splits, recv_splits, out)
+
+    def combine_into(
+        self, y_RD: Tensor, send_splits: list[int], recv_splits: list[int], out: Tensor
+    ) -> Handle:
+        if not self.compress_combine:
+            return receive_into(self.inner, "combine", y_RD, send_splits, recv_splits, out)
+        return super().combine_into(y_RD, send_splits, recv_splits, out)
 
     def all_reduce_sum(self, t: Tensor) -> Tensor:
         return self.inner.all_reduce_sum(t)
