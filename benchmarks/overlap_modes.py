@@ -2,11 +2,12 @@
 
 Shared by its MoE layer part (overlap_sim.py) and its training-step part (overlap_sim_train.py):
 the overlap modes, one result row per mode, the exchange replayed alone, the summary against
-the targets, and a Chrome trace of one step.
+the targets, a Chrome trace of one step, and where one step's time goes (`profile_step`).
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -90,3 +91,47 @@ def trace(step, device: torch.device, path: str) -> None:
         synchronize(device)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     prof.export_chrome_trace(path)
+
+
+def profile_step(step, device: torch.device) -> dict[str, float]:
+    """One step under torch.profiler: where its wall time goes.
+
+    wall_ms: the step on the host's clock, from a synchronized start until the device has
+    finished it; host_ms: until `step()` returned (the host's issue time, with its waits at
+    host syncs); kernel_ms: the summed time of every device kernel and copy, all streams
+    (the simulated exchange's spin kernels included); busy_ms: their union, time some stream
+    ran something; idle_ms = wall_ms - busy_ms: time nothing ran at all, the device waiting
+    for the host. On CPU there are no device kernels: those fields are 0.
+    """
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=acts) as prof:
+        synchronize(device)
+        t0 = time.perf_counter()
+        step()
+        host_ms = (time.perf_counter() - t0) * 1e3
+        synchronize(device)
+        wall_ms = (time.perf_counter() - t0) * 1e3
+    spans = sorted(
+        (e.time_range.start, e.time_range.end)
+        for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA
+    )
+    kernel_us = sum(b - a for a, b in spans)
+    busy_us, cur = 0.0, None
+    for a, b in spans:
+        if cur is None or a > cur[1]:
+            busy_us += 0 if cur is None else cur[1] - cur[0]
+            cur = [a, b]
+        else:
+            cur[1] = max(cur[1], b)
+    busy_us += 0 if cur is None else cur[1] - cur[0]
+    return {
+        "wall_ms": wall_ms,
+        "host_ms": host_ms,
+        "kernel_ms": kernel_us / 1e3,
+        "busy_ms": busy_us / 1e3,
+        "idle_ms": max(wall_ms - busy_us / 1e3, 0.0) if spans else 0.0,
+        "kernels": len(spans),
+    }

@@ -28,8 +28,10 @@ alone), `slower_than_off`, and per layer/config `auto_vs_best` (auto's best mode
 fixed mode's, minus 1) and `best_mode`. Every mode's results are checked against off's first
 (layer: output and grads; train: the first two losses). The training-step part lives in
 overlap_sim_train.py, the modes, rows and targets both parts share in overlap_modes.py. `--trace
-PATH` writes a Chrome trace (torch.profiler) of one training step in mode auto_split (of the
-layer's fine-grained shape if only the layer part runs).
+PATH` writes a Chrome trace (torch.profiler) of one training step in mode `--trace-mode`
+(auto_split; of the layer's fine-grained shape if only the layer part runs). `--profile` adds to
+each training-step row one profiled step's `profile`: wall, host issue, summed kernel, device-busy
+and device-idle ms (overlap_modes.profile_step), to tell a host-bound mode from an exposed one.
 """
 
 from __future__ import annotations
@@ -174,10 +176,10 @@ def bench_layer(name: str, shape: tuple, args, device, amp, dtype, log) -> dict:
             f"vs off {100 * row['slower_than_off']:+5.1f}%"
         )
     if args.trace and args.only_layer_trace and name == next(iter(args.shapes)):
-        C = plan[True]
-        moe.overlap = LayerOverlap(0, C, True, clock, chunk_by=args.chunk_by)
+        moe.overlap = engines[args.trace_mode]
         trace(step, device, args.trace)
-        out["trace"] = {"path": args.trace, "mode": "auto_split", "chunks": C}
+        C = checked[args.trace_mode][0] or 1
+        out["trace"] = {"path": args.trace, "mode": args.trace_mode, "chunks": C}
     moe.overlap = None
     out.update(summarize(out["modes"]))
     return out
@@ -196,11 +198,20 @@ def main() -> None:
     ap.add_argument("--train-batch", type=int, default=0, help="sequences (2)")
     ap.add_argument("--train-seq", type=int, default=0, help="tokens per sequence (4096)")
     ap.add_argument("--train-iters", type=int, default=0, help="timed steps per mode (3)")
-    ap.add_argument("--trace", default="", help="Chrome trace of one step (auto_split) to PATH")
+    ap.add_argument("--trace", default="", help="Chrome trace of one step to PATH")
+    ap.add_argument("--trace-mode", default="auto_split", help="the traced step's mode")
+    ap.add_argument(
+        "--profile", action="store_true", help="train: one profiled step per mode (host/idle)"
+    )
     ap.add_argument("--rounds", type=int, default=0, help="layer: timing rounds (3)")
     ap.add_argument("--chunk-by", default="auto", help="overlap.chunk_by: auto, experts, tokens")
     args = ap.parse_args()
     parts = args.parts.split(",")
+    modes = set(MODES) | ({"split_all", "auto_all"} if "train" in parts else set())
+    if args.trace_mode not in modes:
+        raise SystemExit(
+            f"--trace-mode: unknown {args.trace_mode!r}; expected one of {sorted(modes)}"
+        )
     if unknown := set(parts) - {"layer", "train"}:
         raise SystemExit(f"--parts: unknown {sorted(unknown)}; expected layer and/or train")
     if args.smoke:

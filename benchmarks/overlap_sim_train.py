@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from common import time_cuda
 from overlap_exchange import record
-from overlap_modes import MODES, row_of, summarize, time_alone, trace
+from overlap_modes import MODES, profile_step, row_of, summarize, time_alone, trace
 from overlap_train_step import SMOKE_SIZE  # the same tiny sizes as the multi-GPU benchmark
 
 from braid.config import load_config
@@ -27,6 +27,13 @@ from braid.train.optim import build_optimizer, lr_at
 from braid.train.trainer import autocast, loss_fn
 
 TRAIN_MODES = {**MODES, "split_all": (1, "all"), "auto_all": ("auto", "all")}
+
+
+def _profiled(p: dict) -> str:
+    return (
+        f"  | profiled: wall {p['wall_ms']:.1f} host {p['host_ms']:.1f}"
+        f" kernels {p['kernel_ms']:.1f} busy {p['busy_ms']:.1f} idle {p['idle_ms']:.1f} ms"
+    )
 
 
 def train_overrides(name: str, args, mode: tuple | None) -> list[str]:
@@ -151,9 +158,11 @@ def bench_train(name: str, args, log) -> dict:
                     layers = session.layers.values()
                     row["dense_dW_tasks"] = sum(lo.dense.num_run for lo in layers)
                     row["dense_dW_tasks_in_windows"] = sum(lo.dense.num_drained for lo in layers)
+                if args.profile:
+                    row["profile"] = profile_step(step, device)
                 out["modes"][mode] = row
                 traced = args.traced or not args.trace or args.only_layer_trace
-                if mode == "auto_split" and not traced:
+                if mode == args.trace_mode and not traced:
                     trace(step, device, args.trace)
                     out["trace"] = {"path": args.trace, "mode": mode, "chunks": chunks}
                     args.traced = True
@@ -175,6 +184,7 @@ def bench_train(name: str, args, log) -> dict:
             f"exchange {row['exchange_ms']:7.2f} (alone {out['exchange_alone_ms']:7.2f}) exposed "
             f"{row['exposed_ms']:7.2f} ({100 * row['exposed_over_exchange_alone']:5.1f}%)  "
             f"vs off {100 * row['slower_than_off']:+5.1f}%"
+            + (_profiled(row["profile"]) if "profile" in row else "")
         )
     for moe in moes.values():
         moe.overlap = None

@@ -13,17 +13,24 @@ from braid.overlap.planner import CANDIDATES
 
 ROOT = Path(__file__).resolve().parents[2]
 MODES = {
-    "off", "split_dw", "chunks2", "chunks4", "chunks8", "chunks2_split", "chunks4_split",
-    "chunks8_split", "auto",
+    "off",
+    "split_dw",
+    "chunks2",
+    "chunks4",
+    "chunks8",
+    "chunks2_split",
+    "chunks4_split",
+    "chunks8_split",
+    "auto",
 }
 TRAIN_ONLY = {"split_all", "auto_all"}  # split_dw = "all": the layer part has no attention
 
 
-def test_overlap_sim_smoke_reports_every_mode_with_a_trace(tmp_path):
+def test_overlap_sim_smoke_reports_every_mode_with_a_trace_and_a_profile(tmp_path):
     out, trace = tmp_path / "sim.json", tmp_path / "trace.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, str(ROOT / "benchmarks" / "overlap_sim.py"), "--smoke"]
-    cmd += ["--out", str(out), "--trace", str(trace)]
+    cmd += ["--out", str(out), "--trace", str(trace), "--trace-mode", "chunks2_split", "--profile"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())
@@ -54,6 +61,21 @@ def test_overlap_sim_smoke_reports_every_mode_with_a_trace(tmp_path):
             row = g["modes"][mode]
             assert row["split_dw"] == "all" and row["dense_dW_tasks"] > 0, (mode, row)
         assert g["modes"]["split_dw"]["split_dw"] == "experts"
-    assert res["train"]["medium"]["trace"]["mode"] == "auto_split"
+    for g in res["train"].values():  # --profile: one profiled step per mode (CPU: no kernels)
+        for mode, row in g["modes"].items():
+            p = row["profile"]
+            assert p["wall_ms"] >= p["host_ms"] > 0, (mode, p)
+            assert p["kernel_ms"] == p["busy_ms"] == p["idle_ms"] == p["kernels"] == 0, (mode, p)
+    assert res["train"]["medium"]["trace"]["mode"] == "chunks2_split"
+    assert res["train"]["medium"]["trace"]["chunks"] == [2]
     names = {e.get("name") for e in json.loads(trace.read_text())["traceEvents"]}
     assert any(str(n).endswith("/dispatch_a2a") for n in names)
+
+
+def test_overlap_sim_names_an_unknown_trace_mode():
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "overlap_sim.py"), "--smoke"]
+    cmd += ["--parts", "layer", "--trace", "t.json", "--trace-mode", "split_all"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "--trace-mode: unknown 'split_all'" in proc.stderr  # train-only mode, layer part
