@@ -18,7 +18,8 @@ from braid.errors import BraidError
 
 def _cmd_train(args, overrides: list[str]) -> int:
     from braid.config import load_config
-    from braid.train.trainer import Stopped, print_result, train
+    from braid.train.signals import Stopped
+    from braid.train.trainer import print_result, train
 
     cfg = load_config(args.config, overrides)
     try:

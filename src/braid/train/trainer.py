@@ -24,7 +24,6 @@ import json
 import math
 import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +42,7 @@ from braid.train.model_setup import build_model, load_data
 from braid.train.optim import build_optimizer, lr_at
 from braid.train.rundir import new_run_id, prepare_run_dir, write_json_atomic
 from braid.train.runlock import RunLock
+from braid.train.signals import StopOnSignal, Stopped
 from braid.train.step import DeviceGate, supports_device_gate
 
 
@@ -374,47 +374,6 @@ def _clip(model, max_norm: float, ctx: ParallelContext, sums=None) -> torch.Tens
     from braid.parallel.clip import clip_grad_norm
 
     return clip_grad_norm(model, max_norm, ctx, sums)
-
-
-class Stopped(Exception):
-    """SIGTERM or Ctrl-C ended the run at a step boundary, after a checkpoint of that step
-    (every rank raises it; `rank` says which one this is). Its exit code is what a shell
-    reports for a process killed by that signal: 143 for SIGTERM, 130 for SIGINT."""
-
-    def __init__(self, message: str, rank: int = 0, signum: int = signal.SIGTERM):
-        super().__init__(message)
-        self.rank = rank
-        self.exit_code = 128 + int(signum)
-
-
-class StopOnSignal:
-    """While active, SIGTERM and SIGINT (Ctrl-C) set `requested` to the signal's number (the
-    loop stops after the current step); a second one interrupts at once (KeyboardInterrupt).
-    Signals reach the main thread only, so in any other thread this does nothing."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self) -> None:
-        self.requested = 0
-        self._previous: dict[int, object] = {}
-
-    def __enter__(self) -> StopOnSignal:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for s, previous in self._previous.items():
-            signal.signal(s, signal.SIG_DFL if previous is None else previous)
-        self._previous = {}
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = signum
-        if signum == signal.SIGINT:
-            print("\nCtrl-C: stopping after this step with a checkpoint (again to quit now)",
-                  file=sys.stderr, flush=True)
 
 
 def json_safe(obj):
