@@ -93,6 +93,29 @@ def trace(step, device: torch.device, path: str) -> None:
     prof.export_chrome_trace(path)
 
 
+def device_spans(events) -> list[tuple[float, float]]:
+    """(start, end) us of the device's own work among torch.profiler events: kernels, copies
+    and memsets on any stream, not the device-side ranges of `record_function` annotations
+    (user annotations, which span from their first kernel to their last, gaps included)."""
+    return sorted(
+        (e.time_range.start, e.time_range.end)
+        for e in events
+        if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation
+    )
+
+
+def union_us(spans: list[tuple[float, float]]) -> float:
+    """Total length of the union of sorted (start, end) intervals."""
+    total, cur = 0.0, None
+    for a, b in spans:
+        if cur is None or a > cur[1]:
+            total += 0.0 if cur is None else cur[1] - cur[0]
+            cur = [a, b]
+        else:
+            cur[1] = max(cur[1], b)
+    return total + (0.0 if cur is None else cur[1] - cur[0])
+
+
 def profile_step(step, device: torch.device) -> dict[str, float]:
     """One step under torch.profiler: where its wall time goes.
 
@@ -101,7 +124,8 @@ def profile_step(step, device: torch.device) -> dict[str, float]:
     host syncs); kernel_ms: the summed time of every device kernel and copy, all streams
     (the simulated exchange's spin kernels included); busy_ms: their union, time some stream
     ran something; idle_ms = wall_ms - busy_ms: time nothing ran at all, the device waiting
-    for the host. On CPU there are no device kernels: those fields are 0.
+    for the host. The profiler records host ops too and slows the host it measures: read
+    wall_ms beside the row's unprofiled median_ms. On CPU the device fields are 0.
     """
     acts = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
@@ -113,25 +137,13 @@ def profile_step(step, device: torch.device) -> dict[str, float]:
         host_ms = (time.perf_counter() - t0) * 1e3
         synchronize(device)
         wall_ms = (time.perf_counter() - t0) * 1e3
-    spans = sorted(
-        (e.time_range.start, e.time_range.end)
-        for e in prof.events()
-        if e.device_type == torch.autograd.DeviceType.CUDA
-    )
-    kernel_us = sum(b - a for a, b in spans)
-    busy_us, cur = 0.0, None
-    for a, b in spans:
-        if cur is None or a > cur[1]:
-            busy_us += 0 if cur is None else cur[1] - cur[0]
-            cur = [a, b]
-        else:
-            cur[1] = max(cur[1], b)
-    busy_us += 0 if cur is None else cur[1] - cur[0]
+    spans = device_spans(prof.events())
+    busy_ms = union_us(spans) / 1e3
     return {
         "wall_ms": wall_ms,
         "host_ms": host_ms,
-        "kernel_ms": kernel_us / 1e3,
-        "busy_ms": busy_us / 1e3,
-        "idle_ms": max(wall_ms - busy_us / 1e3, 0.0) if spans else 0.0,
+        "kernel_ms": sum(b - a for a, b in spans) / 1e3,
+        "busy_ms": busy_ms,
+        "idle_ms": max(wall_ms - busy_ms, 0.0) if spans else 0.0,
         "kernels": len(spans),
     }

@@ -72,10 +72,10 @@ def test_overlap_sim_smoke_reports_every_mode_with_a_trace_and_a_profile(tmp_pat
     assert any(str(n).endswith("/dispatch_a2a") for n in names)
 
 
-def test_overlap_sim_names_an_unknown_trace_mode():
+def test_overlap_sim_names_an_unknown_trace_mode(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, str(ROOT / "benchmarks" / "overlap_sim.py"), "--smoke"]
-    cmd += ["--parts", "layer", "--trace", "t.json", "--trace-mode", "split_all"]
+    cmd += ["--parts", "layer", "--trace", str(tmp_path / "t.json"), "--trace-mode", "split_all"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "--trace-mode: unknown 'split_all'" in proc.stderr  # train-only mode, layer part
