@@ -47,6 +47,8 @@ def run(config: str, batch: int, seq: int, compile_: bool, ac: bool, iters: int,
                                f"--parallel.activation_checkpoint={str(ac).lower()}",
                                "--parallel.ep=1", *(f"--{s}" for s in sets)])
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.type == "cuda":  # max_mem_gib is this run's peak, not the process's so far
+        torch.cuda.reset_peak_memory_stats()
     ctx = ParallelContext(rank=0, world=1, local_rank=0, device=dev)
     model = build_model(cfg, ctx)
     amp = autocast(cfg, dev)

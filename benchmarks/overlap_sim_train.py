@@ -81,6 +81,8 @@ def bench_train(name: str, args, log) -> dict:
     cfg = load_config(name, train_overrides(name, args, None))
     ctx = init_parallel(cfg)
     device = ctx.device
+    if device.type == "cuda":  # max_mem_gib: this config's peak, not an earlier config's
+        torch.cuda.reset_peak_memory_stats(device)
     model = build_model(cfg, ctx)
     saved = [t.detach().clone() for t in list(model.parameters()) + list(model.buffers())]
     moes = model.moe_modules()

@@ -156,6 +156,8 @@ def bench_config(
     cfg = load(name, args, world, [])
     ctx = init_distributed(cfg)
     device = ctx.device
+    if device.type == "cuda":  # max_mem_gib: this config's peak, not an earlier config's
+        torch.cuda.reset_peak_memory_stats(device)
     model = build_model(cfg, ctx)
     saved = [t.detach().clone() for t in _state(model)]
     moes = model.moe_modules()
