@@ -117,9 +117,8 @@ def main() -> None:
     import subprocess
     import tempfile
 
+    from dash_runs import ENV, train_command
     from PIL import Image
-
-    from conftest import ENV, train_command
 
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("out", type=Path, help="the PNG to write, e.g. docs/dash.png")

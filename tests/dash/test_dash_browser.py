@@ -18,8 +18,7 @@ from dash_browser import (
     serve_in_thread,
     wait_for,
 )
-
-from conftest import ENV, register_run, train_command
+from dash_runs import ENV, register_run, train_command
 
 pytestmark = pytest.mark.skipif(
     chromium_paths() is None,

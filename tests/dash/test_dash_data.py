@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from dash_runs import ENV, register_run
 
 from braid.dash import data as dash_data
 from braid.dash.app import create_app
@@ -28,7 +29,6 @@ from braid.metrics import (
     read_expert_load,
     read_metrics,
 )
-from conftest import ENV, register_run
 
 
 def _none_nan(values: list) -> list[float]:
