@@ -18,6 +18,7 @@ bf16 autocast, as in training. The optimizer step is excluded (forward + backwar
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 from pathlib import Path
 
@@ -47,7 +48,13 @@ def run(config: str, batch: int, seq: int, compile_: bool, ac: bool, iters: int,
                                f"--parallel.activation_checkpoint={str(ac).lower()}",
                                "--parallel.ep=1", *(f"--{s}" for s in sets)])
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if dev.type == "cuda":  # max_mem_gib is this run's peak, not the process's so far
+    # max_mem_gib is this run's peak: free the previous run's model first (compiled graphs hold
+    # references to their modules until dynamo is reset and the cycles collected).
+    gc.collect()
+    torch._dynamo.reset()
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     ctx = ParallelContext(rank=0, world=1, local_rank=0, device=dev)
     model = build_model(cfg, ctx)

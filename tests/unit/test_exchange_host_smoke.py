@@ -10,6 +10,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+SIMULATED = {
+    "simulated_move", "simulated_move_into", "simulated_move_wait", "simulated_move_into_wait"
+}  # fmt: skip
 
 
 def test_smoke_reports_the_host_cost_of_each_movement(tmp_path):
@@ -26,8 +29,9 @@ def test_smoke_reports_the_host_cost_of_each_movement(tmp_path):
     for key in ("date", "torch"):
         assert res[key], key
     rows = res["host_us"]
-    assert set(rows) == {
-        "simulated_move", "simulated_move_into", "simulated_move_wait", "nccl_all_to_all"
-    }  # fmt: skip
+    assert set(rows) == SIMULATED | {"nccl_all_to_all"}
     assert all(us > 0 for us in rows.values()), rows
-    assert res["simulated_move_wait_over_nccl"] > 0
+    assert res["device_us"] == {}  # CPU: no device time
+    assert res["simulated_over_nccl"] == round(
+        rows["simulated_move_into_wait"] / rows["nccl_all_to_all"], 3
+    )
