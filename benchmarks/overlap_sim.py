@@ -49,7 +49,7 @@ import torch  # noqa: E402
 from common import environment, time_cuda, write_result  # noqa: E402
 from overlap_exchange import record  # noqa: E402
 from overlap_modes import MODES, row_of, summarize, time_alone, trace  # noqa: E402
-from overlap_sim_train import bench_train  # noqa: E402
+from overlap_sim_train import TRAIN_MODES, bench_train  # noqa: E402
 
 from braid.exchange import get_exchange  # noqa: E402
 from braid.exchange.config import ExchangeConfig  # noqa: E402
@@ -207,7 +207,7 @@ def main() -> None:
     ap.add_argument("--chunk-by", default="auto", help="overlap.chunk_by: auto, experts, tokens")
     args = ap.parse_args()
     parts = args.parts.split(",")
-    modes = set(MODES) | ({"split_all", "auto_all"} if "train" in parts else set())
+    modes = set(TRAIN_MODES if "train" in parts else MODES)
     if args.trace_mode not in modes:
         raise SystemExit(
             f"--trace-mode: unknown {args.trace_mode!r}; expected one of {sorted(modes)}"

@@ -81,6 +81,22 @@ class _Root(torch.autograd.Function):
         return g
 
 
+class _Home:
+    """With chunks of experts (`whole` set), the one buffer of `whole`'s rows that every chunk's
+    movement home is received into (allocated at the first chunk, like its rows); else None."""
+
+    def __init__(self, whole: Any | None):
+        self.whole, self.buf = whole, None
+
+    def slot(self, route: Any, like: Tensor) -> Tensor | None:
+        """The rows of `route` in the buffer (None without chunks of experts)."""
+        if self.whole is None:
+            return None
+        if self.buf is None:
+            self.buf = like.new_empty((self.whole.send[0], like.shape[1]))
+        return self.buf[route.rows[0] : route.rows[1]]
+
+
 class _Pipelined(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_ND, gates_NK, anchor, run):
@@ -165,15 +181,11 @@ class _Run:
                 self.y_home[c] = y_MD
             return dsp.finish(y_MD, gates_NK, self.routes[c], self.grad)
 
-        home = None  # chunks of experts: every chunk's rows come home into one buffer
+        home = _Home(self.whole)  # chunks of experts: every chunk's rows come home into one
 
         def issue_combine(c: int, y_RD: Tensor):
-            nonlocal home
-            route, out = self.routes[c], None
-            if self.whole is not None:
-                if home is None:
-                    home = y_RD.new_empty((self.whole.send[0], y_RD.shape[1]))
-                out = home[route.rows[0] : route.rows[1]]
+            route = self.routes[c]
+            out = home.slot(route, y_RD)
             go = lambda: dsp.issue_combine(y_RD, route, out)  # noqa: E731
             return tl.issue("combine_a2a", go, y_RD)
 
@@ -192,7 +204,7 @@ class _Run:
                 self.unit.release()
         outs[C - 1] = finish(C - 1, tl.wait(comb[C - 1]))
         if self.whole is not None:
-            y_MD = home  # the copies in `whole`'s order, received in place
+            y_MD = home.buf  # the copies in `whole`'s order, received in place
             if self.grad:
                 self.y_whole = y_MD
             return dsp.finish(y_MD, gates_NK, self.whole, self.grad), side
@@ -224,19 +236,15 @@ class _Run:
                 g_MD, dgates[c] = dsp.combine_grad(g_out, y_MD, self.gates_NK, route)
             return tl.issue("combine_a2a_bwd", lambda: dsp.issue_back(g_MD, route, "experts"), g_MD)
 
-        g_home = None  # chunks of experts: every chunk's copy grads come home into one buffer
+        g_home = _Home(whole)  # chunks of experts: every chunk's copy grads come home into one
 
         def issue_dg(c: int, g_RD: Tensor):
-            nonlocal g_home
             with tl.span("experts_bwd"):
                 torch.autograd.backward(self.roots[c], g_RD)
             self.roots[c] = None
             g_x = self.boxes[c].pop().contiguous()  # the buffer the exchange reads
-            route, out = self.routes[c], None
-            if whole is not None:
-                if g_home is None:
-                    g_home = g_x.new_empty((whole.send[0], g_x.shape[1]))
-                out = g_home[route.rows[0] : route.rows[1]]
+            route = self.routes[c]
+            out = g_home.slot(route, g_x)
             go = lambda: dsp.issue_back(g_x, route, "home", out)  # noqa: E731
             return tl.issue("dispatch_a2a_bwd", go, g_x)
 
@@ -261,7 +269,7 @@ class _Run:
         finish(C - 1, tl.wait(dg[C - 1], drain))
         self.gates_NK = None
         if whole is not None:
-            dx = dsp.finish_grad(g_home, whole, self.x_dtype)
+            dx = dsp.finish_grad(g_home.buf, whole, self.x_dtype)
             dgates = [dgates_whole]
         else:
             dx = dxs[0] if C == 1 else torch.cat(dxs)
