@@ -149,6 +149,27 @@ def test_cuda_movement_takes_the_modelled_time():
     assert h.elapsed_ms() == pytest.approx(want, rel=0.15)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_small_cuda_movements_on_an_idle_stream_learn_the_spin_launch():
+    """A movement whose copy is shorter than the spin kernel's launch leaves the stream idle
+    between the two; the exchange learns that launch time from finished movements (start and
+    end events) and shortens later spins by it, so they keep their modelled time. The caller's
+    stream is idle at every issue here (synchronized), the case where the gap shows."""
+    cfg = ExchangeConfig(algorithm="simulated", simulate_latency_us=60.0)
+    ex = SimulatedExchange(cfg=cfg)
+    x = torch.randn(4096, dtype=torch.bfloat16, device="cuda")  # 8 KiB: a copy of ~1 us
+    got = []
+    for _ in range(40):
+        h = ex.move(x, [1], [1])
+        h.wait()
+        torch.cuda.synchronize()
+        got.append(h.elapsed_ms())
+    assert ex._gap_n > 0 and 0 < ex._launch_ms <= 0.1  # learned, within the cap
+    late = sorted(got[-10:])[5]  # the median of the last ten
+    assert late == pytest.approx(0.060, abs=0.010), got
+
+
 def test_move_into_receives_the_rows_in_the_callers_buffer():
     """`move_into` (chunks of experts receive into one buffer's rows): the same rows as `move`,
     in `out` itself, nothing written around it, the handle's time as `move`'s."""

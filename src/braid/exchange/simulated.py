@@ -108,9 +108,10 @@ class SimulatedExchange(Exchange):
         self.ranks = self.cfg.simulate_ranks
         self._busy_until = 0.0  # CPU: the link is free again at this host time
         self._stream = None
+        self._ready = None
         self._scratch: Tensor | None = None
         self._copy_bytes_per_ms = 0.0
-        self._spins: list[tuple] = []  # (after-copy event, end event, spun ms) of movements
+        self._spins: list[tuple] = []  # (start, end, spun ms, copy ms) of movements
         self._launch_ms, self._gap_n = 0.0, 0  # the spin's launch time (`_learn_gap`)
 
     @property
@@ -161,9 +162,11 @@ class SimulatedExchange(Exchange):
         x = x_RD.contiguous()
         start = torch.cuda.Event(enable_timing=True)
         end = torch.cuda.Event(enable_timing=True)
-        self._stream.wait_stream(torch.cuda.current_stream(x.device))
-        with torch.cuda.stream(self._stream):
-            start.record(self._stream)
+        stream = self._stream
+        self._ready.record(torch.cuda.current_stream(x.device))  # one reused event orders the
+        stream.wait_event(self._ready)  # stream after the caller's (`wait_stream` makes a new one)
+        with torch.cuda.stream(stream):
+            start.record(stream)
             if out is not None:  # received in place: every byte lands in `out`
                 out.copy_(x)
                 cross = nbytes
@@ -175,32 +178,32 @@ class SimulatedExchange(Exchange):
                     self._scratch = torch.empty(max(cross, 1), dtype=torch.uint8, device=x.device)
                 if cross:
                     self._scratch[:cross].copy_(x.view(-1).view(torch.uint8)[:cross])
-            mid = torch.cuda.Event(enable_timing=True)
-            mid.record(self._stream)
             copy_ms = cross / self._copy_bytes_per_ms
             gap = max(self._launch_ms - copy_ms, 0.0)  # the copy hides the launch if longer
             rest = max(ms - copy_ms - gap, 0.0)
-            spin(rest, x.device)
-            end.record(self._stream)
+            spin(rest)  # on the current device: the stream's
+            end.record(stream)
         if rest > 0:
-            self._spins.append((start, mid, end, rest))
-        x.record_stream(self._stream)  # read on the exchange's stream
+            self._spins.append((start, end, rest, copy_ms))
+        x.record_stream(stream)  # read on the exchange's stream
         if out is not None:
-            out.record_stream(self._stream)  # written there
+            out.record_stream(stream)  # written there
         return EventHandle(start, end, x_RD if out is None else out)
 
     def _learn_gap(self) -> None:
         """The host's launch time of the spin kernel, from finished movements, without
-        waiting: where the stream idled between the copy's end and the spin's start (a gap),
-        the launch took that gap plus the copy. Later spins are shortened by what their own
-        copy does not hide of it (running mean, at most `MAX_GAP_MS`). Time a spin waits for
-        a free SM behind busy kernels also looks like a gap; the cap bounds that error."""
-        while self._spins and self._spins[0][2].query():
-            start, mid, end, spun = self._spins.pop(0)
-            gap = mid.elapsed_time(end) - spun
-            if gap <= 2e-3:  # no gap: the copy hid the launch; nothing learned
+        waiting. A movement's time beyond its spin is its copy plus, when the copy ended before
+        the spin was launched, the idle gap between them: the launch time. Where that time
+        exceeds the copy's estimate, it is learned (running mean, at most `MAX_GAP_MS`), and
+        later spins are shortened by what their own copy does not hide of it. Time a spin
+        waits for a free SM behind busy kernels, or a copy slowed by contention, also counts;
+        the cap bounds that error. Two events a movement (no mark between copy and spin)."""
+        while self._spins and self._spins[0][1].query():
+            start, end, spun, copy_ms = self._spins.pop(0)
+            launch = start.elapsed_time(end) - spun
+            if launch <= copy_ms + 2e-3:  # no gap: the copy hid the launch; nothing learned
                 continue
-            launch = min(gap + start.elapsed_time(mid), MAX_GAP_MS)
+            launch = min(launch, MAX_GAP_MS)
             self._launch_ms = launch if self._gap_n == 0 else 0.7 * self._launch_ms + 0.3 * launch
             self._gap_n += 1
 
@@ -209,6 +212,7 @@ class SimulatedExchange(Exchange):
         if self._copy_bytes_per_ms:
             return
         self._stream = new_stream(device)
+        self._ready = torch.cuda.Event()  # orders the stream after the caller's (no timing)
         spin(1e-3, device)  # compiles the spin kernel now, not inside a timed movement
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         n = 64 * 2**20

@@ -51,9 +51,12 @@ def spin(ms: float, device: torch.device | None = None) -> None:
     """Occupy the current CUDA stream of `device` for `ms` milliseconds (nothing if ms <= 0)."""
     if ms <= 0:
         return
-    device = device or torch.device("cuda", torch.cuda.current_device())
     if triton is not None:
+        if device is None:  # the current device: no device guard to enter and leave
+            _spin_kernel[(1,)](int(ms * 1e6), num_warps=1)
+            return
         with torch.cuda.device(device):
             _spin_kernel[(1,)](int(ms * 1e6), num_warps=1)
         return
+    device = device or torch.device("cuda", torch.cuda.current_device())
     torch.cuda._sleep(int(ms * _cycles_per_ms(device)))
