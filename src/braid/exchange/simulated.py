@@ -51,6 +51,7 @@ from braid.overlap.streams import new_stream
 
 # Payload bytes per rank -> algbw GB/s, all_to_all_single on 4x H200 (NVLink, NCCL 2.28.9).
 MAX_GAP_MS = 0.1  # the largest launch time a movement's spin is shortened by
+SAMPLE_FIRST, SAMPLE_EVERY = 16, 8  # movements that mark their copy's end: the first, then 1 in 8
 NVLINK_H200X4 = ((8 * 2**20, 113.0), (256 * 2**20, 409.0))
 
 
@@ -111,7 +112,8 @@ class SimulatedExchange(Exchange):
         self._ready = None
         self._scratch: Tensor | None = None
         self._copy_bytes_per_ms = 0.0
-        self._spins: list[tuple] = []  # (start, end, spun ms, copy ms) of movements
+        self._spins: list[tuple] = []  # (start, after-copy, end event, spun ms) of samples
+        self._moves = 0
         self._launch_ms, self._gap_n = 0.0, 0  # the spin's launch time (`_learn_gap`)
 
     @property
@@ -178,32 +180,37 @@ class SimulatedExchange(Exchange):
                     self._scratch = torch.empty(max(cross, 1), dtype=torch.uint8, device=x.device)
                 if cross:
                     self._scratch[:cross].copy_(x.view(-1).view(torch.uint8)[:cross])
+            mid = None
+            self._moves += 1
+            if self._moves <= SAMPLE_FIRST or self._moves % SAMPLE_EVERY == 0:
+                mid = torch.cuda.Event(enable_timing=True)  # marks the copy's end (sampled)
+                mid.record(stream)
             copy_ms = cross / self._copy_bytes_per_ms
             gap = max(self._launch_ms - copy_ms, 0.0)  # the copy hides the launch if longer
             rest = max(ms - copy_ms - gap, 0.0)
             spin(rest)  # on the current device: the stream's
             end.record(stream)
-        if rest > 0:
-            self._spins.append((start, end, rest, copy_ms))
+        if rest > 0 and mid is not None:
+            self._spins.append((start, mid, end, rest))
         x.record_stream(stream)  # read on the exchange's stream
         if out is not None:
             out.record_stream(stream)  # written there
         return EventHandle(start, end, x_RD if out is None else out)
 
     def _learn_gap(self) -> None:
-        """The host's launch time of the spin kernel, from finished movements, without
-        waiting. A movement's time beyond its spin is its copy plus, when the copy ended before
-        the spin was launched, the idle gap between them: the launch time. Where that time
-        exceeds the copy's estimate, it is learned (running mean, at most `MAX_GAP_MS`), and
-        later spins are shortened by what their own copy does not hide of it. Time a spin
-        waits for a free SM behind busy kernels, or a copy slowed by contention, also counts;
-        the cap bounds that error. Two events a movement (no mark between copy and spin)."""
-        while self._spins and self._spins[0][1].query():
-            start, end, spun, copy_ms = self._spins.pop(0)
-            launch = start.elapsed_time(end) - spun
-            if launch <= copy_ms + 2e-3:  # no gap: the copy hid the launch; nothing learned
+        """The host's launch time of the spin kernel, from finished sampled movements, without
+        waiting: where the stream idled between the copy's end and the spin's start (a gap),
+        the launch took that gap plus the copy. Later spins are shortened by what their own
+        copy does not hide of it (running mean, at most `MAX_GAP_MS`). Time a spin waits for
+        a free SM behind busy kernels also looks like a gap; the cap bounds that error. A copy
+        slowed by the compute beside it is not a gap: that contention stays in the movement's
+        time, as it would in a real one's."""
+        while self._spins and self._spins[0][2].query():
+            start, mid, end, spun = self._spins.pop(0)
+            gap = mid.elapsed_time(end) - spun
+            if gap <= 2e-3:  # no gap: the copy hid the launch; nothing learned
                 continue
-            launch = min(launch, MAX_GAP_MS)
+            launch = min(gap + start.elapsed_time(mid), MAX_GAP_MS)
             self._launch_ms = launch if self._gap_n == 0 else 0.7 * self._launch_ms + 0.3 * launch
             self._gap_n += 1
 
