@@ -20,8 +20,9 @@ as the real send and receive would; (2) spins a one-block kernel for the rest of
 `wait()` orders the caller's stream after it (`EventHandle`). The copy bandwidth is measured
 once, at the first movement. When the copy is shorter than the host's launch of the spin
 kernel, the stream idles in between; the launch time is learned from such gaps on finished
-movements (events, no waiting) and what a movement's copy does not hide of it is taken off
-its spin, so small movements keep their modelled time.
+movements (the first 16, then one in 8, mark their copy's end with an event; no waiting) and
+what a movement's copy does not hide of it is taken off its spin, so small movements keep
+their modelled time.
 On CPU nothing is copied: a movement is complete at its deadline (`done()` polls the host
 clock, `wait()` sleeps until it), so the engine's drain and report work as on a real link.
 `exchange_counts` and `all_reduce_sum` cost one latency each (serial, as their blocking
