@@ -10,6 +10,7 @@ that would leave the rank, then a sleep kernel, on the exchange's own stream) ru
 from __future__ import annotations
 
 import copy
+import statistics
 import time
 
 import pytest
@@ -180,21 +181,26 @@ def test_cuda_movement_takes_the_modelled_time():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_small_cuda_movements_on_an_idle_stream_learn_the_spin_launch():
     """A movement whose copy is shorter than the spin kernel's launch leaves the stream idle
-    between the two; the exchange learns that launch time from finished movements (start and
-    end events) and shortens later spins by it, so they keep their modelled time. The caller's
-    stream is idle at every issue here (synchronized), the case where the gap shows."""
+    between the two; the exchange learns that launch time from finished sampled movements
+    (start, after-copy and end events) and shortens later spins by it, so they keep their
+    modelled time, whether they mark their copy's end (sampled) or not. The caller's stream is
+    idle at every issue here (synchronized), the case where the gap shows."""
     cfg = ExchangeConfig(algorithm="simulated", simulate_latency_us=60.0)
     ex = SimulatedExchange(cfg=cfg)
     x = torch.randn(4096, dtype=torch.bfloat16, device="cuda")  # 8 KiB: a copy of ~1 us
     got = []
-    for _ in range(40):
+    for _ in range(48):
         h = ex.move(x, [1], [1])
         h.wait()
         torch.cuda.synchronize()
         got.append(h.elapsed_ms())
+    assert ex._idle_issues == 48  # every issue seen idle
     assert len(ex.launch.samples) >= 3 and 0 < ex.launch.ms <= 0.1  # learned, within the cap
-    late = sorted(got[-10:])[5]  # the median of the last ten
-    assert late == pytest.approx(0.060, abs=0.010), got
+    late = range(24, 48)  # issues 25-48: sampled at 32, 40 and 48, the rest not
+    sampled = [got[i] for i in late if (i + 1) % 8 == 0]
+    unsampled = [got[i] for i in late if (i + 1) % 8]
+    assert statistics.median(unsampled) == pytest.approx(0.060, abs=0.010), got
+    assert statistics.median(sampled) == pytest.approx(0.060, abs=0.010), got
 
 
 def test_move_into_receives_the_rows_in_the_callers_buffer():

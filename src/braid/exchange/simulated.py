@@ -25,7 +25,7 @@ such movements once finished (the first 16 idle issues, then one in 8, mark thei
 with an event; no waiting; `LaunchGap`, a median) and what a movement's copy does not hide of
 it is taken off its spin, so small movements keep their modelled time. Issued behind queued
 work (the host ahead), a movement is enqueued whole before its stream gets there: nothing is
-taken off.
+taken off (queued work shorter than the issue leaves part of a gap, uncorrected).
 On CPU nothing is copied: a movement is complete at its deadline (`done()` polls the host
 clock, `wait()` sleeps until it), so the engine's drain and report work as on a real link.
 `exchange_counts` and `all_reduce_sum` cost one latency each (serial, as their blocking
@@ -34,7 +34,7 @@ collectives are); their values are the local exchange's. The dispatcher's plans 
 (`traffic_ranks`), so every mode pays the host sync that a real group's dispatch pays.
 
 Not modelled (docs/exchange.md): NVLink/NIC contention between ranks, NCCL's own SM use
-(the sleep kernel takes one thread, NCCL takes several thread blocks), rank skew and
+(the sleep kernel takes one block of one warp, NCCL takes several thread blocks), rank skew and
 stragglers, and uneven splits (only the payload size matters).
 """
 
@@ -55,10 +55,10 @@ from braid.exchange.handles import EventHandle
 from braid.ops.spin import spin
 from braid.overlap.streams import new_stream
 
-# Payload bytes per rank -> algbw GB/s, all_to_all_single on 4x H200 (NVLink, NCCL 2.28.9).
 MAX_GAP_MS = 0.1  # the largest launch time a movement's spin is shortened by
 MIN_SPIN_MS = 2e-3  # a spin is never shortened below this: a sample's gap stays measurable
 SAMPLE_FIRST, SAMPLE_EVERY = 16, 8  # idle issues that mark their copy's end: the first, then 1 in 8
+# Payload bytes per rank -> algbw GB/s, all_to_all_single on 4x H200 (NVLink, NCCL 2.28.9).
 NVLINK_H200X4 = ((8 * 2**20, 113.0), (256 * 2**20, 409.0))
 
 
@@ -114,6 +114,7 @@ class LaunchGap:
     def __init__(self, keep: int = 9, need: int = 3):
         self.samples: deque[float] = deque(maxlen=keep)
         self.need = need
+        self.ms = 0.0  # the estimate: the samples' median once `need` are in
 
     def observe(self, gap_ms: float, copy_elapsed_ms: float) -> None:
         """One sample: the idle time between the copy's end and the spin's start, and the time
@@ -121,10 +122,8 @@ class LaunchGap:
         nothing is learned."""
         if gap_ms > 2e-3:
             self.samples.append(min(gap_ms + copy_elapsed_ms, MAX_GAP_MS))
-
-    @property
-    def ms(self) -> float:
-        return statistics.median(self.samples) if len(self.samples) >= self.need else 0.0
+            if len(self.samples) >= self.need:
+                self.ms = statistics.median(self.samples)
 
     def shorten(self, copy_ms: float) -> float:
         """What an idle issue's spin is shortened by: the launch its own copy does not hide."""
@@ -196,46 +195,53 @@ class SimulatedExchange(Exchange):
     def _move_cuda(self, x_RD: Tensor, nbytes: int, ms: float, out: Tensor | None) -> Handle:
         self._calibrate(x_RD.device)
         self._learn_gap()
-        cross = nbytes * (self.ranks - 1) // self.ranks  # what would leave the rank
+        # Received in place, every byte lands in `out`; else the bytes that would leave the rank.
+        cross = nbytes if out is not None else nbytes * (self.ranks - 1) // self.ranks
         x = x_RD.contiguous()
         start = torch.cuda.Event(enable_timing=True)
         end = torch.cuda.Event(enable_timing=True)
-        stream = self._stream
-        self._ready.record(torch.cuda.current_stream(x.device))  # one reused event orders the
-        stream.wait_event(self._ready)  # stream after the caller's (`wait_stream` makes a new one)
-        # Issued onto idle streams, the movement starts at once and its spin only once the
-        # host has launched it: that launch is learned and taken off the spin. Issued behind
-        # queued work (the host ahead, as it mostly is), everything is enqueued before the
-        # stream gets there: no gap, nothing taken off.
-        idle = self._ready.query() and (self._last_end is None or self._last_end.query())
+        stream, caller = self._stream, torch.cuda.current_stream(x.device)
+        # Issued onto idle streams (the caller's has run everything, the link is free), the
+        # movement starts at once and its spin only once the host has launched it: that launch
+        # is learned and taken off the spin. Issued behind queued work that outlasts the host's
+        # issue (the host ahead, as it mostly is), the movement is enqueued whole before its
+        # stream gets there: nothing is taken off (queued work shorter than the issue leaves
+        # part of the gap, not corrected).
+        idle = caller.query() and (self._last_end is None or self._last_end.query())
+        self._ready.record(caller)  # one reused event orders the exchange's stream after the
+        stream.wait_event(self._ready)  # caller's (`wait_stream` makes a new one every call)
+        copy_ms = cross / self._copy_bytes_per_ms
+        rest = ms - copy_ms - (self.launch.shorten(copy_ms) if idle else 0.0)
+        if ms > copy_ms:  # never below MIN_SPIN_MS (a sample's gap stays measurable) nor the model
+            rest = max(rest, min(MIN_SPIN_MS, ms - copy_ms))
+        else:
+            rest = 0.0
+        sample = False
+        if idle:
+            self._idle_issues += 1
+            n = self._idle_issues
+            sample = rest > 0 and (n <= SAMPLE_FIRST or n % SAMPLE_EVERY == 0)
         with torch.cuda.stream(stream):
             start.record(stream)
-            if out is not None:  # received in place: every byte lands in `out`
+            if out is not None:
                 out.copy_(x)
-                cross = nbytes
-            else:
+            elif cross:
                 if self._scratch is None or self._scratch.numel() < cross:
                     # Allocated on the exchange's stream: a replaced buffer's memory is reused
                     # only behind this stream's earlier copies into it.
                     self._scratch = None
-                    self._scratch = torch.empty(max(cross, 1), dtype=torch.uint8, device=x.device)
-                if cross:
-                    self._scratch[:cross].copy_(x.view(-1).view(torch.uint8)[:cross])
-            mid = None
-            if idle:
-                self._idle_issues += 1
-                n = self._idle_issues
-                if n <= SAMPLE_FIRST or n % SAMPLE_EVERY == 0:
-                    mid = torch.cuda.Event(enable_timing=True)  # marks the copy's end
-                    mid.record(stream)
-            copy_ms = cross / self._copy_bytes_per_ms
-            rest = ms - copy_ms - (self.launch.shorten(copy_ms) if idle else 0.0)
-            rest = max(rest, MIN_SPIN_MS if ms > copy_ms else 0.0)
+                    self._scratch = torch.empty(cross, dtype=torch.uint8, device=x.device)
+                self._scratch[:cross].copy_(x.view(-1).view(torch.uint8)[:cross])
+            if sample:  # marks the copy's end; the host time it takes is not launch
+                t0 = time.perf_counter()
+                mid = torch.cuda.Event(enable_timing=True)
+                mid.record(stream)
+                marking_ms = 1e3 * (time.perf_counter() - t0)
             spin(rest)  # on the current device: the stream's
             end.record(stream)
         self._last_end = end
-        if rest > 0 and mid is not None:
-            self._spins.append((start, mid, end, rest))
+        if sample:
+            self._spins.append((start, mid, end, rest, marking_ms))
         x.record_stream(stream)  # read on the exchange's stream
         if out is not None:
             out.record_stream(stream)  # written there
@@ -244,11 +250,12 @@ class SimulatedExchange(Exchange):
     def _learn_gap(self) -> None:
         """Feed `self.launch` from finished sampled movements, without waiting: the idle gap
         between the copy's end and the spin's start (what the movement took beyond the copy
-        and the spin) and the time up to the copy's end. A copy slowed by the compute beside
+        and the spin, less the host time of marking the copy's end, which unsampled movements
+        do not spend) and the time up to the copy's end. A copy slowed by the compute beside
         it is not a gap: that contention stays in the movement's time, as in a real one's."""
         while self._spins and self._spins[0][2].query():
-            start, mid, end, spun = self._spins.pop(0)
-            self.launch.observe(mid.elapsed_time(end) - spun, start.elapsed_time(mid))
+            start, mid, end, spun, marking_ms = self._spins.pop(0)
+            self.launch.observe(mid.elapsed_time(end) - spun - marking_ms, start.elapsed_time(mid))
 
     def _calibrate(self, device: torch.device) -> None:
         """Once: the exchange's stream and the device copy bandwidth on this GPU."""

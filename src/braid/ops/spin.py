@@ -48,7 +48,8 @@ def _cycles_per_ms(device: torch.device) -> float:
 
 
 def spin(ms: float, device: torch.device | None = None) -> None:
-    """Occupy the current CUDA stream of `device` for `ms` milliseconds (nothing if ms <= 0)."""
+    """Occupy the current CUDA stream of `device` for `ms` milliseconds (nothing if ms <= 0).
+    With `device=None`, the current device's current stream, launched without a device guard."""
     if ms <= 0:
         return
     if triton is not None:
@@ -59,4 +60,5 @@ def spin(ms: float, device: torch.device | None = None) -> None:
             _spin_kernel[(1,)](int(ms * 1e6), num_warps=1)
         return
     device = device or torch.device("cuda", torch.cuda.current_device())
-    torch.cuda._sleep(int(ms * _cycles_per_ms(device)))
+    with torch.cuda.device(device):
+        torch.cuda._sleep(int(ms * _cycles_per_ms(device)))
