@@ -10,6 +10,7 @@ that would leave the rank, then a sleep kernel, on the exchange's own stream) ru
 from __future__ import annotations
 
 import copy
+import statistics
 import time
 
 import pytest
@@ -18,7 +19,13 @@ import torch
 from braid.errors import BraidError
 from braid.exchange import get_exchange
 from braid.exchange.config import ExchangeConfig
-from braid.exchange.simulated import NVLINK_H200X4, SimulatedExchange, simulated_ms
+from braid.exchange.simulated import (
+    MAX_GAP_MS,
+    NVLINK_H200X4,
+    LaunchGap,
+    SimulatedExchange,
+    simulated_ms,
+)
 from braid.overlap.pipeline import LayerOverlap
 from braid.overlap.streams import Clock
 from small_moe import moe_step, seeded_moe
@@ -134,6 +141,27 @@ def test_refused_with_process_groups_and_installed_in_one_process():
     assert ex.size == 1 and ex.traffic_ranks == 8
 
 
+def test_launch_gap_is_a_median_that_one_outlier_does_not_set():
+    """The spin's launch time on idle streams: nothing until three samples are in, then the
+    median of the recent ones, each capped. An outlier first sample (the first movement after
+    calibration) once set a running mean at the cap, which then took every small movement's
+    spin off, so no later sample could correct it (seen on an H100: 60 us movements took
+    23 us)."""
+    g = LaunchGap(keep=5, need=3)
+    g.observe(0.5, 0.004)  # the outlier: capped
+    assert g.samples[-1] == MAX_GAP_MS and g.ms == 0.0 and g.shorten(0.0) == 0.0
+    g.observe(0.015, 0.004)
+    assert g.ms == 0.0  # two samples: not yet used
+    g.observe(0.001, 0.004)  # no gap (the copy hid the launch): nothing learned
+    g.observe(0.016, 0.004)
+    assert g.ms == pytest.approx(0.020)  # median of 0.1, 0.019, 0.020
+    for _ in range(4):
+        g.observe(0.014, 0.004)
+    assert g.ms == pytest.approx(0.018)  # the outlier has left the window
+    assert g.shorten(0.005) == pytest.approx(0.013)  # what a 5 us copy does not hide
+    assert g.shorten(0.030) == 0.0  # a long copy hides it all
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_movement_takes_the_modelled_time():
@@ -147,6 +175,32 @@ def test_cuda_movement_takes_the_modelled_time():
     torch.cuda.synchronize()
     want = simulated_ms(64 * MiB, cfg)
     assert h.elapsed_ms() == pytest.approx(want, rel=0.15)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_small_cuda_movements_on_an_idle_stream_learn_the_spin_launch():
+    """A movement whose copy is shorter than the spin kernel's launch leaves the stream idle
+    between the two; the exchange learns that launch time from finished sampled movements
+    (start, after-copy and end events) and shortens later spins by it, so they keep their
+    modelled time, whether they mark their copy's end (sampled) or not. The caller's stream is
+    idle at every issue here (synchronized), the case where the gap shows."""
+    cfg = ExchangeConfig(algorithm="simulated", simulate_latency_us=60.0)
+    ex = SimulatedExchange(cfg=cfg)
+    x = torch.randn(4096, dtype=torch.bfloat16, device="cuda")  # 8 KiB: a copy of ~1 us
+    got = []
+    for _ in range(48):
+        h = ex.move(x, [1], [1])
+        h.wait()
+        torch.cuda.synchronize()
+        got.append(h.elapsed_ms())
+    assert ex._idle_issues == 48  # every issue seen idle
+    assert len(ex.launch.samples) >= 3 and 0 < ex.launch.ms <= 0.1  # learned, within the cap
+    late = range(24, 48)  # issues 25-48: sampled at 32, 40 and 48, the rest not
+    sampled = [got[i] for i in late if (i + 1) % 8 == 0]
+    unsampled = [got[i] for i in late if (i + 1) % 8]
+    assert statistics.median(unsampled) == pytest.approx(0.060, abs=0.010), got
+    assert statistics.median(sampled) == pytest.approx(0.060, abs=0.010), got
 
 
 def test_move_into_receives_the_rows_in_the_callers_buffer():

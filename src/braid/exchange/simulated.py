@@ -18,10 +18,14 @@ would leave the rank into a scratch buffer, so HBM traffic contends with the com
 as the real send and receive would; (2) spins a one-block kernel for the rest of t
 (`braid.ops.spin`: on the GPU's nanosecond timer, so SM clock changes do not stretch it).
 `wait()` orders the caller's stream after it (`EventHandle`). The copy bandwidth is measured
-once, at the first movement. When the copy is shorter than the host's launch of the spin
-kernel, the stream idles in between; the launch time is learned from such gaps on finished
-movements (events, no waiting) and what a movement's copy does not hide of it is taken off
-its spin, so small movements keep their modelled time.
+once, at the first movement. A movement issued onto idle streams (the caller's has run
+everything before it, the link is free) starts at once, and when its copy is shorter than the
+host's launch of the spin kernel the stream idles in between: that launch is learned from
+such movements once finished (the first 16 idle issues, then one in 8, mark their copy's end
+with an event; no waiting; `LaunchGap`, a median) and what a movement's copy does not hide of
+it is taken off its spin, so small movements keep their modelled time. Issued behind queued
+work (the host ahead), a movement is enqueued whole before its stream gets there: nothing is
+taken off (queued work shorter than the issue leaves part of a gap, uncorrected).
 On CPU nothing is copied: a movement is complete at its deadline (`done()` polls the host
 clock, `wait()` sleeps until it), so the engine's drain and report work as on a real link.
 `exchange_counts` and `all_reduce_sum` cost one latency each (serial, as their blocking
@@ -30,14 +34,16 @@ collectives are); their values are the local exchange's. The dispatcher's plans 
 (`traffic_ranks`), so every mode pays the host sync that a real group's dispatch pays.
 
 Not modelled (docs/exchange.md): NVLink/NIC contention between ranks, NCCL's own SM use
-(the sleep kernel takes one thread, NCCL takes several thread blocks), rank skew and
+(the sleep kernel takes one block of one warp, NCCL takes several thread blocks), rank skew and
 stragglers, and uneven splits (only the payload size matters).
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 import time
+from collections import deque
 
 import torch
 from torch import Tensor
@@ -49,8 +55,10 @@ from braid.exchange.handles import EventHandle
 from braid.ops.spin import spin
 from braid.overlap.streams import new_stream
 
-# Payload bytes per rank -> algbw GB/s, all_to_all_single on 4x H200 (NVLink, NCCL 2.28.9).
 MAX_GAP_MS = 0.1  # the largest launch time a movement's spin is shortened by
+MIN_SPIN_MS = 2e-3  # a spin is never shortened below this: a sample's gap stays measurable
+SAMPLE_FIRST, SAMPLE_EVERY = 16, 8  # idle issues that mark their copy's end: the first, then 1 in 8
+# Payload bytes per rank -> algbw GB/s, all_to_all_single on 4x H200 (NVLink, NCCL 2.28.9).
 NVLINK_H200X4 = ((8 * 2**20, 113.0), (256 * 2**20, 409.0))
 
 
@@ -95,6 +103,33 @@ class _Deadline(Handle):
         return self.ms
 
 
+class LaunchGap:
+    """The time from a movement's start to its spin's start when the movement is issued onto
+    idle streams (the caller's stream has run everything before it and the link is free): the
+    copy's launch and run, then the wait for the host to launch the spin. Learned from
+    sampled movements (`observe`), as the median of the last `keep` samples, each capped at
+    `MAX_GAP_MS`, and used only once `need` samples are in: one outlier (the first movement
+    after calibration, a spin held behind busy kernels) moves it little."""
+
+    def __init__(self, keep: int = 9, need: int = 3):
+        self.samples: deque[float] = deque(maxlen=keep)
+        self.need = need
+        self.ms = 0.0  # the estimate: the samples' median once `need` are in
+
+    def observe(self, gap_ms: float, copy_elapsed_ms: float) -> None:
+        """One sample: the idle time between the copy's end and the spin's start, and the time
+        from the movement's start to the copy's end. Without a gap the copy hid the launch:
+        nothing is learned."""
+        if gap_ms > 2e-3:
+            self.samples.append(min(gap_ms + copy_elapsed_ms, MAX_GAP_MS))
+            if len(self.samples) >= self.need:
+                self.ms = statistics.median(self.samples)
+
+    def shorten(self, copy_ms: float) -> float:
+        """What an idle issue's spin is shortened by: the launch its own copy does not hide."""
+        return max(self.ms - copy_ms, 0.0)
+
+
 class SimulatedExchange(Exchange):
     size, rank = 1, 0
 
@@ -108,10 +143,13 @@ class SimulatedExchange(Exchange):
         self.ranks = self.cfg.simulate_ranks
         self._busy_until = 0.0  # CPU: the link is free again at this host time
         self._stream = None
+        self._ready = None
         self._scratch: Tensor | None = None
         self._copy_bytes_per_ms = 0.0
-        self._spins: list[tuple] = []  # (after-copy event, end event, spun ms) of movements
-        self._launch_ms, self._gap_n = 0.0, 0  # the spin's launch time (`_learn_gap`)
+        self._spins: list[tuple] = []  # (start, after-copy, end event, spun ms) of samples
+        self._idle_issues = 0
+        self._last_end = None  # the latest movement's end event
+        self.launch = LaunchGap()
 
     @property
     def traffic_ranks(self) -> int:
@@ -157,58 +195,74 @@ class SimulatedExchange(Exchange):
     def _move_cuda(self, x_RD: Tensor, nbytes: int, ms: float, out: Tensor | None) -> Handle:
         self._calibrate(x_RD.device)
         self._learn_gap()
-        cross = nbytes * (self.ranks - 1) // self.ranks  # what would leave the rank
+        # Received in place, every byte lands in `out`; else the bytes that would leave the rank.
+        cross = nbytes if out is not None else nbytes * (self.ranks - 1) // self.ranks
         x = x_RD.contiguous()
         start = torch.cuda.Event(enable_timing=True)
         end = torch.cuda.Event(enable_timing=True)
-        self._stream.wait_stream(torch.cuda.current_stream(x.device))
-        with torch.cuda.stream(self._stream):
-            start.record(self._stream)
-            if out is not None:  # received in place: every byte lands in `out`
+        stream, caller = self._stream, torch.cuda.current_stream(x.device)
+        # Issued onto idle streams (the caller's has run everything, the link is free), the
+        # movement starts at once and its spin only once the host has launched it: that launch
+        # is learned and taken off the spin. Issued behind queued work that outlasts the host's
+        # issue (the host ahead, as it mostly is), the movement is enqueued whole before its
+        # stream gets there: nothing is taken off (queued work shorter than the issue leaves
+        # part of the gap, not corrected).
+        idle = caller.query() and (self._last_end is None or self._last_end.query())
+        self._ready.record(caller)  # one reused event orders the exchange's stream after the
+        stream.wait_event(self._ready)  # caller's (`wait_stream` makes a new one every call)
+        copy_ms = cross / self._copy_bytes_per_ms
+        rest = ms - copy_ms - (self.launch.shorten(copy_ms) if idle else 0.0)
+        if ms > copy_ms:  # never below MIN_SPIN_MS (a sample's gap stays measurable) nor the model
+            rest = max(rest, min(MIN_SPIN_MS, ms - copy_ms))
+        else:
+            rest = 0.0
+        sample = False
+        if idle:
+            self._idle_issues += 1
+            n = self._idle_issues
+            sample = rest > 0 and (n <= SAMPLE_FIRST or n % SAMPLE_EVERY == 0)
+        with torch.cuda.stream(stream):
+            start.record(stream)
+            if out is not None:
                 out.copy_(x)
-                cross = nbytes
-            else:
+            elif cross:
                 if self._scratch is None or self._scratch.numel() < cross:
                     # Allocated on the exchange's stream: a replaced buffer's memory is reused
                     # only behind this stream's earlier copies into it.
                     self._scratch = None
-                    self._scratch = torch.empty(max(cross, 1), dtype=torch.uint8, device=x.device)
-                if cross:
-                    self._scratch[:cross].copy_(x.view(-1).view(torch.uint8)[:cross])
-            mid = torch.cuda.Event(enable_timing=True)
-            mid.record(self._stream)
-            copy_ms = cross / self._copy_bytes_per_ms
-            gap = max(self._launch_ms - copy_ms, 0.0)  # the copy hides the launch if longer
-            rest = max(ms - copy_ms - gap, 0.0)
-            spin(rest, x.device)
-            end.record(self._stream)
-        if rest > 0:
-            self._spins.append((start, mid, end, rest))
-        x.record_stream(self._stream)  # read on the exchange's stream
+                    self._scratch = torch.empty(cross, dtype=torch.uint8, device=x.device)
+                self._scratch[:cross].copy_(x.view(-1).view(torch.uint8)[:cross])
+            if sample:  # marks the copy's end; the host time it takes is not launch
+                t0 = time.perf_counter()
+                mid = torch.cuda.Event(enable_timing=True)
+                mid.record(stream)
+                marking_ms = 1e3 * (time.perf_counter() - t0)
+            spin(rest)  # on the current device: the stream's
+            end.record(stream)
+        self._last_end = end
+        if sample:
+            self._spins.append((start, mid, end, rest, marking_ms))
+        x.record_stream(stream)  # read on the exchange's stream
         if out is not None:
-            out.record_stream(self._stream)  # written there
+            out.record_stream(stream)  # written there
         return EventHandle(start, end, x_RD if out is None else out)
 
     def _learn_gap(self) -> None:
-        """The host's launch time of the spin kernel, from finished movements, without
-        waiting: where the stream idled between the copy's end and the spin's start (a gap),
-        the launch took that gap plus the copy. Later spins are shortened by what their own
-        copy does not hide of it (running mean, at most `MAX_GAP_MS`). Time a spin waits for
-        a free SM behind busy kernels also looks like a gap; the cap bounds that error."""
+        """Feed `self.launch` from finished sampled movements, without waiting: the idle gap
+        between the copy's end and the spin's start (what the movement took beyond the copy
+        and the spin, less the host time of marking the copy's end, which unsampled movements
+        do not spend) and the time up to the copy's end. A copy slowed by the compute beside
+        it is not a gap: that contention stays in the movement's time, as in a real one's."""
         while self._spins and self._spins[0][2].query():
-            start, mid, end, spun = self._spins.pop(0)
-            gap = mid.elapsed_time(end) - spun
-            if gap <= 2e-3:  # no gap: the copy hid the launch; nothing learned
-                continue
-            launch = min(gap + start.elapsed_time(mid), MAX_GAP_MS)
-            self._launch_ms = launch if self._gap_n == 0 else 0.7 * self._launch_ms + 0.3 * launch
-            self._gap_n += 1
+            start, mid, end, spun, marking_ms = self._spins.pop(0)
+            self.launch.observe(mid.elapsed_time(end) - spun - marking_ms, start.elapsed_time(mid))
 
     def _calibrate(self, device: torch.device) -> None:
         """Once: the exchange's stream and the device copy bandwidth on this GPU."""
         if self._copy_bytes_per_ms:
             return
         self._stream = new_stream(device)
+        self._ready = torch.cuda.Event()  # orders the stream after the caller's (no timing)
         spin(1e-3, device)  # compiles the spin kernel now, not inside a timed movement
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         n = 64 * 2**20

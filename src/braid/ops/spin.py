@@ -48,12 +48,17 @@ def _cycles_per_ms(device: torch.device) -> float:
 
 
 def spin(ms: float, device: torch.device | None = None) -> None:
-    """Occupy the current CUDA stream of `device` for `ms` milliseconds (nothing if ms <= 0)."""
+    """Occupy the current CUDA stream of `device` for `ms` milliseconds (nothing if ms <= 0).
+    With `device=None`, the current device's current stream, launched without a device guard."""
     if ms <= 0:
         return
-    device = device or torch.device("cuda", torch.cuda.current_device())
     if triton is not None:
+        if device is None:  # the current device: no device guard to enter and leave
+            _spin_kernel[(1,)](int(ms * 1e6), num_warps=1)
+            return
         with torch.cuda.device(device):
             _spin_kernel[(1,)](int(ms * 1e6), num_warps=1)
         return
-    torch.cuda._sleep(int(ms * _cycles_per_ms(device)))
+    device = device or torch.device("cuda", torch.cuda.current_device())
+    with torch.cuda.device(device):
+        torch.cuda._sleep(int(ms * _cycles_per_ms(device)))
