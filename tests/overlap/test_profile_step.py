@@ -3,25 +3,17 @@ count as the device's work, and the union of their intervals (busy time)."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+from bench_import import benchmark_module
 
 
 @pytest.fixture(scope="module")
 def modes():
-    sys.path.insert(0, str(BENCH))
-    try:
-        import overlap_modes
-
-        yield overlap_modes
-    finally:
-        sys.path.remove(str(BENCH))
+    return benchmark_module("overlap_modes")
 
 
 def event(start, end, device="CUDA", annotation=False):

@@ -7,23 +7,16 @@ and `--profile` writes a key-averages table that contains the grouped GEMM."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+from bench_import import benchmark_module
 
 
 @pytest.fixture(scope="module")
 def peers():
-    sys.path.insert(0, str(BENCH))
-    try:
-        import peers as module
-
-        yield module
-    finally:
-        sys.path.remove(str(BENCH))
+    return benchmark_module("peers")
 
 
 def test_smoke_times_braid_and_reports_absent_peers_as_skipped(peers, tmp_path):

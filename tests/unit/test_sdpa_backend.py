@@ -100,18 +100,11 @@ def test_benchmark_smoke_runs_on_cpu(tmp_path):
     """benchmarks/sdpa_backends.py's `--smoke` (CPU, the math backend only), so the script the
     GPU run uses does not rot."""
     import json
-    import sys
-    from pathlib import Path
 
-    bench = Path(__file__).resolve().parents[2] / "benchmarks"
-    sys.path.insert(0, str(bench))
-    try:
-        import sdpa_backends
+    from bench_import import benchmark_module
 
-        out = tmp_path / "r.json"
-        sdpa_backends.main(["--smoke", "--out", str(out)])
-    finally:
-        sys.path.remove(str(bench))
+    out = tmp_path / "r.json"
+    benchmark_module("sdpa_backends").main(["--smoke", "--out", str(out)])
     r = json.loads(out.read_text())
     row = r["kernels"]["smoke"]["MATH"]
     assert row["median_ms"] > 0 and row["rel_err_vs_first"] == [0.0] * 4
