@@ -165,16 +165,27 @@ def test_launch_gap_is_a_median_that_one_outlier_does_not_set():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_movement_takes_the_modelled_time():
+    """A 64 MiB movement takes the model's time, issued behind queued work (the host ahead, as
+    in training) or onto idle streams (the host's issue then shows: a looser bound)."""
     cfg = ExchangeConfig(algorithm="simulated")
     ex = SimulatedExchange(cfg=cfg)
     x = torch.randn(64 * MiB // 2, dtype=torch.bfloat16, device="cuda")  # 64 MiB
-    ex.move(x, [1], [1]).wait()  # calibrates
-    torch.cuda.synchronize()
-    h = ex.move(x, [1], [1])
-    assert h.wait() is x
-    torch.cuda.synchronize()
     want = simulated_ms(64 * MiB, cfg)
-    assert h.elapsed_ms() == pytest.approx(want, rel=0.15)
+
+    def timed(queued: bool) -> float:
+        if queued:
+            torch.cuda._sleep(1_000_000)  # the caller's stream busy at the issue
+        h = ex.move(x, [1], [1])
+        assert h.wait() is x
+        torch.cuda.synchronize()
+        return h.elapsed_ms()
+
+    for _ in range(2):  # calibrates, and warms the host's first calls
+        timed(False)
+    queued = [timed(True) for _ in range(5)]
+    idle = [timed(False) for _ in range(5)]
+    assert statistics.median(queued) == pytest.approx(want, rel=0.05), queued
+    assert statistics.median(idle) == pytest.approx(want, rel=0.15), idle
 
 
 @pytest.mark.gpu

@@ -222,19 +222,23 @@ class SimulatedExchange(Exchange):
             n = self._idle_issues
             sample = rest > 0 and (n <= SAMPLE_FIRST or n % SAMPLE_EVERY == 0)
         with torch.cuda.stream(stream):
-            start.record(stream)
-            if out is not None:
-                out.copy_(x)
-            elif cross:
+            # The copy's operands are made before `start` is recorded: on idle streams the
+            # movement starts at `start`, and the host's work before the copy's launch would
+            # be idle time inside it.
+            src, dst = x, out
+            if out is None and cross:
                 if self._scratch is None or self._scratch.numel() < cross:
                     # Allocated on the exchange's stream: a replaced buffer's memory is reused
                     # only behind this stream's earlier copies into it.
                     self._scratch = None
                     self._scratch = torch.empty(cross, dtype=torch.uint8, device=x.device)
-                self._scratch[:cross].copy_(x.view(-1).view(torch.uint8)[:cross])
-            if sample:  # marks the copy's end; the host time it takes is not launch
+                src, dst = x.view(-1).view(torch.uint8)[:cross], self._scratch[:cross]
+            mid = torch.cuda.Event(enable_timing=True) if sample else None
+            start.record(stream)
+            if dst is not None:
+                dst.copy_(src)
+            if mid is not None:  # marks the copy's end; the host time it takes is not launch
                 t0 = time.perf_counter()
-                mid = torch.cuda.Event(enable_timing=True)
                 mid.record(stream)
                 marking_ms = 1e3 * (time.perf_counter() - t0)
             spin(rest)  # on the current device: the stream's

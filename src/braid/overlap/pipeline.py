@@ -12,9 +12,8 @@ PlanMoE: each route an independent dispatch -> experts -> combine over its token
 the arithmetic is the plain path's; only the grouping of rows into GEMM calls differs.
 This file holds no routing math: it is a scheduler over the dispatcher's per-route
 primitives (send_rows, issue_dispatch, to_experts/from_experts, issue_combine, finish;
-combine_grad, issue_back, finish_grad), which
-return `braid.exchange` handles, and it waits on handles through their contract only
-(`wait`, `done`, `elapsed_ms`).
+combine_grad, issue_back, finish_grad), which return `braid.exchange` handles, and it waits
+on handles through their contract only (`wait`, `done`, `elapsed_ms`).
 
 Autograd: one Function spans the region. Its forward runs the schedule below and keeps, per
 chunk, a small expert-side graph (received rows -> regroup -> experts -> un-regroup) built under
