@@ -146,7 +146,7 @@ class SimulatedExchange(Exchange):
         self._ready = None
         self._scratch: Tensor | None = None
         self._copy_bytes_per_ms = 0.0
-        self._spins: list[tuple] = []  # (start, after-copy, end event, spun ms) of samples
+        self._spins: deque[tuple] = deque()  # (start, after-copy, end, spun, marking ms) of samples
         self._idle_issues = 0
         self._last_end = None  # the latest movement's end event
         self.launch = LaunchGap()
@@ -211,11 +211,10 @@ class SimulatedExchange(Exchange):
         self._ready.record(caller)  # one reused event orders the exchange's stream after the
         stream.wait_event(self._ready)  # caller's (`wait_stream` makes a new one every call)
         copy_ms = cross / self._copy_bytes_per_ms
-        rest = ms - copy_ms - (self.launch.shorten(copy_ms) if idle else 0.0)
+        rest = 0.0  # the spin: the model's time after the copy, less an idle issue's launch,
         if ms > copy_ms:  # never below MIN_SPIN_MS (a sample's gap stays measurable) nor the model
-            rest = max(rest, min(MIN_SPIN_MS, ms - copy_ms))
-        else:
-            rest = 0.0
+            launch = self.launch.shorten(copy_ms) if idle else 0.0
+            rest = max(ms - copy_ms - launch, min(MIN_SPIN_MS, ms - copy_ms))
         sample = False
         if idle:
             self._idle_issues += 1
@@ -258,7 +257,7 @@ class SimulatedExchange(Exchange):
         do not spend) and the time up to the copy's end. A copy slowed by the compute beside
         it is not a gap: that contention stays in the movement's time, as in a real one's."""
         while self._spins and self._spins[0][2].query():
-            start, mid, end, spun, marking_ms = self._spins.pop(0)
+            start, mid, end, spun, marking_ms = self._spins.popleft()
             self.launch.observe(mid.elapsed_time(end) - spun - marking_ms, start.elapsed_time(mid))
 
     def _calibrate(self, device: torch.device) -> None:

@@ -10,6 +10,7 @@ timing test on an H100: movements ran long).
 from __future__ import annotations
 
 import functools
+from contextlib import nullcontext
 
 import torch
 
@@ -53,10 +54,8 @@ def spin(ms: float, device: torch.device | None = None) -> None:
     if ms <= 0:
         return
     if triton is not None:
-        if device is None:  # the current device: no device guard to enter and leave
-            _spin_kernel[(1,)](int(ms * 1e6), num_warps=1)
-            return
-        with torch.cuda.device(device):
+        # The current device needs no device guard to enter and leave.
+        with nullcontext() if device is None else torch.cuda.device(device):
             _spin_kernel[(1,)](int(ms * 1e6), num_warps=1)
         return
     device = device or torch.device("cuda", torch.cuda.current_device())
