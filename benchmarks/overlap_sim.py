@@ -61,6 +61,7 @@ from braid.overlap.pipeline import LayerOverlap  # noqa: E402
 from braid.overlap.planner import CANDIDATES, choose_chunks, measure  # noqa: E402
 from braid.overlap.session import layer_shape  # noqa: E402
 from braid.overlap.streams import Clock, synchronize  # noqa: E402
+from braid.overlap.trial import ChunkTrial, trial_candidates  # noqa: E402
 
 SHAPES = {"fine_64e_top8": (64, 8, 2048, 1408), "mixtral_8e_top2": (8, 2, 4096, 14336)}
 SMOKE_SHAPES = {"smoke_16e_top4": (16, 4, 32, 48), "smoke_8e_top2": (8, 2, 64, 96)}
@@ -71,6 +72,21 @@ def sim_config(args) -> ExchangeConfig:
 
 
 # -- the MoE layer ----------------------------------------------------------------------------
+
+
+def chunk_trial(lo: LayerOverlap, step, predicted: tuple, rounds: int, device) -> tuple[int, dict]:
+    """`overlap.trial_steps` on one layer (`braid.overlap.trial`, as the session runs it):
+    (the C kept, the median measured ms per candidate)."""
+    trial = ChunkTrial({0: trial_candidates(predicted[2], predicted[0])}, rounds, {0: lo.chunks})
+    for k in range(trial.length):
+        lo.chunks = trial.chunks_at(k)[0]
+        lo.timeline.timing = True
+        step()
+        synchronize(device)
+        lo.timeline.timing = False
+        trial.record(k, {0: lo.timeline.summary()["measured_ms"]})
+    chosen = trial.decide(lambda t: t)[0]
+    return chosen, {c: ms for (_, c), ms in trial.medians.items()}
 
 
 def bench_layer(name: str, shape: tuple, args, device, amp, dtype, log) -> dict:
@@ -93,7 +109,8 @@ def bench_layer(name: str, shape: tuple, args, device, amp, dtype, log) -> dict:
     cands = tuple(c for c in CANDIDATES if c <= OverlapConfig().max_chunks)
     axis = lambda c: chunk_axis(args.chunk_by, c, moe.dispatcher.num_local)  # noqa: E731
     cands = tuple(c for c in cands if args.chunk_by != "experts" or c <= E)
-    plan = {split: choose_chunks(shp, split, cost, cands, axis)[0] for split in (False, True)}
+    tables = {split: choose_chunks(shp, split, cost, cands, axis) for split in (False, True)}
+    plan = {split: t[0] for split, t in tables.items()}
     clock = Clock(device)
 
     def step():
@@ -120,11 +137,21 @@ def bench_layer(name: str, shape: tuple, args, device, amp, dtype, log) -> dict:
     with record(moe.dispatcher.exchange) as calls:
         ref = step()
     alone = time_alone(moe.dispatcher.exchange, calls, device, args.iters)
+    planned = dict(plan)
+    trials = {}
+    if args.trial_steps > 0:  # the chunk trial of chunks="auto", as OverlapSession runs it
+        for split in (False, True):
+            lo = moe.overlap = LayerOverlap(0, plan[split], split, clock, chunk_by=args.chunk_by)
+            got = chunk_trial(lo, step, tables[split], args.trial_steps, device)
+            plan[split], trials[split] = got
+        moe.overlap = None
     out: dict[str, Any] = {
         "shape": {"experts": E, "top_k": k, "hidden": H, "ffn": F, "tokens": args.tokens},
         "exchange_alone_ms": alone,
         "exchange_alone_movements": len(calls),
-        "planned_chunks": {"split_dw=false": plan[False], "split_dw=true": plan[True]},
+        "planned_chunks": {"split_dw=false": planned[False], "split_dw=true": planned[True]},
+        "trial_chunks": {f"split_dw={str(k).lower()}": plan[k] for k in trials},
+        "trial_medians_ms": {f"split_dw={str(k).lower()}": v for k, v in trials.items()},
         "cost_model": cost.__dict__,
         "modes": {},
     }
@@ -205,6 +232,12 @@ def main() -> None:
     )
     ap.add_argument("--rounds", type=int, default=0, help="layer: timing rounds (3)")
     ap.add_argument("--chunk-by", default="auto", help="overlap.chunk_by: auto, experts, tokens")
+    ap.add_argument(
+        "--trial-steps",
+        type=int,
+        default=OverlapConfig().trial_steps,
+        help="auto modes: overlap.trial_steps (0: the planner's pick, untimed)",
+    )
     args = ap.parse_args()
     parts = args.parts.split(",")
     modes = set(TRAIN_MODES if "train" in parts else MODES)

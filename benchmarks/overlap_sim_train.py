@@ -54,6 +54,7 @@ def train_overrides(name: str, args, mode: tuple | None) -> list[str]:
         over += [f'--overlap.chunks="{C}"' if C == "auto" else f"--overlap.chunks={C}"]
         split_mode = {False: "off", True: "experts"}.get(split, split)
         over += [f"--overlap.split_dw={split_mode}", f"--overlap.chunk_by={args.chunk_by}"]
+        over += [f"--overlap.trial_steps={args.trial_steps}"]
     return over
 
 
@@ -142,6 +143,10 @@ def bench_train(name: str, args, log) -> dict:
 
             if rnd == 0:
                 _check_train(name, mode, step, out, exchange, device, args)
+            for k in range(session.trial_steps_left):  # chunks="auto": the chunk trial
+                session.begin_step(k + 1)
+                step()
+                session.end_step(k + 1)
             for grp in opt.param_groups:
                 grp["lr"] = lr_at(0, mcfg.train)
             times[mode].append(time_cuda(step, iters=args.train_iters, warmup=1))

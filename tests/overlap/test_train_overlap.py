@@ -1,6 +1,7 @@
 """End to end: training steps under EP x DP (4 gloo ranks) give the same losses, grad norms and
 first-step gradients of every parameter with the overlap engine on as off, for (dp=2, ep=2) and
-(dp=1, ep=4), chunks 1-4 with split_dw on and off.
+(dp=1, ep=4), chunks 1-4 with split_dw on and off (chunks="auto": the chunk trial changes C
+between steps). In the same spawn, the chunk trial under ep=4 keeps the same C on every rank.
 
 Built from the trainer's own pieces (build_model -> parallelize -> init, OverlapSession.install,
 loss_fn, flush, clip_grad_norm, AdamW), as tests/distributed/test_train_ep.py does. With dp=1
@@ -108,6 +109,47 @@ def _run(cfg, ctx) -> tuple[list, dict, dict, list]:
     return out, metrics, grads, deferred, counts
 
 
+def _fake_ms(rank: int, layer: int, chunks: int) -> float:
+    """Per-rank stand-in timings of the chunk trial: the ranks disagree on the fastest C."""
+    return 10.0 + (chunks * (rank + 1) * 7 + layer) % 5
+
+
+def _trial(cfg, ctx) -> tuple[dict, dict, dict]:
+    """`chunks="auto"` with a one-round trial over fake per-rank timings: (the candidates, what
+    each layer keeps, what this rank alone would keep)."""
+    from braid.overlap import timeline
+    from braid.train.trainer import loss_fn
+
+    model, opt, overlap, amp, b = overlap_trainer(cfg, ctx)
+    layers = dict(overlap.layers)
+    by_prefix = {lo.timeline.prefix: lo for lo in layers.values()}
+    real = timeline.LayerTimeline.summary
+
+    def summary(tl):
+        lo = by_prefix[tl.prefix]
+        return {**real(tl), "measured_ms": _fake_ms(ctx.rank, lo.layer, lo.chunks)}
+
+    trial = overlap._trial
+    data = torch.randint(0, 128, (trial.length, 8, 17), generator=torch.Generator().manual_seed(0))
+    timeline.LayerTimeline.summary = summary
+    try:
+        for step in range(trial.length):
+            overlap.begin_step(step + 1)
+            x = data[step][ctx.rank * b : (ctx.rank + 1) * b]
+            loss, _ = loss_fn(model, x[:, :-1], x[:, 1:], cfg, amp)
+            loss.backward()
+            overlap.flush()
+            opt.zero_grad(set_to_none=True)
+            overlap.end_step(step + 1)
+    finally:
+        timeline.LayerTimeline.summary = real
+    alone = {
+        i: min(cs, key=lambda c, i=i: (_fake_ms(ctx.rank, i, c), c))
+        for i, cs in trial.candidates.items()
+    }
+    return trial.candidates, {i: lo.chunks for i, lo in layers.items()}, alone
+
+
 def _worker(rank: int, world: int) -> dict:
     from braid.config import load_config
     from braid.parallel.distributed import init_distributed
@@ -117,11 +159,24 @@ def _worker(rank: int, world: int) -> dict:
         for name, ov in OVERLAP.items():
             cfg = load_config(None, SMALL + extra + ov)
             results[f"{layout}/{name}"] = _run(cfg, init_distributed(cfg))
-    return results
+    trial = ['--overlap.chunks="auto"', "--overlap.trial_steps=1", "--overlap.max_chunks=4"]
+    cfg = load_config(None, SMALL + LAYOUTS["dp1_ep4"] + trial)
+    return results, _trial(cfg, init_distributed(cfg))
 
 
 def test_training_with_overlap_matches_overlap_off_under_ep():
-    per_rank = run_ranks(_worker, 4)
+    out = run_ranks(_worker, 4)
+    per_rank, trials = [r for r, _ in out], [t for _, t in out]
+    # The chunk trial: every rank keeps the C of the lowest MAX over the ranks' timings, though
+    # alone the ranks would keep different ones.
+    cands = trials[0][0]
+    assert all(t[0] == cands for t in trials)
+    want = {
+        i: min(cs, key=lambda c, i=i: (max(_fake_ms(r, i, c) for r in range(4)), c))
+        for i, cs in cands.items()
+    }
+    assert all(t[1] == want for t in trials), (want, [t[1] for t in trials])
+    assert len({tuple(sorted(t[2].items())) for t in trials}) > 1, "the ranks never disagreed"
     bad = {}
     for rank, got in enumerate(per_rank):
         for key, (_, _, grads, _, _) in got.items():

@@ -23,6 +23,12 @@ class OverlapConfig:
     )
     chunks: int | str = knob(1, 'Pipeline chunks per MoE layer: 1 (plain), n, or "auto".')
     max_chunks: int = knob(8, 'Largest C that chunks="auto" may pick.')
+    trial_steps: int = knob(
+        2,
+        'chunks="auto": rounds of the chunk trial on the first steps, each timing the '
+        "planner's best candidates (and C=1) once per MoE layer; the fastest is kept "
+        "(0: the planner's pick, untimed).",
+    )
     chunk_by: Literal["auto", "experts", "tokens"] = knob(
         "auto",
         'What a chunk holds: "experts" (a slice of each rank\'s local experts, all their rows: '
@@ -50,6 +56,7 @@ class OverlapConfig:
         ok = self.chunks == "auto" or (isinstance(self.chunks, int) and self.chunks >= 1)
         check(ok, "overlap.chunks", self.chunks, 'must be an integer >= 1 or "auto"')
         check(self.max_chunks >= 1, "overlap.max_chunks", self.max_chunks, "must be >= 1")
+        check(self.trial_steps >= 0, "overlap.trial_steps", self.trial_steps, "must be >= 0")
         check(
             self.chunk_by in CHUNK_BY,
             "overlap.chunk_by",

@@ -284,9 +284,7 @@ def measure(
     acc_ms = _median_ms(lambda: [a.add_(d) for a, d in accs], device, reps)
     extra = [0.0, 0.0, 1.0, 1.0]  # overhead at C = 1 and 4; dispatch, combine factors
     if dispatcher is not None:
-        extra[:2] = [
-            _token_side_ms(dispatcher, s, c, device, dtype, reps, axis(c)) for c in (1, 4)
-        ]
+        extra[:2] = [_token_side_ms(dispatcher, s, c, device, dtype, reps, axis(c)) for c in (1, 4)]
     if W > 1 and getattr(exchange, "compressor", None) is not None:
         rows = s.tokens * s.top_k // W * W
         x = torch.randn(rows, s.dim, device=device, dtype=dtype)
@@ -297,9 +295,7 @@ def measure(
             for n, f in go.items()
         }
         extra[2:] = [t["dispatch"] / t["move"], t["combine"] / t["move"]]
-    agreed = _max_over_world(
-        torch.tensor(times + [both, acc_ms] + extra, dtype=torch.float64), exchange, device
-    )
+    agreed = max_over_world(times + [both, acc_ms] + extra, exchange, device)
     samples: dict[str, list[tuple[float, float]]] = {"a2a": [], "gemm": []}
     for (kind, size), t in zip(sizes, agreed[:-6], strict=True):
         samples[kind].append((size, t))
@@ -351,7 +347,10 @@ def _token_side_ms(
         return _median_ms(run, device, reps)
 
 
-def _max_over_world(t: torch.Tensor, exchange: Any, device: torch.device) -> list[float]:
+def max_over_world(values: list[float], exchange: Any, device: torch.device) -> list[float]:
+    """`values` agreed across the ranks of `exchange.world_group` (elementwise MAX; as is
+    without a process group), so every rank decides from the same numbers."""
+    t = torch.tensor(values, dtype=torch.float64)
     group = getattr(exchange, "world_group", None)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         t = t.to(device)

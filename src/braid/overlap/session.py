@@ -33,11 +33,13 @@ from braid.overlap.planner import (
     LayerShape,
     choose_chunks,
     describe,
+    max_over_world,
     measure,
     predict_ms,
 )
 from braid.overlap.streams import Clock, synchronize
 from braid.overlap.timeline import format_summary
+from braid.overlap.trial import ChunkTrial, describe_trial, trial_candidates
 
 
 def _stderr(line: str) -> None:
@@ -92,7 +94,13 @@ class OverlapSession:
         self.trace_dir, self.rank = trace_dir, rank
         self.log = log
         self._timed = False
+        self._logged = False  # this step's metrics are due (a log or trace step)
         self._prof: Any = None
+        self._trial: ChunkTrial | None = None  # chunks="auto" with trial_steps > 0
+        self._trial_index = 0
+        self._tables: dict[int, dict[int, float]] = {}  # layer -> predicted ms per C
+        self._moes: dict[int, nn.Module] = {}
+        self._agree: Callable[[list[float]], list[float]] = lambda t: t
 
     @classmethod
     def install(
@@ -118,6 +126,9 @@ class OverlapSession:
             return cls(cfg, {}, device, log_every, is_main, run_dir, rank, log)
         clock, layers = Clock(device), {}
         models: dict[LayerShape, CostModel] = {}
+        tried: dict[int, tuple[int, ...]] = {}  # the chunk trial's candidates per layer
+        planned: dict[int, int] = {}
+        tables: dict[int, dict[int, float]] = {}
         for i, moe in moes.items():
             shape = layer_shape(moe, tokens_per_rank, dtype)
             plan_split = split  # routed dW deferred, FSDP expert units too (fsdp_unit)
@@ -147,13 +158,15 @@ class OverlapSession:
                 chunks, predicted, table = choose_chunks(shape, plan_split, cost, cands, axis)
                 if is_main:
                     log(describe(i, shape, chunks, table, plan_split, cost))
+                if cfg.trial_steps > 0 and shape.ep > 1:  # nothing to overlap without EP
+                    tried[i], planned[i], tables[i] = trial_candidates(table, chunks), chunks, table
             else:
                 chunks = cfg.chunks
                 axis(chunks)  # chunk_by="experts" with more chunks than experts: a clear error
                 predicted = None
                 if cost is not None:
                     predicted = predict_ms(shape, chunks, plan_split, cost, axis(chunks))
-            if chunks == 1 and not split and not watch:
+            if chunks == 1 and not split and not watch and i not in tried:
                 continue  # the planner chose the plain path
             layers[i] = moe.overlap = LayerOverlap(i, chunks, split, clock, chunk_by=cfg.chunk_by)
             layers[i].predicted_ms = predicted
@@ -163,7 +176,18 @@ class OverlapSession:
             where = defer_dense(model, layers)
             if is_main:
                 log(describe_dense(where))
-        return cls(cfg, layers, device, log_every, is_main, run_dir, rank, log)
+        session = cls(cfg, layers, device, log_every, is_main, run_dir, rank, log)
+        if tried:
+            session._trial = ChunkTrial(tried, cfg.trial_steps, planned)
+            session._tables, session._moes = tables, moes
+            exchange = moes[next(iter(tried))].dispatcher.exchange
+            session._agree = lambda t: max_over_world(t, exchange, device)
+        return session
+
+    @property
+    def trial_steps_left(self) -> int:
+        """Steps until the chunk trial has chosen (0: none running)."""
+        return 0 if self._trial is None else self._trial.length - self._trial_index
 
     def flush(self) -> int:
         """Run every queued weight gradient (before clipping and the optimizer step)."""
@@ -172,7 +196,12 @@ class OverlapSession:
     def begin_step(self, step: int) -> None:
         cfg = self.cfg
         at_log = step % self.log_every == 0 and (cfg.report or cfg.chunks == "auto")
-        self._timed = bool(self.layers) and (at_log or step == cfg.trace_step)
+        self._logged = bool(self.layers) and (at_log or step == cfg.trace_step)
+        self._timed = self._logged
+        if self._trial is not None:  # every step of the trial is timed
+            for i, c in self._trial.chunks_at(self._trial_index).items():
+                self.layers[i].chunks = c
+            self._timed = True
         for lo in self.layers.values():
             lo.timeline.timing = self._timed
         if step == cfg.trace_step and self.trace_dir is not None:
@@ -198,6 +227,14 @@ class OverlapSession:
         for lo in self.layers.values():
             lo.timeline.timing = False
         self._timed = False
+        if self._trial is not None:
+            self._trial.record(self._trial_index, {i: r["measured_ms"] for i, r in rows.items()})
+            self._trial_index += 1
+            if self._trial_index == self._trial.length:
+                self._end_trial()
+                rows = {i: r for i, r in rows.items() if i in self.layers}
+        if not self._logged:
+            return {}
         out: dict[str, float] = {}
         for i, r in rows.items():
             lo = self.layers[i]
@@ -214,3 +251,18 @@ class OverlapSession:
         if self.cfg.report and self.is_main:
             self.log(format_summary(step, rows, self.layers))
         return out
+
+    def _end_trial(self) -> None:
+        """Keep every tried layer's fastest C (agreed across ranks); a layer back at the plain
+        path with nothing to defer or report loses its engine."""
+        trial, self._trial = self._trial, None
+        chosen = trial.decide(self._agree)
+        watch = self.cfg.report or self.cfg.trace_step > 0
+        for i, c in chosen.items():
+            lo = self.layers[i]
+            lo.chunks, lo.predicted_ms = c, self._tables[i][c]
+            if self.is_main:
+                self.log(describe_trial(i, trial.medians, c, trial.planned[i]))
+            if c == 1 and not lo.split_dw and not watch:
+                self._moes[i].overlap = None
+                del self.layers[i]
