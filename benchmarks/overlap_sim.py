@@ -76,7 +76,7 @@ def sim_config(args) -> ExchangeConfig:
 
 def chunk_trial(lo: LayerOverlap, step, predicted: tuple, rounds: int, device) -> tuple[int, dict]:
     """`overlap.trial_steps` on one layer (`braid.overlap.trial`, as the session runs it):
-    (the C kept, the median measured ms per candidate)."""
+    (the C kept, the fastest measured ms per candidate)."""
     trial = ChunkTrial({0: trial_candidates(predicted[2], predicted[0])}, rounds, {0: lo.chunks})
     for k in range(trial.length):
         lo.chunks = trial.chunks_at(k)[0]
@@ -86,7 +86,7 @@ def chunk_trial(lo: LayerOverlap, step, predicted: tuple, rounds: int, device) -
         lo.timeline.timing = False
         trial.record(k, {0: lo.timeline.summary()["measured_ms"]})
     chosen = trial.decide(lambda t: t)[0]
-    return chosen, {c: ms for (_, c), ms in trial.medians.items()}
+    return chosen, {c: ms for (_, c), ms in trial.best_ms.items()}
 
 
 def bench_layer(name: str, shape: tuple, args, device, amp, dtype, log) -> dict:
@@ -151,7 +151,7 @@ def bench_layer(name: str, shape: tuple, args, device, amp, dtype, log) -> dict:
         "exchange_alone_movements": len(calls),
         "planned_chunks": {"split_dw=false": planned[False], "split_dw=true": planned[True]},
         "trial_chunks": {f"split_dw={str(k).lower()}": plan[k] for k in trials},
-        "trial_medians_ms": {f"split_dw={str(k).lower()}": v for k, v in trials.items()},
+        "trial_best_ms": {f"split_dw={str(k).lower()}": v for k, v in trials.items()},
         "cost_model": cost.__dict__,
         "modes": {},
     }

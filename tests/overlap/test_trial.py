@@ -41,13 +41,13 @@ def _run(trial: ChunkTrial, ms) -> None:
         trial.record(k, {i: ms(i, c, k) for i, c in trial.chunks_at(k).items()})
 
 
-def test_keeps_the_fastest_median_and_ignores_the_warm_up():
+def test_keeps_the_fastest_step_and_ignores_the_warm_up():
     trial = ChunkTrial({0: (1, 2, 4)}, rounds=3, planned={0: 2})
     fast = {1: 10.0, 2: 9.0, 4: 8.0}
     # C=4 has one slow outlier; the warm-up step (at the plan) is slowest of all.
     _run(trial, lambda i, c, k: 99.0 if k < WARMUP else fast[c] + (5.0 if (c, k) == (4, 3) else 0))
     assert trial.decide(lambda t: t) == {0: 4}
-    assert trial.medians[(0, 4)] == 8.0 and trial.medians[(0, 2)] == 9.0
+    assert trial.best_ms[(0, 4)] == 8.0 and trial.best_ms[(0, 2)] == 9.0
 
 
 def test_ties_go_to_the_smaller_chunk_count():
@@ -56,7 +56,7 @@ def test_ties_go_to_the_smaller_chunk_count():
     assert trial.decide(lambda t: t) == {0: 2}
 
 
-def test_the_choice_follows_the_agreed_medians_not_the_local_ones():
+def test_the_choice_follows_the_agreed_times_not_the_local_ones():
     trial = ChunkTrial({0: (1, 2, 4), 1: (1, 2)}, rounds=1, planned={0: 1, 1: 1})
     local = {1: 9.0, 2: 5.0, 4: 6.0}
     _run(trial, lambda i, c, k: local[c])

@@ -262,7 +262,7 @@ class OverlapSession:
             lo = self.layers[i]
             lo.chunks, lo.predicted_ms = c, self._tables[i][c]
             if self.is_main:
-                self.log(describe_trial(i, trial.medians, c, trial.planned[i]))
+                self.log(describe_trial(i, trial.best_ms, c, trial.planned[i]))
             if c == 1 and not lo.split_dw and not watch:
                 self._moes[i].overlap = None
                 del self.layers[i]

@@ -6,7 +6,9 @@ and varies between runs, which is as large as the gaps it must tell apart (e.g. 
 C = 4 on a fine-grained layer). So, with `overlap.trial_steps` = T > 0, each MoE layer tries
 its `TRIAL_CANDIDATES` best-predicted C (and C = 1, the plain schedule) on the first optimizer
 steps of the run, times its pipelined region each step (`LayerTimeline`: measured_ms, the
-same events as `overlap.report`), and keeps the C of the lowest median.
+same events as `overlap.report`), and keeps the C of the lowest time (the fastest of its
+steps: noise only slows a step, and a candidate's first step may pay one-off costs, e.g. a
+first cuBLAS call at a new shape, which would move a median of two).
 
 Schedule: `WARMUP` step(s) at the planned C (allocator, autotuning and first-call costs stay
 out of the timings), then T rounds; every round runs each candidate once (round-robin, so a
@@ -16,14 +18,13 @@ changes rounding only (chunks of experts: bitwise the plain path's results; of t
 order of the dW sums), not the model's numbers beyond that.
 
 Ranks: every rank builds the same candidate lists (from the cost model, agreed across ranks),
-so at a step all ranks run the same C; before the choice the medians are agreed (`agree`, MAX
+so at a step all ranks run the same C; before the choice the times are agreed (`agree`, MAX
 over the world, as the planner's measurements are), so every rank keeps the same C (a layer's
 chunk exchanges must match across ranks).
 """
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Callable
 
 TRIAL_CANDIDATES = 3  # best-predicted chunk counts tried per layer, besides C = 1
@@ -73,27 +74,24 @@ class ChunkTrial:
                 self.times[i][c].append(measured_ms[i])
 
     def decide(self, agree: Callable[[list[float]], list[float]]) -> dict[int, int]:
-        """Each layer's fastest candidate by median, after `agree` (MAX over the ranks) has
-        made every rank's medians the same; ties go to the smaller C. A candidate never timed
+        """Each layer's fastest candidate by its fastest step, after `agree` (MAX over the ranks)
+        has made every rank's times the same; ties go to the smaller C. A candidate never timed
         (a layer skipped at every step) counts as infinitely slow."""
         keys = [(i, c) for i, cs in sorted(self.times.items()) for c in sorted(cs)]
-        local = [
-            statistics.median(self.times[i][c]) if self.times[i][c] else float("inf")
-            for i, c in keys
-        ]
-        medians = dict(zip(keys, agree(local), strict=True))
-        self.medians = medians
+        local = [min(self.times[i][c], default=float("inf")) for i, c in keys]
+        best = dict(zip(keys, agree(local), strict=True))
+        self.best_ms = best
         return {
-            i: min(cs, key=lambda c, i=i: (medians[(i, c)], c)) for i, cs in self.candidates.items()
+            i: min(cs, key=lambda c, i=i: (best[(i, c)], c)) for i, cs in self.candidates.items()
         }
 
 
 def describe_trial(
-    layer: int, medians: dict[tuple[int, int], float], chosen: int, planned: int
+    layer: int, best_ms: dict[tuple[int, int], float], chosen: int, planned: int
 ) -> str:
     """The trial's log line for one layer."""
-    times = ", ".join(f"C={c}: {ms:.3f}" for (i, c), ms in sorted(medians.items()) if i == layer)
+    times = ", ".join(f"C={c}: {ms:.3f}" for (i, c), ms in sorted(best_ms.items()) if i == layer)
     return (
-        f"overlap trial moe{layer}: measured ms fwd+bwd (median) {times} -> chunks={chosen} "
+        f"overlap trial moe{layer}: measured ms fwd+bwd (fastest step) {times} -> chunks={chosen} "
         f"(planned {planned})"
     )
