@@ -51,12 +51,13 @@ class ChunkTrial:
     ):
         if rounds < 1:
             raise ValueError(f"a chunk trial needs rounds >= 1, got {rounds}")
-        self.candidates, self.rounds, self.planned = candidates, rounds, planned
+        self.candidates, self.planned = candidates, planned
         width = max((len(c) for c in candidates.values()), default=0)
         self.length = WARMUP + rounds * width  # steps, warm-up included
         self.times: dict[int, dict[int, list[float]]] = {
             i: {c: [] for c in cs} for i, cs in candidates.items()
         }
+        self.best_ms: dict[tuple[int, int], float] = {}  # (layer, C) -> agreed ms, by `decide`
 
     def chunks_at(self, index: int) -> dict[int, int]:
         """What each layer runs at the trial's step `index` (0-based; warm-up: the plan)."""
@@ -79,8 +80,7 @@ class ChunkTrial:
         (a layer skipped at every step) counts as infinitely slow."""
         keys = [(i, c) for i, cs in sorted(self.times.items()) for c in sorted(cs)]
         local = [min(self.times[i][c], default=float("inf")) for i, c in keys]
-        best = dict(zip(keys, agree(local), strict=True))
-        self.best_ms = best
+        best = self.best_ms = dict(zip(keys, agree(local), strict=True))
         return {
             i: min(cs, key=lambda c, i=i: (best[(i, c)], c)) for i, cs in self.candidates.items()
         }
