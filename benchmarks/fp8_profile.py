@@ -25,9 +25,17 @@ from braid.ops.fp8_stats import Fp8Stats  # noqa: E402
 def main() -> None:
     dev = torch.device("cuda")
     for name, (E, K, H, F, N) in SHAPES.items():
-        cfg = load_config(None, [f"--model.dim={H}", "--model.n_heads=1", f"--moe.num_experts={E}",
-                                 f"--moe.top_k={K}", f"--moe.expert_hidden={F}",
-                                 "--moe.num_shared_experts=0"])
+        cfg = load_config(
+            None,
+            [
+                f"--model.dim={H}",
+                "--model.n_heads=1",
+                f"--moe.num_experts={E}",
+                f"--moe.top_k={K}",
+                f"--moe.expert_hidden={F}",
+                "--moe.num_shared_experts=0",
+            ],
+        )
         torch.manual_seed(0)
         layer = MoE(cfg.model, cfg.moe).to(dev)
         with torch.no_grad():

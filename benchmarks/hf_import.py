@@ -34,14 +34,31 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import environment, write_result  # noqa: E402
 
 QWEN3_30B_A3B = {  # Qwen/Qwen3-30B-A3B config.json, layers aside
-    "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "vocab_size": 151936,
-    "hidden_size": 2048, "intermediate_size": 6144, "num_attention_heads": 32,
-    "num_key_value_heads": 4, "head_dim": 128, "moe_intermediate_size": 768, "num_experts": 128,
-    "num_experts_per_tok": 8, "norm_topk_prob": True, "decoder_sparse_step": 1,
-    "mlp_only_layers": [], "max_position_embeddings": 40960, "rms_norm_eps": 1e-6,
-    "rope_theta": 1000000.0, "rope_scaling": None, "tie_word_embeddings": False,
-    "attention_bias": False, "hidden_act": "silu", "sliding_window": None,
-    "use_sliding_window": False, "max_window_layers": 48, "torch_dtype": "bfloat16",
+    "architectures": ["Qwen3MoeForCausalLM"],
+    "model_type": "qwen3_moe",
+    "vocab_size": 151936,
+    "hidden_size": 2048,
+    "intermediate_size": 6144,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 4,
+    "head_dim": 128,
+    "moe_intermediate_size": 768,
+    "num_experts": 128,
+    "num_experts_per_tok": 8,
+    "norm_topk_prob": True,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+    "max_position_embeddings": 40960,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "rope_scaling": None,
+    "tie_word_embeddings": False,
+    "attention_bias": False,
+    "hidden_act": "silu",
+    "sliding_window": None,
+    "use_sliding_window": False,
+    "max_window_layers": 48,
+    "torch_dtype": "bfloat16",
 }
 
 
@@ -50,10 +67,14 @@ def layer_tensors(cfg: dict, i: int) -> dict[str, tuple[int, ...]]:
     F, E = cfg["moe_intermediate_size"], cfg["num_experts"]
     p = f"model.layers.{i}"
     shapes = {
-        f"{p}.input_layernorm.weight": (D,), f"{p}.post_attention_layernorm.weight": (D,),
-        f"{p}.self_attn.q_proj.weight": (H * Dh, D), f"{p}.self_attn.k_proj.weight": (K * Dh, D),
-        f"{p}.self_attn.v_proj.weight": (K * Dh, D), f"{p}.self_attn.o_proj.weight": (D, H * Dh),
-        f"{p}.self_attn.q_norm.weight": (Dh,), f"{p}.self_attn.k_norm.weight": (Dh,),
+        f"{p}.input_layernorm.weight": (D,),
+        f"{p}.post_attention_layernorm.weight": (D,),
+        f"{p}.self_attn.q_proj.weight": (H * Dh, D),
+        f"{p}.self_attn.k_proj.weight": (K * Dh, D),
+        f"{p}.self_attn.v_proj.weight": (K * Dh, D),
+        f"{p}.self_attn.o_proj.weight": (D, H * Dh),
+        f"{p}.self_attn.q_norm.weight": (Dh,),
+        f"{p}.self_attn.k_norm.weight": (Dh,),
         f"{p}.mlp.gate.weight": (E, D),
     }
     for e in range(E):
@@ -96,7 +117,8 @@ def make_checkpoint(root: Path, layers: int, shard_bytes: int) -> int:
         weight_map.update(dict.fromkeys(keys, name))
         del tensors
     (root / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+    )
     (root / "config.json").write_text(json.dumps(cfg))
     words = "a mixture of experts routes each token to the best of many experts".split()
     train_bpe([" ".join(words)] * 200, 1000).save(str(root / "tokenizer.json"))
@@ -136,8 +158,12 @@ def main() -> None:
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
         load_before = os.getloadavg()[0]  # a shared machine slows everything: say how busy
         t = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "braid", "import", str(hf), "--out",
-                               str(braid_dir)], env=env, capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, "-m", "braid", "import", str(hf), "--out", str(braid_dir)],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         wall = time.perf_counter() - t
         if proc.returncode != 0:
             raise SystemExit(f"braid import failed: {proc.stderr.strip()}")
@@ -145,14 +171,24 @@ def main() -> None:
         out_bytes = sum(p.stat().st_size for p in braid_dir.iterdir())
         shards = json.loads((hf / "model.safetensors.index.json").read_text())["weight_map"]
         result = {
-            **environment(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
-            "checkpoint": {"shapes": "Qwen3-30B-A3B", "layers": args.layers, "dtype": "bf16",
-                           "bytes": total, "shards": len(set(shards.values())),
-                           "tensors": len(shards), "page_cache": "dropped (fadvise)"},
-            "import_wall_s": round(wall, 2), "read_gb_per_s": round(total / 1e9 / wall, 3),
+            **environment(),
+            "cpu": cpu_model(),
+            "cpu_count": os.cpu_count(),
+            "checkpoint": {
+                "shapes": "Qwen3-30B-A3B",
+                "layers": args.layers,
+                "dtype": "bf16",
+                "bytes": total,
+                "shards": len(set(shards.values())),
+                "tensors": len(shards),
+                "page_cache": "dropped (fadvise)",
+            },
+            "import_wall_s": round(wall, 2),
+            "read_gb_per_s": round(total / 1e9 / wall, 3),
             "peak_rss_gb": round(peak_kb * 1024 / 1e9, 3),
             "peak_rss_fraction_of_checkpoint": round(peak_kb * 1024 / total, 4),
-            "output_bytes": out_bytes, "generate_s": round(gen_s, 1),
+            "output_bytes": out_bytes,
+            "generate_s": round(gen_s, 1),
             "load_average_1min": [round(load_before, 1), round(os.getloadavg()[0], 1)],
         }
         write_result(args.out, result)

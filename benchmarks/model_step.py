@@ -42,11 +42,25 @@ def matmul_ceiling() -> float:
     return 2 * 8192**3 / (t["median_ms"] / 1e3)
 
 
-def run(config: str, batch: int, seq: int, compile_: bool, ac: bool, iters: int,
-        sets: tuple[str, ...] = ()) -> dict:
-    cfg = load_config(config, [f"--train.seq_len={seq}", f"--train.compile={str(compile_).lower()}",
-                               f"--parallel.activation_checkpoint={str(ac).lower()}",
-                               "--parallel.ep=1", *(f"--{s}" for s in sets)])
+def run(
+    config: str,
+    batch: int,
+    seq: int,
+    compile_: bool,
+    ac: bool,
+    iters: int,
+    sets: tuple[str, ...] = (),
+) -> dict:
+    cfg = load_config(
+        config,
+        [
+            f"--train.seq_len={seq}",
+            f"--train.compile={str(compile_).lower()}",
+            f"--parallel.activation_checkpoint={str(ac).lower()}",
+            "--parallel.ep=1",
+            *(f"--{s}" for s in sets),
+        ],
+    )
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # max_mem_gib is this run's peak: free the previous run's model first (compiled graphs hold
     # references to their modules until dynamo is reset and the cycles collected).
@@ -70,13 +84,21 @@ def run(config: str, batch: int, seq: int, compile_: bool, ac: bool, iters: int,
     t = time_cuda(step, iters=iters, warmup=3 if not compile_ else 4)
     a = arithmetic(cfg, seq)
     tokens_per_s = batch * seq / (t["median_ms"] / 1e3)
-    out = {"config": config, "overrides": list(sets), "batch": batch, "seq_len": seq,
-           "compile": compile_,
-           "activation_checkpoint": ac, **t, "tokens_per_s": round(tokens_per_s),
-           "total_params": a.total_params, "active_params": a.active_params,
-           "flops_per_token": a.flops_per_token,
-           "tflops": round(tokens_per_s * a.flops_per_token / 1e12, 1),
-           "mfu_vs_989": round(tokens_per_s * a.flops_per_token / PEAK, 4)}
+    out = {
+        "config": config,
+        "overrides": list(sets),
+        "batch": batch,
+        "seq_len": seq,
+        "compile": compile_,
+        "activation_checkpoint": ac,
+        **t,
+        "tokens_per_s": round(tokens_per_s),
+        "total_params": a.total_params,
+        "active_params": a.active_params,
+        "flops_per_token": a.flops_per_token,
+        "tflops": round(tokens_per_s * a.flops_per_token / 1e12, 1),
+        "mfu_vs_989": round(tokens_per_s * a.flops_per_token / PEAK, 4),
+    }
     if dev.type == "cuda":
         out["max_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
     model = None  # frees it (the step closure shares this name)
@@ -92,15 +114,27 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--variants", default="eager,compile", help="eager, compile, ac (comma list)")
     p.add_argument("--out", default="benchmarks/results/model_step.json")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="config override (repeatable), e.g. model.n_layers=8")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="config override (repeatable), e.g. model.n_layers=8",
+    )
     args = p.parse_args()
     result = {"env": environment(), "runs": []}
     if torch.cuda.is_available():
         result["matmul_bf16_tflops"] = round(matmul_ceiling() / 1e12, 1)
     for v in args.variants.split(","):
-        r = run(args.config, args.batch, args.seq, v == "compile", v == "ac", args.iters,
-                tuple(args.set))
+        r = run(
+            args.config,
+            args.batch,
+            args.seq,
+            v == "compile",
+            v == "ac",
+            args.iters,
+            tuple(args.set),
+        )
         if "matmul_bf16_tflops" in result:
             r["mfu_vs_measured_matmul"] = round(r["tflops"] / result["matmul_bf16_tflops"], 4)
         result["runs"].append(r)

@@ -50,9 +50,16 @@ def _cmd_prep(args, overrides: list[str]) -> int:
 
     if not args.inputs and not args.hf_dataset:
         raise BraidError("braid prep needs input files/directories or --hf-dataset NAME")
-    man = prepare(args.inputs, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-                  val_fraction=args.val_fraction, hf_dataset=args.hf_dataset,
-                  hf_split=args.hf_split, text_field=args.text_field)
+    man = prepare(
+        args.inputs,
+        args.out,
+        tokenizer=args.tokenizer,
+        vocab_size=args.vocab_size,
+        val_fraction=args.val_fraction,
+        hf_dataset=args.hf_dataset,
+        hf_split=args.hf_split,
+        text_field=args.text_field,
+    )
     splits = {k: v["tokens"] for k, v in man.get("splits", {}).items()} if "splits" in man else man
     print(f"prepared {args.out}: {splits}")
     return 0
@@ -75,9 +82,16 @@ def _cmd_generate(args, overrides: list[str]) -> int:
     n_new = args.max_new_tokens
     if n_new is None:  # the default: 200 tokens, or what the context leaves room for
         n_new = max(1, min(200, model.cfg.max_seq_len - len(ids)))
-    out = generate(model, torch.tensor([ids], device=device), n_new,
-                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                   generator=gen, stop_token=None)
+    out = generate(
+        model,
+        torch.tensor([ids], device=device),
+        n_new,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        generator=gen,
+        stop_token=None,
+    )
     print(tok.decode(out[0].tolist()))
     return 0
 
@@ -88,8 +102,7 @@ def _cmd_runs(args, overrides: list[str]) -> int:
 
     root = Path(args.run_dir)
     if not (root / "experiments.db").exists():
-        raise BraidError(f"no runs recorded under {root}: train first, or pass "
-                         "--run.dir=RUN_ROOT")
+        raise BraidError(f"no runs recorded under {root}: train first, or pass --run.dir=RUN_ROOT")
     print(format_runs(ExperimentsDB(root, read_only=True).list_runs()))
     return 0
 
@@ -115,8 +128,15 @@ def _cmd_export(args, overrides: list[str]) -> int:
     if args.format == "hf":
         from braid.hf.exporter import export_hf
 
-        print(export_hf(Path(args.run), Path(args.out), arch=args.arch,
-                        dtype=args.dtype or "bf16", max_shard_size=args.max_shard_size or "5GB"))
+        print(
+            export_hf(
+                Path(args.run),
+                Path(args.out),
+                arch=args.arch,
+                dtype=args.dtype or "bf16",
+                max_shard_size=args.max_shard_size or "5GB",
+            )
+        )
         return 0
     if args.arch or args.dtype or args.max_shard_size:
         raise BraidError("--arch, --dtype and --max-shard-size are for --format hf")
@@ -150,8 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    t = sub.add_parser("train", help="train a model (default: tiny on the built-in corpus)",
-                       epilog="Override any config key with --section.key=value.")
+    t = sub.add_parser(
+        "train",
+        help="train a model (default: tiny on the built-in corpus)",
+        epilog="Override any config key with --section.key=value.",
+    )
     t.add_argument("config", nargs="?", default=None, help="a .toml file or a built-in name")
     t.set_defaults(fn=_cmd_train)
 
@@ -176,8 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="sample text from a trained run")
     g.add_argument("--run", required=True, help="a run directory or an exported directory")
     g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=int, default=None,
-                   help="tokens to sample (default: 200, or as many as the context allows)")
+    g.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="tokens to sample (default: 200, or as many as the context allows)",
+    )
     g.add_argument("--temperature", type=float, default=0.8)
     g.add_argument("--top-k", type=int, default=50)
     g.add_argument("--top-p", type=float, default=0.95)
@@ -186,8 +213,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(fn=_cmd_generate)
 
     r = sub.add_parser("runs", help="list recorded runs")
-    r.add_argument("--run.dir", "--dir", dest="run_dir", default="runs",
-                   help="the run.dir root (as in train's --run.dir; --dir is the old spelling)")
+    r.add_argument(
+        "--run.dir",
+        "--dir",
+        dest="run_dir",
+        default="runs",
+        help="the run.dir root (as in train's --run.dir; --dir is the old spelling)",
+    )
     r.set_defaults(fn=_cmd_runs)
 
     rep = sub.add_parser("report", help="write report.html for a run")
@@ -201,15 +233,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dash.add_argument("--host", default="127.0.0.1", help="address to listen on")
     dash.add_argument("--port", type=int, default=8050)
-    dash.add_argument("--allow-remote", action="store_true",
-                      help="allow a non-loopback --host (no login: anyone reaching it reads runs)")
+    dash.add_argument(
+        "--allow-remote",
+        action="store_true",
+        help="allow a non-loopback --host (no login: anyone reaching it reads runs)",
+    )
     dash.set_defaults(fn=_cmd_dash)
 
     e = sub.add_parser("export", help="write consolidated safetensors weights and config")
     e.add_argument("--run", required=True)
     e.add_argument("--out", required=True)
-    e.add_argument("--format", choices=("braid", "hf"), default="braid",
-                   help="braid (model.safetensors + config) or hf (a transformers checkpoint)")
+    e.add_argument(
+        "--format",
+        choices=("braid", "hf"),
+        default="braid",
+        help="braid (model.safetensors + config) or hf (a transformers checkpoint)",
+    )
     e.add_argument("--arch", default=None, help="hf: the architecture (default: automatic)")
     e.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="hf: default bf16")
     e.add_argument("--max-shard-size", default=None, help="hf: e.g. 5GB (the default)")

@@ -154,18 +154,25 @@ def config_from_data(config: Any, fingerprint: Any, where: str | Path) -> Config
     config.json): checked against its fingerprint, validated without importing anything it
     names. Dotted plug-in paths stay data; one line on stderr says they were not imported."""
     if not isinstance(config, dict) or fingerprint != fingerprint_of(config):
-        raise BraidError(f"{where}: the config does not match its fingerprint: the file was "
-                         "altered or damaged; use an intact copy")
+        raise BraidError(
+            f"{where}: the config does not match its fingerprint: the file was "
+            "altered or damaged; use an intact copy"
+        )
     try:
         cfg = from_dict(config).validate(imports=False)
     except BraidError as e:
-        raise BraidError(f"{where} holds a config this braid cannot read ({e}); use the braid "
-                         "version that wrote it") from None
+        raise BraidError(
+            f"{where} holds a config this braid cannot read ({e}); use the braid "
+            "version that wrote it"
+        ) from None
     from braid.exchange import plugin_paths
 
     if named := plugin_paths(cfg.exchange):
-        print(f"note: {where} names exchange plug-ins {', '.join(named)}; a saved config is "
-              "data, so they are not imported (one process needs no exchange)", file=sys.stderr)
+        print(
+            f"note: {where} names exchange plug-ins {', '.join(named)}; a saved config is "
+            "data, so they are not imported (one process needs no exchange)",
+            file=sys.stderr,
+        )
     return cfg
 
 
@@ -198,8 +205,9 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
         try:
             raw = tomllib.loads(p.read_bytes().decode("utf-8"))
         except UnicodeDecodeError as e:
-            raise BraidError(f"config file {p}: not UTF-8 text (byte {e.start}); TOML files "
-                             "are UTF-8") from None
+            raise BraidError(
+                f"config file {p}: not UTF-8 text (byte {e.start}); TOML files are UTF-8"
+            ) from None
         except OSError as e:
             raise BraidError(f"config file {p} cannot be read ({e.strerror})") from None
         except tomllib.TOMLDecodeError as e:

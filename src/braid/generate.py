@@ -25,23 +25,25 @@ def filter_logits(logits_BV: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tens
     return logits_BV
 
 
-def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float,
-                   prompt_len: int, ctx_len: int) -> None:
+def check_sampling(
+    max_new_tokens: int, temperature: float, top_k: int, top_p: float, prompt_len: int, ctx_len: int
+) -> None:
     """Refuse sampling settings that would silently mean something else (one line each)."""
     if not max_new_tokens >= 1:
         raise BraidError(f"--max-new-tokens {max_new_tokens}: must be >= 1")
     if not temperature >= 0 or temperature == float("inf"):
-        raise BraidError(f"--temperature {temperature}: must be a finite number >= 0 "
-                         "(0 is greedy)")
+        raise BraidError(f"--temperature {temperature}: must be a finite number >= 0 (0 is greedy)")
     if top_k < 0:
         raise BraidError(f"--top-k {top_k}: must be >= 0 (0 keeps every token)")
     if not 0 < top_p <= 1:
         raise BraidError(f"--top-p {top_p}: must be in (0, 1] (1 keeps every token)")
     if prompt_len + max_new_tokens > ctx_len:
-        raise BraidError(f"the prompt ({prompt_len} tokens) plus --max-new-tokens "
-                         f"{max_new_tokens} exceed the model's context of {ctx_len} tokens "
-                         f"(model.max_seq_len): ask for at most {max(ctx_len - prompt_len, 0)} "
-                         "new tokens or shorten the prompt")
+        raise BraidError(
+            f"the prompt ({prompt_len} tokens) plus --max-new-tokens "
+            f"{max_new_tokens} exceed the model's context of {ctx_len} tokens "
+            f"(model.max_seq_len): ask for at most {max(ctx_len - prompt_len, 0)} "
+            "new tokens or shorten the prompt"
+        )
 
 
 @torch.no_grad()

@@ -187,8 +187,10 @@ def arithmetic(cfg: Config, seq_len: int | None = None) -> ModelArithmetic:
     model = build_meta(cfg)
     main = {n: p.numel() for n, p in model.named_parameters() if not n.startswith("mtp.")}
     mtp_names = {n for n, _ in model.named_parameters() if n.startswith("mtp.")}
-    total, mtp_total = sum(main.values()), sum(p.numel() for n, p in model.named_parameters()
-                                               if n in mtp_names)
+    total, mtp_total = (
+        sum(main.values()),
+        sum(p.numel() for n, p in model.named_parameters() if n in mtp_names),
+    )
     expert_names, idle = set(), {"main": 0, "mtp": 0}
     for name, mod in model.named_modules():
         if isinstance(mod, MoE):

@@ -81,8 +81,25 @@ def test_generate_runs_on_an_imported_directory(tmp_path):
     save_hf("mixtral", tmp_path / "hf")
     out = import_hf(tmp_path / "hf", tmp_path / "braid")
     proc = subprocess.run(
-        [sys.executable, "-m", "braid", "generate", "--run", str(out), "--prompt", "a mixture",
-         "--max-new-tokens", "4", "--cpu", "--temperature", "0"],
-        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "braid",
+            "generate",
+            "--run",
+            str(out),
+            "--prompt",
+            "a mixture",
+            "--max-new-tokens",
+            "4",
+            "--cpu",
+            "--temperature",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("a mixture")

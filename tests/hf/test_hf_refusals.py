@@ -66,10 +66,12 @@ IMPORT_CASES = {  # name: (change to a saved tiny Mixtral, words the one line mu
     ),
     "sliding_window_where_unsupported": (
         lambda d: _config(d, model_type="qwen3_moe", use_sliding_window=True, sliding_window=16),
-        "sliding_window=16"),
+        "sliding_window=16",
+    ),
     "unknown_layer_type": (
         lambda d: _config(d, layer_types=["full_attention", "chunked_attention"]),
-        "chunked_attention"),
+        "chunked_attention",
+    ),
     "attention_sinks": (lambda d: _config(d, attention_sinks=True), "attention_sinks=True"),
     "activation": (lambda d: _config(d, hidden_act="gelu"), "hidden_act='gelu'"),
     "index_path_traversal": (

@@ -82,14 +82,27 @@ def hf_config(kind: str):
             norm_topk_prob=False,
         )
     if kind == "mixtral_window":
-        return tf.MixtralConfig(**COMMON, num_hidden_layers=2, intermediate_size=24,
-                                num_local_experts=4, num_experts_per_tok=2, sliding_window=5)
+        return tf.MixtralConfig(
+            **COMMON,
+            num_hidden_layers=2,
+            intermediate_size=24,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=5,
+        )
     if kind == "qwen2_moe_window":  # a window on layer 1 only
-        return tf.Qwen2MoeConfig(**COMMON, num_hidden_layers=2, intermediate_size=40,
-                                 moe_intermediate_size=16, shared_expert_intermediate_size=24,
-                                 num_experts=4, num_experts_per_tok=2, use_sliding_window=True,
-                                 sliding_window=5, layer_types=["full_attention",
-                                                                "sliding_attention"])
+        return tf.Qwen2MoeConfig(
+            **COMMON,
+            num_hidden_layers=2,
+            intermediate_size=40,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=24,
+            num_experts=4,
+            num_experts_per_tok=2,
+            use_sliding_window=True,
+            sliding_window=5,
+            layer_types=["full_attention", "sliding_attention"],
+        )
     if kind == "qwen3_moe_yarn":
         yarn = {
             "rope_type": "yarn",

@@ -29,9 +29,16 @@ from braid.config import fingerprint_of
 from braid.metrics.experiments import ExperimentsDB
 from tiny_run import TINY_MODEL, write_words
 
-TINY = [*TINY_MODEL, "--train.batch_size=4", "--train.seq_len=32", "--train.steps=4",
-        "--train.val_batches=1", "--train.progress=false", "--checkpoint.every=2",
-        "--train.log_every=1"]
+TINY = [
+    *TINY_MODEL,
+    "--train.batch_size=4",
+    "--train.seq_len=32",
+    "--train.steps=4",
+    "--train.val_batches=1",
+    "--train.progress=false",
+    "--checkpoint.every=2",
+    "--train.log_every=1",
+]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
@@ -41,14 +48,33 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad")
     words = "every expert takes its share of the tokens and sends them home again".split()
     write_words(root / "text.txt", words, seed=5, count=6000)
-    assert main(["prep", str(root / "text.txt"), "--out", str(root / "data"), "--vocab-size",
-                 "300", "--val-fraction", "0.1"]) == 0
+    assert (
+        main(
+            [
+                "prep",
+                str(root / "text.txt"),
+                "--out",
+                str(root / "data"),
+                "--vocab-size",
+                "300",
+                "--val-fraction",
+                "0.1",
+            ]
+        )
+        == 0
+    )
     overrides = TINY + [f"--data.path={root / 'data'}", f"--run.dir={root / 'runs'}"]
     assert main(["train", *overrides, "--run.name=base"]) == 0
     run = root / "runs" / "base"
     assert main(["export", "--run", str(run), "--out", str(root / "export")]) == 0
-    return {"root": root, "data": root / "data", "runs": root / "runs", "run": run,
-            "export": root / "export", "overrides": overrides}
+    return {
+        "root": root,
+        "data": root / "data",
+        "runs": root / "runs",
+        "run": run,
+        "export": root / "export",
+        "overrides": overrides,
+    }
 
 
 def run(argv: list[str]) -> int:
@@ -70,6 +96,7 @@ def one_error_line(capsys, code: int) -> str:
 
 # -- what each row damages (a copy of the run, export or data) ----------------------------------
 
+
 def copy_run(w, tmp: Path) -> Path:
     runs = tmp / "runs"
     shutil.copytree(w["run"], runs / "base")
@@ -84,7 +111,7 @@ def copy_export(w, tmp: Path) -> Path:
 def flip(path: Path, n: int = 64) -> None:
     data = bytearray(path.read_bytes())
     mid = len(data) // 2
-    data[mid:mid + n] = bytes(b ^ 0xFF for b in data[mid:mid + n])
+    data[mid : mid + n] = bytes(b ^ 0xFF for b in data[mid : mid + n])
     path.write_bytes(bytes(data))
 
 
@@ -136,68 +163,142 @@ ROWS = [
     ("unknown-key", lambda w, t: ["info", "--model.dimm=3"], r"unknown key"),
     ("bad-type", lambda w, t: ["info", "--model.dim=abc"], r"model.dim='abc': expected int"),
     ("bad-override", lambda w, t: ["info", "--model.dim"], r"unrecognized arguments"),
-    ("run-name-escapes", lambda w, t: train_args(w, t, name="../../tmp/evil"),
-     r"run.name='../../tmp/evil': must be one path component"),
-    ("run-name-absolute", lambda w, t: train_args(w, t, name="/an/absolute/path"),
-     r"run.name='/an/absolute/path'"),
-    ("config-not-utf8", lambda w, t: ["info", _write(t / "c.toml", b"[model]\ndim = \xff\n")],
-     r"not UTF-8"),
-    ("config-bad-toml", lambda w, t: ["info", _write(t / "c.toml", b"[model\n")],
-     r"invalid TOML"),
+    (
+        "run-name-escapes",
+        lambda w, t: train_args(w, t, name="../../tmp/evil"),
+        r"run.name='../../tmp/evil': must be one path component",
+    ),
+    (
+        "run-name-absolute",
+        lambda w, t: train_args(w, t, name="/an/absolute/path"),
+        r"run.name='/an/absolute/path'",
+    ),
+    (
+        "config-not-utf8",
+        lambda w, t: ["info", _write(t / "c.toml", b"[model]\ndim = \xff\n")],
+        r"not UTF-8",
+    ),
+    ("config-bad-toml", lambda w, t: ["info", _write(t / "c.toml", b"[model\n")], r"invalid TOML"),
     ("config-missing", lambda w, t: ["info", str(t / "none.toml")], r"not found"),
-    ("unknown-exchange", lambda w, t: ["info", "--exchange.algorithm=nope"],
-     r"unknown exchange 'nope'"),
-    ("plugin-not-importable", lambda w, t: ["info", "--exchange.algorithm=nomod_x:Y"],
-     r"cannot import exchange 'nomod_x:Y'"),
-    ("argparse-bad-int", lambda w, t: gen(w["run"], "--max-new-tokens", "abc"),
-     r"invalid int value"),
+    (
+        "unknown-exchange",
+        lambda w, t: ["info", "--exchange.algorithm=nope"],
+        r"unknown exchange 'nope'",
+    ),
+    (
+        "plugin-not-importable",
+        lambda w, t: ["info", "--exchange.algorithm=nomod_x:Y"],
+        r"cannot import exchange 'nomod_x:Y'",
+    ),
+    (
+        "argparse-bad-int",
+        lambda w, t: gen(w["run"], "--max-new-tokens", "abc"),
+        r"invalid int value",
+    ),
     ("top-p-zero", lambda w, t: gen(w["run"], "--top-p", "0"), r"--top-p 0.0: must be in"),
     ("top-p-above-one", lambda w, t: gen(w["run"], "--top-p", "1.5"), r"--top-p 1.5"),
-    ("max-new-negative", lambda w, t: gen(w["run"], "--max-new-tokens", "-5"),
-     r"--max-new-tokens -5: must be >= 1"),
-    ("max-new-beyond-context", lambda w, t: gen(w["run"], "--max-new-tokens", "10000"),
-     r"exceed the model's context of 256 tokens"),
-    ("temperature-negative", lambda w, t: gen(w["run"], "--temperature", "-1"),
-     r"--temperature -1.0: must be"),
+    (
+        "max-new-negative",
+        lambda w, t: gen(w["run"], "--max-new-tokens", "-5"),
+        r"--max-new-tokens -5: must be >= 1",
+    ),
+    (
+        "max-new-beyond-context",
+        lambda w, t: gen(w["run"], "--max-new-tokens", "10000"),
+        r"exceed the model's context of 256 tokens",
+    ),
+    (
+        "temperature-negative",
+        lambda w, t: gen(w["run"], "--temperature", "-1"),
+        r"--temperature -1.0: must be",
+    ),
     ("top-k-negative", lambda w, t: gen(w["run"], "--top-k", "-1"), r"--top-k -1"),
-    ("empty-prompt", lambda w, t: ["generate", "--run", str(w["run"]), "--prompt", ""],
-     r"encodes to no tokens"),
+    (
+        "empty-prompt",
+        lambda w, t: ["generate", "--run", str(w["run"]), "--prompt", ""],
+        r"encodes to no tokens",
+    ),
     ("generate-missing-run", lambda w, t: gen(t / "nope"), r"does not exist"),
     ("nan-weights", lambda w, t: gen(nan_export(w, t)), r"holds NaN or infinite values"),
-    ("export-bit-flip", lambda w, t: gen(_damage(copy_export(w, t), "model.safetensors")),
-     r"model.safetensors does not match its blake2b-128 checksum"),
-    ("export-config-edited", lambda w, t: gen(_edit_export(copy_export(w, t))),
-     r"config does not match its fingerprint"),
-    ("export-config-not-utf8", lambda w, t: gen(_garble(copy_export(w, t) / "config.json")),
-     r"not UTF-8"),
-    ("meta-edited", lambda w, t: gen(_edit_meta(copy_run(w, t), False)),
-     r"config does not match its fingerprint"),
-    ("meta-edited-consistently", lambda w, t: gen(_edit_meta(copy_run(w, t), True)),
-     r"holds \d+ model tensors this model lacks"),
+    (
+        "export-bit-flip",
+        lambda w, t: gen(_damage(copy_export(w, t), "model.safetensors")),
+        r"model.safetensors does not match its blake2b-128 checksum",
+    ),
+    (
+        "export-config-edited",
+        lambda w, t: gen(_edit_export(copy_export(w, t))),
+        r"config does not match its fingerprint",
+    ),
+    (
+        "export-config-not-utf8",
+        lambda w, t: gen(_garble(copy_export(w, t) / "config.json")),
+        r"not UTF-8",
+    ),
+    (
+        "meta-edited",
+        lambda w, t: gen(_edit_meta(copy_run(w, t), False)),
+        r"config does not match its fingerprint",
+    ),
+    (
+        "meta-edited-consistently",
+        lambda w, t: gen(_edit_meta(copy_run(w, t), True)),
+        r"holds \d+ model tensors this model lacks",
+    ),
     ("meta-not-utf8", lambda w, t: gen(_garble_meta(copy_run(w, t))), r"not UTF-8"),
-    ("distcp-bit-flip", lambda w, t: gen(_flip_distcp(copy_run(w, t))),
-     r"distcp does not match its blake2b-128 checksum"),
-    ("resume-damaged-explicit", lambda w, t: train_args(
-        w, t, f"--checkpoint.resume={_flip_distcp(copy_run(w, t))}",
-        "--checkpoint.allow_safe_changes=true", name="base"),
-     r"does not match its blake2b-128 checksum: .* on disk; to go on from an older checkpoint, "
-     r"fork it under a new name: braid train \.\.\. "
-     r"--run.name=base-fork --checkpoint.resume=.*step_00000002"),
-    ("rank-file-not-utf8", lambda w, t: train_args(
-        w, t, f"--checkpoint.resume={_garble_rank(copy_run(w, t))}",
-        "--checkpoint.allow_safe_changes=true", name="base"),
-     r"rank_00000.json"),
-    ("export-out-not-empty", lambda w, t: ["export", "--run", str(w["run"]), "--out",
-                                           str(_nonempty(t))], r"non-empty directory"),
+    (
+        "distcp-bit-flip",
+        lambda w, t: gen(_flip_distcp(copy_run(w, t))),
+        r"distcp does not match its blake2b-128 checksum",
+    ),
+    (
+        "resume-damaged-explicit",
+        lambda w, t: train_args(
+            w,
+            t,
+            f"--checkpoint.resume={_flip_distcp(copy_run(w, t))}",
+            "--checkpoint.allow_safe_changes=true",
+            name="base",
+        ),
+        r"does not match its blake2b-128 checksum: .* on disk; to go on from an older checkpoint, "
+        r"fork it under a new name: braid train \.\.\. "
+        r"--run.name=base-fork --checkpoint.resume=.*step_00000002",
+    ),
+    (
+        "rank-file-not-utf8",
+        lambda w, t: train_args(
+            w,
+            t,
+            f"--checkpoint.resume={_garble_rank(copy_run(w, t))}",
+            "--checkpoint.allow_safe_changes=true",
+            name="base",
+        ),
+        r"rank_00000.json",
+    ),
+    (
+        "export-out-not-empty",
+        lambda w, t: ["export", "--run", str(w["run"]), "--out", str(_nonempty(t))],
+        r"non-empty directory",
+    ),
     ("runs-missing-root", lambda w, t: ["runs", f"--run.dir={t / 'none'}"], r"no runs recorded"),
     ("report-missing-run", lambda w, t: ["report", str(t / "none")], r"none"),
     ("prep-no-inputs", lambda w, t: ["prep", "--out", str(t / "o")], r"needs input files"),
-    ("stale-manifest", lambda w, t: train_args(w, t, f"--data.path={stale_manifest(w, t)}"),
-     r"exceeds the manifest's max_token_id=5"),
-    ("metrics-db-corrupt-on-resume", lambda w, t: train_args(
-        w, t, "--train.steps=6", "--checkpoint.allow_safe_changes=true",
-        name=_corrupt_metrics(copy_run(w, t))),
-     r"metrics store .*rank_0.duckdb cannot be written"),
+    (
+        "stale-manifest",
+        lambda w, t: train_args(w, t, f"--data.path={stale_manifest(w, t)}"),
+        r"exceeds the manifest's max_token_id=5",
+    ),
+    (
+        "metrics-db-corrupt-on-resume",
+        lambda w, t: train_args(
+            w,
+            t,
+            "--train.steps=6",
+            "--checkpoint.allow_safe_changes=true",
+            name=_corrupt_metrics(copy_run(w, t)),
+        ),
+        r"metrics store .*rank_0.duckdb cannot be written",
+    ),
 ]
 
 
@@ -268,6 +369,7 @@ def test_bad_input_is_one_line_with_exit_code_2(world, tmp_path, capsys, row):
 
 # -- documented behaviour (not errors) ----------------------------------------------------------
 
+
 def test_val_batches_zero_means_no_validation_and_null_in_the_result(world, tmp_path, capsys):
     assert main(train_args(world, tmp_path, "--train.val_batches=0")) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -275,11 +377,20 @@ def test_val_batches_zero_means_no_validation_and_null_in_the_result(world, tmp_
     assert result["final_train_loss"] > 0
 
 
-def test_corrupt_metrics_with_on_error_continue_trains_and_is_marked_degraded(world, tmp_path,
-                                                                           capsys):
+def test_corrupt_metrics_with_on_error_continue_trains_and_is_marked_degraded(
+    world, tmp_path, capsys
+):
     name = _corrupt_metrics(copy_run(world, tmp_path))
-    code = main(train_args(world, tmp_path, "--train.steps=6", "--metrics.on_error=continue",
-                           "--checkpoint.allow_safe_changes=true", name=name))
+    code = main(
+        train_args(
+            world,
+            tmp_path,
+            "--train.steps=6",
+            "--metrics.on_error=continue",
+            "--checkpoint.allow_safe_changes=true",
+            name=name,
+        )
+    )
     out = capsys.readouterr()
     assert code == 0, out.err
     result = json.loads(out.out.strip().splitlines()[-1])
@@ -300,10 +411,16 @@ def test_a_second_writer_is_refused_naming_the_first(world, tmp_path, capsys):
 
 
 def test_two_concurrent_trainings_of_one_run_one_is_refused(world, tmp_path):
-    args = [sys.executable, "-m", "braid", *train_args(world, tmp_path, "--train.steps=40",
-                                                       name="same")]
-    procs = [subprocess.Popen(args, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for _ in range(2)]
+    args = [
+        sys.executable,
+        "-m",
+        "braid",
+        *train_args(world, tmp_path, "--train.steps=40", name="same"),
+    ]
+    procs = [
+        subprocess.Popen(args, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
     outs = [p.communicate(timeout=300) for p in procs]
     codes = sorted(p.returncode for p in procs)
     assert codes == [0, 2], outs
@@ -316,7 +433,8 @@ def test_two_concurrent_trainings_of_one_run_one_is_refused(world, tmp_path):
 
 
 def test_full_disk_at_a_checkpoint_keeps_the_previous_one_and_records_the_error(
-        world, tmp_path, capsys, monkeypatch):
+    world, tmp_path, capsys, monkeypatch
+):
     from braid.checkpoint import manager
 
     real, calls = manager.save_tensors, []
@@ -342,9 +460,11 @@ def test_read_only_storage_is_one_line(world, tmp_path, capsys, monkeypatch):
         raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / "o"))
 
     monkeypatch.setattr(Path, "mkdir", refuse)
-    for argv in (train_args(world, tmp_path), ["prep", str(world["root"] / "text.txt"),
-                                               "--out", str(tmp_path / "o")],
-                 ["report", str(world["run"])]):
+    for argv in (
+        train_args(world, tmp_path),
+        ["prep", str(world["root"] / "text.txt"), "--out", str(tmp_path / "o")],
+        ["report", str(world["run"])],
+    ):
         line = one_error_line(capsys, main(argv))
         assert "Read-only file system" in line, line
 
@@ -370,7 +490,8 @@ def test_a_module_planted_beside_an_export_is_never_imported(world, tmp_path):
     out = copy_export(world, tmp_path)
     marker = tmp_path / "imported"
     (out / "evilmod.py").write_text(
-        f"open({str(marker)!r}, 'w').write('ran')\nclass X:\n    pass\n")
+        f"open({str(marker)!r}, 'w').write('ran')\nclass X:\n    pass\n"
+    )
     body = json.loads((out / "config.json").read_text())
     body["config"]["exchange"]["algorithm"] = "evilmod:X"
     body["config"]["exchange"]["compressor"] = "evilmod:X"
@@ -384,10 +505,19 @@ def test_a_module_planted_beside_an_export_is_never_imported(world, tmp_path):
     body["fingerprint"] = fingerprint_of(body["config"])
     meta.write_text(json.dumps(body))
     gen_here = ["generate", "--run", ".", "--prompt", "every", "--cpu", "--max-new-tokens", "3"]
-    for cwd, argv in ((out, gen_here), (run, gen_here),
-                      (run, ["export", "--run", ".", "--out", str(tmp_path / "again")])):
-        proc = subprocess.run([sys.executable, "-m", "braid", *argv], cwd=cwd, env=ENV,
-                              capture_output=True, text=True, timeout=120)
+    for cwd, argv in (
+        (out, gen_here),
+        (run, gen_here),
+        (run, ["export", "--run", ".", "--out", str(tmp_path / "again")]),
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "braid", *argv],
+            cwd=cwd,
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert proc.returncode == 0, proc.stderr
         assert "evilmod:X" in proc.stderr and "not imported" in proc.stderr
     assert not marker.exists()

@@ -19,8 +19,14 @@ from braid.model.transformer import Transformer
 from braid.train.trainer import train
 from tiny_run import TINY_MODEL, prepare_words
 
-TINY = [*TINY_MODEL, "--train.batch_size=4", "--train.seq_len=32", "--train.steps=3",
-        "--train.val_batches=1", "--train.progress=false"]
+TINY = [
+    *TINY_MODEL,
+    "--train.batch_size=4",
+    "--train.seq_len=32",
+    "--train.steps=3",
+    "--train.val_batches=1",
+    "--train.progress=false",
+]
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +34,9 @@ def run_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     words = "a mixture of experts routes each token to the best two of eight".split()
     data = prepare_words(root, words, seed=1, count=8000)
-    cfg = load_config(None, TINY + [f"--data.path={data}",
-                                    f"--run.dir={root / 'runs'}", "--run.name=r"])
+    cfg = load_config(
+        None, TINY + [f"--data.path={data}", f"--run.dir={root / 'runs'}", "--run.name=r"]
+    )
     result = train(cfg)
     return root / "runs" / "r", result
 
@@ -38,13 +45,20 @@ def test_export_writes_full_tensors_and_matches_the_run_logits(run_dir, tmp_path
     run, _ = run_dir
     out = tmp_path / "exported"
     # the CLI wiring, as a user runs it
-    proc = subprocess.run([sys.executable, "-m", "braid", "export", "--run", str(run),
-                           "--out", str(out)], capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "braid", "export", "--run", str(run), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == str(out)
     assert sorted(p.name for p in out.iterdir()) == [
-        "config.json", "model.safetensors", "tokenizer.json"]
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+    ]
     assert (out / "tokenizer.json").read_bytes() == (run / "tokenizer.json").read_bytes()
 
     cfg = load_config(None, TINY)

@@ -18,9 +18,16 @@ from braid.checkpoint.load import load_checkpoint_model
 from braid.config import load_config
 from tiny_run import TINY_MODEL, prepare_words
 
-TINY = [*TINY_MODEL, "--train.batch_size=4", "--train.seq_len=32", "--train.steps=6",
-        "--train.val_batches=1", "--train.progress=false", "--checkpoint.every=2",
-        "--checkpoint.keep_last=5"]
+TINY = [
+    *TINY_MODEL,
+    "--train.batch_size=4",
+    "--train.seq_len=32",
+    "--train.steps=6",
+    "--train.val_batches=1",
+    "--train.progress=false",
+    "--checkpoint.every=2",
+    "--checkpoint.keep_last=5",
+]
 BAD_STEP = 4
 
 # Multiplies the loss of the BAD_STEP-th micro-step by NaN, so every gradient is NaN.
@@ -52,9 +59,13 @@ def overrides(tmp_path_factory):
 def test_nan_stops_with_exit_2_naming_the_step_and_no_later_checkpoint(overrides, tmp_path):
     script = tmp_path / "poison.py"
     script.write_text(textwrap.dedent(POISON).replace("{bad}", str(BAD_STEP)))
-    proc = subprocess.run([sys.executable, str(script), "train", *overrides, "--run.name=poisoned"],
-                          capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [sys.executable, str(script), "train", *overrides, "--run.name=poisoned"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: non-finite gradient norm at step 4 (first bad gradient: ")
@@ -78,6 +89,5 @@ def test_skip_nonfinite_finishes_and_counts_the_skipped_step(overrides, monkeypa
     assert result["steps"] == 6 and result["skipped_steps"] == 1
     summary = json.loads((Path(result["run_dir"]) / "summary.json").read_text())
     assert summary["skipped_steps"] == 1
-    model, _ = load_checkpoint_model(paths.latest(Path(result["run_dir"])),
-                                     torch.device("cpu"))
+    model, _ = load_checkpoint_model(paths.latest(Path(result["run_dir"])), torch.device("cpu"))
     assert all(torch.isfinite(t).all() for t in model.state_dict().values())

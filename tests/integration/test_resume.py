@@ -23,9 +23,18 @@ from braid.errors import BraidError
 from braid.metrics import read_metrics
 from tiny_run import TINY_MODEL, prepare_words, train_logged
 
-TINY = [*TINY_MODEL, "--train.batch_size=4", "--train.seq_len=32", "--train.steps=6",
-        "--train.warmup=2", "--train.val_batches=1", "--train.val_every=2", "--train.log_every=1",
-        "--train.progress=false", "--checkpoint.every=2"]
+TINY = [
+    *TINY_MODEL,
+    "--train.batch_size=4",
+    "--train.seq_len=32",
+    "--train.steps=6",
+    "--train.warmup=2",
+    "--train.val_batches=1",
+    "--train.val_every=2",
+    "--train.log_every=1",
+    "--train.progress=false",
+    "--checkpoint.every=2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +97,12 @@ def test_sigkill_during_save_leaves_previous_checkpoint_and_auto_resumes_it(setu
     script, flag = tmp_path / "pausing_save.py", tmp_path / "paused"
     script.write_text(textwrap.dedent(WRAPPER))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, str(script), str(flag), "train", *killed],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(flag), "train", *killed],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
     try:
         deadline = time.monotonic() + 60
         while not flag.exists():
@@ -135,8 +148,9 @@ def test_changed_config_is_refused_unless_safe_and_allowed(setup):
         train_logged(base + ["--train.lr=1e-3"])
     with pytest.raises(BraidError, match=r"train.steps 6 -> 8; .*allow_safe_changes=true"):
         train_logged(base + ["--train.steps=8"])
-    losses, result = train_logged(base + ["--train.steps=8", "--train.stop_at=3",
-                                          "--checkpoint.allow_safe_changes=true"])
+    losses, result = train_logged(
+        base + ["--train.steps=8", "--train.stop_at=3", "--checkpoint.allow_safe_changes=true"]
+    )
     assert result["steps"] == 3 and list(losses) == [3]
     # How often to save never needs permission (the default changed once, from 0 to 100).
     losses, result = train_logged(

@@ -17,12 +17,27 @@ import pytest
 
 from tiny_run import TINY_MODEL, prepare_words, read_until_step
 
-TINY = [*TINY_MODEL, "--moe.first_k_dense=0", "--train.batch_size=4", "--train.seq_len=32",
-        "--train.steps=4", "--train.warmup=1", "--train.val_batches=1", "--train.val_every=100",
-        "--train.log_every=1", "--train.progress=false", "--checkpoint.every=0",
-        "--model.mtp_depth=1"]
-LOGGED = ("train/loss", "train/aux_loss", "train/z_loss", "train/load_max_over_mean",
-          "train/mtp_loss")
+TINY = [
+    *TINY_MODEL,
+    "--moe.first_k_dense=0",
+    "--train.batch_size=4",
+    "--train.seq_len=32",
+    "--train.steps=4",
+    "--train.warmup=1",
+    "--train.val_batches=1",
+    "--train.val_every=100",
+    "--train.log_every=1",
+    "--train.progress=false",
+    "--checkpoint.every=0",
+    "--model.mtp_depth=1",
+]
+LOGGED = (
+    "train/loss",
+    "train/aux_loss",
+    "train/z_loss",
+    "train/load_max_over_mean",
+    "train/mtp_loss",
+)
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +70,15 @@ def _train(launcher: list[str], data, name: str, extra: list[str]) -> dict:
 
 def test_torchrun_ep2_logs_the_single_process_losses_and_router_stats(data):
     one = _train([sys.executable, "-m", "braid"], data, "one", [])
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                "--nproc_per_node=2", "-m", "braid"]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "braid",
+    ]
     two = _train(torchrun, data, "ep2", ["--parallel.ep=2"])
     for key in LOGGED:
         assert sorted(two[key]) == sorted(one[key]) == [1, 2, 3, 4], key
@@ -81,12 +103,31 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint
     from braid.metrics.experiments import ExperimentsDB
 
     runs = data / "term"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "braid", "train", *TINY, "--train.steps=5000", "--run.name=term",
-           f"--data.path={data / 'data'}", f"--run.dir={runs}", "--parallel.ep=2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "braid",
+        "train",
+        *TINY,
+        "--train.steps=5000",
+        "--run.name=term",
+        f"--data.path={data / 'data'}",
+        f"--run.dir={runs}",
+        "--parallel.ep=2",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         read_until_step(proc, 3, 5000)
         os.kill(_workers(proc.pid)[1], signal.SIGTERM)  # rank 1 only: rank 0 must follow

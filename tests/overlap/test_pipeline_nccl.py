@@ -111,7 +111,9 @@ def test_chunks_of_experts_receive_in_place_over_nccl():
     problems = [f"rank{r}: {p}" for r, res in enumerate(results) for p in res["problems"]]
     assert not problems, problems
     bad = {
-        f"rank{r}:{k}": e for r, res in enumerate(results) for k, e in res["worst"].items()
+        f"rank{r}:{k}": e
+        for r, res in enumerate(results)
+        for k, e in res["worst"].items()
         if not e < TOL
     }
     assert not bad, bad

@@ -90,15 +90,17 @@ def test_fingerprint_rule():
     saved = Config().to_dict()
     where = "ckpt"
     # keys that only say where output goes or when to stop are always accepted
-    always = cfg_with(train={"stop_at": 3, "progress": False}, checkpoint={"resume": "none"},
-                      run={"name": "fork"})
+    always = cfg_with(
+        train={"stop_at": 3, "progress": False}, checkpoint={"resume": "none"}, run={"name": "fork"}
+    )
     assert check_resume_config(saved, always, where) == []
     safe = cfg_with(train={"steps": 999}, parallel={"ep": 2}, metrics={"flush_every": 1})
     with pytest.raises(BraidError, match="allow_safe_changes=true") as e:
         check_resume_config(saved, safe, where)
     assert "train.steps 300 -> 999" in str(e.value) and "parallel.ep 1 -> 2" in str(e.value)
-    flagged = cfg_with(train={"steps": 999}, parallel={"ep": 2},
-                       checkpoint={"allow_safe_changes": True})
+    flagged = cfg_with(
+        train={"steps": 999}, parallel={"ep": 2}, checkpoint={"allow_safe_changes": True}
+    )
     assert check_resume_config(saved, flagged, where) == ["parallel.ep", "train.steps"]
     kernel = cfg_with(model={"sdpa_backend": "cudnn"}, checkpoint={"allow_safe_changes": True})
     assert check_resume_config(saved, kernel, where) == ["model.sdpa_backend"]
@@ -145,7 +147,8 @@ def test_resume_paths(tmp_path):
     step(m, opt, cur, st)
     Checkpointer(tmp_path / "run", Config(), CTX).save(m, opt, cur, st)
     assert paths.resolve_resume(str(tmp_path / "run"), tmp_path) == paths.final_path(
-        tmp_path / "run", 1)
+        tmp_path / "run", 1
+    )
     assert paths.resolve_resume("auto", tmp_path / "empty") is None
     with pytest.raises(BraidError, match="does not exist"):
         paths.resolve_resume(str(tmp_path / "typo"), tmp_path)
@@ -155,10 +158,13 @@ def test_resume_paths(tmp_path):
         paths.resolve_resume(str(partial), tmp_path)
 
 
-@pytest.mark.parametrize("damage", ["truncate_rank", "truncate_meta", "garble_rank",
-                                    "flip_tensor_bytes", "edit_meta_config"])
-def test_damaged_checkpoint_is_one_line_and_auto_falls_back_to_the_newest_intact(tmp_path,
-                                                                                 damage, capsys):
+@pytest.mark.parametrize(
+    "damage",
+    ["truncate_rank", "truncate_meta", "garble_rank", "flip_tensor_bytes", "edit_meta_config"],
+)
+def test_damaged_checkpoint_is_one_line_and_auto_falls_back_to_the_newest_intact(
+    tmp_path, damage, capsys
+):
     m, opt, cur, st = make()
     ck = Checkpointer(tmp_path, Config(), CTX)
     step(m, opt, cur, st)

@@ -41,8 +41,10 @@ def _step(model, opt, cursor, state) -> float:
 def _full(model) -> dict[str, np.ndarray]:
     """Full weights as numpy (torch tensors would travel through shared memory, which is gone
     once the worker exits)."""
-    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().numpy().copy()
-            for k, v in model.state_dict().items()}
+    return {
+        k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().numpy().copy()
+        for k, v in model.state_dict().items()
+    }
 
 
 def _save_then_resume(rank: int, world: int, run_dir: str):
@@ -73,7 +75,10 @@ def test_two_rank_fsdp_checkpoint_resumes_exactly_and_loads_in_one_process(tmp_p
     assert out[0]["after"] != out[1]["after"]  # each rank drew from its own streams
     ckpt = paths.latest(tmp_path)
     assert sorted(p.name for p in ckpt.iterdir() if p.suffix == ".json") == [
-        "meta.json", "rank_00000.json", "rank_00001.json"]
+        "meta.json",
+        "rank_00000.json",
+        "rank_00001.json",
+    ]
 
     ctx = ParallelContext(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
     model, opt = _build(ctx)  # another layout: one process, plain tensors

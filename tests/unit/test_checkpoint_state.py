@@ -16,11 +16,17 @@ from braid.errors import BraidError
 
 def test_codec_round_trips_types_and_bits_exactly():
     obj = {
-        "ints": [0, -1, 2**80], "t": (1, (2.5, None), "s"), "flag": True,
-        "floats": [0.1, -0.0, float("inf"), 1e-310], "nan": float("nan"),
-        "arr": np.arange(6, dtype=np.uint32).reshape(2, 3), "f32": np.float32(1 / 3),
-        "tensor": torch.tensor([1.5, -2.25]), "bytes": torch.arange(5, dtype=torch.uint8),
-        7: "int key", "nested": {"__tuple__": "a key that looks like a tag"},
+        "ints": [0, -1, 2**80],
+        "t": (1, (2.5, None), "s"),
+        "flag": True,
+        "floats": [0.1, -0.0, float("inf"), 1e-310],
+        "nan": float("nan"),
+        "arr": np.arange(6, dtype=np.uint32).reshape(2, 3),
+        "f32": np.float32(1 / 3),
+        "tensor": torch.tensor([1.5, -2.25]),
+        "bytes": torch.arange(5, dtype=torch.uint8),
+        7: "int key",
+        "nested": {"__tuple__": "a key that looks like a tag"},
     }
     back = decode(json.loads(json.dumps(encode(obj))))
     assert back["ints"] == [0, -1, 2**80] and back["t"] == (1, (2.5, None), "s")
@@ -46,8 +52,14 @@ def test_rng_restore_repeats_every_stream():
     snap = decode(json.loads(json.dumps(encode(rng.capture(cpu)))))
 
     def draws():
-        return (random.random(), random.gauss(0, 1), np.random.rand(3).tolist(),
-                np.random.standard_normal(), torch.rand(4).tolist(), torch.randn(2).tolist())
+        return (
+            random.random(),
+            random.gauss(0, 1),
+            np.random.rand(3).tolist(),
+            np.random.standard_normal(),
+            torch.rand(4).tolist(),
+            torch.randn(2).tolist(),
+        )
 
     first = draws()
     rng.restore(snap, cpu)

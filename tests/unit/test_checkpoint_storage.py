@@ -13,13 +13,16 @@ from braid.errors import BraidError
 
 def _tree():
     g = torch.Generator().manual_seed(0)
-    return {"model": {"w": torch.randn(4, 3, generator=g), "b": torch.randn(3, generator=g)},
-            "optim": {"w": {"step": torch.tensor(3.0)}}}
+    return {
+        "model": {"w": torch.randn(4, 3, generator=g), "b": torch.randn(3, generator=g)},
+        "optim": {"w": {"step": torch.tensor(3.0)}},
+    }
 
 
 def _zeros_like(tree):
-    return {k: _zeros_like(v) if isinstance(v, dict) else torch.zeros_like(v)
-            for k, v in tree.items()}
+    return {
+        k: _zeros_like(v) if isinstance(v, dict) else torch.zeros_like(v) for k, v in tree.items()
+    }
 
 
 def test_tensors_round_trip_in_place(tmp_path):
@@ -87,17 +90,21 @@ def test_missing_tensor_names_the_key(tmp_path):
 def test_torch_advice_to_unpickle_never_reaches_the_user():
     from braid.checkpoint.storage import _one_line
 
-    e = RuntimeError("Weights only load failed. Re-running `torch.load` with `weights_only` set "
-                     "to `False` will likely succeed, but it can result in arbitrary code "
-                     "execution.\nmore")
+    e = RuntimeError(
+        "Weights only load failed. Re-running `torch.load` with `weights_only` set "
+        "to `False` will likely succeed, but it can result in arbitrary code "
+        "execution.\nmore"
+    )
     assert "False" not in _one_line(e) and "refuses" in _one_line(e)
 
 
 def test_a_full_disk_under_torch_c_plus_plus_writer_is_named(tmp_path):
     from braid.checkpoint.storage import save_error
 
-    e = RuntimeError("[enforce fail at inline_container.cc:858] . PytorchStreamWriter failed "
-                     "writing file data/0: file write failed")
+    e = RuntimeError(
+        "[enforce fail at inline_container.cc:858] . PytorchStreamWriter failed "
+        "writing file data/0: file write failed"
+    )
     msg = str(save_error(e, tmp_path / "ckpt"))
     assert "No space left on device" in msg and "MiB free there" in msg
     assert "the previous checkpoint is intact" in msg and "\n" not in msg

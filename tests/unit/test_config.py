@@ -10,9 +10,18 @@ from braid.errors import BraidError, ConfigError
 
 
 def test_overrides_are_typed():
-    cfg = load_config(None, ["--model.dim=384", "--moe.layers=[1, 3]", "--train.lr=1e-4",
-                             "--moe.score_func=sigmoid", "--overlap.chunks=auto",
-                             "--model.tie_embeddings=false", "--moe.aux_loss_coef=0"])
+    cfg = load_config(
+        None,
+        [
+            "--model.dim=384",
+            "--moe.layers=[1, 3]",
+            "--train.lr=1e-4",
+            "--moe.score_func=sigmoid",
+            "--overlap.chunks=auto",
+            "--model.tie_embeddings=false",
+            "--moe.aux_loss_coef=0",
+        ],
+    )
     assert cfg.model.dim == 384 and cfg.moe.layers == [1, 3] and cfg.train.lr == 1e-4
     assert cfg.moe.score_func == "sigmoid" and cfg.overlap.chunks == "auto"
     assert cfg.model.tie_embeddings is False and isinstance(cfg.moe.aux_loss_coef, float)
@@ -28,8 +37,9 @@ def test_str_setting_takes_text_that_parses_as_another_type(text):
 
 
 def test_str_override_quoting_and_typed_neighbours_are_unchanged():
-    cfg = load_config(None, ['--run.dir="two words"', "--overlap.chunks=2", "--model.dim=96",
-                             "--model.n_heads=4"])
+    cfg = load_config(
+        None, ['--run.dir="two words"', "--overlap.chunks=2", "--model.dim=96", "--model.n_heads=4"]
+    )
     assert cfg.run.dir == "two words"  # TOML quotes still work
     assert cfg.overlap.chunks == 2 and cfg.model.dim == 96  # int | str and int stay typed
     with pytest.raises(ConfigError, match="expected int"):
@@ -85,11 +95,16 @@ def test_unknown_config_file_or_name():
 
 
 def test_cli_user_error_is_one_line_with_exit_code_2():
-    proc = subprocess.run([sys.executable, "-m", "braid", "info", "--moe.top_k=99"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "braid", "info", "--moe.top_k=99"], capture_output=True, text=True
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "error: config moe.top_k=99: must be between 1 and moe.num_experts=8"]
-    proc = subprocess.run([sys.executable, "-m", "braid", "--debug", "info", "--moe.top_k=99"],
-                          capture_output=True, text=True)
+        "error: config moe.top_k=99: must be between 1 and moe.num_experts=8"
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "braid", "--debug", "info", "--moe.top_k=99"],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode != 0 and "Traceback" in proc.stderr

@@ -36,8 +36,9 @@ def test_round_trip_text_files(tmp_path):
     (tmp_path / "in" / "a.txt").write_text(TEXT_A, encoding="utf-8")
     (tmp_path / "in" / "b.md").write_bytes(TEXT_B.encode("utf-8"))
     out = tmp_path / "out"
-    man = prepare([tmp_path / "in"], out, vocab_size=300, val_fraction=0.1, shard_tokens=97,
-                  progress=False)
+    man = prepare(
+        [tmp_path / "in"], out, vocab_size=300, val_fraction=0.1, shard_tokens=97, progress=False
+    )
     assert man == json.loads((out / "manifest.json").read_text())
     assert man["dtype"] == "uint16" and man["documents"] == 2
     assert [s["path"].rsplit("/", 1)[-1] for s in man["sources"]] == ["a.txt", "b.md"]
@@ -55,8 +56,9 @@ def test_round_trip_text_files(tmp_path):
 
 def test_manifest_checksums_and_sizes(tmp_path):
     (tmp_path / "a.txt").write_text(TEXT_A)
-    man = prepare([tmp_path / "a.txt"], tmp_path / "o", vocab_size=280, shard_tokens=50,
-                  progress=False)
+    man = prepare(
+        [tmp_path / "a.txt"], tmp_path / "o", vocab_size=280, shard_tokens=50, progress=False
+    )
     for split in man["splits"].values():
         assert split["tokens"] == sum(s["tokens"] for s in split["shards"])
         for s in split["shards"]:
@@ -84,8 +86,13 @@ def test_uint32_when_vocab_exceeds_uint16(tmp_path):
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tk.save(str(tmp_path / "big.json"))
     (tmp_path / "a.txt").write_text("w1 w69999 w65536 w2 " * 20)
-    man = prepare([tmp_path / "a.txt"], tmp_path / "o", tokenizer=str(tmp_path / "big.json"),
-                  vocab_size=300, progress=False)  # vocab_size only matters when training
+    man = prepare(
+        [tmp_path / "a.txt"],
+        tmp_path / "o",
+        tokenizer=str(tmp_path / "big.json"),
+        vocab_size=300,
+        progress=False,
+    )  # vocab_size only matters when training
     assert man["dtype"] == "uint32" and man["tokenizer"]["vocab_size"] == 70_002
     ids = np.concatenate([_tokens(tmp_path / "o", "train"), _tokens(tmp_path / "o", "val")])
     assert ids.dtype == np.uint32 and ids[:4].tolist() == [1, 69999, 65536, 2]
@@ -95,23 +102,35 @@ def test_uint32_when_vocab_exceeds_uint16(tmp_path):
 def test_existing_tokenizer_is_reused(tmp_path):
     (tmp_path / "a.txt").write_text(TEXT_A)
     prepare([tmp_path / "a.txt"], tmp_path / "o1", vocab_size=400, progress=False)
-    man = prepare([tmp_path / "a.txt"], tmp_path / "o2", tokenizer=str(tmp_path / "o1" /
-                  "tokenizer.json"), vocab_size=260, progress=False)
-    assert (tmp_path / "o1" / "tokenizer.json").read_text() == \
-        (tmp_path / "o2" / "tokenizer.json").read_text()
+    man = prepare(
+        [tmp_path / "a.txt"],
+        tmp_path / "o2",
+        tokenizer=str(tmp_path / "o1" / "tokenizer.json"),
+        vocab_size=260,
+        progress=False,
+    )
+    assert (tmp_path / "o1" / "tokenizer.json").read_text() == (
+        tmp_path / "o2" / "tokenizer.json"
+    ).read_text()
     assert man["tokenizer"]["vocab_size"] > 260
 
 
 def test_jsonl_input(tmp_path):
-    lines = [{"text": "first document"}, {"text": ""}, {"body": 1, "text": None},
-             {"text": "second one\nwith a newline"}]
+    lines = [
+        {"text": "first document"},
+        {"text": ""},
+        {"body": 1, "text": None},
+        {"text": "second one\nwith a newline"},
+    ]
     p = tmp_path / "d.jsonl"
     p.write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
     man = prepare([p], tmp_path / "o", vocab_size=270, val_fraction=0.0, progress=False)
     assert man["documents"] == 2 and man["splits"]["val"]["tokens"] == 0
     tok = Tok.from_file(tmp_path / "o" / "tokenizer.json")
-    assert tok.decode(_tokens(tmp_path / "o", "train").tolist()) == \
-        f"first document{EOT}second one\nwith a newline{EOT}"
+    assert (
+        tok.decode(_tokens(tmp_path / "o", "train").tolist())
+        == f"first document{EOT}second one\nwith a newline{EOT}"
+    )
     p.write_text('{"text": "ok"}\n{"content": "x"}\n')
     with pytest.raises(DataError, match="line 2 has no field 'text'"):
         prepare([p], tmp_path / "o3", vocab_size=270, progress=False)
@@ -126,10 +145,12 @@ def test_parquet_input(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.table({"text": ["alpha beta", None, "gamma"], "n": [1, 2, 3]}),
-                   tmp_path / "d.parquet")
-    man = prepare([tmp_path / "d.parquet"], tmp_path / "o", vocab_size=270, val_fraction=0.0,
-                  progress=False)
+    pq.write_table(
+        pa.table({"text": ["alpha beta", None, "gamma"], "n": [1, 2, 3]}), tmp_path / "d.parquet"
+    )
+    man = prepare(
+        [tmp_path / "d.parquet"], tmp_path / "o", vocab_size=270, val_fraction=0.0, progress=False
+    )
     tok = Tok.from_file(tmp_path / "o" / "tokenizer.json")
     assert man["documents"] == 2
     assert tok.decode(_tokens(tmp_path / "o", "train").tolist()) == f"alpha beta{EOT}gamma{EOT}"
@@ -155,8 +176,12 @@ def test_empty_corpus_leaves_nothing(tmp_path):
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "e.jsonl").write_text('{"text": ""}\n')
     with pytest.raises(DataError, match="no text found"):
-        prepare([tmp_path / "empty.txt", tmp_path / "e.jsonl"], tmp_path / "out",
-                vocab_size=300, progress=False)
+        prepare(
+            [tmp_path / "empty.txt", tmp_path / "e.jsonl"],
+            tmp_path / "out",
+            vocab_size=300,
+            progress=False,
+        )
     assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
     (tmp_path / "out").mkdir()  # an existing empty out_dir stays empty
     with pytest.raises(DataError, match="no text found"):
@@ -202,8 +227,10 @@ def test_out_dir_rules(tmp_path, monkeypatch):
     first = prepare([tmp_path / "a.txt"], out, vocab_size=300, progress=False)
     (tmp_path / "b.txt").write_text(TEXT_B)
     second = prepare([tmp_path / "b.txt"], out, vocab_size=300, progress=False)
-    assert second["sources"] != first["sources"] and json.loads(
-        (out / "manifest.json").read_text()) == second
+    assert (
+        second["sources"] != first["sources"]
+        and json.loads((out / "manifest.json").read_text()) == second
+    )
     assert _leftovers(tmp_path) == []
 
     # A failure while replacing keeps the previous dataset untouched.
@@ -218,10 +245,14 @@ def test_out_dir_rules(tmp_path, monkeypatch):
 
 
 def test_markdown_to_play():
-    md = ("# Hamlet\n\n## ACT I\n\n### SCENE I. Elsinore.\n\n_Enter BERNARDO_\n\n"
-          "**BERNARDO**  \nWho's there?  \nStand \\-- ho! &amp; c.\n\n__\\[Aside]_  \n")
-    assert markdown_to_play(md) == ("Hamlet\n\nACT I\n\nSCENE I. Elsinore.\n\nEnter BERNARDO\n\n"
-                                    "BERNARDO:\nWho's there?\nStand -- ho! & c.\n\n[Aside]\n")
+    md = (
+        "# Hamlet\n\n## ACT I\n\n### SCENE I. Elsinore.\n\n_Enter BERNARDO_\n\n"
+        "**BERNARDO**  \nWho's there?  \nStand \\-- ho! &amp; c.\n\n__\\[Aside]_  \n"
+    )
+    assert markdown_to_play(md) == (
+        "Hamlet\n\nACT I\n\nSCENE I. Elsinore.\n\nEnter BERNARDO\n\n"
+        "BERNARDO:\nWho's there?\nStand -- ho! & c.\n\n[Aside]\n"
+    )
 
 
 def test_default_corpus(tmp_path):

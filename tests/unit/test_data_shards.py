@@ -22,8 +22,9 @@ def data_dir(tmp_path_factory):
     for k in range(3):
         doc = "\n".join(" ".join(rng.choices(words, k=12)) for _ in range(150))
         (root / f"doc{k}.txt").write_text(doc)
-    prepare([root], root / "ds", vocab_size=300, val_fraction=0.1, shard_tokens=1000,
-            progress=False)
+    prepare(
+        [root], root / "ds", vocab_size=300, val_fraction=0.1, shard_tokens=1000, progress=False
+    )
     return root / "ds"
 
 
@@ -45,7 +46,7 @@ def test_dataset_reads_across_shards(data_dir):
     assert len(ds.shards) > 1 and ds.num_tokens == len(ds) == len(ref)
     assert ds.tokenizer_path == data_dir / "tokenizer.json" and ds.tokenizer_path.is_file()
     for start in (0, 990, 999, 1000, 1999, ds.num_tokens - 7):
-        np.testing.assert_array_equal(ds.read(start, 7), ref[start:start + 7])
+        np.testing.assert_array_equal(ds.read(start, 7), ref[start : start + 7])
     np.testing.assert_array_equal(ds.read(0, ds.num_tokens), ref)
     with pytest.raises(IndexError):
         ds.read(ds.num_tokens - 3, 4)
@@ -99,8 +100,7 @@ def test_corrupt_and_truncated_shards(data_dir, tmp_path):
 
 def test_empty_split(tmp_path):
     (tmp_path / "a.txt").write_text("hello world, hello there\n" * 20)
-    prepare([tmp_path / "a.txt"], tmp_path / "o", vocab_size=280, val_fraction=0.0,
-            progress=False)
+    prepare([tmp_path / "a.txt"], tmp_path / "o", vocab_size=280, val_fraction=0.0, progress=False)
     with pytest.raises(DataError, match="split 'val' .* is empty"):
         TokenDataset(tmp_path / "o", "val")
 
@@ -113,8 +113,8 @@ def test_batches_are_windows(data_dir):
     assert x.shape == y.shape == (4, 16) and x.dtype == y.dtype == torch.int64
     assert torch.equal(x[:, 1:], y[:, :-1])
     for row, yrow in zip(x, y, strict=True):
-        starts = [i for i in range(0, len(ref) - 16, 17) if torch.equal(ref[i:i + 16], row)]
-        assert starts and torch.equal(ref[starts[0] + 1:starts[0] + 17], yrow)
+        starts = [i for i in range(0, len(ref) - 16, 17) if torch.equal(ref[i : i + 16], row)]
+        assert starts and torch.equal(ref[starts[0] + 1 : starts[0] + 17], yrow)
 
 
 def test_epoch_visits_every_window_once(data_dir):
@@ -134,14 +134,15 @@ def test_global_batch_same_for_any_world_size(data_dir):
     steps = 3 * BatchLoader(ds, seq_len=24, batch_size=8).num_windows // 8 + 2  # > 2 epochs
     runs = {}
     for world in (1, 2, 4):
-        loaders = [BatchLoader(ds, seq_len=24, batch_size=8, rank=r, world_size=world, seed=7)
-                   for r in range(world)]
+        loaders = [
+            BatchLoader(ds, seq_len=24, batch_size=8, rank=r, world_size=world, seed=7)
+            for r in range(world)
+        ]
         runs[world] = []
         for _ in range(steps):
             parts = [ld.next_batch() for ld in loaders]
             assert parts[0][0].shape == (8 // world, 24)
-            runs[world].append((torch.cat([p[0] for p in parts]),
-                                torch.cat([p[1] for p in parts])))
+            runs[world].append((torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])))
     for world in (2, 4):
         for (x1, y1), (xw, yw) in zip(runs[1], runs[world], strict=True):
             assert torch.equal(x1, xw) and torch.equal(y1, yw)
@@ -157,8 +158,7 @@ def test_resume_gives_identical_continuation(data_dir):
     assert all(type(v) is int for v in state.values())
     rest = [a.next_batch() for _ in range(steps)]
     # Resume under a different world size: rank slices of the same global batches.
-    b = [BatchLoader(ds, seq_len=20, batch_size=6, rank=r, world_size=2, seed=11)
-         for r in range(2)]
+    b = [BatchLoader(ds, seq_len=20, batch_size=6, rank=r, world_size=2, seed=11) for r in range(2)]
     for ld in b:
         ld.load_state_dict(json.loads(json.dumps(state)))
     for x, y in rest:
@@ -193,8 +193,10 @@ def test_val_batches_fixed_and_sliced(data_dir):
     flat = torch.cat([x for x, _ in one])
     for i, row in enumerate(flat):
         assert torch.equal(row, ref[i % windows, :-1])
-    halves = [val_batches(val, seq_len=seq, batch_size=4, num_batches=num, rank=r, world_size=2)
-              for r in range(2)]
+    halves = [
+        val_batches(val, seq_len=seq, batch_size=4, num_batches=num, rank=r, world_size=2)
+        for r in range(2)
+    ]
     for j, (x, y) in enumerate(one):
         assert torch.equal(x, torch.cat([halves[0][j][0], halves[1][j][0]]))
         assert torch.equal(y, torch.cat([halves[0][j][1], halves[1][j][1]]))

@@ -83,7 +83,9 @@ def test_prequantised_rows_and_stats():
     assert torch.equal(w13.grad, ref[2]) and torch.equal(w2.grad, ref[3])
     got = stats.read()  # rows arrived quantised: no w13/x entry; the rest recorded
     assert sorted(k.rsplit("/", 1)[0] for k in got if k.endswith("amax")) == [
-        "fp8/e.w13/grad", "fp8/e.w2/grad", "fp8/e.w2/x"
+        "fp8/e.w13/grad",
+        "fp8/e.w2/grad",
+        "fp8/e.w2/x",
     ]
     assert got["fp8/e.w2/grad/amax"] == pytest.approx(gy.abs().max().item())
 

@@ -16,8 +16,12 @@ def test_grouped_mm_matches_loop_and_naive(counts):
     x, w = torch.randn(int(c.sum()), 16), torch.randn(4, 16, 8)
     offs = counts_to_offsets(c)
     y_g, y_l = gmm(x, w, offs, "grouped"), gmm(x, w, offs, "loop")
-    naive = torch.cat([x[a:b] @ w[e] for e, (a, b) in
-                       enumerate(zip([0] + offs[:-1].tolist(), offs.tolist(), strict=True))])
+    naive = torch.cat(
+        [
+            x[a:b] @ w[e]
+            for e, (a, b) in enumerate(zip([0] + offs[:-1].tolist(), offs.tolist(), strict=True))
+        ]
+    )
     torch.testing.assert_close(y_g, naive)
     torch.testing.assert_close(y_l, naive)
 

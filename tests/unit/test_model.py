@@ -12,10 +12,19 @@ from braid.info import arithmetic
 from braid.model.init import init_weights
 from braid.model.transformer import Transformer
 
-SMALL = ["--model.dim=64", "--model.n_layers=3", "--model.n_heads=4", "--model.n_kv_heads=2",
-         "--model.vocab_size=128", "--model.ffn_hidden=64", "--model.max_seq_len=64",
-         "--train.seq_len=32", "--moe.expert_hidden=32", "--moe.num_experts=4",
-         "--moe.num_shared_experts=1"]
+SMALL = [
+    "--model.dim=64",
+    "--model.n_layers=3",
+    "--model.n_heads=4",
+    "--model.n_kv_heads=2",
+    "--model.vocab_size=128",
+    "--model.ffn_hidden=64",
+    "--model.max_seq_len=64",
+    "--train.seq_len=32",
+    "--moe.expert_hidden=32",
+    "--moe.num_experts=4",
+    "--moe.num_shared_experts=1",
+]
 
 
 def small_model(*extra: str, seed: int = 0) -> Transformer:
@@ -97,8 +106,7 @@ def test_info_counts_equal_the_built_model(extra):
     assert arithmetic(cfg).total_params == sum(p.numel() for p in m.parameters())
 
 
-NOMINAL = {"small": 1.3e9, "medium": 7e9, "large": 16e9, "xl": 70e9, "moonlet": 7e9,
-           "dsv3": 671e9}
+NOMINAL = {"small": 1.3e9, "medium": 7e9, "large": 16e9, "xl": 70e9, "moonlet": 7e9, "dsv3": 671e9}
 
 
 @pytest.mark.parametrize("name", sorted(NOMINAL))

@@ -86,11 +86,25 @@ def _closed_form(cfg) -> tuple[int, int, float]:
     return total, active, flops
 
 
-SMALL = ["--model.dim=64", "--model.n_layers=4", "--model.n_heads=4", "--model.vocab_size=96",
-         "--model.ffn_hidden=80", "--model.max_seq_len=64", "--train.seq_len=32",
-         "--moe.expert_hidden=24", "--moe.num_experts=8", "--moe.top_k=2"]
-MLA = ["--model.attention=mla", "--model.kv_lora_rank=16", "--model.qk_rope_head_dim=8",
-       "--model.qk_nope_head_dim=12", "--model.v_head_dim=10"]
+SMALL = [
+    "--model.dim=64",
+    "--model.n_layers=4",
+    "--model.n_heads=4",
+    "--model.vocab_size=96",
+    "--model.ffn_hidden=80",
+    "--model.max_seq_len=64",
+    "--train.seq_len=32",
+    "--moe.expert_hidden=24",
+    "--moe.num_experts=8",
+    "--moe.top_k=2",
+]
+MLA = [
+    "--model.attention=mla",
+    "--model.kv_lora_rank=16",
+    "--model.qk_rope_head_dim=8",
+    "--model.qk_nope_head_dim=12",
+    "--model.v_head_dim=10",
+]
 
 
 @pytest.mark.parametrize(

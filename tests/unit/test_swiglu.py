@@ -68,8 +68,9 @@ def test_fused_function_runs_the_compiled_math_for_any_row_count():
         assert type(y.grad_fn).__name__.startswith("_SwiGLUFused")
         y.backward(dy)
         torch.testing.assert_close(y, swiglu_forward_math(h.detach()), rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(h.grad, swiglu_backward_math(h.detach(), dy),
-                                   rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(
+            h.grad, swiglu_backward_math(h.detach(), dy), rtol=1e-6, atol=1e-6
+        )
 
 
 @pytest.mark.gpu
@@ -84,10 +85,12 @@ def test_triton_kernels_equal_the_math_on_cuda(rows, F):
     h = (torch.randn(rows, 2 * F, device="cuda", generator=g) * 3).bfloat16()
     dy = torch.randn(rows, F, device="cuda", generator=g).bfloat16()
     assert swiglu_triton.available(h)
-    torch.testing.assert_close(swiglu_triton.forward(h), swiglu_forward_math(h),
-                               rtol=2**-7, atol=1e-5)
-    torch.testing.assert_close(swiglu_triton.backward(h, dy), swiglu_backward_math(h, dy),
-                               rtol=2**-7, atol=1e-5)
+    torch.testing.assert_close(
+        swiglu_triton.forward(h), swiglu_forward_math(h), rtol=2**-7, atol=1e-5
+    )
+    torch.testing.assert_close(
+        swiglu_triton.backward(h, dy), swiglu_backward_math(h, dy), rtol=2**-7, atol=1e-5
+    )
     y = swiglu(h.clone().requires_grad_(), fused=True)
     assert type(y.grad_fn).__name__.startswith("_SwiGLUFused")
 

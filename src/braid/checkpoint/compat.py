@@ -20,21 +20,39 @@ from pathlib import Path
 from braid.config import SECTIONS, Config, diff_configs, from_dict
 from braid.errors import BraidError
 
-ALWAYS_ALLOWED = frozenset({
-    "checkpoint.resume", "checkpoint.allow_safe_changes", "train.stop_at", "train.progress",
-    "run.name",  # a fork under a new name (checkpoint.resume=<other run>) is the same training
-    # How often state is saved or metrics written never changes a step's numbers.
-    "checkpoint.every", "metrics.flush_every", "metrics.flush_seconds",
-})
-SAFE = frozenset({
-    "train.steps", "train.warmup", "train.min_lr_ratio", "train.log_every", "train.val_every",
-    "run.dir", "parallel.ep", "parallel.dense", "parallel.activation_checkpoint",
-    # Weights and optimizer state are stored in full precision whatever the GEMM precision,
-    # so a run may switch between bf16 and fp8 GEMMs (a change of numerics, not of the model).
-    "train.precision", "train.fp8_skip", "train.fp8_wgrad",
-    # Which SDPA kernel computes the same attention (rounding differs, the model does not).
-    "model.sdpa_backend",
-})
+ALWAYS_ALLOWED = frozenset(
+    {
+        "checkpoint.resume",
+        "checkpoint.allow_safe_changes",
+        "train.stop_at",
+        "train.progress",
+        "run.name",  # a fork under a new name (checkpoint.resume=<other run>) is the same training
+        # How often state is saved or metrics written never changes a step's numbers.
+        "checkpoint.every",
+        "metrics.flush_every",
+        "metrics.flush_seconds",
+    }
+)
+SAFE = frozenset(
+    {
+        "train.steps",
+        "train.warmup",
+        "train.min_lr_ratio",
+        "train.log_every",
+        "train.val_every",
+        "run.dir",
+        "parallel.ep",
+        "parallel.dense",
+        "parallel.activation_checkpoint",
+        # Weights and optimizer state are stored in full precision whatever the GEMM precision,
+        # so a run may switch between bf16 and fp8 GEMMs (a change of numerics, not of the model).
+        "train.precision",
+        "train.fp8_skip",
+        "train.fp8_wgrad",
+        # Which SDPA kernel computes the same attention (rounding differs, the model does not).
+        "model.sdpa_backend",
+    }
+)
 SAFE_SECTIONS = ("metrics.", "checkpoint.")
 _SHOWN = 6  # keys named in an error line before "and N more"
 
@@ -46,8 +64,11 @@ def is_safe(key: str) -> bool:
 def check_resume_config(saved: dict, cfg: Config, where: Path) -> list[str]:
     """The differing keys that are accepted; raises BraidError if resuming must be refused."""
     now, saved = cfg.to_dict(), as_read_now(saved)
-    diffs = [k for k in diff_configs(saved, now)
-             if k not in ALWAYS_ALLOWED and not _new_knob_at_default(k, saved, now)]
+    diffs = [
+        k
+        for k in diff_configs(saved, now)
+        if k not in ALWAYS_ALLOWED and not _new_knob_at_default(k, saved, now)
+    ]
     if not diffs:
         return []
     unsafe = [k for k in diffs if not is_safe(k)]

@@ -42,8 +42,10 @@ def export(run: Path, out: Path) -> Path:
     ckpt = find_checkpoint(run)
     tok = paths.tokenizer_of(ckpt)
     if not tok.is_file():
-        raise BraidError(f"{tok} is missing: the run directory lost its tokenizer; copy the "
-                         "tokenizer.json used for training there and export again")
+        raise BraidError(
+            f"{tok} is missing: the run directory lost its tokenizer; copy the "
+            "tokenizer.json used for training there and export again"
+        )
     check_target(out)
     step = read_meta(ckpt)["step"]
     model, cfg = load_checkpoint_model(ckpt, torch.device("cpu"))
@@ -56,16 +58,26 @@ def export(run: Path, out: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        save_file(tensors, tmp / WEIGHTS_FILE,
-                  metadata={"format": "pt", "step": str(step), "fingerprint": cfg.fingerprint()})
+        save_file(
+            tensors,
+            tmp / WEIGHTS_FILE,
+            metadata={"format": "pt", "step": str(step), "fingerprint": cfg.fingerprint()},
+        )
         shutil.copyfile(tok, tmp / TOKENIZER_FILE)
         for name in (WEIGHTS_FILE, TOKENIZER_FILE):
             with open(tmp / name, "rb") as f:
                 os.fsync(f.fileno())
         hashes = hash_files(tmp, (WEIGHTS_FILE, TOKENIZER_FILE))  # after the data, as written
-        write_json_durable(tmp / CONFIG_FILE, {"fingerprint": cfg.fingerprint(),
-                                               "config": cfg.to_dict(), "step": step,
-                                               "hashes": hashes}, indent=2)
+        write_json_durable(
+            tmp / CONFIG_FILE,
+            {
+                "fingerprint": cfg.fingerprint(),
+                "config": cfg.to_dict(),
+                "step": step,
+                "hashes": hashes,
+            },
+            indent=2,
+        )
         install(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -78,8 +90,10 @@ def check_target(out: Path) -> None:
     if out.is_dir():
         names = {p.name for p in out.iterdir()}
         if names and not (WEIGHTS_FILE in names and names <= _EXPORT_FILES):
-            raise BraidError(f"--out {out} is a non-empty directory that is not a braid export: "
-                             "give a new or empty directory")
+            raise BraidError(
+                f"--out {out} is a non-empty directory that is not a braid export: "
+                "give a new or empty directory"
+            )
 
 
 def install(tmp: Path, out: Path) -> None:

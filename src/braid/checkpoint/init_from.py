@@ -65,8 +65,7 @@ def check_same_model(cfg: Config, saved: Config, where: Path) -> None:
             )
 
 
-def check_init(cfg: Config, data_tokenizer: str | Path | None = None,
-               verify: bool = True) -> None:
+def check_init(cfg: Config, data_tokenizer: str | Path | None = None, verify: bool = True) -> None:
     """Before anything is written: the directory of `checkpoint.init_from` exists, its files
     match their hashes (`verify`), it holds the model this run builds, and its tokenizer is the
     one the training data was made with."""

@@ -44,8 +44,9 @@ def my_part(names: Iterable[str], rank: int = 0, world: int = 1) -> list[str]:
     return sorted(names)[rank::world]
 
 
-def verify_files(root: Path, hashes: dict[str, str], names: Iterable[str], what: str,
-                 fix: str) -> None:
+def verify_files(
+    root: Path, hashes: dict[str, str], names: Iterable[str], what: str, fix: str
+) -> None:
     """Check the named files under `root` against `hashes`; DamagedFile for the first that
     differs or is missing."""
     for name in names:
@@ -53,5 +54,7 @@ def verify_files(root: Path, hashes: dict[str, str], names: Iterable[str], what:
         if not f.is_file():
             raise DamagedFile(f"{what} file {f} is missing: {fix}")
         if file_hash(f) != hashes[name]:
-            raise DamagedFile(f"{what} file {f} does not match its {ALGORITHM} checksum: it "
-                              f"was altered or damaged on disk; {fix}")
+            raise DamagedFile(
+                f"{what} file {f} does not match its {ALGORITHM} checksum: it "
+                f"was altered or damaged on disk; {fix}"
+            )

@@ -44,28 +44,42 @@ def load_for_inference(path: str | Path, device: torch.device) -> tuple[Transfor
         model, _ = load_checkpoint_model(ckpt, device)
         tok = paths.tokenizer_of(ckpt)
     if not tok.is_file():
-        raise BraidError(f"{tok} is missing: a run directory keeps the tokenizer of its data; "
-                         "copy the tokenizer.json used for training there")
-    bad = next((n for n, t in model.state_dict().items()
-                if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+        raise BraidError(
+            f"{tok} is missing: a run directory keeps the tokenizer of its data; "
+            "copy the tokenizer.json used for training there"
+        )
+    bad = next(
+        (
+            n
+            for n, t in model.state_dict().items()
+            if t.is_floating_point() and not bool(torch.isfinite(t).all())
+        ),
+        None,
+    )
     if bad is not None:
-        raise BraidError(f"{path}: weight {bad} holds NaN or infinite values, so the model "
-                         "cannot generate: use a checkpoint from before the values diverged")
+        raise BraidError(
+            f"{path}: weight {bad} holds NaN or infinite values, so the model "
+            "cannot generate: use a checkpoint from before the values diverged"
+        )
     return model, tok
 
 
 def find_checkpoint(path: Path) -> Path:
     """The checkpoint a user-given path means: itself, or the newest one of a run directory."""
     if not path.exists():
-        raise BraidError(f"{path} does not exist: give a run directory, a checkpoint directory "
-                         "or an export directory")
+        raise BraidError(
+            f"{path} does not exist: give a run directory, a checkpoint directory "
+            "or an export directory"
+        )
     if paths.is_checkpoint(path):
         return path
     newest = paths.latest(path)
     if newest is None:
-        raise BraidError(f"{path} holds no complete checkpoint and no {WEIGHTS_FILE}: train "
-                         "first (checkpoints are written at the end of a run), or give an "
-                         "export directory")
+        raise BraidError(
+            f"{path} holds no complete checkpoint and no {WEIGHTS_FILE}: train "
+            "first (checkpoints are written at the end of a run), or give an "
+            "export directory"
+        )
     return newest
 
 
@@ -108,17 +122,26 @@ def _verify(path: Path, body: dict) -> None:
     if hashes is None:
         return
     if not isinstance(hashes, dict) or WEIGHTS_FILE not in hashes:
-        raise BraidError(f"{Path(path) / CONFIG_FILE} has bad 'hashes': the file was altered; "
-                         "write the directory again (braid export or braid import)")
-    verify_files(path, hashes, [n for n in hashes if n in _HASHED], "model directory",
-                 "write it again (braid export or braid import)")
+        raise BraidError(
+            f"{Path(path) / CONFIG_FILE} has bad 'hashes': the file was altered; "
+            "write the directory again (braid export or braid import)"
+        )
+    verify_files(
+        path,
+        hashes,
+        [n for n in hashes if n in _HASHED],
+        "model directory",
+        "write it again (braid export or braid import)",
+    )
 
 
 def _read_export_body(path: Path) -> tuple[dict, Config]:
     file = Path(path) / CONFIG_FILE
     if not file.is_file():
-        raise BraidError(f"{file} is missing: an export directory holds {WEIGHTS_FILE}, "
-                         f"{CONFIG_FILE} and {TOKENIZER_FILE}; re-run braid export")
+        raise BraidError(
+            f"{file} is missing: an export directory holds {WEIGHTS_FILE}, "
+            f"{CONFIG_FILE} and {TOKENIZER_FILE}; re-run braid export"
+        )
     body = read_json(file, "export config", "re-run braid export")
     if not isinstance(body, dict):
         raise BraidError(f"{file} is corrupt (not a JSON object); re-run braid export")
@@ -138,13 +161,16 @@ def load_export(path: Path, device: torch.device) -> Transformer:
     try:
         sd = load_file(file, device=str(device))
     except (SafetensorError, OSError, ValueError) as e:
-        raise BraidError(f"{file} is corrupt or truncated ({_one_line(e)}); re-run braid "
-                         "export") from None
+        raise BraidError(
+            f"{file} is corrupt or truncated ({_one_line(e)}); re-run braid export"
+        ) from None
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as e:
-        raise BraidError(f"{file} does not match the model of {path / CONFIG_FILE} "
-                         f"({_one_line(e)}); re-run braid export") from None
+        raise BraidError(
+            f"{file} does not match the model of {path / CONFIG_FILE} "
+            f"({_one_line(e)}); re-run braid export"
+        ) from None
     return model.eval()
 
 

@@ -67,8 +67,9 @@ class Checkpointer:
 
     # ---- save ------------------------------------------------------------------------------
 
-    def save(self, model: torch.nn.Module, opt: torch.optim.Optimizer, loader: Any,
-             state: Any) -> Path:
+    def save(
+        self, model: torch.nn.Module, opt: torch.optim.Optimizer, loader: Any, state: Any
+    ) -> Path:
         """Write a complete checkpoint of `state.step`; returns its directory."""
         ctx, ck = self.ctx, self.cfg.checkpoint
         streams = rng.capture(ctx.device)  # 1. first: nothing below may draw before this
@@ -86,16 +87,25 @@ class Checkpointer:
             save_tensors(tensors, tmp, ctx.distributed, self._group())  # 3.
         except Exception as e:  # a full disk, permissions: the previous checkpoint stays
             raise save_error(e, tmp) from None
-        write_json_durable(tmp / rank_file(ctx.rank),  # 4.
-                           {"rank": ctx.rank, "rng": streams, "loader": loader.state_dict()})
+        write_json_durable(
+            tmp / rank_file(ctx.rank),  # 4.
+            {"rank": ctx.rank, "rng": streams, "loader": loader.state_dict()},
+        )
         self._barrier()
         sizes = file_sizes(tmp)  # every rank hashes its share of the files, rank 0 collects
         hashes = self._merge(hash_files(tmp, my_part(sizes, ctx.rank, ctx.world)))
         final = paths.final_path(self.run_dir, state.step)
         if ctx.is_main:  # 5.
-            meta = build_meta(step=state.step, world=ctx.world, ep=ctx.ep, cfg=self.cfg,
-                              train_state=state, optim_groups=groups, files=sizes,
-                              hashes=hashes)
+            meta = build_meta(
+                step=state.step,
+                world=ctx.world,
+                ep=ctx.ep,
+                cfg=self.cfg,
+                train_state=state,
+                optim_groups=groups,
+                files=sizes,
+                hashes=hashes,
+            )
             write_json_durable(tmp / paths.META_FILE, meta, indent=1)
             _install(tmp, final)
             paths.prune(self.run_dir, ck.keep_last, ck.keep_every)
@@ -104,8 +114,9 @@ class Checkpointer:
 
     # ---- resume ----------------------------------------------------------------------------
 
-    def resume(self, model: torch.nn.Module, opt: torch.optim.Optimizer, loader: Any,
-               state: Any) -> None:
+    def resume(
+        self, model: torch.nn.Module, opt: torch.optim.Optimizer, loader: Any, state: Any
+    ) -> None:
         """Restore model, optimizer, `state`, RNG streams and loader from the checkpoint that
         `checkpoint.resume` names; leave everything as it is when there is none."""
         ctx = self.ctx
@@ -118,12 +129,15 @@ class Checkpointer:
             set_aside += 1
         if isinstance(err, DamagedFile):  # named explicitly: say how to go on from another
             plain = str(err).removesuffix("; resume from another checkpoint")
-            err = BraidError(f"{plain.removesuffix('; resume from another one')}; "
-                             f"{self._fork_advice(src)}")
+            err = BraidError(
+                f"{plain.removesuffix('; resume from another one')}; {self._fork_advice(src)}"
+            )
         elif src is None and set_aside and err is None:  # never restart from 0 unasked
-            err = BraidError(f"{self.run_dir} has no intact checkpoint left (damaged ones were "
-                             f"set aside as {paths.CORRUPT_PREFIX}step_*): start this run afresh "
-                             "with checkpoint.resume=none")
+            err = BraidError(
+                f"{self.run_dir} has no intact checkpoint left (damaged ones were "
+                f"set aside as {paths.CORRUPT_PREFIX}step_*): start this run afresh "
+                "with checkpoint.resume=none"
+            )
         self._agree(err)  # every rank raises the same error, so none waits in a collective
         if src is None:
             return
@@ -184,19 +198,26 @@ class Checkpointer:
             aside = src.with_name(f"{paths.CORRUPT_PREFIX}{src.name}")
             shutil.rmtree(aside, ignore_errors=True)
             os.replace(src, aside)
-            print(f"checkpoint {src} is damaged ({err}); moved it to {aside.name} and resuming "
-                  "from the newest intact checkpoint", file=sys.stderr, flush=True)
+            print(
+                f"checkpoint {src} is damaged ({err}); moved it to {aside.name} and resuming "
+                "from the newest intact checkpoint",
+                file=sys.stderr,
+                flush=True,
+            )
         self._barrier()
 
     def _fork_advice(self, src: Path | None) -> str:
-        older = [p for s, p in paths.complete_checkpoints(self.run_dir)
-                 if src is None or p != src]
+        older = [p for s, p in paths.complete_checkpoints(self.run_dir) if src is None or p != src]
         new = f"{self.run_dir.name}-fork"
         if older:
-            return (f"to go on from an older checkpoint, fork it under a new name: braid train "
-                    f"... --run.name={new} --checkpoint.resume={older[-1]}")
-        return ("no other checkpoint of this run is complete: start fresh under a new name, "
-                f"braid train ... --run.name={new}")
+            return (
+                f"to go on from an older checkpoint, fork it under a new name: braid train "
+                f"... --run.name={new} --checkpoint.resume={older[-1]}"
+            )
+        return (
+            "no other checkpoint of this run is complete: start fresh under a new name, "
+            f"braid train ... --run.name={new}"
+        )
 
     def _refuse_newer(self, start: int) -> None:
         newer = [s for s, _ in paths.complete_checkpoints(self.run_dir) if s > start]
@@ -264,8 +285,7 @@ def _rank_file_for(src: Path, rank: int, meta: dict) -> Path:
     return Path(src) / rank_file(rank % max(1, meta["world"]))
 
 
-def _load_model_and_optim(model, opt, src: Path, meta: dict, distributed: bool,
-                          group: Any) -> None:
+def _load_model_and_optim(model, opt, src: Path, meta: dict, distributed: bool, group: Any) -> None:
     model_sd = get_model_state_dict(model)
     tree: dict[str, Any] = {"model": model_sd}
     saved_groups = meta["optim_groups"]
@@ -285,8 +305,10 @@ def _check_groups(current: list[dict], saved: list[dict], src: Path) -> None:
     cur = [list(g["params"]) for g in current]
     old = [list(g.get("params", [])) if isinstance(g, dict) else None for g in saved]
     if cur != old:
-        raise BraidError(f"checkpoint {src} has optimizer groups over other parameters than "
-                         "this model's: it was written for another model config")
+        raise BraidError(
+            f"checkpoint {src} has optimizer groups over other parameters than "
+            "this model's: it was written for another model config"
+        )
 
 
 def _restore_rank_state(file: Path, loader: Any, device: torch.device) -> None:
@@ -297,6 +319,8 @@ def _restore_rank_state(file: Path, loader: Any, device: torch.device) -> None:
     except BraidError:
         raise
     except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
-        raise BraidError(f"checkpoint rank state {file} is corrupt ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:200] if str(e) else 'no detail'}); resume "
-                         "from another checkpoint") from None
+        raise BraidError(
+            f"checkpoint rank state {file} is corrupt ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:200] if str(e) else 'no detail'}); resume "
+            "from another checkpoint"
+        ) from None

@@ -32,26 +32,51 @@ from braid.errors import BraidError
 FORMAT = "braid-checkpoint/2"
 _READABLE = (FORMAT, "braid-checkpoint/1")  # 1: the same, without content hashes
 _FIELDS: dict[str, type | tuple[type, ...]] = {
-    "format": str, "step": int, "world": int, "ep": int, "fingerprint": str, "config": dict,
-    "train_state": dict, "optim_groups": (list, type(None)), "files": dict,
+    "format": str,
+    "step": int,
+    "world": int,
+    "ep": int,
+    "fingerprint": str,
+    "config": dict,
+    "train_state": dict,
+    "optim_groups": (list, type(None)),
+    "files": dict,
 }
 
 
-def build_meta(*, step: int, world: int, ep: int, cfg: Config, train_state: Any,
-               optim_groups: list | None, files: dict[str, int],
-               hashes: dict[str, str]) -> dict:
+def build_meta(
+    *,
+    step: int,
+    world: int,
+    ep: int,
+    cfg: Config,
+    train_state: Any,
+    optim_groups: list | None,
+    files: dict[str, int],
+    hashes: dict[str, str],
+) -> dict:
     return {
-        "format": FORMAT, "step": step, "world": world, "ep": ep,
-        "fingerprint": cfg.fingerprint(), "config": cfg.to_dict(),
-        "train_state": dataclasses.asdict(train_state), "optim_groups": optim_groups,
-        "files": files, "hashes": hashes, "torch": torch.__version__,
+        "format": FORMAT,
+        "step": step,
+        "world": world,
+        "ep": ep,
+        "fingerprint": cfg.fingerprint(),
+        "config": cfg.to_dict(),
+        "train_state": dataclasses.asdict(train_state),
+        "optim_groups": optim_groups,
+        "files": files,
+        "hashes": hashes,
+        "torch": torch.__version__,
     }
 
 
 def file_sizes(ckpt: Path) -> dict[str, int]:
     """{name: bytes} of every file in a checkpoint directory except meta.json and temporaries."""
-    return {p.name: p.stat().st_size for p in sorted(Path(ckpt).iterdir())
-            if p.is_file() and p.name != META_FILE and ".tmp-" not in p.name}
+    return {
+        p.name: p.stat().st_size
+        for p in sorted(Path(ckpt).iterdir())
+        if p.is_file() and p.name != META_FILE and ".tmp-" not in p.name
+    }
 
 
 def read_meta(ckpt: Path) -> dict:
@@ -62,31 +87,46 @@ def read_meta(ckpt: Path) -> dict:
     except BraidError as e:
         raise DamagedFile(str(e)) from None
     if not isinstance(meta, dict):
-        raise DamagedFile(f"checkpoint metadata {ckpt / META_FILE} is not a JSON object: the "
-                         "file was altered; resume from another checkpoint")
+        raise DamagedFile(
+            f"checkpoint metadata {ckpt / META_FILE} is not a JSON object: the "
+            "file was altered; resume from another checkpoint"
+        )
     for key, tp in _FIELDS.items():
         if not isinstance(meta.get(key), tp):
-            raise DamagedFile(f"checkpoint metadata {ckpt / META_FILE} has a bad or missing "
-                             f"{key!r}: the file was altered; resume from another checkpoint")
+            raise DamagedFile(
+                f"checkpoint metadata {ckpt / META_FILE} has a bad or missing "
+                f"{key!r}: the file was altered; resume from another checkpoint"
+            )
     if meta["format"] not in _READABLE:
-        raise BraidError(f"checkpoint {ckpt} has format {meta['format']!r}; this braid reads "
-                         f"{' and '.join(_READABLE)}: use the braid version that wrote it")
+        raise BraidError(
+            f"checkpoint {ckpt} has format {meta['format']!r}; this braid reads "
+            f"{' and '.join(_READABLE)}: use the braid version that wrote it"
+        )
     if meta["fingerprint"] != fingerprint_of(meta["config"]):
-        raise DamagedFile(f"checkpoint metadata {ckpt / META_FILE}: the config does not match "
-                          "its fingerprint: the file was altered; resume from another checkpoint")
+        raise DamagedFile(
+            f"checkpoint metadata {ckpt / META_FILE}: the config does not match "
+            "its fingerprint: the file was altered; resume from another checkpoint"
+        )
     hashes = meta.get("hashes", {})
-    if meta["format"] == FORMAT and (not isinstance(hashes, dict)
-                                     or set(hashes) != set(meta["files"])):
-        raise DamagedFile(f"checkpoint metadata {ckpt / META_FILE} has bad or missing "
-                          "'hashes': the file was altered; resume from another checkpoint")
+    if meta["format"] == FORMAT and (
+        not isinstance(hashes, dict) or set(hashes) != set(meta["files"])
+    ):
+        raise DamagedFile(
+            f"checkpoint metadata {ckpt / META_FILE} has bad or missing "
+            "'hashes': the file was altered; resume from another checkpoint"
+        )
     for name, size in meta["files"].items():
         f = ckpt / name
         if not f.is_file():
-            raise DamagedFile(f"checkpoint file {f} is missing: the checkpoint is damaged; "
-                             "resume from another one")
+            raise DamagedFile(
+                f"checkpoint file {f} is missing: the checkpoint is damaged; "
+                "resume from another one"
+            )
         if f.stat().st_size != size:
-            raise DamagedFile(f"checkpoint file {f} has {f.stat().st_size} bytes, expected "
-                             f"{size}: it is truncated or altered; resume from another one")
+            raise DamagedFile(
+                f"checkpoint file {f} has {f.stat().st_size} bytes, expected "
+                f"{size}: it is truncated or altered; resume from another one"
+            )
     return meta
 
 
@@ -96,8 +136,9 @@ def verify_checkpoint(ckpt: Path, meta: dict, rank: int = 0, world: int = 1) -> 
     hashes = meta.get("hashes")
     if not hashes:
         return
-    verify_files(ckpt, hashes, my_part(hashes, rank, world), "checkpoint",
-                 "resume from another checkpoint")
+    verify_files(
+        ckpt, hashes, my_part(hashes, rank, world), "checkpoint", "resume from another checkpoint"
+    )
 
 
 def config_of(meta: dict, where: Path) -> Config:

@@ -71,19 +71,27 @@ def resolve_resume(spec: str, run_dir: Path) -> Path | None:
     if is_checkpoint(path):
         return path
     if _STEP_DIR.match(path.name) and path.is_dir():
-        raise BraidError(f"checkpoint.resume={spec!r} is an incomplete checkpoint (no {META_FILE}):"
-                         " resume from an older step_* directory")
+        raise BraidError(
+            f"checkpoint.resume={spec!r} is an incomplete checkpoint (no {META_FILE}):"
+            " resume from an older step_* directory"
+        )
     if (path / CKPT_DIR).is_dir():
         newest = latest(path)
         if newest is None:
-            raise BraidError(f"checkpoint.resume={spec!r}: that run has no complete checkpoint; "
-                             "use checkpoint.resume=none to start fresh")
+            raise BraidError(
+                f"checkpoint.resume={spec!r}: that run has no complete checkpoint; "
+                "use checkpoint.resume=none to start fresh"
+            )
         return newest
     if not path.exists():
-        raise BraidError(f"checkpoint.resume={spec!r} does not exist: give auto, none, a run "
-                         "directory or a checkpoints/step_XXXXXXXX directory")
-    raise BraidError(f"checkpoint.resume={spec!r} is neither a run directory nor a checkpoint "
-                     "directory: give auto, none, or a path to one of those")
+        raise BraidError(
+            f"checkpoint.resume={spec!r} does not exist: give auto, none, a run "
+            "directory or a checkpoints/step_XXXXXXXX directory"
+        )
+    raise BraidError(
+        f"checkpoint.resume={spec!r} is neither a run directory nor a checkpoint "
+        "directory: give auto, none, or a path to one of those"
+    )
 
 
 def tokenizer_of(ckpt: Path) -> Path:

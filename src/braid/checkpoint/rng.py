@@ -38,6 +38,4 @@ def restore(snap: dict[str, Any], device: torch.device) -> None:
     np.random.set_state(snap["numpy"])
     torch.set_rng_state(torch.from_numpy(np.asarray(snap["torch"], dtype=np.uint8)))
     if device.type == "cuda" and "cuda" in snap:
-        torch.cuda.set_rng_state(
-            torch.from_numpy(np.asarray(snap["cuda"], dtype=np.uint8)), device
-        )
+        torch.cuda.set_rng_state(torch.from_numpy(np.asarray(snap["cuda"], dtype=np.uint8)), device)

@@ -64,7 +64,7 @@ def decode(obj: Any) -> Any:
     if not isinstance(obj, dict):
         return obj
     if len(obj) == 1:
-        (tag, body), = obj.items()
+        ((tag, body),) = obj.items()
         if tag == "__tuple__":
             return tuple(decode(v) for v in body)
         if tag == "__float__":
@@ -115,16 +115,18 @@ def write_json_durable(path: Path, obj: Any, indent: int | None = None) -> None:
     """Write `encode(obj)` to `path` atomically: a temporary file, fsync, rename, fsync the dir."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w") as f:
-        json.dump(encode(obj), f, sort_keys=True, indent=indent,
-                  separators=None if indent else (",", ":"))
+        json.dump(
+            encode(obj), f, sort_keys=True, indent=indent, separators=None if indent else (",", ":")
+        )
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
 
 
-def read_json(path: Path, what: str,
-              fix: str = "resume from another checkpoint or delete this one") -> Any:
+def read_json(
+    path: Path, what: str, fix: str = "resume from another checkpoint or delete this one"
+) -> Any:
     """`decode` of the JSON file at `path`; a one-line BraidError (naming the file, ending with
     `fix`) if it is missing, unreadable, not UTF-8 or malformed."""
     try:
@@ -134,10 +136,12 @@ def read_json(path: Path, what: str,
     except OSError as e:
         raise BraidError(f"{what} {path} cannot be read ({e.strerror})") from None
     except UnicodeDecodeError as e:
-        raise BraidError(f"{what} {path} is not UTF-8 text (byte {e.start}): it is damaged; "
-                         f"{fix}") from None
+        raise BraidError(
+            f"{what} {path} is not UTF-8 text (byte {e.start}): it is damaged; {fix}"
+        ) from None
     try:
         return decode(json.loads(text))
     except (ValueError, TypeError, KeyError, AttributeError) as e:
-        raise BraidError(f"{what} {path} is corrupt ({type(e).__name__}: {first_line(e)}); "
-                         f"{fix}") from None
+        raise BraidError(
+            f"{what} {path} is corrupt ({type(e).__name__}: {first_line(e)}); {fix}"
+        ) from None

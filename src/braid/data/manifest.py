@@ -115,8 +115,11 @@ def read_manifest(path: str | Path) -> dict:
             _need(ok, mp, f"a shard of split {name!r} lacks file/tokens/bytes/sha256")
             # Shard names are plain file names: a manifest must not point outside its directory.
             _need(Path(sh["file"]).name == sh["file"], mp, f"shard name {sh['file']!r}")
-        _need(sum(sh["tokens"] for sh in shards) == split["tokens"], mp,
-              f"split {name!r} token count differs from the sum over its shards")
+        _need(
+            sum(sh["tokens"] for sh in shards) == split["tokens"],
+            mp,
+            f"split {name!r} token count differs from the sum over its shards",
+        )
     return man
 
 

@@ -77,8 +77,15 @@ def prepare(
         sources.append(hf_source(hf_dataset, hf_split, text_field))
     if not sources:
         raise DataError("no inputs: pass text/.jsonl/.parquet files or directories, or hf_dataset")
-    return build(sources, out, tokenizer=tokenizer, vocab_size=vocab_size,
-                 val_fraction=val_fraction, shard_tokens=shard_tokens, progress=progress)
+    return build(
+        sources,
+        out,
+        tokenizer=tokenizer,
+        vocab_size=vocab_size,
+        val_fraction=val_fraction,
+        shard_tokens=shard_tokens,
+        progress=progress,
+    )
 
 
 def build(
@@ -185,8 +192,16 @@ def _bar(progress: bool, total: int | None, desc: str) -> tqdm:
     # disable=None: drawn only when stderr is a terminal. On a pipe or in a log file the bar's
     # carriage returns would run into the one-line messages there.
     disable = None if progress else True
-    return tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=disable,
-                file=sys.stderr, dynamic_ncols=True, leave=False)
+    return tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        desc=desc,
+        disable=disable,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        leave=False,
+    )
 
 
 def _total_bytes(sources: list[Source]) -> int | None:
@@ -229,8 +244,10 @@ def _tokenize(sources: list[Source], tok: Tok, flat: Path, dtype: str, progress:
         count = sum(map(len, parts))
         arr = np.fromiter(itertools.chain.from_iterable(parts), dtype=np.int64, count=count)
         if count and (arr.max() > limit or arr.min() < 0):
-            raise DataError(f"the tokenizer produced id {int(arr.max())} outside {dtype}: "
-                            "its vocab and ids disagree; use another tokenizer.json")
+            raise DataError(
+                f"the tokenizer produced id {int(arr.max())} outside {dtype}: "
+                "its vocab and ids disagree; use another tokenizer.json"
+            )
         arr.astype(dtype).tofile(f)
         stats["tokens"] += count
         batch.clear()
@@ -249,8 +266,9 @@ def _tokenize(sources: list[Source], tok: Tok, flat: Path, dtype: str, progress:
     return stats
 
 
-def _write_splits(flat: Path, root: Path, dtype: str, total: int, val_fraction: float,
-                  shard_tokens: int) -> dict:
+def _write_splits(
+    flat: Path, root: Path, dtype: str, total: int, val_fraction: float, shard_tokens: int
+) -> dict:
     """Cut the flat id stream into train/val `.npy` shards; their manifest entries."""
     n_val = 0 if val_fraction == 0 else min(total - 1, max(1, round(total * val_fraction)))
     data = np.memmap(flat, dtype=dtype, mode="r", shape=(total,))
@@ -258,13 +276,18 @@ def _write_splits(flat: Path, root: Path, dtype: str, total: int, val_fraction: 
     for name, (a, b) in {"train": (0, total - n_val), "val": (total - n_val, total)}.items():
         shards, top = [], -1
         for k, s in enumerate(range(a, b, shard_tokens)):
-            chunk = np.asarray(data[s:min(b, s + shard_tokens)])
+            chunk = np.asarray(data[s : min(b, s + shard_tokens)])
             fname = f"{name}_{k:06d}.npy"
             np.save(root / fname, chunk)
             top = max(top, int(chunk.max()))
-            shards.append({"file": fname, "tokens": int(chunk.size),
-                           "bytes": os.path.getsize(root / fname),
-                           "sha256": sha256_file(root / fname)})
+            shards.append(
+                {
+                    "file": fname,
+                    "tokens": int(chunk.size),
+                    "bytes": os.path.getsize(root / fname),
+                    "sha256": sha256_file(root / fname),
+                }
+            )
         splits[name] = {"tokens": b - a, "max_token_id": top, "shards": shards}
     del data  # release the map before the caller deletes the file
     return splits

@@ -86,7 +86,7 @@ class TokenDataset:
         while done < length:
             lo = start + done - int(self.offsets[k])
             n = min(length - done, self.shards[k].shape[0] - lo)
-            out[done:done + n] = self.shards[k][lo:lo + n]
+            out[done : done + n] = self.shards[k][lo : lo + n]
             done += n
             k += 1
         return out
@@ -95,8 +95,9 @@ class TokenDataset:
         return f"TokenDataset({str(self.path)!r}, {self.split!r}, tokens={self.num_tokens})"
 
 
-def _check_shape(dataset: TokenDataset, seq_len: int, batch_size: int, rank: int,
-                 world_size: int) -> int:
+def _check_shape(
+    dataset: TokenDataset, seq_len: int, batch_size: int, rank: int, world_size: int
+) -> int:
     """Validate the batch geometry; the number of windows of seq_len+1 tokens."""
     if not isinstance(seq_len, int) or seq_len < 1:
         raise DataError(f"seq_len={seq_len!r}: must be a positive integer")
@@ -119,8 +120,9 @@ def _check_shape(dataset: TokenDataset, seq_len: int, batch_size: int, rank: int
     return windows
 
 
-def _rows(dataset: TokenDataset, windows: np.ndarray,
-          seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _rows(
+    dataset: TokenDataset, windows: np.ndarray, seq_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     w = seq_len + 1
     if len(windows) == 0:
         data = np.empty((0, w), dtype=np.int64)
@@ -172,7 +174,7 @@ class BatchLoader:
         picked = []
         need = self.batch_size
         while need:
-            chunk = self.order(self.epoch)[self.position:self.position + need]
+            chunk = self.order(self.epoch)[self.position : self.position + need]
             picked.append(chunk)
             need -= len(chunk)
             self.position += len(chunk)
@@ -183,7 +185,7 @@ class BatchLoader:
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y), int64 [batch_size // world_size, seq_len]; y is x shifted by one token."""
         b = self.local_batch
-        mine = self._take_global()[self.rank * b:(self.rank + 1) * b]
+        mine = self._take_global()[self.rank * b : (self.rank + 1) * b]
         return _rows(self.dataset, mine, self.seq_len)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -191,13 +193,19 @@ class BatchLoader:
             yield self.next_batch()
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
-                "num_windows": self.num_windows}
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "seed": self.seed,
+            "num_windows": self.num_windows,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         epoch, position = int(state["epoch"]), int(state["position"])
-        same = (state.get("seed", self.seed) == self.seed
-                and state.get("num_windows", self.num_windows) == self.num_windows)
+        same = (
+            state.get("seed", self.seed) == self.seed
+            and state.get("num_windows", self.num_windows) == self.num_windows
+        )
         if not same:
             # A different seed, dataset or seq_len gives a different order: the cursor can no
             # longer resume exactly, so keep the epoch and clamp the position (no crash).
@@ -209,8 +217,10 @@ class BatchLoader:
             )
             position = min(position, self.num_windows)
         if epoch < 0 or not 0 <= position <= self.num_windows:
-            raise DataError(f"data loader state epoch={epoch}, position={position} is invalid "
-                            f"for {self.num_windows} windows: the checkpoint is corrupt")
+            raise DataError(
+                f"data loader state epoch={epoch}, position={position} is invalid "
+                f"for {self.num_windows} windows: the checkpoint is corrupt"
+            )
         self.epoch, self.position = epoch, position
         if self.position == self.num_windows:
             self.epoch, self.position = self.epoch + 1, 0
@@ -233,5 +243,5 @@ def val_batches(
     out = []
     for j in range(num_batches):
         ids = (np.arange(batch_size, dtype=np.int64) + j * batch_size) % windows
-        out.append(_rows(dataset, ids[rank * b:(rank + 1) * b], seq_len))
+        out.append(_rows(dataset, ids[rank * b : (rank + 1) * b], seq_len))
     return out

@@ -184,7 +184,8 @@ def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
             files.append(p.resolve())
         elif p.is_dir():
             found = sorted(
-                f for f in p.rglob("*")
+                f
+                for f in p.rglob("*")
                 if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts)
             )
             if not found:

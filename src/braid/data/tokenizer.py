@@ -19,8 +19,16 @@ from braid.errors import DataError
 EOT = "<|endoftext|>"
 # End-of-text markers of common tokenizers, tried in order when a loaded tokenizer lacks EOT.
 # DeepSeek-V3 spells its own with fullwidth bars and a "▁".
-EOT_CANDIDATES = (EOT, "</s>", "<|end_of_text|>", "<eos>", "<|eot_id|>", "<|im_end|>", "[SEP]",
-                  "<\uff5cend\u2581of\u2581sentence\uff5c>")
+EOT_CANDIDATES = (
+    EOT,
+    "</s>",
+    "<|end_of_text|>",
+    "<eos>",
+    "<|eot_id|>",
+    "<|im_end|>",
+    "[SEP]",
+    "<\uff5cend\u2581of\u2581sentence\uff5c>",
+)
 # 256 byte symbols plus the end-of-text token: the smallest possible byte-level vocabulary.
 MIN_VOCAB = 257
 

@@ -71,8 +71,10 @@ def validate_names(cfg: ExchangeConfig, *, imports: bool = True) -> None:
     `plugin_paths`."""
     from braid.exchange.compress import get_compressor
 
-    names = [("exchange.algorithm", cfg.algorithm, get_exchange),
-             ("exchange.compressor", cfg.compressor, get_compressor)]
+    names = [
+        ("exchange.algorithm", cfg.algorithm, get_exchange),
+        ("exchange.compressor", cfg.compressor, get_compressor),
+    ]
     names += [("exchange.auto_candidates", n, get_exchange) for n in cfg.auto_candidates]
     for key, value, lookup in names:
         if not imports and is_dotted(value):

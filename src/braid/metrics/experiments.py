@@ -83,8 +83,13 @@ _LIST_COLUMNS = (
 class ExperimentsDB:
     """The runs registry at `<root>/experiments.db`; opened (and its schema made) on first use."""
 
-    def __init__(self, root: str | os.PathLike[str], *, stale_after_s: float = STALE_AFTER_S,
-                 read_only: bool = False):
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        stale_after_s: float = STALE_AFTER_S,
+        read_only: bool = False,
+    ):
         self.root = Path(root)
         self.read_only = read_only  # readers (`braid runs`) need no write access
         self.path = self.root / DB_NAME
@@ -104,8 +109,13 @@ class ExperimentsDB:
         if self.read_only:
             # mode=ro: no schema, no journal change, no reaping writes; WAL readers still see
             # the writer's committed rows
-            con = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True,
-                                  timeout=10.0, isolation_level=None, check_same_thread=False)
+            con = sqlite3.connect(
+                f"{self.path.resolve().as_uri()}?mode=ro",
+                uri=True,
+                timeout=10.0,
+                isolation_level=None,
+                check_same_thread=False,
+            )
             con.row_factory = sqlite3.Row
             self._con, self._con_pid = con, os.getpid()
             return con

@@ -148,9 +148,11 @@ class MetricsWriter:
             finally:
                 con.close()
         except Exception as e:  # duckdb.Error (corrupt file), OSError
-            raise BraidError(f"metrics store {self.path} cannot be written ({type(e).__name__}: "
-                             f"{first_line(e)}): move it aside or fix its permissions, or set "
-                             "metrics.on_error=continue to train without it") from None
+            raise BraidError(
+                f"metrics store {self.path} cannot be written ({type(e).__name__}: "
+                f"{first_line(e)}): move it aside or fix its permissions, or set "
+                "metrics.on_error=continue to train without it"
+            ) from None
 
     def flush(self) -> None:
         """Write everything buffered so far and wait until it is on disk."""

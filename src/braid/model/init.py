@@ -39,8 +39,9 @@ def _normal(shape, std: float, seed: int, key: str, device, dtype) -> Tensor:
 
 
 @torch.no_grad()
-def init_weights(model: nn.Module, seed: int, std: float, n_layers: int,
-                 assign: Assign = _plain_assign) -> None:
+def init_weights(
+    model: nn.Module, seed: int, std: float, n_layers: int, assign: Assign = _plain_assign
+) -> None:
     resid_std = std / math.sqrt(2 * n_layers)
     experts = {f"{n}.": m for n, m in model.named_modules() if isinstance(m, GroupedExperts)}
     for name, p in model.named_parameters():

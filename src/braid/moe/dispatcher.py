@@ -292,8 +292,17 @@ class TokenDispatcher:
         """Rows for this rank's experts, grouped by local expert (autograd op)."""
         x_ND = x_ND[route.start : route.stop]
         if self.send_fp8 is not None and route.pos_NK is not None:  # quantise once, send fp8
-            return dispatch_fp8(x_ND, route.token_M, route.pos_NK, self.exchange, route.send,
-                                route.recv, route.regroup_R, route.unregroup_R, self.send_fp8)
+            return dispatch_fp8(
+                x_ND,
+                route.token_M,
+                route.pos_NK,
+                self.exchange,
+                route.send,
+                route.recv,
+                route.regroup_R,
+                route.unregroup_R,
+                self.send_fp8,
+            )
         if route.pos_NK is not None:
             # Gathered straight into the GEMMs' dtype; backward: a gather, no atomics.
             x_MD = expand_tokens(x_ND, route.token_M, route.pos_NK, compute_dtype(x_ND))

@@ -65,8 +65,9 @@ def _gather_cast_compiled():
     return torch.compile(_gather_cast, dynamic=True)
 
 
-def gather_rows(x_ND: Tensor, token_M: Tensor, dtype: torch.dtype | None = None,
-                fused: bool | None = None) -> Tensor:
+def gather_rows(
+    x_ND: Tensor, token_M: Tensor, dtype: torch.dtype | None = None, fused: bool | None = None
+) -> Tensor:
     """x[token_M] cast to `dtype`; on CUDA (`fused` by default) gather and cast are one pass."""
     if dtype is None or dtype == x_ND.dtype:
         return x_ND.index_select(0, token_M)
@@ -98,8 +99,13 @@ def sum_copies(g_MD: Tensor, pos_NK: Tensor, dtype: torch.dtype | None = None) -
     return g_NKD.sum(1, dtype=torch.promote_types(dtype, torch.float32)).to(dtype)
 
 
-def expand_tokens(x_ND: Tensor, token_M: Tensor, pos_NK: Tensor,
-                  dtype: torch.dtype | None = None, fused: bool | None = None) -> Tensor:
+def expand_tokens(
+    x_ND: Tensor,
+    token_M: Tensor,
+    pos_NK: Tensor,
+    dtype: torch.dtype | None = None,
+    fused: bool | None = None,
+) -> Tensor:
     """The rows x[token_M], cast to `dtype` (the GEMMs' dtype) as they are gathered, so the
     copies never exist in x's wider dtype; the backward sums each token's K copies (no
     scatter) in fp32 and returns x's dtype."""

@@ -81,9 +81,7 @@ def apply_data_parallel(model: nn.Module, cfg: Config, ctx: ParallelContext) -> 
         for block in model.units():
             ignored = {p for p in block.parameters() if p in expert_params}
             units.append(replicate(block, mesh=world_mesh, ignored_params=ignored, mp_policy=mp))
-        units.append(
-            replicate(model, mesh=world_mesh, ignored_params=expert_params, mp_policy=mp)
-        )
+        units.append(replicate(model, mesh=world_mesh, ignored_params=expert_params, mp_policy=mp))
     for unit in units:
         unit.set_force_sum_reduction_for_comms(sum_only)
 

@@ -81,5 +81,7 @@ class TrainConfig:
         for pat in self.fp8_skip:
             check(
                 isinstance(pat, str) and bool(_SKIP_PATTERN.fullmatch(pat)),
-                "train.fp8_skip", pat, "entries are module names or globs ([A-Za-z0-9_.*?])",
+                "train.fp8_skip",
+                pat,
+                "entries are module names or globs ([A-Za-z0-9_.*?])",
             )

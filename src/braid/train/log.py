@@ -63,16 +63,21 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 class TrainLogger:
-    def __init__(self, cfg: Config, ctx: ParallelContext, run_id: str, run_dir: Path,
-                 flops_per_token: float):
+    def __init__(
+        self, cfg: Config, ctx: ParallelContext, run_id: str, run_dir: Path, flops_per_token: float
+    ):
         from braid.metrics.experiments import ExperimentsDB, git_revision
         from braid.metrics.store import MetricsWriter
 
         self.cfg, self.ctx, self.run_id = cfg, ctx, run_id
         self.flops_per_token, self.peak = flops_per_token, peak_flops(ctx.device)
-        self.writer = MetricsWriter(run_dir, ctx.rank, flush_every=cfg.metrics.flush_every,
-                                    flush_seconds=cfg.metrics.flush_seconds,
-                                    tensorboard=cfg.metrics.tensorboard and ctx.is_main)
+        self.writer = MetricsWriter(
+            run_dir,
+            ctx.rank,
+            flush_every=cfg.metrics.flush_every,
+            flush_seconds=cfg.metrics.flush_seconds,
+            tensorboard=cfg.metrics.tensorboard and ctx.is_main,
+        )
         self.degraded: str | None = None  # metrics.on_error=continue and a write failed
         err = None
         try:
@@ -88,9 +93,15 @@ class TrainLogger:
         self.db = None
         if ctx.is_main:
             self.db = ExperimentsDB(Path(cfg.run.dir))
-            self.db.start(run_id, name=cfg.run.name or run_id, run_dir=str(run_dir),
-                          config=cfg.to_dict(), fingerprint=cfg.fingerprint(),
-                          world_size=ctx.world, git_rev=git_revision(Path.cwd()))
+            self.db.start(
+                run_id,
+                name=cfg.run.name or run_id,
+                run_dir=str(run_dir),
+                config=cfg.to_dict(),
+                fingerprint=cfg.fingerprint(),
+                world_size=ctx.world,
+                git_rev=git_revision(Path.cwd()),
+            )
         self.throughput = Throughput()
         self._sums: dict[str, torch.Tensor] = {}
         self._loads: dict[int, torch.Tensor] = {}
@@ -132,10 +143,16 @@ class TrainLogger:
         """Log step `step`, the end of an interval of `tokens` global tokens in `seconds`."""
         tps = self.throughput.add(tokens, seconds)
         sums = self._global_sums()  # host sync at log steps only
-        values = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
-                  "train/tokens_per_s": tps, "train/aux_loss": sums.get("aux", 0.0),
-                  "train/z_loss": sums.get("z", 0.0), "train/skipped_steps": skipped,
-                  "train/dropped_per_micro": sums.get("dropped", 0.0)}
+        values = {
+            "train/loss": loss,
+            "train/lr": lr,
+            "train/grad_norm": grad_norm,
+            "train/tokens_per_s": tps,
+            "train/aux_loss": sums.get("aux", 0.0),
+            "train/z_loss": sums.get("z", 0.0),
+            "train/skipped_steps": skipped,
+            "train/dropped_per_micro": sums.get("dropped", 0.0),
+        }
         if "mtp" in sums:  # mean cross-entropy over the MTP depths (unweighted)
             values["train/mtp_loss"] = sums["mtp"]
         mfu = self._mfu(tps)
@@ -154,9 +171,11 @@ class TrainLogger:
         self._sums, self._loads, self._n = {}, {}, 0
         if self.db is not None:
             self.db.heartbeat(self.run_id, step=step, last_loss=loss)
-        line = (f"step {step:>6}/{self.cfg.train.steps} | loss {loss:.4f} | "
-                f"aux {values['train/aux_loss']:.3f} | z {values['train/z_loss']:.3f} | "
-                f"lr {lr:.2e} | gnorm {grad_norm:.3f} | {tps:,.0f} tok/s")
+        line = (
+            f"step {step:>6}/{self.cfg.train.steps} | loss {loss:.4f} | "
+            f"aux {values['train/aux_loss']:.3f} | z {values['train/z_loss']:.3f} | "
+            f"lr {lr:.2e} | gnorm {grad_norm:.3f} | {tps:,.0f} tok/s"
+        )
         if "mtp" in sums:
             line += f" | mtp {sums['mtp']:.4f}"
         if mfu is not None:
@@ -220,15 +239,23 @@ class TrainLogger:
 
     def _degrade(self, message: str) -> None:
         self.degraded = message
-        print(f"warning: {message}; training goes on without metrics (metrics.on_error="
-              "continue)", file=sys.stderr, flush=True)
+        print(
+            f"warning: {message}; training goes on without metrics (metrics.on_error=continue)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def mfu(self) -> float | None:
         m = self._mfu(self.mean_tokens_per_s())
         return None if m is None else round(m, 4)
 
-    def close(self, status: str, step: int | None = None, last_loss: float | None = None,
-              error: str | None = None) -> None:
+    def close(
+        self,
+        status: str,
+        step: int | None = None,
+        last_loss: float | None = None,
+        error: str | None = None,
+    ) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None

@@ -21,9 +21,15 @@ def load_data(cfg: Config, ctx: ParallelContext):
     path = cfg.data.path
     if not path:
         if ctx.is_main:
-            path = str(ensure_default_corpus(
-                data_root(cfg), vocab_size=cfg.model.vocab_size, tokenizer=cfg.data.tokenizer,
-                val_fraction=cfg.data.val_fraction, progress=cfg.train.progress))
+            path = str(
+                ensure_default_corpus(
+                    data_root(cfg),
+                    vocab_size=cfg.model.vocab_size,
+                    tokenizer=cfg.data.tokenizer,
+                    val_fraction=cfg.data.val_fraction,
+                    progress=cfg.train.progress,
+                )
+            )
         if ctx.distributed:
             from braid.parallel.distributed import broadcast_object
 
@@ -31,8 +37,20 @@ def load_data(cfg: Config, ctx: ParallelContext):
     train_ds = TokenDataset(path, "train", vocab_size=cfg.model.vocab_size)
     val_ds = TokenDataset(path, "val", vocab_size=cfg.model.vocab_size)
     tc = cfg.train
-    loader = BatchLoader(train_ds, seq_len=tc.seq_len, batch_size=tc.batch_size // tc.grad_accum,
-                         rank=ctx.rank, world_size=ctx.world, seed=tc.seed)
-    vb = val_batches(val_ds, seq_len=tc.seq_len, batch_size=tc.batch_size // tc.grad_accum,
-                     num_batches=tc.val_batches, rank=ctx.rank, world_size=ctx.world)
+    loader = BatchLoader(
+        train_ds,
+        seq_len=tc.seq_len,
+        batch_size=tc.batch_size // tc.grad_accum,
+        rank=ctx.rank,
+        world_size=ctx.world,
+        seed=tc.seed,
+    )
+    vb = val_batches(
+        val_ds,
+        seq_len=tc.seq_len,
+        batch_size=tc.batch_size // tc.grad_accum,
+        num_batches=tc.val_batches,
+        rank=ctx.rank,
+        world_size=ctx.world,
+    )
     return train_ds, val_ds, loader, vb

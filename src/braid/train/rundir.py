@@ -35,8 +35,9 @@ def write_json_atomic(path: Path, obj: object) -> None:
     os.replace(tmp, path)
 
 
-def prepare_run_dir(cfg: Config, run_id: str, tokenizer_path: str | Path | None = None,
-                    lock: RunLock | None = None) -> Path:
+def prepare_run_dir(
+    cfg: Config, run_id: str, tokenizer_path: str | Path | None = None, lock: RunLock | None = None
+) -> Path:
     """Create the run directory with the resolved config and the tokenizer generation needs.
     With `lock`, the run's lock is taken before anything is written into it (a second writer
     is refused, leaving the first one's files alone). Unwritable or full storage is a one-line

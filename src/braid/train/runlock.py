@@ -81,8 +81,10 @@ class RunLock:
         pid, host = who.get("pid", "?"), who.get("host", "?")
         since = who.get("since")
         when = time.strftime(" since %Y-%m-%d %H:%M:%S", time.localtime(since)) if since else ""
-        return (f"run directory {self.path.parent} is in use by pid {pid} on {host}{when}: wait "
-                "for that run to end, stop it, or choose another run.name")
+        return (
+            f"run directory {self.path.parent} is in use by pid {pid} on {host}{when}: wait "
+            "for that run to end, stop it, or choose another run.name"
+        )
 
     def _check_owner_without_flock(self) -> None:
         from braid.metrics.experiments import pid_alive

@@ -45,5 +45,8 @@ class StopOnSignal:
             raise KeyboardInterrupt
         self.requested = signum
         if signum == signal.SIGINT:
-            print("\nCtrl-C: stopping after this step with a checkpoint (again to quit now)",
-                  file=sys.stderr, flush=True)
+            print(
+                "\nCtrl-C: stopping after this step with a checkpoint (again to quit now)",
+                file=sys.stderr,
+                flush=True,
+            )

@@ -71,8 +71,12 @@ def loss_fn(model, x, y, cfg: Config, amp) -> tuple[torch.Tensor, dict]:
         out = model(x)
     ce = F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten())
     loss = ce + cfg.moe.aux_loss_coef * out.aux_loss + cfg.moe.z_loss_coef * out.z_loss
-    parts = {"ce": ce.detach(), "aux": out.aux_loss.detach(), "z": out.z_loss.detach(),
-             "moe": out.moe}
+    parts = {
+        "ce": ce.detach(),
+        "aux": out.aux_loss.detach(),
+        "z": out.z_loss.detach(),
+        "moe": out.moe,
+    }
     if out.mtp_logits:  # DeepSeek-V3 eq. 25: lambda / D * sum_k CE_k
         mtp = mtp_loss(out.mtp_logits, y)
         loss = loss + cfg.model.mtp_loss_weight * mtp
@@ -170,10 +174,16 @@ def _run(cfg, ctx, run_id, run_dir, loader, val_batches, model) -> dict:
     # overlap.chunks="auto" this times exchanges and GEMMs on every rank and logs the plan.
     tc = cfg.train
     overlap = OverlapSession.install(
-        model, cfg.overlap, device=ctx.device, log_every=tc.log_every,
+        model,
+        cfg.overlap,
+        device=ctx.device,
+        log_every=tc.log_every,
         dtype=torch.bfloat16 if isinstance(amp, torch.autocast) else torch.float32,
         tokens_per_rank=tc.batch_size // tc.grad_accum * tc.seq_len // ctx.world,
-        is_main=ctx.is_main, run_dir=run_dir, rank=ctx.rank)
+        is_main=ctx.is_main,
+        run_dir=run_dir,
+        rank=ctx.rank,
+    )
     state = TrainState()
 
     from braid.checkpoint.manager import Checkpointer
@@ -187,6 +197,7 @@ def _run(cfg, ctx, run_id, run_dir, loader, val_batches, model) -> dict:
         load_init(model, init_from, cfg)
     log = TrainLogger(cfg, ctx, run_id, run_dir, arithmetic(cfg).flops_per_token)
     from braid.parallel.expert import watch_exchange_choice  # exchange.algorithm=auto: record
+
     watch_exchange_choice(model, lambda choice: log.writer.log(state.step, choice.metrics()))
     with StopOnSignal() as sigterm:
         try:
@@ -288,15 +299,18 @@ def _loop(
             log.flush()  # metrics first: a run resumed from here never lacks a step's rows
             ckpt.save(model, opt, loader, state)
         if stopping and fails > 0:
-            raise BraidError(f"{failed or 'a metrics file of another rank cannot be written'}; "
-                             f"stopped at step {state.step} with a checkpoint: fix it, then "
-                             f"resume with --run.name={ckpt.run_dir.name}")
+            raise BraidError(
+                f"{failed or 'a metrics file of another rank cannot be written'}; "
+                f"stopped at step {state.step} with a checkpoint: fix it, then "
+                f"resume with --run.name={ckpt.run_dir.name}"
+            )
         if stopping:
             what = "Ctrl-C" if sigterm.requested == signal.SIGINT else "SIGTERM"
             raise Stopped(
                 f"stopped by {what} at step {state.step}/{stop} with a checkpoint; "
                 f"resume with --run.name={ckpt.run_dir.name}",
-                rank=ctx.rank, signum=sigterm.requested or signal.SIGTERM,
+                rank=ctx.rank,
+                signum=sigterm.requested or signal.SIGTERM,
             )
     final_val = evaluate(model, val_batches, cfg, amp, ctx)
     log.val(state.step, final_val)
@@ -330,8 +344,7 @@ def _host_gate(cfg, ctx, model, opt, state, ce, grad_norm, sigterm, failed, trai
         ce, *vote = all_reduce_mean(torch.cat([ce[None], vote]), ctx).unbind()
         vote = torch.stack(vote)
     # One host sync per step: the loss and grad norm decide whether the step is applied.
-    ce_val, gn_val, votes, fails = torch.cat([torch.stack([ce, grad_norm.float()]),
-                                              vote]).tolist()
+    ce_val, gn_val, votes, fails = torch.cat([torch.stack([ce, grad_norm.float()]), vote]).tolist()
     if not (_finite(ce_val) and _finite(gn_val)):
         if not cfg.train.skip_nonfinite:
             raise _nonfinite_error(step + 1, not _finite(ce_val), nonfinite_culprit(model))
