@@ -7,7 +7,7 @@ matplotlib. `format_runs` prints the `braid runs` table.
     ExperimentsDB(root).start / heartbeat / finish / list_runs / get_run    experiments.py
     git_revision(path)                                                       experiments.py
     MetricsWriter(run_dir, rank).log / log_expert_load / end_step / flush / close   store.py
-    read_metrics(run_dir, rank), read_expert_load(run_dir, rank)             store.py
+    read_metrics(run_dir, rank), read_expert_load(run_dir, rank)             read.py
     write_report(run_dir, rank=0) -> Path                                    report.py
 """
 
@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the real imports are lazy, see __getattr__
     from braid.metrics.experiments import ExperimentsDB, git_revision
+    from braid.metrics.read import read_expert_load, read_metrics
     from braid.metrics.report import write_report
-    from braid.metrics.store import MetricsWriter, metrics_path, read_expert_load, read_metrics
+    from braid.metrics.store import MetricsWriter, metrics_path
 
 __all__ = [
     "ExperimentsDB",
@@ -39,8 +40,8 @@ _LAZY = {
     "git_revision": "braid.metrics.experiments",
     "MetricsWriter": "braid.metrics.store",
     "metrics_path": "braid.metrics.store",
-    "read_metrics": "braid.metrics.store",
-    "read_expert_load": "braid.metrics.store",
+    "read_metrics": "braid.metrics.read",
+    "read_expert_load": "braid.metrics.read",
     "write_report": "braid.metrics.report",
 }
 

@@ -31,7 +31,7 @@ from braid.errors import BraidError
 from braid.metrics import names, queries
 from braid.metrics import plots as draw
 from braid.metrics.queries import Series
-from braid.metrics.store import read_expert_load, read_metrics
+from braid.metrics.read import read_expert_load, read_metrics
 
 PLOT_FILES = (
     "loss.png",

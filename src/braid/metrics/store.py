@@ -1,4 +1,4 @@
-"""Per-rank metrics in DuckDB: a buffered writer for the training loop and readers for reports.
+"""Per-rank metrics in DuckDB: the buffered writer of the training loop (readers: `read.py`).
 
 Contract: `MetricsWriter(run_dir, rank)` writes `<run_dir>/metrics/rank_<rank>.duckdb` with
 
@@ -23,9 +23,6 @@ so far is on disk; `close()` also stops the thread (it runs at exit too). Writin
 into training: a reader holding the file lock (a report, `braid dash`: tens to hundreds of
 milliseconds) is waited for up to `WRITE_LOCK_WAIT_S` in the thread; a write that still fails
 (disk full, a reader that keeps the file open) warns once and is retried with the next flush.
-
-`read_metrics()` / `read_expert_load()` open the file read-only (retrying while a writer holds
-its lock) and raise BraidError when the run has no metrics file for that rank.
 """
 
 from __future__ import annotations
@@ -45,7 +42,6 @@ import duckdb
 import numpy as np
 
 from braid.errors import BraidError, first_line
-from braid.metrics import queries
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +52,6 @@ SCHEMA = (
     "(step BIGINT, layer INTEGER, expert INTEGER, fraction DOUBLE)",
 )
 MAX_PENDING_ROWS = 2_000_000  # rows kept for retry while writes fail; older ones are dropped
-READ_RETRY_S = 10.0
 CLOSE_RETRY_S = 5.0
 WRITE_LOCK_WAIT_S = 5.0
 
@@ -380,43 +375,3 @@ def _insert_loads(con: Any, loads: list[tuple[int, int, np.ndarray]]) -> None:
         )
     finally:
         con.unregister("_braid_loads")
-
-
-# -- readers (the SQL lives in queries.py, shared with the dashboard) ---------------------------
-
-
-def _open_read(run_dir: str | PathLike[str], rank: int) -> Any:
-    path = metrics_path(run_dir, rank)
-    if not path.is_file():
-        raise BraidError(
-            f"no metrics for rank {rank} in {run_dir} ({path} is missing): "
-            "check the run directory, or wait for the run's first flush"
-        )
-    try:
-        return queries.open_read(path, READ_RETRY_S)
-    except duckdb.Error as e:
-        raise BraidError(f"cannot read {path}: {e}") from None
-
-
-def read_metrics(run_dir: str | PathLike[str], rank: int = 0) -> dict[str, list[tuple[int, float]]]:
-    """name -> [(step, value), ...] sorted by step; a step logged twice (a resumed run) keeps
-    its latest value. NaN stays NaN."""
-    con = _open_read(run_dir, rank)
-    try:
-        cols = queries.query_metrics(con)
-    finally:
-        con.close()
-    return queries.metrics_from_columns(cols)
-
-
-def read_expert_load(
-    run_dir: str | PathLike[str], rank: int = 0
-) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """layer -> (steps [S] int64, fractions [S, E] float64, NaN where a value is missing);
-    a (step, layer, expert) logged twice is averaged."""
-    con = _open_read(run_dir, rank)
-    try:
-        cols = queries.query_expert_load(con)
-    finally:
-        con.close()
-    return queries.loads_from_columns(cols)
