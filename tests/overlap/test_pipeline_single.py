@@ -70,14 +70,12 @@ def test_chunks_share_one_cast_of_each_expert_weight(monkeypatch, fp8, bf16, by)
         ref = moe_step(copy.deepcopy(base), x)
     casts = []
     if fp8:
-        from braid.ops import fp8_experts
-
         real = fp8_ops.quantize_cols
         monkeypatch.setattr(fp8_ops, "quantize_cols", lambda w: (casts.append(w), real(w))[1])
-        real_rows = fp8_experts.quantize_rows
+        real_rows = fp8_ops.quantize
         rows = []  # the backward's rowwise weight codes, also once per layer
         spy = lambda t: (rows.append(t) if t.dim() == 3 else None, real_rows(t))[1]  # noqa: E731
-        monkeypatch.setattr(fp8_experts, "quantize_rows", spy)
+        monkeypatch.setattr(fp8_ops, "quantize", spy)
     else:
         real = grouped_gemm._local
         weight = lambda w: casts.append(w) if isinstance(w, torch.nn.Parameter) else None  # noqa: E731

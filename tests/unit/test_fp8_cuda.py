@@ -152,13 +152,21 @@ def test_triton_quantisers_equal_the_reference_bitwise():
     offs = counts_to_offsets(counts)
     gid, dest, pend, width = padded_groups(offs, R)
     xg = torch.cat([x, x])[:R, :200].contiguous()  # R = 320 rows
-    for srow in (None, "codes"):
+    # split_rows=16: a group's rows span several programs (their amaxes meet atomically)
+    for srow, split in [(None, 1024), ("codes", 1024), (None, 16), ("codes", 16)]:
         xin, sin = (xg, None) if srow is None else fp8.quantize_ref(xg)
         ref_in = xg if srow is None else fp8.dequantize(xin, sin, torch.bfloat16)
-        q, s = fp8_triton.quantize_groups(xin, offs, pend, width, sin)
+        q, s = fp8_triton.quantize_groups(xin, offs, pend, width, sin, split_rows=split)
         qr, sr = fp8.quantize_groups_ref(ref_in, gid, dest, 9, width)
-        assert torch.equal(s, sr), srow
-        _codes_equal(q, qr, f"groups from {srow or 'bf16'}")  # padding and tail zeros too
+        assert torch.equal(s, sr), (srow, split)
+        _codes_equal(q, qr, f"groups from {srow or 'bf16'}, split {split}")  # and the zeros
+    w = torch.randn(3, 200, 1100, generator=g).cuda() * torch.logspace(-3, 3, 1100).cuda()
+    w[1, :, 5] = 0  # a zero column keeps scale 1
+    for split in (1024, 64):
+        q, s = fp8_triton.quantize_cols(w, split_rows=split)
+        qr, sr = fp8.quantize_cols_ref(w)
+        assert torch.equal(s, sr), split
+        _codes_equal(q, qr, f"columns, split {split}")
 
 
 @pytest.mark.parametrize("dw8", [False, True])

@@ -19,10 +19,12 @@ Error bound per element (e4m3 keeps 3 mantissa bits; subnormal spacing 2^-9 in s
 
 Fusion: eagerly, amax, scale and cast are several passes over the tensor with fp32
 temporaries (1.9-6.7 ms per GEMM operand at 32768x4096 on an H200, which eats most of the fp8
-GEMM's gain). On CUDA these functions run `torch.compile`d (dynamic shapes), which fuses each
-into one reduction kernel plus one elementwise kernel, reading x twice and writing 1 byte per
-element; off CUDA they run eagerly (the CPU emulation mode of `fp8_gemm`). Inside a compiled
-region they are traced into the surrounding graph.
+GEMM's gain). On CUDA `quantize` and `quantize_cols` run as Triton kernels
+(`braid.ops.fp8_triton`: one pass per row, or two passes per column block), the others
+`torch.compile`d (dynamic shapes), which fuses each into one reduction kernel plus one
+elementwise kernel, reading x twice and writing 1 byte per element; off CUDA they run eagerly
+(the CPU emulation mode of `fp8_gemm`). Inside a compiled region they are traced into the
+surrounding graph.
 
 Shapes: R rows, D reduction dim, leading dims (experts) allowed everywhere.
 """
@@ -34,6 +36,8 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+
+from braid.ops import fp8_triton
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -118,14 +122,22 @@ def _run(fn: Callable, x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def quantize(x: Tensor) -> tuple[Tensor, Tensor]:
-    """`quantize_ref`, fused into one kernel pair on CUDA."""
+    """`quantize_ref`, fused on CUDA: one pass by `fp8_triton.quantize_rows` where Triton is,
+    else compiled."""
     lead = x.shape[:-1]
-    q, s = _run(quantize_ref, x.reshape(-1, x.shape[-1]))
+    x2 = x.reshape(-1, x.shape[-1])
+    if fp8_triton.available(x2) and not torch.compiler.is_compiling():
+        q, s = fp8_triton.quantize_rows(x2.detach())
+    else:
+        q, s = _run(quantize_ref, x2)
     return q.view(*lead, x.shape[-1]), s.view(*lead, 1)
 
 
 def quantize_cols(x: Tensor) -> tuple[Tensor, Tensor]:
-    """`quantize_cols_ref`, fused on CUDA (the transpose is folded into the cast's store)."""
+    """`quantize_cols_ref`, fused on CUDA (the transpose is folded into the cast's store): by
+    `fp8_triton.quantize_cols` where Triton is, else compiled."""
+    if fp8_triton.available(x) and not torch.compiler.is_compiling():
+        return fp8_triton.quantize_cols(x.detach())
     *lead, K, N = x.shape
     q, s = _run(quantize_cols_ref, x.reshape(-1, K, N))
     return q.view(*lead, N, K), s.view(*lead, N, 1)

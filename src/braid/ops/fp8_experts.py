@@ -52,13 +52,6 @@ def _fused(x: Tensor) -> bool:
     return fp8_triton.available(x)
 
 
-def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Rowwise codes of a 2-d tensor (any leading dims for weights: flattened)."""
-    x2 = x.reshape(-1, x.shape[-1])
-    q, s = fp8_triton.quantize_rows(x2) if _fused(x2) else fp8.quantize(x2)
-    return q.view(x.shape), s.view(*x.shape[:-1], 1)
-
-
 def swiglu_quantize(h: Tensor) -> tuple[Tensor, Tensor]:
     if _fused(h):
         return fp8_triton.swiglu_quantize(h)
@@ -117,7 +110,7 @@ def _weight_codes(
     dropped when its `shared_casts` block ends, the backward's with the layer's last ctx: both
     weights' rowwise codes then live through the layer's backward, one fp8 copy). With `part`,
     those of experts [lo, hi) (views: codes and scales lead with the expert)."""
-    quantize = quantize_rows if rows else fp8.quantize_cols
+    quantize = fp8.quantize if rows else fp8.quantize_cols
     q, s = shared(casts, w, "e4m3 rows" if rows else "e4m3 cols", lambda: quantize(_local(w)))
     return (q, s) if part is None else (q[part[0] : part[1]], s[part[0] : part[1]])
 
@@ -127,7 +120,7 @@ class _Fp8SwiGLUExperts(torch.autograd.Function):
     def forward(ctx, x_RD, w13, w2, offs, impl, sink, divide, pre, stats, name, dw8, casts, part):
         dt = compute_dtype(x_RD)
         if pre is None:
-            xq, sx = quantize_rows(x_RD)
+            xq, sx = fp8.quantize(x_RD)
             _record(stats, f"{name}.w13/x", lambda: x_RD, xq)
         else:
             xq, sx = pre
@@ -147,7 +140,7 @@ class _Fp8SwiGLUExperts(torch.autograd.Function):
         xq, sx, h, yq, sy, offs = ctx.saved_tensors
         dt, impl, name, dw8 = ctx.dt, ctx.impl, ctx.name, ctx.dw8
         g_RD = g_RD.to(dt).contiguous()
-        gq, sg = quantize_rows(g_RD)
+        gq, sg = fp8.quantize(g_RD)
         _record(ctx.stats, f"{name}.w2/grad", lambda: g_RD, gq)
         w2q, s2 = _weight_codes(ctx.w2, ctx.casts, True, ctx.part)  # [E, F, D]: along D, dX's
         dy = scaled_grouped_mm(gq, sg, w2q, s2, offs, dt, impl)
