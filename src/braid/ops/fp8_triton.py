@@ -34,9 +34,10 @@ except ImportError:  # CPU-only installs: `available()` is False
 
 E4M3 = torch.float8_e4m3fn
 MAX_BLOCK = 8192  # columns per step of a row program
-GROUP_ROWS, GROUP_COLS = 128, 32  # the tile of `quantize_groups` (a sweep on one H200: 11% faster than 64x64)
+# The tile and warps of the per-(group, column) kernels: the fastest of a sweep on one H200
+# (benchmarks/fp8_quant_tiles.py), 14% faster than 64 x 64 with 4 warps.
+GROUP_ROWS, GROUP_COLS, GROUP_WARPS = 128, 32, 2
 SPLIT_ROWS = 1024  # rows per program of `quantize_groups` in a balanced group
-GROUP_WARPS = 2  # with the tile above: the best of the same sweep
 
 
 def available(x: Tensor) -> bool:
