@@ -109,3 +109,16 @@ def test_stats_count_amax_and_underflow_only_while_active():
     assert out["fp8/a/amax"] == pytest.approx(2e4)
     assert out["fp8/a/underflow"] == pytest.approx(2 * flushed / (2 * x.numel()))
     assert st.read() == {}  # reading resets
+
+
+def test_triton_quantisers_only_on_gpus_with_e4m3_casts(monkeypatch):
+    from braid.ops import fp8_triton
+
+    for cap, hip, want in [((9, 0), None, True), ((8, 9), None, True), ((8, 0), None, False),
+                           ((9, 4), "6.2", False)]:  # fmt: skip
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None, c=cap: c)
+        monkeypatch.setattr(torch.version, "hip", hip)
+        fp8_triton.fp8_casts.cache_clear()
+        assert fp8_triton.fp8_casts(0) is want, (cap, hip)
+    fp8_triton.fp8_casts.cache_clear()
+    assert not fp8_triton.available(torch.ones(3))  # CPU tensors never

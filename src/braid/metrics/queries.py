@@ -4,7 +4,7 @@ share (smoothing, heatmap binning, expert imbalance, the per-layer overlap table
 Contract: `open_read(path, wait_s)` opens the DuckDB file read-only, retrying while the writer
 holds its lock for at most `wait_s` seconds, then raises duckdb.Error. The `query_*` functions
 run on such a connection and accept `since_wall` / `after_step` to fetch only the rows a reader
-has not seen; the `*_from_*` functions turn their rows into the shapes store.py documents:
+has not seen; the `*_from_*` functions turn their rows into the shapes read.py documents:
 
     metrics      name -> [(step, value), ...] sorted by step, the latest value of a step kept
     expert load  layer -> (steps [S] int64, fractions [S, E] float64, NaN where missing)

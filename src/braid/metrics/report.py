@@ -1,6 +1,6 @@
 """The run report: `<run_dir>/report.html` plus PNG plots in `<run_dir>/report/`.
 
-Contract: `write_report(run_dir, rank=0)` reads that rank's metrics (see store.py) and writes
+Contract: `write_report(run_dir, rank=0)` reads that rank's metrics (see read.py) and writes
   * loss.png            `train/loss` (raw and smoothed) and `val/loss`
   * <key>.png           one per `names.SERIES_PANELS` entry the run logged: lr, tokens_per_s,
                         grad_norm, mfu, aux_loss, z_loss, skipped_steps

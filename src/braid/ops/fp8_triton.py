@@ -23,6 +23,8 @@ Shapes: R rows, D columns, F expert hidden size, E groups, W padded width.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -41,7 +43,14 @@ SPLIT_ROWS = 1024  # rows per program of `quantize_groups` in a balanced group
 
 
 def available(x: Tensor) -> bool:
-    return triton is not None and x.is_cuda and x.numel() > 0
+    return triton is not None and x.is_cuda and x.numel() > 0 and fp8_casts(x.device.index)
+
+
+@functools.cache
+def fp8_casts(index: int | None) -> bool:
+    """Whether CUDA device `index` has Triton's e4m3 casts: NVIDIA, compute capability 8.9+
+    (elsewhere `braid.ops.fp8` keeps its compiled quantisers)."""
+    return torch.version.hip is None and torch.cuda.get_device_capability(index) >= (8, 9)
 
 
 if triton is not None:
