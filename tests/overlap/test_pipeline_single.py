@@ -74,7 +74,12 @@ def test_chunks_share_one_cast_of_each_expert_weight(monkeypatch, fp8, bf16, by)
         monkeypatch.setattr(fp8_ops, "quantize_cols", lambda w: (casts.append(w), real(w))[1])
         real_rows = fp8_ops.quantize
         rows = []  # the backward's rowwise weight codes, also once per layer
-        spy = lambda t: (rows.append(t) if t.dim() == 3 else None, real_rows(t))[1]  # noqa: E731
+
+        def spy(t):  # the expert weights only (other operands also pass through quantize)
+            if isinstance(t, torch.nn.Parameter):
+                rows.append(t)
+            return real_rows(t)
+
         monkeypatch.setattr(fp8_ops, "quantize", spy)
     else:
         real = grouped_gemm._local
