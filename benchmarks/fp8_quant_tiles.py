@@ -40,6 +40,13 @@ def main() -> None:
     p.add_argument("--tiles", default=TILES, help="rows x cols x warps x rows-per-program, ...")
     p.add_argument("--iters", type=int, default=5)
     args = p.parse_args()
+    tiles = [tile.split("x") for tile in args.tiles.split(",")]
+    for tile in tiles:
+        if len(tile) != 4 or not all(v.isdigit() and int(v) > 0 for v in tile):
+            what = "x".join(tile)
+            p.error(f"--tiles {what!r}: each tile is ROWSxCOLSxWARPSxSPLIT_ROWS, positive integers")
+    if not (torch.cuda.is_available() and ft.available(torch.ones(1, device="cuda"))):
+        p.error("needs an NVIDIA GPU with Triton's e4m3 casts (compute capability 8.9+)")
     dev = torch.device("cuda")
     torch.manual_seed(0)
     E, R, D, F = 8, 65536, 4096, 14336
@@ -56,8 +63,7 @@ def main() -> None:
     }
     first, rows = None, []
     kept = ft.GROUP_ROWS, ft.GROUP_COLS, ft.GROUP_WARPS
-    for tile in args.tiles.split(","):
-        br, bd, warps, split = (int(v) for v in tile.split("x"))
+    for br, bd, warps, split in ([int(v) for v in tile] for tile in tiles):
         ft.GROUP_ROWS, ft.GROUP_COLS, ft.GROUP_WARPS = br, bd, warps
         outs = [call(split) for call in calls.values()]
         first = first or outs

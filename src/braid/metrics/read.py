@@ -8,6 +8,7 @@ that rank.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from os import PathLike
 from typing import Any
 
@@ -37,12 +38,7 @@ def _open_read(run_dir: str | PathLike[str], rank: int) -> Any:
 def read_metrics(run_dir: str | PathLike[str], rank: int = 0) -> dict[str, list[tuple[int, float]]]:
     """name -> [(step, value), ...] sorted by step; a step logged twice (a resumed run) keeps
     its latest value. NaN stays NaN."""
-    con = _open_read(run_dir, rank)
-    try:
-        cols = queries.query_metrics(con)
-    finally:
-        con.close()
-    return queries.metrics_from_columns(cols)
+    return queries.metrics_from_columns(_query(run_dir, rank, queries.query_metrics))
 
 
 def read_expert_load(
@@ -50,9 +46,13 @@ def read_expert_load(
 ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """layer -> (steps [S] int64, fractions [S, E] float64, NaN where a value is missing);
     a (step, layer, expert) logged twice is averaged."""
+    return queries.loads_from_columns(_query(run_dir, rank, queries.query_expert_load))
+
+
+def _query(run_dir: str | PathLike[str], rank: int, query: Callable[[Any], Any]) -> Any:
+    """`query(con)` on the rank's metrics file, opened read-only and closed again."""
     con = _open_read(run_dir, rank)
     try:
-        cols = queries.query_expert_load(con)
+        return query(con)
     finally:
         con.close()
-    return queries.loads_from_columns(cols)
