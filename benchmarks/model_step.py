@@ -42,15 +42,10 @@ def matmul_ceiling() -> float:
     return 2 * 8192**3 / (t["median_ms"] / 1e3)
 
 
-def run(
-    config: str,
-    batch: int,
-    seq: int,
-    compile_: bool,
-    ac: bool,
-    iters: int,
-    sets: tuple[str, ...] = (),
-) -> dict:
+def make_step(
+    config: str, batch: int, seq: int, compile_: bool, ac: bool, sets: tuple[str, ...] = ()
+):
+    """(step, cfg): one forward + backward of `config` on random tokens (grads dropped after)."""
     cfg = load_config(
         config,
         [
@@ -81,6 +76,20 @@ def run(
         for p in model.parameters():
             p.grad = None
 
+    return step, cfg
+
+
+def run(
+    config: str,
+    batch: int,
+    seq: int,
+    compile_: bool,
+    ac: bool,
+    iters: int,
+    sets: tuple[str, ...] = (),
+) -> dict:
+    step, cfg = make_step(config, batch, seq, compile_, ac, sets)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     t = time_cuda(step, iters=iters, warmup=3 if not compile_ else 4)
     a = arithmetic(cfg, seq)
     tokens_per_s = batch * seq / (t["median_ms"] / 1e3)
@@ -101,7 +110,7 @@ def run(
     }
     if dev.type == "cuda":
         out["max_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
-    model = None  # frees it (the step closure shares this name)
+    step = None  # frees the model (the closure holds it)
     torch.cuda.empty_cache() if dev.type == "cuda" else None
     return out
 
