@@ -315,6 +315,7 @@ class LayerOverlap:
         rank (`braid.moe.dispatcher.TokenDispatcher.plan`)."""
         return self.chunks, chunk_axis(self.chunk_by, self.chunks, num_local)
 
+    @torch.compiler.disable  # traced, its backward's flush would run once, at trace time
     def flush_point(self, x_ND: Tensor) -> Tensor:
         """Identity whose backward flushes this layer's dW queue, then reduces its FSDP expert
         unit once (call at the layer input)."""
@@ -349,6 +350,9 @@ class LayerOverlap:
 
         return sink
 
+    @torch.compiler.disable  # eager by nature (streams, events, host-timed windows): inside
+    # a compiled block one graph break here, instead of dynamo tracing the engine's closures
+    # as frames and recompiling them per chunk count until its recompile limit
     def run(
         self,
         x_ND: Tensor,
