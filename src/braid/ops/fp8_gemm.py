@@ -17,7 +17,9 @@ reduction dim of the GEMM they feed):
                            likewise, with `_scaled_mm` (tokens zero-padded to a multiple of 16).
 Under torch.compile both GEMM Functions run eagerly (`torch.compiler.disable`: a graph break
 on each side): traced by torch 2.11 on CUDA, their backward gave all-zero gradients while the
-forward was right (tests/unit/test_fp8_cuda.py checks compiled against eager and fp32).
+forward was right (tests/unit/test_fp8_cuda.py checks compiled against eager and fp32). The
+dense linear's math is also an operator the compiler keeps whole (`braid.ops.fp8_linear_op`,
+what `Fp8Linear` calls inside compiled code).
 The forward saves x as fp8 plus scales (half of bf16's activation memory). Outputs and dx are
 in the compute dtype; dW lands in the parameter's dtype.
 
@@ -250,36 +252,55 @@ def dense_wgrad_fp8(xq_MK: Tensor, sx_M1: Tensor, g_MN: Tensor, out_dtype: torch
     return scaled_mm(gq_NM, sg_N1, xq_KM, sx_K1, out_dtype)
 
 
+def linear_forward(x: Tensor, w_NK: Tensor, out_dtype: torch.dtype) -> tuple[Tensor, ...]:
+    """The dense fp8 linear's forward: (y [..., N], x's codes [M, K], their scales [M, 1])."""
+    x_MK = x.reshape(-1, x.shape[-1])
+    xq, sx = fp8.quantize(x_MK)
+    wq, sw = fp8.quantize(w_NK)
+    y = scaled_mm(xq, sx, wq, sw, out_dtype)
+    return y.view(*x.shape[:-1], w_NK.shape[0]), xq, sx
+
+
+def linear_backward(
+    g: Tensor, xq: Tensor, sx: Tensor, w_NK: Tensor, x_dtype: torch.dtype, dw8: bool,
+    need: tuple[bool, bool] = (True, True), stats: Fp8Stats | None = None, name: str = "",
+) -> tuple[Tensor | None, Tensor | None]:  # fmt: skip
+    """(dx, dw) of the dense fp8 linear from the output gradient `g` (in y's dtype), the saved
+    codes of x and the weight; `need`: which of the two to compute."""
+    g_MN = g.reshape(-1, g.shape[-1]).contiguous()
+    dx = dw = None
+    if need[0]:
+        gq, sg = fp8.quantize(g_MN)
+        _record(stats, f"{name}/grad", g_MN, gq)
+        wq_KN, sw_K1 = fp8.quantize_cols(w_NK)  # scales along N, dX's reduction dim
+        dx = scaled_mm(gq, sg, wq_KN, sw_K1, g_MN.dtype).to(x_dtype)
+        dx = dx.view(*g.shape[:-1], w_NK.shape[1])
+    if need[1]:
+        if dw8:
+            dw = dense_wgrad_fp8(xq, sx, g_MN, g_MN.dtype).to(w_NK.dtype)
+        else:
+            dw = (g_MN.t() @ fp8.dequantize(xq, sx, g_MN.dtype)).to(w_NK.dtype)
+    return dx, dw
+
+
 class _Fp8Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_NK, stats, name, dw8):
         out_dtype = compute_dtype(x)
-        x_MK = x.reshape(-1, x.shape[-1])
-        xq, sx = fp8.quantize(x_MK)
-        _record(stats, f"{name}/x", x_MK, xq)
-        wq, sw = fp8.quantize(w_NK)
+        y, xq, sx = linear_forward(x, w_NK, out_dtype)
+        _record(stats, f"{name}/x", x.reshape(-1, x.shape[-1]), xq)
         ctx.save_for_backward(xq, sx, w_NK)
         ctx.x_dtype, ctx.out_dtype, ctx.stats, ctx.name = x.dtype, out_dtype, stats, name
-        ctx.x_shape, ctx.dw8 = x.shape, dw8
-        y = scaled_mm(xq, sx, wq, sw, out_dtype)
-        return y.view(*x.shape[:-1], w_NK.shape[0])
+        ctx.dw8 = dw8
+        return y
 
     @staticmethod
     def backward(ctx, g):
         xq, sx, w_NK = ctx.saved_tensors
-        g_MN = g.reshape(-1, g.shape[-1]).to(ctx.out_dtype).contiguous()
-        dx = dw = None
-        if ctx.needs_input_grad[0]:
-            gq, sg = fp8.quantize(g_MN)
-            _record(ctx.stats, f"{ctx.name}/grad", g_MN, gq)
-            wq_KN, sw_K1 = fp8.quantize_cols(w_NK)  # scales along N, dX's reduction dim
-            dx = scaled_mm(gq, sg, wq_KN, sw_K1, ctx.out_dtype).to(ctx.x_dtype)
-            dx = dx.view(ctx.x_shape)
-        if ctx.needs_input_grad[1]:
-            if ctx.dw8:
-                dw = dense_wgrad_fp8(xq, sx, g_MN, g_MN.dtype).to(w_NK.dtype)
-            else:
-                dw = (g_MN.t() @ fp8.dequantize(xq, sx, g_MN.dtype)).to(w_NK.dtype)
+        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        dx, dw = linear_backward(
+            g.to(ctx.out_dtype), xq, sx, w_NK, ctx.x_dtype, ctx.dw8, need, ctx.stats, ctx.name
+        )
         return dx, dw, None, None, None
 
 
@@ -288,5 +309,7 @@ def fp8_linear(
     x: Tensor, w_NK: Tensor, stats: Fp8Stats | None = None, name: str = "", fp8_wgrad: bool = False
 ) -> Tensor:
     """x @ w^T (no bias) in fp8: `F.linear`'s contract, any leading dims of x; `fp8_wgrad`:
-    dW in fp8 too (`dense_wgrad_fp8`)."""
+    dW in fp8 too (`dense_wgrad_fp8`). Runs eagerly (a graph break under torch.compile) and
+    records `stats`; inside compiled code `braid.ops.fp8_linear_op` is the same math as an
+    operator the compiler keeps whole."""
     return _Fp8Linear.apply(x, w_NK, stats, name, fp8_wgrad)
