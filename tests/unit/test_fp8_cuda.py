@@ -116,29 +116,46 @@ def _codes_equal(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
     assert torch.equal(a.view(torch.uint8).cpu(), b.view(torch.uint8).cpu()), what
 
 
-def test_triton_quantisers_equal_the_reference_bitwise():
+def _dirty() -> None:
+    """Leave 0xFF bytes in the blocks the caching allocator hands out next, so an output
+    element a kernel fails to write cannot pass as a zero."""
+    torch.full((256 << 20,), 255, dtype=torch.uint8, device="cuda")
+
+
+@pytest.mark.parametrize("tile_rows", [128, 16])
+def test_triton_quantisers_equal_the_reference_bitwise(monkeypatch, tile_rows):
+    """Every Triton quantiser against `braid.ops.fp8`'s reference, bit for bit: rows read in
+    one step and in several (wider than ONE_STEP_MAX), groups split over several programs
+    and, with 16-row tiles, several tiles per program."""
     from braid.ops import fp8_triton, swiglu_triton
     from braid.ops.fp8_gemm import padded_groups
 
+    monkeypatch.setattr(fp8_triton, "GROUP_ROWS", tile_rows)
+    wide = fp8_triton.ONE_STEP_MAX + 700  # several steps per row
     g = torch.Generator().manual_seed(3)
-    x = (torch.randn(300, 1500, generator=g) * torch.logspace(-4, 4, 1500)).bfloat16().cuda()
-    x[7] = 0
-    q, s = fp8_triton.quantize_rows(x)
-    qr, sr = fp8.quantize_ref(x)
-    assert torch.equal(s, sr)
-    _codes_equal(q, qr, "rows")
+    for D in (1500, wide):
+        x = (torch.randn(300, D, generator=g) * torch.logspace(-4, 4, D)).bfloat16().cuda()
+        x[7] = 0
+        _dirty()
+        q, s = fp8_triton.quantize_rows(x)
+        qr, sr = fp8.quantize_ref(x)
+        assert torch.equal(s, sr), D
+        _codes_equal(q, qr, f"rows {D}")
+    x = x[:, :1500].contiguous()
     w = torch.randn(4, 96, 1100, generator=g).cuda()  # fp32 master weights, leading dims
     q, s = fp8_triton.quantize_rows(w.view(-1, 1100))
     qr, sr = fp8.quantize_ref(w.view(-1, 1100))
     assert torch.equal(s, sr)
     _codes_equal(q, qr, "fp32 rows")
-    for F in (1100, 9000):  # one step per row, and rows wider than MAX_BLOCK (two steps)
+    for F in (1100, 9000, wide):  # one step per row (two sizes), and several
         h = (torch.randn(300, 2 * F, generator=g) * 3).bfloat16().cuda()
+        _dirty()
         q, s = fp8_triton.swiglu_quantize(h)
         qr, sr = fp8.quantize_ref(swiglu_triton.forward(h))
         assert torch.equal(s, sr)
         _codes_equal(q, qr, f"swiglu {F}")
         dy = torch.randn(300, F, generator=g).bfloat16().cuda()
+        _dirty()
         dh, q, s = fp8_triton.swiglu_backward_quantize(h, dy)
         dhr = swiglu_triton.backward(h, dy)
         assert torch.equal(dh, dhr)
@@ -156,6 +173,7 @@ def test_triton_quantisers_equal_the_reference_bitwise():
     for srow, split in [(None, 1024), ("codes", 1024), (None, 16), ("codes", 16)]:
         xin, sin = (xg, None) if srow is None else fp8.quantize_ref(xg)
         ref_in = xg if srow is None else fp8.dequantize(xin, sin, torch.bfloat16)
+        _dirty()
         q, s = fp8_triton.quantize_groups(xin, offs, pend, width, sin, split_rows=split)
         qr, sr = fp8.quantize_groups_ref(ref_in, gid, dest, 9, width)
         assert torch.equal(s, sr), (srow, split)
@@ -163,6 +181,7 @@ def test_triton_quantisers_equal_the_reference_bitwise():
     w = torch.randn(3, 200, 1100, generator=g).cuda() * torch.logspace(-3, 3, 1100).cuda()
     w[1, :, 5] = 0  # a zero column keeps scale 1
     for split in (1024, 64):
+        _dirty()
         q, s = fp8_triton.quantize_cols(w, split_rows=split)
         qr, sr = fp8.quantize_cols_ref(w)
         assert torch.equal(s, sr), split
@@ -194,4 +213,28 @@ def test_fused_experts_equal_the_unfused_composition_bitwise(dw8):
         y.backward(gy)
         res.append((y, xs.grad, a.grad, b.grad))
     for what, got, want in zip(("y", "dx", "dw13", "dw2"), *res, strict=True):
+        assert torch.equal(got, want), what
+
+
+@pytest.mark.parametrize("dw8", [False, True])
+def test_compiled_fp8_linear_operator_equals_eager_bitwise(dw8):
+    """`Fp8Linear` under torch.compile (Inductor, fullgraph: the `braid::fp8_linear` operator,
+    no graph break) against the eager Function: the same kernels, so the same bits."""
+    from braid.model.fp8_linear import Fp8Linear
+
+    torch._dynamo.reset()
+    torch.manual_seed(5)
+    lin = Fp8Linear(512, 384, bias=True).cuda()
+    lin.fp8_wgrad = dw8
+    x = torch.randn(4, 96, 512, device="cuda")
+    res = []
+    for fn in (lin, torch.compile(lin, fullgraph=True)):
+        xi = x.clone().requires_grad_()
+        lin.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = fn(xi)
+        y.float().square().sum().backward()
+        res.append((y, xi.grad, lin.weight.grad, lin.bias.grad))
+    for what, got, want in zip(("y", "dx", "dw", "db"), *res, strict=True):
+        assert got.abs().sum() > 0, what
         assert torch.equal(got, want), what

@@ -2,8 +2,9 @@
 
 Same recipe and results as `braid.ops.fp8` (power-of-two scales, e4m3 round-to-nearest-even;
 the GPU tests check bit equality with the reference quantisers):
-- `quantize_rows`: a scale per row. One program per row: it reads the row for its amax, then
-  again (from L2) to cast; torch.compile's kernel for the same math passed over memory twice.
+- `quantize_rows`: a scale per row. One program per row: rows up to ONE_STEP_MAX wide are read
+  once into registers, wider ones twice (amax, then the cast from L2); torch.compile's kernel
+  for the same math passed over memory twice.
 - `swiglu_quantize`: y = silu(gate) * up rounded to h's dtype, then quantised per row, without
   writing y (the codes are what the down GEMM reads and what its dW keeps).
 - `swiglu_backward_quantize`: dh of the SwiGLU (written, the up GEMM's dW reads it) and its
@@ -35,7 +36,8 @@ except ImportError:  # CPU-only installs: `available()` is False
     triton = None
 
 E4M3 = torch.float8_e4m3fn
-MAX_BLOCK = 8192  # columns per step of a row program
+MAX_BLOCK = 8192  # columns per step of a row program wider than ONE_STEP_MAX
+ONE_STEP_MAX = 16384  # rows up to this wide are read once (held in registers)
 # The tile and warps of the per-(group, column) kernels: the fastest of a sweep on one H200
 # (benchmarks/fp8_quant_tiles.py), 14% faster than 64 x 64 with 4 warps.
 GROUP_ROWS, GROUP_COLS, GROUP_WARPS = 128, 32, 2
@@ -63,20 +65,35 @@ if triton is not None:
         return ((bits + 0x7FFFFF) & 0x7F800000).to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _rows_kernel(x_ptr, q_ptr, s_ptr, D, BLOCK: tl.constexpr):
+    def _inverse(s):
+        """1 / s, exact for a power-of-two scale (2^-120 .. 2^109 here): v * _inverse(s) rounds
+        the same real number as v / s, once, so the codes equal the division's bit for bit at
+        the cost of a multiply (a correctly rounded division is a dozen instructions)."""
+        return tl.math.div_rn(1.0, s)
+
+    @triton.jit
+    def _rows_kernel(x_ptr, q_ptr, s_ptr, D, BLOCK: tl.constexpr, ONE_STEP: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         x_row, q_row = x_ptr + row * D, q_ptr + row * D
-        amax = tl.zeros([BLOCK], tl.float32)
-        for start in range(0, D, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
+        if ONE_STEP:  # the whole row in registers: one read
+            cols = tl.arange(0, BLOCK)
             v = tl.load(x_row + cols, mask=cols < D, other=0.0).to(tl.float32)
-            amax = tl.maximum(amax, tl.abs(v))
-        s = _scale(tl.max(amax, 0))
-        tl.store(s_ptr + row, s)
-        for start in range(0, D, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            v = tl.load(x_row + cols, mask=cols < D, other=0.0).to(tl.float32)
-            tl.store(q_row + cols, tl.math.div_rn(v, s).to(tl.float8e4nv), mask=cols < D)
+            s = _scale(tl.max(tl.abs(v), 0))
+            tl.store(s_ptr + row, s)
+            tl.store(q_row + cols, (v * _inverse(s)).to(tl.float8e4nv), mask=cols < D)
+        else:
+            amax = tl.zeros([BLOCK], tl.float32)
+            for start in range(0, D, BLOCK):
+                cols = start + tl.arange(0, BLOCK)
+                v = tl.load(x_row + cols, mask=cols < D, other=0.0).to(tl.float32)
+                amax = tl.maximum(amax, tl.abs(v))
+            s = _scale(tl.max(amax, 0))
+            tl.store(s_ptr + row, s)
+            inv = _inverse(s)
+            for start in range(0, D, BLOCK):
+                cols = start + tl.arange(0, BLOCK)
+                v = tl.load(x_row + cols, mask=cols < D, other=0.0).to(tl.float32)
+                tl.store(q_row + cols, (v * inv).to(tl.float8e4nv), mask=cols < D)
 
     @triton.jit
     def _swiglu(h_row, cols, F, mask):
@@ -85,48 +102,77 @@ if triton is not None:
         return gate * tl.sigmoid(gate) * up
 
     @triton.jit
-    def _swiglu_rows_kernel(h_ptr, q_ptr, s_ptr, F, BLOCK: tl.constexpr):
+    def _swiglu_rows_kernel(h_ptr, q_ptr, s_ptr, F, BLOCK: tl.constexpr, ONE_STEP: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         h_row, q_row = h_ptr + row * 2 * F, q_ptr + row * F
         dt = h_ptr.dtype.element_ty
-        amax = tl.zeros([BLOCK], tl.float32)
-        for start in range(0, F, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
+        if ONE_STEP:
+            cols = tl.arange(0, BLOCK)
             y = _swiglu(h_row, cols, F, cols < F).to(dt).to(tl.float32)
-            amax = tl.maximum(amax, tl.abs(y))
-        s = _scale(tl.max(amax, 0))
-        tl.store(s_ptr + row, s)
-        for start in range(0, F, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            y = _swiglu(h_row, cols, F, cols < F).to(dt).to(tl.float32)
-            tl.store(q_row + cols, tl.math.div_rn(y, s).to(tl.float8e4nv), mask=cols < F)
+            s = _scale(tl.max(tl.abs(y), 0))
+            tl.store(s_ptr + row, s)
+            tl.store(q_row + cols, (y * _inverse(s)).to(tl.float8e4nv), mask=cols < F)
+        else:
+            amax = tl.zeros([BLOCK], tl.float32)
+            for start in range(0, F, BLOCK):
+                cols = start + tl.arange(0, BLOCK)
+                y = _swiglu(h_row, cols, F, cols < F).to(dt).to(tl.float32)
+                amax = tl.maximum(amax, tl.abs(y))
+            s = _scale(tl.max(amax, 0))
+            tl.store(s_ptr + row, s)
+            inv = _inverse(s)
+            for start in range(0, F, BLOCK):
+                cols = start + tl.arange(0, BLOCK)
+                y = _swiglu(h_row, cols, F, cols < F).to(dt).to(tl.float32)
+                tl.store(q_row + cols, (y * inv).to(tl.float8e4nv), mask=cols < F)
 
     @triton.jit
-    def _swiglu_backward_rows_kernel(h_ptr, dy_ptr, dh_ptr, q_ptr, s_ptr, F, BLOCK: tl.constexpr):
+    def _swiglu_grads(h_row, dy_row, cols, F, dt):
+        mask = cols < F
+        gate = tl.load(h_row + cols, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(h_row + F + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_row + cols, mask=mask, other=0.0).to(tl.float32)
+        sg = tl.sigmoid(gate)
+        dgate = (dy * up * sg * (1 + gate * (1 - sg))).to(dt)
+        return dgate, (dy * gate * sg).to(dt)
+
+    @triton.jit
+    def _swiglu_backward_rows_kernel(
+        h_ptr, dy_ptr, dh_ptr, q_ptr, s_ptr, F, BLOCK: tl.constexpr, ONE_STEP: tl.constexpr
+    ):
         row = tl.program_id(0).to(tl.int64)
         h_row, dh_row, q_row = h_ptr + row * 2 * F, dh_ptr + row * 2 * F, q_ptr + row * 2 * F
-        dt = dh_ptr.dtype.element_ty
-        amax = tl.zeros([BLOCK], tl.float32)
-        for start in range(0, F, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
+        dy_row, dt = dy_ptr + row * F, dh_ptr.dtype.element_ty
+        if ONE_STEP:  # dh stays in registers for its codes
+            cols = tl.arange(0, BLOCK)
             mask = cols < F
-            gate = tl.load(h_row + cols, mask=mask, other=0.0).to(tl.float32)
-            up = tl.load(h_row + F + cols, mask=mask, other=0.0).to(tl.float32)
-            dy = tl.load(dy_ptr + row * F + cols, mask=mask, other=0.0).to(tl.float32)
-            sg = tl.sigmoid(gate)
-            dgate = (dy * up * sg * (1 + gate * (1 - sg))).to(dt)
-            dup = (dy * gate * sg).to(dt)
+            dgate, dup = _swiglu_grads(h_row, dy_row, cols, F, dt)
             tl.store(dh_row + cols, dgate, mask=mask)
             tl.store(dh_row + F + cols, dup, mask=mask)
-            a = tl.maximum(tl.abs(dgate.to(tl.float32)), tl.abs(dup.to(tl.float32)))
-            amax = tl.maximum(amax, a)
-        s = _scale(tl.max(amax, 0))
-        tl.store(s_ptr + row, s)
-        tl.debug_barrier()  # other threads stored parts of the row read back below
-        for start in range(0, 2 * F, BLOCK):  # the row just written, read back from L2
-            cols = start + tl.arange(0, BLOCK)
-            v = tl.load(dh_row + cols, mask=cols < 2 * F, other=0.0).to(tl.float32)
-            tl.store(q_row + cols, tl.math.div_rn(v, s).to(tl.float8e4nv), mask=cols < 2 * F)
+            dgate, dup = dgate.to(tl.float32), dup.to(tl.float32)
+            s = _scale(tl.max(tl.maximum(tl.abs(dgate), tl.abs(dup)), 0))
+            tl.store(s_ptr + row, s)
+            inv = _inverse(s)
+            tl.store(q_row + cols, (dgate * inv).to(tl.float8e4nv), mask=mask)
+            tl.store(q_row + F + cols, (dup * inv).to(tl.float8e4nv), mask=mask)
+        else:
+            amax = tl.zeros([BLOCK], tl.float32)
+            for start in range(0, F, BLOCK):
+                cols = start + tl.arange(0, BLOCK)
+                mask = cols < F
+                dgate, dup = _swiglu_grads(h_row, dy_row, cols, F, dt)
+                tl.store(dh_row + cols, dgate, mask=mask)
+                tl.store(dh_row + F + cols, dup, mask=mask)
+                a = tl.maximum(tl.abs(dgate.to(tl.float32)), tl.abs(dup.to(tl.float32)))
+                amax = tl.maximum(amax, a)
+            s = _scale(tl.max(amax, 0))
+            tl.store(s_ptr + row, s)
+            inv = _inverse(s)
+            tl.debug_barrier()  # other threads stored parts of the row read back below
+            for start in range(0, 2 * F, BLOCK):  # the row just written, read back from L2
+                cols = start + tl.arange(0, BLOCK)
+                v = tl.load(dh_row + cols, mask=cols < 2 * F, other=0.0).to(tl.float32)
+                tl.store(q_row + cols, (v * inv).to(tl.float8e4nv), mask=cols < 2 * F)
 
     @triton.jit
     def _dequant_kernel(q_ptr, s_ptr, x_ptr, D, nblk, BLOCK: tl.constexpr):
@@ -193,10 +239,11 @@ if triton is not None:
             )
             s = _scale(tl.load(amax_ptr + e * D + cols, mask=cmask, other=0.0))
             tl.store(s_ptr + e * D + cols, s, mask=cmask & (k == 0))
+            inv = _inverse(s)
             for i in range(lo, hi, BR):
                 rows = start + i + tl.arange(0, BR)
                 v = _group_tile(x_ptr, srow_ptr, rows, cols, end, D, cmask, HAS_SROW)
-                q = tl.math.div_rn(v, s[None, :]).to(tl.float8e4nv)  # [BR, BD], zero past end
+                q = (v * inv[None, :]).to(tl.float8e4nv)  # [BR, BD], zero past end
                 cc = i + tl.arange(0, BR)
                 ptr = q_ptr + base + cols[:, None].to(tl.int64) * stride + cc[None, :]
                 tl.store(ptr, tl.trans(q), mask=cmask[:, None] & (cc[None, :] < hi))
@@ -217,10 +264,12 @@ def _launch(kernel, grid, x: Tensor, *args, **kw) -> None:
 
 
 def _row_block(width: int) -> dict:
-    """A row program's step and warps: rows up to MAX_BLOCK wide in one step; wide programs
-    also keep few rows in flight, so a row's second pass reads it back from L2, not HBM."""
-    block = min(triton.next_power_of_2(width), MAX_BLOCK)
-    return {"BLOCK": block, "num_warps": max(4, block // 512)}
+    """A row program's step and warps. Rows up to ONE_STEP_MAX wide are read once, whole, into
+    registers; wider ones in MAX_BLOCK steps, twice (amax, then cast), with few rows in flight
+    so that the second read comes from L2, not HBM."""
+    one = width <= ONE_STEP_MAX
+    block = triton.next_power_of_2(width) if one else MAX_BLOCK
+    return {"BLOCK": block, "ONE_STEP": one, "num_warps": max(4, min(32, block // 512))}
 
 
 def quantize_rows(x_RD: Tensor) -> tuple[Tensor, Tensor]:
