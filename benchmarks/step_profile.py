@@ -29,9 +29,10 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 KINDS = (  # first match wins; names lower-cased
     ("communication", r"nccl"),
+    ("gemm", r"^triton_tem_"),  # Inductor's GEMM templates
+    ("compiled", r"^triton_"),  # Inductor's fused kernels, named after the ops they fuse
     ("attention", r"sdpa|flash|fmha|attention|cudnn"),
     ("gemm", r"gemm|cutlass|nvjet|xmma|sm90_|grouped_mm|_mm_|matmul"),
-    ("compiled", r"^triton_"),
     ("braid_triton", r"^_\w+_kernel"),
     ("copy", r"copy|memcpy|memset|cat_|fill"),
     ("reduce", r"reduce|softmax|norm|cross_entropy|nll|scan|sort|topk|index|scatter|gather"),

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from braid.model.fp8_linear import Fp8Linear
+from braid.ops.fp8_gemm import fp8_linear
 from braid.ops.fp8_linear_op import fp8_linear_backward_op, fp8_linear_op
 from braid.ops.fp8_stats import Fp8Stats
 
@@ -45,15 +46,42 @@ def test_compiled_fp8_linear_equals_eager_bitwise(dw8, bias, amp):
 
 def test_operators_pass_opcheck():
     torch.manual_seed(1)
-    x = torch.randn(16, 64, requires_grad=True)
     w = torch.randn(48, 64, requires_grad=True)
-    for dw8 in (False, True):
-        torch.library.opcheck(fp8_linear_op, (x, w, torch.float32, dw8))
-    y, xq, sx = fp8_linear_op(x, w, torch.float32, False)
+    xs = [torch.randn(16, 64), torch.randn(64, 16).t(), torch.randn(64), torch.randn(2, 5, 64)]
+    for x in xs:  # 2-D, transposed, 1-D and 3-D inputs
+        for dw8 in (False, True):
+            torch.library.opcheck(fp8_linear_op, (x.requires_grad_(), w, torch.float32, dw8))
+    y, xq, sx = fp8_linear_op(xs[0], w, torch.float32, False)
     g = torch.randn_like(y)  # the backward is not differentiated: inputs without grad
-    for dw8 in (False, True):
-        args = (g, xq, sx, w.detach(), torch.float32, dw8)
-        torch.library.opcheck(fp8_linear_backward_op, args)
+    for need in [(True, True), (True, False), (False, True)]:
+        for dw8 in (False, True):
+            args = (g, xq, sx, w.detach(), torch.float32, dw8, *need)
+            torch.library.opcheck(fp8_linear_backward_op, args)
+
+
+@pytest.mark.parametrize("frozen", ["x", "w"])
+def test_operator_skips_the_gradient_not_needed(monkeypatch, frozen):
+    """Without grad for x (the first layer's input) or for w (a frozen weight), the backward
+    computes only the other gradient, as the eager Function does: equal bits, one GEMM."""
+    import braid.ops.fp8_linear_op as op_mod
+
+    torch.manual_seed(3)
+    x, w = torch.randn(24, 64), torch.randn(48, 64)
+    needs = []
+    real = op_mod.linear_backward
+    monkeypatch.setattr(op_mod, "linear_backward", lambda *a: (needs.append(a[-1]), real(*a))[1])
+    grads = []
+    for fn in (lambda a, b: fp8_linear_op(a, b, torch.float32, False)[0],
+               lambda a, b: fp8_linear(a, b)):  # fmt: skip
+        xi = x.clone().requires_grad_(frozen != "x")
+        wi = w.clone().requires_grad_(frozen != "w")
+        fn(xi, wi).square().sum().backward()
+        grads.append((xi.grad, wi.grad))
+    assert needs == [(frozen != "x", frozen != "w")]
+    (ox, ow), (ex, ew) = grads
+    assert (ox is None, ow is None) == (frozen == "x", frozen == "w")
+    for got, want in ((ox, ex), (ow, ew)):
+        assert (got is None and want is None) or torch.equal(got, want)
 
 
 def test_stats_record_under_compile_while_active():
@@ -61,14 +89,15 @@ def test_stats_record_under_compile_while_active():
     torch.manual_seed(2)
     lin = Fp8Linear(64, 48, bias=False)
     lin.fp8_stats, lin.fp8_name = Fp8Stats(), "blocks.0.attn.wq"
-    compiled = torch.compile(lin, backend="aot_eager")
     x = torch.randn(3, 64)
-    _step(lin, compiled, x)
-    assert lin.fp8_stats.read() == {}  # inactive: the operator, nothing recorded
+    # inactive: the operator, whole (fullgraph fails on a graph break), nothing recorded
+    _step(lin, torch.compile(lin, backend="aot_eager", fullgraph=True), x)
+    assert lin.fp8_stats.read() == {}
+    torch._dynamo.reset()
     lin.fp8_stats.active = True
     want = _step(lin, lin, x)
     lin.fp8_stats.read()
-    got = _step(lin, compiled, x)
+    got = _step(lin, torch.compile(lin, backend="aot_eager"), x)
     names = set(lin.fp8_stats.read())
     assert {"fp8/blocks.0.attn.wq/x/amax", "fp8/blocks.0.attn.wq/grad/underflow"} <= names
     for g, w in zip(got, want, strict=True):

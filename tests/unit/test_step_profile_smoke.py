@@ -20,6 +20,9 @@ ROOT = Path(__file__).resolve().parents[2]
         ("void cutlass::device_kernel<cutlass::gemm::kernel::GemmUniversal<...>>", "gemm"),
         ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3", "attention"),
         ("triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0", "compiled"),
+        ("triton_poi_fused__scaled_dot_product_flash_attention_transpose_0", "compiled"),
+        ("triton_poi_fused__unsafe_view_mm_0", "compiled"),
+        ("triton_tem_fused_mm_0", "gemm"),
         ("_swiglu_rows_kernel", "braid_triton"),
         (
             "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add>",

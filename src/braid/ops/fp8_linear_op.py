@@ -28,7 +28,7 @@ def fp8_linear_op(
     """(y [..., N] in `out_dtype`, x's e4m3 codes as uint8 [M, K], their scales [M, 1]); the
     codes and scales are what the backward needs. `dw8`: dW in fp8 (read by the backward)."""
     y, xq, sx = linear_forward(x, w, out_dtype)
-    return y.contiguous(), xq.view(torch.uint8), sx.contiguous()
+    return y.contiguous(), xq.contiguous().view(torch.uint8), sx.contiguous()
 
 
 @fp8_linear_op.register_fake
@@ -40,17 +40,21 @@ def _(x: Tensor, w: Tensor, out_dtype: torch.dtype, dw8: bool) -> tuple[Tensor, 
 
 @torch.library.custom_op("braid::fp8_linear_backward", mutates_args=())
 def fp8_linear_backward_op(
-    g: Tensor, xq: Tensor, sx: Tensor, w: Tensor, x_dtype: torch.dtype, dw8: bool
-) -> tuple[Tensor, Tensor]:
-    """(dx [..., K] in `x_dtype`, dw [N, K] in w's dtype) from the output gradient `g`."""
-    dx, dw = linear_backward(g, xq.view(E4M3), sx, w, x_dtype, dw8)
-    return dx.contiguous(), dw.contiguous()
+    g: Tensor, xq: Tensor, sx: Tensor, w: Tensor, x_dtype: torch.dtype, dw8: bool,
+    need_dx: bool, need_dw: bool,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """(dx [..., K] in `x_dtype`, dw [N, K] in w's dtype) from the output gradient `g`; one
+    that is not needed is computed not at all and returned empty (0 elements)."""
+    dx, dw = linear_backward(g, xq.view(E4M3), sx, w, x_dtype, dw8, (need_dx, need_dw))
+    dx = g.new_empty(0, dtype=x_dtype) if dx is None else dx.contiguous()
+    return dx, w.new_empty(0) if dw is None else dw.contiguous()
 
 
 @fp8_linear_backward_op.register_fake
-def _(g: Tensor, xq: Tensor, sx: Tensor, w: Tensor, x_dtype: torch.dtype, dw8: bool):
-    dx = g.new_empty(*g.shape[:-1], w.shape[1], dtype=x_dtype)
-    return dx, torch.empty_like(w, memory_format=torch.contiguous_format)
+def _(g, xq, sx, w, x_dtype, dw8, need_dx, need_dw):
+    dx_shape = (*g.shape[:-1], w.shape[1]) if need_dx else (0,)
+    dw = torch.empty_like(w, memory_format=torch.contiguous_format) if need_dw else w.new_empty(0)
+    return g.new_empty(dx_shape, dtype=x_dtype), dw
 
 
 def _setup(ctx, inputs, output) -> None:
@@ -63,8 +67,9 @@ def _setup(ctx, inputs, output) -> None:
 
 def _backward(ctx, g: Tensor, _gq, _gs):
     xq, sx, w = ctx.saved_tensors
-    dx, dw = fp8_linear_backward_op(g, xq, sx, w, ctx.x_dtype, ctx.dw8)
-    return dx, dw, None, None
+    need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    dx, dw = fp8_linear_backward_op(g, xq, sx, w, ctx.x_dtype, ctx.dw8, need_dx, need_dw)
+    return dx if need_dx else None, dw if need_dw else None, None, None
 
 
 fp8_linear_op.register_autograd(_backward, setup_context=_setup)

@@ -66,9 +66,10 @@ if triton is not None:
 
     @triton.jit
     def _inverse(s):
-        """1 / s, exact for a power-of-two scale (2^-120 .. 2^109 here): v * _inverse(s) rounds
-        the same real number as v / s, once, so the codes equal the division's bit for bit at
-        the cost of a multiply (a correctly rounded division is a dozen instructions)."""
+        """1 / s, exact for the power-of-two scales `_scale` makes (2^-108 .. 2^120: inverses
+        2^-120 .. 2^108, all normal): v * _inverse(s) rounds the same real number as v / s,
+        once, so the codes equal the division's bit for bit at the cost of a multiply (a
+        correctly rounded division is a dozen instructions)."""
         return tl.math.div_rn(1.0, s)
 
     @triton.jit

@@ -350,9 +350,7 @@ class LayerOverlap:
 
         return sink
 
-    @torch.compiler.disable  # eager by nature (streams, events, host-timed windows): inside
-    # a compiled block one graph break here, instead of dynamo tracing the engine's closures
-    # as frames and recompiling them per chunk count until its recompile limit
+    @torch.compiler.disable  # eager by nature: one graph break (docs/overlap.md, compile)
     def run(
         self,
         x_ND: Tensor,
