@@ -102,3 +102,16 @@ def test_stats_record_under_compile_while_active():
     assert {"fp8/blocks.0.attn.wq/x/amax", "fp8/blocks.0.attn.wq/grad/underflow"} <= names
     for g, w in zip(got, want, strict=True):
         assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("dw8", [False, True])
+def test_no_tokens_give_zero_weight_grads(dw8):
+    """An empty batch: the eager Function and the operator give y [0, N] and a zero dW."""
+    w = torch.randn(48, 64)
+    for fn in (lambda a, b: fp8_linear(a, b, fp8_wgrad=dw8),
+               lambda a, b: fp8_linear_op(a, b, torch.float32, dw8)[0]):  # fmt: skip
+        x, wi = torch.randn(0, 64, requires_grad=True), w.clone().requires_grad_()
+        y = fn(x, wi)
+        y.sum().backward()
+        assert y.shape == (0, 48) and x.grad.shape == (0, 64)
+        assert torch.equal(wi.grad, torch.zeros_like(w))

@@ -245,7 +245,10 @@ def _pad_rows(x_MK: Tensor) -> Tensor:
 
 def dense_wgrad_fp8(xq_MK: Tensor, sx_M1: Tensor, g_MN: Tensor, out_dtype: torch.dtype) -> Tensor:
     """dW = g^T x [N, K] in fp8: both operands scaled per feature over the tokens (the GEMM's
-    reduction), x re-quantised from its saved rowwise codes (dequantised exactly)."""
+    reduction), x re-quantised from its saved rowwise codes (dequantised exactly). No tokens:
+    zeros (a [.., 0, N] operand has no columnwise codes to make)."""
+    if xq_MK.shape[0] == 0:
+        return g_MN.new_zeros(g_MN.shape[1], xq_MK.shape[1], dtype=out_dtype)
     x_MK = _pad_rows(fp8.dequantize(xq_MK, sx_M1, g_MN.dtype))
     gq_NM, sg_N1 = fp8.quantize_cols(_pad_rows(g_MN))
     xq_KM, sx_K1 = fp8.quantize_cols(x_MK)
