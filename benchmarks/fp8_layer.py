@@ -56,8 +56,10 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
 
-def layer_case(shape: tuple, dev: torch.device, iters: int) -> dict:
-    E, K, H, F, N = shape
+def build_layer(shape: tuple, dev: torch.device) -> MoE:
+    """The MoE layer of `shape` (no shared experts), its router and expert weights N(0, 0.02)
+    from seed 0: the same layer for every variant (and for `fp8_profile.py`)."""
+    E, K, H, F, _ = shape
     cfg = load_config(
         None,
         [
@@ -75,6 +77,12 @@ def layer_case(shape: tuple, dev: torch.device, iters: int) -> dict:
         layer.router.weight.normal_(0, 0.02)
         layer.experts.w13.normal_(0, 0.02)
         layer.experts.w2.normal_(0, 0.02)
+    return layer
+
+
+def layer_case(shape: tuple, dev: torch.device, iters: int) -> dict:
+    E, K, H, F, N = shape
+    layer = build_layer(shape, dev)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     x = torch.randn(1, N, H, device=dev, dtype=dtype, requires_grad=True)
     gy = torch.randn(1, N, H, device=dev, dtype=dtype)

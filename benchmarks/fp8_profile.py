@@ -14,33 +14,17 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fp8_layer import SHAPES  # noqa: E402
+from fp8_layer import SHAPES, build_layer  # noqa: E402
 
-from braid.config import load_config  # noqa: E402
 from braid.moe.fp8_dispatch import Fp8Send  # noqa: E402
-from braid.moe.layer import MoE  # noqa: E402
 from braid.ops.fp8_stats import Fp8Stats  # noqa: E402
 
 
 def main() -> None:
     dev = torch.device("cuda")
-    for name, (E, K, H, F, N) in SHAPES.items():
-        cfg = load_config(
-            None,
-            [
-                f"--model.dim={H}",
-                "--model.n_heads=1",
-                f"--moe.num_experts={E}",
-                f"--moe.top_k={K}",
-                f"--moe.expert_hidden={F}",
-                "--moe.num_shared_experts=0",
-            ],
-        )
-        torch.manual_seed(0)
-        layer = MoE(cfg.model, cfg.moe).to(dev)
-        with torch.no_grad():
-            for w in (layer.router.weight, layer.experts.w13, layer.experts.w2):
-                w.normal_(0, 0.02)
+    for name, shape in SHAPES.items():
+        *_, H, _, N = shape
+        layer = build_layer(shape, dev)
         x = torch.randn(1, N, H, device=dev, dtype=torch.bfloat16, requires_grad=True)
         gy = torch.randn(1, N, H, device=dev, dtype=torch.bfloat16)
         for prec in ("bf16", "fp8", "fp8_dw8"):
