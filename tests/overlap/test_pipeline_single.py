@@ -50,6 +50,22 @@ def test_pipeline_matches_plain_path_for_every_chunk_count(shared, capacity, gat
             assert err < 1e-5, (chunks, split)
 
 
+@pytest.mark.parametrize("tokens", [1, 2, 5])
+def test_shared_experts_split_over_fill_and_drain_match_for_any_token_count(tokens):
+    """The shared experts run in two token halves (beside the first dispatch and the last
+    combine): one token leaves the first half empty, an odd count splits unevenly; outputs and
+    every gradient still equal the plain path's, with dW deferred or not."""
+    base = seeded_moe(num_shared_experts=2, shared_gate=True)
+    x = torch.randn(1, tokens, 16, generator=torch.Generator().manual_seed(3))
+    ref = moe_step(copy.deepcopy(base), x)
+    for chunks, split in ((1, True), (2, False), (3, True)):
+        moe = copy.deepcopy(base)
+        moe.overlap = LayerOverlap(0, chunks, split, CPU)
+        got = moe_step(moe, x)
+        assert len(moe.overlap.queue) == 0
+        assert max(_rel(a, b) for a, b in zip(got, ref, strict=True)) < 1e-5, (chunks, split)
+
+
 @pytest.mark.parametrize("by", ["tokens", "experts"])
 @pytest.mark.parametrize("fp8,bf16", [(False, False), (False, True), (True, False)])
 def test_chunks_share_one_cast_of_each_expert_weight(monkeypatch, fp8, bf16, by):

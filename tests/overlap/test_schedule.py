@@ -9,8 +9,9 @@ handle is waited, as an NCCL all_to_all that takes longer than the compute besid
 schedule does not depend on W (W > 1 only adds the regroup permutations). `RecordingTimeline`
 logs, in order: `issue <kind> c` and `waited <kind> c` for each exchange (kinds: dispatch_a2a,
 combine_a2a, combine_a2a_bwd, dispatch_a2a_bwd; c = chunk), and the compute spans `experts c`,
-`experts_bwd c`, `shared`, `shared_bwd`, `dW` (a queued weight grad drained in a window) and
-`dW_flush` (run at the layer's flush point instead).
+`experts_bwd c`, `shared h` and `shared_bwd h` (h: the order of the shared experts' two token
+halves), `dW` (a queued weight grad drained in a window) and `dW_flush` (run at the layer's
+flush point instead).
 
 That the checks can fail: `test_checks_fail_when_each_exchange_is_waited_right_after_issue`
 runs the same layer with the recording timeline waiting (without a drain) right after every
@@ -93,9 +94,9 @@ class RecordingTimeline(LayerTimeline):
         return f"{kind} {c}"
 
     def span(self, kind: str):
-        if kind in ("experts", "experts_bwd"):
+        if kind in ("experts", "experts_bwd", "shared", "shared_bwd"):
             self.log.append(self._name(kind))
-        elif kind in ("shared", "shared_bwd", "dW", "dW_flush"):
+        elif kind in ("dW", "dW_flush"):
             self.log.append(kind)
         return super().span(kind)
 
@@ -150,10 +151,14 @@ def _in_flight_during(log: list[str], kind: str, c: int, work: str) -> bool:
     return issued < at < done
 
 
-def forward_violations(log: list[str]) -> list[str]:
+def forward_violations(log: list[str], split_dw: bool) -> list[str]:
+    """With split_dw the shared experts run in two token halves: the second beside the last
+    combine (without, whole beside the first dispatch)."""
     bad = []
-    if not _in_flight_during(log, "dispatch_a2a", 0, "shared"):
+    if not _in_flight_during(log, "dispatch_a2a", 0, "shared 0"):
         bad.append("shared experts do not overlap dispatch 0")
+    if split_dw and not _in_flight_during(log, "combine_a2a", C - 1, "shared 1"):
+        bad.append(f"shared experts do not overlap combine {C - 1}")
     for c in range(C - 1):  # the next chunk's dispatch flies while this chunk's experts run
         if not _in_flight_during(log, "dispatch_a2a", c + 1, f"experts {c}"):
             bad.append(f"dispatch {c + 1} not in flight during experts {c}")
@@ -165,10 +170,12 @@ def forward_violations(log: list[str]) -> list[str]:
     return bad
 
 
-def backward_violations(log: list[str]) -> list[str]:
+def backward_violations(log: list[str], split_dw: bool) -> list[str]:
     bad = []
-    if not _in_flight_during(log, "combine_a2a_bwd", 0, "shared_bwd"):
+    if not _in_flight_during(log, "combine_a2a_bwd", 0, "shared_bwd 0"):
         bad.append("shared-expert backward does not overlap the combine gradient 0")
+    if split_dw and not _in_flight_during(log, "dispatch_a2a_bwd", C - 1, "shared_bwd 1"):
+        bad.append(f"shared-expert backward does not overlap the dispatch gradient {C - 1}")
     for c in range(C - 1):  # the next chunk's output grad flies during this chunk's backward
         if not _in_flight_during(log, "combine_a2a_bwd", c + 1, f"experts_bwd {c}"):
             bad.append(f"combine grad {c + 1} not in flight during experts_bwd {c}")
@@ -203,8 +210,9 @@ def drain_violations(log: list[str]) -> list[str]:
 def test_chunked_exchanges_stay_in_flight_while_the_next_compute_runs(split_dw):
     log, got, ref = _record(split_dw)
     assert _max_rel(got, ref) < 1e-5  # the fake moves rows faithfully: the plain path's numbers
-    assert forward_violations(log) == [], log
-    assert backward_violations(log) == [], log
+    assert forward_violations(log, split_dw) == [], log
+    assert backward_violations(log, split_dw) == [], log
+    assert log.count("shared 0") == 1 and log.count("shared 1") == split_dw, log
 
 
 def test_split_dw_runs_queued_weight_grads_inside_exchange_windows():
@@ -215,7 +223,8 @@ def test_split_dw_runs_queued_weight_grads_inside_exchange_windows():
 def test_checks_fail_when_each_exchange_is_waited_right_after_issue():
     log, got, ref = _record(split_dw=True, serialize=True)
     assert _max_rel(got, ref) < 1e-5  # serialized: the same numbers, no overlap
-    fwd, bwd, drain = forward_violations(log), backward_violations(log), drain_violations(log)
-    assert len(fwd) == 1 + 3 * (C - 1), fwd  # every forward check fails
-    assert len(bwd) == 1 + 2 * (C - 1), bwd
+    fwd, bwd = forward_violations(log, True), backward_violations(log, True)
+    drain = drain_violations(log)
+    assert len(fwd) == 2 + 3 * (C - 1), fwd  # every forward check fails
+    assert len(bwd) == 2 + 2 * (C - 1), bwd
     assert "no dW task ran in an exchange window" in drain and any("flush" in b for b in drain)

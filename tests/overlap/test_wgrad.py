@@ -16,7 +16,13 @@ from braid.model.transformer import Transformer
 from braid.moe.config import MoEConfig
 from braid.overlap.pipeline import LayerOverlap
 from braid.overlap.streams import Clock
-from braid.overlap.wgrad import WgradQueue, flush_point, split_linear, swiglu_split_dw
+from braid.overlap.wgrad import (
+    JoinedWgrad,
+    WgradQueue,
+    flush_point,
+    split_linear,
+    swiglu_split_dw,
+)
 
 
 class FakeHandle(Handle):
@@ -124,3 +130,37 @@ def test_nothing_is_left_queued_after_backward_and_grads_match_plain():
         assert all(m.overlap.queue.num_run > 0 for m in layers.values())
         for g, r in zip(got, ref, strict=True):
             torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("rows", [0, 3])
+def test_joined_wgrad_of_two_row_blocks_is_the_one_gemm_over_all_rows(rows):
+    """A SwiGLU run in two row blocks (the pipeline's shared-expert halves; the first may be
+    empty) through `JoinedWgrad`: once both blocks' backward ran, one task per weight, whose
+    dW equals the unsplit module's bit for bit, even into bf16 parameters, where adding the two
+    blocks' dW would round twice."""
+    torch.manual_seed(0)
+    ffn = SwiGLU(16, 24).to(torch.bfloat16)
+    x = torch.randn(7, 16, dtype=torch.bfloat16)
+    ref = copy.deepcopy(ffn)
+    ref(x).float().square().sum().backward()
+
+    q = WgradQueue()
+    joined = JoinedWgrad(q, 2)
+    parts = [swiglu_split_dw(ffn, x[:rows], joined.block(0))]
+    parts.append(swiglu_split_dw(ffn, x[rows:], joined.block(1)))
+    torch.cat(parts).float().square().sum().backward()
+    assert len(q) == 2  # one task for w2, one for w13: the blocks joined
+    q.flush()
+    for name in ("w13", "w2"):
+        got, want = getattr(ffn, name).weight.grad, getattr(ref, name).weight.grad
+        assert got.dtype == torch.bfloat16 and torch.equal(got, want), name
+
+    naive = copy.deepcopy(ffn)  # the control: each block's dW added into the bf16 grad
+    for p in naive.parameters():
+        p.grad = None
+    q2 = WgradQueue()
+    two = [swiglu_split_dw(naive, x[:rows], q2), swiglu_split_dw(naive, x[rows:], q2)]
+    torch.cat(two).float().square().sum().backward()
+    q2.flush()
+    if rows:
+        assert not torch.equal(naive.w13.weight.grad, ref.w13.weight.grad)

@@ -22,16 +22,20 @@ hand-written backward (`combine_grad`, `finish_grad`), so nothing is kept that t
 frees. Its backward replays the schedule in reverse, calling torch.autograd.backward on each
 chunk's graph.
 
-Phases (forward; D = dispatch exchange, E = experts, B = combine exchange, S = shared experts):
-  issue D0; S (overlaps D0);
+Phases (forward; D = dispatch exchange, E = experts, B = combine exchange, S = shared experts,
+S0 / S1 = the shared experts of the first / second half of the tokens):
+  issue D0; S0 (overlaps D0);
   for c: issue D[c+1]; wait D[c]; E[c]; issue B[c]; wait B[c-1], finish c-1
-  wait B[C-1], finish C-1.
+  S1 (overlaps B[C-1]); wait B[C-1], finish C-1.
 Backward mirrors it (Bg/Dg: the gradient exchanges, straight-through `move`):
-  issue Bg0; S backward (overlaps Bg0);
+  issue Bg0; S1 backward (overlaps Bg0);
   for c: issue Bg[c+1]; wait Bg[c]; E[c] backward (dX; dW queued when split_dw); issue Dg[c];
          wait Dg[c-1], finish c-1
-  wait Dg[C-1], finish C-1.
-Every wait first drains the layer's dW queue while the exchange is in flight.
+  S0 backward (overlaps Dg[C-1]); wait Dg[C-1], finish C-1.
+Every wait first drains the layer's dW queue while the exchange is in flight. The fill (D0) and
+the drain (B[C-1]) are the exchanges no chunk's experts overlap; with split_dw the shared
+experts, split by tokens, cover both, and their dW is still one GEMM per weight over all tokens
+(`JoinedWgrad`); without split_dw S runs whole beside D0 (S0 = S, no S1).
 
 Shape legend: N tokens, K experts per token, D dim, E experts, W EP ranks, L = E/W, M copies,
 R rows received, C chunks. The dispatcher and experts are duck-typed (no `braid.moe` import).
@@ -49,35 +53,16 @@ from torch import Tensor
 from braid.ops.swiglu import gated
 from braid.overlap.config import chunk_axis
 from braid.overlap.fsdp_unit import HeldUnit
+from braid.overlap.graph_ends import Capture, Root
 from braid.overlap.streams import Clock
 from braid.overlap.timeline import LayerTimeline
-from braid.overlap.wgrad import Task, WgradQueue, flush_point, swiglu_split_dw
+from braid.overlap.wgrad import JoinedWgrad, Task, WgradQueue, flush_point, swiglu_split_dw
 
 
-class _Capture(torch.autograd.Function):
-    """Enter a chunk graph: `data` requires grad through `anchor`; its grad lands in `box`."""
-
-    @staticmethod
-    def forward(ctx, anchor, data, box):
-        ctx.box = box
-        return data.view_as(data)
-
-    @staticmethod
-    def backward(ctx, g):
-        ctx.box.append(g)
-        return None, None, None
-
-
-class _Root(torch.autograd.Function):
-    """Leave a chunk graph: a zero-memory stand-in for `y` to call backward on later."""
-
-    @staticmethod
-    def forward(ctx, y):
-        return y.new_zeros(()).expand(y.shape)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g
+def half_tokens(n: int) -> int:
+    """Where the shared experts' tokens split between the fill and the drain: the first half
+    (rounded down) beside the first dispatch, the rest beside the last combine."""
+    return n // 2
 
 
 class _Home:
@@ -125,6 +110,7 @@ class _Run:
         dispatcher: Any,
         experts: Callable,
         shared: Callable | None,
+        shared_halves: int,
         tl: LayerTimeline,
         drain: Callable[[Any], int] | None,
         grad: bool,
@@ -139,8 +125,10 @@ class _Run:
         self.boxes: list[list[Tensor]] = [[] for _ in range(C)]  # ... and its input grad
         self.y_home: list[Tensor | None] = [None] * C  # expert outputs back home (combine_grad)
         self.y_whole: Tensor | None = None  # ... all of them, with chunks of experts
-        self.side_box: list[Tensor] = []
-        self.side_root: Tensor | None = None
+        # The shared experts' two token halves (S0, S1): input grads and graph ends.
+        self.side_boxes: list[list[Tensor]] = [[], []]
+        self.side_roots: list[Tensor | None] = [None, None]
+        self.side_halves, self.side_split = shared_halves, 0  # S0 = tokens [0, side_split)
         self.gates_NK: Tensor | None = None
         self.x_dtype = torch.float32
 
@@ -160,7 +148,7 @@ class _Run:
             route = self.routes[c]
             with tl.span("experts"), torch.enable_grad() if self.grad else nullcontext():
                 if self.grad:
-                    x_RD = _Capture.apply(anchor, x_RD, self.boxes[c])
+                    x_RD = Capture.apply(anchor, x_RD, self.boxes[c])
                 # Chunks of experts cover every expert once: their dW rows are written, not
                 # added to zeros (`grouped_gemm.accumulate_grad`). Not in an FSDP unit: its
                 # post-backward runs after each chunk's call and, with a reduce dtype, moves
@@ -170,7 +158,7 @@ class _Run:
                 y_RD = self.experts(dsp.to_experts(x_RD, route), route.counts_L, part)
                 y_RD = dsp.from_experts(y_RD, route)
                 if self.grad:
-                    self.roots[c] = _Root.apply(y_RD)
+                    self.roots[c] = Root.apply(y_RD)
             return y_RD.detach()
 
         def finish(c: int, y_MD: Tensor) -> Tensor:
@@ -189,9 +177,11 @@ class _Run:
             return tl.issue("combine_a2a", go, y_RD)
 
         disp[0] = issue_dispatch(0)
-        side = x_ND.new_zeros(0)
+        sides = [x_ND.new_zeros(0)]
         if self.shared is not None:
-            side = self._side_forward(x_ND, anchor)  # overlaps D0
+            n = x_ND.shape[0]
+            self.side_split = half_tokens(n) if self.side_halves == 2 else n
+            sides = [self._side_forward(x_ND, anchor, 0)]  # overlaps D0
         self.unit.gather()  # an FSDP expert unit: one all-gather for every chunk
         for c in range(C):
             if c + 1 < C:
@@ -201,6 +191,9 @@ class _Run:
                 outs[c - 1] = finish(c - 1, tl.wait(comb[c - 1]))
             if c == C - 1:
                 self.unit.release()
+        if self.side_halves == 2:
+            sides.append(self._side_forward(x_ND, anchor, 1))  # overlaps B[C-1]
+        side = sides[0] if len(sides) == 1 else torch.cat(sides)
         outs[C - 1] = finish(C - 1, tl.wait(comb[C - 1]))
         if self.whole is not None:
             y_MD = home.buf  # the copies in `whole`'s order, received in place
@@ -209,13 +202,27 @@ class _Run:
             return dsp.finish(y_MD, gates_NK, self.whole, self.grad), side
         return (outs[0] if C == 1 else torch.cat(outs)), side
 
-    def _side_forward(self, x_ND: Tensor, anchor: Tensor | None) -> Tensor:
+    def _side_rows(self, half: int, n: int) -> slice:
+        return slice(0, self.side_split) if half == 0 else slice(self.side_split, n)
+
+    def _side_forward(self, x_ND: Tensor, anchor: Tensor | None, half: int) -> Tensor:
+        """The shared experts of token half `half` (0: the first `side_split` tokens)."""
+        x_ND = x_ND[self._side_rows(half, x_ND.shape[0])]
         with self.tl.span("shared"), torch.enable_grad() if self.grad else nullcontext():
-            x = _Capture.apply(anchor, x_ND.detach(), self.side_box) if self.grad else x_ND
-            s = self.shared(x)
+            box = self.side_boxes[half]
+            x = Capture.apply(anchor, x_ND.detach(), box) if self.grad else x_ND
+            s = self.shared(x, half)
             if self.grad:
-                self.side_root = _Root.apply(s)
+                self.side_roots[half] = Root.apply(s)
         return s.detach()
+
+    def _side_backward(self, g_side: Tensor, half: int) -> Tensor:
+        """Backward of `_side_forward(.., half)`: the grad of that half's shared-expert input."""
+        with self.tl.span("shared_bwd"):
+            g = g_side[self._side_rows(half, g_side.shape[0])]
+            torch.autograd.backward(self.side_roots[half], g)
+        self.side_roots[half] = None
+        return self.side_boxes[half].pop()
 
     def backward(self, g_out: Tensor, g_side: Tensor) -> tuple[Tensor, Tensor]:
         tl, dsp, C, drain = self.tl, self.dsp, len(self.routes), self.drain
@@ -254,17 +261,19 @@ class _Run:
         self.unit.hold()  # an FSDP expert unit: reduce-scattered once, at the flush point
         bg[0] = issue_bg(0)
         dx_side = None
+        dx_first = None  # of S1 (S0 when whole)
         if self.shared is not None:
-            with tl.span("shared_bwd"):  # overlaps Bg0
-                torch.autograd.backward(self.side_root, g_side)
-            (dx_side,) = self.side_box
-            self.side_root = None
+            dx_first = self._side_backward(g_side, self.side_halves - 1)  # overlaps Bg0
         for c in range(C):
             if c + 1 < C:
                 bg[c + 1] = issue_bg(c + 1)
             dg[c] = issue_dg(c, tl.wait(bg[c], drain))
             if c >= 1:
                 finish(c - 1, tl.wait(dg[c - 1], drain))
+        if self.side_halves == 2:
+            dx_side = torch.cat([self._side_backward(g_side, 0), dx_first])  # overlaps Dg[C-1]
+        elif self.shared is not None:
+            dx_side = dx_first
         finish(C - 1, tl.wait(dg[C - 1], drain))
         self.gates_NK = None
         if whole is not None:
@@ -366,12 +375,12 @@ class LayerOverlap:
         (`braid.ops.swiglu.gated`)."""
         sink = self.queue if self.split_dw else None
         overlap_shared = shared is not None and (self.chunks > 1 or self.split_dw)
-        side = None
-        if overlap_shared:
-            if sink is not None:
-                side = lambda x: gated(swiglu_split_dw(shared, x, sink), x, shared_gate)  # noqa: E731
-            else:
-                side = lambda x: gated(shared(x), x, shared_gate)  # noqa: E731
+        side, halves = None, 1
+        if overlap_shared and sink is not None:  # token halves, their dW joined (`_Run`)
+            joined, halves = JoinedWgrad(sink, 2), 2
+            side = lambda x, h: gated(swiglu_split_dw(shared, x, joined.block(h)), x, shared_gate)  # noqa: E731
+        elif overlap_shared:
+            side = lambda x, h: gated(shared(x), x, shared_gate)  # noqa: E731
         grad = torch.is_grad_enabled()
         if self.unit is None or self.unit.module is not experts:
             self.unit = HeldUnit(experts)
@@ -384,6 +393,7 @@ class LayerOverlap:
                 dispatcher,
                 lambda x, n, part: experts(x, n, expert_sink, part),
                 side,
+                halves,
                 self.timeline,
                 self.drain if sink is not None else None,
                 grad,

@@ -103,6 +103,45 @@ def flush_point(x: Tensor, queue: WgradQueue) -> Tensor:
     return _FlushPoint.apply(x, queue)
 
 
+class JoinedWgrad:
+    """The dW of linears run in `blocks` row blocks (the shared experts' two token halves): each
+    block's backward leaves its operands here (`block(b)`, a sink for `split_linear`), and once
+    every block's are in, one dW GEMM over all their rows, in block order, goes to `sink`. That
+    is the unsplit layer's GEMM over the same rows: no partial dW is added into a grad (which
+    in a bf16 gradient would round twice)."""
+
+    def __init__(self, sink: Callable[[Task], None], blocks: int):
+        self.sink, self.blocks = sink, blocks
+        self._parts: dict[int, dict[int, tuple[Tensor, Tensor, Tensor]]] = {}  # id(w) -> b -> ...
+
+    def block(self, b: int) -> _Block:
+        return _Block(self, b)
+
+    def add(self, b: int, w: Tensor, x: Tensor, g: Tensor) -> None:
+        parts = self._parts.setdefault(id(w), {})
+        parts[b] = (w, x, g)
+        if len(parts) < self.blocks:
+            return
+        del self._parts[id(w)]
+        xs = [parts[i][1].flatten(0, -2) for i in range(self.blocks)]
+        gs = [parts[i][2].flatten(0, -2) for i in range(self.blocks)]
+
+        def wgrad(w=w, xs=xs, gs=gs):
+            accumulate_grad(w, torch.cat(gs).t() @ torch.cat(xs))
+
+        self.sink(wgrad)
+
+
+class _Block:
+    """Block `b` of a `JoinedWgrad`: what `split_linear` hands its dW operands to."""
+
+    def __init__(self, joined: JoinedWgrad, b: int):
+        self.joined, self.b = joined, b
+
+    def add(self, w: Tensor, x: Tensor, g: Tensor) -> None:
+        self.joined.add(self.b, w, x, g)
+
+
 class _SplitLinear(torch.autograd.Function):
     """y = x @ w^T with dX in backward and dW handed to the sink (same casts as autocast)."""
 
@@ -119,7 +158,9 @@ class _SplitLinear(torch.autograd.Function):
         x_c, w_c = ctx.saved_tensors
         g = g.to(x_c.dtype)
         dx = (g @ w_c).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1] and isinstance(ctx.sink, _Block):
+            ctx.sink.add(ctx.w, x_c, g)
+        elif ctx.needs_input_grad[1]:
 
             def wgrad(w=ctx.w, x=x_c, g=g):
                 accumulate_grad(w, g.flatten(0, -2).t() @ x.flatten(0, -2))
@@ -128,11 +169,12 @@ class _SplitLinear(torch.autograd.Function):
         return dx, None, None
 
 
-def split_linear(x: Tensor, weight: Tensor, sink: Callable[[Task], None]) -> Tensor:
-    """`F.linear(x, weight)` whose weight gradient is handed to `sink` in backward."""
+def split_linear(x: Tensor, weight: Tensor, sink: Callable[[Task], None] | _Block) -> Tensor:
+    """`F.linear(x, weight)` whose weight gradient is handed to `sink` in backward (or, for a
+    `JoinedWgrad` block, its operands, to be joined with the other blocks')."""
     return _SplitLinear.apply(x, weight, sink)
 
 
-def swiglu_split_dw(ffn: nn.Module, x: Tensor, sink: Callable[[Task], None]) -> Tensor:
+def swiglu_split_dw(ffn: nn.Module, x: Tensor, sink: Callable[[Task], None] | _Block) -> Tensor:
     """A `braid.model.layers.SwiGLU` (w13 fused, w2; no bias) with its dW handed to `sink`."""
     return split_linear(swiglu(split_linear(x, ffn.w13.weight, sink)), ffn.w2.weight, sink)
