@@ -174,8 +174,8 @@ def backward_violations(log: list[str], split_dw: bool) -> list[str]:
     bad = []
     if not _in_flight_during(log, "combine_a2a_bwd", 0, "shared_bwd 0"):
         bad.append("shared-expert backward does not overlap the combine gradient 0")
-    if split_dw and not _in_flight_during(log, "dispatch_a2a_bwd", C - 1, "shared_bwd 1"):
-        bad.append(f"shared-expert backward does not overlap the dispatch gradient {C - 1}")
+    if split_dw and not _in_flight_during(log, "combine_a2a_bwd", 0, "shared_bwd 1"):
+        bad.append("the second half's shared-expert backward does not overlap combine grad 0")
     for c in range(C - 1):  # the next chunk's output grad flies during this chunk's backward
         if not _in_flight_during(log, "combine_a2a_bwd", c + 1, f"experts_bwd {c}"):
             bad.append(f"combine grad {c + 1} not in flight during experts_bwd {c}")

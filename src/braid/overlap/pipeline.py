@@ -28,14 +28,16 @@ S0 / S1 = the shared experts of the first / second half of the tokens):
   for c: issue D[c+1]; wait D[c]; E[c]; issue B[c]; wait B[c-1], finish c-1
   S1 (overlaps B[C-1]); wait B[C-1], finish C-1.
 Backward mirrors it (Bg/Dg: the gradient exchanges, straight-through `move`):
-  issue Bg0; S1 backward (overlaps Bg0);
+  issue Bg0; S backward, both halves (overlaps Bg0; their joined dW queued when split_dw);
   for c: issue Bg[c+1]; wait Bg[c]; E[c] backward (dX; dW queued when split_dw); issue Dg[c];
          wait Dg[c-1], finish c-1
-  S0 backward (overlaps Dg[C-1]); wait Dg[C-1], finish C-1.
+  wait Dg[C-1], finish C-1.
 Every wait first drains the layer's dW queue while the exchange is in flight. The fill (D0) and
 the drain (B[C-1]) are the exchanges no chunk's experts overlap; with split_dw the shared
 experts, split by tokens, cover both, and their dW is still one GEMM per weight over all tokens
-(`JoinedWgrad`); without split_dw S runs whole beside D0 (S0 = S, no S1).
+(`JoinedWgrad`); without split_dw S runs whole beside D0 (S0 = S, no S1). The backward needs no
+split: its windows have dW to fill, and the shared experts' dW is queued at Bg0 only once both
+halves' backward ran.
 
 Shape legend: N tokens, K experts per token, D dim, E experts, W EP ranks, L = E/W, M copies,
 R rows received, C chunks. The dispatcher and experts are duck-typed (no `braid.moe` import).
@@ -261,19 +263,15 @@ class _Run:
         self.unit.hold()  # an FSDP expert unit: reduce-scattered once, at the flush point
         bg[0] = issue_bg(0)
         dx_side = None
-        dx_first = None  # of S1 (S0 when whole)
-        if self.shared is not None:
-            dx_first = self._side_backward(g_side, self.side_halves - 1)  # overlaps Bg0
+        if self.shared is not None:  # overlaps Bg0; both halves, so that their dW is queued here
+            halves = [self._side_backward(g_side, h) for h in range(self.side_halves)]
+            dx_side = halves[0] if len(halves) == 1 else torch.cat(halves)
         for c in range(C):
             if c + 1 < C:
                 bg[c + 1] = issue_bg(c + 1)
             dg[c] = issue_dg(c, tl.wait(bg[c], drain))
             if c >= 1:
                 finish(c - 1, tl.wait(dg[c - 1], drain))
-        if self.side_halves == 2:
-            dx_side = torch.cat([self._side_backward(g_side, 0), dx_first])  # overlaps Dg[C-1]
-        elif self.shared is not None:
-            dx_side = dx_first
         finish(C - 1, tl.wait(dg[C - 1], drain))
         self.gates_NK = None
         if whole is not None:
