@@ -32,6 +32,7 @@ PATH` writes a Chrome trace (torch.profiler) of one training step in mode `--tra
 (auto_split; of the layer's fine-grained shape if only the layer part runs). `--profile` adds to
 each training-step row one profiled step's `profile`: wall, host issue, summed kernel, device-busy
 and device-idle ms (overlap_modes.profile_step), to tell a host-bound mode from an exposed one.
+`--modes a,b` times only those modes (and off, the reference).
 """
 
 from __future__ import annotations
@@ -238,10 +239,20 @@ def main() -> None:
         default=OverlapConfig().trial_steps,
         help="auto modes: overlap.trial_steps (0: the planner's pick, untimed)",
     )
+    ap.add_argument(
+        "--modes", default="", help="comma list of modes to time (default: all; off always)"
+    )
     args = ap.parse_args()
     parts = args.parts.split(",")
+    if args.modes:
+        keep = {"off", *args.modes.split(",")}
+        if unknown := keep - set(TRAIN_MODES):
+            raise SystemExit(f"--modes: unknown {sorted(unknown)}; expected of {list(TRAIN_MODES)}")
+        for table in (MODES, TRAIN_MODES):  # in place: both parts iterate these tables
+            for m in set(table) - keep:
+                del table[m]
     modes = set(TRAIN_MODES if "train" in parts else MODES)
-    if args.trace_mode not in modes:
+    if args.trace and args.trace_mode not in modes:
         raise SystemExit(
             f"--trace-mode: unknown {args.trace_mode!r}; expected one of {sorted(modes)}"
         )
