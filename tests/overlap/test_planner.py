@@ -152,3 +152,24 @@ def test_measure_on_a_real_dispatcher_and_a_compressing_exchange():
     # int8 rows are about a quarter of fp32 rows: the simulated dispatch is clearly faster,
     # the uncompressed combine about as fast as the exact move.
     assert m.dispatch_factor < 0.7 and 0.5 < m.combine_factor < 2.0
+
+
+def test_split_dw_shared_expert_halves_hide_beside_the_first_dispatch_and_the_last_combine():
+    # C = 1, no interference: each exchange x = 0.05 + 1 = 1.05, the experts' pass e = 2.02.
+    # Shared experts of hidden 2666 (the routed pass's width): S = 2.02, each token half 1.02.
+    # Forward with split_dw: S0 beside the dispatch, S1 beside the combine, each shorter than
+    # its exchange: nothing added (S whole beside the dispatch alone would add 2.02 - 1.05).
+    # Backward: S's dX beside Bg0 adds 0.97 (t = 4.12 + 0.97 = 5.09); the idle time left,
+    # 5.09 - 2.02 - 2.02 = 1.05, hides that much of the dW (2.02 + 2.02): 5.09 + 2.99 = 8.08
+    # against 4.12 without shared experts.
+    m = model()
+    shared = replace(SHAPE, shared_hidden=2666)
+    assert predict_ms(shared, 1, True, m) - predict_ms(SHAPE, 1, True, m) == pytest.approx(3.96)
+    # without split_dw, C = 1 is the plain path: S after the combine, nothing overlapped
+    assert predict_ms(shared, 1, False, m) - predict_ms(SHAPE, 1, False, m) == pytest.approx(
+        2.02 + 4.04
+    )
+    # C = 2 without split_dw: S whole beside the first dispatch (x = 0.05 + 0.5 = 0.55 a
+    # chunk), 2.02 - 0.55 more in the forward; its dX + dW beside Bg0: 4.04 - 0.55
+    c2 = predict_ms(shared, 2, False, m) - predict_ms(SHAPE, 2, False, m)
+    assert c2 == pytest.approx(2.02 - 0.55 + 4.04 - 0.55)

@@ -134,8 +134,16 @@ def predict_ms(
     d_fwd = [t * m.dispatch_factor for t in x]
     b_fwd = [t * m.combine_factor for t in x]
     overlapped = C > 1 or split_dw  # the schedule that overlaps the shared experts
-    sh = m.gemm_ms(6.0 * s.tokens * s.dim * s.shared_hidden, calls=2) if s.shared_hidden else 0.0
-    fwd = pipe(e, d_fwd, b_fwd) + ((m.both(sh, d_fwd[0]) - d_fwd[0]) if overlapped else sh)
+    sh_flops = 6.0 * s.tokens * s.dim * s.shared_hidden
+    sh = m.gemm_ms(sh_flops, calls=2) if s.shared_hidden else 0.0
+    if (
+        split_dw and s.shared_hidden
+    ):  # token halves: S0 beside the first dispatch, S1 the last combine
+        half = m.gemm_ms(sh_flops / 2, calls=2)
+        side = m.both(half, d_fwd[0]) - d_fwd[0] + m.both(half, b_fwd[-1]) - b_fwd[-1]
+    else:
+        side = (m.both(sh, d_fwd[0]) - d_fwd[0]) if overlapped else sh
+    fwd = pipe(e, d_fwd, b_fwd) + side
     if split_dw:
         t = pipe(e, x, x) + m.both(sh, x[0]) - x[0]  # dX only (e_dX == e_fwd), shared dX beside Bg0
         idle = max(t - sum(e) - sh, 0.0)  # compute-stream time spent waiting on exchanges
