@@ -46,6 +46,11 @@ class TrainConfig:
         "precision=fp8: modules kept in the compute dtype, by name or glob, matched against each "
         "module path and its parts (experts, shared, attn, ffn, blocks.0.attn.wq, ...).",
     )
+    cast_weights_once: bool = knob(
+        False,
+        "bf16 compute: cast the weights to bf16 once per optimizer step, not in every "
+        "micro-step's forward (same results; one process; docs/peers.md).",
+    )
     compile: bool = knob(False, "Wrap each transformer block in torch.compile.")
     cuda_graphs: bool = knob(
         False, "Replay each compiled block as CUDA graphs (compile mode reduce-overhead; one GPU)."

@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from braid.config import Config
 from braid.errors import BraidError
@@ -38,12 +37,14 @@ from braid.overlap.session import OverlapSession
 from braid.parallel.distributed import init_parallel
 from braid.parallel.mesh import ParallelContext
 from braid.train.log import TrainLogger, check_logging
+from braid.train.loss import autocast, evaluate, loss_fn, mtp_loss  # noqa: F401 (re-exported)
 from braid.train.model_setup import build_model, load_data
 from braid.train.optim import build_optimizer, lr_at
 from braid.train.rundir import new_run_id, prepare_run_dir, write_json_atomic
 from braid.train.runlock import RunLock
 from braid.train.signals import StopOnSignal, Stopped
 from braid.train.step import DeviceGate, supports_device_gate
+from braid.train.weight_cast import step_cast
 
 
 @dataclass
@@ -55,66 +56,6 @@ class TrainState:
     tokens_seen: int = 0
     initial_val_loss: float | None = None
     extra: dict = field(default_factory=dict)
-
-
-def autocast(cfg: Config, device: torch.device):
-    """bf16 autocast on GPU (train.dtype auto/bf16), full fp32 on CPU unless bf16 is asked for."""
-    use_bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and device.type == "cuda")
-    if not use_bf16:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
-def loss_fn(model, x, y, cfg: Config, amp) -> tuple[torch.Tensor, dict]:
-    """CE + weighted router losses on one micro-batch; returns the loss and its parts."""
-    with amp:
-        out = model(x)
-    ce = F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten())
-    loss = ce + cfg.moe.aux_loss_coef * out.aux_loss + cfg.moe.z_loss_coef * out.z_loss
-    parts = {
-        "ce": ce.detach(),
-        "aux": out.aux_loss.detach(),
-        "z": out.z_loss.detach(),
-        "moe": out.moe,
-    }
-    if out.mtp_logits:  # DeepSeek-V3 eq. 25: lambda / D * sum_k CE_k
-        mtp = mtp_loss(out.mtp_logits, y)
-        loss = loss + cfg.model.mtp_loss_weight * mtp
-        parts["mtp"] = mtp.detach()
-    return loss, parts
-
-
-def mtp_loss(mtp_logits: list[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
-    """Mean over depths of depth k's cross-entropy against the targets shifted by k."""
-    losses = [
-        F.cross_entropy(lg.float().flatten(0, 1), y[:, k:].flatten())
-        for k, lg in enumerate(mtp_logits, start=1)
-    ]
-    return torch.stack(losses).mean()
-
-
-@torch.no_grad()
-def evaluate(model, batches, cfg: Config, amp, ctx: ParallelContext) -> float | None:
-    """Mean cross-entropy over fixed validation batches (averaged over ranks); None when
-    validation is off (train.val_batches = 0)."""
-    if cfg.train.val_batches == 0:
-        return None
-    was_training = model.training
-    model.eval()
-    total = torch.zeros((), device=ctx.device)
-    for x, y in batches:
-        if cfg.train.cuda_graphs:  # a new replay, as in training: the last outputs are dead
-            torch.compiler.cudagraph_mark_step_begin()
-        with amp:
-            logits = model(x.to(ctx.device)).logits
-        total += F.cross_entropy(logits.float().flatten(0, 1), y.to(ctx.device).flatten())
-    model.train(was_training)
-    mean = total / max(1, len(batches))
-    if ctx.distributed:
-        from braid.parallel.distributed import all_reduce_mean
-
-        mean = all_reduce_mean(mean, ctx)
-    return float(mean)  # host sync, once per validation
 
 
 def nonfinite_culprit(model) -> str:
@@ -170,6 +111,8 @@ def _run(cfg, ctx, run_id, run_dir, loader, val_batches, model) -> dict:
     """Phases 3-5 inside the run directory, which this process (or its rank 0) has locked."""
     opt = build_optimizer(model, cfg.train, ctx.device)
     amp = autocast(cfg, ctx.device)
+    compute = torch.bfloat16 if isinstance(amp, torch.autocast) else torch.float32
+    cast = step_cast(model, cfg.train.cast_weights_once, compute, ctx.world)
     # Overlap engine on each MoE layer (after parallelize: the EP exchange is in place); with
     # overlap.chunks="auto" this times exchanges and GEMMs on every rank and logs the plan.
     tc = cfg.train
@@ -178,7 +121,7 @@ def _run(cfg, ctx, run_id, run_dir, loader, val_batches, model) -> dict:
         cfg.overlap,
         device=ctx.device,
         log_every=tc.log_every,
-        dtype=torch.bfloat16 if isinstance(amp, torch.autocast) else torch.float32,
+        dtype=compute,
         tokens_per_rank=tc.batch_size // tc.grad_accum * tc.seq_len // ctx.world,
         is_main=ctx.is_main,
         run_dir=run_dir,
@@ -202,7 +145,19 @@ def _run(cfg, ctx, run_id, run_dir, loader, val_batches, model) -> dict:
     with StopOnSignal() as sigterm:
         try:
             result = _loop(
-                cfg, ctx, model, opt, loader, val_batches, amp, state, ckpt, log, overlap, sigterm
+                cfg,
+                ctx,
+                model,
+                opt,
+                loader,
+                val_batches,
+                amp,
+                state,
+                ckpt,
+                log,
+                overlap,
+                sigterm,
+                cast,
             )
         except BaseException as e:
             killed = isinstance(e, (KeyboardInterrupt, Stopped))
@@ -216,12 +171,20 @@ def _run(cfg, ctx, run_id, run_dir, loader, val_batches, model) -> dict:
 
 
 def _loop(
-    cfg, ctx, model, opt, loader, val_batches, amp, state, ckpt, log, overlap, sigterm
+    cfg, ctx, model, opt, loader, val_batches, amp, state, ckpt, log, overlap, sigterm, cast
 ) -> dict:
     tc = cfg.train
+
+    def weights():  # train.cast_weights_once: the micro-steps run on bf16 copies cast once
+        return cast.swapped() if cast is not None else contextlib.nullcontext()
+
+    def validate() -> float | None:
+        with weights():
+            return evaluate(model, val_batches, cfg, amp, ctx)
+
     micro_tokens = tc.batch_size // tc.grad_accum * tc.seq_len  # global tokens per micro-step
     if state.step == 0:
-        state.initial_val_loss = evaluate(model, val_batches, cfg, amp, ctx)
+        state.initial_val_loss = validate()
         log.val(state.step, state.initial_val_loss)
     model.train()
     train_loss = state.extra.get("train_loss", float("nan"))  # restored by a resume
@@ -242,17 +205,20 @@ def _loop(
         overlap.begin_step(step + 1)
         if fp8_stats is not None:  # fp8 numerics: recorded on the last step of a log interval
             fp8_stats.active = (step + 1) % tc.log_every == 0 or step + 1 == stop
-        for _ in range(tc.grad_accum):
-            if tc.cuda_graphs:  # a new replay: the last one's graph outputs may be reused
-                torch.compiler.cudagraph_mark_step_begin()
-            x, y = loader.next_batch()
-            loss, p = loss_fn(model, _upload(x, ctx.device), _upload(y, ctx.device), cfg, amp)
-            (loss / tc.grad_accum).backward()
-            log.micro_stats([p])  # now: CUDA graphs may reuse the router stats' memory
-            parts.append(p)
-        if fp8_stats is not None:
-            fp8_stats.active = False
-        overlap.flush()  # every deferred weight grad lands before the norm and the step
+        with weights():
+            for _ in range(tc.grad_accum):
+                if tc.cuda_graphs:  # a new replay: the last one's graph outputs may be reused
+                    torch.compiler.cudagraph_mark_step_begin()
+                x, y = loader.next_batch()
+                loss, p = loss_fn(model, _upload(x, ctx.device), _upload(y, ctx.device), cfg, amp)
+                (loss / tc.grad_accum).backward()
+                if cast is not None:
+                    cast.collect()
+                log.micro_stats([p])  # now: CUDA graphs may reuse the router stats' memory
+                parts.append(p)
+            if fp8_stats is not None:
+                fp8_stats.active = False
+            overlap.flush()  # every deferred weight grad lands before the norm and the step
         ce = torch.stack([p["ce"] for p in parts]).mean()
         failed = log.write_failed()
         if gate is not None:  # one process: the step is applied or masked on the device
@@ -294,7 +260,7 @@ def _loop(
             log.writer.log(state.step, overlap_metrics)
         log.progress(state.step, train_loss)
         if at_val:
-            log.val(state.step, evaluate(model, val_batches, cfg, amp, ctx))
+            log.val(state.step, validate())
         if at_ckpt:
             log.flush()  # metrics first: a run resumed from here never lacks a step's rows
             ckpt.save(model, opt, loader, state)
@@ -312,7 +278,7 @@ def _loop(
                 rank=ctx.rank,
                 signum=sigterm.requested or signal.SIGTERM,
             )
-    final_val = evaluate(model, val_batches, cfg, amp, ctx)
+    final_val = validate()
     log.val(state.step, final_val)
     log.flush()
     ckpt.save(model, opt, loader, state)

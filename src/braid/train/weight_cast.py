@@ -1,0 +1,132 @@
+"""bf16 compute copies of the weights, cast once per optimizer step (`train.cast_weights_once`).
+
+Under bf16 autocast every micro-step's forward casts each fp32 weight to bf16 again, and its
+backward casts each bf16 weight gradient back to fp32: 12 bytes of memory traffic per weight
+per micro-step, whatever the tokens. For a sparse MoE (most weights in experts that each see a
+few tokens) that is a large share of the step: `moonlet`'s 7.3B weights move about 88 GB per
+micro-step for 1.25B active ones. `StepCast` keeps the fp32 weights as the parameters (the
+optimizer, clipping, checkpoints and exports see only them) and, for the micro-steps of one
+optimizer step, swaps in bf16 copies cast once (`swapped`):
+  1. enter: each weight's bf16 copy is refreshed from it (one cast per optimizer step, into
+     buffers kept across steps, so CUDA graphs see the same addresses) and becomes its data;
+  2. each micro-step runs forward and backward on the copies (autocast's casts are no-ops);
+     `collect()` moves the bf16 gradients into fp32 ones (the first written, later ones added:
+     the same adds in fp32 as autocast's cast-then-accumulate);
+  3. exit: collect once more, then each parameter gets back its fp32 data and its fp32 grad.
+Results equal the autocast path's bit for bit in eager mode (the same bf16 weights, the same
+bf16 GEMMs, the same fp32 accumulation); what is saved is the forward cast of every micro-step
+after the first of a step. Within one backward several contributions to a weight's gradient
+add in bf16 (as autocast sums the uses of one cached cast): with `overlap.chunk_by = "tokens"`
+the chunks' dW add in bf16 instead of into the fp32 grads.
+
+Which weights: those autocast casts in every forward anyway, the weights of `nn.Linear` modules
+(attention, dense and shared FFNs, the output head) and the routed experts' `w13`/`w2`; not the
+embeddings, norms or the router (kept in fp32 by the model), not fp8 modules (`Fp8Linear`,
+experts with fp8 GEMMs: they quantise from the fp32 weights), not a weight tied to one of those.
+One process only: under torchrun, FSDP units cast per unit with `parallel.param_dtype`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from braid.errors import BraidError
+
+
+def compute_weights(model: nn.Module) -> list[nn.Parameter]:
+    """The weights a bf16 autocast forward casts every time (see the module docstring)."""
+    from braid.model.fp8_linear import Fp8Linear
+    from braid.moe.experts import GroupedExperts
+
+    picked: list[nn.Parameter] = []
+    for mod in model.modules():
+        if isinstance(mod, nn.Linear) and not isinstance(mod, Fp8Linear):
+            picked.append(mod.weight)
+        elif isinstance(mod, GroupedExperts) and mod.fp8_stats is None:
+            picked += [mod.w13, mod.w2]
+    uses: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        uses[id(p)] = uses.get(id(p), 0) + 1
+    return [
+        p
+        for p in dict.fromkeys(picked)  # unique, in model order
+        if p.requires_grad and uses.get(id(p), 0) == 1 and not hasattr(p, "to_local")
+    ]
+
+
+class StepCast:
+    """The bf16 compute copies of `compute_weights(model)`, swapped in by `swapped()`."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype = torch.bfloat16):
+        self.params = compute_weights(model)
+        self.dtype = dtype
+        self.copies = [torch.empty_like(p, dtype=dtype) for p in self.params]
+        self._data: list[Tensor | None] = [None] * len(self.params)
+        self._grads: list[Tensor | None] = [None] * len(self.params)
+        self.active = False
+
+    @contextmanager
+    def swapped(self) -> Iterator[StepCast]:
+        """The micro-steps of one optimizer step (or a validation) run on the bf16 copies."""
+        if self.active:
+            raise RuntimeError("StepCast.swapped() is not re-entrant")
+        self.refresh()
+        for i, p in enumerate(self.params):
+            self._data[i], self._grads[i] = p.data, p.grad
+            p.grad = None
+            p.data = self.copies[i]
+        self.active = True
+        try:
+            yield self
+        finally:
+            self.collect()
+            for i, p in enumerate(self.params):
+                p.data, p.grad = self._data[i], self._grads[i]
+                self._data[i] = self._grads[i] = None
+            self.active = False
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Cast the fp32 weights into their bf16 copies: the one cast of a step."""
+        for p, c in zip(self.params, self.copies, strict=True):
+            c.copy_(p)
+
+    def drop_grads(self) -> None:
+        """Forget the fp32 gradients collected so far (a benchmark's micro-steps)."""
+        self._grads = [None] * len(self.params)
+
+    def collect(self) -> None:
+        """Move the copies' bf16 gradients into the weights' fp32 gradients (after each
+        micro-step's backward, and after deferred weight gradients were flushed)."""
+        for i, p in enumerate(self.params):
+            g = p.grad
+            if g is None:
+                continue
+            p.grad = None
+            held = self._grads[i]
+            if held is None:
+                self._grads[i] = g.to(self._data[i].dtype)
+            else:
+                held.add_(g)
+
+
+def step_cast(model: nn.Module, enabled: bool, compute: torch.dtype, world: int) -> StepCast | None:
+    """`StepCast` for `train.cast_weights_once`, or None when it is off; a one-line error where
+    it cannot apply."""
+    if not enabled:
+        return None
+    if world > 1:
+        raise BraidError(
+            "train.cast_weights_once=true needs one process (under torchrun, FSDP units cast "
+            "per unit: parallel.param_dtype=bf16)"
+        )
+    if compute != torch.bfloat16:
+        raise BraidError(
+            f"train.cast_weights_once=true needs a bf16 compute dtype, not {compute} "
+            "(train.dtype=bf16, or auto on a GPU)"
+        )
+    return StepCast(model, compute)

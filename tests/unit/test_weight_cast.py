@@ -1,0 +1,160 @@
+"""train.cast_weights_once: the micro-steps of an optimizer step run on bf16 copies of the
+weights cast once (`braid.train.weight_cast`); losses, gradients and updated weights equal the
+per-forward autocast path's bit for bit, and a tiny training run's losses equal too."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import gc
+
+import pytest
+import torch
+from tests.bench_import import benchmark_module
+
+from braid.config import load_config
+from braid.errors import BraidError
+from braid.model.transformer import Transformer
+from braid.parallel.mesh import ParallelContext
+from braid.train.model_setup import build_model
+from braid.train.optim import build_optimizer
+from braid.train.trainer import loss_fn
+from braid.train.weight_cast import StepCast, compute_weights, step_cast
+from tiny_run import TINY_MODEL, prepare_words, train_logged
+
+BF16 = torch.bfloat16
+MODEL = [*TINY_MODEL, "--moe.num_shared_experts=1", "--moe.first_k_dense=1", "--train.dtype=bf16"]
+
+
+def _model(extra: list[str] = ()) -> tuple[Transformer, object]:
+    cfg = load_config(None, [*MODEL, *extra])
+    ctx = ParallelContext(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
+    return build_model(cfg, ctx), cfg
+
+
+def _batches(cfg, n: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, cfg.model.vocab_size, (2, 17), generator=g) for _ in range(n)]
+
+
+def _step(model, cfg, opt, batches, cast: StepCast | None) -> list[float]:
+    """One optimizer step over `batches` (grad accumulation), as the trainer runs it."""
+    amp = torch.autocast("cpu", dtype=BF16)
+    losses = []
+    with cast.swapped() if cast is not None else contextlib.nullcontext():
+        for x in batches:
+            loss, _ = loss_fn(model, x[:, :-1], x[:, 1:], cfg, amp)
+            (loss / len(batches)).backward()
+            if cast is not None:
+                cast.collect()
+            losses.append(float(loss.detach()))
+    return losses
+
+
+def test_steps_on_weights_cast_once_equal_the_autocast_path_bit_for_bit():
+    ref, cfg = _model()
+    got = copy.deepcopy(ref)
+    cast = StepCast(got)
+    assert cast.params and all(p.dtype == torch.float32 for p in cast.params)
+    opts = [build_optimizer(m, cfg.train, torch.device("cpu")) for m in (ref, got)]
+    batches = _batches(cfg, 6)
+    for k in range(3):  # three optimizer steps of two micro-steps each
+        mb = batches[2 * k : 2 * k + 2]
+        want = _step(ref, cfg, opts[0], mb, None)
+        seen = _step(got, cfg, opts[1], mb, cast)
+        assert seen == want, k
+        for (name, a), b in zip(ref.named_parameters(), got.parameters(), strict=True):
+            assert b.dtype == a.dtype == torch.float32, name  # fp32 again outside the swap
+            assert (a.grad is None) == (b.grad is None), name
+            if a.grad is not None:
+                assert b.grad.dtype == torch.float32 and torch.equal(a.grad, b.grad), name
+        for opt in opts:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        for (name, a), b in zip(ref.named_parameters(), got.parameters(), strict=True):
+            assert torch.equal(a, b), name
+
+
+def test_inside_the_swap_the_weights_are_the_step_s_bf16_cast():
+    model, _ = _model()
+    cast = StepCast(model)
+    w = cast.params[0]
+    fp32 = w.detach().clone()
+    with cast.swapped():
+        assert w.dtype == BF16 and torch.equal(w.detach(), fp32.to(BF16))
+        with pytest.raises(RuntimeError, match="re-entrant"):
+            with cast.swapped():
+                pass
+    assert w.dtype == torch.float32 and torch.equal(w.detach(), fp32)
+    with torch.no_grad():
+        w.add_(1.0)  # an optimizer step: the next swap casts the new values
+    with cast.swapped():
+        assert torch.equal(w.detach(), (fp32 + 1.0).to(BF16))
+
+
+def _cast_names(model) -> set[str]:
+    picked = {id(p) for p in compute_weights(model)}
+    return {n for n, p in model.named_parameters() if id(p) in picked}
+
+
+def test_the_cast_weights_are_the_linears_and_experts_not_embeddings_norms_or_router():
+    names = _cast_names(_model(["--model.tie_embeddings=false"])[0])
+    assert "blocks.1.ffn.experts.w13" in names and "blocks.1.ffn.experts.w2" in names
+    assert "blocks.0.attn.wq.weight" in names and "output.weight" in names
+    assert "blocks.1.ffn.shared.w13.weight" in names
+    assert not any("norm" in n or "tok_emb" in n or "router" in n for n in names), names
+    tied = _cast_names(_model(["--model.tie_embeddings=true"])[0])  # the head is the embedding
+    assert "blocks.0.attn.wq.weight" in tied and not any("emb" in n for n in tied), tied
+    fp8 = _cast_names(_model(["--train.precision=fp8"])[0])
+    assert fp8 == set(), fp8  # fp8 modules quantise from the fp32 weights
+    assert _cast_names(_model(["--train.precision=fp8", '--train.fp8_skip=["attn"]'])[0])
+
+
+def test_cast_weights_once_refuses_where_it_cannot_apply():
+    model, _ = _model()
+    assert step_cast(model, False, BF16, 1) is None
+    with pytest.raises(BraidError, match="one process"):
+        step_cast(model, True, BF16, 2)
+    with pytest.raises(BraidError, match="bf16 compute dtype"):
+        step_cast(model, True, torch.float32, 1)
+
+
+@pytest.mark.parametrize("compile_", [False, True])
+def test_a_tiny_run_with_weights_cast_once_logs_the_same_losses(tmp_path, compile_):
+    """Through the trainer (grad accumulation, validation, the optimizer), eager and with
+    train.compile (the blocks compiled once, for the bf16 weights they always see)."""
+    words = "every token is routed to two experts and back again".split()
+    data = prepare_words(tmp_path, words, seed=0, count=3000)
+    base = [
+        *MODEL,
+        "--train.batch_size=8",
+        "--train.grad_accum=2",
+        "--train.seq_len=32",
+        "--train.steps=6",
+        "--train.log_every=2",
+        "--train.val_every=3",
+        "--train.val_batches=1",
+        "--train.progress=false",
+        "--checkpoint.every=100",
+        f"--data.path={data}",
+        f"--run.dir={tmp_path / 'runs'}",
+        f"--train.compile={str(compile_).lower()}",
+    ]
+    ref, ref_res = train_logged([*base, "--run.name=ref"])
+    got, got_res = train_logged([*base, "--run.name=once", "--train.cast_weights_once=true"])
+    assert got == ref and sorted(ref) == [2, 4, 6]
+    assert got_res["final_val_loss"] == ref_res["final_val_loss"]
+
+
+def test_the_step_benchmark_runs_its_micro_steps_on_the_cast_copies():
+    make_step = benchmark_module("model_step").make_step
+    sets = ("train.dtype=bf16", "train.cast_weights_once=true")
+    step, _ = make_step("tiny", 1, 16, False, False, sets)
+    w = step.cast.params[0]
+    for _ in range(2):
+        step()
+        assert w.dtype == BF16 and w.grad is None
+    step.cast.refresh()
+    del step
+    gc.collect()
+    assert w.dtype == torch.float32  # the swap ends with the step
