@@ -158,3 +158,13 @@ def test_the_step_benchmark_runs_its_micro_steps_on_the_cast_copies():
     del step
     gc.collect()
     assert w.dtype == torch.float32  # the swap ends with the step
+
+
+def test_a_run_that_cannot_cast_once_fails_before_writing_anything(tmp_path):
+    from braid.train.trainer import train
+
+    cfg = load_config(None, [*TINY_MODEL, "--train.cast_weights_once=true",
+                             f"--run.dir={tmp_path / 'runs'}"])  # fmt: skip
+    with pytest.raises(BraidError, match="bf16 compute dtype, not torch.float32"):
+        train(cfg)  # train.dtype=auto on the CPU: fp32
+    assert not (tmp_path / "runs").exists()

@@ -13,10 +13,15 @@ from braid.config import Config
 from braid.parallel.mesh import ParallelContext
 
 
-def autocast(cfg: Config, device: torch.device):
-    """bf16 autocast on GPU (train.dtype auto/bf16), full fp32 on CPU unless bf16 is asked for."""
+def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    """bf16 on GPU (train.dtype auto/bf16), fp32 on CPU unless bf16 is asked for."""
     use_bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and device.type == "cuda")
-    if not use_bf16:
+    return torch.bfloat16 if use_bf16 else torch.float32
+
+
+def autocast(cfg: Config, device: torch.device):
+    """bf16 autocast where the compute dtype is bf16 (`compute_dtype`), else nothing."""
+    if compute_dtype(cfg, device) != torch.bfloat16:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)
 

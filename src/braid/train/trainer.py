@@ -37,14 +37,20 @@ from braid.overlap.session import OverlapSession
 from braid.parallel.distributed import init_parallel
 from braid.parallel.mesh import ParallelContext
 from braid.train.log import TrainLogger, check_logging
-from braid.train.loss import autocast, evaluate, loss_fn, mtp_loss  # noqa: F401 (re-exported)
+from braid.train.loss import (  # noqa: F401 (autocast, loss_fn, mtp_loss: re-exported)
+    autocast,
+    compute_dtype,
+    evaluate,
+    loss_fn,
+    mtp_loss,
+)
 from braid.train.model_setup import build_model, load_data
 from braid.train.optim import build_optimizer, lr_at
 from braid.train.rundir import new_run_id, prepare_run_dir, write_json_atomic
 from braid.train.runlock import RunLock
 from braid.train.signals import StopOnSignal, Stopped
 from braid.train.step import DeviceGate, supports_device_gate
-from braid.train.weight_cast import step_cast
+from braid.train.weight_cast import check_cast, step_cast
 
 
 @dataclass
@@ -82,6 +88,7 @@ def _train(cfg: Config, ctx: ParallelContext) -> dict:
 
     # Dependencies, data and model first: a bad corpus or config fails before anything is written.
     check_logging(cfg)
+    check_cast(cfg.train.cast_weights_once, compute_dtype(cfg, ctx.device), ctx.world)
     train_ds, val_ds, loader, val_batches = load_data(cfg, ctx)
     init_from = cfg.checkpoint.init_from
     if init_from:
@@ -111,8 +118,7 @@ def _run(cfg, ctx, run_id, run_dir, loader, val_batches, model) -> dict:
     """Phases 3-5 inside the run directory, which this process (or its rank 0) has locked."""
     opt = build_optimizer(model, cfg.train, ctx.device)
     amp = autocast(cfg, ctx.device)
-    compute = torch.bfloat16 if isinstance(amp, torch.autocast) else torch.float32
-    cast = step_cast(model, cfg.train.cast_weights_once, compute, ctx.world)
+    compute = compute_dtype(cfg, ctx.device)
     # Overlap engine on each MoE layer (after parallelize: the EP exchange is in place); with
     # overlap.chunks="auto" this times exchanges and GEMMs on every rank and logs the plan.
     tc = cfg.train
@@ -138,6 +144,7 @@ def _run(cfg, ctx, run_id, run_dir, loader, val_batches, model) -> dict:
         from braid.checkpoint.init_from import load_init
 
         load_init(model, init_from, cfg)
+    cast = step_cast(model, cfg.train.cast_weights_once, compute, ctx.world)  # after the weights
     log = TrainLogger(cfg, ctx, run_id, run_dir, arithmetic(cfg).flops_per_token)
     from braid.parallel.expert import watch_exchange_choice  # exchange.algorithm=auto: record
 

@@ -114,11 +114,10 @@ class StepCast:
                 held.add_(g)
 
 
-def step_cast(model: nn.Module, enabled: bool, compute: torch.dtype, world: int) -> StepCast | None:
-    """`StepCast` for `train.cast_weights_once`, or None when it is off; a one-line error where
-    it cannot apply."""
+def check_cast(enabled: bool, compute: torch.dtype, world: int) -> None:
+    """A one-line error where `train.cast_weights_once` cannot apply (before a run starts)."""
     if not enabled:
-        return None
+        return
     if world > 1:
         raise BraidError(
             "train.cast_weights_once=true needs one process (under torchrun, FSDP units cast "
@@ -129,4 +128,9 @@ def step_cast(model: nn.Module, enabled: bool, compute: torch.dtype, world: int)
             f"train.cast_weights_once=true needs a bf16 compute dtype, not {compute} "
             "(train.dtype=bf16, or auto on a GPU)"
         )
-    return StepCast(model, compute)
+
+
+def step_cast(model: nn.Module, enabled: bool, compute: torch.dtype, world: int) -> StepCast | None:
+    """`StepCast` for `train.cast_weights_once`, or None when it is off (`check_cast` first)."""
+    check_cast(enabled, compute, world)
+    return StepCast(model, compute) if enabled else None
