@@ -119,10 +119,20 @@ def test_cast_weights_once_refuses_where_it_cannot_apply():
         step_cast(model, True, torch.float32, 1)
 
 
-@pytest.mark.parametrize("compile_", [False, True])
-def test_a_tiny_run_with_weights_cast_once_logs_the_same_losses(tmp_path, compile_):
-    """Through the trainer (grad accumulation, validation, the optimizer), eager and with
-    train.compile (the blocks compiled once, for the bf16 weights they always see)."""
+@pytest.mark.parametrize(
+    "extra",
+    [
+        [],
+        ["--train.compile=true"],
+        ["--overlap.chunks=2", "--overlap.split_dw=true", "--overlap.chunk_by=experts"],
+    ],
+    ids=["eager", "compile", "overlap"],
+)
+def test_a_tiny_run_with_weights_cast_once_logs_the_same_losses(tmp_path, extra):
+    """Through the trainer (grad accumulation, validation, the optimizer): eager, with
+    train.compile (the blocks compiled once, for the bf16 weights they always see), and with
+    the overlap engine (chunks of experts write their dW rows, the shared experts' deferred dW
+    flushed inside the swap)."""
     words = "every token is routed to two experts and back again".split()
     data = prepare_words(tmp_path, words, seed=0, count=3000)
     base = [
@@ -138,7 +148,7 @@ def test_a_tiny_run_with_weights_cast_once_logs_the_same_losses(tmp_path, compil
         "--checkpoint.every=100",
         f"--data.path={data}",
         f"--run.dir={tmp_path / 'runs'}",
-        f"--train.compile={str(compile_).lower()}",
+        *extra,
     ]
     ref, ref_res = train_logged([*base, "--run.name=ref"])
     got, got_res = train_logged([*base, "--run.name=once", "--train.cast_weights_once=true"])
