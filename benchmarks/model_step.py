@@ -13,9 +13,10 @@ when a preset does not fit one GPU. MFU counts training FLOPs per token from `br
 MTP modules) against the H100/H200 dense bf16 datasheet peak (989 TFLOP/s) and, for reference,
 against the 788 TFLOP/s a large bf16 matmul reaches on the same machine. Weights are fp32 with
 bf16 autocast, as in training. The optimizer step is excluded (forward + backward only).
-With `--set train.cast_weights_once=true` each step is a micro-step on the bf16 weight copies
-(`braid.train.weight_cast`), its bf16 grads moved into fp32 ones as in training; the cast that
-an optimizer step pays once, whatever its micro-steps, is timed apart (`cast_refresh_ms`).
+Variants `cast` (compiled) and `eager_cast` set `train.cast_weights_once`: each step is a
+micro-step on the bf16 weight copies (`braid.train.weight_cast`), its bf16 grads moved into
+fp32 ones as in training; the cast that an optimizer step pays once, whatever its micro-steps,
+is timed apart (`cast_refresh_ms`). `--variants compile,cast` compares the two in one run.
 """
 
 from __future__ import annotations
@@ -37,6 +38,14 @@ from braid.train.trainer import autocast, loss_fn  # noqa: E402
 from braid.train.weight_cast import StepCast  # noqa: E402
 
 PEAK = 989e12
+# name: (train.compile, activation checkpointing, train.cast_weights_once)
+VARIANTS = {
+    "eager": (False, False, False),
+    "compile": (True, False, False),
+    "ac": (False, True, False),
+    "cast": (True, False, True),
+    "eager_cast": (False, False, True),
+}
 
 
 def matmul_ceiling() -> float:
@@ -136,7 +145,11 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq", type=int, default=4096)
     p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--variants", default="eager,compile", help="eager, compile, ac (comma list)")
+    p.add_argument(
+        "--variants",
+        default="eager,compile",
+        help="comma list of: " + ", ".join(VARIANTS) + " (cast: train.cast_weights_once)",
+    )
     p.add_argument("--out", default="benchmarks/results/model_step.json")
     p.add_argument(
         "--set",
@@ -146,19 +159,17 @@ def main() -> None:
         help="config override (repeatable), e.g. model.n_layers=8",
     )
     args = p.parse_args()
+    variants = args.variants.split(",")
+    if unknown := [v for v in variants if v not in VARIANTS]:
+        raise SystemExit(f"--variants: unknown {unknown}; expected of {list(VARIANTS)}")
     result = {"env": environment(), "runs": []}
     if torch.cuda.is_available():
         result["matmul_bf16_tflops"] = round(matmul_ceiling() / 1e12, 1)
-    for v in args.variants.split(","):
-        r = run(
-            args.config,
-            args.batch,
-            args.seq,
-            v == "compile",
-            v == "ac",
-            args.iters,
-            tuple(args.set),
-        )
+    for v in variants:
+        compile_, ac, cast = VARIANTS[v]
+        sets = (*args.set, "train.cast_weights_once=true") if cast else tuple(args.set)
+        r = run(args.config, args.batch, args.seq, compile_, ac, args.iters, sets)
+        r["variant"] = v
         if "matmul_bf16_tflops" in result:
             r["mfu_vs_measured_matmul"] = round(r["tflops"] / result["matmul_bf16_tflops"], 4)
         result["runs"].append(r)
