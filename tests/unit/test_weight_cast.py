@@ -90,6 +90,10 @@ def test_inside_the_swap_the_weights_are_the_step_s_bf16_cast():
         w.add_(1.0)  # an optimizer step: the next swap casts the new values
     with cast.swapped():
         assert torch.equal(w.detach(), (fp32 + 1.0).to(BF16))
+        with torch.no_grad():
+            w.zero_()  # inside the swap, a refresh casts again from the fp32 weight
+        cast.refresh()
+        assert torch.equal(w.detach(), (fp32 + 1.0).to(BF16))
 
 
 def _cast_names(model) -> set[str]:

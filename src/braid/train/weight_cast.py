@@ -91,9 +91,10 @@ class StepCast:
 
     @torch.no_grad()
     def refresh(self) -> None:
-        """Cast the fp32 weights into their bf16 copies: the one cast of a step."""
-        for p, c in zip(self.params, self.copies, strict=True):
-            c.copy_(p)
+        """Cast the fp32 weights into their bf16 copies: the one cast of a step (inside the
+        swap too, from the fp32 data held aside)."""
+        for i, (p, c) in enumerate(zip(self.params, self.copies, strict=True)):
+            c.copy_(self._data[i] if self.active else p)
 
     def drop_grads(self) -> None:
         """Forget the fp32 gradients collected so far (a benchmark's micro-steps)."""
