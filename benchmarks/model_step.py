@@ -33,9 +33,10 @@ from common import environment, time_cuda, write_result  # noqa: E402
 from braid.config import load_config  # noqa: E402
 from braid.info import arithmetic  # noqa: E402
 from braid.parallel.mesh import ParallelContext  # noqa: E402
+from braid.train.loss import compute_dtype  # noqa: E402
 from braid.train.model_setup import build_model  # noqa: E402
 from braid.train.trainer import autocast, loss_fn  # noqa: E402
-from braid.train.weight_cast import StepCast  # noqa: E402
+from braid.train.weight_cast import StepCast, check_cast  # noqa: E402
 
 PEAK = 989e12
 # name: (train.compile, activation checkpointing, train.cast_weights_once)
@@ -84,6 +85,7 @@ def make_step(
     x = torch.randint(0, cfg.model.vocab_size, (batch, seq + 1), device=dev)
     cast, swap = None, None
     if cfg.train.cast_weights_once:  # the micro-steps of a step, on bf16 copies cast once
+        check_cast(True, compute_dtype(cfg, dev), 1)
         cast = StepCast(model)
         swap = cast.swapped()  # held while the step lives: every step is a micro-step
         swap.__enter__()

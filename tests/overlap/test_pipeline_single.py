@@ -66,6 +66,36 @@ def test_shared_experts_split_over_fill_and_drain_match_for_any_token_count(toke
         assert max(_rel(a, b) for a, b in zip(got, ref, strict=True)) < 1e-5, (chunks, split)
 
 
+def test_split_dw_shared_experts_run_in_token_halves_whose_dw_is_joined(monkeypatch):
+    """With split_dw the shared experts (and their gate) see the first N // 2 tokens, then the
+    rest; each weight's dW reaches the queue once, as one task over both halves' rows."""
+    from braid.overlap import wgrad
+
+    seen, real = [], wgrad.JoinedWgrad.add
+    monkeypatch.setattr(
+        wgrad.JoinedWgrad,
+        "add",
+        lambda self, b, w, x, g: (seen.append((b, id(w), x.flatten(0, -2).shape[0])),
+                                  real(self, b, w, x, g))[1],
+    )  # fmt: skip
+    base = seeded_moe(num_shared_experts=1, shared_gate=True)
+    x = torch.randn(1, 7, 16, generator=torch.Generator().manual_seed(4))
+    ref = moe_step(copy.deepcopy(base), x)
+    moe = copy.deepcopy(base)
+    moe.overlap = LayerOverlap(0, 1, True, CPU)  # C = 1: the routed experts queue 2 dW tasks
+    queued = []
+    real_call = moe.overlap.queue.__class__.__call__
+    monkeypatch.setattr(
+        moe.overlap.queue.__class__, "__call__", lambda q, t: (queued.append(t), real_call(q, t))
+    )
+    got = moe_step(moe, x)
+    weights = {id(moe.shared.w13.weight), id(moe.shared.w2.weight), id(moe.shared_gate.weight)}
+    assert {w for _, w, _ in seen} == weights
+    assert sorted((b, n) for b, _, n in seen) == [(0, 3)] * 3 + [(1, 4)] * 3
+    assert len(queued) - 2 == 3  # one task per shared weight, not one per half
+    assert max(_rel(a, b) for a, b in zip(got, ref, strict=True)) < 1e-5
+
+
 @pytest.mark.parametrize("by", ["tokens", "experts"])
 @pytest.mark.parametrize("fp8,bf16", [(False, False), (False, True), (True, False)])
 def test_chunks_share_one_cast_of_each_expert_weight(monkeypatch, fp8, bf16, by):

@@ -182,3 +182,35 @@ def test_a_run_that_cannot_cast_once_fails_before_writing_anything(tmp_path):
     with pytest.raises(BraidError, match="bf16 compute dtype, not torch.float32"):
         train(cfg)  # train.dtype=auto on the CPU: fp32
     assert not (tmp_path / "runs").exists()
+
+
+def test_bf16_grads_move_to_fp32_as_backward_accumulates_them():
+    """No bf16 gradient outlives its backward (a post-accumulate hook takes each one)."""
+    model, cfg = _model()
+    cast = StepCast(model)
+    amp = torch.autocast("cpu", dtype=BF16)
+    (x,) = _batches(cfg, 1)
+    with cast.swapped():
+        loss, _ = loss_fn(model, x[:, :-1], x[:, 1:], cfg, amp)
+        loss.backward()
+        assert all(p.grad is None for p in cast.params)  # taken before collect()
+        assert all(g is not None and g.dtype == torch.float32 for g in cast._grads)
+    assert all(p.grad.dtype == torch.float32 for p in cast.params)
+
+
+def test_an_exception_inside_the_swap_leaves_fp32_weights_and_grads():
+    model, cfg = _model()
+    cast = StepCast(model)
+    before = [p.detach().clone() for p in cast.params]
+    amp = torch.autocast("cpu", dtype=BF16)
+    (x,) = _batches(cfg, 1)
+    with pytest.raises(KeyboardInterrupt):
+        with cast.swapped():
+            loss, _ = loss_fn(model, x[:, :-1], x[:, 1:], cfg, amp)
+            loss.backward()
+            raise KeyboardInterrupt
+    for p, b in zip(cast.params, before, strict=True):
+        assert p.dtype == torch.float32 and torch.equal(p.detach(), b)
+        assert p.grad is not None and p.grad.dtype == torch.float32
+    with cast.swapped():  # usable again
+        assert cast.params[0].dtype == BF16

@@ -3,6 +3,7 @@
     OverlapSession.install / begin_step / flush / end_step   session.py  (the trainer's handle)
     LayerOverlap (moe.overlap)                                pipeline.py (chunked region)
     Capture, Root                                             graph_ends.py (a chunk's graph)
+    half_tokens, joined_side                                  shared_halves.py (split_dw)
     WgradQueue, flush_point, split_linear, swiglu_split_dw    wgrad.py    (dW/dX split)
     JoinedWgrad                                               wgrad.py    (one dW of row blocks)
     CostModel, LayerShape, measure, predict_ms, choose_chunks planner.py

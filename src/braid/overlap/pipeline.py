@@ -56,15 +56,10 @@ from braid.ops.swiglu import gated
 from braid.overlap.config import chunk_axis
 from braid.overlap.fsdp_unit import HeldUnit
 from braid.overlap.graph_ends import Capture, Root
+from braid.overlap.shared_halves import half_tokens, joined_side
 from braid.overlap.streams import Clock
 from braid.overlap.timeline import LayerTimeline
-from braid.overlap.wgrad import JoinedWgrad, Task, WgradQueue, flush_point, swiglu_split_dw
-
-
-def half_tokens(n: int) -> int:
-    """Where the shared experts' tokens split between the fill and the drain: the first half
-    (rounded down) beside the first dispatch, the rest beside the last combine."""
-    return n // 2
+from braid.overlap.wgrad import JoinedWgrad, Task, WgradQueue, flush_point
 
 
 class _Home:
@@ -375,8 +370,7 @@ class LayerOverlap:
         overlap_shared = shared is not None and (self.chunks > 1 or self.split_dw)
         side, halves = None, 1
         if overlap_shared and sink is not None:  # token halves, their dW joined (`_Run`)
-            joined, halves = JoinedWgrad(sink, 2), 2
-            side = lambda x, h: gated(swiglu_split_dw(shared, x, joined.block(h)), x, shared_gate)  # noqa: E731
+            side, halves = joined_side(shared, shared_gate, JoinedWgrad(sink, 2)), 2
         elif overlap_shared:
             side = lambda x, h: gated(shared(x), x, shared_gate)  # noqa: E731
         grad = torch.is_grad_enabled()

@@ -49,7 +49,7 @@ class TrainConfig:
     cast_weights_once: bool = knob(
         False,
         "bf16 compute: cast the weights to bf16 once per optimizer step, not in every "
-        "micro-step's forward (same results; one process; docs/peers.md).",
+        "micro-step's forward (autocast's results; one process; docs/peers.md).",
     )
     compile: bool = knob(False, "Wrap each transformer block in torch.compile.")
     cuda_graphs: bool = knob(

@@ -10,8 +10,9 @@ optimizer step, swaps in bf16 copies cast once (`swapped`):
   1. enter: each weight's bf16 copy is refreshed from it (one cast per optimizer step, into
      buffers kept across steps, so CUDA graphs see the same addresses) and becomes its data;
   2. each micro-step runs forward and backward on the copies (autocast's casts are no-ops);
-     `collect()` moves the bf16 gradients into fp32 ones (the first written, later ones added:
-     the same adds in fp32 as autocast's cast-then-accumulate);
+     each bf16 gradient moves into an fp32 one as soon as autograd has accumulated it (the
+     first written, later ones added: the same adds in fp32 as autocast's cast-then-
+     accumulate), and `collect()` moves those written directly (deferred dW);
   3. exit: collect once more, then each parameter gets back its fp32 data and its fp32 grad.
 Results equal the autocast path's bit for bit in eager mode (the same bf16 weights, the same
 bf16 GEMMs, the same fp32 accumulation); what is saved is the forward cast of every micro-step
@@ -71,23 +72,36 @@ class StepCast:
 
     @contextmanager
     def swapped(self) -> Iterator[StepCast]:
-        """The micro-steps of one optimizer step (or a validation) run on the bf16 copies."""
+        """The micro-steps of one optimizer step (or a validation) run on the bf16 copies.
+        Each copy's gradient is moved into the fp32 one as soon as autograd has accumulated it
+        (a post-accumulate hook), so no bf16 gradient outlives its backward; `collect()` moves
+        what was written directly (the overlap engine's deferred dW). On the way out, even by an
+        exception, every parameter gets its fp32 data and gradient back."""
         if self.active:
             raise RuntimeError("StepCast.swapped() is not re-entrant")
         self.refresh()
-        for i, p in enumerate(self.params):
-            self._data[i], self._grads[i] = p.data, p.grad
-            p.grad = None
-            p.data = self.copies[i]
         self.active = True
+        hooks = []
         try:
+            for i, p in enumerate(self.params):
+                self._data[i], self._grads[i] = p.data, p.grad
+                p.grad = None
+                p.data = self.copies[i]
+                hooks.append(p.register_post_accumulate_grad_hook(lambda p, i=i: self._take(i)))
             yield self
         finally:
-            self.collect()
-            for i, p in enumerate(self.params):
-                p.data, p.grad = self._data[i], self._grads[i]
-                self._data[i] = self._grads[i] = None
-            self.active = False
+            try:
+                self.collect()
+            finally:
+                for h in hooks:
+                    h.remove()
+                for i, p in enumerate(self.params):
+                    if self._data[i] is None:  # never swapped in
+                        continue
+                    p.grad = None
+                    p.data, p.grad = self._data[i], self._grads[i]
+                    self._data[i] = self._grads[i] = None
+                self.active = False
 
     @torch.no_grad()
     def refresh(self) -> None:
@@ -103,16 +117,20 @@ class StepCast:
     def collect(self) -> None:
         """Move the copies' bf16 gradients into the weights' fp32 gradients (after each
         micro-step's backward, and after deferred weight gradients were flushed)."""
-        for i, p in enumerate(self.params):
-            g = p.grad
-            if g is None:
-                continue
-            p.grad = None
-            held = self._grads[i]
-            if held is None:
-                self._grads[i] = g.to(self._data[i].dtype)
-            else:
-                held.add_(g)
+        for i in range(len(self.params)):
+            self._take(i)
+
+    def _take(self, i: int) -> None:
+        p = self.params[i]
+        g = p.grad
+        if g is None:
+            return
+        p.grad = None
+        held = self._grads[i]
+        if held is None:
+            self._grads[i] = g.to(self._data[i].dtype)
+        else:
+            held.add_(g)
 
 
 def check_cast(enabled: bool, compute: torch.dtype, world: int) -> None:
