@@ -5,7 +5,9 @@ Phases of `train(cfg)`:
   2. data: the shards named by data.path, or the built-in corpus prepared on first use;
   3. model: built on the meta device, parallelized, materialised with `to_empty`, then
      initialised layout-independently (braid.model.init) — or restored from a checkpoint;
-  4. loop: grad-accumulated micro-steps, clip, AdamW, router bias update, log/validate/checkpoint;
+  4. loop: grad-accumulated micro-steps (with train.cast_weights_once on bf16 copies of the
+     weights cast once per step, train/weight_cast.py), clip, AdamW, router bias update,
+     log/validate/checkpoint;
      in one process with a fused optimizer (CUDA) the step never waits for the host: non-finite
      steps are masked on the device (train/step.py) and the host reads the loss, grad norm and
      skip count only at log, validation and checkpoint steps; otherwise (several processes, or
