@@ -39,13 +39,7 @@ from braid.overlap.session import OverlapSession
 from braid.parallel.distributed import init_parallel
 from braid.parallel.mesh import ParallelContext
 from braid.train.log import TrainLogger, check_logging
-from braid.train.loss import (  # noqa: F401 (autocast, loss_fn, mtp_loss: re-exported)
-    autocast,
-    compute_dtype,
-    evaluate,
-    loss_fn,
-    mtp_loss,
-)
+from braid.train.loss import autocast, compute_dtype, evaluate, loss_fn
 from braid.train.model_setup import build_model, load_data
 from braid.train.optim import build_optimizer, lr_at
 from braid.train.rundir import new_run_id, prepare_run_dir, write_json_atomic
