@@ -143,7 +143,8 @@ if triton is not None:
     ):
         row = tl.program_id(0).to(tl.int64)
         h_row, dh_row, q_row = h_ptr + row * 2 * F, dh_ptr + row * 2 * F, q_ptr + row * 2 * F
-        dy_row, dt = dy_ptr + row * F, dh_ptr.dtype.element_ty
+        dy_row = dy_ptr + row * F
+        dt = dh_ptr.dtype.element_ty
         if ONE_STEP:  # dh stays in registers for its codes
             cols = tl.arange(0, BLOCK)
             mask = cols < F
