@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from braid.errors import BraidError
+from braid.ops.grad_cast import into_fp32
 
 
 def compute_weights(model: nn.Module) -> list[nn.Parameter]:
@@ -127,7 +128,9 @@ class StepCast:
             return
         p.grad = None
         held = self._grads[i]
-        if held is None:
+        if self._data[i].dtype == torch.float32:  # one vectorized pass (`braid.ops.grad_cast`)
+            self._grads[i] = into_fp32(held, g)
+        elif held is None:
             self._grads[i] = g.to(self._data[i].dtype)
         else:
             held.add_(g)
