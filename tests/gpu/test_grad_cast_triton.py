@@ -29,3 +29,7 @@ def test_triton_grad_cast_equals_torch(shape):
     assert got is acc  # in place
     assert torch.equal(got, want)
     assert not torch.equal(want, acc.clone().sub_(grad))  # the check can fail
+    assert grad_cast.into_fp32(acc, grad, add=False) is acc and torch.equal(acc, grad.float())
+    rows = torch.zeros((2 * shape[0], *shape[1:]), device="cuda")  # a slice, as a chunk's rows
+    grad_cast.into_fp32(rows[shape[0] :], grad, add=False)
+    assert torch.equal(rows[shape[0] :], grad.float()) and not rows[: shape[0]].any()

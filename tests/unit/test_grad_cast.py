@@ -16,6 +16,7 @@ def test_cpu_path_is_the_torch_expressions():
     want = acc + g.float()
     got = into_fp32(acc, g)
     assert got is acc and torch.equal(got, want)
+    assert into_fp32(acc, g, add=False) is acc and torch.equal(acc, g.float())
 
 
 def test_refuses_a_mismatched_accumulator():

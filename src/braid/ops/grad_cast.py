@@ -1,7 +1,8 @@
 """A bf16 gradient into its fp32 accumulator in one vectorized pass (`train.cast_weights_once`).
 
-    into_fp32(None, g)  -> g as a new fp32 tensor          (g.float())
-    into_fp32(acc, g)   -> acc += g, in place, in fp32     (acc.add_(g))
+    into_fp32(None, g)            -> g as a new fp32 tensor    (g.float())
+    into_fp32(acc, g)             -> acc += g, in place, fp32  (acc.add_(g))
+    into_fp32(acc, g, add=False)  -> acc = g, in place         (acc.copy_(g))
 The same bits as the torch expressions on the right: bf16 -> fp32 is exact and the sum rounds
 once, in fp32. On CUDA, torch runs a dtype-converting copy or add through its unvectorized
 element-wise kernel; on one H100 the bf16 -> fp32 copies of `moonlet`'s grads (7.2B weights)
@@ -47,9 +48,9 @@ if triton is not None:
         tl.store(acc_ptr + offs, g, mask=mask)
 
 
-def into_fp32(acc: Tensor | None, g: Tensor) -> Tensor:
-    """`g` (bf16) added into `acc` (fp32, in place), or a new fp32 copy of it when `acc` is None.
-    Returns the fp32 tensor."""
+def into_fp32(acc: Tensor | None, g: Tensor, add: bool = True) -> Tensor:
+    """`g` (bf16) added into `acc` (fp32, in place; written over it with `add=False`), or a new
+    fp32 copy of it when `acc` is None. Returns the fp32 tensor."""
     if acc is not None and (acc.shape != g.shape or acc.dtype != torch.float32):
         raise ValueError(
             f"into_fp32: accumulator {tuple(acc.shape)} {acc.dtype} for a grad "
@@ -58,10 +59,10 @@ def into_fp32(acc: Tensor | None, g: Tensor) -> Tensor:
     if not available(g) or (acc is not None and not acc.is_contiguous()):
         if acc is None:
             return g.to(torch.float32)
-        return acc.add_(g)
+        return acc.add_(g) if add else acc.copy_(g)
     out = torch.empty(g.shape, dtype=torch.float32, device=g.device) if acc is None else acc
     n = g.numel()
     _into_fp32_kernel[(triton.cdiv(n, BLOCK),)](
-        g, out, n, ADD=acc is not None, BLOCK=BLOCK, num_warps=8
+        g, out, n, ADD=acc is not None and add, BLOCK=BLOCK, num_warps=8
     )
     return out
