@@ -1,4 +1,4 @@
-"""A bf16 gradient into its fp32 accumulator in one vectorized pass (`train.cast_weights_once`).
+"""A bf16 gradient into fp32 in one vectorized pass (cast-once grads, the routed experts' dW).
 
     into_fp32(None, g)            -> g as a new fp32 tensor    (g.float())
     into_fp32(acc, g)             -> acc += g, in place, fp32  (acc.add_(g))
@@ -8,7 +8,7 @@ once, in fp32. On CUDA, torch runs a dtype-converting copy or add through its un
 element-wise kernel; on one H100 the bf16 -> fp32 copies of `moonlet`'s grads (7.2B weights)
 took 24 ms a micro-step, about 1.8 TB/s (`benchmarks/results/step_profile_moonlet_cast_h100.json`).
 The Triton kernel reads and writes whole 16-byte vectors. Elsewhere (CPU, no Triton, other
-dtypes) the torch expressions run.
+dtypes, or while torch.compile traces) the torch expressions run.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ def available(g: Tensor) -> bool:
         and g.dtype == torch.bfloat16
         and g.is_contiguous()
         and g.numel() > 0
+        and not torch.compiler.is_compiling()  # traced: the compiler fuses its own cast
     )
 
 

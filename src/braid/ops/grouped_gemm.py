@@ -207,7 +207,7 @@ def deliver_wgrad(
     [lo, hi) only) is always added into the grad's rows, now or as a task: returned to
     autograd, it would cost a weight-sized zero-filled gradient per part."""
     if sink is None and part is None:
-        return _like_param(param, dw_fn().to(param.dtype), divide)
+        return _like_param(param, _cast(dw_fn(), param.dtype), divide)
     task = lambda: accumulate_grad(param, dw_fn(), divide, part)  # noqa: E731
     if sink is None:
         task()
