@@ -44,6 +44,7 @@ from torch import Tensor
 
 from braid.ops import fp8
 from braid.ops.fp8_stats import Fp8Stats
+from braid.ops.grad_cast import cast
 from braid.ops.grouped_gemm import (
     WgradSink,
     _local,
@@ -280,9 +281,9 @@ def linear_backward(
         dx = dx.view(*g.shape[:-1], w_NK.shape[1])
     if need[1]:
         if dw8:
-            dw = dense_wgrad_fp8(xq, sx, g_MN, g_MN.dtype).to(w_NK.dtype)
+            dw = cast(dense_wgrad_fp8(xq, sx, g_MN, g_MN.dtype), w_NK.dtype)
         else:
-            dw = (g_MN.t() @ fp8.dequantize(xq, sx, g_MN.dtype)).to(w_NK.dtype)
+            dw = cast(g_MN.t() @ fp8.dequantize(xq, sx, g_MN.dtype), w_NK.dtype)
     return dx, dw
 
 

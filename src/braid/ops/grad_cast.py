@@ -3,6 +3,7 @@
     into_fp32(None, g)            -> g as a new fp32 tensor    (g.float())
     into_fp32(acc, g)             -> acc += g, in place, fp32  (acc.add_(g))
     into_fp32(acc, g, add=False)  -> acc = g, in place         (acc.copy_(g))
+    cast(g, dtype)                -> g.to(dtype), bf16 -> fp32 through into_fp32
 The same bits as the torch expressions on the right: bf16 -> fp32 is exact and the sum rounds
 once, in fp32. On CUDA, torch runs a dtype-converting copy or add through its unvectorized
 element-wise kernel; on one H100 the bf16 -> fp32 copies of `moonlet`'s grads (7.2B weights)
@@ -67,3 +68,10 @@ def into_fp32(acc: Tensor | None, g: Tensor, add: bool = True) -> Tensor:
         g, out, n, ADD=acc is not None and add, BLOCK=BLOCK, num_warps=8
     )
     return out
+
+
+def cast(g: Tensor, dtype: torch.dtype) -> Tensor:
+    """g.to(dtype); bf16 -> fp32 in one vectorized pass (`into_fp32`)."""
+    if dtype == torch.float32 and g.dtype == torch.bfloat16:
+        return into_fp32(None, g)
+    return g.to(dtype)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from braid.ops.grad_cast import into_fp32
+from braid.ops.grad_cast import cast, into_fp32
 
 WgradSink = Callable[[Callable[[], None]], None]
 # Experts [lo, hi) of the local block (a pipeline chunk of experts), and optionally whether the
@@ -137,7 +137,7 @@ def accumulate_grad(
         return
     wider = grad is not None and torch.promote_types(dw_local.dtype, grad.dtype) != grad.dtype
     if grad is None or divide != 1.0 or wider:
-        dw = _like_param(param, _cast(dw_local, param.dtype), divide)
+        dw = _like_param(param, cast(dw_local, param.dtype), divide)
         param.grad = dw if param.grad is None else param.grad.add_(dw)
     elif _fp32_plain(grad, dw_local):
         into_fp32(grad, dw_local)  # one vectorized pass (`braid.ops.grad_cast`)
@@ -149,13 +149,6 @@ def _fp32_plain(acc: Tensor, dw: Tensor) -> bool:
     """Whether `braid.ops.grad_cast` may add bf16 `dw` into `acc`: a plain fp32 tensor."""
     plain = not hasattr(acc, "to_local")
     return plain and acc.dtype == torch.float32 and dw.dtype == torch.bfloat16
-
-
-def _cast(dw: Tensor, dtype: torch.dtype) -> Tensor:
-    """dw.to(dtype); bf16 -> fp32 in one vectorized pass (`braid.ops.grad_cast`)."""
-    if dtype == torch.float32 and dw.dtype == torch.bfloat16:
-        return into_fp32(None, dw)
-    return dw.to(dtype)
 
 
 def _add_part(param: Tensor, dw_local: Tensor, divide: float, part: Part) -> None:
@@ -176,7 +169,7 @@ def _add_part(param: Tensor, dw_local: Tensor, divide: float, part: Part) -> Non
     written = getattr(grad, "_braid_written", None)
     fresh = written is not None and all(hi <= a or b <= lo for a, b in written)
     if divide != 1.0 or torch.promote_types(dw_local.dtype, grad.dtype) != grad.dtype:
-        dw_local = _cast(dw_local, grad.dtype).div_(divide)
+        dw_local = cast(dw_local, grad.dtype).div_(divide)
     rows = _local(grad)[lo:hi]
     direct = _fp32_plain(rows, dw_local)  # `braid.ops.grad_cast`: one vectorized pass
     if not fresh:
@@ -207,7 +200,7 @@ def deliver_wgrad(
     [lo, hi) only) is always added into the grad's rows, now or as a task: returned to
     autograd, it would cost a weight-sized zero-filled gradient per part."""
     if sink is None and part is None:
-        return _like_param(param, _cast(dw_fn(), param.dtype), divide)
+        return _like_param(param, cast(dw_fn(), param.dtype), divide)
     task = lambda: accumulate_grad(param, dw_fn(), divide, part)  # noqa: E731
     if sink is None:
         task()
