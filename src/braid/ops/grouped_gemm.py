@@ -146,7 +146,8 @@ def accumulate_grad(
 
 
 def _fp32_plain(acc: Tensor, dw: Tensor) -> bool:
-    """Whether `braid.ops.grad_cast` may add bf16 `dw` into `acc`: a plain fp32 tensor."""
+    """Whether bf16 `dw` goes into `acc` through `braid.ops.grad_cast`: `acc` an fp32 tensor that
+    is not a DTensor (a DTensor grad's local rows, as `_add_part` passes them, qualify)."""
     plain = not hasattr(acc, "to_local")
     return plain and acc.dtype == torch.float32 and dw.dtype == torch.bfloat16
 
