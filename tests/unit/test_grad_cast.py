@@ -1,5 +1,6 @@
-"""braid.ops.grad_cast on CPU: the torch expressions it stands for, and its refusals (the
-Triton kernel's bitwise check is tests/gpu/test_grad_cast_triton.py)."""
+"""braid.ops.grad_cast on CPU: the torch expressions it stands for, its refusals, and which
+weight-grad conversions go through it (the Triton kernel's bitwise check is
+tests/gpu/test_grad_cast_triton.py)."""
 
 import pytest
 import torch
