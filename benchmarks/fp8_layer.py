@@ -36,8 +36,8 @@ from braid.moe.fp8_dispatch import Fp8Send  # noqa: E402
 from braid.moe.layer import MoE  # noqa: E402
 from braid.ops.fp8_stats import Fp8Stats  # noqa: E402
 from braid.parallel.mesh import ParallelContext  # noqa: E402
+from braid.train.loss import autocast, loss_fn  # noqa: E402
 from braid.train.model_setup import build_model  # noqa: E402
-from braid.train.trainer import autocast, loss_fn  # noqa: E402
 
 SHAPES = {  # name: (experts, top_k, hidden H, expert FFN F, tokens)
     "mixtral_8x_top2": (8, 2, 4096, 14336, 32768),

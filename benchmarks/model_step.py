@@ -33,9 +33,8 @@ from common import environment, time_cuda, write_result  # noqa: E402
 from braid.config import load_config  # noqa: E402
 from braid.info import arithmetic  # noqa: E402
 from braid.parallel.mesh import ParallelContext  # noqa: E402
-from braid.train.loss import compute_dtype  # noqa: E402
+from braid.train.loss import autocast, compute_dtype, loss_fn  # noqa: E402
 from braid.train.model_setup import build_model  # noqa: E402
-from braid.train.trainer import autocast, loss_fn  # noqa: E402
 from braid.train.weight_cast import StepCast, check_cast  # noqa: E402
 
 PEAK = 989e12
@@ -99,6 +98,8 @@ def make_step(
         for p in model.parameters():
             p.grad = None
 
+    # The step keeps the swap open: a context manager dropped here would close it, restoring
+    # the fp32 weights.
     step.cast, step.swap = cast, swap  # type: ignore[attr-defined]
     return step, cfg
 

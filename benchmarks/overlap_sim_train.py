@@ -22,9 +22,9 @@ from braid.overlap.session import OverlapSession
 from braid.overlap.streams import Clock, synchronize
 from braid.parallel.clip import clip_grad_norm
 from braid.parallel.distributed import init_parallel
+from braid.train.loss import autocast, loss_fn
 from braid.train.model_setup import build_model
 from braid.train.optim import build_optimizer, lr_at
-from braid.train.trainer import autocast, loss_fn
 
 TRAIN_MODES = {**MODES, "split_all": (1, "all"), "auto_all": ("auto", "all")}
 

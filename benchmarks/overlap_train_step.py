@@ -42,9 +42,9 @@ from braid.overlap.streams import Clock, synchronize  # noqa: E402
 from braid.parallel.clip import clip_grad_norm  # noqa: E402
 from braid.parallel.distributed import all_reduce_mean, init_distributed  # noqa: E402
 from braid.parallel.mesh import ParallelContext  # noqa: E402
+from braid.train.loss import autocast, loss_fn  # noqa: E402
 from braid.train.model_setup import build_model  # noqa: E402
 from braid.train.optim import build_optimizer, lr_at  # noqa: E402
-from braid.train.trainer import autocast, loss_fn  # noqa: E402
 
 PEAK = 989e12  # H100/H200 dense bf16 datasheet peak, as benchmarks/model_step.py
 TRAIN_CONFIGS = ("medium", "moonlet")

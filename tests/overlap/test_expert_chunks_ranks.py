@@ -53,8 +53,8 @@ def _poison_empty_like():
 
 
 def _run(cfg, ctx) -> dict:
+    from braid.train.loss import loss_fn
     from braid.train.optim import lr_at
-    from braid.train.trainer import loss_fn
 
     torch.manual_seed(0)
     model, opt, session, amp, b = overlap_trainer(cfg, ctx)

@@ -83,8 +83,8 @@ def _run(cfg, ctx, hold: bool) -> dict:
     from braid.overlap.fsdp_unit import HeldUnit
     from braid.parallel.clip import clip_grad_norm
     from braid.parallel.distributed import all_reduce_mean
+    from braid.train.loss import loss_fn
     from braid.train.optim import lr_at
-    from braid.train.trainer import loss_fn
 
     torch.manual_seed(0)
     model, opt, session, amp, b = overlap_trainer(cfg, ctx)

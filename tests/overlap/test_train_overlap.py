@@ -80,8 +80,8 @@ class _ExpertComms:
 def _run(cfg, ctx) -> tuple[list, dict, dict, list]:
     from braid.parallel.clip import clip_grad_norm
     from braid.parallel.distributed import all_reduce_mean
+    from braid.train.loss import loss_fn
     from braid.train.optim import lr_at
-    from braid.train.trainer import loss_fn
 
     model, opt, overlap, amp, b = overlap_trainer(cfg, ctx)
     data = torch.randint(0, 128, (STEPS, 8, 17), generator=torch.Generator().manual_seed(0))
@@ -118,7 +118,7 @@ def _trial(cfg, ctx) -> tuple[dict, dict, dict]:
     """`chunks="auto"` with a one-round trial over fake per-rank timings: (the candidates, what
     each layer keeps, what this rank alone would keep)."""
     from braid.overlap import timeline
-    from braid.train.trainer import loss_fn
+    from braid.train.loss import loss_fn
 
     model, opt, overlap, amp, b = overlap_trainer(cfg, ctx)
     layers = dict(overlap.layers)

@@ -136,9 +136,7 @@ def predict_ms(
     overlapped = C > 1 or split_dw  # the schedule that overlaps the shared experts
     sh_flops = 6.0 * s.tokens * s.dim * s.shared_hidden
     sh = m.gemm_ms(sh_flops, calls=2) if s.shared_hidden else 0.0
-    if (
-        split_dw and s.shared_hidden
-    ):  # token halves: S0 beside the first dispatch, S1 the last combine
+    if split_dw and s.shared_hidden:  # token halves: S0 beside the first dispatch, S1 the last
         half = m.gemm_ms(sh_flops / 2, calls=2)
         side = m.both(half, d_fwd[0]) - d_fwd[0] + m.both(half, b_fwd[-1]) - b_fwd[-1]
     else:

@@ -108,7 +108,8 @@ class JoinedWgrad:
     block's backward leaves its operands here (`block(b)`, a sink for `split_linear`), and once
     every block's are in, one dW GEMM over all their rows, in block order, goes to `sink`. That
     is the unsplit layer's GEMM over the same rows: no partial dW is added into a grad (which
-    in a bf16 gradient would round twice)."""
+    in a bf16 gradient would round twice). With one block (`split_linear` given a plain task
+    sink) each backward's dW GEMM is queued at once."""
 
     def __init__(self, sink: Callable[[Task], None], blocks: int):
         self.sink, self.blocks = sink, blocks
@@ -123,13 +124,18 @@ class JoinedWgrad:
         if len(parts) < self.blocks:
             return
         del self._parts[id(w)]
-        xs = [parts[i][1].flatten(0, -2) for i in range(self.blocks)]
-        gs = [parts[i][2].flatten(0, -2) for i in range(self.blocks)]
+        x, g = (_rows([parts[i][k] for i in range(self.blocks)]) for k in (1, 2))
 
-        def wgrad(w=w, xs=xs, gs=gs):
-            accumulate_grad(w, torch.cat(gs).t() @ torch.cat(xs))
+        def wgrad(w=w, x=x, g=g):
+            accumulate_grad(w, g.t() @ x)
 
         self.sink(wgrad)
+
+
+def _rows(blocks: list[Tensor]) -> Tensor:
+    """The blocks' rows as one [rows, features] operand (one block: no copy)."""
+    rows = [t.flatten(0, -2) for t in blocks]
+    return rows[0] if len(rows) == 1 else torch.cat(rows)
 
 
 class _Block:
@@ -158,20 +164,16 @@ class _SplitLinear(torch.autograd.Function):
         x_c, w_c = ctx.saved_tensors
         g = g.to(x_c.dtype)
         dx = (g @ w_c).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
-        if ctx.needs_input_grad[1] and isinstance(ctx.sink, _Block):
+        if ctx.needs_input_grad[1]:
             ctx.sink.add(ctx.w, x_c, g)
-        elif ctx.needs_input_grad[1]:
-
-            def wgrad(w=ctx.w, x=x_c, g=g):
-                accumulate_grad(w, g.flatten(0, -2).t() @ x.flatten(0, -2))
-
-            ctx.sink(wgrad)
         return dx, None, None
 
 
 def split_linear(x: Tensor, weight: Tensor, sink: Callable[[Task], None] | _Block) -> Tensor:
     """`F.linear(x, weight)` whose weight gradient is handed to `sink` in backward (or, for a
     `JoinedWgrad` block, its operands, to be joined with the other blocks')."""
+    if not isinstance(sink, _Block):  # a task sink: a block of one, its dW queued at once
+        sink = JoinedWgrad(sink, 1).block(0)
     return _SplitLinear.apply(x, weight, sink)
 
 
