@@ -267,15 +267,21 @@ def test_expert_axis_matches_the_hand_derivation():
     # C = 4 of 8 experts: slices 1, 3, 3, 1 (fractions f = 1/8, 3/8, 3/8, 1/8); no latencies,
     # exchange x = f ms, pass e = 2f ms. Forward: x0 + x3 exposed, then chunk c's pass beside
     # the next dispatch and the previous combine: .25 + .375 + .75 + .75 + .375 = 2.5.
-    # Backward (dX + dW = 2e): .25 + .5 + 1.5 + 1.5 + .5 = 4.25. Tokens at C = 4: 2.5 + 4.5.
+    # Backward (dX + dW = 2e): .25 + .5 + 1.5 + 1.5 + .5 = 4.25.
+    # Tokens at C = 4: 1000 tokens cut 167, 333, 333, 167 (f = .167, .333). Forward: .334 +
+    # .334 (the link beside chunk 0, over its pass .334) + .666 + .666 + .334 = 2.334.
+    # Backward: .334 + .668 + 1.332 + 1.332 + .668 = 4.334.
     m = _cost(lat=0.0, call=0.0)
     assert predict_ms(SHAPE, 4, False, m, "experts") == pytest.approx(6.75)
-    assert predict_ms(SHAPE, 4, False, m, "tokens") == pytest.approx(7.0)
+    assert predict_ms(SHAPE, 4, False, m, "tokens") == pytest.approx(6.668)
 
 
 @pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("kappa", [0.0, 0.5])
 def test_expert_axis_saves_the_per_chunk_dw_adds(split, kappa):
+    # Besides the dW adds the axes differ only in their chunks' fractions, alike at C = 2, 3
+    # (8 experts: 4, 4 and 2, 4, 2) and not beyond (C = 4: 1, 3, 3, 1 experts against about
+    # 1/6, 1/3, 1/3, 1/6 of the tokens): so what the adds cost is compared, against dW = 0.
     for dw in (0.0, 0.5, 3.0):
         m = _cost(kappa=kappa, dw=dw)
         one = predict_ms(SHAPE, 1, split, m, "tokens")
@@ -283,7 +289,11 @@ def test_expert_axis_saves_the_per_chunk_dw_adds(split, kappa):
         for c in (2, 3, 4, 6, 8):
             experts = predict_ms(SHAPE, c, split, m, "experts")
             tokens = predict_ms(SHAPE, c, split, m, "tokens")
-            assert experts <= tokens + 1e-9, (c, dw)
+            if c <= 3:
+                assert experts <= tokens + 1e-9, (c, dw)
+            free = _cost(kappa=kappa)  # dW adds free
+            e0, t0 = (predict_ms(SHAPE, c, split, free, a) for a in ("experts", "tokens"))
+            assert experts - e0 <= tokens - t0 + 1e-9, (c, dw)  # what the adds cost
             if dw >= 3.0:  # C - 1 weight-sized adds more with token chunks
                 assert experts < tokens - 1.0, (c, dw, experts, tokens)
 

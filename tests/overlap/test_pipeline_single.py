@@ -16,6 +16,7 @@ from braid.model.transformer import Transformer
 from braid.moe.config import MoEConfig
 from braid.moe.dispatcher import token_bounds
 from braid.moe.layer import MoE
+from braid.ops.permute import expert_bounds
 from braid.overlap.config import OverlapConfig
 from braid.overlap.pipeline import LayerOverlap
 from braid.overlap.session import OverlapSession
@@ -151,9 +152,44 @@ def test_pipeline_without_grad_matches_plain_forward():
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
 
 
-def test_token_bounds_cover_all_tokens_in_near_equal_ranges():
-    assert token_bounds(10, 3) == [(0, 4), (4, 7), (7, 10)]
-    assert token_bounds(2, 4) == [(0, 1), (1, 2), (2, 2), (2, 2)]
+def test_token_bounds_keep_the_first_and_last_chunks_short():
+    # C >= 3: weights 1, 2, ..., 2, 1, as chunks of experts (the fill and drain are short)
+    assert token_bounds(12, 4) == [(0, 2), (2, 6), (6, 10), (10, 12)]
+    assert token_bounds(10, 3) == [(0, 2), (2, 8), (8, 10)]  # 2.5 and 7.5 round to even
+    assert token_bounds(1000, 4) == [(0, 167), (167, 500), (500, 833), (833, 1000)]
+    assert token_bounds(12, 2) == [(0, 6), (6, 12)] and token_bounds(7, 1) == [(0, 7)]
+    assert token_bounds(2, 4) == [(0, 0), (0, 1), (1, 2), (2, 2)]  # N < C: some empty
+    assert token_bounds(0, 3) == [(0, 0)] * 3
+    for n in range(40):
+        for c in range(1, 17):
+            bounds = token_bounds(n, c)
+            assert len(bounds) == c and bounds[0][0] == 0 and bounds[-1][1] == n
+            assert all(a <= b for a, b in bounds), (n, c)
+            assert all(p[1] == q[0] for p, q in zip(bounds[:-1], bounds[1:], strict=True)), (n, c)
+            # each end rounded to the nearest token: each size within one of its exact share
+            w = [1] * c if c < 3 else [1] + [2] * (c - 2) + [1]
+            for (a, b), wc in zip(bounds, w, strict=True):
+                assert abs((b - a) - wc * n / sum(w)) <= 1, (n, c)
+
+
+def test_expert_bounds_are_those_of_the_old_formula():
+    """`expert_bounds` now takes its ends from `fill_drain_ends`: same results as before."""
+
+    def old(num_local, num_chunks):
+        w = [1.0 if c in (0, num_chunks - 1) or num_chunks < 3 else 2.0 for c in range(num_chunks)]
+        cum, ends = 0.0, []
+        for x in w:
+            cum += x
+            ends.append(round(cum / sum(w) * num_local))
+        for c in range(num_chunks):
+            ends[c] = max(ends[c], (ends[c - 1] if c else 0) + 1)
+        for c in reversed(range(num_chunks - 1)):
+            ends[c] = min(ends[c], ends[c + 1] - 1)
+        return list(zip([0] + ends[:-1], ends, strict=True))
+
+    for num_local in range(1, 130):
+        for num_chunks in range(1, min(num_local, 40) + 1):
+            assert expert_bounds(num_local, num_chunks) == old(num_local, num_chunks)
 
 
 def _model() -> Transformer:

@@ -20,14 +20,27 @@ def model(lat=0.05, x_ms=1.0, call=0.01, e_ms=2.0, kappa=0.0) -> CostModel:
 
 
 def test_three_stage_formula_matches_the_hand_derivation():
-    # Per chunk: x = 0.05 + 1/C, e = 0.02 + 2/C. Forward: the link (2x) is the slow stage:
-    # T_f = C*2x + e. Backward (dX + dW = 2e is the slow stage): T_b = 2x + C*2e.
-    # Sum: 6.12 + 0.14*C + 4/C, minimised near C = 5.3; among the candidates C = 6.
-    m = model()
-    for c in (1, 2, 3, 4, 6, 8):
-        assert predict_ms(SHAPE, c, False, m) == pytest.approx(6.12 + 0.14 * c + 4 / c)
-    best, predicted, table = choose_chunks(SHAPE, False, m)
-    assert best == 6 and predicted == pytest.approx(6.12 + 0.84 + 4 / 6)
+    # 1200 tokens, so that the chunks of C = 4 (200, 400, 400, 200 tokens) and C = 6 are exact
+    # fractions. Chunk c of fraction f: x = 0.05 + f, e = 0.02 + 2f (kappa 0: both = max).
+    # T = x_0 + x_{C-1} + sum_c max(e_c, x_{c+1} + x_{c-1}) (no neighbour: 0); the backward
+    # pipes dX + dW = 2e the same way.
+    # C = 1: x = 1.05, e = 2.02. Forward 2.1 + 2.02 = 4.12, backward 2.1 + 4.04 = 6.14: 10.26.
+    # C = 2: x = 0.55, e = 1.02, each chunk's compute beside one exchange (0.55) of the other.
+    #   Forward 1.1 + 2 * 1.02 = 3.14, backward 1.1 + 2 * 2.04 = 5.18: 8.32.
+    # C = 4, fractions 1/6, 1/3, 1/3, 1/6: x = 13/60, 23/60, 23/60, 13/60 (0.2167, 0.3833);
+    #   e = 0.02 + 1/3, 0.02 + 2/3 (0.3533, 0.6867); links beside chunks 0..3: 23/60, 0.6,
+    #   0.6, 23/60. Forward: 26/60 + 2 * 23/60 (the link, over e_0 = e_3) + 2 * (0.02 + 2/3)
+    #   = 0.24 + 7/3 = 2.5733. Backward: 26/60 + 2 * (0.04 + 2/3) + 2 * (0.04 + 4/3)
+    #   (compute over every link) = 0.26 + 13/3 = 4.5933. Sum 0.5 + 20/3 = 7.1667.
+    # The runner-up, C = 6 (fractions 1/10, 1/5 x 4, 1/10; x = 0.15, 0.25; e = 0.22, 0.42):
+    #   forward 0.3 + 0.25 + 0.42 + 0.5 + 0.5 + 0.42 + 0.25 = 2.64, backward 0.3 + 2 * 0.44
+    #   + 4 * 0.84 = 4.54: 7.18. So C = 4 is the best candidate.
+    shape = replace(SHAPE, tokens=1200)
+    m = unit_cost_model(shape)
+    for c, want in ((1, 10.26), (2, 8.32), (4, 0.5 + 20 / 3), (6, 7.18)):
+        assert predict_ms(shape, c, False, m) == pytest.approx(want)
+    best, predicted, table = choose_chunks(shape, False, m)
+    assert best == 4 and predicted == pytest.approx(0.5 + 20 / 3)
     assert set(table) >= {1, 2, 3, 4, 6, 8}
 
 

@@ -53,6 +53,7 @@ from braid.ops.permute import (
     combine_tokens,
     expand_tokens,
     expert_bounds,
+    fill_drain_ends,
     gather_rows,
     inverse_permutation,
     permute_rows,
@@ -91,11 +92,11 @@ class Plan:
 
 
 def token_bounds(num_tokens: int, num_chunks: int) -> list[tuple[int, int]]:
-    """C contiguous ranges covering [0, N), sizes differing by at most one (some may be empty)."""
-    q, r = divmod(num_tokens, num_chunks)
-    sizes = [q + (c < r) for c in range(num_chunks)]
-    starts = [sum(sizes[:c]) for c in range(num_chunks)]
-    return [(s, s + n) for s, n in zip(starts, sizes, strict=True)]
+    """C contiguous ranges covering [0, N) in order, the first and the last about half the size
+    of the others when C >= 3, as for chunks of experts (`fill_drain_ends`); equal (to one
+    token) when C < 3. Some may be empty when N < C."""
+    ends = fill_drain_ends(num_tokens, num_chunks)
+    return list(zip([0] + ends[:-1], ends, strict=True))
 
 
 def count_per_expert(expert_M: Tensor, num_experts: int) -> Tensor:

@@ -17,7 +17,8 @@ Dropless routing gives every token exactly K copies, so each scatter here has a 
   Triton's in `braid.ops.combine_triton`, else compiled from the same math).
 - `regroup_index(recv_WL, total)`: rows received as [source rank][local expert] blocks, put in
   [local expert][source rank] order, so that each expert's rows are contiguous.
-- `expert_bounds(L, C)`: the local experts of each pipeline chunk of experts.
+- `fill_drain_ends(total, C)`: the ends of C pipeline chunks, the first and the last about half
+  the size of the others; `expert_bounds(L, C)`: the local experts of each chunk of experts.
 Sums over k accumulate in fp32 for bf16 inputs (torch reductions do) and round once.
 Shapes: N tokens, K copies per token, M = N*K rows, D row width.
 """
@@ -288,17 +289,26 @@ def regroup_index(recv_WL: Tensor, total: int) -> Tensor:
     return torch.arange(total, device=recv_WL.device) + shift
 
 
-def expert_bounds(num_local: int, num_chunks: int) -> list[tuple[int, int]]:
-    """C contiguous ranges of the L local experts, none empty, the first and the last about
-    half the size of the others (C >= 3): their exchanges are the pipeline's fill and drain,
-    which nothing overlaps, so they are kept short."""
-    if num_chunks > num_local:
-        raise ValueError(f"chunks of experts: {num_chunks} chunks > {num_local} experts per rank")
+def fill_drain_ends(total: int, num_chunks: int) -> list[int]:
+    """The cumulative ends of C contiguous chunks of `total` items, weighted 1 for the first
+    and the last chunk and 2 for the others when C >= 3 (equal chunks when C < 3), each end
+    rounded to the nearest item: the first chunk's dispatch and the last chunk's combine are
+    the pipeline's fill and drain, which nothing overlaps, so those chunks are kept short.
+    The ends never fall and the last is `total`; a chunk may be empty when total < C."""
     w = [1.0 if c in (0, num_chunks - 1) or num_chunks < 3 else 2.0 for c in range(num_chunks)]
     cum, ends = 0.0, []
     for x in w:
         cum += x
-        ends.append(round(cum / sum(w) * num_local))
+        ends.append(round(cum / sum(w) * total))
+    return ends
+
+
+def expert_bounds(num_local: int, num_chunks: int) -> list[tuple[int, int]]:
+    """C contiguous ranges of the L local experts, none empty, the first and the last about
+    half the size of the others (C >= 3, `fill_drain_ends`)."""
+    if num_chunks > num_local:
+        raise ValueError(f"chunks of experts: {num_chunks} chunks > {num_local} experts per rank")
+    ends = fill_drain_ends(num_local, num_chunks)
     for c in range(num_chunks):  # none empty: at least one expert each, from both ends
         ends[c] = max(ends[c], (ends[c - 1] if c else 0) + 1)
     for c in reversed(range(num_chunks - 1)):

@@ -10,19 +10,23 @@ Cost model (all times in ms; fitted at start-up by `measure`, or given by tests)
   forward at the chunk sizes (dX and dW of a GEMM cost what its forward costs);
 - compute and exchange at once: max(x, y) + interference * min(x, y) (0: perfect overlap,
   1: serialised, e.g. by SM or memory-bandwidth contention);
-- per chunk, the backward writes one weight-sized dW per expert GEMM into the fp32 grads
-  (dw_accumulate_ms): a fixed cost per chunk that makes many chunks expensive for big experts;
+- per chunk of tokens, the backward writes one weight-sized dW per expert GEMM into the fp32
+  grads (dw_accumulate_ms): a fixed cost per chunk that makes many chunks expensive for big
+  experts (chunks of experts add each expert's dW once: one such add in all);
 - the non-GEMM work of the region, measured on the layer's own dispatcher (its plan with the
   count exchange and host sync, the token-side gathers, weighted sums and their backward):
   overhead_ms + C * overhead_per_chunk_ms, serial on the compute stream;
 - compression: the forward dispatch (and combine, with exchange.compress_combine) is timed
   through the exchange's own `dispatch`/`combine` (encode + packed move + decode) against the
   exact `move` the gradients take: dispatch_factor, combine_factor scale those exchanges.
-Per chunk (balanced routing, N*K/C rows): d = b = one exchange, e = the expert GEMMs.
-Pipeline (the 3-stage formula; the two exchanges share the link, so their stage is d + b):
-  T(C) = d + e + b + (C - 1) * both(e, d + b)
-Forward: e = e_fwd. Backward: e = e_dX + e_dW, or with split_dw e = e_dX and the C*e_dW of
-deferred GEMMs fill the idle compute time (T - C*e_dX) * (1 - interference); the rest is exposed.
+Per chunk c (balanced routing, its share of the N*K rows: `token_bounds` or `expert_bounds`,
+the first and the last about half the others): d_c = b_c = one exchange, e_c = the expert
+GEMMs. Pipeline (3 stages; the two exchanges share the link, so chunk c's compute runs beside
+the next chunk's dispatch and the previous chunk's combine):
+  T(C) = d_0 + b_{C-1} + sum_c both(e_c, d_{c+1} + b_{c-1})   (d_C = b_{-1} = 0)
+Forward: e = e_fwd. Backward: e = e_dX + e_dW, or with split_dw e = e_dX and the deferred dW
+GEMMs (sum_c e_dW) fill the idle compute time (T - sum_c e_dX) * (1 - interference); the rest
+is exposed.
 Shared experts overlap the first exchange in each direction when C > 1 or split_dw.
 split_dw here is "experts" or "all" alike: the attention / dense-FFN dW that "all" adds to the
 windows (`braid.overlap.dense`) is not modelled.
@@ -46,6 +50,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from braid.moe.dispatcher import token_bounds
 from braid.ops.grouped_gemm import counts_to_offsets, grouped_linear
 from braid.ops.permute import expert_bounds
 from braid.overlap.streams import synchronize
@@ -97,34 +102,31 @@ def predict_ms(
     shape: LayerShape, chunks: int, split_dw: bool, m: CostModel, axis: str = "tokens"
 ) -> float:
     """Predicted forward + backward ms of the layer's pipelined region at C = `chunks` chunks
-    of `axis`: "tokens" (equal chunks; each adds its experts' dW into the grads), or "experts"
-    (`braid.ops.permute.expert_bounds`: the first and last chunk smaller; every expert's
-    GEMMs keep all their rows, so the compute splits in proportion, and its dW is computed
-    once and added once into its rows of the grads: the chunks' adds make one weight-sized
-    add in all, as at C = 1, which both axes predict alike)."""
+    of `axis`, each chunk costed at its fraction of the layer (both axes make the first and
+    the last chunk about half the others, C >= 3: the pipeline's fill and drain): "tokens"
+    (`token_bounds` over `shape.tokens`; each chunk adds its experts' dW, a whole
+    weight-sized add, into the grads) or "experts" (`expert_bounds`; every expert's GEMMs
+    keep all their rows, so the compute splits in proportion, and its dW is computed once and
+    added once into its rows of the grads: the chunks' adds make one weight-sized add in all,
+    as at C = 1, which both axes predict alike)."""
     C, s = chunks, shape
     full = s.tokens * s.top_k
     wire = full * s.dim * s.elem_bytes * (s.ep - 1) / s.ep
     if axis == "experts":
         L = max(s.local_experts or s.num_experts // s.ep, C)
         fr = [(hi - lo) / L for lo, hi in expert_bounds(L, C)]
-        x = [m.exchange_ms(wire * f, s.ep) for f in fr]
-        flops = 6.0 * full * s.dim * s.hidden  # w13: 2*D*2F, w2: 2*F*D per row
-        e = [m.gemm_ms(flops * f, calls=2) for f in fr]
-        e_dw = [t + m.dw_accumulate_ms * f for t, f in zip(e, fr, strict=True)]
+        dw = [m.dw_accumulate_ms * f for f in fr]
     else:
-        x = [m.exchange_ms(wire / C, s.ep)] * C
-        e = [m.gemm_ms(6.0 * full / C * s.dim * s.hidden, calls=2)] * C
-        e_dw = [t + m.dw_accumulate_ms for t in e]
+        fr = [(b - a) / max(s.tokens, 1) for a, b in token_bounds(s.tokens, C)]
+        dw = [m.dw_accumulate_ms] * C
+    x = [m.exchange_ms(wire * f, s.ep) for f in fr]
+    flops = 6.0 * full * s.dim * s.hidden  # w13: 2*D*2F, w2: 2*F*D per row
+    e = [m.gemm_ms(flops * f, calls=2) for f in fr]
+    e_dw = [t + a for t, a in zip(e, dw, strict=True)]
 
     def pipe(e_c: list[float], before: list[float], after: list[float]) -> float:
         """Chunk c's compute e_c[c] beside the next chunk's `before` exchange and the previous
-        chunk's `after` one; the first `before` and the last `after` are exposed. Equal
-        chunks (tokens): the first link whole, then C - 1 steady steps, as derived in
-        tests/overlap/test_planner.py."""
-        if axis == "tokens":
-            link = before[0] + after[0]
-            return link + e_c[0] + (C - 1) * m.both(e_c[0], link)
+        chunk's `after` one; the first `before` and the last `after` are exposed."""
         t = before[0] + after[-1]
         for c in range(C):
             link = (before[c + 1] if c + 1 < C else 0.0) + (after[c - 1] if c else 0.0)
