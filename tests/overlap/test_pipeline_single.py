@@ -14,9 +14,8 @@ from braid.model.config import ModelConfig
 from braid.model.init import init_weights
 from braid.model.transformer import Transformer
 from braid.moe.config import MoEConfig
-from braid.moe.dispatcher import token_bounds
 from braid.moe.layer import MoE
-from braid.ops.permute import expert_bounds
+from braid.ops.permute import expert_bounds, token_bounds
 from braid.overlap.config import OverlapConfig
 from braid.overlap.pipeline import LayerOverlap
 from braid.overlap.session import OverlapSession

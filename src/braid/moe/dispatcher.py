@@ -53,12 +53,12 @@ from braid.ops.permute import (
     combine_tokens,
     expand_tokens,
     expert_bounds,
-    fill_drain_ends,
     gather_rows,
     inverse_permutation,
     permute_rows,
     regroup_index,
     sum_copies,
+    token_bounds,
 )
 
 
@@ -89,14 +89,6 @@ class Plan:
     routes: list[Route]
     num_dropped: Tensor
     whole: Route | None = None
-
-
-def token_bounds(num_tokens: int, num_chunks: int) -> list[tuple[int, int]]:
-    """C contiguous ranges covering [0, N) in order, the first and the last about half the size
-    of the others when C >= 3, as for chunks of experts (`fill_drain_ends`); equal (to one
-    token) when C < 3. Some may be empty when N < C."""
-    ends = fill_drain_ends(num_tokens, num_chunks)
-    return list(zip([0] + ends[:-1], ends, strict=True))
 
 
 def count_per_expert(expert_M: Tensor, num_experts: int) -> Tensor:

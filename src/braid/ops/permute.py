@@ -18,7 +18,8 @@ Dropless routing gives every token exactly K copies, so each scatter here has a 
 - `regroup_index(recv_WL, total)`: rows received as [source rank][local expert] blocks, put in
   [local expert][source rank] order, so that each expert's rows are contiguous.
 - `fill_drain_ends(total, C)`: the ends of C pipeline chunks, the first and the last about half
-  the size of the others; `expert_bounds(L, C)`: the local experts of each chunk of experts.
+  the size of the others; `expert_bounds(L, C)`: the local experts of each chunk of experts;
+  `token_bounds(N, C)`: the tokens of each chunk of tokens.
 Sums over k accumulate in fp32 for bf16 inputs (torch reductions do) and round once.
 Shapes: N tokens, K copies per token, M = N*K rows, D row width.
 """
@@ -313,4 +314,12 @@ def expert_bounds(num_local: int, num_chunks: int) -> list[tuple[int, int]]:
         ends[c] = max(ends[c], (ends[c - 1] if c else 0) + 1)
     for c in reversed(range(num_chunks - 1)):
         ends[c] = min(ends[c], ends[c + 1] - 1)
+    return list(zip([0] + ends[:-1], ends, strict=True))
+
+
+def token_bounds(num_tokens: int, num_chunks: int) -> list[tuple[int, int]]:
+    """C contiguous ranges covering [0, N) in order, the first and the last about half the size
+    of the others when C >= 3, as for chunks of experts (`fill_drain_ends`); equal (to one
+    token) when C < 3. Some may be empty when N < C."""
+    ends = fill_drain_ends(num_tokens, num_chunks)
     return list(zip([0] + ends[:-1], ends, strict=True))

@@ -50,9 +50,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from braid.moe.dispatcher import token_bounds
 from braid.ops.grouped_gemm import counts_to_offsets, grouped_linear
-from braid.ops.permute import expert_bounds
+from braid.ops.permute import expert_bounds, token_bounds
 from braid.overlap.streams import synchronize
 
 CANDIDATES = (1, 2, 3, 4, 6, 8, 12, 16)
