@@ -46,7 +46,8 @@ def test_triton_grad_cast_equals_torch(shape):
     got = grad_cast.into_fp32(acc, grad)
     assert got is acc and acc._version > version  # in place, seen by autograd's checks
     assert torch.equal(bits(got), bits(want))
-    assert not torch.equal(bits(want), bits(acc.clone().sub_(grad)))  # the check can fail
+    if grad.numel() > len(SPECIAL):  # the check can fail (a grad of (1,) is one zero)
+        assert not torch.equal(bits(want), bits(acc.clone().sub_(grad)))
     assert grad_cast.into_fp32(acc, grad, add=False) is acc
     assert torch.equal(bits(acc), bits(grad.float()))
     rows = torch.zeros((2 * shape[0], *shape[1:]), device="cuda")  # a slice, as a chunk's rows
