@@ -195,3 +195,44 @@ def test_dense_fp8_wgrad_equals_featurewise_quantised_reference(M):
     torch.testing.assert_close(w.grad.double(), ref, rtol=1e-5, atol=1e-5)
     exact = gy.t() @ x.detach()
     assert 1e-3 < ((w.grad - exact).norm() / exact.norm()).item() < 0.08
+
+
+def test_every_bf16_dw_dequantises_its_codes_through_the_one_pass_kernel(monkeypatch):
+    # On CUDA the saved rowwise codes of x are dequantised for dW by fp8_triton.dequantize_rows
+    # (one pass; eager torch makes three through fp32). A stand-in for the Triton module counts
+    # the calls and returns the reference's values, so the grads must stay those of the
+    # reference path: the dense linear, its fp8 dW, and the grouped GEMM in both dW forms.
+    from types import SimpleNamespace
+
+    from braid.ops import fp8, fp8_gemm
+
+    calls = []
+
+    def rows(q, s, dtype):
+        calls.append((tuple(q.shape), tuple(s.shape), dtype))
+        return fp8.dequantize(q, s, dtype)
+
+    def grads(fn):
+        g = torch.Generator().manual_seed(5)
+        x = (torch.randn(12, 32, generator=g) * 3).requires_grad_()
+        w = (torch.randn(3, 32, 16, generator=g) * 0.1).requires_grad_()
+        fn(x, w).backward(torch.randn(12, 16, generator=g))
+        return x.grad, w.grad
+
+    offs = counts_to_offsets(torch.tensor([5, 0, 7]))
+    cases = [
+        lambda x, w: fp8_linear(x, w[0].t().contiguous()),
+        lambda x, w: fp8_linear(x, w[0].t().contiguous(), fp8_wgrad=True),
+        lambda x, w: fp8_grouped_linear(x, w, offs),
+        lambda x, w: fp8_grouped_linear(x, w, offs, fp8_wgrad=True),
+    ]
+    for case in cases:
+        want = grads(case)
+        calls.clear()
+        stub = SimpleNamespace(available=lambda t: True, dequantize_rows=rows)
+        with monkeypatch.context() as m:
+            m.setattr(fp8_gemm, "fp8_triton", stub)
+            got = grads(case)
+        assert calls == [((12, 32), (12, 1), torch.float32)], calls
+        for a, b in zip(got, want, strict=True):
+            assert torch.equal(a, b)

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from braid.ops import fp8, fp8_triton, swiglu_triton
 from braid.ops.fp8_gemm import (
+    dequantize_rows,
     padded_groups,
     padded_offsets,
     scaled_grouped_mm,
@@ -68,12 +69,6 @@ def swiglu_backward_quantize(h: Tensor, dy: Tensor) -> tuple[Tensor, Tensor, Ten
         return fp8_triton.swiglu_backward_quantize(h, dy)
     dh = swiglu_backward_math(h, dy)
     return (dh, *fp8.quantize(dh))
-
-
-def dequantize_rows(q: Tensor, s: Tensor, dtype: torch.dtype) -> Tensor:
-    if _fused(q):
-        return fp8_triton.dequantize_rows(q, s, dtype)
-    return fp8.dequantize(q, s, dtype)
 
 
 def wgrad(

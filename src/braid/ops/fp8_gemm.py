@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from braid.ops import fp8
+from braid.ops import fp8, fp8_triton
 from braid.ops.fp8_stats import Fp8Stats
 from braid.ops.grad_cast import cast
 from braid.ops.grouped_gemm import (
@@ -208,10 +208,10 @@ class _Fp8GroupedLinear(torch.autograd.Function):
 
         def dw_local(x=xq, s=sx, g=g_RF, offs=offs_E) -> Tensor:  # in the GEMM's dtype
             if not dw8:
-                return gmm_wgrad(fp8.dequantize(x, s, g.dtype), g, offs, impl)
+                return gmm_wgrad(dequantize_rows(x, s, g.dtype), g, offs, impl)
             gid, dest, offs_pad, width = padded_groups(offs, x.shape[0])
             E = offs.numel()
-            xq_DW, sx_ED = fp8.quantize_groups(fp8.dequantize(x, s, g.dtype), gid, dest, E, width)
+            xq_DW, sx_ED = fp8.quantize_groups(dequantize_rows(x, s, g.dtype), gid, dest, E, width)
             gq_FW, sg_EF = fp8.quantize_groups(g, gid, dest, E, width)
             return scaled_grouped_wgrad(xq_DW, sx_ED, gq_FW, sg_EF, offs_pad, g.dtype, impl)
 
@@ -237,6 +237,15 @@ def fp8_grouped_linear(
     )
 
 
+def dequantize_rows(q_RD: Tensor, s_R1: Tensor, dtype: torch.dtype) -> Tensor:
+    """`fp8.dequantize` of rowwise codes [R, D] with scales [R, 1] (for a dW in the compute
+    dtype): on CUDA one Triton pass, bitwise the same (eager torch makes three full passes
+    through fp32: widen, scale, narrow)."""
+    if fp8_triton.available(q_RD):
+        return fp8_triton.dequantize_rows(q_RD, s_R1, dtype)
+    return fp8.dequantize(q_RD, s_R1, dtype)
+
+
 def _pad_rows(x_MK: Tensor) -> Tensor:
     """x with zero rows appended up to a multiple of ALIGN (fp8 GEMMs reduce over rows here:
     zeros add nothing, and `_scaled_mm` wants the reduction dim aligned)."""
@@ -250,7 +259,7 @@ def dense_wgrad_fp8(xq_MK: Tensor, sx_M1: Tensor, g_MN: Tensor, out_dtype: torch
     zeros (a [.., 0, N] operand has no columnwise codes to make)."""
     if xq_MK.shape[0] == 0:
         return g_MN.new_zeros(g_MN.shape[1], xq_MK.shape[1], dtype=out_dtype)
-    x_MK = _pad_rows(fp8.dequantize(xq_MK, sx_M1, g_MN.dtype))
+    x_MK = _pad_rows(dequantize_rows(xq_MK, sx_M1, g_MN.dtype))
     gq_NM, sg_N1 = fp8.quantize_cols(_pad_rows(g_MN))
     xq_KM, sx_K1 = fp8.quantize_cols(x_MK)
     return scaled_mm(gq_NM, sg_N1, xq_KM, sx_K1, out_dtype)
@@ -283,7 +292,7 @@ def linear_backward(
         if dw8:
             dw = cast(dense_wgrad_fp8(xq, sx, g_MN, g_MN.dtype), w_NK.dtype)
         else:
-            dw = cast(g_MN.t() @ fp8.dequantize(xq, sx, g_MN.dtype), w_NK.dtype)
+            dw = cast(g_MN.t() @ dequantize_rows(xq, sx, g_MN.dtype), w_NK.dtype)
     return dx, dw
 
 
