@@ -17,11 +17,12 @@ step of `medium` and `moonlet` with `--train-layers` layers (default 4: the whol
 one GPU with their optimizer state; `n_layers`/`layers_override` in the JSON), batch 2 x 4096
 tokens. Modes: off (the plain path), split_dw, chunks2, chunks4, chunks8, chunks2_split,
 chunks4_split, chunks8_split, auto (the planner's C), auto_split (chunks hold experts or tokens as
-`--chunk-by` says: `overlap.chunk_by`, default auto); the train part adds split_all and auto_all
-(`overlap.split_dw = "all"`: the attention and dense-FFN dW of the blocks above each MoE layer
-deferred into its windows too; the layer part has no attention). Per mode: `median_ms` (CUDA
-events; both parts time every mode once per round, `--rounds`, and take the median of the rounds'
-medians, so that clock drift over the run does not favour the modes timed first),
+`--chunk-by` says: `overlap.chunk_by`, default auto); the train part adds split_all,
+chunks4_all and auto_all (`overlap.split_dw = "all"`: the attention and dense-FFN dW of the
+blocks above each MoE layer deferred into its windows too; the layer part has no attention).
+Per mode: `median_ms` (CUDA events; both parts time every mode once per round, `--rounds`, and
+take the median of the rounds' medians, so that clock drift over the run does not favour the
+modes timed first),
 `exchange_ms`/`exposed_ms` from the overlap timeline (one timed step; off: its C=1 twin, the plain
 path's order), `exposed_over_exchange_alone` (exposed / the movements of off's step replayed
 alone), `slower_than_off`, and per layer/config `auto_vs_best` (auto's best mode time over the best

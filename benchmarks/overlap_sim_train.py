@@ -26,7 +26,12 @@ from braid.train.loss import autocast, loss_fn
 from braid.train.model_setup import build_model
 from braid.train.optim import build_optimizer, lr_at
 
-TRAIN_MODES = {**MODES, "split_all": (1, "all"), "auto_all": ("auto", "all")}
+TRAIN_MODES = {
+    **MODES,
+    "split_all": (1, "all"),
+    "chunks4_all": (4, "all"),
+    "auto_all": ("auto", "all"),
+}
 
 
 def _profiled(p: dict) -> str:

@@ -23,7 +23,8 @@ MODES = {
     "chunks8_split",
     "auto",
 }
-TRAIN_ONLY = {"split_all", "auto_all"}  # split_dw = "all": the layer part has no attention
+# split_dw = "all": the layer part has no attention
+TRAIN_ONLY = {"split_all", "chunks4_all", "auto_all"}
 
 
 def test_overlap_sim_smoke_reports_every_mode_with_a_trace_and_a_profile(tmp_path):
