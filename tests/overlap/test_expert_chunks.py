@@ -269,7 +269,7 @@ def test_expert_axis_matches_the_hand_derivation():
     # the next dispatch and the previous combine: .25 + .375 + .75 + .75 + .375 = 2.5.
     # Backward (dX + dW = 2e): .25 + .5 + 1.5 + 1.5 + .5 = 4.25.
     # Tokens at C = 4: 1000 tokens cut 167, 333, 333, 167 (f = .167, .333). Forward: .334 +
-    # .334 (the link beside chunk 0, over its pass .334) + .666 + .666 + .334 = 2.334.
+    # .334 (chunk 0's pass, over the link .333 beside it) + .666 + .666 + .334 = 2.334.
     # Backward: .334 + .668 + 1.332 + 1.332 + .668 = 4.334.
     m = _cost(lat=0.0, call=0.0)
     assert predict_ms(SHAPE, 4, False, m, "experts") == pytest.approx(6.75)

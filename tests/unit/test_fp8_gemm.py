@@ -197,7 +197,7 @@ def test_dense_fp8_wgrad_equals_featurewise_quantised_reference(M):
     assert 1e-3 < ((w.grad - exact).norm() / exact.norm()).item() < 0.08
 
 
-def test_every_bf16_dw_dequantises_its_codes_through_the_one_pass_kernel(monkeypatch):
+def test_every_dw_from_saved_codes_dequantises_them_through_the_one_pass_kernel(monkeypatch):
     # On CUDA the saved rowwise codes of x are dequantised for dW by fp8_triton.dequantize_rows
     # (one pass; eager torch makes three through fp32). A stand-in for the Triton module counts
     # the calls and returns the reference's values, so the grads must stay those of the

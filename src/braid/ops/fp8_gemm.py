@@ -238,9 +238,10 @@ def fp8_grouped_linear(
 
 
 def dequantize_rows(q_RD: Tensor, s_R1: Tensor, dtype: torch.dtype) -> Tensor:
-    """`fp8.dequantize` of rowwise codes [R, D] with scales [R, 1] (for a dW in the compute
-    dtype): on CUDA one Triton pass, bitwise the same (eager torch makes three full passes
-    through fp32: widen, scale, narrow)."""
+    """`fp8.dequantize` of rowwise codes [R, D] with scales [R, 1] into `dtype` (a dW's operand
+    from x's saved codes: used as is for a bf16 dW, re-quantised for an fp8 one): on CUDA one
+    Triton pass, bitwise the same (eager torch makes three full passes through fp32: widen,
+    scale, narrow)."""
     if fp8_triton.available(q_RD):
         return fp8_triton.dequantize_rows(q_RD, s_R1, dtype)
     return fp8.dequantize(q_RD, s_R1, dtype)
