@@ -172,17 +172,14 @@ def _add_part(param: Tensor, dw_local: Tensor, divide: float, part: Part) -> Non
     if divide != 1.0 or torch.promote_types(dw_local.dtype, grad.dtype) != grad.dtype:
         dw_local = cast(dw_local, grad.dtype).div_(divide)
     rows = _local(grad)[lo:hi]
-    direct = _fp32_plain(rows, dw_local)  # `braid.ops.grad_cast`: one vectorized pass
-    if not fresh:
-        if direct:
-            into_fp32(rows, dw_local)
-        else:
-            rows.add_(dw_local)
-        return
-    if direct:  # casts as it writes: one pass, as the plain path's dW cast
-        into_fp32(rows, dw_local, add=False)
+    # Fresh rows are written (casting as it writes: one pass, as the plain path's dW cast),
+    # others added; bf16 into fp32 through `braid.ops.grad_cast`'s one vectorized pass.
+    if _fp32_plain(rows, dw_local):
+        into_fp32(rows, dw_local, add=not fresh)
     else:
-        rows.copy_(dw_local)
+        (rows.copy_ if fresh else rows.add_)(dw_local)
+    if not fresh:
+        return
     written.append((lo, hi))
     if sum(b - a for a, b in written) == _local(grad).shape[0]:
         del grad._braid_written  # whole: later parts add
