@@ -29,7 +29,9 @@ from braid.train.optim import build_optimizer, lr_at
 TRAIN_MODES = {
     **MODES,
     "split_all": (1, "all"),
+    "chunks2_all": (2, "all"),
     "chunks4_all": (4, "all"),
+    "chunks8_all": (8, "all"),
     "auto_all": ("auto", "all"),
 }
 

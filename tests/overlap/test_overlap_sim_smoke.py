@@ -24,7 +24,7 @@ MODES = {
     "auto",
 }
 # split_dw = "all": the layer part has no attention
-TRAIN_ONLY = {"split_all", "chunks4_all", "auto_all"}
+TRAIN_ONLY = {"split_all", "chunks2_all", "chunks4_all", "chunks8_all", "auto_all"}
 
 
 def test_overlap_sim_smoke_reports_every_mode_with_a_trace_and_a_profile(tmp_path):
