@@ -18,8 +18,9 @@ one GPU with their optimizer state; `n_layers`/`layers_override` in the JSON), b
 tokens. Modes: off (the plain path), split_dw, chunks2, chunks4, chunks8, chunks2_split,
 chunks4_split, chunks8_split, auto (the planner's C), auto_split (chunks hold experts or tokens as
 `--chunk-by` says: `overlap.chunk_by`, default auto); the train part adds split_all,
-chunks4_all and auto_all (`overlap.split_dw = "all"`: the attention and dense-FFN dW of the
-blocks above each MoE layer deferred into its windows too; the layer part has no attention).
+chunks2_all, chunks4_all, chunks8_all and auto_all (`overlap.split_dw = "all"`: the attention
+and dense-FFN dW of the blocks above each MoE layer, and an untied head's, deferred into its
+windows too; the layer part has no attention).
 Per mode: `median_ms` (CUDA events; both parts time every mode once per round, `--rounds`, and
 take the median of the rounds' medians, so that clock drift over the run does not favour the
 modes timed first),

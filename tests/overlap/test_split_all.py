@@ -7,8 +7,9 @@ Model: 6 blocks, MoE layers 1, 3 and 4 (shared expert, q/k/v biases), so block 0
 no MoE below it, block 1 is the lowest MoE layer, block 2 is dense between MoE layers, block 3
 is MoE directly above another MoE layer, and block 5 is dense on top. Deferred: blocks 2 and 3
 into moe1, block 4 into moe3, block 5 into moe4 (block 3's attention: its own MoE layer runs
-its backward before it, so the window below is moe1's). Also with chunks=2, activation
-checkpointing (the blocks' forward recomputed in backward) and MLA attention.
+its backward before it, so the window below is moe1's); with an untied head, the head into moe4
+(the top MoE layer), also with an MTP module. Also with chunks=2, activation checkpointing (the
+blocks' forward recomputed in backward) and MLA attention.
 """
 
 from __future__ import annotations
@@ -114,7 +115,8 @@ def _train_grads(overrides: list[str], micro: int = 2, ctx: ParallelContext = CP
     data = torch.randint(0, 128, (micro, 2, 17), generator=torch.Generator().manual_seed(1))
     for x in data.to(ctx.device):
         out = model(x[:, :-1])
-        (out.logits.square().mean() + 0.1 * out.aux_loss).backward()
+        mtp = sum(m.square().mean() for m in out.mtp_logits)  # 0 without MTP modules
+        (out.logits.square().mean() + mtp + 0.1 * out.aux_loss).backward()
     leftover = session.flush()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     return model, session, grads, leftover, lines
@@ -184,6 +186,35 @@ def test_all_defers_the_blocks_above_each_moe_layer_with_the_gradients_of_overla
     assert max(errs.values()) < TOL, sorted(errs.items(), key=lambda kv: -kv[1])[:5]
 
 
+UNTIED = ["--model.tie_embeddings=false"]
+
+
+def test_all_defers_an_untied_head_into_the_top_moe_layer_with_the_gradients_of_overlap_off():
+    ref = _train_grads(UNTIED)[2]
+    model, session, grads, leftover, lines = _train_grads(UNTIED + ["--overlap.split_dw=all"])
+    assert type(model.output) is DeferredLinear and leftover == 0
+    assert lines == [
+        "overlap split_dw=all: attention/dense dW of blocks 2,3 -> moe1; "
+        "block 4 -> moe3; block 5 and the head -> moe4"
+    ]
+    # moe4's queue: block 5 (5 linears) and the head, two micro-steps.
+    assert session.layers[4].dense.num_run == 2 * (5 + 1)
+    errs = {n: _rel(g, ref[n]) for n, g in grads.items()}
+    assert errs["output.weight"] < TOL and max(errs.values()) < TOL, max(errs, key=errs.get)
+    # A head called by the MTP modules too (their backward also comes first): every call's dW.
+    mtp = ["--model.mtp_depth=1", "--model.n_layers=5", "--moe.layers=[1,3,4]"]
+    ref = _train_grads(UNTIED + mtp)[2]
+    model, session, grads, leftover, _ = _train_grads(UNTIED + mtp + ["--overlap.split_dw=all"])
+    assert type(model.output) is DeferredLinear and leftover == 0
+    assert max(_rel(g, ref[n]) for n, g in grads.items()) < TOL
+
+
+def test_a_tied_head_is_not_deferred(reference):
+    model, _, grads, _, lines = _train_grads(["--overlap.split_dw=all"])
+    assert model.output is None and "head" not in lines[0]
+    assert _rel(grads["tok_emb.weight"], reference["tok_emb.weight"]) < TOL
+
+
 def test_experts_mode_equals_true_and_defers_no_dense_linear(reference):
     model, session, grads, _, lines = _train_grads(["--overlap.split_dw=experts"])
     assert not any(isinstance(m, DeferredLinear) for m in model.modules()) and lines == []
@@ -200,6 +231,27 @@ def test_reinstalling_without_all_restores_plain_linears():
     OverlapSession.install(model, OverlapConfig(split_dw="experts"), **kw)
     assert not any(isinstance(m, DeferredLinear) for m in model.modules())
     assert all(type(m).__name__ != "DeferredLinear" for m in model.modules())
+
+
+def test_an_fsdp_head_keeps_its_fsdp_class_through_defer_and_restore():
+    # FSDP2 makes a unit's class `FSDP<cls>` (FSDPModule first); deferring keeps FSDPModule and
+    # the original class where FSDP2 looks for it, and restoring brings the very class back.
+    from torch.distributed.fsdp import FSDPModule
+
+    from braid.overlap.dense import HEAD, defer_dense, restore_dense
+
+    cfg = load_config(None, MODEL + UNTIED + ["--overlap.split_dw=all"])
+    model = build_model(cfg, CPU)
+    fsdp_linear = type("FSDPLinear", (FSDPModule, torch.nn.Linear), {})
+    model.output.__class__ = fsdp_linear  # as fully_shard does (no process group needed)
+    kw = dict(device=CPU.device, tokens_per_rank=32, dtype=torch.float32, log=lambda s: None)
+    session = OverlapSession.install(model, cfg.overlap, **kw)
+    head = model.output
+    assert isinstance(head, FSDPModule) and isinstance(head, DeferredLinear)
+    assert type(head).__mro__[type(head)._orig_cls_mro_index] is DeferredLinear
+    assert defer_dense(model, session.layers)[HEAD] == 4  # a second install: same result
+    restore_dense(model)
+    assert type(head) is fsdp_linear and "wgrad_sink" not in head.__dict__
 
 
 # -- inside an exchange window -----------------------------------------------------------------

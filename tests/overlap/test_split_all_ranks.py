@@ -1,14 +1,16 @@
 """`overlap.split_dw = "all"` on 2 gloo ranks (one spawn): expert parallelism (dp=1, ep=2) and
 FSDP2 data parallelism (dp=2, ep=1; experts an FSDP unit too) give the gradients, losses and
 grad norms of overlap off, with two micro-steps per optimizer step, also with chunks=2 and
-report, FSDP2's bf16 parameters and `parallel.dense=replicate`.
+report, FSDP2's bf16 parameters, `parallel.dense=replicate` and an untied head (an FSDP unit of
+its own, deferred into the top MoE layer).
 
 Every block is an FSDP unit over the world here, and a deferred attention / dense-FFN dW runs in
 the windows of an MoE layer below its block, after the gradient has left the block: the engine
 holds the block's unit (`overlap/fsdp_unit.py`, `HeldUnit`) and reduces it at that MoE layer's
 flush point. Checked: each block unit is reduce-scattered exactly once per backward in every
-mode; and the control `all_nohold` (the same run with the blocks' holding switched off) loses
-the deferred blocks' gradients, so the comparison can fail where the ordering is wrong.
+mode; and the controls `all_nohold` and `all_untied_nohold` (the same runs with the holding of
+the blocks and the head switched off) lose the deferred blocks' (and the head's) gradients, so
+the comparison can fail where the ordering is wrong.
 
 Model as tests/overlap/test_split_all.py: 6 blocks, MoE layers 1, 3, 4, a shared expert.
 """
@@ -36,6 +38,7 @@ MODEL = [
 ALL = ["--overlap.split_dw=all"]
 BF16 = ["--parallel.param_dtype=bf16"]
 REPL = ["--parallel.dense=replicate"]
+UNTIED = ["--model.tie_embeddings=false"]
 # name: (overrides, the mode it is compared with)
 MODES = {
     "off": ([], "off"),
@@ -49,6 +52,9 @@ FSDP_ONLY = {  # dp=2 only: the dense units' dtype and kind
     "all_bf16": (ALL + BF16, "off_bf16"),
     "off_repl": (REPL, "off_repl"),
     "all_repl": (ALL + REPL, "off_repl"),
+    "off_untied": (UNTIED, "off_untied"),  # the head an FSDP unit of its own, deferred
+    "all_untied": (ALL + UNTIED, "off_untied"),
+    "all_untied_nohold": (ALL + UNTIED, "off_untied"),  # the control: must differ
 }
 LAYOUTS = {"dp1_ep2": ["--parallel.ep=2"], "dp2_ep1": ["--parallel.ep=1"]}
 DEFERRED_BLOCKS = (2, 3, 4, 5)
@@ -92,10 +98,10 @@ def _run(cfg, ctx, hold: bool) -> dict:
     data = torch.randint(0, 128, (STEPS, MICRO, BATCH, 17), generator=gen)
     steps, grads, reductions, metrics = [], {}, [], {}
     real_hold = HeldUnit.hold
-    if not hold:  # blocks only; the expert units (dp=2) are held as always
+    if not hold:  # blocks and the head; the expert units (dp=2) are held as always
 
         def hold_experts_only(unit):
-            if not isinstance(unit.module, Block):
+            if not isinstance(unit.module, (Block, torch.nn.Linear)):
                 real_hold(unit)
 
         HeldUnit.hold = hold_experts_only
@@ -143,7 +149,7 @@ def _worker(rank: int, world: int) -> dict:
         modes = {**MODES, **(FSDP_ONLY if layout == "dp2_ep1" else {})}
         for name, (ov, _) in modes.items():
             cfg = load_config(None, MODEL + extra + ov)
-            out[f"{layout}/{name}"] = _run(cfg, init_distributed(cfg), hold=name != "all_nohold")
+            out[f"{layout}/{name}"] = _run(cfg, init_distributed(cfg), hold="nohold" not in name)
     return out
 
 
@@ -161,10 +167,11 @@ def test_split_all_matches_overlap_off_under_ep_and_fsdp():
                 for s, q in zip(res["steps"], ref["steps"], strict=True)
                 for a, r in zip(s, q, strict=True)
             )
-            if name == "all_nohold":  # the control: the deferred blocks lose their gradients
+            if "nohold" in name:  # the control: the deferred blocks (and head) lose their grads
                 lost = {n for n, e in errs.items() if e > TOL}
                 blocks = {int(n.split(".")[1]) for n in lost if n.startswith("blocks.")}
                 assert blocks == set(DEFERRED_BLOCKS), (key, sorted(lost))
+                assert ("output.weight" in lost) == ("untied" in name), (key, sorted(lost))
                 continue
             worst = max(errs.values())
             print(f"rank{rank} {key:>24}: grads {worst:.1e}, (loss, grad norm) {step_err:.1e}")
@@ -172,8 +179,9 @@ def test_split_all_matches_overlap_off_under_ep_and_fsdp():
                 bad[f"rank{rank}/{key}"] = (worst, step_err, max(errs, key=errs.get))
             if "repl" not in name:  # each block unit reduce-scattered once per backward
                 assert all(r == (6 * MICRO, 0) for r in res["reductions"]), (key, res["reductions"])
-            if name.startswith("all"):  # blocks 2-5: 16 deferred linears, two micro-steps
-                assert sum(res["dense_tasks"].values()) == 16 * MICRO * STEPS, key
+            if name.startswith("all"):  # blocks 2-5: 16 deferred linears (+ an untied head)
+                linears = 16 + ("untied" in name)
+                assert sum(res["dense_tasks"].values()) == linears * MICRO * STEPS, key
     assert not bad, f"split_dw=all changed the training numerics: {bad}"
     metrics = per_rank[0]["dp2_ep1/all_c2_report"]["metrics"]
     assert any(k.startswith("overlap/dense_dW_ms/layer") for k in metrics), metrics

@@ -19,7 +19,8 @@ class OverlapConfig:
     split_dw: Literal["off", "experts", "all"] | bool = knob(
         "off",
         'Weight grads run during exchanges: "off"; "experts" (routed and shared experts; true); '
-        '"all" (also attention and dense FFNs of the blocks above an MoE layer).',
+        '"all" (also attention and dense FFNs of the blocks above an MoE layer, and an untied '
+        "output head into the top MoE layer).",
     )
     chunks: int | str = knob(1, 'Pipeline chunks per MoE layer: 1 (plain), n, or "auto".')
     max_chunks: int = knob(8, 'Largest C that chunks="auto" may pick.')

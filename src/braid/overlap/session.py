@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from braid.overlap.config import OverlapConfig, chunk_axis
-from braid.overlap.dense import defer_dense, restore_dense
+from braid.overlap.dense import HEAD, defer_dense, restore_dense
 from braid.overlap.pipeline import LayerOverlap
 from braid.overlap.planner import (
     CANDIDATES,
@@ -47,14 +47,20 @@ def _stderr(line: str) -> None:
 
 
 def describe_dense(where: dict[int, int]) -> str:
-    """One line: which blocks' attention / dense-FFN dW waits for which MoE layer's windows."""
+    """One line: which blocks' attention / dense-FFN dW (and the head's) waits for which MoE
+    layer's windows."""
     by: dict[int, list[int]] = {}
     for block, moe in sorted(where.items()):
-        by.setdefault(moe, []).append(block)
+        if block != HEAD:
+            by.setdefault(moe, []).append(block)
     parts = [
-        f"{'blocks' if len(b) > 1 else 'block'} {','.join(map(str, b))} -> moe{m}"
+        f"{'blocks' if len(b) > 1 else 'block'} {','.join(map(str, b))}"
+        + (" and the head" if where.get(HEAD) == m else "")
+        + f" -> moe{m}"
         for m, b in sorted(by.items())
     ]
+    if HEAD in where and where[HEAD] not in by:
+        parts.append(f"the head -> moe{where[HEAD]}")
     return "overlap split_dw=all: attention/dense dW of " + ("; ".join(parts) or "no block")
 
 
