@@ -14,13 +14,14 @@ blocks' forward recomputed in backward) and MLA attention.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
 
 from braid.config import load_config, to_toml
-from braid.errors import ConfigError
+from braid.errors import BraidError, ConfigError
 from braid.overlap.config import OverlapConfig
 from braid.overlap.dense import DeferredLinear
 from braid.overlap.session import OverlapSession
@@ -250,8 +251,15 @@ def test_an_fsdp_head_keeps_its_fsdp_class_through_defer_and_restore():
     assert isinstance(head, FSDPModule) and isinstance(head, DeferredLinear)
     assert type(head).__mro__[type(head)._orig_cls_mro_index] is DeferredLinear
     assert defer_dense(model, session.layers)[HEAD] == 4  # a second install: same result
+    with pytest.raises(TypeError, match="cannot be deep-copied"):
+        copy.deepcopy(head)
     restore_dense(model)
     assert type(head) is fsdp_linear and "wgrad_sink" not in head.__dict__
+    # A unit wrapped after the install (FSDP2's own class over DeferredLinear): refused clearly.
+    defer_dense(model, session.layers)
+    head.__class__ = type("FSDPDeferredLinear", (FSDPModule, DeferredLinear), {})
+    with pytest.raises(BraidError, match="install the overlap engine after parallelizing"):
+        restore_dense(model)
 
 
 # -- inside an exchange window -----------------------------------------------------------------

@@ -1,8 +1,9 @@
 """`overlap.split_dw = "all"` on 2 gloo ranks (one spawn): expert parallelism (dp=1, ep=2) and
 FSDP2 data parallelism (dp=2, ep=1; experts an FSDP unit too) give the gradients, losses and
 grad norms of overlap off, with two micro-steps per optimizer step, also with chunks=2 and
-report, FSDP2's bf16 parameters, `parallel.dense=replicate` and an untied head (an FSDP unit of
-its own, deferred into the top MoE layer).
+report, FSDP2's bf16 parameters, `parallel.dense=replicate`, and an untied head deferred into
+the top MoE layer: an FSDP unit of its own (also called again by an MTP module), or inside the
+root unit (replicate).
 
 Every block is an FSDP unit over the world here, and a deferred attention / dense-FFN dW runs in
 the windows of an MoE layer below its block, after the gradient has left the block: the engine
@@ -39,6 +40,7 @@ ALL = ["--overlap.split_dw=all"]
 BF16 = ["--parallel.param_dtype=bf16"]
 REPL = ["--parallel.dense=replicate"]
 UNTIED = ["--model.tie_embeddings=false"]
+MTP = ["--model.mtp_depth=1"]
 # name: (overrides, the mode it is compared with)
 MODES = {
     "off": ([], "off"),
@@ -55,18 +57,23 @@ FSDP_ONLY = {  # dp=2 only: the dense units' dtype and kind
     "off_untied": (UNTIED, "off_untied"),  # the head an FSDP unit of its own, deferred
     "all_untied": (ALL + UNTIED, "off_untied"),
     "all_untied_nohold": (ALL + UNTIED, "off_untied"),  # the control: must differ
+    "off_untied_mtp": (UNTIED + MTP, "off_untied_mtp"),  # the head called twice per step
+    "all_untied_mtp": (ALL + UNTIED + MTP, "off_untied_mtp"),
+    "off_untied_repl": (UNTIED + REPL, "off_untied_repl"),  # the head inside the root unit
+    "all_untied_repl": (ALL + UNTIED + REPL, "off_untied_repl"),
 }
 LAYOUTS = {"dp1_ep2": ["--parallel.ep=2"], "dp2_ep1": ["--parallel.ep=1"]}
 DEFERRED_BLOCKS = (2, 3, 4, 5)
 
 
 class _BlockReductions:
-    """Counts the real reduce-scatters of the blocks' FSDP units (FSDP2's param groups)."""
+    """Counts the real reduce-scatters of the blocks' FSDP units, and of the head's unit apart
+    (FSDP2's param groups)."""
 
     def __init__(self):
         from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
 
-        self.cls, self.count = FSDPParamGroup, 0
+        self.cls, self.count, self.head = FSDPParamGroup, 0, 0
         self.post_backward = FSDPParamGroup.post_backward
 
     def __enter__(self):
@@ -75,6 +82,7 @@ class _BlockReductions:
         def post_backward(group, *a):
             if group.reduce_grads and group.is_unsharded:
                 self.count += any(isinstance(m, Block) for m in group.modules)
+                self.head += any(isinstance(m, torch.nn.Linear) for m in group.modules)
             return self.post_backward(group, *a)
 
         self.cls.post_backward = post_backward
@@ -118,7 +126,7 @@ def _run(cfg, ctx, hold: bool) -> dict:
                     (loss / MICRO).backward()
                     ces.append(parts["ce"])
                 leftover = session.flush()
-            reductions.append((red.count, leftover))
+            reductions.append((red.count, leftover, red.head))
             if step == 0:  # this rank's block of every gradient, before clipping
                 grads = local_grads(model)
             norm = clip_grad_norm(model, cfg.train.grad_clip, ctx)
@@ -178,9 +186,12 @@ def test_split_all_matches_overlap_off_under_ep_and_fsdp():
             if worst > TOL or step_err > TOL:
                 bad[f"rank{rank}/{key}"] = (worst, step_err, max(errs, key=errs.get))
             if "repl" not in name:  # each block unit reduce-scattered once per backward
-                assert all(r == (6 * MICRO, 0) for r in res["reductions"]), (key, res["reductions"])
-            if name.startswith("all"):  # blocks 2-5: 16 deferred linears (+ an untied head)
-                linears = 16 + ("untied" in name)
+                red = res["reductions"]  # (blocks, leftover, head); the MTP unit is no Block
+                assert all(r[:2] == (6 * MICRO, 0) for r in red), (key, red)
+            if name.startswith("all_untied") and "repl" not in name:  # the head's unit: once
+                assert all(r[2] == MICRO for r in res["reductions"]), (key, res["reductions"])
+            if name.startswith("all"):  # blocks 2-5: 16 deferred linears (+ an untied head,
+                linears = 16 + ("untied" in name) + ("mtp" in name)  # called again by MTP)
                 assert sum(res["dense_tasks"].values()) == linears * MICRO * STEPS, key
     assert not bad, f"split_dw=all changed the training numerics: {bad}"
     metrics = per_rank[0]["dp2_ep1/all_c2_report"]["metrics"]

@@ -47,6 +47,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.fsdp import FSDPModule
 
+from braid.errors import BraidError
 from braid.overlap.fsdp_unit import HeldUnit
 from braid.overlap.wgrad import Task, split_linear
 
@@ -100,7 +101,15 @@ def defer_dense(model: nn.Module, layers: dict[int, Any]) -> dict[int, int]:
 HEAD = -1  # `defer_dense`'s key for the output head
 
 
-_FSDP_DEFERRED = type("FSDPDeferredLinear", (FSDPModule, DeferredLinear), {})
+def _no_deepcopy(self: Any, memo: Any) -> None:
+    raise TypeError("an FSDP2 unit cannot be deep-copied (as with FSDP2's own classes)")
+
+
+# FSDP2's class for a DeferredLinear unit, made as fully_shard makes one (FSDPModule first,
+# so its `_orig_cls_mro_index` finds DeferredLinear; no deepcopy).
+_FSDP_DEFERRED = type(
+    "FSDPDeferredLinear", (FSDPModule, DeferredLinear), {"__deepcopy__": _no_deepcopy}
+)
 
 
 def _plain_linear(mod: nn.Module) -> bool:
@@ -109,8 +118,8 @@ def _plain_linear(mod: nn.Module) -> bool:
 
 
 def _defer(mod: nn.Linear, sink: Callable[[Task], None]) -> None:
-    """A class swap to `DeferredLinear` (to its FSDP2 class for a unit, built as fully_shard
-    builds one, so FSDP2 finds the original class where it looks); `restore_dense` undoes it."""
+    """A class swap to `DeferredLinear`, or to `_FSDP_DEFERRED` for an FSDP2 unit, remembering
+    the unit's class; `restore_dense` undoes it."""
     if type(mod) is not nn.Linear:
         mod.__dict__["_undeferred_class"] = type(mod)
     mod.__class__ = DeferredLinear if type(mod) is nn.Linear else _FSDP_DEFERRED
@@ -122,6 +131,11 @@ def restore_dense(model: nn.Module) -> int:
     n = 0
     for mod in model.modules():
         if isinstance(mod, DeferredLinear):
+            if type(mod) not in (DeferredLinear, _FSDP_DEFERRED):  # wrapped after the install
+                raise BraidError(
+                    f"overlap: {type(mod).__name__} was wrapped after split_dw='all' deferred "
+                    "its dW; install the overlap engine after parallelizing the model"
+                )
             mod.__class__ = mod.__dict__.pop("_undeferred_class", nn.Linear)
             mod.__dict__.pop("wgrad_sink", None)
             n += 1
