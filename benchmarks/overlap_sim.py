@@ -107,11 +107,12 @@ def bench_layer(name: str, shape: tuple, args, device, amp, dtype, log) -> dict:
     shp = layer_shape(moe, args.tokens, dtype)
     cost = measure(
         shp, moe.dispatcher.exchange, moe.experts, device, dtype, dispatcher=moe.dispatcher,
-        axis=lambda c: chunk_axis(args.chunk_by, c, moe.dispatcher.num_local, strict=False),
+        axis=lambda c: chunk_axis(args.chunk_by, c, moe.dispatcher.chunk_local, strict=False),
     )  # fmt: skip
     cands = tuple(c for c in CANDIDATES if c <= OverlapConfig().max_chunks)
-    axis = lambda c: chunk_axis(args.chunk_by, c, moe.dispatcher.num_local)  # noqa: E731
-    cands = tuple(c for c in cands if args.chunk_by != "experts" or c <= E)
+    L = moe.dispatcher.chunk_local  # experts per rank of the simulated group
+    axis = lambda c: chunk_axis(args.chunk_by, c, L)  # noqa: E731
+    cands = tuple(c for c in cands if args.chunk_by != "experts" or c <= L)
     tables = {split: choose_chunks(shp, split, cost, cands, axis) for split in (False, True)}
     plan = {split: t[0] for split, t in tables.items()}
     clock = Clock(device)

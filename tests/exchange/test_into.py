@@ -124,7 +124,9 @@ def test_chunks_of_experts_receive_every_chunk_into_one_buffer():
 
     class Spy(SimulatedExchange):
         def __init__(self):
-            super().__init__(cfg=ExchangeConfig(algorithm="simulated", simulate_latency_us=1.0))
+            # One rank's traffic: its chunks of experts may divide all the layer's experts.
+            cfg = ExchangeConfig(algorithm="simulated", simulate_latency_us=1.0, simulate_ranks=1)
+            super().__init__(cfg=cfg)
             self.outs: list[torch.Tensor] = []
 
         def move_into(self, x_RD, send_splits, recv_splits, out):

@@ -51,15 +51,55 @@ def test_model_time_follows_the_measured_table():
 def test_layer_outputs_and_grads_are_bitwise_the_local_exchanges(shared, capacity):
     base = seeded_moe(num_shared_experts=shared, capacity_factor=capacity)
     x = torch.randn(2, 7, 16, generator=torch.Generator().manual_seed(1))
-    fast = ExchangeConfig(algorithm="simulated", simulate_gbps=1000.0, simulate_latency_us=1)
-    for chunks, split in ((None, False), (1, False), (3, True)):
+    # (chunks, split, chunk_by, simulated ranks): chunks of experts need the experts on one
+    # simulated rank (its chunks divide the experts per rank of the group it stands for).
+    for chunks, split, by, ranks in (
+        (None, False, "auto", 4), (1, False, "auto", 4), (3, True, "tokens", 4),
+        (3, True, "experts", 1),
+    ):  # fmt: skip
+        fast = ExchangeConfig(
+            algorithm="simulated", simulate_gbps=1000.0, simulate_latency_us=1, simulate_ranks=ranks
+        )
         ref, sim = copy.deepcopy(base), copy.deepcopy(base)
         sim.dispatcher.exchange = get_exchange("simulated")(None, None, fast)
         for m in (ref, sim):
             if chunks is not None:
-                m.overlap = LayerOverlap(0, chunks, split, Clock(torch.device("cpu")))
+                m.overlap = LayerOverlap(0, chunks, split, Clock(torch.device("cpu")), chunk_by=by)
         for a, b in zip(moe_step(sim, x), moe_step(ref, x), strict=True):
-            assert torch.equal(a, b), (chunks, split)
+            assert torch.equal(a, b), (chunks, split, by)
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 4])
+def test_chunks_follow_the_experts_per_rank_of_the_group_it_stands_for(monkeypatch, ranks):
+    # One process holds all 8 experts, but a rank of the simulated W-rank group holds 8 / W:
+    # "auto" cuts experts only where that rank could (C <= 8 / W), tokens beyond, and
+    # "experts" past it is refused as on the real group. The local exchange keeps all 8.
+    moe = seeded_moe(num_experts=8)
+    x = torch.randn(2, 7, 16, generator=torch.Generator().manual_seed(1))
+    cfg = ExchangeConfig(
+        algorithm="simulated", simulate_gbps=1000.0, simulate_latency_us=1, simulate_ranks=ranks
+    )
+    assert moe.dispatcher.chunk_local == 8  # the local exchange
+    moe.dispatcher.exchange = get_exchange("simulated")(None, None, cfg)
+    assert moe.dispatcher.num_local == 8 and moe.dispatcher.chunk_local == 8 // ranks
+    seen: list[tuple[int, str]] = []
+    plan = moe.dispatcher.plan
+    monkeypatch.setattr(
+        moe.dispatcher,
+        "plan",
+        lambda idx, c=1, by="tokens": seen.append((c, by)) or plan(idx, c, by),
+    )
+    for chunks in (2, 4):
+        moe.overlap = LayerOverlap(0, chunks, True, Clock(torch.device("cpu")))
+        moe_step(moe, x)
+    L = 8 // ranks
+    assert seen == [(c, "experts" if c <= L else "tokens") for c in (2, 4)], seen
+    moe.overlap = LayerOverlap(0, 4, True, Clock(torch.device("cpu")), chunk_by="experts")
+    if L >= 4:
+        moe_step(moe, x)
+    else:
+        with pytest.raises(ValueError, match=f"chunks=4 is more than the {L} experts per rank"):
+            moe_step(moe, x)
 
 
 @pytest.mark.parametrize("by, chunks", [("tokens", 1), ("tokens", 2), ("experts", 2)])

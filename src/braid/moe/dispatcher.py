@@ -130,6 +130,16 @@ class TokenDispatcher:
     def num_local(self) -> int:
         return self.num_experts // self.exchange.size
 
+    @property
+    def chunk_local(self) -> int:
+        """Experts per rank of the group the exchange's traffic spans (`traffic_ranks`): how
+        many a chunk of experts may divide (`overlap.chunk_by`). `num_local` but for the
+        simulated exchange, whose one process holds all E experts while it stands for
+        `simulate_ranks` ranks of E / W each: its chunks follow the group it stands for."""
+        return self.num_experts // max(
+            1, getattr(self.exchange, "traffic_ranks", self.exchange.size)
+        )
+
     def capacity(self, num_tokens: int) -> int:
         return math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts)
 

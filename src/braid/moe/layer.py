@@ -73,7 +73,7 @@ class MoE(nn.Module):
         if self.overlap is not None:
             x_ND = self.overlap.flush_point(x_ND)  # grads here: queued dW run, experts reduced
         r = self.router(x_ND, d.exchange.all_reduce_sum)  # 1. route
-        chunks, by = (1, "tokens") if self.overlap is None else self.overlap.chunking(d.num_local)
+        chunks, by = (1, "tokens") if self.overlap is None else self.overlap.chunking(d.chunk_local)
         plan = d.plan(r.topk_idx_NK, chunks, by)  # 2a. routes: counts exchanged, host splits
         if self.overlap is None:  # the plain path: one route, each step waited
             (route,) = plan.routes

@@ -138,7 +138,7 @@ class OverlapSession:
         for i, moe in moes.items():
             shape = layer_shape(moe, tokens_per_rank, dtype)
             plan_split = split  # routed dW deferred, FSDP expert units too (fsdp_unit)
-            L = moe.dispatcher.num_local
+            L = moe.dispatcher.chunk_local  # experts a chunk may divide (the group's, per rank)
             axis = lambda c, L=L: chunk_axis(cfg.chunk_by, c, L)  # noqa: E731
             # What the planner times at C chunks: the axis, or tokens where experts cannot be.
             probe = lambda c, L=L: chunk_axis(cfg.chunk_by, c, L, strict=False)  # noqa: E731
