@@ -77,7 +77,10 @@ def test_chunks_of_experts_receive_in_place_on_the_exchange_stream(chunks, split
     with torch.no_grad():
         for p in base.parameters():
             p.normal_(0, 0.05)
-    slow = ExchangeConfig(algorithm="simulated", simulate_gbps=0.2, simulate_latency_us=1.0)
+    # 2 simulated ranks: 4 experts a rank, so up to 4 chunks of experts (chunk_local).
+    slow = ExchangeConfig(
+        algorithm="simulated", simulate_gbps=0.2, simulate_latency_us=1.0, simulate_ranks=2
+    )
     x = torch.randn(1000, 128, device="cuda")
     ref = copy.deepcopy(base)
     ref.dispatcher.exchange = SimulatedExchange(cfg=slow)
