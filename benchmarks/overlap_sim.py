@@ -26,9 +26,11 @@ take the median of the rounds' medians, so that clock drift over the run does no
 modes timed first),
 `exchange_ms`/`exposed_ms` from the overlap timeline (one timed step; off: its C=1 twin, the plain
 path's order), `exposed_over_exchange_alone` (exposed / the movements of off's step replayed
-alone), `slower_than_off`, and per layer/config `auto_vs_best` (auto's best mode time over the best
-fixed mode's, minus 1) and `best_mode`. Every mode's results are checked against off's first
-(layer: output and grads; train: the first two losses). The training-step part lives in
+alone), `slower_than_off`, what the chunks hold (`chunk_axis`; train: `chunk_axes` over the MoE
+layers: "experts" or "tokens", as a rank of the simulated group cuts them,
+`TokenDispatcher.chunk_local`), and per layer/config `auto_vs_best` (auto's best mode time
+over the best fixed mode's, minus 1) and `best_mode`. Every mode's results are checked against
+off's first (layer: output and grads; train: the first two losses). The training-step part lives in
 overlap_sim_train.py, the modes, rows and targets both parts share in overlap_modes.py. `--trace
 PATH` writes a Chrome trace (torch.profiler) of one training step in mode `--trace-mode`
 (auto_split; of the layer's fine-grained shape if only the layer part runs). `--profile` adds to

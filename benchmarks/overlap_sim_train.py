@@ -165,6 +165,13 @@ def bench_train(name: str, args, log) -> dict:
                     times[mode][0], tl, out["exchange_alone_ms"], None, chunks=chunks,
                     split_dw=split, losses=out.pop("_losses"),
                 )  # fmt: skip
+                # What the chunks hold, per MoE layer: "experts" or "tokens" (chunk_local).
+                row["chunk_axes"] = sorted(
+                    {
+                        lo.chunking(moes[i].dispatcher.chunk_local)[1]
+                        for i, lo in session.layers.items()
+                    }
+                ) or ["tokens"]
                 if split == "all":  # the blocks above each MoE layer: dW drained, flushed
                     row["dense_dW_ms"] = tl["dense_dW_ms"]
                     row["dense_dW_flush_ms"] = tl["dense_dW_flush_ms"]

@@ -57,6 +57,12 @@ def test_overlap_sim_smoke_reports_every_mode_with_a_trace_and_a_profile(tmp_pat
         }
     for g in res["layer"].values():
         assert set(g["planned_chunks"].values()) <= set(CANDIDATES)
+    for g in res["train"].values():  # what the chunks held: tokens without chunks
+        for mode, row in g["modes"].items():
+            axes = set(row["chunk_axes"])
+            assert axes <= {"experts", "tokens"} and axes, (mode, row["chunk_axes"])
+            if row["chunks"] == [1]:
+                assert axes == {"tokens"}, (mode, row["chunk_axes"])
     for g in res["train"].values():  # blocks above an MoE layer deferred their dW into it
         for mode in TRAIN_ONLY:
             row = g["modes"][mode]
