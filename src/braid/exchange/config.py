@@ -32,7 +32,9 @@ class ExchangeConfig:
         2.0, "symmetric, capacity 0: buffers get this multiple of the rows a step needs."
     )
     simulate_ranks: int = knob(
-        4, "simulated: ranks whose all-to-all is imitated ((W-1)/W of each payload leaves)."
+        4,
+        "simulated: ranks whose all-to-all is imitated ((W-1)/W of each payload leaves; "
+        "chunks of experts divide E/W, as on that group).",
     )
     simulate_gbps: float = knob(
         0.0, "simulated: bandwidth per rank in GB/s; 0 = interpolate the measured 4x H200 table."
