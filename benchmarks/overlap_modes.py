@@ -31,6 +31,21 @@ MODES = {  # name: (chunks, split_dw: bool or "all"); None: overlap off (the pla
 }
 
 
+def runnable(modes: dict, chunk_by: str, local: int, out: dict) -> dict:
+    """The modes a rank of `local` experts can run: with chunk_by="experts" a fixed C above it
+    is refused on the real group as here, so it is left out and named in `out["skipped"]`."""
+    keep, skipped = {}, {}
+    for mode, sched in modes.items():
+        C = None if sched is None else sched[0]
+        if chunk_by == "experts" and isinstance(C, int) and C > local:
+            skipped[mode] = f"chunks of experts: C={C} > {local} experts per rank"
+        else:
+            keep[mode] = sched
+    if skipped:
+        out["skipped"] = skipped
+    return keep
+
+
 def time_alone(exchange, calls: list[Movement], device: torch.device, iters: int) -> float:
     """The recorded movements replayed back to back, each waited at once (median ms)."""
 

@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import torch  # noqa: E402
 from common import environment, time_cuda, write_result  # noqa: E402
 from overlap_exchange import record  # noqa: E402
-from overlap_modes import MODES, row_of, summarize, time_alone, trace  # noqa: E402
+from overlap_modes import MODES, row_of, runnable, summarize, time_alone, trace  # noqa: E402
 from overlap_sim_train import TRAIN_MODES, bench_train  # noqa: E402
 
 from braid.exchange import get_exchange  # noqa: E402
@@ -163,7 +163,8 @@ def bench_layer(name: str, shape: tuple, args, device, amp, dtype, log) -> dict:
     }
     engines: dict[str, Any] = {}  # mode -> its LayerOverlap (None: off)
     checked: dict[str, tuple] = {}
-    for mode, sched in MODES.items():  # results first: every mode against off
+    modes = runnable(MODES, args.chunk_by, L, out)
+    for mode, sched in modes.items():  # results first: every mode against off
         C, split = (None, False) if sched is None else sched
         if sched is not None:
             C = plan[split] if C == "auto" else C
@@ -183,13 +184,13 @@ def bench_layer(name: str, shape: tuple, args, device, amp, dtype, log) -> dict:
         checked[mode] = (C, split, err, timeline())
     # Timing in rounds, every mode once per round (the GPU's clocks drift over a run: timing
     # each mode once, in order, would bias the later modes); per mode the median over all.
-    times: dict[str, list[dict]] = {m: [] for m in MODES}
+    times: dict[str, list[dict]] = {m: [] for m in modes}
     for _ in range(args.rounds):
-        for mode in MODES:
+        for mode in modes:
             moe.overlap = engines[mode]
             times[mode].append(time_cuda(step, iters=args.iters, warmup=1))
     off_ms = None
-    for mode in MODES:
+    for mode in modes:
         C, split, err, tl = checked[mode]
         rounds = times[mode]
         t = {

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from common import time_cuda
 from overlap_exchange import record
-from overlap_modes import MODES, profile_step, row_of, summarize, time_alone, trace
+from overlap_modes import MODES, profile_step, row_of, runnable, summarize, time_alone, trace
 from overlap_train_step import SMOKE_SIZE  # the same tiny sizes as the multi-GPU benchmark
 
 from braid.config import load_config
@@ -116,9 +116,11 @@ def bench_train(name: str, args, log) -> dict:
         "compute_dtype": str(dtype),
         "modes": {},
     }
-    times: dict[str, list[dict]] = {m: [] for m in TRAIN_MODES}
+    local = next(iter(moes.values())).dispatcher.chunk_local  # experts per simulated rank
+    modes = runnable(TRAIN_MODES, args.chunk_by, local, out)
+    times: dict[str, list[dict]] = {m: [] for m in modes}
     for rnd in range(args.rounds):  # every mode once per round (see the layer part)
-        for mode, sched in TRAIN_MODES.items():
+        for mode, sched in modes.items():
             with torch.no_grad():
                 params = list(model.parameters()) + list(model.buffers())
                 for t, s in zip(params, saved, strict=True):

@@ -97,6 +97,13 @@ class Config:
                 self.parallel.ep,
                 f"must divide moe.num_experts={self.moe.num_experts}",
             )
+            if self.exchange.algorithm == "simulated":  # the group it stands for holds E / W
+                check(
+                    self.moe.num_experts % self.exchange.simulate_ranks == 0,
+                    "exchange.simulate_ranks",
+                    self.exchange.simulate_ranks,
+                    f"must divide moe.num_experts={self.moe.num_experts}",
+                )
         if self.train.cuda_graphs:
             self._check_cuda_graphs()
         return self

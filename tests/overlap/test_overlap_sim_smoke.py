@@ -86,3 +86,27 @@ def test_overlap_sim_names_an_unknown_trace_mode(tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "--trace-mode: unknown 'split_all'" in proc.stderr  # train-only mode, layer part
+
+
+def test_chunks_of_experts_beyond_a_ranks_experts_are_skipped_and_named(tmp_path):
+    # 4 simulated ranks: the 16-expert shape holds 4 a rank, the 8-expert one 2. With
+    # --chunk-by experts a fixed C above that is refused on the real group, so it is left out.
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "e.json"
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "overlap_sim.py"),
+        "--smoke",
+        "--out",
+        str(out),
+    ]
+    cmd += ["--parts", "layer", "--chunk-by", "experts", "--modes", "chunks2,chunks4,chunks8"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    layer = json.loads(out.read_text())["layer"]
+    for shape, runs in (("smoke_16e_top4", {"chunks2", "chunks4"}), ("smoke_8e_top2", {"chunks2"})):
+        g = layer[shape]
+        assert set(g["modes"]) == {"off"} | runs, (shape, set(g["modes"]))
+        assert set(g["skipped"]) == {"chunks2", "chunks4", "chunks8"} - runs, g["skipped"]
+        assert all(g["modes"][m]["chunk_axis"] == "experts" for m in runs)
+        assert all("experts per rank" in why for why in g["skipped"].values())

@@ -72,6 +72,18 @@ def test_bad_values_name_key_value_and_what_is_allowed(override, key, words):
     assert e.value.key == key and words in msg and "\n" not in msg
 
 
+def test_simulated_ranks_must_divide_the_experts():
+    sim = ["--exchange.algorithm=simulated", "--moe.num_experts=8"]
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [*sim, "--exchange.simulate_ranks=3"])
+    assert e.value.key == "exchange.simulate_ranks" and "must divide moe.num_experts=8" in str(
+        e.value
+    )
+    assert load_config(None, [*sim, "--exchange.simulate_ranks=4"]).exchange.simulate_ranks == 4
+    # Only the simulated exchange stands for other ranks: the knob is inert otherwise.
+    assert load_config(None, ["--moe.num_experts=8", "--exchange.simulate_ranks=3"])
+
+
 def test_fingerprint_is_stable_and_sensitive():
     a, b = load_config(None, []), load_config(None, [])
     assert a.fingerprint() == b.fingerprint()
