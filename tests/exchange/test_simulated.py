@@ -268,3 +268,45 @@ def test_move_into_receives_the_rows_in_the_callers_buffer():
     assert got.data_ptr() == buf[1:7].data_ptr() and torch.equal(got, x)
     assert buf[0].eq(7).all() and buf[7].eq(7).all()
     assert h.elapsed_ms() == ex.move(x, [6], [6]).elapsed_ms()
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_the_session_plans_chunks_of_experts_against_the_groups_experts_per_rank(
+    monkeypatch, ranks
+):
+    # OverlapSession.install decides the axis (and the planner's candidates) as the layer
+    # does: 8 experts on 4 simulated ranks are 2 a rank, so 4 chunks of experts are refused
+    # at install, and "auto" with chunk_by="experts" plans at most 2.
+    from braid.config import load_config
+    from braid.overlap.session import OverlapSession
+    from braid.parallel.mesh import ParallelContext
+    from braid.train.model_setup import build_model
+
+    cpu = ParallelContext(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
+    base = ["--model.dim=32", "--model.n_layers=2", "--model.n_heads=2", "--model.vocab_size=64"]
+    base += ["--model.ffn_hidden=32", "--model.max_seq_len=16", "--train.seq_len=8"]
+    base += ["--train.device=cpu", "--moe.layers=[1]", "--moe.num_experts=8"]
+    base += ["--moe.expert_hidden=16", "--exchange.algorithm=simulated"]
+    base += [f"--exchange.simulate_ranks={ranks}", "--overlap.chunk_by=experts"]
+    kw = dict(device=cpu.device, tokens_per_rank=16, dtype=torch.float32, log=lambda s: None)
+    cfg = load_config(None, [*base, "--overlap.chunks=4"])
+    model = build_model(cfg, cpu)
+    if ranks == 4:
+        with pytest.raises(ValueError, match="chunks=4 is more than the 2 experts per rank"):
+            OverlapSession.install(model, cfg.overlap, **kw)
+    else:
+        assert OverlapSession.install(model, cfg.overlap, **kw).layers[1].chunks == 4
+    import braid.overlap.session as session_module
+
+    seen = []
+    choose = session_module.choose_chunks
+
+    def spy(shape, split, cost, cands, axis):
+        seen.append((cands, [axis(c) for c in cands]))
+        return choose(shape, split, cost, cands, axis)
+
+    monkeypatch.setattr(session_module, "choose_chunks", spy)
+    cfg = load_config(None, [*base, "--overlap.chunks=auto", "--overlap.trial_steps=0"])
+    OverlapSession.install(build_model(cfg, cpu), cfg.overlap, **kw)
+    ((cands, axes),) = seen
+    assert max(cands) == 8 // ranks and set(axes[1:]) == {"experts"}, seen
