@@ -27,12 +27,18 @@ MODES = {
 TRAIN_ONLY = {"split_all", "chunks2_all", "chunks4_all", "chunks8_all", "auto_all"}
 
 
+def _smoke(*args: str) -> subprocess.CompletedProcess:
+    """`overlap_sim.py --smoke ARGS` on CPU, one thread."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "overlap_sim.py"), "--smoke", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
 def test_overlap_sim_smoke_reports_every_mode_with_a_trace_and_a_profile(tmp_path):
     out, trace = tmp_path / "sim.json", tmp_path / "trace.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "overlap_sim.py"), "--smoke"]
-    cmd += ["--out", str(out), "--trace", str(trace), "--trace-mode", "chunks2_split", "--profile"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = _smoke(
+        "--out", str(out), "--trace", str(trace), "--trace-mode", "chunks2_split", "--profile"
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())
     assert res["complete"] and res["exchange"]["algorithm"] == "simulated"
@@ -80,10 +86,9 @@ def test_overlap_sim_smoke_reports_every_mode_with_a_trace_and_a_profile(tmp_pat
 
 
 def test_overlap_sim_names_an_unknown_trace_mode(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "overlap_sim.py"), "--smoke"]
-    cmd += ["--parts", "layer", "--trace", str(tmp_path / "t.json"), "--trace-mode", "split_all"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    proc = _smoke(
+        "--parts", "layer", "--trace", str(tmp_path / "t.json"), "--trace-mode", "split_all"
+    )
     assert proc.returncode != 0
     assert "--trace-mode: unknown 'split_all'" in proc.stderr  # train-only mode, layer part
 
@@ -91,17 +96,11 @@ def test_overlap_sim_names_an_unknown_trace_mode(tmp_path):
 def test_chunks_of_experts_beyond_a_ranks_experts_are_skipped_and_named(tmp_path):
     # 4 simulated ranks: the 16-expert shape holds 4 a rank, the 8-expert one 2. With
     # --chunk-by experts a fixed C above that is refused on the real group, so it is left out.
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
     out = tmp_path / "e.json"
-    cmd = [
-        sys.executable,
-        str(ROOT / "benchmarks" / "overlap_sim.py"),
-        "--smoke",
-        "--out",
-        str(out),
-    ]
-    cmd += ["--parts", "layer", "--chunk-by", "experts", "--modes", "chunks2,chunks4,chunks8"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = _smoke(
+        "--out", str(out), "--parts", "layer", "--chunk-by", "experts",
+        "--modes", "chunks2,chunks4,chunks8",
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     layer = json.loads(out.read_text())["layer"]
     for shape, runs in (("smoke_16e_top4", {"chunks2", "chunks4"}), ("smoke_8e_top2", {"chunks2"})):

@@ -131,14 +131,17 @@ class TokenDispatcher:
         return self.num_experts // self.exchange.size
 
     @property
+    def traffic_ranks(self) -> int:
+        """Ranks the exchange's traffic spans (`Exchange.traffic_ranks`; `size` for an exchange
+        without it): the simulated exchange's one process stands for `simulate_ranks`."""
+        return max(1, getattr(self.exchange, "traffic_ranks", self.exchange.size))
+
+    @property
     def chunk_local(self) -> int:
-        """Experts per rank of the group the exchange's traffic spans (`traffic_ranks`): how
-        many a chunk of experts may divide (`overlap.chunk_by`). `num_local` but for the
-        simulated exchange, whose one process holds all E experts while it stands for
-        `simulate_ranks` ranks of E / W each: its chunks follow the group it stands for."""
-        return self.num_experts // max(
-            1, getattr(self.exchange, "traffic_ranks", self.exchange.size)
-        )
+        """Experts per rank of that group: how many a chunk of experts may divide
+        (`overlap.chunk_by`). `num_local` but for the simulated exchange, whose one process
+        holds all E experts while it stands for ranks of E / W each."""
+        return self.num_experts // self.traffic_ranks
 
     def capacity(self, num_tokens: int) -> int:
         return math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts)
@@ -278,7 +281,7 @@ class TokenDispatcher:
         ranks it stands in for, so one GPU pays the count exchange and the host read that a
         real group's dispatch pays, in every mode (and `exchange_counts` returns the counts
         unchanged there: one rank's are all of them)."""
-        return getattr(self.exchange, "traffic_ranks", self.exchange.size) > 1
+        return self.traffic_ranks > 1
 
     def _within_capacity(self, topk_idx_NK: Tensor) -> tuple[Tensor, Tensor]:
         """(keep_NK flat: copies that fit their expert's capacity, number dropped)."""
