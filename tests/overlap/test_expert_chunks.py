@@ -106,7 +106,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("fp8", [False, True])
 def test_chunks_of_experts_compute_each_experts_dw_once(monkeypatch, fp8):
     """Spy on the dW GEMM: with C chunks of experts every expert's dW is one group of one call
-    (4 experts per weight over all calls), where C chunks of tokens compute C of them."""
+    (4 experts per weight over all calls), where C chunks of tokens compute C of them, unless
+    their deferred dW is joined (`overlap.chunk_dw`): one call per weight over every chunk's
+    rows. The fp8 experts hand over tasks, not operands: per chunk whatever chunk_dw says."""
     calls: list[tuple[int, int]] = []  # (dW's last dim: which weight, experts in the call)
     if fp8:
         real = fp8_experts.wgrad
@@ -128,17 +130,20 @@ def test_chunks_of_experts_compute_each_experts_dw_once(monkeypatch, fp8):
     x = torch.randn(2, 7, 16, generator=torch.Generator().manual_seed(1))
     ref = _run(copy.deepcopy(base), x)
     assert sorted(calls) == [(16, 4), (24, 4)]  # plain path: w2 (dW [F, D]), w13 ([D, 2F])
-    for by in ("experts", "tokens"):
+    cases = [(by, dw) for by in ("experts", "tokens") for dw in ("joined", "per_chunk")]
+    for by, chunk_dw in cases:
         for chunks in (2, 3, 4):
             for split in (False, True):
                 calls.clear()
                 moe = copy.deepcopy(base)
-                moe.overlap = LayerOverlap(0, chunks, split, CPU, chunk_by=by)
+                moe.overlap = LayerOverlap(0, chunks, split, CPU, chunk_by=by, chunk_dw=chunk_dw)
                 got = _run(moe, x)
                 per_weight = {n: sum(k for m, k in calls if m == n) for n in (16, 24)}
-                want = 4 if by == "experts" else 4 * chunks
+                joined = by == "tokens" and split and chunk_dw == "joined" and not fp8
+                want = 4 if by == "experts" or joined else 4 * chunks
                 assert per_weight == {16: want, 24: want}, (by, chunks, split, calls)
-                assert len(calls) == 2 * chunks  # one call per weight and chunk either way
+                # one call per weight and chunk, or per weight when joined
+                assert len(calls) == (2 if joined else 2 * chunks), (by, chunk_dw, chunks, split)
                 err = max(_rel(a, b) for a, b in zip(got, ref, strict=True))
                 assert err < 1e-5, (by, chunks, split, err)
 

@@ -4,9 +4,9 @@ For (dp=1, ep=4) and (dp=2, ep=2), with uneven token counts per rank (one rank h
 than chunks, so some of its chunks are empty), routed-only, with a shared expert, and in
 capacity mode (equal token counts there: the plain capacity path sizes its exchange from this
 rank's own capacity, which needs the same N on every rank): the MoE layer with chunks C in
-{1, 2, 3, 4} x split_dw {off, on} gives the plain path's output, input grad and every parameter
-grad (fp32, relative error < 1e-5), the same bits when run twice, and leaves no weight gradient
-queued after backward.
+{1, 2, 3, 4} x split_dw {off, on} (chunks of tokens with their routed dW joined or per chunk)
+gives the plain path's output, input grad and every parameter grad (fp32, relative error
+< 1e-5), the same bits when run twice, and leaves no weight gradient queued after backward.
 """
 
 from __future__ import annotations
@@ -20,7 +20,10 @@ from small_moe import seeded_moe
 
 TOL = 1e-5
 UNEVEN = [11, 2, 7, 6]  # tokens per rank; rank 1 has fewer tokens than chunks
-SCHEDULES = [(c, s) for c in (1, 2, 3, 4) for s in (False, True)]
+# (chunks, split_dw, chunk_dw): with 2 experts a rank, C = 3 and 4 cut tokens; their deferred
+# routed dW is joined over the chunks or added per chunk.
+SCHEDULES = [(c, s, "auto") for c in (1, 2, 3, 4) for s in (False, True)]
+SCHEDULES += [(3, True, "joined"), (4, True, "joined"), (3, True, "per_chunk")]
 VARIANTS = {  # shared experts, capacity factor, tokens per rank
     "routed": (0, 0.0, UNEVEN),
     "shared": (1, 0.0, UNEVEN),
@@ -68,19 +71,22 @@ def _worker(rank: int, world: int) -> dict:
             x = torch.randn(1, tokens[rank], 16, generator=gen)
             w_out = torch.randn(1, tokens[rank], 16, generator=gen)
 
-            def run(chunks, split, base=base, x=x, w_out=w_out, case=f"{layout}/{variant}"):
+            def run(
+                chunks, split, dw="auto", base=base, x=x, w_out=w_out, case=f"{layout}/{variant}"
+            ):
                 moe = _copy(base)
                 if chunks is not None:
-                    moe.overlap = LayerOverlap(0, chunks, split, Clock(torch.device("cpu")))
+                    clock = Clock(torch.device("cpu"))
+                    moe.overlap = LayerOverlap(0, chunks, split, clock, chunk_dw=dw)
                 got = _grads(moe, x, w_out)
                 if moe.overlap is not None and len(moe.overlap.queue):
                     problems.append(f"{case}/C={chunks}/split={split}: queue not empty")
                 return got
 
             ref = run(None, False)
-            for chunks, split in SCHEDULES:
-                first, second = run(chunks, split), run(chunks, split)
-                key = f"{layout}/{variant}/C={chunks}/split={split}"
+            for chunks, split, dw in SCHEDULES:
+                first, second = run(chunks, split, dw), run(chunks, split, dw)
+                key = f"{layout}/{variant}/C={chunks}/split={split}/{dw}"
                 worst[key] = max(_rel(a, b) for a, b in zip(first, ref, strict=True))
                 if not all(torch.equal(a, b) for a, b in zip(first, second, strict=True)):
                     problems.append(f"{key}: two runs differ")

@@ -8,7 +8,9 @@ Two implementations with identical results:
 `grouped_linear` is differentiable with an explicit backward: the input gradient (dX) is computed
 first and returned to autograd, and the weight gradient (dW) is either computed at once or handed
 to a `wgrad_sink` callable, which the overlap scheduler runs while an exchange is in flight
-(FluidMoE's dW/dX split). Shapes: R rows, D in-features, F out-features, E experts.
+(FluidMoE's dW/dX split). A sink with `add_rows(w, x, g, offs, impl, divide)` is handed the
+dW's operands instead (`braid.overlap.joined_experts`: one dW over every chunk's rows).
+Shapes: R rows, D in-features, F out-features, E experts.
 
 The weight may be a DTensor parameter (experts under `braid.parallel`): the GEMMs run on its
 local block, and dW goes back wrapped like the parameter (duck-typed, `type(w).from_local`, so
@@ -230,7 +232,10 @@ class _GroupedLinear(torch.autograd.Function):
             dx = gmm(g_RF, w_EDF.transpose(1, 2), offs_E, ctx.impl).to(ctx.x_dtype)
         dw = None
         if ctx.needs_input_grad[1]:
-            impl = ctx.impl
+            impl, sink = ctx.impl, ctx.wgrad_sink
+            if ctx.part is None and hasattr(sink, "add_rows"):  # one dW over all chunks' rows
+                sink.add_rows(ctx.w, x_RD, g_RF, offs_E, impl, ctx.grad_divide)
+                return dx, *[None] * 7
             dw_fn = lambda: gmm_wgrad(x_RD, g_RF, offs_E, impl)  # noqa: E731
             dw = deliver_wgrad(ctx.w, dw_fn, ctx.grad_divide, ctx.wgrad_sink, ctx.part)
         return dx, dw, *[None] * 6

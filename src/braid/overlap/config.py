@@ -9,6 +9,7 @@ from braid.knobs import check, knob
 
 SPLIT_DW = ("off", "experts", "all")
 CHUNK_BY = ("auto", "experts", "tokens")
+CHUNK_DW = ("auto", "joined", "per_chunk")
 # Booleans stay accepted (configs written before the modes existed): false -> "off",
 # true -> "experts". They are read as these names at construction, so a config holds a name.
 SPLIT_DW_ALIASES = {False: "off", True: "experts"}
@@ -37,6 +38,12 @@ class OverlapConfig:
         'tokens, all experts: each chunk adds its own dW into the grads), or "auto" (experts '
         "when chunks <= experts per rank, else tokens).",
     )
+    chunk_dw: Literal["auto", "joined", "per_chunk"] = knob(
+        "auto",
+        "Chunks of tokens with split_dw: the routed experts' dW per chunk, each added into the "
+        'grads ("per_chunk"), or one dW per weight over every chunk\'s rows, gathered '
+        'expert-major ("joined"), or "auto" (whichever moves fewer bytes).',
+    )
     report: bool = knob(
         False, "Time each MoE layer at log steps; print and log exposed/exchange ms per layer."
     )
@@ -63,6 +70,12 @@ class OverlapConfig:
             "overlap.chunk_by",
             self.chunk_by,
             'expected one of "auto", "experts", "tokens"',
+        )
+        check(
+            self.chunk_dw in CHUNK_DW,
+            "overlap.chunk_dw",
+            self.chunk_dw,
+            'expected one of "auto", "joined", "per_chunk"',
         )
         check(self.trace_step >= 0, "overlap.trace_step", self.trace_step, "must be >= 0")
 

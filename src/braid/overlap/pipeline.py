@@ -32,12 +32,14 @@ Backward mirrors it (Bg/Dg: the gradient exchanges, straight-through `move`):
   for c: issue Bg[c+1]; wait Bg[c]; E[c] backward (dX; dW queued when split_dw); issue Dg[c];
          wait Dg[c-1], finish c-1
   wait Dg[C-1], finish C-1.
-Every wait first drains the layer's dW queue while the exchange is in flight. The fill (D0) and
-the drain (B[C-1]) are the exchanges no chunk's experts overlap; with split_dw the shared
-experts, split by tokens, cover both, and their dW is still one GEMM per weight over all tokens
-(`JoinedWgrad`); without split_dw S runs whole beside D0 (S0 = S, no S1). The backward needs no
-split: its windows have dW to fill, and the shared experts' dW is queued at Bg0 only once both
-halves' backward ran.
+Every wait first drains the layer's dW queue while the exchange is in flight. With chunks of
+tokens and split_dw, the routed experts' dW may be one GEMM per weight over every chunk's rows,
+queued at the last chunk's E backward (`overlap.chunk_dw`, `braid.overlap.joined_experts`).
+The fill (D0) and the drain (B[C-1]) are the exchanges no chunk's experts overlap; with
+split_dw the shared experts, split by tokens, cover both, and their dW is still one GEMM per
+weight over all tokens (`JoinedWgrad`); without split_dw S runs whole beside D0 (S0 = S, no
+S1). The backward needs no split: its windows have dW to fill, and the shared experts' dW is
+queued at Bg0 only once both halves' backward ran.
 
 Shape legend: N tokens, K experts per token, D dim, E experts, W EP ranks, L = E/W, M copies,
 R rows received, C chunks. The dispatcher and experts are duck-typed (no `braid.moe` import).
@@ -56,6 +58,7 @@ from braid.ops.swiglu import gated
 from braid.overlap.config import chunk_axis
 from braid.overlap.fsdp_unit import HeldUnit
 from braid.overlap.graph_ends import Capture, Root
+from braid.overlap.joined_experts import JoinedExpertWgrad
 from braid.overlap.shared_halves import half_tokens, joined_side
 from braid.overlap.streams import Clock
 from braid.overlap.timeline import LayerTimeline
@@ -112,10 +115,12 @@ class _Run:
         drain: Callable[[Any], int] | None,
         grad: bool,
         unit: HeldUnit,
+        joined: JoinedExpertWgrad | None = None,
     ):
         self.routes, self.dsp, self.experts, self.shared = routes, dispatcher, experts, shared
         self.whole = whole  # chunks of experts: the route of all copies, finished once
         self.unit = unit
+        self.joined = joined  # chunks of tokens: one routed-expert dW over all their rows
         self.tl, self.drain, self.grad = tl, drain, grad
         C = len(routes)
         self.roots: list[Tensor | None] = [None] * C  # per chunk: the expert graph's end
@@ -152,7 +157,7 @@ class _Run:
                 # the grad written so far into its accumulator, unwritten rows and all.
                 covers = self.unit.module is None
                 part = None if route.part is None else (*route.part, covers)
-                y_RD = self.experts(dsp.to_experts(x_RD, route), route.counts_L, part)
+                y_RD = self.experts(c, dsp.to_experts(x_RD, route), route.counts_L, part)
                 y_RD = dsp.from_experts(y_RD, route)
                 if self.grad:
                     self.roots[c] = Root.apply(y_RD)
@@ -268,6 +273,8 @@ class _Run:
             if c >= 1:
                 finish(c - 1, tl.wait(dg[c - 1], drain))
         finish(C - 1, tl.wait(dg[C - 1], drain))
+        if self.joined is not None:
+            self.joined.close()  # (every chunk's backward reached it: nothing left to queue)
         self.gates_NK = None
         if whole is not None:
             dx = dsp.finish_grad(g_home.buf, whole, self.x_dtype)
@@ -283,7 +290,9 @@ class LayerOverlap:
     """The overlap engine of one MoE layer (installed as `moe.overlap` by braid.overlap.session).
 
     chunks: C >= 1; split_dw: defer weight grads into `queue` (the routed experts' only if
-    `defer_expert_dw`, the shared experts' always). With chunks == 1 and split_dw off
+    `defer_expert_dw`, the shared experts' always). With chunks of tokens, `chunk_dw` says
+    whether the routed experts' deferred dW runs per chunk or once over every chunk's rows
+    (`braid.overlap.joined_experts`). With chunks == 1 and split_dw off
     (installed only for `overlap.report`), the schedule is the plain path's: every exchange is
     waited right after issue and the shared experts run after the combine.
     With split_dw = "all" (`braid.overlap.dense`), `dense` holds the attention / dense-FFN dW
@@ -300,9 +309,11 @@ class LayerOverlap:
         clock: Clock,
         defer_expert_dw: bool = True,
         chunk_by: str = "auto",
+        chunk_dw: str = "auto",
     ):
         self.layer, self.chunks, self.split_dw = layer, chunks, split_dw
         self.chunk_by = chunk_by  # `OverlapConfig.chunk_by`
+        self.chunk_dw = chunk_dw  # `OverlapConfig.chunk_dw`
         # Routed-expert dW too (an FSDP expert unit waits for it: `fsdp_unit.HeldUnit`).
         self.defer_expert_dw = split_dw and defer_expert_dw
         self.timeline = LayerTimeline(layer, clock)
@@ -379,17 +390,23 @@ class LayerOverlap:
         casts = getattr(experts, "shared_casts", nullcontext)()  # one weight cast per layer
         with self.timeline.span("forward"), casts:
             expert_sink = sink if self.defer_expert_dw else None
+            sinks, joined = [expert_sink] * len(plan.routes), None
+            if grad and expert_sink is not None and plan.whole is None and len(plan.routes) > 1:
+                rows = [sum(r.recv) for r in plan.routes]  # chunks of tokens
+                joined = JoinedExpertWgrad(expert_sink, rows, self.chunk_dw)
+                sinks = [joined.block(c) for c in range(len(rows))]
             run = _Run(
                 plan.routes,
                 plan.whole,
                 dispatcher,
-                lambda x, n, part: experts(x, n, expert_sink, part),
+                lambda c, x, n, part: experts(x, n, sinks[c], part),
                 side,
                 halves,
                 self.timeline,
                 self.drain if sink is not None else None,
                 grad,
                 self.unit,
+                joined,
             )
             if grad:
                 anchor = torch.zeros((), device=x_ND.device, requires_grad=True)

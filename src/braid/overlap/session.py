@@ -174,7 +174,9 @@ class OverlapSession:
                     predicted = predict_ms(shape, chunks, plan_split, cost, axis(chunks))
             if chunks == 1 and not split and not watch and i not in tried:
                 continue  # the planner chose the plain path
-            layers[i] = moe.overlap = LayerOverlap(i, chunks, split, clock, chunk_by=cfg.chunk_by)
+            layers[i] = moe.overlap = LayerOverlap(
+                i, chunks, split, clock, chunk_by=cfg.chunk_by, chunk_dw=cfg.chunk_dw
+            )
             layers[i].predicted_ms = predicted
             if cfg.report:
                 moe.dispatcher.exchange.enable_timing()  # handles measure their own time

@@ -1,0 +1,152 @@
+"""One routed-expert dW over every chunk of tokens (`overlap.chunk_dw`).
+
+Job: with chunks of tokens and a deferred dW (`overlap.split_dw`), every chunk's backward would
+produce a full weight-sized dW of every local expert and add it into the grads: C weight-sized
+adds per layer, about 12 bytes a parameter each (bf16 dW written and read, the fp32 grad read
+and written). For big experts held by few ranks that is most of what chunking costs. Joined,
+the chunks leave their GEMM operands here (x and the output grad of each grouped GEMM, rows
+grouped by expert within the chunk), and once every chunk's are in, the rows are gathered
+expert-major (expert e: chunk 0's rows of e, then chunk 1's, ...) and one grouped dW GEMM per
+weight runs over all of them, as the unchunked layer's does, as one task on the layer's queue.
+
+Cost and choice: the gather reads and writes each operand once (2 * rows * (in + out
+features) * element bytes per weight); the per-chunk path adds (C - 1) extra weight-sized adds.
+"joined" and "per_chunk" force one; "auto" decides per weight at its first chunk, from the
+layer's rows (the routes' received counts) and the weight's local size, by which moves fewer
+bytes. The joined path also keeps every chunk's operands until the last
+chunk's backward (about rows * (2 * dim + 3 * hidden) * 2 bytes per layer) where the per-chunk
+path frees them as its tasks drain.
+
+Order: the rows of an expert come out in chunk order, each chunk's in its own order, so on one
+rank (or where every chunk's rows of an expert are its tokens in order) the joined GEMM sees
+the plain path's rows in the plain path's order: the same dW bit for bit.
+
+Everything stays on the device: the row positions are built from the chunks' offsets (no host
+sync), and each chunk's operands are written into place by one `index_copy_`.
+Paths that cannot hand over operands (the fp8 experts) call a block as a plain task sink and
+keep the per-chunk path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from braid.ops import grouped_gemm
+from braid.ops.grouped_gemm import accumulate_grad
+from braid.overlap.config import CHUNK_DW
+
+Task = Callable[[], None]
+ADD_BYTES = 12  # per parameter and chunk: bf16 dW written and read, fp32 grad read and written
+
+
+def joined_is_cheaper(chunks: int, gather_bytes: float, weight_numel: int) -> bool:
+    """Whether gathering every chunk's operands (`gather_bytes` for all C chunks) moves fewer
+    bytes than the C - 1 extra weight-sized adds of the per-chunk path."""
+    return gather_bytes < (chunks - 1) * ADD_BYTES * weight_numel
+
+
+class JoinedExpertWgrad:
+    """The routed experts' dW of one pipelined layer call over `chunks` chunks of tokens.
+    `block(c)` is chunk c's sink (what `grouped_linear` is given as its `wgrad_sink`)."""
+
+    def __init__(self, sink: Callable[[Task], None], rows: list[int], mode: str = "auto"):
+        if mode not in CHUNK_DW:
+            raise ValueError(f"overlap.chunk_dw={mode!r}: expected one of {', '.join(CHUNK_DW)}")
+        self.sink, self.chunks, self.rows, self.mode = sink, len(rows), sum(rows), mode
+        self._parts: dict[int, dict[int, tuple]] = {}  # id(w) -> chunk -> operands
+        self._joined: dict[int, bool] = {}  # id(w) -> joined (decided at its first chunk)
+        self._weights: dict[int, tuple[Tensor, str, float]] = {}
+
+    def block(self, c: int) -> _ChunkBlock:
+        return _ChunkBlock(self, c)
+
+    def _decide(self, w: Tensor, x: Tensor, g: Tensor) -> bool:
+        key = id(w)
+        if key not in self._joined:
+            if self.mode != "auto":
+                self._joined[key] = self.mode == "joined"
+            else:  # every chunk's rows (`rows`, the layer's total) gathered once
+                per_row = x.shape[1] * x.element_size() + g.shape[1] * g.element_size()
+                numel = w.to_local().numel() if hasattr(w, "to_local") else w.numel()
+                gather = 2 * per_row * self.rows
+                self._joined[key] = joined_is_cheaper(self.chunks, gather, numel)
+        return self._joined[key]
+
+    def add(self, c: int, w: Tensor, x: Tensor, g: Tensor, offs: Tensor, impl: str, div: float):
+        """Chunk c's operands of weight `w`'s dW (x [R_c, D], g [R_c, F], rows grouped by
+        expert at `offs`); the last chunk's queues the one joined task."""
+        if not self._decide(w, x, g):
+            self.sink(lambda: accumulate_grad(w, grouped_gemm.gmm_wgrad(x, g, offs, impl), div))
+            return
+        parts = self._parts.setdefault(id(w), {})
+        parts[c] = (x, g, offs)
+        self._weights[id(w)] = (w, impl, div)
+        if len(parts) == self.chunks:
+            self._queue(id(w))
+
+    def close(self) -> None:
+        """Queue the joined dW of any weight some chunk's backward never reached (an unused
+        chunk's graph), over the chunks that did: no dW is ever left behind."""
+        for key in list(self._parts):
+            self._queue(key)
+
+    def _queue(self, key: int) -> None:
+        parts = self._parts.pop(key)
+        w, impl, div = self._weights.pop(key)
+        ordered = [parts[c] for c in sorted(parts)]
+        self.sink(lambda: accumulate_grad(w, _joined_dw(ordered, impl), div))
+
+
+def expert_major(offs_per_chunk: list[Tensor], rows: list[int]) -> tuple[list[Tensor], Tensor]:
+    """Where each chunk's rows go when every chunk's rows are laid out expert-major (expert e:
+    chunk 0's rows of e, then chunk 1's, ...), and that layout's offsets (int32).
+    `offs_per_chunk[c]` holds chunk c's cumulative row counts per expert and `rows[c]` its row
+    count (which the offsets end at: grouped GEMMs take no padding rows). On the device, no
+    host sync."""
+    offs = torch.stack([o.long() for o in offs_per_chunk])  # [C, E]
+    counts = torch.diff(offs, dim=1, prepend=offs.new_zeros(offs.shape[0], 1))
+    total_e = counts.sum(0)
+    start_e = torch.cumsum(total_e, 0) - total_e  # each expert's first row in the layout
+    before_ce = torch.cumsum(counts, 0) - counts  # rows of e in the chunks before c
+    # Row i of chunk c, of expert e, goes to i + shift[c, e]: its expert's start in the layout,
+    # plus the rows of e in earlier chunks, less where e's rows start within the chunk.
+    shift = start_e + before_ce - (offs - counts)
+    last = offs.shape[1] - 1
+    dest = []
+    for c, n in enumerate(rows):
+        i = torch.arange(n, device=offs.device)
+        e = torch.searchsorted(offs[c], i, right=True).clamp_(max=last)
+        dest.append(i + shift[c, e])
+    return dest, torch.cumsum(total_e, 0).to(torch.int32)
+
+
+def _joined_dw(parts: list[tuple[Tensor, Tensor, Tensor]], impl: str) -> Tensor:
+    """dW [E, D, F] over every chunk's rows, gathered expert-major (one grouped GEMM)."""
+    dest, offs = expert_major([o for _, _, o in parts], [x.shape[0] for x, _, _ in parts])
+    x0, g0 = parts[0][0], parts[0][1]
+    total = sum(x.shape[0] for x, _, _ in parts)
+    x_RD = x0.new_empty((total, x0.shape[1]))
+    g_RF = g0.new_empty((total, g0.shape[1]))
+    for c, d in enumerate(dest):
+        x, g, _ = parts[c]
+        parts[c] = None  # type: ignore[call-overload]  # each chunk's operands freed once placed
+        x_RD.index_copy_(0, d, x)
+        g_RF.index_copy_(0, d, g)
+    return grouped_gemm.gmm_wgrad(x_RD, g_RF, offs, impl)
+
+
+class _ChunkBlock:
+    """Chunk c of a `JoinedExpertWgrad`: `grouped_linear` hands it its dW operands (`add`);
+    any other dW (the fp8 experts') arrives as a task and is queued as it is."""
+
+    def __init__(self, joined: JoinedExpertWgrad, c: int):
+        self.joined, self.c = joined, c
+
+    def __call__(self, task: Task) -> None:
+        self.joined.sink(task)
+
+    def add_rows(self, w: Tensor, x: Tensor, g: Tensor, offs: Tensor, impl: str, div: float):
+        self.joined.add(self.c, w, x, g, offs, impl, div)
