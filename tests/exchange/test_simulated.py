@@ -301,9 +301,9 @@ def test_the_session_plans_chunks_of_experts_against_the_groups_experts_per_rank
     seen = []
     choose = session_module.choose_chunks
 
-    def spy(shape, split, cost, cands, axis):
+    def spy(shape, split, cost, cands, axis, chunk_dw):
         seen.append((cands, [axis(c) for c in cands]))
-        return choose(shape, split, cost, cands, axis)
+        return choose(shape, split, cost, cands, axis, chunk_dw)
 
     monkeypatch.setattr(session_module, "choose_chunks", spy)
     cfg = load_config(None, [*base, "--overlap.chunks=auto", "--overlap.trial_steps=0"])

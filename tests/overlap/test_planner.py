@@ -186,3 +186,30 @@ def test_split_dw_shared_expert_halves_hide_beside_the_first_dispatch_and_the_la
     # chunk), 2.02 - 0.55 more in the forward; its dX + dW beside Bg0: 4.04 - 0.55
     c2 = predict_ms(shared, 2, False, m) - predict_ms(SHAPE, 2, False, m)
     assert c2 == pytest.approx(2.02 - 0.55 + 4.04 - 0.55)
+
+
+def test_joined_chunk_dw_replaces_the_per_chunk_adds_by_one_add_and_a_gather():
+    """With split_dw, chunks of tokens whose dW is joined (`overlap.chunk_dw`) pay one add
+    plus the gather of the operands instead of C adds; the gather is costed at the bandwidth
+    of the measured add (12 bytes a parameter), so it is exact in these units. Without
+    split_dw, or per chunk, the C adds stay; "auto" takes the cheaper by bytes."""
+    from braid.overlap.joined_experts import ADD_BYTES
+
+    shape = LayerShape(**{**SHAPE.__dict__, "ep": 4, "local_experts": 2})
+    m = CostModel(**{**model().__dict__, "dw_accumulate_ms": 2.0})
+    numel = 3 * 2 * shape.dim * shape.hidden
+    gather = 4.0 * shape.tokens * shape.top_k * (2 * shape.dim + 3 * shape.hidden)
+    gather_ms = 2.0 * gather / (ADD_BYTES * numel)
+    for C in (2, 4, 8):
+        per = predict_ms(shape, C, True, m, chunk_dw="per_chunk")
+        joined = predict_ms(shape, C, True, m, chunk_dw="joined")
+        # these windows hold less than the dW work, so the difference is all of the work saved
+        # (C - 1 adds against the gather): worse at C = 2, better from C = 4
+        saved = (C - 1) * 2.0 - gather_ms
+        assert per - joined == pytest.approx(saved)
+        auto = predict_ms(shape, C, True, m, chunk_dw="auto")
+        assert auto == (joined if gather < (C - 1) * ADD_BYTES * numel else per)
+        no_split = predict_ms(shape, C, False, m, chunk_dw="joined")
+        assert no_split == predict_ms(shape, C, False, m, chunk_dw="per_chunk")
+    # at C = 1 nothing is joined
+    assert predict_ms(shape, 1, True, m, chunk_dw="joined") == predict_ms(shape, 1, True, m)

@@ -12,7 +12,9 @@ Cost model (all times in ms; fitted at start-up by `measure`, or given by tests)
   1: serialised, e.g. by SM or memory-bandwidth contention);
 - per chunk of tokens, the backward writes one weight-sized dW per expert GEMM into the fp32
   grads (dw_accumulate_ms): a fixed cost per chunk that makes many chunks expensive for big
-  experts (chunks of experts add each expert's dW once: one such add in all);
+  experts (chunks of experts add each expert's dW once: one such add in all). With split_dw,
+  `overlap.chunk_dw` may join the chunks' dW instead (`braid.overlap.joined_experts`): one add
+  plus a gather of the operands, costed at the bandwidth the measured add implies;
 - the non-GEMM work of the region, measured on the layer's own dispatcher (its plan with the
   count exchange and host sync, the token-side gathers, weighted sums and their backward):
   overhead_ms + C * overhead_per_chunk_ms, serial on the compute stream;
@@ -52,6 +54,7 @@ import torch.nn.functional as F
 
 from braid.ops.grouped_gemm import counts_to_offsets, grouped_linear
 from braid.ops.permute import expert_bounds, token_bounds
+from braid.overlap.joined_experts import ADD_BYTES, joined_is_cheaper
 from braid.overlap.streams import synchronize
 
 CANDIDATES = (1, 2, 3, 4, 6, 8, 12, 16)
@@ -98,7 +101,12 @@ PLAN_MARGIN = 0.02
 
 
 def predict_ms(
-    shape: LayerShape, chunks: int, split_dw: bool, m: CostModel, axis: str = "tokens"
+    shape: LayerShape,
+    chunks: int,
+    split_dw: bool,
+    m: CostModel,
+    axis: str = "tokens",
+    chunk_dw: str = "auto",
 ) -> float:
     """Predicted forward + backward ms of the layer's pipelined region at C = `chunks` chunks
     of `axis`, each chunk costed at its fraction of the layer (both axes make the first and
@@ -118,6 +126,9 @@ def predict_ms(
     else:
         fr = [(b - a) / max(s.tokens, 1) for a, b in token_bounds(s.tokens, C)]
         dw = [m.dw_accumulate_ms] * C
+        joined = _joined_dw_ms(s, C, m, chunk_dw) if split_dw and C > 1 else None
+        if joined is not None:  # one add, and the gather, spread like the rows
+            dw = [joined * f for f in fr]
     x = [m.exchange_ms(wire * f, s.ep) for f in fr]
     flops = 6.0 * full * s.dim * s.hidden  # w13: 2*D*2F, w2: 2*F*D per row
     e = [m.gemm_ms(flops * f, calls=2) for f in fr]
@@ -153,18 +164,32 @@ def predict_ms(
     return fwd + bwd + m.overhead_ms + C * m.overhead_per_chunk_ms
 
 
+def _joined_dw_ms(s: LayerShape, C: int, m: CostModel, chunk_dw: str) -> float | None:
+    """The routed dW's add and gather when `overlap.chunk_dw` joins C chunks of tokens (None:
+    per chunk). The gather moves bf16 operands of both weights, read and written (x and g:
+    D + 2F a row for w13, F + D for w2), at the bandwidth the measured add shows."""
+    if chunk_dw == "per_chunk":
+        return None
+    numel = 3 * (s.local_experts or s.num_experts // s.ep) * s.dim * s.hidden
+    gather = 4.0 * s.tokens * s.top_k * (2 * s.dim + 3 * s.hidden)
+    if chunk_dw == "auto" and not joined_is_cheaper(C, gather, numel):
+        return None
+    return m.dw_accumulate_ms * (1.0 + gather / (ADD_BYTES * numel))
+
+
 def choose_chunks(
     shape: LayerShape,
     split_dw: bool,
     m: CostModel,
     candidates: tuple[int, ...] = CANDIDATES,
     axis: Callable[[int], str] = lambda c: "tokens",
+    chunk_dw: str = "auto",
 ) -> tuple[int, float, dict[int, float]]:
     """(best C, its prediction, every candidate's prediction); ties go to the smaller C, and
     chunking must be predicted at least `PLAN_MARGIN` faster than the plain path (C = 1): the
     fit's noise alone should not buy a chunked schedule where there is little to hide."""
     usable = [c for c in candidates if c == 1 or c <= shape.tokens]
-    table = {c: predict_ms(shape, c, split_dw, m, axis(c)) for c in usable}
+    table = {c: predict_ms(shape, c, split_dw, m, axis(c), chunk_dw) for c in usable}
     best = min(usable, key=lambda c: (round(table[c], 9), c))
     if 1 in table and table[best] > table[1] * (1.0 - PLAN_MARGIN):
         best = 1

@@ -161,7 +161,9 @@ class OverlapSession:
                     for c in CANDIDATES
                     if c <= cfg.max_chunks and (c <= L or cfg.chunk_by != "experts")
                 )
-                chunks, predicted, table = choose_chunks(shape, plan_split, cost, cands, axis)
+                chunks, predicted, table = choose_chunks(
+                    shape, plan_split, cost, cands, axis, cfg.chunk_dw
+                )
                 if is_main:
                     log(describe(i, shape, chunks, table, plan_split, cost))
                 if cfg.trial_steps > 0 and shape.ep > 1:  # nothing to overlap without EP
@@ -171,7 +173,9 @@ class OverlapSession:
                 axis(chunks)  # chunk_by="experts" with more chunks than experts: a clear error
                 predicted = None
                 if cost is not None:
-                    predicted = predict_ms(shape, chunks, plan_split, cost, axis(chunks))
+                    predicted = predict_ms(
+                        shape, chunks, plan_split, cost, axis(chunks), cfg.chunk_dw
+                    )
             if chunks == 1 and not split and not watch and i not in tried:
                 continue  # the planner chose the plain path
             layers[i] = moe.overlap = LayerOverlap(
