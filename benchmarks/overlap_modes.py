@@ -17,7 +17,8 @@ from overlap_exchange import Movement
 
 from braid.overlap.streams import synchronize
 
-MODES = {  # name: (chunks, split_dw: bool or "all"); None: overlap off (the plain path)
+# name: (chunks, split_dw: bool or "all"[, chunk_dw]); None: overlap off (the plain path)
+MODES = {
     "off": None,
     "split_dw": (1, True),
     "chunks2": (2, False),
@@ -28,6 +29,10 @@ MODES = {  # name: (chunks, split_dw: bool or "all"); None: overlap off (the pla
     "chunks8_split": (8, True),
     "auto": ("auto", False),
     "auto_split": ("auto", True),
+    # chunks of tokens whose routed dW is added per chunk (`overlap.chunk_dw`; the other modes
+    # take `--chunk-dw`, default auto): the A/B of the joined dW, where chunks hold tokens
+    "chunks4_split_per_chunk": (4, True, "per_chunk"),
+    "chunks8_split_per_chunk": (8, True, "per_chunk"),
 }
 
 

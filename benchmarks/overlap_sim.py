@@ -28,7 +28,10 @@ modes timed first),
 path's order), `exposed_over_exchange_alone` (exposed / the movements of off's step replayed
 alone), `slower_than_off`, what the chunks hold (`chunk_axis`; train: `chunk_axes` over the MoE
 layers: "experts" or "tokens", as a rank of the simulated group cuts them,
-`TokenDispatcher.chunk_local`), and per layer/config `auto_vs_best` (auto's best mode time
+`TokenDispatcher.chunk_local`), what chunks of tokens did with the routed dW (`chunk_dw`:
+"joined" or "per_chunk", `overlap.chunk_dw`, which `--chunk-dw` sets; the layer part's
+chunks4_split_per_chunk and chunks8_split_per_chunk force per chunk, the A/B), and per
+layer/config `auto_vs_best` (auto's best mode time
 over the best fixed mode's, minus 1) and `best_mode`. Every mode's results are checked against
 off's first (layer: output and grads; train: the first two losses). The training-step part lives in
 overlap_sim_train.py, the modes, rows and targets both parts share in overlap_modes.py. `--trace
@@ -115,7 +118,10 @@ def bench_layer(name: str, shape: tuple, args, device, amp, dtype, log) -> dict:
     L = moe.dispatcher.chunk_local  # experts per rank of the simulated group
     axis = lambda c: chunk_axis(args.chunk_by, c, L)  # noqa: E731
     cands = tuple(c for c in cands if args.chunk_by != "experts" or c <= L)
-    tables = {split: choose_chunks(shp, split, cost, cands, axis) for split in (False, True)}
+    tables = {
+        split: choose_chunks(shp, split, cost, cands, axis, args.chunk_dw)
+        for split in (False, True)
+    }
     plan = {split: t[0] for split, t in tables.items()}
     clock = Clock(device)
 
@@ -147,7 +153,9 @@ def bench_layer(name: str, shape: tuple, args, device, amp, dtype, log) -> dict:
     trials = {}
     if args.trial_steps > 0:  # the chunk trial of chunks="auto", as OverlapSession runs it
         for split in (False, True):
-            lo = moe.overlap = LayerOverlap(0, plan[split], split, clock, chunk_by=args.chunk_by)
+            lo = moe.overlap = LayerOverlap(
+                0, plan[split], split, clock, chunk_by=args.chunk_by, chunk_dw=args.chunk_dw
+            )
             got = chunk_trial(lo, step, tables[split], args.trial_steps, device)
             plan[split], trials[split] = got
         moe.overlap = None
@@ -165,10 +173,11 @@ def bench_layer(name: str, shape: tuple, args, device, amp, dtype, log) -> dict:
     checked: dict[str, tuple] = {}
     modes = runnable(MODES, args.chunk_by, L, out)
     for mode, sched in modes.items():  # results first: every mode against off
-        C, split = (None, False) if sched is None else sched
+        C, split, *dw = (None, False) if sched is None else sched
+        dw = dw[0] if dw else args.chunk_dw
         if sched is not None:
             C = plan[split] if C == "auto" else C
-            moe.overlap = LayerOverlap(0, C, split, clock, chunk_by=args.chunk_by)
+            moe.overlap = LayerOverlap(0, C, split, clock, chunk_by=args.chunk_by, chunk_dw=dw)
         else:
             moe.overlap = None
         got = step()
@@ -181,7 +190,8 @@ def bench_layer(name: str, shape: tuple, args, device, amp, dtype, log) -> dict:
         engines[mode] = moe.overlap
         if moe.overlap is None:
             moe.overlap = LayerOverlap(0, 1, False, clock)  # the plain path's order, timed
-        checked[mode] = (C, split, err, timeline())
+        joined = getattr(moe.overlap.joined, "decided", lambda: None)()
+        checked[mode] = (C, split, err, timeline(), joined)
     # Timing in rounds, every mode once per round (the GPU's clocks drift over a run: timing
     # each mode once, in order, would bias the later modes); per mode the median over all.
     times: dict[str, list[dict]] = {m: [] for m in modes}
@@ -191,7 +201,7 @@ def bench_layer(name: str, shape: tuple, args, device, amp, dtype, log) -> dict:
             times[mode].append(time_cuda(step, iters=args.iters, warmup=1))
     off_ms = None
     for mode in modes:
-        C, split, err, tl = checked[mode]
+        C, split, err, tl, joined = checked[mode]
         rounds = times[mode]
         t = {
             "median_ms": statistics.median(r["median_ms"] for r in rounds),
@@ -200,6 +210,7 @@ def bench_layer(name: str, shape: tuple, args, device, amp, dtype, log) -> dict:
         }
         row = row_of(t, tl, alone, off_ms, chunks=C or 1, split_dw=split, rel_err_vs_off=err)
         row["chunk_axis"] = axis(C or 1)
+        row["chunk_dw"] = joined  # chunks of tokens with split_dw: joined or per_chunk
         row["round_medians_ms"] = [r["median_ms"] for r in rounds]
         off_ms = off_ms or row["median_ms"]
         out["modes"][mode] = row
@@ -239,6 +250,7 @@ def main() -> None:
     )
     ap.add_argument("--rounds", type=int, default=0, help="layer: timing rounds (3)")
     ap.add_argument("--chunk-by", default="auto", help="overlap.chunk_by: auto, experts, tokens")
+    ap.add_argument("--chunk-dw", default="auto", help="overlap.chunk_dw: auto, joined, per_chunk")
     ap.add_argument(
         "--trial-steps",
         type=int,

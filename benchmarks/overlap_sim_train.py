@@ -26,8 +26,8 @@ from braid.train.loss import autocast, loss_fn
 from braid.train.model_setup import build_model
 from braid.train.optim import build_optimizer, lr_at
 
-TRAIN_MODES = {
-    **MODES,
+TRAIN_MODES = {  # the layer part's A/B of chunk_dw is left to it
+    **{mode: sched for mode, sched in MODES.items() if not mode.endswith("_per_chunk")},
     "split_all": (1, "all"),
     "chunks2_all": (2, "all"),
     "chunks4_all": (4, "all"),
@@ -57,11 +57,12 @@ def train_overrides(name: str, args, mode: tuple | None) -> list[str]:
     if args.train_layers:
         over.append(f"--model.n_layers={args.train_layers}")
     if mode is not None:
-        C, split = mode
+        C, split, *dw = mode
         over += [f'--overlap.chunks="{C}"' if C == "auto" else f"--overlap.chunks={C}"]
         split_mode = {False: "off", True: "experts"}.get(split, split)
         over += [f"--overlap.split_dw={split_mode}", f"--overlap.chunk_by={args.chunk_by}"]
         over += [f"--overlap.trial_steps={args.trial_steps}"]
+        over += [f"--overlap.chunk_dw={dw[0] if dw else args.chunk_dw}"]
     return over
 
 
@@ -174,6 +175,9 @@ def bench_train(name: str, args, log) -> dict:
                         for i, lo in session.layers.items()
                     }
                 ) or ["tokens"]
+                row["chunk_dw"] = sorted(
+                    {str(lo.joined.decided()) for lo in session.layers.values() if lo.joined}
+                )  # chunks of tokens with split_dw: "joined" or "per_chunk" ("None": fp8)
                 if split == "all":  # the blocks above each MoE layer: dW drained, flushed
                     row["dense_dW_ms"] = tl["dense_dW_ms"]
                     row["dense_dW_flush_ms"] = tl["dense_dW_flush_ms"]

@@ -25,6 +25,8 @@ MODES = {
 }
 # split_dw = "all": the layer part has no attention
 TRAIN_ONLY = {"split_all", "chunks2_all", "chunks4_all", "chunks8_all", "auto_all"}
+# the A/B of overlap.chunk_dw: chunks of tokens whose routed dW is added per chunk
+LAYER_ONLY = {"chunks4_split_per_chunk", "chunks8_split_per_chunk"}
 
 
 def _smoke(*args: str) -> subprocess.CompletedProcess:
@@ -49,7 +51,8 @@ def test_overlap_sim_smoke_reports_every_mode_with_a_trace_and_a_profile(tmp_pat
     assert len(res["layer"]) == 2 and set(res["train"]) == {"medium", "moonlet"}
     for g in groups:
         train = g in res["train"].values()
-        assert set(g["modes"]) == MODES | {"auto_split"} | (TRAIN_ONLY if train else set())
+        only = TRAIN_ONLY if train else LAYER_ONLY
+        assert set(g["modes"]) == MODES | {"auto_split"} | only
         assert g["exchange_alone_ms"] > 0
         for mode, row in g["modes"].items():
             assert row["median_ms"] > 0 and row["exchange_ms"] > 0, mode
@@ -63,6 +66,15 @@ def test_overlap_sim_smoke_reports_every_mode_with_a_trace_and_a_profile(tmp_pat
         }
     for g in res["layer"].values():
         assert set(g["planned_chunks"].values()) <= set(CANDIDATES)
+    # chunk_dw: what chunks of tokens with split_dw did with the routed dW (2 experts a rank
+    # in the 8-expert shape: C = 4 and 8 cut tokens); chunks of experts and no split: None
+    rows = res["layer"]["smoke_8e_top2"]["modes"]
+    for mode in LAYER_ONLY:
+        assert rows[mode]["chunk_axis"] == "tokens" and rows[mode]["chunk_dw"] == "per_chunk"
+    for mode in ("chunks4_split", "chunks8_split"):  # auto: joined, by bytes, at these sizes
+        assert rows[mode]["chunk_dw"] == "joined", (mode, rows[mode]["chunk_dw"])
+    for mode in ("off", "chunks2_split", "chunks4", "split_dw"):
+        assert rows[mode]["chunk_dw"] is None, (mode, rows[mode]["chunk_dw"])
     for g in res["train"].values():  # what the chunks held: tokens without chunks
         for mode, row in g["modes"].items():
             axes = set(row["chunk_axes"])

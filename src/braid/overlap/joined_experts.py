@@ -63,6 +63,12 @@ class JoinedExpertWgrad:
     def block(self, c: int) -> _ChunkBlock:
         return _ChunkBlock(self, c)
 
+    def decided(self) -> str | None:
+        """What the backward did with the routed dW: "joined", "per_chunk" (every weight alike),
+        "mixed", or None (no dW reached here: the fp8 experts, or no backward yet)."""
+        kinds = {"joined" if j else "per_chunk" for j in self._joined.values()}
+        return None if not kinds else kinds.pop() if len(kinds) == 1 else "mixed"
+
     def _decide(self, w: Tensor, x: Tensor, g: Tensor) -> bool:
         key = id(w)
         if key not in self._joined:

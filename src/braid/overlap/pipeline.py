@@ -322,6 +322,7 @@ class LayerOverlap:
         self._held: list[HeldUnit] = []  # block units held until `dense` is flushed
         self.predicted_ms: float | None = None
         self.unit: HeldUnit | None = None  # the experts, once `run` has seen them
+        self.joined: JoinedExpertWgrad | None = None  # the last call's, with chunks of tokens
 
     def chunking(self, num_local: int) -> tuple[int, str]:
         """(C, what a chunk holds: "experts" or "tokens") for a layer of `num_local` experts per
@@ -395,6 +396,7 @@ class LayerOverlap:
                 rows = [sum(r.recv) for r in plan.routes]  # chunks of tokens
                 joined = JoinedExpertWgrad(expert_sink, rows, self.chunk_dw)
                 sinks = [joined.block(c) for c in range(len(rows))]
+            self.joined = joined
             run = _Run(
                 plan.routes,
                 plan.whole,
