@@ -34,8 +34,19 @@ def _run(moe: MoE, x: torch.Tensor) -> list[torch.Tensor]:
     return [y.detach().float(), x.grad] + [p.grad for p in moe.parameters()]
 
 
-@pytest.mark.parametrize("chunks,split", [(1, True), (2, False), (3, True)])
-def test_chunked_path_on_cuda_equals_plain_and_uses_fused_kernels(chunks, split, monkeypatch):
+@pytest.mark.parametrize(
+    "chunks,split,by,dw",
+    [
+        (1, True, "auto", "auto"),
+        (2, False, "auto", "auto"),
+        (3, True, "auto", "auto"),
+        (4, True, "tokens", "joined"),  # one dW over every chunk's rows, gathered on the GPU
+        (4, True, "tokens", "per_chunk"),
+    ],
+)
+def test_chunked_path_on_cuda_equals_plain_and_uses_fused_kernels(
+    chunks, split, by, dw, monkeypatch
+):
     torch.manual_seed(0)
     cfg = MoEConfig(num_experts=8, top_k=2, expert_hidden=256, num_shared_experts=1)
     base = MoE(ModelConfig(dim=128), cfg).cuda()
@@ -54,9 +65,12 @@ def test_chunked_path_on_cuda_equals_plain_and_uses_fused_kernels(chunks, split,
         permute, "_gather_cast_compiled", lambda: (calls.append("gather_cast"), real_gather())[1]
     )
     moe = copy.deepcopy(base)
-    moe.overlap = LayerOverlap(0, chunks, split, Clock(torch.device("cuda")))
+    clock = Clock(torch.device("cuda"))
+    moe.overlap = LayerOverlap(0, chunks, split, clock, chunk_by=by, chunk_dw=dw)
     got = _run(moe, x)
     assert {"combine_fused", "combine_fused_grad", "gather_cast"} <= set(calls)
+    if dw != "auto":
+        assert moe.overlap.joined.decided() == dw
     for g, w in zip(got, want, strict=True):
         err = float((g - w).abs().max() / w.abs().max())
         assert err < 2e-2, err  # bf16 GEMMs over differently grouped rows
