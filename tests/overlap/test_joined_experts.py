@@ -1,6 +1,7 @@
 """One routed-expert dW over every chunk of tokens (`overlap.chunk_dw`): the expert-major layout
-against a host-side reference, the joined layer's expert grads bit for bit the unchunked ones,
-the byte rule of "auto", the safety net for a chunk never reached, and the knob."""
+against a host-side reference, each joined expert grad exactly one dW over the chunks' operands
+(and within rounding of the unchunked layer's), grad_divide and micro-batches, the byte rule of
+"auto", the safety nets (a chunk never reached, a chunk handed over twice), and the knob."""
 
 from __future__ import annotations
 
@@ -128,6 +129,33 @@ def test_joined_dw_accumulates_over_micro_batches():
     for a, b, once in zip(grads["joined"], grads["ref"], grads["once"], strict=True):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
         assert not torch.allclose(a, once, rtol=1e-3)  # the second pass did add
+
+
+@pytest.mark.parametrize("chunk_dw", ["joined", "per_chunk"])
+def test_the_experts_grad_divide_applies_to_the_joined_dw(chunk_dw):
+    """`GroupedExperts.grad_divide` (set where no FSDP unit averages the experts' grads) divides
+    the joined dW as it does the unchunked one."""
+    base = seeded_moe()
+    base.experts.grad_divide = 4.0
+    x = torch.randn(2, 7, 16, generator=torch.Generator().manual_seed(7))
+    ref = copy.deepcopy(base)
+    ref.overlap = LayerOverlap(0, 1, True, CPU)
+    moe_step(ref, x)
+    moe = copy.deepcopy(base)
+    moe.overlap = LayerOverlap(0, 3, True, CPU, chunk_by="tokens", chunk_dw=chunk_dw)
+    moe_step(moe, x)
+    assert moe.overlap.joined.decided() == chunk_dw
+    for a, b in zip(_expert_grads(moe), _expert_grads(ref), strict=True):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_chunk_handed_over_twice_is_an_error():
+    joined = JoinedExpertWgrad(lambda t: None, [2, 2], "joined")
+    w = torch.zeros(1, 3, 4)
+    x, g, offs = torch.zeros(2, 3), torch.zeros(2, 4), torch.tensor([2], dtype=torch.int32)
+    joined.block(0).add_rows(w, x, g, offs, "loop", 1.0)
+    with pytest.raises(RuntimeError, match="chunk 0 of this layer call handed over twice"):
+        joined.block(0).add_rows(w, x, g, offs, "loop", 1.0)
 
 
 def test_a_chunk_never_reached_is_joined_at_close():

@@ -6,7 +6,8 @@ from dataclasses import replace
 
 import pytest
 
-from braid.overlap.planner import CostModel, LayerShape, choose_chunks, fit, fit_line, predict_ms
+from braid.overlap.measure import fit, fit_line
+from braid.overlap.planner import CostModel, LayerShape, choose_chunks, predict_ms
 from unit_costs import pass_flops, unit_cost_model, wire_bytes
 
 # A layer whose full dispatch moves exactly 1e6 bytes across ranks and whose expert pass
@@ -142,7 +143,7 @@ def test_measure_on_a_real_dispatcher_and_a_compressing_exchange():
     from braid.model.config import ModelConfig
     from braid.moe.config import MoEConfig
     from braid.moe.layer import MoE
-    from braid.overlap.planner import measure
+    from braid.overlap.measure import measure
     from braid.overlap.session import layer_shape
 
     moe = MoE(ModelConfig(dim=64), MoEConfig(num_experts=8, top_k=2, expert_hidden=32))
@@ -190,26 +191,34 @@ def test_split_dw_shared_expert_halves_hide_beside_the_first_dispatch_and_the_la
 
 def test_joined_chunk_dw_replaces_the_per_chunk_adds_by_one_add_and_a_gather():
     """With split_dw, chunks of tokens whose dW is joined (`overlap.chunk_dw`) pay one add
-    plus the gather of the operands instead of C adds; the gather is costed at the bandwidth
-    of the measured add (12 bytes a parameter), so it is exact in these units. Without
-    split_dw, or per chunk, the C adds stay; "auto" takes the cheaper by bytes."""
+    plus the gather of the operands instead of C adds (the gather at its measured rate, or at
+    the add's bandwidth, 12 bytes a parameter, when none was measured); the joined dW hides in
+    the last window only. Without split_dw, or per chunk, the C adds stay; "auto" takes the
+    cheaper by bytes."""
     from braid.overlap.joined_experts import ADD_BYTES
 
     shape = LayerShape(**{**SHAPE.__dict__, "ep": 4, "local_experts": 2})
-    m = CostModel(**{**model().__dict__, "dw_accumulate_ms": 2.0})
     numel = 3 * 2 * shape.dim * shape.hidden
     gather = 4.0 * shape.tokens * shape.top_k * (2 * shape.dim + 3 * shape.hidden)
-    gather_ms = 2.0 * gather / (ADD_BYTES * numel)
-    for C in (2, 4, 8):
-        per = predict_ms(shape, C, True, m, chunk_dw="per_chunk")
-        joined = predict_ms(shape, C, True, m, chunk_dw="joined")
-        # these windows hold less than the dW work, so the difference is all of the work saved
-        # (C - 1 adds against the gather): worse at C = 2, better from C = 4
-        saved = (C - 1) * 2.0 - gather_ms
-        assert per - joined == pytest.approx(saved)
-        auto = predict_ms(shape, C, True, m, chunk_dw="auto")
-        assert auto == (joined if gather < (C - 1) * ADD_BYTES * numel else per)
-        no_split = predict_ms(shape, C, False, m, chunk_dw="joined")
-        assert no_split == predict_ms(shape, C, False, m, chunk_dw="per_chunk")
+    for rate in (0.0, 3e-7):  # unmeasured (the add's bandwidth), measured
+        # interference 1: nothing hides, so the difference is all of the dW work saved
+        m = CostModel(
+            **{**model(kappa=1.0).__dict__, "dw_accumulate_ms": 2.0, "gather_ms_per_byte": rate}
+        )
+        gather_ms = gather * (rate or 2.0 / (ADD_BYTES * numel))
+        for C in (2, 4, 8):
+            per = predict_ms(shape, C, True, m, chunk_dw="per_chunk")
+            joined = predict_ms(shape, C, True, m, chunk_dw="joined")
+            assert per - joined == pytest.approx((C - 1) * 2.0 - gather_ms), (rate, C)
+            auto = predict_ms(shape, C, True, m, chunk_dw="auto")
+            assert auto == (joined if gather < (C - 1) * ADD_BYTES * numel else per)
+            no_split = predict_ms(shape, C, False, m, chunk_dw="joined")
+            assert no_split == predict_ms(shape, C, False, m, chunk_dw="per_chunk")
+    # perfect overlap and free adds: per chunk, the dW fills every window; joined, only the
+    # last, so it is predicted slower though its work is the same
+    m = CostModel(**{**model().__dict__, "dw_accumulate_ms": 0.0, "gather_ms_per_byte": 0.0})
+    assert predict_ms(shape, 4, True, m, chunk_dw="joined") > predict_ms(
+        shape, 4, True, m, chunk_dw="per_chunk"
+    )
     # at C = 1 nothing is joined
     assert predict_ms(shape, 1, True, m, chunk_dw="joined") == predict_ms(shape, 1, True, m)

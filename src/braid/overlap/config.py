@@ -35,8 +35,8 @@ class OverlapConfig:
         "auto",
         'What a chunk holds: "experts" (a slice of each rank\'s local experts, all their rows: '
         'every expert\'s GEMMs and dW run once, at full size), "tokens" (a slice of the '
-        'tokens, all experts: each chunk adds its own dW into the grads), or "auto" (experts '
-        "when chunks <= experts per rank, else tokens).",
+        "tokens, all experts: each chunk's dW added into the grads, or joined: `chunk_dw`), or "
+        '"auto" (experts when chunks <= experts per rank, else tokens).',
     )
     chunk_dw: Literal["auto", "joined", "per_chunk"] = knob(
         "auto",

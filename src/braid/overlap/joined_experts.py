@@ -15,11 +15,12 @@ features) * element bytes per weight); the per-chunk path adds (C - 1) extra wei
 layer's rows (the routes' received counts) and the weight's local size, by which moves fewer
 bytes. The joined path also keeps every chunk's operands until the last
 chunk's backward (about rows * (2 * dim + 3 * hidden) * 2 bytes per layer) where the per-chunk
-path frees them as its tasks drain.
+path frees them as its tasks drain; the gather adds the larger gathered operand on top.
 
 Order: the rows of an expert come out in chunk order, each chunk's in its own order, so on one
 rank (or where every chunk's rows of an expert are its tokens in order) the joined GEMM sees
-the plain path's rows in the plain path's order: the same dW bit for bit.
+the plain path's rows in the plain path's order. (Not its bits: the operands themselves differ
+from the plain path's in rounding, as the chunks' forward GEMMs run over fewer rows.)
 
 Everything stays on the device: the row positions are built from the chunks' offsets (no host
 sync), and each chunk's operands are written into place by one `index_copy_`.
@@ -88,6 +89,8 @@ class JoinedExpertWgrad:
             self.sink(lambda: accumulate_grad(w, grouped_gemm.gmm_wgrad(x, g, offs, impl), div))
             return
         parts = self._parts.setdefault(id(w), {})
+        if c in parts:  # a chunk's backward ran twice: its first dW would be lost
+            raise RuntimeError(f"joined expert dW: chunk {c} of this layer call handed over twice")
         parts[c] = (x, g, offs)
         self._weights[id(w)] = (w, impl, div)
         if len(parts) == self.chunks:
@@ -130,18 +133,19 @@ def expert_major(offs_per_chunk: list[Tensor], rows: list[int]) -> tuple[list[Te
 
 
 def _joined_dw(parts: list[tuple[Tensor, Tensor, Tensor]], impl: str) -> Tensor:
-    """dW [E, D, F] over every chunk's rows, gathered expert-major (one grouped GEMM)."""
+    """dW [E, D, F] over every chunk's rows, gathered expert-major (one grouped GEMM). One
+    operand at a time, each chunk's freed once placed: the peak is the chunks' operands plus
+    the larger gathered one."""
     dest, offs = expert_major([o for _, _, o in parts], [x.shape[0] for x, _, _ in parts])
-    x0, g0 = parts[0][0], parts[0][1]
-    total = sum(x.shape[0] for x, _, _ in parts)
-    x_RD = x0.new_empty((total, x0.shape[1]))
-    g_RF = g0.new_empty((total, g0.shape[1]))
-    for c, d in enumerate(dest):
-        x, g, _ = parts[c]
-        parts[c] = None  # type: ignore[call-overload]  # each chunk's operands freed once placed
-        x_RD.index_copy_(0, d, x)
-        g_RF.index_copy_(0, d, g)
-    return grouped_gemm.gmm_wgrad(x_RD, g_RF, offs, impl)
+    gathered = []
+    for k in (0, 1):  # x, then g
+        first = parts[0][k]
+        out = first.new_empty((sum(p[k].shape[0] for p in parts), first.shape[1]))
+        for c, d in enumerate(dest):
+            out.index_copy_(0, d, parts[c][k])
+            parts[c] = (*parts[c][:k], None, *parts[c][k + 1 :])  # type: ignore[assignment]
+        gathered.append(out)
+    return grouped_gemm.gmm_wgrad(gathered[0], gathered[1], offs, impl)
 
 
 class _ChunkBlock:

@@ -26,6 +26,7 @@ from torch import nn
 
 from braid.overlap.config import OverlapConfig, chunk_axis
 from braid.overlap.dense import HEAD, defer_dense, restore_dense
+from braid.overlap.measure import max_over_world, measure
 from braid.overlap.pipeline import LayerOverlap
 from braid.overlap.planner import (
     CANDIDATES,
@@ -33,8 +34,6 @@ from braid.overlap.planner import (
     LayerShape,
     choose_chunks,
     describe,
-    max_over_world,
-    measure,
     predict_ms,
 )
 from braid.overlap.streams import Clock, synchronize
@@ -155,6 +154,9 @@ class OverlapSession:
                         axis=probe,
                     )
                 cost = models[shape]
+            # fp8 experts hand over finished dW tasks: their chunks' dW stays per chunk
+            fp8 = getattr(moe.experts, "fp8_stats", None) is not None
+            chunk_dw = "per_chunk" if fp8 else cfg.chunk_dw
             if cfg.chunks == "auto":
                 cands = tuple(
                     c
@@ -162,7 +164,7 @@ class OverlapSession:
                     if c <= cfg.max_chunks and (c <= L or cfg.chunk_by != "experts")
                 )
                 chunks, predicted, table = choose_chunks(
-                    shape, plan_split, cost, cands, axis, cfg.chunk_dw
+                    shape, plan_split, cost, cands, axis, chunk_dw
                 )
                 if is_main:
                     log(describe(i, shape, chunks, table, plan_split, cost))
@@ -173,9 +175,7 @@ class OverlapSession:
                 axis(chunks)  # chunk_by="experts" with more chunks than experts: a clear error
                 predicted = None
                 if cost is not None:
-                    predicted = predict_ms(
-                        shape, chunks, plan_split, cost, axis(chunks), cfg.chunk_dw
-                    )
+                    predicted = predict_ms(shape, chunks, plan_split, cost, axis(chunks), chunk_dw)
             if chunks == 1 and not split and not watch and i not in tried:
                 continue  # the planner chose the plain path
             layers[i] = moe.overlap = LayerOverlap(

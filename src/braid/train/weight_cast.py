@@ -18,7 +18,8 @@ Results equal the autocast path's bit for bit in eager mode (the same bf16 weigh
 bf16 GEMMs, the same fp32 accumulation); what is saved is the forward cast of every micro-step
 after the first of a step. Within one backward several contributions to a weight's gradient
 add in bf16 (as autocast sums the uses of one cached cast): with `overlap.chunk_by = "tokens"`
-the chunks' dW add in bf16 instead of into the fp32 grads.
+the chunks' dW add in bf16 instead of into the fp32 grads (unless `overlap.chunk_dw` joins
+them into one dW).
 
 Which weights: those autocast casts in every forward anyway, the weights of `nn.Linear` modules
 (attention, dense and shared FFNs, the output head) and the routed experts' `w13`/`w2`; not the
