@@ -22,7 +22,7 @@ Phases:
      time is the latency.
   3. MoE layer forward+backward (fine-grained: 64 experts, top-8, dim 2048, expert ffn 1408,
      32768 tokens per rank, bf16) per exchange x compressor with the overlap engine on (a
-     `braid.overlap.pipeline.LayerOverlap` installed as `braid.overlap.session` does:
+     `braid.overlap.engine.LayerOverlap` installed as `braid.overlap.session` does:
      chunks=2, split_dw=true), relative to nccl+none (overlap on) = 1.0, plus the plain
      nccl+none layer (overlap off) on the same scale; the compressors' encode/decode time on
      that layer's dispatch payload; and the `auto` choice at one chunk's dispatch shape.
@@ -55,7 +55,7 @@ from braid.exchange import EXCHANGES, get_exchange  # noqa: E402
 from braid.exchange.auto import choose_exchange  # noqa: E402
 from braid.exchange.compress import get_compressor, with_compressor  # noqa: E402
 from braid.exchange.config import ExchangeConfig  # noqa: E402
-from braid.overlap.pipeline import LayerOverlap  # noqa: E402
+from braid.overlap.engine import LayerOverlap  # noqa: E402
 from braid.overlap.streams import Clock  # noqa: E402
 
 COMPRESSIONS = {  # label -> [exchange] overrides

@@ -73,8 +73,8 @@ from braid.model.config import ModelConfig  # noqa: E402
 from braid.moe.config import MoEConfig  # noqa: E402
 from braid.moe.layer import MoE  # noqa: E402
 from braid.overlap.config import OverlapConfig  # noqa: E402
+from braid.overlap.engine import LayerOverlap  # noqa: E402
 from braid.overlap.measure import measure  # noqa: E402
-from braid.overlap.pipeline import LayerOverlap  # noqa: E402
 from braid.overlap.planner import CANDIDATES, choose_chunks, predict_ms  # noqa: E402
 from braid.overlap.session import layer_shape  # noqa: E402
 from braid.overlap.streams import Clock, synchronize  # noqa: E402

@@ -17,7 +17,7 @@ from overlap_train_step import SMOKE_SIZE  # the same tiny sizes as the multi-GP
 from braid.config import load_config
 from braid.info import arithmetic
 from braid.overlap.dense import restore_dense
-from braid.overlap.pipeline import LayerOverlap
+from braid.overlap.engine import LayerOverlap
 from braid.overlap.session import OverlapSession
 from braid.overlap.streams import Clock, synchronize
 from braid.parallel.clip import clip_grad_norm

@@ -36,7 +36,7 @@ from overlap_exchange import record, slowest, time_alone  # noqa: E402
 
 from braid.config import Config, load_config  # noqa: E402
 from braid.info import arithmetic  # noqa: E402
-from braid.overlap.pipeline import LayerOverlap  # noqa: E402
+from braid.overlap.engine import LayerOverlap  # noqa: E402
 from braid.overlap.session import OverlapSession  # noqa: E402
 from braid.overlap.streams import Clock, synchronize  # noqa: E402
 from braid.parallel.clip import clip_grad_norm  # noqa: E402

@@ -121,7 +121,7 @@ def _overlap_window(layer, ex, x, gy, plain, rank: int, world: int) -> dict:
     """The EP layer under the overlap engine (chunks=2, split_dw, timed) with exchange `ex`:
     how many dW tasks ran inside exchange windows, the timeline's exchange time, and the error
     against the single-process layer."""
-    from braid.overlap.pipeline import LayerOverlap
+    from braid.overlap.engine import LayerOverlap
     from braid.overlap.streams import Clock
 
     ep = copy.deepcopy(layer)

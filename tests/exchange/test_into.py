@@ -16,7 +16,7 @@ from braid.exchange.config import ExchangeConfig
 from braid.model.config import ModelConfig
 from braid.moe.config import MoEConfig
 from braid.moe.layer import MoE
-from braid.overlap.pipeline import LayerOverlap
+from braid.overlap.engine import LayerOverlap
 from braid.overlap.streams import Clock
 
 CPU = Clock(torch.device("cpu"))

@@ -26,7 +26,7 @@ from braid.exchange.simulated import (
     SimulatedExchange,
     simulated_ms,
 )
-from braid.overlap.pipeline import LayerOverlap
+from braid.overlap.engine import LayerOverlap
 from braid.overlap.streams import Clock
 from small_moe import moe_step, seeded_moe
 

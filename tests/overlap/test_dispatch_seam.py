@@ -17,7 +17,7 @@ import braid.moe.dispatcher as dispatcher_mod
 import braid.overlap.pipeline as pipeline_mod
 from braid.moe.dispatcher import TokenDispatcher
 from braid.moe.layer import MoE
-from braid.overlap.pipeline import LayerOverlap
+from braid.overlap.engine import LayerOverlap
 from braid.overlap.streams import Clock
 from small_moe import seeded_moe
 

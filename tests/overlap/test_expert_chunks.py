@@ -23,7 +23,7 @@ from braid.ops import fp8_experts, grouped_gemm
 from braid.ops.fp8_stats import Fp8Stats
 from braid.ops.permute import expert_bounds
 from braid.overlap.config import OverlapConfig, chunk_axis
-from braid.overlap.pipeline import LayerOverlap
+from braid.overlap.engine import LayerOverlap
 from braid.overlap.planner import CostModel, LayerShape, predict_ms
 from braid.overlap.session import OverlapSession
 from braid.overlap.streams import Clock

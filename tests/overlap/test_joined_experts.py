@@ -14,8 +14,8 @@ from braid.config import load_config
 from braid.errors import ConfigError
 from braid.ops.grouped_gemm import counts_to_offsets, gmm_wgrad
 from braid.overlap.config import OverlapConfig
+from braid.overlap.engine import LayerOverlap
 from braid.overlap.joined_experts import JoinedExpertWgrad, expert_major, joined_is_cheaper
-from braid.overlap.pipeline import LayerOverlap
 from braid.overlap.streams import Clock
 from small_moe import moe_step, seeded_moe
 

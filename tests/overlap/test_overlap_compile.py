@@ -16,14 +16,15 @@ import torch
 from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
 from braid.ops.grouped_gemm import _GroupedLinear, grouped_linear
-from braid.overlap.pipeline import LayerOverlap, _Run
+from braid.overlap.engine import LayerOverlap
+from braid.overlap.pipeline import Schedule
 from braid.overlap.streams import Clock
 from small_moe import moe_step, seeded_moe
 
 CPU = Clock(torch.device("cpu"))
 ENGINE_CODE = {  # functions the engine runs per chunk; none may hold a compiled entry
     "LayerOverlap.run": LayerOverlap.run,
-    "_Run.forward": _Run.forward,
+    "Schedule.forward": Schedule.forward,
     "_GroupedLinear.forward": _GroupedLinear.forward,
     "grouped_linear": grouped_linear,
 }

@@ -15,7 +15,7 @@ from braid.model.config import ModelConfig
 from braid.moe.config import MoEConfig
 from braid.moe.layer import MoE
 from braid.ops import permute
-from braid.overlap.pipeline import LayerOverlap
+from braid.overlap.engine import LayerOverlap
 from braid.overlap.streams import Clock
 
 pytestmark = [

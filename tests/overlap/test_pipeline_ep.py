@@ -48,7 +48,7 @@ def _worker(rank: int, world: int) -> dict:
     import torch.distributed as dist
 
     from braid.exchange.nccl import NcclExchange
-    from braid.overlap.pipeline import LayerOverlap
+    from braid.overlap.engine import LayerOverlap
     from braid.overlap.streams import Clock
 
     ep4 = dist.new_group([0, 1, 2, 3])

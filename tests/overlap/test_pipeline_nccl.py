@@ -46,7 +46,7 @@ def _worker(rank: int, world: int, device: str = "cuda") -> dict:
     from braid.model.config import ModelConfig
     from braid.moe.config import MoEConfig
     from braid.moe.layer import MoE
-    from braid.overlap.pipeline import LayerOverlap
+    from braid.overlap.engine import LayerOverlap
     from braid.overlap.streams import Clock
 
     G = dist.group.WORLD

@@ -17,7 +17,7 @@ from braid.moe.config import MoEConfig
 from braid.moe.layer import MoE
 from braid.ops.permute import expert_bounds, token_bounds
 from braid.overlap.config import OverlapConfig
-from braid.overlap.pipeline import LayerOverlap
+from braid.overlap.engine import LayerOverlap
 from braid.overlap.session import OverlapSession
 from braid.overlap.streams import Clock
 from small_moe import moe_step, seeded_moe

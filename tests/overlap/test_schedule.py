@@ -16,8 +16,8 @@ flush point instead).
 That the checks can fail: `test_checks_fail_when_each_exchange_is_waited_right_after_issue`
 runs the same layer with the recording timeline waiting (without a drain) right after every
 issue, and expects every check to report violations. The checks were also run against a
-serialized pipeline itself: in a scratch copy of braid/overlap/pipeline.py, `_Run.forward` and
-`_Run.backward` were rewritten to wait each exchange (without a drain) right after its issue,
+serialized pipeline itself: in a scratch copy of braid/overlap/pipeline.py, `Schedule.forward` and
+`Schedule.backward` were rewritten to wait each exchange (without a drain) right after its issue,
 the shared experts after the first wait; the numerics tests still passed there, and every check
 below reported a violation (7 forward, 5 backward, 4 drain with C=3).
 """
@@ -32,7 +32,7 @@ import torch
 
 from braid.exchange.base import Handle
 from braid.moe.layer import MoE
-from braid.overlap.pipeline import LayerOverlap
+from braid.overlap.engine import LayerOverlap
 from braid.overlap.streams import Clock, InFlight
 from braid.overlap.timeline import LayerTimeline
 from braid.overlap.wgrad import WgradQueue

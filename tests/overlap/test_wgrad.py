@@ -14,7 +14,7 @@ from braid.model.init import init_weights
 from braid.model.layers import SwiGLU
 from braid.model.transformer import Transformer
 from braid.moe.config import MoEConfig
-from braid.overlap.pipeline import LayerOverlap
+from braid.overlap.engine import LayerOverlap
 from braid.overlap.streams import Clock
 from braid.overlap.wgrad import (
     JoinedWgrad,

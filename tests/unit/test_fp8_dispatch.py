@@ -61,7 +61,7 @@ def test_chunked_path_gives_the_experts_the_fp8_dispatch_codes():
     sends rows in x's dtype and the experts quantise them to the codes the plain path's fp8
     dispatch sends: the layer's output is bitwise the same (a bf16 round trip first would
     change a few percent of the codes)."""
-    from braid.overlap.pipeline import LayerOverlap
+    from braid.overlap.engine import LayerOverlap
     from braid.overlap.streams import Clock
 
     cfg = load_config(None, SMALL)

@@ -65,7 +65,7 @@ class MoE(nn.Module):
             self.shared = SwiGLU(mcfg.dim, hidden)
         # Qwen2-MoE: shared_expert_gate, Linear(dim, 1) without bias.
         self.shared_gate = nn.Linear(mcfg.dim, 1, bias=False) if cfg.shared_gate else None
-        self.overlap: Any = None  # braid.overlap.pipeline.LayerOverlap, installed from outside
+        self.overlap: Any = None  # braid.overlap.engine.LayerOverlap, installed from outside
 
     def forward(self, x_BTD: Tensor) -> tuple[Tensor, MoEStats]:
         x_ND = x_BTD.reshape(-1, x_BTD.shape[-1])

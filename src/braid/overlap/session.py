@@ -26,8 +26,8 @@ from torch import nn
 
 from braid.overlap.config import OverlapConfig, chunk_axis
 from braid.overlap.dense import HEAD, defer_dense, restore_dense
+from braid.overlap.engine import LayerOverlap
 from braid.overlap.measure import max_over_world, measure
-from braid.overlap.pipeline import LayerOverlap
 from braid.overlap.planner import (
     CANDIDATES,
     CostModel,

@@ -134,7 +134,7 @@ class BraidMoEAdapter(MegatronModule):
         self.stats_group = stats_group
         ov = settings.overlap  # split_dw, auto, report: refused by the spec (spec.py)
         if ov.chunks != 1:
-            from braid.overlap.pipeline import LayerOverlap
+            from braid.overlap.engine import LayerOverlap
             from braid.overlap.streams import Clock
 
             self.moe.overlap = LayerOverlap(layer_number or 0, ov.chunks, False, Clock(device))
