@@ -39,7 +39,8 @@ PATH` writes a Chrome trace (torch.profiler) of one training step in mode `--tra
 (auto_split; of the layer's fine-grained shape if only the layer part runs). `--profile` adds to
 each training-step row one profiled step's `profile`: wall, host issue, summed kernel, device-busy
 and device-idle ms (overlap_modes.profile_step), to tell a host-bound mode from an exposed one.
-`--modes a,b` times only those modes (and off, the reference).
+`--modes a,b` times only those modes (and off, the reference). `--high-priority` runs the
+simulated exchange on a high-priority stream (`exchange.high_priority`).
 """
 
 from __future__ import annotations
@@ -77,7 +78,9 @@ SMOKE_SHAPES = {"smoke_16e_top4": (16, 4, 32, 48), "smoke_8e_top2": (8, 2, 64, 9
 
 
 def sim_config(args) -> ExchangeConfig:
-    return ExchangeConfig(algorithm="simulated", simulate_ranks=args.ranks)
+    return ExchangeConfig(
+        algorithm="simulated", simulate_ranks=args.ranks, high_priority=args.high_priority
+    )
 
 
 # -- the MoE layer ----------------------------------------------------------------------------
@@ -252,6 +255,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=0, help="layer: timing rounds (3)")
     ap.add_argument("--chunk-by", default="auto", help="overlap.chunk_by: auto, experts, tokens")
     ap.add_argument("--chunk-dw", default="auto", help="overlap.chunk_dw: auto, joined, per_chunk")
+    ap.add_argument(
+        "--high-priority", action="store_true", help="exchange.high_priority (its own stream)"
+    )
     ap.add_argument(
         "--trial-steps",
         type=int,

@@ -204,6 +204,22 @@ def test_launch_gap_is_a_median_that_one_outlier_does_not_set():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("high", [False, True])
+def test_exchange_high_priority_puts_the_movements_on_a_high_priority_stream(high):
+    """`exchange.high_priority`: the exchange's own stream has the device's greatest priority
+    (off: the default 0), and a movement still takes the model's time on it."""
+    cfg = ExchangeConfig(algorithm="simulated", high_priority=high)
+    ex = SimulatedExchange(cfg=cfg)
+    x = torch.randn(8 * MiB // 2, dtype=torch.bfloat16, device="cuda")
+    ex.move(x, [1], [1]).wait()
+    torch.cuda.synchronize()
+    want = torch.cuda.Stream.priority_range()[1] if high else 0
+    assert ex._stream.priority == want
+    assert want != 0 or not high  # the device has priorities to give
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_movement_takes_the_modelled_time():
     """A 64 MiB movement takes the model's time, issued behind queued work (the host ahead, as
     in training) or onto idle streams (the host's issue then shows: a looser bound)."""
@@ -310,3 +326,14 @@ def test_the_session_plans_chunks_of_experts_against_the_groups_experts_per_rank
     OverlapSession.install(build_model(cfg, cpu), cfg.overlap, **kw)
     ((cands, axes),) = seen
     assert max(cands) == 8 // ranks and set(axes[1:]) == {"experts"}, seen
+
+
+def test_high_priority_group_options_only_for_nccl_with_the_knob():
+    """`exchange.high_priority` reaches process-group options only for NCCL groups (gloo and
+    the knob off: none, the defaults)."""
+    from braid.exchange.nccl import group_options
+
+    assert group_options(None, "nccl") is None
+    assert group_options(ExchangeConfig(), "nccl") is None
+    assert group_options(ExchangeConfig(high_priority=True), "gloo") is None
+    ExchangeConfig(high_priority=True).validate()

@@ -42,6 +42,12 @@ class ExchangeConfig:
     simulate_latency_us: float = knob(
         40.0, "simulated: time floor of one movement, and the cost of a count exchange (us)."
     )
+    high_priority: bool = knob(
+        False,
+        "CUDA: run the exchange on a high-priority stream (NCCL: the expert-parallel groups' "
+        "internal streams; simulated, symmetric: their own), whose kernels start before "
+        "queued compute kernels as SMs free up.",
+    )
     auto_candidates: list[str] = knob(
         ["nccl", "hierarchical", "symmetric"], "algorithm=auto: exchanges timed at start-up."
     )

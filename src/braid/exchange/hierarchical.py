@@ -48,7 +48,7 @@ from braid.errors import BraidError
 from braid.exchange.base import Done, Handle
 from braid.exchange.config import ExchangeConfig
 from braid.exchange.handles import WorksHandle
-from braid.exchange.nccl import NcclExchange
+from braid.exchange.nccl import NcclExchange, group_options
 
 
 def resolve_node_size(cfg: ExchangeConfig, ep_size: int) -> int:
@@ -71,8 +71,9 @@ def _part(n: int, k: int, chunks: int) -> tuple[int, int]:
     return n * k // chunks, n * (k + 1) // chunks
 
 
-def _build_groups(ep_group, node_size: int):
-    """(node group, rail group) of this rank; every process creates every EP group's groups."""
+def _build_groups(ep_group, node_size: int, options: object | None = None):
+    """(node group, rail group) of this rank; every process creates every EP group's groups
+    (with `options`, `nccl.group_options`)."""
     mine = tuple(dist.get_process_group_ranks(ep_group))
     every: list = [None] * dist.get_world_size()
     dist.all_gather_object(every, mine)
@@ -82,11 +83,11 @@ def _build_groups(ep_group, node_size: int):
         N = len(ranks) // node_size
         for n in range(N):
             members = list(ranks[n * node_size : (n + 1) * node_size])
-            g = dist.new_group(members)
+            g = dist.new_group(members, pg_options=options)
             node_g = g if me in members else node_g
         for j in range(node_size):
             members = [ranks[n * node_size + j] for n in range(N)]
-            g = dist.new_group(members)
+            g = dist.new_group(members, pg_options=options)
             rail_g = g if me in members else rail_g
     return node_g, rail_g
 
@@ -102,7 +103,8 @@ class HierarchicalExchange(NcclExchange):
         self.two_stage = 1 < self.node_size < self.size
         self.node_group = self.rail_group = None
         if self.two_stage:
-            self.node_group, self.rail_group = _build_groups(ep_group, self.node_size)
+            options = group_options(cfg, dist.get_backend(ep_group))
+            self.node_group, self.rail_group = _build_groups(ep_group, self.node_size, options)
 
     def move(self, x_RD: Tensor, send_splits: list[int], recv_splits: list[int]) -> Handle:
         if self.size == 1:

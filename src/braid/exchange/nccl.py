@@ -7,7 +7,8 @@ are summed over the world group, not the EP group: every rank holds a distinct s
 global batch.
 
 Groups are passed in (`NcclExchange(ep_group, world_group, cfg)`); nothing here reads global
-process-group state.
+process-group state. `group_options` gives the options the groups are made with
+(`exchange.high_priority`: NCCL's internal stream at high priority).
 """
 
 from __future__ import annotations
@@ -19,6 +20,14 @@ from torch import Tensor
 from braid.exchange.base import Done, Exchange, Handle
 from braid.exchange.config import ExchangeConfig
 from braid.exchange.handles import WorksHandle
+
+
+def group_options(cfg: ExchangeConfig | None, backend: str) -> object | None:
+    """Process-group options for the groups an exchange moves rows on: with
+    `exchange.high_priority` on NCCL, a high-priority internal stream (None otherwise)."""
+    if cfg is None or not cfg.high_priority or backend != "nccl":
+        return None
+    return dist.ProcessGroupNCCL.Options(is_high_priority_stream=True)
 
 
 class NcclExchange(Exchange):

@@ -264,7 +264,7 @@ class SimulatedExchange(Exchange):
         """Once: the exchange's stream and the device copy bandwidth on this GPU."""
         if self._copy_bytes_per_ms:
             return
-        self._stream = new_stream(device)
+        self._stream = new_stream(device, self.cfg.high_priority)
         self._ready = torch.cuda.Event()  # orders the stream after the caller's (no timing)
         spin(1e-3, device)  # compiles the spin kernel now, not inside a timed movement
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -83,7 +83,7 @@ class SymmetricExchange(NcclExchange):
         self.device = torch.device("cuda", torch.cuda.current_device())
         self.group_name = ep_group.group_name
         # The exchange's own stream, as NCCL has its internal one (braid.overlap.streams).
-        self.stream = new_stream(self.device)
+        self.stream = new_stream(self.device, self.cfg.high_priority)
         W = self.size
         self.counts = symm_mem.empty(W * W, dtype=torch.long, device=self.device).zero_()
         self.counts_hdl = symm_mem.rendezvous(self.counts, self.group_name)

@@ -27,9 +27,13 @@ import torch
 from torch import Tensor
 
 
-def new_stream(device: torch.device) -> torch.cuda.Stream:
-    """A fresh CUDA stream on `device` (the single creation point; see the module docstring)."""
-    return torch.cuda.Stream(device=device)
+def new_stream(device: torch.device, high_priority: bool = False) -> torch.cuda.Stream:
+    """A fresh CUDA stream on `device` (the single creation point; see the module docstring).
+    `high_priority` (`exchange.high_priority`): the device's greatest stream priority, so the
+    block scheduler starts its kernels before queued ones of default-priority streams as SMs
+    free up (a running kernel is not preempted)."""
+    priority = torch.cuda.Stream.priority_range()[1] if high_priority else 0
+    return torch.cuda.Stream(device=device, priority=priority)
 
 
 def synchronize(device: torch.device) -> None:

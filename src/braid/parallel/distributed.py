@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from braid.config import Config
 from braid.errors import BraidError
+from braid.exchange.nccl import group_options
 from braid.parallel.mesh import ParallelContext, check_layout, pick_device
 
 
@@ -41,7 +42,12 @@ def init_distributed(cfg: Config) -> ParallelContext:
     check_layout(cfg, world)
     ep = cfg.parallel.ep
     # Row-major (dp, ep): an EP group is ep consecutive ranks, i.e. inside a node first.
-    mesh = init_device_mesh(device.type, (world // ep, ep), mesh_dim_names=("dp", "ep"))
+    # exchange.high_priority: the EP groups' NCCL streams at high priority (nccl.group_options)
+    options = group_options(cfg.exchange, dist.get_backend())
+    override = None if options is None else {"ep": ("nccl", options)}
+    mesh = init_device_mesh(
+        device.type, (world // ep, ep), mesh_dim_names=("dp", "ep"), backend_override=override
+    )
     world_mesh = mesh["dp", "ep"]._flatten("world")
     return ParallelContext(
         rank=rank,
