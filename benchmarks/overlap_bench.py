@@ -68,7 +68,8 @@ from common import environment, time_cuda, write_result  # noqa: E402
 from overlap_exchange import record, slowest, time_alone  # noqa: E402
 from overlap_train_step import TRAIN_CONFIGS, bench_config  # noqa: E402
 
-from braid.exchange.nccl import NcclExchange  # noqa: E402
+from braid.exchange.config import ExchangeConfig  # noqa: E402
+from braid.exchange.nccl import NcclExchange, group_options  # noqa: E402
 from braid.model.config import ModelConfig  # noqa: E402
 from braid.moe.config import MoEConfig  # noqa: E402
 from braid.moe.layer import MoE  # noqa: E402
@@ -159,7 +160,7 @@ def timeline_once(moe: MoE, x, g, amp, device) -> dict:
 def bench_shape(name: str, shape: tuple, tokens: int, device, amp, args, tol: float, log) -> dict:
     E, k, H, F = shape
     iters, trace_dir = args.iters, args.trace
-    moe = build(shape, device, dist.group.WORLD)
+    moe = build(shape, device, args.ep_group)
     gen = torch.Generator(device=device).manual_seed(1 + dist.get_rank())
     x = torch.randn(tokens, H, device=device, generator=gen)
     g = torch.randn(tokens, H, device=device, generator=gen) * 1e-2
@@ -276,6 +277,12 @@ def main() -> None:
         default=[],
         help="extra config override for every train config, e.g. --train-override=--moe.top_k=8",
     )
+    ap.add_argument(
+        "--high-priority",
+        action="store_true",
+        help="exchange.high_priority: the layer's EP group (all ranks) made with NCCL's "
+        "high-priority stream (train: add --train-override=--exchange.high_priority=true)",
+    )
     args = ap.parse_args()
     parts = args.parts.split(",")
     if unknown := set(parts) - {"layer", "train"}:
@@ -301,6 +308,10 @@ def main() -> None:
         shapes, tokens, iters, tol, train_tol = SHAPES, 32768, 5, 3e-2, 5e-3
         amp = torch.autocast("cuda", dtype=torch.bfloat16)
         defaults = (2, 4096, 5)
+    args.ep_group = dist.group.WORLD
+    if args.high_priority:  # a group of all ranks (new_group is collective), with the options
+        xcfg = ExchangeConfig(high_priority=True)
+        args.ep_group = dist.new_group(pg_options=group_options(xcfg, dist.get_backend()))
     args.tokens, args.iters = args.tokens or tokens, args.iters or iters
     args.train_batch = args.train_batch or defaults[0]
     args.train_seq = args.train_seq or defaults[1]
@@ -329,6 +340,7 @@ def main() -> None:
         "world": world,
         "ep": world,
         "smoke": args.smoke,
+        "high_priority": args.high_priority,  # the layer part's EP group (exchange.high_priority)
         "parts": parts,
         "complete": False,
         "layer": {},

@@ -26,10 +26,12 @@ def _run(out: Path, *extra: str) -> subprocess.CompletedProcess:
 
 def test_overlap_bench_smoke_checks_every_schedule_and_reports_every_field(tmp_path):
     out = tmp_path / "smoke.json"
-    proc = _run(out)
+    # --high-priority: the layer part's EP group made anew over all ranks (on gloo without
+    # options: exchange.high_priority is for NCCL streams)
+    proc = _run(out, "--high-priority")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r = json.loads(out.read_text())
-    assert r["complete"] and r["parts"] == ["layer", "train"]
+    assert r["complete"] and r["parts"] == ["layer", "train"] and r["high_priority"] is True
     assert r["command"].startswith("PYTHONPATH=src torchrun") and r["date"] and r["torch"]
     assert set(r["layer"]) == {"smoke_8e_top2", "smoke_16e_top4"}
     for name, shape in r["layer"].items():
