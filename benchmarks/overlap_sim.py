@@ -194,8 +194,7 @@ def bench_layer(name: str, shape: tuple, args, device, amp, dtype, log) -> dict:
         engines[mode] = moe.overlap
         if moe.overlap is None:
             moe.overlap = LayerOverlap(0, 1, False, clock)  # the plain path's order, timed
-        joined = getattr(moe.overlap.joined, "decided", lambda: None)()
-        checked[mode] = (C, split, err, timeline(), joined)
+        checked[mode] = (C, split, err, timeline(), moe.overlap.routed_dw())
     # Timing in rounds, every mode once per round (the GPU's clocks drift over a run: timing
     # each mode once, in order, would bias the later modes); per mode the median over all.
     times: dict[str, list[dict]] = {m: [] for m in modes}

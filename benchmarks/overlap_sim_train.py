@@ -176,7 +176,7 @@ def bench_train(name: str, args, log) -> dict:
                     }
                 ) or ["tokens"]
                 row["chunk_dw"] = sorted(
-                    {str(lo.joined.decided()) for lo in session.layers.values() if lo.joined}
+                    {str(lo.routed_dw()) for lo in session.layers.values() if lo.joined}
                 )  # chunks of tokens with split_dw: "joined" or "per_chunk" ("None": fp8)
                 if split == "all":  # the blocks above each MoE layer: dW drained, flushed
                     row["dense_dW_ms"] = tl["dense_dW_ms"]

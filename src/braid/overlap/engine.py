@@ -92,6 +92,11 @@ class LayerOverlap:
         n = self.queue.drain(handle)
         return n + self.dense.drain(handle)
 
+    def routed_dw(self) -> str | None:
+        """What the last call's chunks of tokens did with the routed dW: "joined", "per_chunk"
+        or "mixed" (`JoinedExpertWgrad.decided`); None without chunks of tokens and split_dw."""
+        return None if self.joined is None else self.joined.decided()
+
     def dense_sink(self, unit: HeldUnit) -> Callable[[Task], None]:
         """The sink of one block's deferred dW (`braid.overlap.dense`): this layer's `dense`
         queue. The block's FSDP unit (`unit`; a no-op without one) is held from the first dW

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from braid.ops import grouped_gemm
-from braid.ops.grouped_gemm import accumulate_grad
+from braid.ops.grouped_gemm import _local, accumulate_grad
 from braid.overlap.config import CHUNK_DW
 
 Task = Callable[[], None]
@@ -57,9 +57,9 @@ class JoinedExpertWgrad:
         if mode not in CHUNK_DW:
             raise ValueError(f"overlap.chunk_dw={mode!r}: expected one of {', '.join(CHUNK_DW)}")
         self.sink, self.chunks, self.rows, self.mode = sink, len(rows), sum(rows), mode
-        self._parts: dict[int, dict[int, tuple]] = {}  # id(w) -> chunk -> operands
+        # id(w) -> (w, impl, divide, {chunk: operands}) of the weights being joined
+        self._parts: dict[int, tuple[Tensor, str, float, dict[int, tuple]]] = {}
         self._joined: dict[int, bool] = {}  # id(w) -> joined (decided at its first chunk)
-        self._weights: dict[int, tuple[Tensor, str, float]] = {}
 
     def block(self, c: int) -> _ChunkBlock:
         return _ChunkBlock(self, c)
@@ -77,9 +77,8 @@ class JoinedExpertWgrad:
                 self._joined[key] = self.mode == "joined"
             else:  # every chunk's rows (`rows`, the layer's total) gathered once
                 per_row = x.shape[1] * x.element_size() + g.shape[1] * g.element_size()
-                numel = w.to_local().numel() if hasattr(w, "to_local") else w.numel()
                 gather = 2 * per_row * self.rows
-                self._joined[key] = joined_is_cheaper(self.chunks, gather, numel)
+                self._joined[key] = joined_is_cheaper(self.chunks, gather, _local(w).numel())
         return self._joined[key]
 
     def add(self, c: int, w: Tensor, x: Tensor, g: Tensor, offs: Tensor, impl: str, div: float):
@@ -88,11 +87,10 @@ class JoinedExpertWgrad:
         if not self._decide(w, x, g):
             self.sink(lambda: accumulate_grad(w, grouped_gemm.gmm_wgrad(x, g, offs, impl), div))
             return
-        parts = self._parts.setdefault(id(w), {})
+        parts = self._parts.setdefault(id(w), (w, impl, div, {}))[3]
         if c in parts:  # a chunk's backward ran twice: its first dW would be lost
             raise RuntimeError(f"joined expert dW: chunk {c} of this layer call handed over twice")
         parts[c] = (x, g, offs)
-        self._weights[id(w)] = (w, impl, div)
         if len(parts) == self.chunks:
             self._queue(id(w))
 
@@ -103,8 +101,7 @@ class JoinedExpertWgrad:
             self._queue(key)
 
     def _queue(self, key: int) -> None:
-        parts = self._parts.pop(key)
-        w, impl, div = self._weights.pop(key)
+        w, impl, div, parts = self._parts.pop(key)
         ordered = [parts[c] for c in sorted(parts)]
         self.sink(lambda: accumulate_grad(w, _joined_dw(ordered, impl), div))
 

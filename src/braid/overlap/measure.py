@@ -179,7 +179,7 @@ def measure(
         overhead_per_chunk_ms=per_chunk,
         dispatch_factor=fd,
         combine_factor=fc,
-        gather_ms_per_byte=gather_ms / (2 * rows * s.dim * torch.finfo(dtype).bits / 8),
+        gather_ms_per_byte=gather_ms / (2 * rows * s.dim * dtype.itemsize),
     )
 
 
