@@ -222,3 +222,19 @@ def test_joined_chunk_dw_replaces_the_per_chunk_adds_by_one_add_and_a_gather():
     )
     # at C = 1 nothing is joined
     assert predict_ms(shape, 1, True, m, chunk_dw="joined") == predict_ms(shape, 1, True, m)
+
+
+def test_a_fused_join_costs_one_add_and_no_gather():
+    """Where the joined dW reads the chunks in place (`CostModel.fused_join`: the Triton
+    kernel), it costs one add whatever the gather rate, and "auto" joins even where a gather
+    would cost more than the per-chunk adds (the same model gathering is far slower)."""
+    shape = LayerShape(**{**SHAPE.__dict__, "ep": 4, "local_experts": 2})
+    slow = {**model(kappa=1.0).__dict__, "dw_accumulate_ms": 2.0, "gather_ms_per_byte": 1.0}
+    m = CostModel(**{**slow, "fused_join": True})
+    for C in (2, 4, 8):
+        per = predict_ms(shape, C, True, m, chunk_dw="per_chunk")
+        joined = predict_ms(shape, C, True, m, chunk_dw="joined")
+        assert per - joined == pytest.approx((C - 1) * 2.0), C
+        assert predict_ms(shape, C, True, m, chunk_dw="auto") == joined
+        gathering = predict_ms(shape, C, True, CostModel(**slow), chunk_dw="joined")
+        assert gathering > per + 1e3, C

@@ -24,6 +24,9 @@ from the plain path's in rounding, as the chunks' forward GEMMs run over fewer r
 
 Everything stays on the device: the row positions are built from the chunks' offsets (no host
 sync), and each chunk's operands are written into place by one `index_copy_`.
+On a GPU with Triton (fp32 weights, bf16 operands) there is no gather: `braid.ops.wgrad_triton`
+runs one grouped GEMM whose reduction walks each expert's rows chunk by chunk where they lie,
+and writes the fp32 grad (or adds into it) from its accumulators; "auto" then always joins.
 Paths that cannot hand over operands (the fp8 experts) call a block as a plain task sink and
 keep the per-chunk path.
 """
@@ -35,7 +38,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from braid.ops import grouped_gemm
+from braid.ops import grouped_gemm, wgrad_triton
 from braid.ops.grouped_gemm import _local, accumulate_grad
 from braid.overlap.config import CHUNK_DW
 
@@ -75,6 +78,8 @@ class JoinedExpertWgrad:
         if key not in self._joined:
             if self.mode != "auto":
                 self._joined[key] = self.mode == "joined"
+            elif _fused(w, [x], [g]):  # no gather: the kernel reads the chunks in place
+                self._joined[key] = True
             else:  # every chunk's rows (`rows`, the layer's total) gathered once
                 per_row = x.shape[1] * x.element_size() + g.shape[1] * g.element_size()
                 gather = 2 * per_row * self.rows
@@ -103,7 +108,29 @@ class JoinedExpertWgrad:
     def _queue(self, key: int) -> None:
         w, impl, div, parts = self._parts.pop(key)
         ordered = [parts[c] for c in sorted(parts)]
-        self.sink(lambda: accumulate_grad(w, _joined_dw(ordered, impl), div))
+        self.sink(lambda: _join(w, ordered, impl, div))
+
+
+def _fused(w: Tensor, xs: list[Tensor], gs: list[Tensor]) -> bool:
+    """Whether `wgrad_triton` computes the joined dW: fp32 weights, the chunks' bf16 operands
+    on a GPU with Triton."""
+    return _local(w).dtype == torch.float32 and wgrad_triton.available(xs, gs)
+
+
+def _join(w: Tensor, parts: list[tuple[Tensor, Tensor, Tensor]], impl: str, div: float) -> None:
+    """The joined dW of `w` into its grad: on a GPU with Triton one kernel over the chunks'
+    operands where they lie, writing the fp32 grad (or adding into it in place); otherwise the
+    rows gathered expert-major and one `F.grouped_mm` (`_joined_dw`)."""
+    xs, gs, offs = ([p[k] for p in parts] for k in range(3))
+    if not _fused(w, xs, gs):
+        accumulate_grad(w, _joined_dw(parts, impl), div)
+        return
+    grad = w.grad
+    acc = None if grad is None or div != 1.0 else _local(grad)
+    if acc is not None and acc.dtype == torch.float32 and acc.is_contiguous():
+        wgrad_triton.wgrad_fp32(xs, gs, offs, acc=acc)  # added in the kernel's epilogue
+        return
+    accumulate_grad(w, wgrad_triton.wgrad_fp32(xs, gs, offs), div)
 
 
 def expert_major(offs_per_chunk: list[Tensor], rows: list[int]) -> tuple[list[Tensor], Tensor]:

@@ -73,6 +73,7 @@ class CostModel:
     dispatch_factor: float = 1.0  # forward dispatch time / exact move time (compression)
     combine_factor: float = 1.0  # forward combine time / exact move time
     gather_ms_per_byte: float = 0.0  # a joined dW's row gather (0: at the add's bandwidth)
+    fused_join: bool = False  # a joined dW reads the chunks in place (`ops.wgrad_triton`)
 
     def exchange_ms(self, nbytes: float, ep: int) -> float:
         return 0.0 if ep == 1 else self.a2a_latency_ms + nbytes * self.a2a_ms_per_byte
@@ -162,9 +163,12 @@ def predict_ms(
 def _joined_dw_ms(s: LayerShape, C: int, m: CostModel, chunk_dw: str) -> float | None:
     """The routed dW's add and gather when `overlap.chunk_dw` joins C chunks of tokens (None:
     per chunk). The gather moves bf16 operands of both weights, read and written (x and g:
-    D + 2F a row for w13, F + D for w2), at its measured rate (else the add's)."""
+    D + 2F a row for w13, F + D for w2), at its measured rate (else the add's); where the
+    joined dW reads the chunks in place (`fused_join`) there is no gather."""
     if chunk_dw == "per_chunk":
         return None
+    if m.fused_join:  # no gather: one pass like the unchunked layer's
+        return m.dw_accumulate_ms
     numel = 3 * (s.local_experts or s.num_experts // s.ep) * s.dim * s.hidden
     gather = 4.0 * s.tokens * s.top_k * (2 * s.dim + 3 * s.hidden)
     if chunk_dw == "auto" and not joined_is_cheaper(C, gather, numel):

@@ -1,0 +1,104 @@
+"""The joined routed-expert dW as one Triton kernel over the chunks' operands in place
+(`braid.ops.wgrad_triton`), on a GPU:
+
+    PYTHONPATH=src python -m pytest -q -m gpu tests/gpu/test_wgrad_triton.py
+
+Against an fp64 sum of the same bf16 products: one chunk and several, experts with no rows in
+some chunks or in all, sizes that are not multiples of the tiles, written and added into an
+existing grad; and the joined collector on CUDA against its gather path."""
+
+import pytest
+import torch
+
+from braid.ops import wgrad_triton
+from braid.ops.grouped_gemm import counts_to_offsets
+from braid.overlap.joined_experts import JoinedExpertWgrad
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"),
+]
+BF16 = torch.bfloat16
+
+
+def _chunks(counts, D, F, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    xs, gs, offs = [], [], []
+    for c in counts:
+        R = sum(c)
+        xs.append(torch.randn(R, D, device="cuda", generator=gen).to(BF16))
+        gs.append(torch.randn(R, F, device="cuda", generator=gen).to(BF16))
+        offs.append(counts_to_offsets(torch.tensor(c, device="cuda")))
+    return xs, gs, offs
+
+
+def _reference(xs, gs, offs):
+    E = offs[0].numel()
+    out = torch.zeros(E, xs[0].shape[1], gs[0].shape[1], dtype=torch.float64, device="cuda")
+    for x, g, o in zip(xs, gs, offs, strict=True):
+        bounds = [0, *o.tolist()]
+        for e in range(E):
+            a, b = bounds[e], bounds[e + 1]
+            out[e] += x[a:b].double().t() @ g[a:b].double()
+    return out.float()
+
+
+CASES = [
+    ([[300, 0, 517, 64, 1]], 256, 384),  # one chunk
+    ([[100, 0, 37, 5], [0, 0, 200, 8], [64, 0, 1, 0]], 200, 136),  # expert 1 empty everywhere
+    ([[1000, 24], [3, 0]], 64, 1000),
+]
+
+
+@pytest.mark.parametrize("counts,D,F", CASES)
+def test_the_kernel_is_the_fp32_sum_of_the_bf16_products(counts, D, F):
+    xs, gs, offs = _chunks(counts, D, F)
+    assert wgrad_triton.available(xs, gs)
+    want = _reference(xs, gs, offs)
+    got = wgrad_triton.wgrad_fp32(xs, gs, offs)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    acc = torch.randn_like(want)
+    added = wgrad_triton.wgrad_fp32(xs, gs, offs, acc=acc.clone())
+    torch.testing.assert_close(added, acc + want, rtol=1e-5, atol=1e-4)
+    empty = [e for e in range(want.shape[0]) if all(c[e] == 0 for c in counts)]
+    for e in empty:  # no rows anywhere: zeros written, the accumulator left as it was
+        assert torch.equal(got[e], torch.zeros_like(got[e])) and torch.equal(added[e], acc[e])
+
+
+def test_unaligned_operands_are_not_taken():
+    xs, gs, _ = _chunks([[8, 8]], 64, 64)
+    odd = torch.empty(16 * 64 + 1, dtype=BF16, device="cuda")[1:].view(16, 64)
+    assert not wgrad_triton.available([odd], gs)
+    assert not wgrad_triton.available([xs[0].float()], gs)
+    assert not wgrad_triton.available([xs[0].t()], gs)
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_the_joined_collector_on_cuda_matches_its_gather_path(monkeypatch, existing):
+    """Three chunks handed over as `grouped_linear` hands them; the kernel's grad (written, or
+    added in place into an existing one) equals the gather + grouped_mm path's within the
+    latter's bf16 rounding of dW, and the fp64 reference within fp32 rounding."""
+    counts = [[40, 0, 24, 8], [16, 8, 0, 40], [0, 32, 16, 16]]
+    xs, gs, offs = _chunks(counts, 128, 96, seed=1)
+    want = _reference(xs, gs, offs)
+    grads = {}
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(wgrad_triton, "available", lambda *a: False)
+        w = torch.nn.Parameter(torch.zeros(4, 128, 96, device="cuda"))
+        start = torch.randn(4, 128, 96, device="cuda") if existing else None
+        w.grad = None if start is None else start.clone()
+        held = w.grad
+        queue = []
+        join = JoinedExpertWgrad(queue.append, [sum(c) for c in counts], "joined")
+        for c in range(3):
+            join.block(c).add_rows(w, xs[c], gs[c], offs[c], "grouped", 1.0)
+        assert len(queue) == 1
+        queue.pop()()
+        assert w.grad.dtype == torch.float32
+        if existing and fused:
+            assert w.grad is held  # added in the kernel's epilogue, in place
+        grads[fused] = w.grad - (0 if start is None else start)
+    torch.testing.assert_close(grads[True], want, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(grads[False], grads[True], rtol=2e-2, atol=2e-2)
