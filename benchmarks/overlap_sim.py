@@ -213,7 +213,7 @@ def bench_layer(name: str, shape: tuple, args, device, amp, dtype, log) -> dict:
         }
         row = row_of(t, tl, alone, off_ms, chunks=C or 1, split_dw=split, rel_err_vs_off=err)
         row["chunk_axis"] = axis(C or 1)
-        row["chunk_dw"] = joined  # chunks of tokens with split_dw: joined or per_chunk
+        row["chunk_dw"] = joined  # chunks of tokens: joined or per_chunk
         row["round_medians_ms"] = [r["median_ms"] for r in rounds]
         off_ms = off_ms or row["median_ms"]
         out["modes"][mode] = row

@@ -107,8 +107,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_chunks_of_experts_compute_each_experts_dw_once(monkeypatch, fp8):
     """Spy on the dW GEMM: with C chunks of experts every expert's dW is one group of one call
     (4 experts per weight over all calls), where C chunks of tokens compute C of them, unless
-    their deferred dW is joined (`overlap.chunk_dw`): one call per weight over every chunk's
-    rows. The fp8 experts hand over tasks, not operands: per chunk whatever chunk_dw says."""
+    their dW is joined (`overlap.chunk_dw`, deferred or not): one call per weight over every
+    chunk's rows. The fp8 experts hand over tasks, not operands: per chunk whatever chunk_dw says."""
     calls: list[tuple[int, int]] = []  # (dW's last dim: which weight, experts in the call)
     if fp8:
         real = fp8_experts.wgrad
@@ -139,7 +139,7 @@ def test_chunks_of_experts_compute_each_experts_dw_once(monkeypatch, fp8):
                 moe.overlap = LayerOverlap(0, chunks, split, CPU, chunk_by=by, chunk_dw=chunk_dw)
                 got = _run(moe, x)
                 per_weight = {n: sum(k for m, k in calls if m == n) for n in (16, 24)}
-                joined = by == "tokens" and split and chunk_dw == "joined" and not fp8
+                joined = by == "tokens" and chunk_dw == "joined" and not fp8
                 want = 4 if by == "experts" or joined else 4 * chunks
                 assert per_weight == {16: want, 24: want}, (by, chunks, split, calls)
                 # one call per weight and chunk, or per weight when joined

@@ -40,9 +40,11 @@ class OverlapConfig:
     )
     chunk_dw: Literal["auto", "joined", "per_chunk"] = knob(
         "auto",
-        "Chunks of tokens with split_dw: the routed experts' dW per chunk, each added into the "
-        'grads ("per_chunk"), or one dW per weight over every chunk\'s rows, gathered '
-        'expert-major ("joined"), or "auto" (whichever moves fewer bytes).',
+        "Chunks of tokens: the routed experts' dW per chunk, each added into the grads "
+        '("per_chunk"), or one dW per weight over every chunk\'s rows ("joined": read in place '
+        "by a Triton kernel on a GPU, else gathered expert-major; deferred with split_dw, else "
+        'at the last chunk\'s backward), or "auto" (joined where the kernel runs, else '
+        "whichever moves fewer bytes).",
     )
     report: bool = knob(
         False, "Time each MoE layer at log steps; print and log exposed/exchange ms per layer."

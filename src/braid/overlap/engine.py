@@ -32,10 +32,11 @@ class LayerOverlap:
 
     chunks: C >= 1; split_dw: defer weight grads into `queue` (the routed experts' only if
     `defer_expert_dw`, the shared experts' always). With chunks of tokens, `chunk_dw` says
-    whether the routed experts' deferred dW runs per chunk or once over every chunk's rows
-    (`braid.overlap.joined_experts`). With chunks == 1 and split_dw off
-    (installed only for `overlap.report`), the schedule is the plain path's: every exchange is
-    waited right after issue and the shared experts run after the combine.
+    whether the routed experts' dW runs per chunk or once over every chunk's rows
+    (`braid.overlap.joined_experts`; deferred, or at the last chunk's backward). With
+    chunks == 1 and split_dw off (installed only for `overlap.report`), the schedule is the
+    plain path's: every exchange is waited right after issue and the shared experts run after
+    the combine.
     With split_dw = "all" (`braid.overlap.dense`), `dense` holds the attention / dense-FFN dW
     of the blocks above this layer (pushed through `dense_sink`): drained in this layer's
     windows after `queue`, flushed at its flush point, where those blocks' FSDP units are
@@ -138,9 +139,13 @@ class LayerOverlap:
         with self.timeline.span("forward"), casts:
             expert_sink = sink if self.defer_expert_dw else None
             sinks, joined = [expert_sink] * len(plan.routes), None
-            if grad and expert_sink is not None and plan.whole is None and len(plan.routes) > 1:
-                rows = [sum(r.recv) for r in plan.routes]  # chunks of tokens
-                joined = JoinedExpertWgrad(expert_sink, rows, self.chunk_dw)
+            if grad and plan.whole is None and len(plan.routes) > 1:  # chunks of tokens
+                rows = [sum(r.recv) for r in plan.routes]
+                # Deferred: the joined dW is queued; not deferred, it runs at once when the
+                # last chunk's backward hands its operands over (where autograd would have
+                # added that chunk's dW).
+                now = expert_sink or (lambda task: task())
+                joined = JoinedExpertWgrad(now, rows, self.chunk_dw)
                 sinks = [joined.block(c) for c in range(len(rows))]
             self.joined = joined
             run = Schedule(
