@@ -108,7 +108,8 @@ def test_chunks_of_experts_compute_each_experts_dw_once(monkeypatch, fp8):
     """Spy on the dW GEMM: with C chunks of experts every expert's dW is one group of one call
     (4 experts per weight over all calls), where C chunks of tokens compute C of them, unless
     their dW is joined (`overlap.chunk_dw`, deferred or not): one call per weight over every
-    chunk's rows. The fp8 experts hand over tasks, not operands: per chunk whatever chunk_dw says."""
+    chunk's rows. The fp8 experts hand over tasks, not operands: per chunk whatever chunk_dw
+    says."""
     calls: list[tuple[int, int]] = []  # (dW's last dim: which weight, experts in the call)
     if fp8:
         real = fp8_experts.wgrad
@@ -121,9 +122,9 @@ def test_chunks_of_experts_compute_each_experts_dw_once(monkeypatch, fp8):
     else:
         real = grouped_gemm.gmm_wgrad
 
-        def spy(x, g, offs, impl):
+        def spy(x, g, offs, *rest):  # (impl, and the dW's dtype where one is asked for)
             calls.append((g.shape[-1], offs.numel()))
-            return real(x, g, offs, impl)
+            return real(x, g, offs, *rest)
 
         monkeypatch.setattr(grouped_gemm, "gmm_wgrad", spy)
     base = _moe(fp8)
