@@ -110,6 +110,33 @@ def test_joined_token_chunks_run_one_dw_over_every_chunks_rows(monkeypatch, impl
                 assert torch.equal(w.grad, _host_joined_dw(parts, impl)), (chunks, name)
 
 
+@pytest.mark.parametrize("split", [True, False])
+def test_where_the_joined_dw_runs(split):
+    """With split_dw the joined dW is a task of the layer's queue (drained in the exchange
+    windows); without, it runs at the last chunk's backward, only where "joined" is asked for
+    ("auto" then keeps autograd's per-chunk dW). Either way the grads match the unchunked
+    layer's within rounding."""
+    base = seeded_moe()
+    x = torch.randn(2, 7, 16, generator=torch.Generator().manual_seed(8))
+    ref = copy.deepcopy(base)
+    ref.overlap = LayerOverlap(0, 1, split, CPU)
+    ref_out = moe_step(ref, x)
+    for chunk_dw in ("joined", "auto"):
+        moe = copy.deepcopy(base)
+        moe.overlap = LayerOverlap(0, 3, split, CPU, chunk_by="tokens", chunk_dw=chunk_dw)
+        out = moe_step(moe, x)
+        joined = moe.overlap.joined
+        if split:
+            assert joined is not None and joined.sink is moe.overlap.queue, chunk_dw
+        elif chunk_dw == "joined":
+            assert joined is not None and joined.sink is not moe.overlap.queue
+            assert moe.overlap.routed_dw() == "joined"
+        else:
+            assert joined is None
+        for a, b in zip(out, ref_out, strict=True):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), (split, chunk_dw)
+
+
 def test_joined_dw_accumulates_over_micro_batches():
     """Two backward passes (grad accumulation): the joined dW adds into the grad the first
     left, within rounding of the unchunked path's two dW."""

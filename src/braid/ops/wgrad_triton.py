@@ -18,13 +18,15 @@ Each program computes one [BLOCK_D, BLOCK_F] tile of one expert's dW; tiles are 
 groups of GROUP_D along D so that neighbouring programs share g's columns in L2. Row counts
 come from the device offsets (no host sync); an expert with no rows gets zeros, or is left as
 it is when adding. Rows are 64-bit indexed.
-CUDA with Triton only, contiguous bf16 operands, 16-byte aligned (`available`: the chunks'
-addresses reach the kernel as integers, so it is told their alignment); everywhere else the
-gather and `F.grouped_mm` stay the path.
+CUDA sm90+ with Triton only, contiguous bf16 operands, 16-byte aligned (`available`: the
+chunks' addresses reach the kernel as integers, so it is told their alignment); everywhere else
+the gather and `F.grouped_mm` stay the path.
 Shapes: C chunks, R_c rows of chunk c, D in-features, F out-features, E experts.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import Tensor
@@ -39,11 +41,19 @@ except ImportError:  # CPU-only installs: `available()` is False
 CONFIG = (128, 256, 64, 8, 8, 4)
 
 
+@functools.cache
+def _hopper(index: int) -> bool:
+    """Its tiles (4 stages of 48 KB in shared memory) and bf16 dots want sm90 or newer."""
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
 def available(xs: list[Tensor], gs: list[Tensor]) -> bool:
-    """Whether `wgrad_fp32` may compute the dW of these chunks' operands."""
+    """Whether `wgrad_fp32` may compute the dW of these chunks' operands (on an sm90+ GPU)."""
     if triton is None or torch.compiler.is_compiling() or not xs:
         return False
     dev = xs[0].device
+    if dev.type != "cuda" or not _hopper(dev.index if dev.index is not None else 0):
+        return False
     return all(
         t.is_cuda and t.device == dev and t.dtype == torch.bfloat16 and t.dim() == 2
         and t.is_contiguous() and t.data_ptr() % 16 == 0 and t.shape[1] % 8 == 0

@@ -33,7 +33,8 @@ class LayerOverlap:
     chunks: C >= 1; split_dw: defer weight grads into `queue` (the routed experts' only if
     `defer_expert_dw`, the shared experts' always). With chunks of tokens, `chunk_dw` says
     whether the routed experts' dW runs per chunk or once over every chunk's rows
-    (`braid.overlap.joined_experts`; deferred, or at the last chunk's backward). With
+    (`braid.overlap.joined_experts`; deferred, or, without split_dw and only where "joined" is
+    asked for, at the last chunk's backward). With
     chunks == 1 and split_dw off (installed only for `overlap.report`), the schedule is the
     plain path's: every exchange is waited right after issue and the shared experts run after
     the combine.
@@ -139,12 +140,14 @@ class LayerOverlap:
         with self.timeline.span("forward"), casts:
             expert_sink = sink if self.defer_expert_dw else None
             sinks, joined = [expert_sink] * len(plan.routes), None
-            if grad and plan.whole is None and len(plan.routes) > 1:  # chunks of tokens
+            tokens = grad and plan.whole is None and len(plan.routes) > 1  # chunks of tokens
+            if tokens and (expert_sink is not None or self.chunk_dw == "joined"):
                 rows = [sum(r.recv) for r in plan.routes]
-                # Deferred: the joined dW is queued; not deferred, it runs at once when the
-                # last chunk's backward hands its operands over (where autograd would have
-                # added that chunk's dW).
-                now = expert_sink or (lambda task: task())
+                # Deferred: the joined dW is queued. Not deferred (only when asked for: it keeps
+                # every chunk's operands until the last chunk's backward), it runs at once when
+                # that backward hands its operands over, where autograd would have added that
+                # chunk's dW; it then goes into the grads directly, past autograd's hooks.
+                now = expert_sink if expert_sink is not None else (lambda task: task())
                 joined = JoinedExpertWgrad(now, rows, self.chunk_dw)
                 sinks = [joined.block(c) for c in range(len(rows))]
             self.joined = joined

@@ -181,7 +181,7 @@ def measure(
         dispatch_factor=fd,
         combine_factor=fc,
         gather_ms_per_byte=gather_ms / (2 * rows * s.dim * dtype.itemsize),
-        fused_join=wgrad_triton.available([src], [src]),
+        fused_join=wgrad_triton.available([src], [src]) and experts.w13.dtype == torch.float32,
     )
 
 
