@@ -34,10 +34,9 @@ class LayerOverlap:
     `defer_expert_dw`, the shared experts' always). With chunks of tokens, `chunk_dw` says
     whether the routed experts' dW runs per chunk or once over every chunk's rows
     (`braid.overlap.joined_experts`; deferred, or, without split_dw and only where "joined" is
-    asked for, at the last chunk's backward). With
-    chunks == 1 and split_dw off (installed only for `overlap.report`), the schedule is the
-    plain path's: every exchange is waited right after issue and the shared experts run after
-    the combine.
+    asked for, at the last chunk's backward). With chunks == 1 and split_dw off (installed only
+    for `overlap.report`), the schedule is the plain path's: every exchange is waited right
+    after issue and the shared experts run after the combine.
     With split_dw = "all" (`braid.overlap.dense`), `dense` holds the attention / dense-FFN dW
     of the blocks above this layer (pushed through `dense_sink`): drained in this layer's
     windows after `queue`, flushed at its flush point, where those blocks' FSDP units are
