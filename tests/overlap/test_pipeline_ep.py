@@ -20,10 +20,11 @@ from small_moe import seeded_moe
 
 TOL = 1e-5
 UNEVEN = [11, 2, 7, 6]  # tokens per rank; rank 1 has fewer tokens than chunks
-# (chunks, split_dw, chunk_dw): with 2 experts a rank, C = 3 and 4 cut tokens; their deferred
-# routed dW is joined over the chunks or added per chunk.
+# (chunks, split_dw, chunk_dw): with 2 experts a rank, C = 3 and 4 cut tokens; their routed
+# dW is joined over the chunks (deferred, or at the last chunk's backward) or added per chunk.
 SCHEDULES = [(c, s, "auto") for c in (1, 2, 3, 4) for s in (False, True)]
 SCHEDULES += [(3, True, "joined"), (4, True, "joined"), (3, True, "per_chunk")]
+SCHEDULES += [(3, False, "joined"), (4, False, "joined")]
 VARIANTS = {  # shared experts, capacity factor, tokens per rank
     "routed": (0, 0.0, UNEVEN),
     "shared": (1, 0.0, UNEVEN),

@@ -1,8 +1,8 @@
 """End to end: training steps under EP x DP (4 gloo ranks) give the same losses, grad norms and
 first-step gradients of every parameter with the overlap engine on as off, for (dp=2, ep=2) and
 (dp=1, ep=4), chunks 1-4 with split_dw on and off (chunks="auto": the chunk trial changes C
-between steps), and chunks of tokens with their routed dW joined or per chunk. In the same
-spawn, the chunk trial under ep=4 keeps the same C on every rank.
+between steps), and chunks of tokens with their routed dW joined (deferred or not) or per
+chunk. In the same spawn, the chunk trial under ep=4 keeps the same C on every rank.
 
 Built from the trainer's own pieces (build_model -> parallelize -> init, OverlapSession.install,
 loss_fn, flush, clip_grad_norm, AdamW), as tests/distributed/test_train_ep.py does. With dp=1
@@ -50,6 +50,11 @@ OVERLAP = {
         "--overlap.split_dw=true",
         "--overlap.chunk_by=tokens",
         "--overlap.chunk_dw=per_chunk",
+    ],
+    "tokens3_joined": [  # not deferred: joined at the last chunk's backward
+        "--overlap.chunks=3",
+        "--overlap.chunk_by=tokens",
+        "--overlap.chunk_dw=joined",
     ],
     "auto_split_report": [
         '--overlap.chunks="auto"',
