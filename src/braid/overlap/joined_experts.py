@@ -78,7 +78,7 @@ class JoinedExpertWgrad:
         if key not in self._joined:
             if self.mode != "auto":
                 self._joined[key] = self.mode == "joined"
-            elif _fused(w, [x], [g]):  # no gather: the kernel reads the chunks in place
+            elif fused_join(w, [x], [g]):  # no gather: the kernel reads the chunks in place
                 self._joined[key] = True
             else:  # every chunk's rows (`rows`, the layer's total) gathered once
                 per_row = x.shape[1] * x.element_size() + g.shape[1] * g.element_size()
@@ -111,7 +111,7 @@ class JoinedExpertWgrad:
         self.sink(lambda: _join(w, ordered, impl, div))
 
 
-def _fused(w: Tensor, xs: list[Tensor], gs: list[Tensor]) -> bool:
+def fused_join(w: Tensor, xs: list[Tensor], gs: list[Tensor]) -> bool:
     """Whether `wgrad_triton` computes the joined dW: fp32 weights, the chunks' bf16 operands
     on a GPU with Triton."""
     return _local(w).dtype == torch.float32 and wgrad_triton.available(xs, gs)
@@ -122,7 +122,7 @@ def _join(w: Tensor, parts: list[tuple[Tensor, Tensor, Tensor]], impl: str, div:
     operands where they lie, writing the fp32 grad (or adding into it in place); otherwise the
     rows gathered expert-major and one `F.grouped_mm` (`_joined_dw`)."""
     xs, gs, offs = ([p[k] for p in parts] for k in range(3))
-    if not _fused(w, xs, gs):
+    if not fused_join(w, xs, gs):
         accumulate_grad(w, _joined_dw(parts, impl), div)
         return
     grad = w.grad

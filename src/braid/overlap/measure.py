@@ -23,8 +23,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from braid.ops import wgrad_triton
 from braid.ops.grouped_gemm import counts_to_offsets, grouped_linear
+from braid.overlap.joined_experts import fused_join
 from braid.overlap.planner import CostModel, LayerShape
 from braid.overlap.streams import synchronize
 
@@ -181,7 +181,7 @@ def measure(
         dispatch_factor=fd,
         combine_factor=fc,
         gather_ms_per_byte=gather_ms / (2 * rows * s.dim * dtype.itemsize),
-        fused_join=wgrad_triton.available([src], [src]) and experts.w13.dtype == torch.float32,
+        fused_join=fused_join(experts.w13, [src], [src]),
     )
 
 
