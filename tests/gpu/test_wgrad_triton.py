@@ -102,3 +102,43 @@ def test_the_joined_collector_on_cuda_matches_its_gather_path(monkeypatch, exist
         grads[fused] = w.grad - (0 if start is None else start)
     torch.testing.assert_close(grads[True], want, rtol=1e-4, atol=1e-3)
     torch.testing.assert_close(grads[False], grads[True], rtol=2e-2, atol=2e-2)
+
+
+def test_the_operator_passes_torch_library_checks():
+    (x,), (g,), (offs,) = _chunks([[96, 0, 160]], 64, 128, seed=3)
+    torch.library.opcheck(wgrad_triton.wgrad_fp32_op, (x, g, offs))
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_autocast_experts_get_their_fp32_grad_from_the_kernel(compiled):
+    """The plain path (an fp32 master weight, bf16 GEMMs): dW is the kernel's fp32 sum, eager
+    and inside a compiled graph (`braid::wgrad_fp32`), not a bf16 dW cast up."""
+    from braid.ops.grouped_gemm import grouped_linear
+
+    counts = [256, 0, 384, 128]
+    (x,), (gy,), (offs,) = _chunks([counts], 256, 192, seed=4)
+    w = torch.nn.Parameter(torch.randn(4, 256, 192, device="cuda") * 0.05)
+    fn = torch.compile(grouped_linear) if compiled else grouped_linear
+    with torch.autocast("cuda", dtype=BF16):
+        y = fn(x.float().requires_grad_(), w, offs)
+    y.backward(gy)
+    assert w.grad.dtype == torch.float32
+    torch.testing.assert_close(w.grad, _reference([x], [gy], [offs]), rtol=1e-5, atol=1e-4)
+    assert not torch.equal(w.grad.to(BF16).float(), w.grad)
+
+
+def test_a_deferred_dw_is_written_wide_first_and_added_narrow_after():
+    from braid.ops.grouped_gemm import gmm_wgrad, grouped_linear
+
+    (x,), (gy,), (offs,) = _chunks([[64, 32, 0, 160]], 128, 96, seed=5)
+    w = torch.nn.Parameter(torch.randn(4, 128, 96, device="cuda") * 0.05)
+    queue = []
+    for step in range(2):
+        with torch.autocast("cuda", dtype=BF16):
+            y = grouped_linear(x.float(), w, offs, wgrad_sink=queue.append)
+        y.backward(gy)
+        queue.pop()()
+        if step == 0:
+            first = w.grad.clone()
+            torch.testing.assert_close(first, _reference([x], [gy], [offs]), rtol=1e-5, atol=1e-4)
+    assert torch.equal(w.grad, first + gmm_wgrad(x, gy, offs, "grouped").float())

@@ -118,3 +118,19 @@ def test_shared_casts_blocks_nest():
             assert ex._casts is outer  # the inner block shares the outer one's casts
         assert ex._casts is outer
     assert ex._casts is None
+
+
+def test_without_the_kernel_a_wide_dw_is_the_cast_of_the_gemm_s_own():
+    """Off a GPU with Triton (here: the CPU) nothing is written wide: `wide_dtype` is None, and
+    a dW asked for in fp32 is the bf16 GEMM's result cast, bit for bit."""
+    from braid.ops.grouped_gemm import gmm_wgrad, wide_dtype
+
+    torch.manual_seed(5)
+    x, g = torch.randn(24, 16).bfloat16(), torch.randn(24, 32).bfloat16()
+    offs = counts_to_offsets(torch.tensor([10, 0, 14]))
+    w = torch.zeros(3, 16, 32, requires_grad=True)
+    assert wide_dtype(w, x, g, "grouped") is None
+    for impl in ("grouped", "loop"):
+        got = gmm_wgrad(x, g, offs, impl, torch.float32)
+        assert got.dtype == torch.float32
+        assert torch.equal(got, gmm_wgrad(x, g, offs, impl).float())

@@ -17,6 +17,10 @@ local block, and dW goes back wrapped like the parameter (duck-typed, `type(w).f
 ops never imports torch.distributed), whether returned to autograd or written by a deferred
 task into `w.grad` — so a deferred dW lands in the parameter itself. `grad_divide` divides dW
 (braid.parallel sets it where no FSDP reduction applies the data-parallel mean).
+
+An fp32 master weight under bf16 GEMMs on a GPU with Triton gets its dW in fp32 straight from
+the dW GEMM (`wide_dtype`, `braid.ops.wgrad_triton`, inside compiled graphs as the operator
+`braid::wgrad_fp32`) where dW becomes the grad as it is; elsewhere the bf16 dW is cast.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from braid.ops import wgrad_triton
 from braid.ops.grad_cast import cast, into_fp32
 
 WgradSink = Callable[[Callable[[], None]], None]
@@ -64,14 +69,32 @@ def gmm(x_RD: Tensor, w_EDF: Tensor, offs_E: Tensor, impl: str) -> Tensor:
     return _loop_mm(x_RD, w_EDF, offs_E)
 
 
-def gmm_wgrad(x_RD: Tensor, g_RF: Tensor, offs_E: Tensor, impl: str) -> Tensor:
-    """dW[e] = x[rows of e]^T @ g[rows of e], shape [E, D, F] (zeros for experts with no rows)."""
+def gmm_wgrad(
+    x_RD: Tensor, g_RF: Tensor, offs_E: Tensor, impl: str, out_dtype: torch.dtype | None = None
+) -> Tensor:
+    """dW[e] = x[rows of e]^T @ g[rows of e], shape [E, D, F] (zeros for experts with no rows),
+    in the operands' dtype, or in `out_dtype` (fp32: see `wide_dtype`)."""
+    if out_dtype == torch.float32 and impl == "grouped" and wgrad_triton.usable([x_RD], [g_RF]):
+        if torch.compiler.is_compiling():  # the kernel as an operator of the compiled graph
+            return wgrad_triton.wgrad_fp32_op(x_RD, g_RF, offs_E)
+        if wgrad_triton.aligned([x_RD, g_RF]):
+            return wgrad_triton.wgrad_fp32([x_RD], [g_RF], [offs_E])
     if _use_grouped(impl, x_RD):
-        return F.grouped_mm(x_RD.t(), g_RF, offs=offs_E)
-    bounds = [0] + offs_E.tolist()
-    return torch.stack(
-        [x_RD[a:b].t() @ g_RF[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-    )
+        dw = F.grouped_mm(x_RD.t(), g_RF, offs=offs_E)
+    else:
+        bounds = [0] + offs_E.tolist()
+        pairs = zip(bounds[:-1], bounds[1:], strict=True)
+        dw = torch.stack([x_RD[a:b].t() @ g_RF[a:b] for a, b in pairs])
+    return dw if out_dtype is None else cast(dw, out_dtype)
+
+
+def wide_dtype(param: Tensor, x: Tensor, g: Tensor, impl: str) -> torch.dtype | None:
+    """fp32 where the dW GEMM writes `param`'s fp32 grad itself (`braid.ops.wgrad_triton`: an
+    fp32 master weight, bf16 operands on a GPU with Triton, the grouped impl): its accumulators
+    stored as they are, 4 bytes a weight where a bf16 dW and its cast into the grad move 8, and
+    no bf16 rounding on the way. None elsewhere: the GEMM's own dtype, cast after."""
+    fp32 = param.dtype == torch.float32  # (a DTensor has its local block's dtype)
+    return torch.float32 if fp32 and impl == "grouped" and wgrad_triton.usable([x], [g]) else None
 
 
 def _loop_mm(x_RD: Tensor, w_EDF: Tensor, offs_E: Tensor) -> Tensor:
@@ -189,19 +212,27 @@ def _add_part(param: Tensor, dw_local: Tensor, divide: float, part: Part) -> Non
 
 def deliver_wgrad(
     param: Tensor,
-    dw_fn: Callable[[], Tensor],
+    dw_fn: Callable[..., Tensor],
     divide: float,
     sink: WgradSink | None,
     part: Part | None = None,
+    wide: torch.dtype | None = None,
 ) -> Tensor | None:
     """dW of `param` from `dw_fn()` (the local block, in the GEMM's dtype): returned now, as the
     gradient autograd expects, or (with a `sink`) handed to the overlap scheduler as a task that
     adds it into `param.grad` (`accumulate_grad`), and None returned. dW of a `part` (experts
     [lo, hi) only) is always added into the grad's rows, now or as a task: returned to
-    autograd, it would cost a weight-sized zero-filled gradient per part."""
+    autograd, it would cost a weight-sized zero-filled gradient per part.
+    `wide` (`wide_dtype`): `dw_fn(wide)` writes dW in that dtype, asked for where dW becomes
+    the grad as it is: returned to autograd, or a task's first grad of a whole weight (a task
+    adding into an existing grad reads the narrower dW)."""
     if sink is None and part is None:
-        return _like_param(param, cast(dw_fn(), param.dtype), divide)
-    task = lambda: accumulate_grad(param, dw_fn(), divide, part)  # noqa: E731
+        return _like_param(param, cast(dw_fn(wide) if wide else dw_fn(), param.dtype), divide)
+
+    def task() -> None:
+        fresh = wide is not None and part is None and param.grad is None
+        accumulate_grad(param, dw_fn(wide) if fresh else dw_fn(), divide, part)
+
     if sink is None:
         task()
     else:
@@ -236,8 +267,9 @@ class _GroupedLinear(torch.autograd.Function):
             if ctx.part is None and hasattr(sink, "add_rows"):  # one dW over all chunks' rows
                 sink.add_rows(ctx.w, x_RD, g_RF, offs_E, impl, ctx.grad_divide)
                 return dx, *[None] * 7
-            dw_fn = lambda: gmm_wgrad(x_RD, g_RF, offs_E, impl)  # noqa: E731
-            dw = deliver_wgrad(ctx.w, dw_fn, ctx.grad_divide, ctx.wgrad_sink, ctx.part)
+            dw_fn = lambda dt=None: gmm_wgrad(x_RD, g_RF, offs_E, impl, dt)  # noqa: E731
+            wide = wide_dtype(ctx.w, x_RD, g_RF, impl)
+            dw = deliver_wgrad(ctx.w, dw_fn, ctx.grad_divide, ctx.wgrad_sink, ctx.part, wide)
         return dx, dw, *[None] * 6
 
 

@@ -47,18 +47,30 @@ def _hopper(index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 9
 
 
-def available(xs: list[Tensor], gs: list[Tensor]) -> bool:
-    """Whether `wgrad_fp32` may compute the dW of these chunks' operands (on an sm90+ GPU)."""
-    if triton is None or torch.compiler.is_compiling() or not xs:
+def usable(xs: list[Tensor], gs: list[Tensor]) -> bool:
+    """Whether the kernel takes operands of these shapes, dtypes and layouts (all but their
+    addresses: what a compiled graph's fake tensors can tell), on an sm90+ GPU."""
+    if triton is None or not xs:
         return False
     dev = xs[0].device
     if dev.type != "cuda" or not _hopper(dev.index if dev.index is not None else 0):
         return False
     return all(
         t.is_cuda and t.device == dev and t.dtype == torch.bfloat16 and t.dim() == 2
-        and t.is_contiguous() and t.data_ptr() % 16 == 0 and t.shape[1] % 8 == 0
+        and t.is_contiguous() and t.shape[1] % 8 == 0
         for t in (*xs, *gs)
     ) and all(x.shape[0] == g.shape[0] for x, g in zip(xs, gs, strict=True))  # fmt: skip
+
+
+def aligned(ts: list[Tensor]) -> bool:
+    return all(t.data_ptr() % 16 == 0 for t in ts)
+
+
+def available(xs: list[Tensor], gs: list[Tensor]) -> bool:
+    """Whether `wgrad_fp32` may compute the dW of these chunks' operands now (eagerly)."""
+    if torch.compiler.is_compiling():
+        return False
+    return usable(xs, gs) and aligned([*xs, *gs])
 
 
 if triton is not None:
@@ -141,3 +153,19 @@ def wgrad_fp32(
     if acc is not None:
         torch.autograd.graph.increment_version(acc)
     return out
+
+
+@torch.library.custom_op("braid::wgrad_fp32", mutates_args=())
+def wgrad_fp32_op(x_RD: Tensor, g_RF: Tensor, offs_E: Tensor) -> Tensor:
+    """One chunk's fp32 dW as an operator torch.compile keeps whole (a compiled backward calls
+    the kernel instead of tracing into it); operands at unaligned addresses take
+    `F.grouped_mm` and the cast instead, the same sums rounded once more to bf16."""
+    if aligned([x_RD, g_RF]):
+        return wgrad_fp32([x_RD], [g_RF], [offs_E])
+    dw = torch.nn.functional.grouped_mm(x_RD.t(), g_RF, offs=offs_E)
+    return dw.to(torch.float32)
+
+
+@wgrad_fp32_op.register_fake
+def _(x_RD: Tensor, g_RF: Tensor, offs_E: Tensor) -> Tensor:
+    return x_RD.new_empty(offs_E.shape[0], x_RD.shape[1], g_RF.shape[1], dtype=torch.float32)

@@ -90,7 +90,7 @@ class JoinedExpertWgrad:
         """Chunk c's operands of weight `w`'s dW (x [R_c, D], g [R_c, F], rows grouped by
         expert at `offs`); the last chunk's queues the one joined task."""
         if not self._decide(w, x, g):
-            self.sink(lambda: accumulate_grad(w, grouped_gemm.gmm_wgrad(x, g, offs, impl), div))
+            self.sink(lambda: accumulate_grad(w, _chunk_dw(w, x, g, offs, impl), div))
             return
         parts = self._parts.setdefault(id(w), (w, impl, div, {}))[3]
         if c in parts:  # a chunk's backward ran twice: its first dW would be lost
@@ -109,6 +109,12 @@ class JoinedExpertWgrad:
         w, impl, div, parts = self._parts.pop(key)
         ordered = [parts[c] for c in sorted(parts)]
         self.sink(lambda: _join(w, ordered, impl, div))
+
+
+def _chunk_dw(w: Tensor, x: Tensor, g: Tensor, offs: Tensor, impl: str) -> Tensor:
+    """One chunk's dW of `w`: in fp32 from the kernel where it is `w`'s first grad."""
+    wide = grouped_gemm.wide_dtype(w, x, g, impl) if w.grad is None else None
+    return grouped_gemm.gmm_wgrad(x, g, offs, impl, wide)
 
 
 def fused_join(w: Tensor, xs: list[Tensor], gs: list[Tensor]) -> bool:
