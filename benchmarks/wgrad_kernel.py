@@ -12,7 +12,12 @@ benchmark's Mixtral-like and fine-grained experts, `moonlet`'s and `medium`'s at
 and for four chunks of tokens (the joined dW of `braid.overlap.joined_experts`): the gather
 path (`_joined_dw`: expert-major gather, grouped_mm, cast) against the kernel reading the four
 chunks in place. Correctness first: every kernel result against an fp64 sum of the same bf16
-products (relative error in the JSON). Needs a CUDA GPU with Triton.
+products (relative error in the JSON).
+`--parts layer`: one MoE layer forward+backward (32768 tokens under bf16 autocast, fp32
+weights: the plain path's routed dW written in fp32 by the kernel) against the same layer with
+the kernel switched off (`wgrad_triton.usable` patched: grouped_mm + cast), alternating rounds
+of 8 steps, median of the rounds, and the two runs' expert grads compared.
+Needs a CUDA GPU with Triton.
 """
 
 from __future__ import annotations
@@ -112,10 +117,59 @@ def run_joined(E: int, R: int, D: int, F_: int, chunks: int = 4) -> dict:
     return out
 
 
+LAYERS = {"mixtral_8e_top2": (8, 2, 4096, 14336), "fine_64e_top8": (64, 8, 2048, 1408)}
+
+
+def run_layer(E: int, k: int, H: int, F_: int, rounds: int = 3) -> dict:
+    from braid.model.config import ModelConfig
+    from braid.moe.config import MoEConfig
+    from braid.moe.layer import MoE
+
+    cfg = MoEConfig(num_experts=E, top_k=k, expert_hidden=F_, aux_loss_coef=0.0, z_loss_coef=0.0)
+    with torch.device("cuda"):
+        moe = MoE(ModelConfig(dim=H), cfg)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(0.0, 0.02, generator=gen)
+    x = torch.randn(32768, H, device="cuda", generator=gen)
+    dy = torch.randn(32768, H, device="cuda", generator=gen) * 1e-2
+
+    def step() -> None:
+        for p in moe.parameters():
+            p.grad = None
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y, _ = moe(x.detach().requires_grad_())
+        y.backward(dy)
+
+    usable, ms, grads = wgrad_triton.usable, {"kernel": [], "cast": []}, {}
+    try:
+        for r in range(rounds):
+            for mode in ("kernel", "cast") if r % 2 == 0 else ("cast", "kernel"):
+                wgrad_triton.usable = usable if mode == "kernel" else (lambda *a: False)
+                ms[mode].append(round(time_cuda(step, iters=8)["median_ms"], 3))
+                grads[mode] = [moe.experts.w13.grad.clone(), moe.experts.w2.grad.clone()]
+    finally:
+        wgrad_triton.usable = usable
+    med = {m: sorted(v)[len(v) // 2] for m, v in ms.items()}
+    pairs = zip(grads["kernel"], grads["cast"], strict=True)
+    return {
+        "kernel_ms": med["kernel"],
+        "cast_ms": med["cast"],
+        "speedup": round(med["cast"] / med["kernel"], 4),
+        "rounds_ms": ms,
+        "grad_rel_diff": max(_rel(a, b) for a, b in pairs),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="", help="JSON result file")
+    ap.add_argument("--parts", default="kernel", help="comma list of: kernel, layer")
     args = ap.parse_args()
+    parts = args.parts.split(",")
+    if unknown := set(parts) - {"kernel", "layer"}:
+        sys.exit(f"wgrad_kernel: --parts {sorted(unknown)} unknown; expected kernel, layer")
     probe = torch.empty(
         8, 8, dtype=torch.bfloat16, device="cuda" if torch.cuda.is_available() else "cpu"
     )
@@ -123,11 +177,16 @@ def main() -> None:
         sys.exit("wgrad_kernel: needs a CUDA GPU with Triton (the kernel has no other backend)")
     torch.manual_seed(0)
     res = {**environment(), "config": list(wgrad_triton.CONFIG), "shapes": {}, "joined": {}}
-    for name, shape in SHAPES.items():
+    res["layer"] = {}
+    for name, shape in LAYERS.items() if "layer" in parts else ():
+        res["layer"][name] = run_layer(*shape)
+        print("layer", name, res["layer"][name], flush=True)
+        torch.cuda.empty_cache()
+    for name, shape in SHAPES.items() if "kernel" in parts else ():
         res["shapes"][name] = {"E_R_D_F": list(shape), **run_shape(*shape)}
         print(name, res["shapes"][name], flush=True)
         torch.cuda.empty_cache()
-    for name in JOINED:
+    for name in JOINED if "kernel" in parts else ():
         res["joined"][name] = run_joined(*SHAPES[name])
         print("joined", name, res["joined"][name], flush=True)
         torch.cuda.empty_cache()
