@@ -17,6 +17,8 @@ Variants `cast` (compiled) and `eager_cast` set `train.cast_weights_once`: each 
 micro-step on the bf16 weight copies (`braid.train.weight_cast`), its bf16 grads moved into
 fp32 ones as in training; the cast that an optimizer step pays once, whatever its micro-steps,
 is timed apart (`cast_refresh_ms`). `--variants compile,cast` compares the two in one run.
+`--no-wgrad-kernel` switches off the Triton kernel that writes the routed experts' fp32 dW
+(`braid.ops.wgrad_triton`; grouped_mm + the cast instead), for an A/B of two runs.
 """
 
 from __future__ import annotations
@@ -161,11 +163,20 @@ def main() -> None:
         metavar="SECTION.KEY=VALUE",
         help="config override (repeatable), e.g. model.n_layers=8",
     )
+    p.add_argument(
+        "--no-wgrad-kernel",
+        action="store_true",
+        help="the routed experts' fp32 dW from grouped_mm + the cast, not the Triton kernel",
+    )
     args = p.parse_args()
+    if args.no_wgrad_kernel:
+        from braid.ops import wgrad_triton
+
+        wgrad_triton.usable = lambda *a: False  # read at call time by braid.ops.grouped_gemm
     variants = args.variants.split(",")
     if unknown := [v for v in variants if v not in VARIANTS]:
         raise SystemExit(f"--variants: unknown {unknown}; expected of {list(VARIANTS)}")
-    result = {"env": environment(), "runs": []}
+    result = {"env": environment(), "runs": [], "wgrad_kernel": not args.no_wgrad_kernel}
     if torch.cuda.is_available():
         result["matmul_bf16_tflops"] = round(matmul_ceiling() / 1e12, 1)
     for v in variants:

@@ -13,6 +13,7 @@ import torch
 from braid.config import load_config
 from braid.errors import ConfigError
 from braid.ops.grouped_gemm import counts_to_offsets, gmm_wgrad
+from braid.overlap import joined_experts
 from braid.overlap.config import OverlapConfig
 from braid.overlap.engine import LayerOverlap
 from braid.overlap.joined_experts import JoinedExpertWgrad, expert_major, joined_is_cheaper
@@ -113,9 +114,9 @@ def test_joined_token_chunks_run_one_dw_over_every_chunks_rows(monkeypatch, impl
 @pytest.mark.parametrize("split", [True, False])
 def test_where_the_joined_dw_runs(split):
     """With split_dw the joined dW is a task of the layer's queue (drained in the exchange
-    windows); without, it runs at the last chunk's backward, only where "joined" is asked for
-    ("auto" then keeps autograd's per-chunk dW). Either way the grads match the unchunked
-    layer's within rounding."""
+    windows); without, it runs at the last chunk's backward where "joined" is asked for, and
+    "auto" (no kernel on a CPU) hands each chunk's dW back to autograd. Either way the grads
+    match the unchunked layer's within rounding."""
     base = seeded_moe()
     x = torch.randn(2, 7, 16, generator=torch.Generator().manual_seed(8))
     ref = copy.deepcopy(base)
@@ -126,15 +127,42 @@ def test_where_the_joined_dw_runs(split):
         moe.overlap = LayerOverlap(0, 3, split, CPU, chunk_by="tokens", chunk_dw=chunk_dw)
         out = moe_step(moe, x)
         joined = moe.overlap.joined
-        if split:
-            assert joined is not None and joined.sink is moe.overlap.queue, chunk_dw
-        elif chunk_dw == "joined":
-            assert joined is not None and joined.sink is not moe.overlap.queue
-            assert moe.overlap.routed_dw() == "joined"
-        else:
-            assert joined is None
+        assert joined is not None and (joined.sink is moe.overlap.queue) == split, chunk_dw
+        if not split:
+            want = "joined" if chunk_dw == "joined" else "per_chunk"
+            assert moe.overlap.routed_dw() == want, chunk_dw
         for a, b in zip(out, ref_out, strict=True):
             assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), (split, chunk_dw)
+
+
+def _fake_kernel(xs, gs, offs, acc=None):
+    """`wgrad_triton.wgrad_fp32`'s contract on a CPU: dW over every chunk's rows, written or
+    added into `acc`."""
+    dw = sum(gmm_wgrad(x, g, o, "loop").float() for x, g, o in zip(xs, gs, offs, strict=True))
+    return dw if acc is None else acc.add_(dw)
+
+
+@pytest.mark.parametrize("split", [True, False])
+def test_auto_joins_where_the_kernel_runs(monkeypatch, split):
+    """Where the kernel reads the chunks in place, "auto" joins with and without split_dw (one
+    dW at the last chunk's backward, no per-chunk adds); the grads match the unchunked
+    layer's. (The kernel itself is checked against fp64 on a GPU, tests/gpu.)"""
+    calls = []
+    monkeypatch.setattr(joined_experts.wgrad_triton, "available", lambda xs, gs: True)
+    fake = lambda *a, **k: calls.append(len(a[0])) or _fake_kernel(*a, **k)  # noqa: E731
+    monkeypatch.setattr(joined_experts.wgrad_triton, "wgrad_fp32", fake)
+    base = seeded_moe()
+    x = torch.randn(2, 7, 16, generator=torch.Generator().manual_seed(8))
+    ref = copy.deepcopy(base)
+    ref.overlap = LayerOverlap(0, 1, split, CPU)
+    ref_out = moe_step(ref, x)
+    moe = copy.deepcopy(base)
+    moe.overlap = LayerOverlap(0, 3, split, CPU, chunk_by="tokens", chunk_dw="auto")
+    out = moe_step(moe, x)
+    assert moe.overlap.routed_dw() == "joined"
+    assert calls == [3, 3]  # w13 and w2, each over the three chunks at once
+    for a, b in zip(out, ref_out, strict=True):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), split
 
 
 def test_joined_dw_accumulates_over_micro_batches():

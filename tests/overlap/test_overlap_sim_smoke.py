@@ -66,15 +66,16 @@ def test_overlap_sim_smoke_reports_every_mode_with_a_trace_and_a_profile(tmp_pat
         }
     for g in res["layer"].values():
         assert set(g["planned_chunks"].values()) <= set(CANDIDATES)
-    # chunk_dw: what chunks of tokens with split_dw did with the routed dW (2 experts a rank
-    # in the 8-expert shape: C = 4 and 8 cut tokens); chunks of experts and no split ("auto"
-    # joins only a deferred dW): None
+    # chunk_dw: what chunks of tokens did with the routed dW (2 experts a rank in the
+    # 8-expert shape: C = 4 and 8 cut tokens); with split_dw "auto" joins by bytes, without it
+    # only where the kernel runs (not on a CPU: per chunk); chunks of experts: None
     rows = res["layer"]["smoke_8e_top2"]["modes"]
     for mode in LAYER_ONLY:
         assert rows[mode]["chunk_axis"] == "tokens" and rows[mode]["chunk_dw"] == "per_chunk"
     for mode in ("chunks4_split", "chunks8_split"):  # auto: joined, by bytes, at these sizes
         assert rows[mode]["chunk_dw"] == "joined", (mode, rows[mode]["chunk_dw"])
-    for mode in ("off", "chunks2_split", "chunks4", "split_dw"):
+    assert rows["chunks4"]["chunk_dw"] == "per_chunk"
+    for mode in ("off", "chunks2_split", "split_dw"):
         assert rows[mode]["chunk_dw"] is None, (mode, rows[mode]["chunk_dw"])
     for g in res["train"].values():  # what the chunks held: tokens without chunks
         for mode, row in g["modes"].items():

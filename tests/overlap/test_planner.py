@@ -193,8 +193,9 @@ def test_joined_chunk_dw_replaces_the_per_chunk_adds_by_one_add_and_a_gather():
     """With split_dw, chunks of tokens whose dW is joined (`overlap.chunk_dw`) pay one add
     plus the gather of the operands instead of C adds (the gather at its measured rate, or at
     the add's bandwidth, 12 bytes a parameter, when none was measured); the joined dW hides in
-    the last window only. Without split_dw, or per chunk, the C adds stay; "auto" takes the
-    cheaper by bytes."""
+    the last window only. Without split_dw "joined" costs the same work (all of it in the last
+    chunk's backward) and "auto" keeps the C adds; with split_dw "auto" takes the cheaper by
+    bytes."""
     from braid.overlap.joined_experts import ADD_BYTES
 
     shape = LayerShape(**{**SHAPE.__dict__, "ep": 4, "local_experts": 2})
@@ -212,8 +213,10 @@ def test_joined_chunk_dw_replaces_the_per_chunk_adds_by_one_add_and_a_gather():
             assert per - joined == pytest.approx((C - 1) * 2.0 - gather_ms), (rate, C)
             auto = predict_ms(shape, C, True, m, chunk_dw="auto")
             assert auto == (joined if gather < (C - 1) * ADD_BYTES * numel else per)
-            no_split = predict_ms(shape, C, False, m, chunk_dw="joined")
-            assert no_split == predict_ms(shape, C, False, m, chunk_dw="per_chunk")
+            no_split = predict_ms(shape, C, False, m, chunk_dw="per_chunk")
+            no_split_joined = predict_ms(shape, C, False, m, chunk_dw="joined")
+            assert no_split - no_split_joined == pytest.approx((C - 1) * 2.0 - gather_ms)
+            assert predict_ms(shape, C, False, m, chunk_dw="auto") == no_split
     # perfect overlap and free adds: per chunk, the dW fills every window; joined, only the
     # last, so it is predicted slower though its work is the same
     m = CostModel(**{**model().__dict__, "dw_accumulate_ms": 0.0, "gather_ms_per_byte": 0.0})
@@ -227,7 +230,8 @@ def test_joined_chunk_dw_replaces_the_per_chunk_adds_by_one_add_and_a_gather():
 def test_a_fused_join_costs_one_add_and_no_gather():
     """Where the joined dW reads the chunks in place (`CostModel.fused_join`: the Triton
     kernel), it costs one add whatever the gather rate, and "auto" joins even where a gather
-    would cost more than the per-chunk adds (the same model gathering is far slower)."""
+    would cost more than the per-chunk adds (the same model gathering is far slower), with
+    and without split_dw."""
     shape = LayerShape(**{**SHAPE.__dict__, "ep": 4, "local_experts": 2})
     slow = {**model(kappa=1.0).__dict__, "dw_accumulate_ms": 2.0, "gather_ms_per_byte": 1.0}
     m = CostModel(**{**slow, "fused_join": True})
@@ -238,3 +242,5 @@ def test_a_fused_join_costs_one_add_and_no_gather():
         assert predict_ms(shape, C, True, m, chunk_dw="auto") == joined
         gathering = predict_ms(shape, C, True, CostModel(**slow), chunk_dw="joined")
         assert gathering > per + 1e3, C
+        per = predict_ms(shape, C, False, m, chunk_dw="per_chunk")
+        assert per - predict_ms(shape, C, False, m, chunk_dw="auto") == pytest.approx((C - 1) * 2.0)

@@ -9,7 +9,8 @@ Two implementations with identical results:
 first and returned to autograd, and the weight gradient (dW) is either computed at once or handed
 to a `wgrad_sink` callable, which the overlap scheduler runs while an exchange is in flight
 (FluidMoE's dW/dX split). A sink with `add_rows(w, x, g, offs, impl, divide)` is handed the
-dW's operands instead (`braid.overlap.joined_experts`: one dW over every chunk's rows).
+dW's operands instead (`braid.overlap.joined_experts`: one dW over every chunk's rows); where it
+returns False it did not take them, and the dW goes back to autograd.
 Shapes: R rows, D in-features, F out-features, E experts.
 
 The weight may be a DTensor parameter (experts under `braid.parallel`): the GEMMs run on its
@@ -265,11 +266,12 @@ class _GroupedLinear(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             impl, sink = ctx.impl, ctx.wgrad_sink
             if ctx.part is None and hasattr(sink, "add_rows"):  # one dW over all chunks' rows
-                sink.add_rows(ctx.w, x_RD, g_RF, offs_E, impl, ctx.grad_divide)
-                return dx, *[None] * 7
+                if sink.add_rows(ctx.w, x_RD, g_RF, offs_E, impl, ctx.grad_divide):
+                    return dx, *[None] * 7
+                sink = None  # not taken: this chunk's dW goes back to autograd
             dw_fn = lambda dt=None: gmm_wgrad(x_RD, g_RF, offs_E, impl, dt)  # noqa: E731
             wide = wide_dtype(ctx.w, x_RD, g_RF, impl)
-            dw = deliver_wgrad(ctx.w, dw_fn, ctx.grad_divide, ctx.wgrad_sink, ctx.part, wide)
+            dw = deliver_wgrad(ctx.w, dw_fn, ctx.grad_divide, sink, ctx.part, wide)
         return dx, dw, *[None] * 6
 
 

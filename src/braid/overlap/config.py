@@ -44,8 +44,8 @@ class OverlapConfig:
         '("per_chunk"), or one dW per weight over every chunk\'s rows ("joined": read in place '
         "by a Triton kernel on a GPU, else gathered expert-major; deferred with split_dw, else "
         "at the last chunk's backward, holding every chunk's operands until then), or "
-        '"auto" (with split_dw: joined where the kernel runs, else whichever moves fewer '
-        "bytes; without: per chunk).",
+        '"auto" (joined where the kernel runs; elsewhere, with split_dw, whichever moves '
+        "fewer bytes, without, per chunk).",
     )
     report: bool = knob(
         False, "Time each MoE layer at log steps; print and log exposed/exchange ms per layer."

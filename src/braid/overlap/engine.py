@@ -33,10 +33,10 @@ class LayerOverlap:
     chunks: C >= 1; split_dw: defer weight grads into `queue` (the routed experts' only if
     `defer_expert_dw`, the shared experts' always). With chunks of tokens, `chunk_dw` says
     whether the routed experts' dW runs per chunk or once over every chunk's rows
-    (`braid.overlap.joined_experts`; deferred, or, without split_dw and only where "joined" is
-    asked for, at the last chunk's backward). With chunks == 1 and split_dw off (installed only
-    for `overlap.report`), the schedule is the plain path's: every exchange is waited right
-    after issue and the shared experts run after the combine.
+    (`braid.overlap.joined_experts`; deferred, or, without split_dw, at the last chunk's
+    backward: "joined", or "auto" where the kernel reads the chunks in place). With chunks == 1
+    and split_dw off (installed only for `overlap.report`), the schedule is the plain path's:
+    every exchange is waited right after issue and the shared experts run after the combine.
     With split_dw = "all" (`braid.overlap.dense`), `dense` holds the attention / dense-FFN dW
     of the blocks above this layer (pushed through `dense_sink`): drained in this layer's
     windows after `queue`, flushed at its flush point, where those blocks' FSDP units are
@@ -140,14 +140,16 @@ class LayerOverlap:
             expert_sink = sink if self.defer_expert_dw else None
             sinks, joined = [expert_sink] * len(plan.routes), None
             tokens = grad and plan.whole is None and len(plan.routes) > 1  # chunks of tokens
-            if tokens and (expert_sink is not None or self.chunk_dw == "joined"):
+            if tokens and (expert_sink is not None or self.chunk_dw != "per_chunk"):
                 rows = [sum(r.recv) for r in plan.routes]
-                # Deferred: the joined dW is queued. Not deferred (only when asked for: it keeps
-                # every chunk's operands until the last chunk's backward), it runs at once when
-                # that backward hands its operands over, where autograd would have added that
-                # chunk's dW; it then goes into the grads directly, past autograd's hooks.
+                # Deferred: the joined dW is queued. Not deferred, it runs at once when the
+                # last chunk's backward hands its operands over, where autograd would have
+                # added that chunk's dW, and goes into the grads directly, past autograd's
+                # hooks; "auto" joins there only where the kernel reads the chunks in place
+                # (every chunk's operands are held until then, as the plain path holds its
+                # rows; a gather would add a copy), else each chunk's dW goes back to autograd.
                 now = expert_sink if expert_sink is not None else (lambda task: task())
-                joined = JoinedExpertWgrad(now, rows, self.chunk_dw)
+                joined = JoinedExpertWgrad(now, rows, self.chunk_dw, expert_sink is not None)
                 sinks = [joined.block(c) for c in range(len(rows))]
             self.joined = joined
             run = Schedule(

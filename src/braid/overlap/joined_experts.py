@@ -56,10 +56,19 @@ class JoinedExpertWgrad:
     """The routed experts' dW of one pipelined layer call over `chunks` chunks of tokens.
     `block(c)` is chunk c's sink (what `grouped_linear` is given as its `wgrad_sink`)."""
 
-    def __init__(self, sink: Callable[[Task], None], rows: list[int], mode: str = "auto"):
+    def __init__(
+        self,
+        sink: Callable[[Task], None],
+        rows: list[int],
+        mode: str = "auto",
+        deferred: bool = True,
+    ):
         if mode not in CHUNK_DW:
             raise ValueError(f"overlap.chunk_dw={mode!r}: expected one of {', '.join(CHUNK_DW)}")
         self.sink, self.chunks, self.rows, self.mode = sink, len(rows), sum(rows), mode
+        # Not deferred (no split_dw): `sink` runs a task at once, and a dW not joined goes back
+        # to autograd (`add` says so) instead of through the sink.
+        self.deferred = deferred
         # id(w) -> (w, impl, divide, {chunk: operands}) of the weights being joined
         self._parts: dict[int, tuple[Tensor, str, float, dict[int, tuple]]] = {}
         self._joined: dict[int, bool] = {}  # id(w) -> joined (decided at its first chunk)
@@ -80,24 +89,32 @@ class JoinedExpertWgrad:
                 self._joined[key] = self.mode == "joined"
             elif fused_join(w, [x], [g]):  # no gather: the kernel reads the chunks in place
                 self._joined[key] = True
+            elif not self.deferred:  # a gather on top of every chunk's operands held: per chunk
+                self._joined[key] = False
             else:  # every chunk's rows (`rows`, the layer's total) gathered once
                 per_row = x.shape[1] * x.element_size() + g.shape[1] * g.element_size()
                 gather = 2 * per_row * self.rows
                 self._joined[key] = joined_is_cheaper(self.chunks, gather, _local(w).numel())
         return self._joined[key]
 
-    def add(self, c: int, w: Tensor, x: Tensor, g: Tensor, offs: Tensor, impl: str, div: float):
+    def add(
+        self, c: int, w: Tensor, x: Tensor, g: Tensor, offs: Tensor, impl: str, div: float
+    ) -> bool:
         """Chunk c's operands of weight `w`'s dW (x [R_c, D], g [R_c, F], rows grouped by
-        expert at `offs`); the last chunk's queues the one joined task."""
+        expert at `offs`); the last chunk's queues the one joined task. False: not taken (per
+        chunk and not deferred: the caller returns this chunk's dW to autograd)."""
         if not self._decide(w, x, g):
+            if not self.deferred:
+                return False
             self.sink(lambda: accumulate_grad(w, _chunk_dw(w, x, g, offs, impl), div))
-            return
+            return True
         parts = self._parts.setdefault(id(w), (w, impl, div, {}))[3]
         if c in parts:  # a chunk's backward ran twice: its first dW would be lost
             raise RuntimeError(f"joined expert dW: chunk {c} of this layer call handed over twice")
         parts[c] = (x, g, offs)
         if len(parts) == self.chunks:
             self._queue(id(w))
+        return True
 
     def close(self) -> None:
         """Queue the joined dW of any weight some chunk's backward never reached (an unused
@@ -188,5 +205,7 @@ class _ChunkBlock:
     def __call__(self, task: Task) -> None:
         self.joined.sink(task)
 
-    def add_rows(self, w: Tensor, x: Tensor, g: Tensor, offs: Tensor, impl: str, div: float):
-        self.joined.add(self.c, w, x, g, offs, impl, div)
+    def add_rows(
+        self, w: Tensor, x: Tensor, g: Tensor, offs: Tensor, impl: str, div: float
+    ) -> bool:
+        return self.joined.add(self.c, w, x, g, offs, impl, div)

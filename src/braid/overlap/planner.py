@@ -12,9 +12,11 @@ Cost model (all times in ms; fitted at start-up by `measure`, or given by tests)
   1: serialised, e.g. by SM or memory-bandwidth contention);
 - per chunk of tokens, the backward writes one weight-sized dW per expert GEMM into the fp32
   grads (dw_accumulate_ms): a fixed cost per chunk that makes many chunks expensive for big
-  experts (chunks of experts add each expert's dW once: one such add in all). With split_dw,
+  experts (chunks of experts add each expert's dW once: one such add in all).
   `overlap.chunk_dw` may join the chunks' dW instead (`braid.overlap.joined_experts`): one add
-  plus a gather of the operands, costed at the bandwidth the measured add implies;
+  plus a gather of the operands, costed at the bandwidth the measured add implies, or no
+  gather where the kernel reads the chunks in place (`fused_join`; "auto" without split_dw
+  joins only there, at the last chunk's backward: all the dW GEMMs in that chunk's step);
 - the non-GEMM work of the region, measured on the layer's own dispatcher (its plan with the
   count exchange and host sync, the token-side gathers, weighted sums and their backward):
   overhead_ms + C * overhead_per_chunk_ms, serial on the compute stream;
@@ -117,7 +119,7 @@ def predict_ms(
     else:
         fr = [(b - a) / max(s.tokens, 1) for a, b in token_bounds(s.tokens, C)]
         dw = [m.dw_accumulate_ms] * C
-        joined = _joined_dw_ms(s, C, m, chunk_dw) if split_dw and C > 1 else None
+        joined = _joined_dw_ms(s, C, m, chunk_dw, split_dw) if C > 1 else None
         if joined is not None:  # one add, and the gather, spread like the rows
             dw = [joined * f for f in fr]
     x = [m.exchange_ms(wire * f, s.ep) for f in fr]
@@ -156,19 +158,26 @@ def predict_ms(
             bwd = t + max(0.0, sh - (free - last)) + max(0.0, sum(e_dw) - last)
     else:
         e_bwd = [a + b for a, b in zip(e, e_dw, strict=True)]
+        if joined is not None:  # every chunk's dW at the last chunk's backward
+            e_bwd = [*e[:-1], e[-1] + sum(e_dw)]
         bwd = pipe(e_bwd, x, x) + ((m.both(2 * sh, x[0]) - x[0]) if overlapped else 2 * sh)
     return fwd + bwd + m.overhead_ms + C * m.overhead_per_chunk_ms
 
 
-def _joined_dw_ms(s: LayerShape, C: int, m: CostModel, chunk_dw: str) -> float | None:
+def _joined_dw_ms(
+    s: LayerShape, C: int, m: CostModel, chunk_dw: str, split_dw: bool = True
+) -> float | None:
     """The routed dW's add and gather when `overlap.chunk_dw` joins C chunks of tokens (None:
     per chunk). The gather moves bf16 operands of both weights, read and written (x and g:
     D + 2F a row for w13, F + D for w2), at its measured rate (else the add's); where the
-    joined dW reads the chunks in place (`fused_join`) there is no gather."""
+    joined dW reads the chunks in place (`fused_join`) there is no gather. Without split_dw,
+    "auto" joins only there (`braid.overlap.joined_experts`)."""
     if chunk_dw == "per_chunk":
         return None
     if m.fused_join:  # no gather: one pass like the unchunked layer's
         return m.dw_accumulate_ms
+    if chunk_dw == "auto" and not split_dw:
+        return None
     numel = 3 * (s.local_experts or s.num_experts // s.ep) * s.dim * s.hidden
     gather = 4.0 * s.tokens * s.top_k * (2 * s.dim + 3 * s.hidden)
     if chunk_dw == "auto" and not joined_is_cheaper(C, gather, numel):

@@ -179,7 +179,7 @@ class OverlapSession:
             if chunks == 1 and not split and not watch and i not in tried:
                 continue  # the planner chose the plain path
             layers[i] = moe.overlap = LayerOverlap(
-                i, chunks, split, clock, chunk_by=cfg.chunk_by, chunk_dw=cfg.chunk_dw
+                i, chunks, split, clock, chunk_by=cfg.chunk_by, chunk_dw=chunk_dw
             )
             layers[i].predicted_ms = predicted
             if cfg.report:
