@@ -112,13 +112,14 @@ def test_the_operator_passes_torch_library_checks():
 @pytest.mark.parametrize("compiled", [False, True])
 def test_autocast_experts_get_their_fp32_grad_from_the_kernel(compiled):
     """The plain path (an fp32 master weight, bf16 GEMMs): dW is the kernel's fp32 sum, eager
-    and inside a compiled graph (`braid::wgrad_fp32`), not a bf16 dW cast up."""
+    and inside a compiled graph (`braid::wgrad_fp32`; fullgraph: the backward is the compiled
+    one, not an eager fallback), not a bf16 dW cast up."""
     from braid.ops.grouped_gemm import grouped_linear
 
     counts = [256, 0, 384, 128]
     (x,), (gy,), (offs,) = _chunks([counts], 256, 192, seed=4)
     w = torch.nn.Parameter(torch.randn(4, 256, 192, device="cuda") * 0.05)
-    fn = torch.compile(grouped_linear) if compiled else grouped_linear
+    fn = torch.compile(grouped_linear, fullgraph=True) if compiled else grouped_linear
     with torch.autocast("cuda", dtype=BF16):
         y = fn(x.float().requires_grad_(), w, offs)
     y.backward(gy)
@@ -142,3 +143,24 @@ def test_a_deferred_dw_is_written_wide_first_and_added_narrow_after():
             first = w.grad.clone()
             torch.testing.assert_close(first, _reference([x], [gy], [offs]), rtol=1e-5, atol=1e-4)
     assert torch.equal(w.grad, first + gmm_wgrad(x, gy, offs, "grouped").float())
+
+
+def test_a_captured_cuda_graph_takes_grouped_mm_and_the_cast():
+    """While a CUDA graph is captured (reduce-overhead, `train.cuda_graphs`) the kernel is not
+    launched: its address table is a host copy that a replay would not renew. The replayed
+    graph gives grouped_mm's bf16 dW cast to fp32."""
+    from braid.ops.grouped_gemm import gmm_wgrad
+
+    (x,), (g,), (offs,) = _chunks([[128, 64, 0, 192]], 128, 96, seed=6)
+    want = gmm_wgrad(x, g, offs, "grouped").float()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture
+        gmm_wgrad(x, g, offs, "grouped", torch.float32)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = gmm_wgrad(x, g, offs, "grouped", torch.float32)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert out.dtype == torch.float32 and torch.equal(out, want)

@@ -109,7 +109,7 @@ def test_chunks_of_experts_compute_each_experts_dw_once(monkeypatch, fp8):
     (4 experts per weight over all calls), where C chunks of tokens compute C of them, unless
     their dW is joined (`overlap.chunk_dw`, deferred or not): one call per weight over every
     chunk's rows. The fp8 experts hand over tasks, not operands: per chunk whatever chunk_dw
-    says."""
+    says (not deferred, through autograd)."""
     calls: list[tuple[int, int]] = []  # (dW's last dim: which weight, experts in the call)
     if fp8:
         real = fp8_experts.wgrad
@@ -145,6 +145,8 @@ def test_chunks_of_experts_compute_each_experts_dw_once(monkeypatch, fp8):
                 assert per_weight == {16: want, 24: want}, (by, chunks, split, calls)
                 # one call per weight and chunk, or per weight when joined
                 assert len(calls) == (2 if joined else 2 * chunks), (by, chunk_dw, chunks, split)
+                if fp8 and not split:  # their dW goes back to autograd (its hooks see it)
+                    assert moe.overlap.joined is None, (by, chunk_dw, chunks)
                 err = max(_rel(a, b) for a, b in zip(got, ref, strict=True))
                 assert err < 1e-5, (by, chunks, split, err)
 

@@ -143,26 +143,37 @@ def _fake_kernel(xs, gs, offs, acc=None):
 
 
 @pytest.mark.parametrize("split", [True, False])
-def test_auto_joins_where_the_kernel_runs(monkeypatch, split):
+@pytest.mark.parametrize("divide", [1.0, 4.0])
+def test_auto_joins_where_the_kernel_runs(monkeypatch, split, divide):
     """Where the kernel reads the chunks in place, "auto" joins with and without split_dw (one
-    dW at the last chunk's backward, no per-chunk adds); the grads match the unchunked
-    layer's. (The kernel itself is checked against fp64 on a GPU, tests/gpu.)"""
+    dW at the last chunk's backward, no per-chunk adds); over two micro-batches (the second
+    added into the first's grad: in the kernel's epilogue where nothing divides) and with the
+    experts' grad_divide, the grads match the unchunked layer's. (The kernel itself is checked
+    against fp64 on a GPU, tests/gpu.)"""
     calls = []
     monkeypatch.setattr(joined_experts.wgrad_triton, "available", lambda xs, gs: True)
-    fake = lambda *a, **k: calls.append(len(a[0])) or _fake_kernel(*a, **k)  # noqa: E731
+
+    def fake(xs, gs, offs, acc=None):
+        calls.append((len(xs), acc is not None))
+        return _fake_kernel(xs, gs, offs, acc)
+
     monkeypatch.setattr(joined_experts.wgrad_triton, "wgrad_fp32", fake)
     base = seeded_moe()
-    x = torch.randn(2, 7, 16, generator=torch.Generator().manual_seed(8))
+    base.experts.grad_divide = divide
+    xs = [torch.randn(2, 7, 16, generator=torch.Generator().manual_seed(s)) for s in (8, 9)]
     ref = copy.deepcopy(base)
     ref.overlap = LayerOverlap(0, 1, split, CPU)
-    ref_out = moe_step(ref, x)
     moe = copy.deepcopy(base)
     moe.overlap = LayerOverlap(0, 3, split, CPU, chunk_by="tokens", chunk_dw="auto")
-    out = moe_step(moe, x)
-    assert moe.overlap.routed_dw() == "joined"
-    assert calls == [3, 3]  # w13 and w2, each over the three chunks at once
-    for a, b in zip(out, ref_out, strict=True):
-        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), split
+    for x in xs:
+        ref_out = moe_step(ref, x)
+        out = moe_step(moe, x)
+        assert moe.overlap.routed_dw() == "joined"
+        for a, b in zip(out, ref_out, strict=True):  # outputs and the grads so far
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), (split, divide)
+    # w13 and w2, each over the three chunks at once; the second micro-batch adds in place
+    # unless a divide applies (then the divided dW is added by accumulate_grad)
+    assert calls == [(3, False)] * 2 + [(3, divide == 1.0)] * 2
 
 
 def test_joined_dw_accumulates_over_micro_batches():

@@ -19,8 +19,11 @@ groups of GROUP_D along D so that neighbouring programs share g's columns in L2.
 come from the device offsets (no host sync); an expert with no rows gets zeros, or is left as
 it is when adding. Rows are 64-bit indexed.
 CUDA sm90+ with Triton only, contiguous bf16 operands, 16-byte aligned (`available`: the
-chunks' addresses reach the kernel as integers, so it is told their alignment); everywhere else
-the gather and `F.grouped_mm` stay the path.
+chunks' addresses reach the kernel as integers, so it is told their alignment), and not while a
+CUDA graph is captured (`aligned`); everywhere else the gather and `F.grouped_mm` stay the path.
+The plain (unchunked) path uses it too, for one chunk: `braid.ops.grouped_gemm.wide_dtype`
+asks for the fp32 dW of an fp32 master weight, eagerly or, inside compiled graphs, through
+the operator `braid::wgrad_fp32` (`wgrad_fp32_op`).
 Shapes: C chunks, R_c rows of chunk c, D in-features, F out-features, E experts.
 """
 
@@ -63,6 +66,10 @@ def usable(xs: list[Tensor], gs: list[Tensor]) -> bool:
 
 
 def aligned(ts: list[Tensor]) -> bool:
+    """Whether the kernel may launch on these tensors now: 16-byte aligned addresses, and no
+    CUDA graph being captured (the address table is a host copy a replay could not renew)."""
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return False
     return all(t.data_ptr() % 16 == 0 for t in ts)
 
 
@@ -158,8 +165,9 @@ def wgrad_fp32(
 @torch.library.custom_op("braid::wgrad_fp32", mutates_args=())
 def wgrad_fp32_op(x_RD: Tensor, g_RF: Tensor, offs_E: Tensor) -> Tensor:
     """One chunk's fp32 dW as an operator torch.compile keeps whole (a compiled backward calls
-    the kernel instead of tracing into it); operands at unaligned addresses take
-    `F.grouped_mm` and the cast instead, the same sums rounded once more to bf16."""
+    the kernel instead of tracing into it); operands at unaligned addresses, or a CUDA graph
+    being captured (`aligned`), take `F.grouped_mm` and the cast instead, the same sums
+    rounded once more to bf16."""
     if aligned([x_RD, g_RF]):
         return wgrad_fp32([x_RD], [g_RF], [offs_E])
     dw = torch.nn.functional.grouped_mm(x_RD.t(), g_RF, offs=offs_E)

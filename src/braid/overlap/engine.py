@@ -95,7 +95,8 @@ class LayerOverlap:
 
     def routed_dw(self) -> str | None:
         """What the last call's chunks of tokens did with the routed dW: "joined", "per_chunk"
-        or "mixed" (`JoinedExpertWgrad.decided`); None without chunks of tokens and split_dw."""
+        or "mixed" (`JoinedExpertWgrad.decided`); None without chunks of tokens, with
+        chunk_dw="per_chunk" and no split_dw, or before a backward reached the chunks."""
         return None if self.joined is None else self.joined.decided()
 
     def dense_sink(self, unit: HeldUnit) -> Callable[[Task], None]:
@@ -140,7 +141,11 @@ class LayerOverlap:
             expert_sink = sink if self.defer_expert_dw else None
             sinks, joined = [expert_sink] * len(plan.routes), None
             tokens = grad and plan.whole is None and len(plan.routes) > 1  # chunks of tokens
-            if tokens and (expert_sink is not None or self.chunk_dw != "per_chunk"):
+            # the fp8 experts hand over finished dW tasks, not operands: per chunk, and back
+            # to autograd when not deferred
+            fp8 = getattr(experts, "fp8_stats", None) is not None
+            chunk_dw = "per_chunk" if fp8 else self.chunk_dw
+            if tokens and (expert_sink is not None or chunk_dw != "per_chunk"):
                 rows = [sum(r.recv) for r in plan.routes]
                 # Deferred: the joined dW is queued. Not deferred, it runs at once when the
                 # last chunk's backward hands its operands over, where autograd would have
@@ -149,7 +154,7 @@ class LayerOverlap:
                 # (every chunk's operands are held until then, as the plain path holds its
                 # rows; a gather would add a copy), else each chunk's dW goes back to autograd.
                 now = expert_sink if expert_sink is not None else (lambda task: task())
-                joined = JoinedExpertWgrad(now, rows, self.chunk_dw, expert_sink is not None)
+                joined = JoinedExpertWgrad(now, rows, chunk_dw, expert_sink is not None)
                 sinks = [joined.block(c) for c in range(len(rows))]
             self.joined = joined
             run = Schedule(

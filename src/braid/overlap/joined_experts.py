@@ -1,21 +1,24 @@
 """One routed-expert dW over every chunk of tokens (`overlap.chunk_dw`).
 
-Job: with chunks of tokens and a deferred dW (`overlap.split_dw`), every chunk's backward would
-produce a full weight-sized dW of every local expert and add it into the grads: C weight-sized
-adds per layer, about 12 bytes a parameter each (bf16 dW written and read, the fp32 grad read
-and written). For big experts held by few ranks that is most of what chunking costs. Joined,
-the chunks leave their GEMM operands here (x and the output grad of each grouped GEMM, rows
-grouped by expert within the chunk), and once every chunk's are in, the rows are gathered
-expert-major (expert e: chunk 0's rows of e, then chunk 1's, ...) and one grouped dW GEMM per
-weight runs over all of them, as the unchunked layer's does, as one task on the layer's queue.
+Job: with chunks of tokens, every chunk's backward would produce a full weight-sized dW of
+every local expert and add it into the grads: C weight-sized adds per layer, about 12 bytes a
+parameter each (bf16 dW written and read, the fp32 grad read and written). For big experts
+held by few ranks that is most of what chunking costs. Joined, the chunks leave their GEMM
+operands here (x and the output grad of each grouped GEMM, rows grouped by expert within the
+chunk), and once every chunk's are in, the rows are gathered expert-major (expert e: chunk 0's
+rows of e, then chunk 1's, ...) and one grouped dW GEMM per weight runs over all of them, as
+the unchunked layer's does: one task on the layer's queue with a deferred dW
+(`overlap.split_dw`), else run at once in the last chunk's backward (`deferred=False`).
 
 Cost and choice: the gather reads and writes each operand once (2 * rows * (in + out
 features) * element bytes per weight); the per-chunk path adds (C - 1) extra weight-sized adds.
-"joined" and "per_chunk" force one; "auto" decides per weight at its first chunk, from the
-layer's rows (the routes' received counts) and the weight's local size, by which moves fewer
-bytes. The joined path also keeps every chunk's operands until the last
-chunk's backward (about rows * (2 * dim + 3 * hidden) * 2 bytes per layer) where the per-chunk
-path frees them as its tasks drain; the gather adds the larger gathered operand on top.
+"joined" and "per_chunk" force one; "auto" decides per weight at its first chunk: joined where
+the kernel below reads the chunks in place (no gather), else, deferred, by which moves fewer
+bytes (from the layer's rows, the routes' received counts, and the weight's local size), and
+not deferred, per chunk: that chunk's dW goes back to autograd (`add` returns False). The
+joined path also keeps every chunk's operands until the last chunk's backward (about rows *
+(2 * dim + 3 * hidden) * 2 bytes per layer) where the per-chunk path frees them as it goes;
+the gather adds the larger gathered operand on top.
 
 Order: the rows of an expert come out in chunk order, each chunk's in its own order, so on one
 rank (or where every chunk's rows of an expert are its tokens in order) the joined GEMM sees
@@ -197,7 +200,9 @@ def _joined_dw(parts: list[tuple[Tensor, Tensor, Tensor]], impl: str) -> Tensor:
 
 class _ChunkBlock:
     """Chunk c of a `JoinedExpertWgrad`: `grouped_linear` hands it its dW operands (`add`);
-    any other dW (the fp8 experts') arrives as a task and is queued as it is."""
+    any other dW arrives as a task and goes to the sink as it is (queued, or run at once when
+    not deferred; the engine gives the fp8 experts, whose dW comes as tasks, no blocks unless
+    their dW is deferred)."""
 
     def __init__(self, joined: JoinedExpertWgrad, c: int):
         self.joined, self.c = joined, c
