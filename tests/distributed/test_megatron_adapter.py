@@ -144,6 +144,7 @@ def _check(rank, world, ep):
     # Braid's chunked overlap through the spec's keywords: the same numbers, chunk by chunk.
     chunked = build_module(braid_mlp_spec(cfg, chunks=2), config=cfg, layer_number=2)
     assert chunked.moe.overlap is not None and chunked.moe.overlap.chunks == 2
+    assert chunked.moe.overlap.chunk_dw == "per_chunk"  # through autograd: DDP's hooks
     chunked.load_state_dict(mlp.state_dict())
     xc = x.clone().requires_grad_(True)
     out_c, _ = chunked(xc)

@@ -137,7 +137,11 @@ class BraidMoEAdapter(MegatronModule):
             from braid.overlap.engine import LayerOverlap
             from braid.overlap.streams import Clock
 
-            self.moe.overlap = LayerOverlap(layer_number or 0, ov.chunks, False, Clock(device))
+            # each chunk's routed dW through autograd: Megatron's DDP collects grads in
+            # autograd hooks that a joined dW, written into the grads directly, would bypass
+            self.moe.overlap = LayerOverlap(
+                layer_number or 0, ov.chunks, False, Clock(device), chunk_dw="per_chunk"
+            )
 
     @torch.no_grad()
     def _init_weights(self, config: Any, on_gpu: bool) -> None:
