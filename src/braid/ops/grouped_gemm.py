@@ -78,7 +78,7 @@ def gmm_wgrad(
     if out_dtype == torch.float32 and impl == "grouped" and wgrad_triton.usable([x_RD], [g_RF]):
         if torch.compiler.is_compiling():  # the kernel as an operator of the compiled graph
             return wgrad_triton.wgrad_fp32_op(x_RD, g_RF, offs_E)
-        if wgrad_triton.aligned([x_RD, g_RF]):
+        if wgrad_triton.launchable([x_RD, g_RF]):
             return wgrad_triton.wgrad_fp32([x_RD], [g_RF], [offs_E])
     if _use_grouped(impl, x_RD):
         dw = F.grouped_mm(x_RD.t(), g_RF, offs=offs_E)

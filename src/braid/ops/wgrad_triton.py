@@ -19,8 +19,8 @@ groups of GROUP_D along D so that neighbouring programs share g's columns in L2.
 come from the device offsets (no host sync); an expert with no rows gets zeros, or is left as
 it is when adding. Rows are 64-bit indexed.
 CUDA sm90+ with Triton only, contiguous bf16 operands, 16-byte aligned (`available`: the
-chunks' addresses reach the kernel as integers, so it is told their alignment), and not while a
-CUDA graph is captured (`aligned`); everywhere else the gather and `F.grouped_mm` stay the path.
+chunks' addresses reach the kernel as integers, so it is told their alignment), and not while
+a CUDA graph is captured (`launchable`); everywhere else the gather and `F.grouped_mm` stay.
 The plain (unchunked) path uses it too, for one chunk: `braid.ops.grouped_gemm.wide_dtype`
 asks for the fp32 dW of an fp32 master weight, eagerly or, inside compiled graphs, through
 the operator `braid::wgrad_fp32` (`wgrad_fp32_op`).
@@ -65,7 +65,7 @@ def usable(xs: list[Tensor], gs: list[Tensor]) -> bool:
     ) and all(x.shape[0] == g.shape[0] for x, g in zip(xs, gs, strict=True))  # fmt: skip
 
 
-def aligned(ts: list[Tensor]) -> bool:
+def launchable(ts: list[Tensor]) -> bool:
     """Whether the kernel may launch on these tensors now: 16-byte aligned addresses, and no
     CUDA graph being captured (the address table is a host copy a replay could not renew)."""
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
@@ -77,7 +77,7 @@ def available(xs: list[Tensor], gs: list[Tensor]) -> bool:
     """Whether `wgrad_fp32` may compute the dW of these chunks' operands now (eagerly)."""
     if torch.compiler.is_compiling():
         return False
-    return usable(xs, gs) and aligned([*xs, *gs])
+    return usable(xs, gs) and launchable([*xs, *gs])
 
 
 if triton is not None:
@@ -166,9 +166,9 @@ def wgrad_fp32(
 def wgrad_fp32_op(x_RD: Tensor, g_RF: Tensor, offs_E: Tensor) -> Tensor:
     """One chunk's fp32 dW as an operator torch.compile keeps whole (a compiled backward calls
     the kernel instead of tracing into it); operands at unaligned addresses, or a CUDA graph
-    being captured (`aligned`), take `F.grouped_mm` and the cast instead, the same sums
+    being captured (`launchable`), take `F.grouped_mm` and the cast instead, the same sums
     rounded once more to bf16."""
-    if aligned([x_RD, g_RF]):
+    if launchable([x_RD, g_RF]):
         return wgrad_fp32([x_RD], [g_RF], [offs_E])
     dw = torch.nn.functional.grouped_mm(x_RD.t(), g_RF, offs=offs_E)
     return dw.to(torch.float32)

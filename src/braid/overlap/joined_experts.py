@@ -55,6 +55,14 @@ def joined_is_cheaper(chunks: int, gather_bytes: float, weight_numel: int) -> bo
     return gather_bytes < (chunks - 1) * ADD_BYTES * weight_numel
 
 
+def auto_joins(fused: bool, deferred: bool, chunks: int, gather_bytes: float, numel: int) -> bool:
+    """`chunk_dw="auto"`'s choice, for the runtime and the planner alike: joined where the
+    kernel reads the chunks in place (`fused`); elsewhere, with a deferred dW, where the gather
+    moves fewer bytes than the per-chunk adds (`joined_is_cheaper`); not deferred, per chunk
+    (a gather on top of every chunk's operands held)."""
+    return fused or (deferred and joined_is_cheaper(chunks, gather_bytes, numel))
+
+
 class JoinedExpertWgrad:
     """The routed experts' dW of one pipelined layer call over `chunks` chunks of tokens.
     `block(c)` is chunk c's sink (what `grouped_linear` is given as its `wgrad_sink`)."""
@@ -90,14 +98,11 @@ class JoinedExpertWgrad:
         if key not in self._joined:
             if self.mode != "auto":
                 self._joined[key] = self.mode == "joined"
-            elif fused_join(w, [x], [g]):  # no gather: the kernel reads the chunks in place
-                self._joined[key] = True
-            elif not self.deferred:  # a gather on top of every chunk's operands held: per chunk
-                self._joined[key] = False
-            else:  # every chunk's rows (`rows`, the layer's total) gathered once
+            else:  # a gather would move every chunk's rows (`rows`, the layer's total) once
                 per_row = x.shape[1] * x.element_size() + g.shape[1] * g.element_size()
-                gather = 2 * per_row * self.rows
-                self._joined[key] = joined_is_cheaper(self.chunks, gather, _local(w).numel())
+                fused, gather = fused_join(w, [x], [g]), 2 * per_row * self.rows
+                numel = _local(w).numel()
+                self._joined[key] = auto_joins(fused, self.deferred, self.chunks, gather, numel)
         return self._joined[key]
 
     def add(
@@ -109,7 +114,9 @@ class JoinedExpertWgrad:
         if not self._decide(w, x, g):
             if not self.deferred:
                 return False
-            self.sink(lambda: accumulate_grad(w, _chunk_dw(w, x, g, offs, impl), div))
+            dw_fn = lambda dt=None: grouped_gemm.gmm_wgrad(x, g, offs, impl, dt)  # noqa: E731
+            wide = grouped_gemm.wide_dtype(w, x, g, impl)
+            grouped_gemm.deliver_wgrad(w, dw_fn, div, self.sink, None, wide)  # queued
             return True
         parts = self._parts.setdefault(id(w), (w, impl, div, {}))[3]
         if c in parts:  # a chunk's backward ran twice: its first dW would be lost
@@ -129,12 +136,6 @@ class JoinedExpertWgrad:
         w, impl, div, parts = self._parts.pop(key)
         ordered = [parts[c] for c in sorted(parts)]
         self.sink(lambda: _join(w, ordered, impl, div))
-
-
-def _chunk_dw(w: Tensor, x: Tensor, g: Tensor, offs: Tensor, impl: str) -> Tensor:
-    """One chunk's dW of `w`: in fp32 from the kernel where it is `w`'s first grad."""
-    wide = grouped_gemm.wide_dtype(w, x, g, impl) if w.grad is None else None
-    return grouped_gemm.gmm_wgrad(x, g, offs, impl, wide)
 
 
 def fused_join(w: Tensor, xs: list[Tensor], gs: list[Tensor]) -> bool:

@@ -44,7 +44,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from braid.ops.permute import expert_bounds, token_bounds
-from braid.overlap.joined_experts import ADD_BYTES, joined_is_cheaper
+from braid.overlap.joined_experts import ADD_BYTES, auto_joins
 
 CANDIDATES = (1, 2, 3, 4, 6, 8, 12, 16)
 
@@ -174,14 +174,12 @@ def _joined_dw_ms(
     "auto" joins only there (`braid.overlap.joined_experts`)."""
     if chunk_dw == "per_chunk":
         return None
-    if m.fused_join:  # no gather: one pass like the unchunked layer's
-        return m.dw_accumulate_ms
-    if chunk_dw == "auto" and not split_dw:
-        return None
     numel = 3 * (s.local_experts or s.num_experts // s.ep) * s.dim * s.hidden
     gather = 4.0 * s.tokens * s.top_k * (2 * s.dim + 3 * s.hidden)
-    if chunk_dw == "auto" and not joined_is_cheaper(C, gather, numel):
+    if chunk_dw == "auto" and not auto_joins(m.fused_join, split_dw, C, gather, numel):
         return None
+    if m.fused_join:  # no gather: one pass like the unchunked layer's
+        return m.dw_accumulate_ms
     per_byte = m.gather_ms_per_byte or m.dw_accumulate_ms / (ADD_BYTES * numel)
     return m.dw_accumulate_ms + gather * per_byte
 
