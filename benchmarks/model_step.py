@@ -18,7 +18,9 @@ micro-step on the bf16 weight copies (`braid.train.weight_cast`), its bf16 grads
 fp32 ones as in training; the cast that an optimizer step pays once, whatever its micro-steps,
 is timed apart (`cast_refresh_ms`). `--variants compile,cast` compares the two in one run.
 `--no-wgrad-kernel` switches off the Triton kernel that writes the routed experts' fp32 dW
-(`braid.ops.wgrad_triton`; grouped_mm + the cast instead), for an A/B of two runs.
+(`braid.ops.wgrad_triton`; grouped_mm + the cast instead), for an A/B of two runs. Variant
+`cast_swap` is `cast` with the routed experts' weights swapped like the linears' (their bf16
+dW moved into the fp32 grads) instead of handed to the module as copies, its A/B in one run.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ VARIANTS = {
     "compile": (True, False, False),
     "ac": (False, True, False),
     "cast": (True, False, True),
+    "cast_swap": (True, False, "swap"),
     "eager_cast": (False, False, True),
 }
 
@@ -58,9 +61,16 @@ def matmul_ceiling() -> float:
 
 
 def make_step(
-    config: str, batch: int, seq: int, compile_: bool, ac: bool, sets: tuple[str, ...] = ()
+    config: str,
+    batch: int,
+    seq: int,
+    compile_: bool,
+    ac: bool,
+    sets: tuple[str, ...] = (),
+    swap_experts: bool = False,
 ):
-    """(step, cfg): one forward + backward of `config` on random tokens (grads dropped after)."""
+    """(step, cfg): one forward + backward of `config` on random tokens (grads dropped after);
+    `swap_experts`: `StepCast(feed_experts=False)` (variant cast_swap)."""
     cfg = load_config(
         config,
         [
@@ -87,7 +97,7 @@ def make_step(
     cast, swap = None, None
     if cfg.train.cast_weights_once:  # the micro-steps of a step, on bf16 copies cast once
         check_cast(True, compute_dtype(cfg, dev), 1)
-        cast = StepCast(model)
+        cast = StepCast(model, feed_experts=not swap_experts)
         swap = cast.swapped()  # held while the step lives: every step is a micro-step
         swap.__enter__()
 
@@ -114,8 +124,9 @@ def run(
     ac: bool,
     iters: int,
     sets: tuple[str, ...] = (),
+    swap_experts: bool = False,
 ) -> dict:
-    step, cfg = make_step(config, batch, seq, compile_, ac, sets)
+    step, cfg = make_step(config, batch, seq, compile_, ac, sets, swap_experts)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     t = time_cuda(step, iters=iters, warmup=3 if not compile_ else 4)
     a = arithmetic(cfg, seq)
@@ -182,7 +193,8 @@ def main() -> None:
     for v in variants:
         compile_, ac, cast = VARIANTS[v]
         sets = (*args.set, "train.cast_weights_once=true") if cast else tuple(args.set)
-        r = run(args.config, args.batch, args.seq, compile_, ac, args.iters, sets)
+        swap = cast == "swap"
+        r = run(args.config, args.batch, args.seq, compile_, ac, args.iters, sets, swap)
         r["variant"] = v
         if "matmul_bf16_tflops" in result:
             r["mfu_vs_measured_matmul"] = round(r["tflops"] / result["matmul_bf16_tflops"], 4)

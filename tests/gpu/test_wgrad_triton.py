@@ -164,3 +164,33 @@ def test_a_captured_cuda_graph_takes_grouped_mm_and_the_cast():
     graph.replay()
     torch.cuda.synchronize()
     assert out.dtype == torch.float32 and torch.equal(out, want)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_experts_on_weights_cast_once_get_the_kernel_s_fp32_dw(compiled):
+    """`train.cast_weights_once`: the experts' GEMMs read the step's bf16 copy, the fp32 weight
+    keeps its grad, written by the kernel: the autocast path's grads, bit for bit."""
+    from braid.moe.experts import GroupedExperts
+    from braid.train.weight_cast import StepCast
+
+    torch.manual_seed(7)
+    ref = GroupedExperts(4, 256, 96).cuda()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0.0, 0.05)
+    got = GroupedExperts(4, 256, 96).cuda()
+    got.load_state_dict(ref.state_dict())
+    counts = torch.tensor([256, 0, 384, 128], device="cuda")
+    x = torch.randn(768, 256, device="cuda")
+    gy = torch.randn(768, 256, device="cuda", dtype=BF16)
+    wrap = (lambda m: torch.compile(m, fullgraph=True)) if compiled else (lambda m: m)
+    with torch.autocast("cuda", dtype=BF16):
+        wrap(ref)(x, counts).backward(gy)
+    cast = StepCast(got)
+    assert sorted(cast.fed) == [0, 1]
+    with cast.swapped(), torch.autocast("cuda", dtype=BF16):
+        wrap(got)(x, counts).backward(gy)
+    for a, b in ((ref.w13, got.w13), (ref.w2, got.w2)):
+        assert b.dtype == b.grad.dtype == torch.float32
+        assert torch.equal(a.grad, b.grad)
+        assert not torch.equal(b.grad.to(BF16).float(), b.grad)  # not a bf16 dW cast up

@@ -185,17 +185,46 @@ def test_a_run_that_cannot_cast_once_fails_before_writing_anything(tmp_path):
 
 
 def test_bf16_grads_move_to_fp32_as_backward_accumulates_them():
-    """No bf16 gradient outlives its backward (a post-accumulate hook takes each one)."""
+    """No bf16 gradient outlives its backward (a post-accumulate hook takes each one); the
+    routed experts' weights are never swapped, their dW lands in their fp32 grads directly."""
     model, cfg = _model()
     cast = StepCast(model)
     amp = torch.autocast("cpu", dtype=BF16)
     (x,) = _batches(cfg, 1)
+    swapped = [p for i, p in enumerate(cast.params) if i not in cast.fed]
+    fed = [p for i, p in enumerate(cast.params) if i in cast.fed]
+    assert swapped and len(fed) == 2  # one MoE block: its w13 and w2
     with cast.swapped():
         loss, _ = loss_fn(model, x[:, :-1], x[:, 1:], cfg, amp)
         loss.backward()
-        assert all(p.grad is None for p in cast.params)  # taken before collect()
-        assert all(g is not None and g.dtype == torch.float32 for g in cast._grads)
+        assert all(p.grad is None for p in swapped)  # taken before collect()
+        held = [g for i, g in enumerate(cast._grads) if i not in cast.fed]
+        assert all(g is not None and g.dtype == torch.float32 for g in held)
+        assert all(p.dtype == p.grad.dtype == torch.float32 for p in fed)
     assert all(p.grad.dtype == torch.float32 for p in cast.params)
+
+
+def test_the_experts_gemms_read_the_step_s_copy_not_a_fresh_cast():
+    model, cfg = _model()
+    cast = StepCast(model)
+    experts = next(m for m in model.modules() if hasattr(m, "w13_compute"))
+    amp = torch.autocast("cpu", dtype=BF16)
+    (x,) = _batches(cfg, 1)
+
+    def loss() -> float:
+        with torch.no_grad():
+            return float(loss_fn(model, x[:, :-1], x[:, 1:], cfg, amp)[0])
+
+    with cast.swapped():
+        assert experts.w13_compute.dtype == BF16
+        assert torch.equal(experts.w13_compute, experts.w13.detach().to(BF16))
+        before = loss()
+        with torch.no_grad():
+            experts.w13.mul_(3.0)  # the fp32 weight moves; the step's copy does not
+        assert loss() == before
+        cast.refresh()
+        assert loss() != before
+    assert experts.w13_compute is None and experts.w2_compute is None
 
 
 def test_an_exception_inside_the_swap_leaves_fp32_weights_and_grads():

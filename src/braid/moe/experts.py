@@ -45,6 +45,10 @@ class GroupedExperts(nn.Module):
         self.fp8_name = "experts"
         self.fp8_wgrad = False  # dW in fp8 as well (train.fp8_wgrad)
         self._casts: WeightCasts | None = None  # set inside `shared_casts()`
+        # bf16 copies of w13 / w2 cast once per optimizer step (`braid.train.weight_cast`), used
+        # instead of a cast in every forward; the fp32 weights stay the parameters and get dW.
+        self.w13_compute: Tensor | None = None
+        self.w2_compute: Tensor | None = None
         self.w13 = nn.Parameter(torch.empty(num_experts, dim, 2 * hidden))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))
 
@@ -61,9 +65,10 @@ class GroupedExperts(nn.Module):
         offs, div = counts_to_offsets(counts_L), self.grad_divide
         if self.fp8_stats is not None:
             return self._forward_fp8(x_RD, offs, wgrad_sink, part)
-        casts, impl = self._casts, self.impl
-        h_RF2 = grouped_linear(x_RD, self.w13, offs, impl, wgrad_sink, div, casts, part)
-        return grouped_linear(swiglu(h_RF2), self.w2, offs, impl, wgrad_sink, div, casts, part)
+        casts, impl, c13, c2 = self._casts, self.impl, self.w13_compute, self.w2_compute
+        h_RF2 = grouped_linear(x_RD, self.w13, offs, impl, wgrad_sink, div, casts, part, c13)
+        y = swiglu(h_RF2)
+        return grouped_linear(y, self.w2, offs, impl, wgrad_sink, div, casts, part, c2)
 
     @contextmanager
     def shared_casts(self) -> Iterator[None]:

@@ -243,12 +243,17 @@ def deliver_wgrad(
 
 class _GroupedLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_RD, w_EDF, offs_E, impl, wgrad_sink, grad_divide, casts, part):
+    def forward(ctx, x_RD, w_EDF, offs_E, impl, wgrad_sink, grad_divide, casts, part, compute):
         # Autocast does not reach grouped_mm: cast to its dtype here, keeping the fp32 master
         # weight as the input so that dW (now or deferred) lands in the parameter's grad.
+        # `compute`: the weight already in the GEMM dtype (`train.cast_weights_once`).
         ctx.x_dtype, ctx.w, ctx.grad_divide = x_RD.dtype, w_EDF, grad_divide
         dt = compute_dtype(x_RD)
-        x_c, w_c = x_RD.to(dt), cast_weight(w_EDF, dt, casts)
+        x_c = x_RD.to(dt)
+        if compute is not None and compute.dtype == dt:
+            w_c = compute
+        else:
+            w_c = cast_weight(w_EDF, dt, casts)
         if part is not None:
             w_c = w_c[part[0] : part[1]]
         ctx.save_for_backward(x_c, w_c, offs_E)
@@ -267,12 +272,12 @@ class _GroupedLinear(torch.autograd.Function):
             impl, sink = ctx.impl, ctx.wgrad_sink
             if ctx.part is None and hasattr(sink, "add_rows"):  # one dW over all chunks' rows
                 if sink.add_rows(ctx.w, x_RD, g_RF, offs_E, impl, ctx.grad_divide):
-                    return dx, *[None] * 7
+                    return dx, *[None] * 8
                 sink = None  # not taken: this chunk's dW goes back to autograd
             dw_fn = lambda dt=None: gmm_wgrad(x_RD, g_RF, offs_E, impl, dt)  # noqa: E731
             wide = wide_dtype(ctx.w, x_RD, g_RF, impl)
             dw = deliver_wgrad(ctx.w, dw_fn, ctx.grad_divide, sink, ctx.part, wide)
-        return dx, dw, *[None] * 6
+        return dx, dw, *[None] * 7
 
 
 def grouped_linear(
@@ -284,9 +289,13 @@ def grouped_linear(
     grad_divide: float = 1.0,
     casts: WeightCasts | None = None,
     part: Part | None = None,
+    compute: Tensor | None = None,
 ) -> Tensor:
     """Differentiable grouped GEMM; see the module docstring for `wgrad_sink` (and
     `cast_weight` for `casts`). With `part` = (lo, hi), the rows use experts [lo, hi) of the
     weight's local block (offs_E has hi - lo entries) and their dW goes into those rows of the
-    grad (`deliver_wgrad`)."""
-    return _GroupedLinear.apply(x_RD, w_EDF, offs_E, impl, wgrad_sink, grad_divide, casts, part)
+    grad (`deliver_wgrad`). `compute` is `w_EDF` already in the GEMM dtype, used instead of a
+    cast (`braid.train.weight_cast`: cast once per optimizer step); dW still goes to `w_EDF`."""
+    return _GroupedLinear.apply(
+        x_RD, w_EDF, offs_E, impl, wgrad_sink, grad_divide, casts, part, compute
+    )

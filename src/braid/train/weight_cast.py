@@ -16,15 +16,18 @@ optimizer step, swaps in bf16 copies cast once (`swapped`):
   3. exit: collect once more, then each parameter gets back its fp32 data and its fp32 grad.
 Results equal the autocast path's bit for bit in eager mode (the same bf16 weights, the same
 bf16 GEMMs, the same fp32 accumulation); what is saved is the forward cast of every micro-step
-after the first of a step. Within one backward several contributions to a weight's gradient
-add in bf16 (as autocast sums the uses of one cached cast): with `overlap.chunk_by = "tokens"`
-the chunks' dW add in bf16 instead of into the fp32 grads (unless `overlap.chunk_dw` joins
-them into one dW).
+after the first of a step. Within one backward several contributions to a swapped weight's
+gradient add in bf16, as autocast sums the uses of one cached cast.
 
 Which weights: those autocast casts in every forward anyway, the weights of `nn.Linear` modules
 (attention, dense and shared FFNs, the output head) and the routed experts' `w13`/`w2`; not the
 embeddings, norms or the router (kept in fp32 by the model), not fp8 modules (`Fp8Linear`,
 experts with fp8 GEMMs: they quantise from the fp32 weights), not a weight tied to one of those.
+The routed experts' weights are not swapped: their copies are handed to the module
+(`GroupedExperts.w13_compute` / `w2_compute`), whose GEMMs read them instead of casting, while
+the fp32 weights stay its parameters. Their dW then reaches the fp32 grads as in the autocast
+path: on a GPU with Triton written in fp32 by the dW GEMM itself (`braid.ops.wgrad_triton`: 4
+bytes a weight, where a bf16 dW and its move into the fp32 grad take 8), elsewhere cast once.
 One process only: under torchrun, FSDP units cast per unit with `parallel.param_dtype`.
 """
 
@@ -64,10 +67,25 @@ def compute_weights(model: nn.Module) -> list[nn.Parameter]:
 class StepCast:
     """The bf16 compute copies of `compute_weights(model)`, swapped in by `swapped()`."""
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype = torch.bfloat16):
+    def __init__(
+        self, model: nn.Module, dtype: torch.dtype = torch.bfloat16, feed_experts: bool = True
+    ):
+        """`feed_experts=False` swaps the routed experts' weights too, as the linears' (their
+        dW then goes through the bf16 grads; kept for benchmarks' A/B)."""
+        from braid.moe.experts import GroupedExperts
+
         self.params = compute_weights(model)
         self.dtype = dtype
         self.copies = [torch.empty_like(p, dtype=dtype) for p in self.params]
+        # Index -> (experts module, attribute): routed expert weights are not swapped; their
+        # copy is handed to the module (`GroupedExperts.w13_compute`), see `swapped`.
+        owner = {
+            id(getattr(m, n)): (m, f"{n}_compute")
+            for m in model.modules()
+            if isinstance(m, GroupedExperts) and feed_experts
+            for n in ("w13", "w2")
+        }
+        self.fed = {i: owner[id(p)] for i, p in enumerate(self.params) if id(p) in owner}
         self._data: list[Tensor | None] = [None] * len(self.params)
         self._grads: list[Tensor | None] = [None] * len(self.params)
         self.active = False
@@ -86,6 +104,9 @@ class StepCast:
         hooks = []
         try:
             for i, p in enumerate(self.params):
+                if i in self.fed:  # the experts' GEMMs read the copy, dW goes to `p` itself
+                    setattr(*self.fed[i], self.copies[i])
+                    continue
                 self._data[i], self._grads[i] = p.data, p.grad
                 p.grad = None
                 p.data = self.copies[i]
@@ -97,6 +118,8 @@ class StepCast:
             finally:
                 for h in hooks:
                     h.remove()
+                for mod, attr in self.fed.values():
+                    setattr(mod, attr, None)
                 for i, p in enumerate(self.params):
                     if self._data[i] is None:  # never swapped in
                         continue
@@ -110,7 +133,8 @@ class StepCast:
         """Cast the fp32 weights into their bf16 copies: the one cast of a step (inside the
         swap too, from the fp32 data held aside)."""
         for i, (p, c) in enumerate(zip(self.params, self.copies, strict=True)):
-            c.copy_(self._data[i] if self.active else p)
+            held = self._data[i]  # swapped in: the fp32 data held aside
+            c.copy_(held if held is not None else p)
 
     def drop_grads(self) -> None:
         """Forget the fp32 gradients collected so far (a benchmark's micro-steps)."""
@@ -120,7 +144,8 @@ class StepCast:
         """Move the copies' bf16 gradients into the weights' fp32 gradients (after each
         micro-step's backward, and after deferred weight gradients were flushed)."""
         for i in range(len(self.params)):
-            self._take(i)
+            if i not in self.fed:
+                self._take(i)
 
     def _take(self, i: int) -> None:
         p = self.params[i]
