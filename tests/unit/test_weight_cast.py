@@ -129,14 +129,16 @@ def test_cast_weights_once_refuses_where_it_cannot_apply():
         [],
         ["--train.compile=true"],
         ["--overlap.chunks=2", "--overlap.split_dw=true", "--overlap.chunk_by=experts"],
+        ["--overlap.chunks=2", "--overlap.chunk_by=tokens", "--overlap.chunk_dw=per_chunk"],
     ],
-    ids=["eager", "compile", "overlap"],
+    ids=["eager", "compile", "overlap", "overlap_tokens"],
 )
 def test_a_tiny_run_with_weights_cast_once_logs_the_same_losses(tmp_path, extra):
     """Through the trainer (grad accumulation, validation, the optimizer): eager, with
     train.compile (the blocks compiled once, for the bf16 weights they always see), and with
     the overlap engine (chunks of experts write their dW rows, the shared experts' deferred dW
-    flushed inside the swap)."""
+    flushed inside the swap; chunks of tokens add each chunk's expert dW into the fp32 grads,
+    as the autocast path does, since the experts' weights are not swapped)."""
     words = "every token is routed to two experts and back again".split()
     data = prepare_words(tmp_path, words, seed=0, count=3000)
     base = [
