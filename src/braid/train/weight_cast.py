@@ -27,7 +27,8 @@ The routed experts' weights are not swapped: their copies are handed to the modu
 (`GroupedExperts.w13_compute` / `w2_compute`), whose GEMMs read them instead of casting, while
 the fp32 weights stay its parameters. Their dW then reaches the fp32 grads as in the autocast
 path: on a GPU with Triton written in fp32 by the dW GEMM itself (`braid.ops.wgrad_triton`: 4
-bytes a weight, where a bf16 dW and its move into the fp32 grad take 8), elsewhere cast once.
+bytes a weight for the first micro-step's grad, where a bf16 dW and its move into the fp32 grad
+take 8; later micro-steps add an fp32 dW, as the autocast path does), elsewhere cast once.
 One process only: under torchrun, FSDP units cast per unit with `parallel.param_dtype`.
 """
 
