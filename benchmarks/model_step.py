@@ -20,7 +20,9 @@ is timed apart (`cast_refresh_ms`). `--variants compile,cast` compares the two i
 `--no-wgrad-kernel` switches off the Triton kernel that writes the routed experts' fp32 dW
 (`braid.ops.wgrad_triton`; grouped_mm + the cast instead), for an A/B of two runs. Variant
 `cast_swap` is `cast` with the routed experts' weights swapped like the linears' (their bf16
-dW moved into the fp32 grads) instead of handed to the module as copies, its A/B in one run.
+dW moved into the fp32 grads), as with `train.grad_accum > 1`, instead of handed to the module
+as copies, as with one micro-step per optimizer step (`cast`: every timed step here is one
+micro-step whose grads start from none).
 """
 
 from __future__ import annotations

@@ -186,7 +186,7 @@ def test_experts_on_weights_cast_once_get_the_kernel_s_fp32_dw(compiled):
     wrap = (lambda m: torch.compile(m, fullgraph=True)) if compiled else (lambda m: m)
     with torch.autocast("cuda", dtype=BF16):
         wrap(ref)(x, counts).backward(gy)
-    cast = StepCast(got)
+    cast = StepCast(got, feed_experts=True)
     assert sorted(cast.fed) == [0, 1]
     with cast.swapped(), torch.autocast("cuda", dtype=BF16):
         wrap(got)(x, counts).backward(gy)

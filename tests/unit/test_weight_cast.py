@@ -51,10 +51,12 @@ def _step(model, cfg, opt, batches, cast: StepCast | None) -> list[float]:
     return losses
 
 
-def test_steps_on_weights_cast_once_equal_the_autocast_path_bit_for_bit():
+@pytest.mark.parametrize("feed", [False, True], ids=["swapped", "experts_fed"])
+def test_steps_on_weights_cast_once_equal_the_autocast_path_bit_for_bit(feed):
     ref, cfg = _model()
     got = copy.deepcopy(ref)
-    cast = StepCast(got)
+    cast = StepCast(got, feed_experts=feed)
+    assert len(cast.fed) == (2 if feed else 0)  # one MoE block: its w13 and w2
     assert cast.params and all(p.dtype == torch.float32 for p in cast.params)
     opts = [build_optimizer(m, cfg.train, torch.device("cpu")) for m in (ref, got)]
     batches = _batches(cfg, 6)
@@ -114,6 +116,15 @@ def test_the_cast_weights_are_the_linears_and_experts_not_embeddings_norms_or_ro
     assert _cast_names(_model(["--train.precision=fp8", '--train.fp8_skip=["attn"]'])[0])
 
 
+def test_the_experts_are_fed_their_copies_only_with_one_micro_step():
+    """One micro-step: the kernel's fp32 dW becomes the grad (4 bytes a weight, not 8); with
+    accumulation a swapped bf16 dW added into the fp32 grad (12 bytes) beats an fp32 one (16)."""
+    model, _ = _model()
+    assert sorted(step_cast(model, True, BF16, 1, micro_steps=1).fed) != []
+    assert step_cast(model, True, BF16, 1, micro_steps=2).fed == {}
+    assert StepCast(model).fed == {}
+
+
 def test_cast_weights_once_refuses_where_it_cannot_apply():
     model, _ = _model()
     assert step_cast(model, False, BF16, 1) is None
@@ -130,15 +141,17 @@ def test_cast_weights_once_refuses_where_it_cannot_apply():
         ["--train.compile=true"],
         ["--overlap.chunks=2", "--overlap.split_dw=true", "--overlap.chunk_by=experts"],
         ["--overlap.chunks=2", "--overlap.chunk_by=tokens", "--overlap.chunk_dw=per_chunk"],
+        ["--train.grad_accum=1", "--train.compile=true"],
+        ["--train.grad_accum=1", "--overlap.chunks=2", "--overlap.chunk_by=tokens"],
     ],
-    ids=["eager", "compile", "overlap", "overlap_tokens"],
+    ids=["eager", "compile", "overlap", "overlap_tokens", "fed_compile", "fed_overlap_tokens"],
 )
 def test_a_tiny_run_with_weights_cast_once_logs_the_same_losses(tmp_path, extra):
     """Through the trainer (grad accumulation, validation, the optimizer): eager, with
     train.compile (the blocks compiled once, for the bf16 weights they always see), and with
     the overlap engine (chunks of experts write their dW rows, the shared experts' deferred dW
-    flushed inside the swap; chunks of tokens add each chunk's expert dW into the fp32 grads,
-    as the autocast path does, since the experts' weights are not swapped)."""
+    flushed inside the swap; chunks of tokens), and with one micro-step per optimizer step,
+    where the experts are fed their copies instead of swapped (compiled, chunks of tokens)."""
     words = "every token is routed to two experts and back again".split()
     data = prepare_words(tmp_path, words, seed=0, count=3000)
     base = [
@@ -190,7 +203,7 @@ def test_bf16_grads_move_to_fp32_as_backward_accumulates_them():
     """No bf16 gradient outlives its backward (a post-accumulate hook takes each one); the
     routed experts' weights are never swapped, their dW lands in their fp32 grads directly."""
     model, cfg = _model()
-    cast = StepCast(model)
+    cast = StepCast(model, feed_experts=True)
     amp = torch.autocast("cpu", dtype=BF16)
     (x,) = _batches(cfg, 1)
     swapped = [p for i, p in enumerate(cast.params) if i not in cast.fed]
@@ -208,7 +221,7 @@ def test_bf16_grads_move_to_fp32_as_backward_accumulates_them():
 
 def test_the_experts_gemms_read_the_step_s_copy_not_a_fresh_cast():
     model, cfg = _model()
-    cast = StepCast(model)
+    cast = StepCast(model, feed_experts=True)
     experts = next(m for m in model.modules() if hasattr(m, "w13_compute"))
     amp = torch.autocast("cpu", dtype=BF16)
     (x,) = _batches(cfg, 1)

@@ -49,7 +49,8 @@ class TrainConfig:
     cast_weights_once: bool = knob(
         False,
         "bf16 compute: cast the weights to bf16 once per optimizer step, not in every "
-        "micro-step's forward (autocast's results; one process; docs/peers.md).",
+        "micro-step's forward (autocast's results; one process; with `grad_accum = 1` the "
+        "routed experts read their copy and keep fp32 grads; docs/peers.md).",
     )
     compile: bool = knob(False, "Wrap each transformer block in torch.compile.")
     cuda_graphs: bool = knob(

@@ -140,7 +140,9 @@ def _run(cfg, ctx, run_id, run_dir, loader, val_batches, model) -> dict:
         from braid.checkpoint.init_from import load_init
 
         load_init(model, init_from, cfg)
-    cast = step_cast(model, cfg.train.cast_weights_once, compute, ctx.world)  # after the weights
+    cast = step_cast(  # after the weights
+        model, cfg.train.cast_weights_once, compute, ctx.world, cfg.train.grad_accum
+    )
     log = TrainLogger(cfg, ctx, run_id, run_dir, arithmetic(cfg).flops_per_token)
     from braid.parallel.expert import watch_exchange_choice  # exchange.algorithm=auto: record
 

@@ -23,12 +23,14 @@ Which weights: those autocast casts in every forward anyway, the weights of `nn.
 (attention, dense and shared FFNs, the output head) and the routed experts' `w13`/`w2`; not the
 embeddings, norms or the router (kept in fp32 by the model), not fp8 modules (`Fp8Linear`,
 experts with fp8 GEMMs: they quantise from the fp32 weights), not a weight tied to one of those.
-The routed experts' weights are not swapped: their copies are handed to the module
-(`GroupedExperts.w13_compute` / `w2_compute`), whose GEMMs read them instead of casting, while
-the fp32 weights stay its parameters. Their dW then reaches the fp32 grads as in the autocast
-path: on a GPU with Triton written in fp32 by the dW GEMM itself (`braid.ops.wgrad_triton`: 4
-bytes a weight for the first micro-step's grad, where a bf16 dW and its move into the fp32 grad
-take 8; later micro-steps add an fp32 dW, as the autocast path does), elsewhere cast once.
+With one micro-step per optimizer step (`feed_experts`, which `step_cast` sets for
+`train.grad_accum = 1`) the routed experts' weights are not swapped: their copies are handed to
+the module (`GroupedExperts.w13_compute` / `w2_compute`), whose GEMMs read them instead of
+casting, while the fp32 weights stay its parameters; their dW reaches the fp32 grads as in the
+autocast path, on a GPU with Triton written in fp32 by the dW GEMM itself
+(`braid.ops.wgrad_triton`): 4 bytes a weight where a bf16 dW and its move into a new fp32 grad
+take 8. With accumulation they are swapped like the linears: a later micro-step's bf16 dW added
+into the fp32 grad moves 12 bytes a weight, where autograd adding an fp32 dW moves 16.
 One process only: under torchrun, FSDP units cast per unit with `parallel.param_dtype`.
 """
 
@@ -69,10 +71,10 @@ class StepCast:
     """The bf16 compute copies of `compute_weights(model)`, swapped in by `swapped()`."""
 
     def __init__(
-        self, model: nn.Module, dtype: torch.dtype = torch.bfloat16, feed_experts: bool = True
+        self, model: nn.Module, dtype: torch.dtype = torch.bfloat16, feed_experts: bool = False
     ):
-        """`feed_experts=False` swaps the routed experts' weights too, as the linears' (their
-        dW then goes through the bf16 grads; kept for benchmarks' A/B)."""
+        """`feed_experts`: hand the routed experts their copies instead of swapping them (for
+        one micro-step per optimizer step; see the module docstring)."""
         from braid.moe.experts import GroupedExperts
 
         self.params = compute_weights(model)
@@ -179,7 +181,10 @@ def check_cast(enabled: bool, compute: torch.dtype, world: int) -> None:
         )
 
 
-def step_cast(model: nn.Module, enabled: bool, compute: torch.dtype, world: int) -> StepCast | None:
-    """`StepCast` for `train.cast_weights_once`, or None when it is off (`check_cast` first)."""
+def step_cast(
+    model: nn.Module, enabled: bool, compute: torch.dtype, world: int, micro_steps: int = 1
+) -> StepCast | None:
+    """`StepCast` for `train.cast_weights_once`, or None when it is off (`check_cast` first);
+    the experts are fed their copies where each optimizer step has one micro-step."""
     check_cast(enabled, compute, world)
-    return StepCast(model, compute) if enabled else None
+    return StepCast(model, compute, feed_experts=micro_steps == 1) if enabled else None
