@@ -67,6 +67,8 @@ def main() -> None:
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     cuda = torch.cuda.is_available() and not args.smoke
+    if not cuda and not args.smoke:
+        raise SystemExit("chunk_profile.py needs a GPU for its shapes; --smoke runs on CPU")
     device = torch.device("cuda" if cuda else "cpu")
     shapes = SMOKE_SHAPES if args.smoke else SHAPES
     if args.shape not in shapes:

@@ -143,8 +143,22 @@ def test_cast_weights_once_refuses_where_it_cannot_apply():
         ["--overlap.chunks=2", "--overlap.chunk_by=tokens", "--overlap.chunk_dw=per_chunk"],
         ["--train.grad_accum=1", "--train.compile=true"],
         ["--train.grad_accum=1", "--overlap.chunks=2", "--overlap.chunk_by=tokens"],
+        [
+            "--train.grad_accum=1",
+            "--overlap.chunks=2",
+            "--overlap.split_dw=true",
+            "--overlap.chunk_by=experts",
+        ],
     ],
-    ids=["eager", "compile", "overlap", "overlap_tokens", "fed_compile", "fed_overlap_tokens"],
+    ids=[
+        "eager",
+        "compile",
+        "overlap",
+        "overlap_tokens",
+        "fed_compile",
+        "fed_overlap_tokens",
+        "fed_overlap_experts",
+    ],
 )
 def test_a_tiny_run_with_weights_cast_once_logs_the_same_losses(tmp_path, extra):
     """Through the trainer (grad accumulation, validation, the optimizer): eager, with
@@ -217,6 +231,19 @@ def test_bf16_grads_move_to_fp32_as_backward_accumulates_them():
         assert all(g is not None and g.dtype == torch.float32 for g in held)
         assert all(p.dtype == p.grad.dtype == torch.float32 for p in fed)
     assert all(p.grad.dtype == torch.float32 for p in cast.params)
+
+
+def test_drop_grads_forgets_the_fed_experts_grads_too():
+    model, cfg = _model()
+    cast = StepCast(model, feed_experts=True)
+    amp = torch.autocast("cpu", dtype=BF16)
+    (x,) = _batches(cfg, 1)
+    with cast.swapped():
+        loss_fn(model, x[:, :-1], x[:, 1:], cfg, amp)[0].backward()
+        cast.collect()
+        cast.drop_grads()
+        assert all(cast.params[i].grad is None for i in cast.fed)
+    assert all(p.grad is None for p in cast.params)
 
 
 def test_the_experts_gemms_read_the_step_s_copy_not_a_fresh_cast():

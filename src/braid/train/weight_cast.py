@@ -134,14 +134,18 @@ class StepCast:
     @torch.no_grad()
     def refresh(self) -> None:
         """Cast the fp32 weights into their bf16 copies: the one cast of a step (inside the
-        swap too, from the fp32 data held aside)."""
+        swap too, from the fp32 data held aside; never with a backward pending, whose saved
+        copies it would overwrite: autograd refuses that backward)."""
         for i, (p, c) in enumerate(zip(self.params, self.copies, strict=True)):
             held = self._data[i]  # swapped in: the fp32 data held aside
             c.copy_(held if held is not None else p)
 
     def drop_grads(self) -> None:
-        """Forget the fp32 gradients collected so far (a benchmark's micro-steps)."""
+        """Forget the fp32 gradients collected so far (a benchmark's micro-steps), the fed
+        experts' too (theirs are their weights' own grads)."""
         self._grads = [None] * len(self.params)
+        for i in self.fed:
+            self.params[i].grad = None
 
     def collect(self) -> None:
         """Move the copies' bf16 gradients into the weights' fp32 gradients (after each
