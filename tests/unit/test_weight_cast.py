@@ -160,7 +160,7 @@ def test_cast_weights_once_refuses_where_it_cannot_apply():
         "fed_overlap_experts",
     ],
 )
-def test_a_tiny_run_with_weights_cast_once_logs_the_same_losses(tmp_path, extra):
+def test_a_tiny_run_with_weights_cast_once_logs_the_same_losses(tmp_path, extra, monkeypatch):
     """Through the trainer (grad accumulation, validation, the optimizer): eager, with
     train.compile (the blocks compiled once, for the bf16 weights they always see), and with
     the overlap engine (chunks of experts write their dW rows, the shared experts' deferred dW
@@ -184,9 +184,19 @@ def test_a_tiny_run_with_weights_cast_once_logs_the_same_losses(tmp_path, extra)
         *extra,
     ]
     ref, ref_res = train_logged([*base, "--run.name=ref"])
+    made = []
+    init = StepCast.__init__
+
+    def spy(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(StepCast, "__init__", spy)
     got, got_res = train_logged([*base, "--run.name=once", "--train.cast_weights_once=true"])
     assert got == ref and sorted(ref) == [2, 4, 6]
     assert got_res["final_val_loss"] == ref_res["final_val_loss"]
+    fed = "--train.grad_accum=1" in extra  # the experts fed their copies only then
+    assert len(made) == 1 and len(made[0].fed) == (2 if fed else 0)
 
 
 def test_the_step_benchmark_runs_its_micro_steps_on_the_cast_copies():
