@@ -23,17 +23,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 import torch  # noqa: E402
 from common import environment, time_cuda, write_result  # noqa: E402
-from overlap_sim import SHAPES, SMOKE_SHAPES  # noqa: E402
+from overlap_sim import SHAPES, SMOKE_SHAPES, layer_step, make_layer  # noqa: E402
 from step_profile import kind_of  # noqa: E402
 
 from braid.exchange import get_exchange  # noqa: E402
 from braid.exchange.base import LocalExchange  # noqa: E402
 from braid.exchange.config import ExchangeConfig  # noqa: E402
-from braid.model.config import ModelConfig  # noqa: E402
-from braid.moe.config import MoEConfig  # noqa: E402
-from braid.moe.layer import MoE  # noqa: E402
 from braid.overlap.engine import LayerOverlap  # noqa: E402
 from braid.overlap.streams import Clock, synchronize  # noqa: E402
+
+EXCHANGES = ("local", "simulated")
 
 
 def profile_once(step, device: torch.device, top: int) -> tuple[dict, list]:
@@ -66,6 +65,15 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="CPU, a tiny shape, seconds")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
+    names = args.exchanges.split(",")
+    if bad := [n for n in names if n not in EXCHANGES]:
+        raise SystemExit(f"--exchanges: unknown {bad}; expected of {list(EXCHANGES)}")
+    try:
+        counts = [int(c) for c in args.chunks.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise SystemExit(f"--chunks {args.chunks!r}: expected a comma list of integers >= 1")
     cuda = torch.cuda.is_available() and not args.smoke
     if not cuda and not args.smoke:
         raise SystemExit("chunk_profile.py needs a GPU for its shapes; --smoke runs on CPU")
@@ -77,16 +85,7 @@ def main() -> None:
             raise SystemExit(f"--shape {args.shape!r}: expected one of {', '.join(SHAPES)}")
         args.shape = shape
     tokens = 256 if args.smoke else args.tokens
-    E, k, H, F = shapes[args.shape]
-    cfg = MoEConfig(num_experts=E, top_k=k, expert_hidden=F, aux_loss_coef=0.0, z_loss_coef=0.0)
-    with torch.device(device):
-        moe = MoE(ModelConfig(dim=H), cfg)
-    gen = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for p in moe.parameters():
-            p.normal_(0.0, 0.02, generator=gen)
-    x = torch.randn(tokens, H, device=device, generator=gen)
-    g = torch.randn(tokens, H, device=device, generator=gen) * 1e-2
+    moe, x, g = make_layer(shapes[args.shape], tokens, device)
     dtype = torch.bfloat16 if cuda else torch.float32
     amp = torch.autocast(device.type, dtype=dtype, enabled=cuda)
     sim = ExchangeConfig(algorithm="simulated", simulate_ranks=4, high_priority=True)
@@ -97,19 +96,12 @@ def main() -> None:
     clock = Clock(device)
 
     def step() -> None:
-        for p in moe.parameters():
-            p.grad = None
-        xx = x.detach().requires_grad_()
-        with amp:
-            y, _ = moe(xx)
-        y.backward(g)
-        if moe.overlap is not None:
-            moe.overlap.queue.flush()
+        layer_step(moe, x, g, amp)
 
     result = {"env": environment(), "shape": args.shape, "tokens": tokens, "runs": []}
-    for name in args.exchanges.split(","):
+    for name in names:
         moe.dispatcher.exchange = exchanges[name]()
-        for C in (int(c) for c in args.chunks.split(",")):
+        for C in counts:
             moe.overlap = None if C == 1 else LayerOverlap(0, C, False, clock, chunk_by="tokens")
             ms = time_cuda(step, iters=args.iters, warmup=2)["median_ms"]
             by_kind, top = profile_once(step, device, args.top)

@@ -101,7 +101,9 @@ def chunk_trial(lo: LayerOverlap, step, predicted: tuple, rounds: int, device) -
     return chosen, {c: ms for (_, c), ms in trial.best_ms.items()}
 
 
-def bench_layer(name: str, shape: tuple, args, device, amp, dtype, log) -> dict:
+def make_layer(shape: tuple, tokens: int, device) -> tuple[MoE, torch.Tensor, torch.Tensor]:
+    """(layer, x, output grad): a MoE layer of `shape` (E, top_k, dim, ffn) with seeded weights
+    and inputs of `tokens` rows (fp32; the caller's autocast sets the GEMM dtype)."""
     E, k, H, F = shape
     cfg = MoEConfig(num_experts=E, top_k=k, expert_hidden=F, aux_loss_coef=0.0, z_loss_coef=0.0)
     with torch.device(device):
@@ -110,9 +112,29 @@ def bench_layer(name: str, shape: tuple, args, device, amp, dtype, log) -> dict:
     with torch.no_grad():
         for p in moe.parameters():
             p.normal_(0.0, 0.02, generator=gen)
+    x = torch.randn(tokens, H, device=device, generator=gen)
+    g = torch.randn(tokens, H, device=device, generator=gen) * 1e-2
+    return moe, x, g
+
+
+def layer_step(moe: MoE, x: torch.Tensor, g: torch.Tensor, amp) -> tuple:
+    """One forward + backward of the layer (grads reset first; deferred dW flushed):
+    (output, input with its grad)."""
+    for p in moe.parameters():
+        p.grad = None
+    xx = x.detach().requires_grad_()
+    with amp:
+        y, _ = moe(xx)
+    y.backward(g)
+    if moe.overlap is not None:
+        moe.overlap.queue.flush()
+    return y, xx
+
+
+def bench_layer(name: str, shape: tuple, args, device, amp, dtype, log) -> dict:
+    E, k, H, F = shape
+    moe, x, g = make_layer(shape, args.tokens, device)
     moe.dispatcher.exchange = get_exchange("simulated")(None, None, sim_config(args))
-    x = torch.randn(args.tokens, H, device=device, generator=gen)
-    g = torch.randn(args.tokens, H, device=device, generator=gen) * 1e-2
     shp = layer_shape(moe, args.tokens, dtype)
     cost = measure(
         shp, moe.dispatcher.exchange, moe.experts, device, dtype, dispatcher=moe.dispatcher,
@@ -130,14 +152,7 @@ def bench_layer(name: str, shape: tuple, args, device, amp, dtype, log) -> dict:
     clock = Clock(device)
 
     def step():
-        for p in moe.parameters():
-            p.grad = None
-        xx = x.detach().requires_grad_()
-        with amp:
-            y, _ = moe(xx)
-        y.backward(g)
-        if moe.overlap is not None:
-            moe.overlap.queue.flush()
+        y, xx = layer_step(moe, x, g, amp)
         return [y.detach().float(), xx.grad.float()] + [
             p.grad.float() for p in moe.experts.parameters()
         ]
