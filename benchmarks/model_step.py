@@ -22,7 +22,8 @@ is timed apart (`cast_refresh_ms`). `--variants compile,cast` compares the two i
 `cast_swap` is `cast` with the routed experts' weights swapped like the linears' (their bf16
 dW moved into the fp32 grads), as with `train.grad_accum > 1`, instead of handed to the module
 as copies, as with one micro-step per optimizer step (`cast`: every timed step here is one
-micro-step whose grads start from none).
+micro-step whose grads start from none). Variant `cast_bf16res` is `cast` with
+`model.residual = "compute"` (a bf16 residual stream).
 """
 
 from __future__ import annotations
@@ -44,14 +45,15 @@ from braid.train.model_setup import build_model  # noqa: E402
 from braid.train.weight_cast import StepCast, check_cast  # noqa: E402
 
 PEAK = 989e12
-# name: (train.compile, activation checkpointing, train.cast_weights_once)
+# name: (train.compile, activation checkpointing, train.cast_weights_once, more overrides)
 VARIANTS = {
-    "eager": (False, False, False),
-    "compile": (True, False, False),
-    "ac": (False, True, False),
-    "cast": (True, False, True),
-    "cast_swap": (True, False, "swap"),
-    "eager_cast": (False, False, True),
+    "eager": (False, False, False, ()),
+    "compile": (True, False, False, ()),
+    "ac": (False, True, False, ()),
+    "cast": (True, False, True, ()),
+    "cast_swap": (True, False, "swap", ()),
+    "eager_cast": (False, False, True, ()),
+    "cast_bf16res": (True, False, True, ("model.residual=compute",)),
 }
 
 
@@ -193,8 +195,8 @@ def main() -> None:
     if torch.cuda.is_available():
         result["matmul_bf16_tflops"] = round(matmul_ceiling() / 1e12, 1)
     for v in variants:
-        compile_, ac, cast = VARIANTS[v]
-        sets = (*args.set, "train.cast_weights_once=true") if cast else tuple(args.set)
+        compile_, ac, cast, more = VARIANTS[v]
+        sets = (*args.set, *more, *(("train.cast_weights_once=true",) if cast else ()))
         swap = cast == "swap"
         r = run(args.config, args.batch, args.seq, compile_, ac, args.iters, sets, swap)
         r["variant"] = v

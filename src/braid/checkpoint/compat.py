@@ -51,6 +51,8 @@ SAFE = frozenset(
         "train.fp8_wgrad",
         # Which SDPA kernel computes the same attention (rounding differs, the model does not).
         "model.sdpa_backend",
+        # The residual stream's dtype under autocast: rounding, not the model.
+        "model.residual",
     }
 )
 SAFE_SECTIONS = ("metrics.", "checkpoint.")

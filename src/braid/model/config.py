@@ -21,6 +21,12 @@ class ModelConfig:
     rope_theta: float = knob(10000.0, "RoPE base frequency.")
     norm_eps: float = knob(1e-5, "RMSNorm epsilon.")
     tie_embeddings: bool = knob(True, "Share the input embedding and output projection weights.")
+    residual: str = knob(
+        "fp32",
+        "Dtype of the residual stream under bf16 autocast: fp32 (the embedding's; norms and adds "
+        "in fp32) or compute (autocast's bf16, as FSDP's bf16 parameters give; half the norms' "
+        "and adds' memory traffic).",
+    )
     init_std: float = knob(0.02, "Std of the normal init; output projections are scaled by depth.")
     # Attention options (docs/architectures.md, "Attention"); the defaults are the plain block.
     attention: str = knob("gqa", "Attention kind: gqa (grouped-query) or mla (multi-head latent).")
@@ -125,6 +131,7 @@ class ModelConfig:
 
     def _validate_attention(self) -> None:
         one_of("model.attention", self.attention, ("gqa", "mla"))
+        one_of("model.residual", self.residual, ("fp32", "compute"))
         one_of("model.sdpa_backend", self.sdpa_backend, SDPA_BACKENDS)
         one_of("model.qk_norm", self.qk_norm, ("none", "head", "full"))
         one_of("model.rope_scaling", self.rope_scaling, ("none", "yarn"))

@@ -24,4 +24,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        # A bf16 input (the residual stream with model.residual = "compute", q and k under
+        # autocast) meets its weight in bf16, as under FSDP's bf16 parameters: one fused kernel
+        # (the fp32 weight would send rms_norm to its unfused path).
+        w = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
+        return F.rms_norm(x, (x.shape[-1],), w, self.eps)

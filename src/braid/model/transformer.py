@@ -93,7 +93,7 @@ class Transformer(nn.Module):
         """Logits of the next token; in training (no caches) also the MTP modules' logits."""
         T = idx_BT.shape[1]
         rope = self.rope[start_pos : start_pos + T]
-        emb = self.tok_emb(idx_BT)
+        emb = self._residual(self.tok_emb(idx_BT))
         x = emb
         stats: dict[int, MoEStats] = {}
         for i, block in enumerate(self.blocks):
@@ -119,6 +119,15 @@ class Transformer(nn.Module):
         aux = torch.stack([s.aux_loss for s in stats.values()]).mean() if stats else zero
         z = torch.stack([s.z_loss for s in stats.values()]).mean() if stats else zero
         return ModelOutput(logits, aux, z, stats, mtp_logits)
+
+    def _residual(self, emb_BTD: Tensor) -> Tensor:
+        """The embedding as the residual stream starts: in autocast's dtype with `model.residual
+        = "compute"` while autocast is on (the blocks' adds and norms then read and write bf16),
+        else as the embedding gives it (fp32 weights: an fp32 stream)."""
+        dev = emb_BTD.device.type
+        if self.cfg.residual == "compute" and torch.is_autocast_enabled(dev):
+            return emb_BTD.to(torch.get_autocast_dtype(dev))
+        return emb_BTD
 
     def _head(self, x_BTD: Tensor) -> Tensor:
         return F.linear(x_BTD, self.tok_emb.weight) if self.output is None else self.output(x_BTD)

@@ -1,0 +1,94 @@
+"""model.residual: the residual stream in fp32 (the embedding's dtype) or, with "compute", in
+autocast's bf16, as FSDP's bf16 parameters give it. Without autocast the knob changes nothing;
+under autocast the blocks (and the MTP module) see bf16, and losses and gradients stay within
+bf16 rounding of the fp32 stream's."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from braid.checkpoint.compat import is_safe
+from braid.config import load_config
+from braid.errors import BraidError
+from braid.model.layers import RMSNorm
+from braid.parallel.mesh import ParallelContext
+from braid.train.model_setup import build_model
+from tiny_run import TINY_MODEL
+
+BF16 = torch.bfloat16
+MODEL = [*TINY_MODEL, "--moe.num_shared_experts=1", "--moe.first_k_dense=1", "--model.mtp_depth=1"]
+
+
+def _run(residual: str, amp: bool, seed: int = 0):
+    """(loss, grads by name, dtypes the main blocks saw, the MTP block's) of one forward +
+    backward."""
+    cfg = load_config(None, [*MODEL, f"--model.residual={residual}"])
+    torch.manual_seed(seed)
+    ctx = ParallelContext(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
+    model = build_model(cfg, ctx)
+    seen: list[torch.dtype] = []
+    for block in model.blocks:
+        block.register_forward_pre_hook(lambda mod, args: seen.append(args[0].dtype))
+    mtp: list[torch.dtype] = []
+    model.mtp[0].block.register_forward_pre_hook(lambda mod, args: mtp.append(args[0].dtype))
+    x = torch.randint(0, cfg.model.vocab_size, (2, 17), generator=torch.Generator().manual_seed(1))
+    ctx_amp = torch.autocast("cpu", dtype=BF16) if amp else torch.autocast("cpu", enabled=False)
+    with ctx_amp:
+        out = model(x[:, :-1])
+    loss = F.cross_entropy(out.logits.float().flatten(0, 1), x[:, 1:].flatten())
+    loss = loss + sum(F.cross_entropy(lg.float().flatten(0, 1), x[:, 1 + k :].flatten())
+                      for k, lg in enumerate(out.mtp_logits, start=1))  # fmt: skip
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return float(loss.detach()), grads, (seen, mtp)
+
+
+def test_under_autocast_the_blocks_and_the_mtp_module_see_a_bf16_stream():
+    _, _, (seen, mtp) = _run("compute", amp=True)
+    assert len(seen) == 2 and set(seen) == {BF16}  # both blocks
+    assert mtp == [BF16]
+    _, _, (seen, _) = _run("fp32", amp=True)
+    assert len(seen) == 2 and set(seen) == {torch.float32}
+
+
+def test_without_autocast_the_knob_changes_nothing():
+    loss_a, grads_a, (seen, mtp) = _run("compute", amp=False)
+    loss_b, grads_b, _ = _run("fp32", amp=False)
+    assert set(seen) == set(mtp) == {torch.float32}
+    assert loss_a == loss_b and grads_a.keys() == grads_b.keys()
+    assert all(torch.equal(grads_a[n], grads_b[n]) for n in grads_a)
+
+
+def test_a_bf16_stream_stays_within_bf16_rounding_of_the_fp32_stream():
+    loss_c, grads_c, _ = _run("compute", amp=True)
+    loss_f, grads_f, _ = _run("fp32", amp=True)
+    assert loss_c != loss_f  # the stream really is rounded
+    assert abs(loss_c - loss_f) < 2e-2 * abs(loss_f)
+    assert grads_c.keys() == grads_f.keys()
+    for name, g in grads_f.items():
+        cos = F.cosine_similarity(g.flatten().double(), grads_c[name].flatten().double(), dim=0)
+        assert cos > 0.98, name
+
+
+def test_rms_norm_meets_a_bf16_input_with_its_weight_in_bf16_and_no_warning():
+    norm = RMSNorm(64)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(3, 64, dtype=BF16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the unfused mixed-dtype path warns
+        y = norm(x)
+    assert y.dtype == BF16
+    assert torch.equal(y, F.rms_norm(x, (64,), norm.weight.to(BF16), norm.eps))
+    x32 = x.float()
+    assert torch.equal(norm(x32), F.rms_norm(x32, (64,), norm.weight, norm.eps))
+
+
+def test_the_knob_is_checked_and_safe_to_change_on_resume():
+    with pytest.raises(BraidError, match="model.residual"):
+        load_config(None, ["--model.residual=bf16"])
+    assert is_safe("model.residual")
