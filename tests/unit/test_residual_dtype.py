@@ -17,7 +17,7 @@ from braid.errors import BraidError
 from braid.model.layers import RMSNorm
 from braid.parallel.mesh import ParallelContext
 from braid.train.model_setup import build_model
-from tiny_run import TINY_MODEL
+from tiny_run import TINY_MODEL, prepare_words, train_logged
 
 BF16 = torch.bfloat16
 MODEL = [*TINY_MODEL, "--moe.num_shared_experts=1", "--moe.first_k_dense=1", "--model.mtp_depth=1"]
@@ -92,3 +92,35 @@ def test_the_knob_is_checked_and_safe_to_change_on_resume():
     with pytest.raises(BraidError, match="model.residual"):
         load_config(None, ["--model.residual=bf16"])
     assert is_safe("model.residual")
+
+
+def test_a_tiny_bf16_run_with_a_bf16_stream_learns_like_the_fp32_stream(tmp_path):
+    """Through the trainer (bf16 autocast, validation, the optimizer): both runs learn, and
+    the bf16 stream's losses stay within 2% of the fp32 stream's."""
+    words = "every token is routed to two experts and back again".split()
+    data = prepare_words(tmp_path, words, seed=0, count=3000)
+    base = [
+        *MODEL,
+        "--train.dtype=bf16",
+        "--train.batch_size=8",
+        "--train.seq_len=32",
+        "--train.steps=8",
+        "--train.log_every=2",
+        "--train.val_every=4",
+        "--train.val_batches=1",
+        "--train.progress=false",
+        "--checkpoint.every=100",
+        f"--data.path={data}",
+        f"--run.dir={tmp_path / 'runs'}",
+    ]
+    ref, ref_res = train_logged([*base, "--run.name=fp32"])
+    got, got_res = train_logged([*base, "--run.name=bf16", "--model.residual=compute"])
+    assert sorted(got) == sorted(ref) == [2, 4, 6, 8]
+    assert ref[8] < ref[2] - 0.3 and got[8] < got[2] - 0.3  # both learn
+    assert got != ref  # rounded differently
+    for step, loss in ref.items():
+        assert abs(got[step] - loss) < 0.02 * loss, step
+    assert (
+        abs(got_res["final_val_loss"] - ref_res["final_val_loss"])
+        < 0.02 * ref_res["final_val_loss"]
+    )
