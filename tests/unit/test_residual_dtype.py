@@ -124,3 +124,27 @@ def test_a_tiny_bf16_run_with_a_bf16_stream_learns_like_the_fp32_stream(tmp_path
         abs(got_res["final_val_loss"] - ref_res["final_val_loss"])
         < 0.02 * ref_res["final_val_loss"]
     )
+
+
+def test_fp8_linears_and_experts_take_the_bf16_stream():
+    """train.precision = "fp8" (CPU emulation) quantizes a bf16 input as it does an fp32 one."""
+    losses = {}
+    for residual in ("fp32", "compute"):
+        cfg = load_config(
+            None,
+            [*MODEL, f"--model.residual={residual}", "--train.precision=fp8", "--train.dtype=bf16"],
+        )
+        torch.manual_seed(0)
+        ctx = ParallelContext(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
+        model = build_model(cfg, ctx)
+        x = torch.randint(
+            0, cfg.model.vocab_size, (2, 17), generator=torch.Generator().manual_seed(1)
+        )
+        with torch.autocast("cpu", dtype=BF16):
+            out = model(x[:, :-1])
+        loss = F.cross_entropy(out.logits.float().flatten(0, 1), x[:, 1:].flatten())
+        loss.backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+        losses[residual] = float(loss.detach())
+    assert losses["compute"] != losses["fp32"]
+    assert abs(losses["compute"] - losses["fp32"]) < 2e-2 * losses["fp32"]
