@@ -51,8 +51,9 @@ def test_under_autocast_the_blocks_and_the_mtp_module_see_a_bf16_stream():
     _, _, (seen, mtp) = _run("compute", amp=True)
     assert len(seen) == 2 and set(seen) == {BF16}  # both blocks
     assert mtp == [BF16]
-    _, _, (seen, _) = _run("fp32", amp=True)
+    _, _, (seen, mtp) = _run("fp32", amp=True)
     assert len(seen) == 2 and set(seen) == {torch.float32}
+    assert mtp == [torch.float32]  # not the projection's bf16
 
 
 def test_without_autocast_the_knob_changes_nothing():

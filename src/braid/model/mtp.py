@@ -36,5 +36,7 @@ class MTPModule(nn.Module):
     def forward(self, h_BTD: Tensor, emb_BTD: Tensor, rope: Tensor):
         """(h^k before the head's norm, its normed copy for the head, MoE stats or None)."""
         x_BTD = self.eh_proj(torch.cat([self.hnorm(h_BTD), self.enorm(emb_BTD)], dim=-1))
-        h_BTD, stats = self.block(x_BTD, rope)
+        # The block's residual stream in the main one's dtype (`model.residual`), not in the
+        # projection's (bf16 under autocast).
+        h_BTD, stats = self.block(x_BTD.to(h_BTD.dtype), rope)
         return h_BTD, self.norm(h_BTD), stats
