@@ -153,6 +153,10 @@ def test_measure_on_a_real_dispatcher_and_a_compressing_exchange():
     moe.dispatcher.exchange = get_exchange("simulated")(None, None, cfg)
     shape = layer_shape(moe, 256, torch.float32)
     assert shape.ep == 4  # the simulated exchange's ranks
+    # fp32 parameters under bf16 autocast: an fp32 stream dispatched, bf16 combined; a bf16
+    # stream (model.residual = "compute") both ways.
+    assert layer_shape(moe, 256, torch.bfloat16).elem_bytes == 3
+    assert layer_shape(moe, 256, torch.bfloat16, torch.bfloat16).elem_bytes == 2
     m = measure(
         shape,
         moe.dispatcher.exchange,
@@ -244,3 +248,37 @@ def test_a_fused_join_costs_one_add_and_no_gather():
         assert gathering > per + 1e3, C
         per = predict_ms(shape, C, False, m, chunk_dw="per_chunk")
         assert per - predict_ms(shape, C, False, m, chunk_dw="auto") == pytest.approx((C - 1) * 2.0)
+
+
+@pytest.mark.parametrize("residual,wire", [("fp32", 3), ("compute", 2)])
+def test_the_session_plans_a_bf16_stream_s_dispatch_in_bf16(residual, wire, monkeypatch):
+    import torch
+
+    from braid.config import load_config
+    from braid.overlap import session as session_mod
+    from braid.parallel.mesh import ParallelContext
+    from braid.train.model_setup import build_model
+
+    cfg = load_config(
+        None,
+        [
+            "--model.dim=32",
+            "--model.n_heads=2",
+            "--model.n_layers=2",
+            "--moe.expert_hidden=16",
+            "--exchange.algorithm=simulated",
+            "--overlap.chunks=2",
+            f"--model.residual={residual}",
+        ],
+    )
+    cpu = ParallelContext(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
+    model = build_model(cfg, cpu)
+    shapes = []
+    real = session_mod.layer_shape
+    monkeypatch.setattr(
+        session_mod, "layer_shape", lambda *a: shapes.append(real(*a)) or shapes[-1]
+    )
+    session_mod.OverlapSession.install(
+        model, cfg.overlap, device=cpu.device, tokens_per_rank=32, dtype=torch.bfloat16
+    )
+    assert shapes and {s.elem_bytes for s in shapes} == {wire}

@@ -53,7 +53,7 @@ def test_under_autocast_the_blocks_and_the_mtp_module_see_a_bf16_stream():
     assert mtp == [BF16]
     _, _, (seen, mtp) = _run("fp32", amp=True)
     assert len(seen) == 2 and set(seen) == {torch.float32}
-    assert mtp == [torch.float32]  # not the projection's bf16
+    assert mtp == [BF16]  # the MTP block's stream is its input projection's dtype either way
 
 
 def test_without_autocast_the_knob_changes_nothing():
@@ -65,21 +65,26 @@ def test_without_autocast_the_knob_changes_nothing():
 
 
 def test_a_bf16_stream_stays_within_bf16_rounding_of_the_fp32_stream():
+    """Measured here: the loss 2e-5 apart (relative), each grad at most 1.2% (relative norm of
+    the difference), the size of the gap between autocast and no autocast itself."""
     loss_c, grads_c, _ = _run("compute", amp=True)
     loss_f, grads_f, _ = _run("fp32", amp=True)
     assert loss_c != loss_f  # the stream really is rounded
-    assert abs(loss_c - loss_f) < 2e-2 * abs(loss_f)
+    assert abs(loss_c - loss_f) < 2e-4 * abs(loss_f)
     assert grads_c.keys() == grads_f.keys()
     for name, g in grads_f.items():
-        cos = F.cosine_similarity(g.flatten().double(), grads_c[name].flatten().double(), dim=0)
-        assert cos > 0.98, name
+        assert (grads_c[name] - g).norm() <= 0.05 * g.norm(), name
 
 
-def test_rms_norm_meets_a_bf16_input_with_its_weight_in_bf16_and_no_warning():
+def test_stream_norms_meet_a_bf16_input_with_their_weight_in_bf16_and_no_warning():
     norm = RMSNorm(64)
     with torch.no_grad():
         norm.weight.uniform_(0.5, 1.5)
     x = torch.randn(3, 64, dtype=BF16)
+    with warnings.catch_warnings():  # unflagged: the mixed-dtype call, as before
+        warnings.simplefilter("ignore")
+        assert torch.equal(norm(x), F.rms_norm(x, (64,), norm.weight, norm.eps))
+    norm.weight_to_input = True
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the unfused mixed-dtype path warns
         y = norm(x)
@@ -87,6 +92,25 @@ def test_rms_norm_meets_a_bf16_input_with_its_weight_in_bf16_and_no_warning():
     assert torch.equal(y, F.rms_norm(x, (64,), norm.weight.to(BF16), norm.eps))
     x32 = x.float()
     assert torch.equal(norm(x32), F.rms_norm(x32, (64,), norm.weight, norm.eps))
+
+
+@pytest.mark.parametrize("attention", ["gqa", "mla"])
+def test_only_the_stream_s_norms_are_flagged(attention):
+    """qk_norm and MLA's latent norms keep their fp32 weights: only the norms reading the stream
+    (and the MTP module's embedding norm) change with the knob."""
+    extra = ["--model.qk_norm=head"] if attention == "gqa" else ["--model.attention=mla"]
+    for residual in ("fp32", "compute"):
+        cfg = load_config(None, [*MODEL, *extra, f"--model.residual={residual}"])
+        ctx = ParallelContext(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
+        model = build_model(cfg, ctx)
+        flagged = {n for n, m in model.named_modules() if getattr(m, "weight_to_input", False)}
+        norms = {n for n, m in model.named_modules() if isinstance(m, RMSNorm)}
+        stream = {n for n in norms if n.rsplit(".", 1)[-1] in ("attn_norm", "ffn_norm", "hnorm",
+                                                              "enorm")} | {"norm"}  # fmt: skip
+        stream |= {n for n in norms if n.startswith("mtp.") and n.count(".") == 2
+                   and n.endswith(".norm")}  # fmt: skip
+        assert flagged == (stream if residual == "compute" else set())
+        assert len(norms - stream) >= 3  # the attention's own norms stay unflagged
 
 
 def test_the_knob_is_checked_and_safe_to_change_on_resume():
@@ -97,7 +121,7 @@ def test_the_knob_is_checked_and_safe_to_change_on_resume():
 
 def test_a_tiny_bf16_run_with_a_bf16_stream_learns_like_the_fp32_stream(tmp_path):
     """Through the trainer (bf16 autocast, validation, the optimizer): both runs learn, and
-    the bf16 stream's losses stay within 2% of the fp32 stream's."""
+    the bf16 stream's losses stay within 0.2% of the fp32 stream's (measured: 0.035% at most)."""
     words = "every token is routed to two experts and back again".split()
     data = prepare_words(tmp_path, words, seed=0, count=3000)
     base = [
@@ -120,15 +144,16 @@ def test_a_tiny_bf16_run_with_a_bf16_stream_learns_like_the_fp32_stream(tmp_path
     assert ref[8] < ref[2] - 0.3 and got[8] < got[2] - 0.3  # both learn
     assert got != ref  # rounded differently
     for step, loss in ref.items():
-        assert abs(got[step] - loss) < 0.02 * loss, step
+        assert abs(got[step] - loss) < 2e-3 * loss, step
     assert (
         abs(got_res["final_val_loss"] - ref_res["final_val_loss"])
-        < 0.02 * ref_res["final_val_loss"]
+        < 2e-3 * ref_res["final_val_loss"]
     )
 
 
 def test_fp8_linears_and_experts_take_the_bf16_stream():
-    """train.precision = "fp8" (CPU emulation) quantizes a bf16 input as it does an fp32 one."""
+    """train.precision = "fp8" (CPU emulation) quantizes a bf16 input as it does an fp32 one
+    (measured: losses 1e-4 apart, relative)."""
     losses = {}
     for residual in ("fp32", "compute"):
         cfg = load_config(
@@ -148,4 +173,4 @@ def test_fp8_linears_and_experts_take_the_bf16_stream():
         assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
         losses[residual] = float(loss.detach())
     assert losses["compute"] != losses["fp32"]
-    assert abs(losses["compute"] - losses["fp32"]) < 2e-2 * losses["fp32"]
+    assert abs(losses["compute"] - losses["fp32"]) < 1e-3 * losses["fp32"]

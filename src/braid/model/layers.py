@@ -22,10 +22,13 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        # Set on the norms of a bf16 residual stream (`model.residual = "compute"`): the weight
+        # meets the input in its dtype, as under FSDP's bf16 parameters (one fused kernel; an
+        # fp32 weight would send rms_norm to its unfused path).
+        self.weight_to_input = False
 
     def forward(self, x: Tensor) -> Tensor:
-        # A bf16 input (the residual stream with model.residual = "compute", q and k under
-        # autocast) meets its weight in bf16, as under FSDP's bf16 parameters: one fused kernel
-        # (the fp32 weight would send rms_norm to its unfused path).
-        w = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
+        w = self.weight
+        if self.weight_to_input and w.dtype != x.dtype:
+            w = w.to(x.dtype)
         return F.rms_norm(x, (x.shape[-1],), w, self.eps)

@@ -36,7 +36,5 @@ class MTPModule(nn.Module):
     def forward(self, h_BTD: Tensor, emb_BTD: Tensor, rope: Tensor):
         """(h^k before the head's norm, its normed copy for the head, MoE stats or None)."""
         x_BTD = self.eh_proj(torch.cat([self.hnorm(h_BTD), self.enorm(emb_BTD)], dim=-1))
-        # The block's residual stream in the main one's dtype (`model.residual`), not in the
-        # projection's (bf16 under autocast).
-        h_BTD, stats = self.block(x_BTD.to(h_BTD.dtype), rope)
+        h_BTD, stats = self.block(x_BTD, rope)
         return h_BTD, self.norm(h_BTD), stats

@@ -83,6 +83,9 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.register_buffer("rope", rope_table(cfg), persistent=False)
+        if cfg.residual == "compute":  # the norms that read the stream meet it in its dtype
+            for norm in self.stream_norms():
+                norm.weight_to_input = True
 
     def forward(
         self,
@@ -131,6 +134,12 @@ class Transformer(nn.Module):
 
     def _head(self, x_BTD: Tensor) -> Tensor:
         return F.linear(x_BTD, self.tok_emb.weight) if self.output is None else self.output(x_BTD)
+
+    def stream_norms(self) -> list[RMSNorm]:
+        """The norms whose input is the residual stream (or the embedding, for MTP)."""
+        norms = [n for b in self.all_blocks() for n in (b.attn_norm, b.ffn_norm)]
+        norms += [n for m in self.mtp for n in (m.hnorm, m.enorm, m.norm)]
+        return [*norms, self.norm]
 
     def units(self) -> list[nn.Module]:
         """The blocks, then the MTP modules: the units parallelism wraps one by one."""

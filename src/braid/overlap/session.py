@@ -63,12 +63,16 @@ def describe_dense(where: dict[int, int]) -> str:
     return "overlap split_dw=all: attention/dense dW of " + ("; ".join(parts) or "no block")
 
 
-def layer_shape(moe: Any, tokens_per_rank: int, dtype: torch.dtype) -> LayerShape:
+def layer_shape(
+    moe: Any, tokens_per_rank: int, dtype: torch.dtype, stream: torch.dtype | None = None
+) -> LayerShape:
     """The planner's view of one MoE layer (duck-typed `braid.moe.layer.MoE`). `dtype` is the
-    compute (autocast) dtype: the dispatch exchanges carry the layer input (the parameters'
-    dtype, the residual stream), the combine exchanges the experts' output (`dtype`)."""
+    compute (autocast) dtype: the dispatch exchanges carry the layer input (the residual
+    stream: `stream`, or by default the parameters' dtype), the combine exchanges the experts'
+    output (`dtype`)."""
     shared = 0 if moe.shared is None else moe.shared.w2.weight.shape[1]
-    wire = (moe.router.weight.element_size() + dtype.itemsize) / 2
+    x_bytes = moe.router.weight.element_size() if stream is None else stream.itemsize
+    wire = (x_bytes + dtype.itemsize) / 2
     return LayerShape(
         tokens=tokens_per_rank,
         dim=moe.experts.dim,
@@ -134,8 +138,11 @@ class OverlapSession:
         tried: dict[int, tuple[int, ...]] = {}  # the chunk trial's candidates per layer
         planned: dict[int, int] = {}
         tables: dict[int, dict[int, float]] = {}
+        # A bf16 residual stream (`model.residual = "compute"`) is dispatched in `dtype`.
+        model_cfg = getattr(model, "cfg", None)
+        stream = dtype if getattr(model_cfg, "residual", "fp32") == "compute" else None
         for i, moe in moes.items():
-            shape = layer_shape(moe, tokens_per_rank, dtype)
+            shape = layer_shape(moe, tokens_per_rank, dtype, stream)
             plan_split = split  # routed dW deferred, FSDP expert units too (fsdp_unit)
             L = moe.dispatcher.chunk_local  # experts a chunk may divide (the group's, per rank)
             axis = lambda c, L=L: chunk_axis(cfg.chunk_by, c, L)  # noqa: E731
