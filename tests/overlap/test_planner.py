@@ -250,35 +250,42 @@ def test_a_fused_join_costs_one_add_and_no_gather():
         assert per - predict_ms(shape, C, False, m, chunk_dw="auto") == pytest.approx((C - 1) * 2.0)
 
 
-@pytest.mark.parametrize("residual,wire", [("fp32", 3), ("compute", 2)])
-def test_the_session_plans_a_bf16_stream_s_dispatch_in_bf16(residual, wire, monkeypatch):
+@pytest.mark.parametrize(
+    "sets,distributed,wire",
+    [
+        ([], False, 3),  # fp32 stream dispatched, bf16 combined
+        (["--model.residual=compute"], False, 2),
+        (["--parallel.param_dtype=bf16"], True, 2),  # FSDP's bf16 parameters
+        (["--parallel.param_dtype=bf16"], False, 3),  # one process: no FSDP units
+    ],
+)
+def test_the_session_plans_the_stream_s_dispatch_in_its_dtype(sets, distributed, wire, monkeypatch):
     import torch
 
     from braid.config import load_config
     from braid.overlap import session as session_mod
     from braid.parallel.mesh import ParallelContext
+    from braid.train.loss import stream_dtype
     from braid.train.model_setup import build_model
 
-    cfg = load_config(
-        None,
-        [
-            "--model.dim=32",
-            "--model.n_heads=2",
-            "--model.n_layers=2",
-            "--moe.expert_hidden=16",
-            "--exchange.algorithm=simulated",
-            "--overlap.chunks=2",
-            f"--model.residual={residual}",
-        ],
-    )
+    base = [
+        "--model.dim=32",
+        "--model.n_heads=2",
+        "--model.n_layers=2",
+        "--moe.expert_hidden=16",
+        "--exchange.algorithm=simulated",
+        "--overlap.chunks=2",
+        "--train.dtype=bf16",
+    ]
     cpu = ParallelContext(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
-    model = build_model(cfg, cpu)
+    model = build_model(load_config(None, base), cpu)  # param_dtype needs torchrun to build
+    cfg = load_config(None, base + sets)
     shapes = []
     real = session_mod.layer_shape
     monkeypatch.setattr(
         session_mod, "layer_shape", lambda *a: shapes.append(real(*a)) or shapes[-1]
     )
-    session_mod.OverlapSession.install(
-        model, cfg.overlap, device=cpu.device, tokens_per_rank=32, dtype=torch.bfloat16
-    )
+    stream = stream_dtype(cfg, cpu.device, distributed)
+    kw = dict(device=cpu.device, tokens_per_rank=32, dtype=torch.bfloat16, stream=stream)
+    session_mod.OverlapSession.install(model, cfg.overlap, **kw)
     assert shapes and {s.elem_bytes for s in shapes} == {wire}

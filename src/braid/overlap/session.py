@@ -120,13 +120,16 @@ class OverlapSession:
         device: torch.device,
         tokens_per_rank: int,
         dtype: torch.dtype,
+        stream: torch.dtype | None = None,
         log_every: int = 1,
         is_main: bool = True,
         run_dir: Path | None = None,
         rank: int = 0,
         log: Callable[[str], None] = _stderr,
     ) -> OverlapSession:
-        """Plan and install a `LayerOverlap` on every MoE layer that needs one."""
+        """Plan and install a `LayerOverlap` on every MoE layer that needs one. `dtype`: the
+        compute dtype; `stream`: the residual stream's (`braid.train.loss.stream_dtype`; by
+        default the parameters')."""
         moes = model.moe_modules()
         watch = cfg.report or cfg.trace_step > 0
         restore_dense(model)  # a model installed before keeps no deferred linear
@@ -138,9 +141,6 @@ class OverlapSession:
         tried: dict[int, tuple[int, ...]] = {}  # the chunk trial's candidates per layer
         planned: dict[int, int] = {}
         tables: dict[int, dict[int, float]] = {}
-        # A bf16 residual stream (`model.residual = "compute"`) is dispatched in `dtype`.
-        model_cfg = getattr(model, "cfg", None)
-        stream = dtype if getattr(model_cfg, "residual", "fp32") == "compute" else None
         for i, moe in moes.items():
             shape = layer_shape(moe, tokens_per_rank, dtype, stream)
             plan_split = split  # routed dW deferred, FSDP expert units too (fsdp_unit)

@@ -19,6 +19,17 @@ def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if use_bf16 else torch.float32
 
 
+def stream_dtype(cfg: Config, device: torch.device, distributed: bool) -> torch.dtype:
+    """The residual stream's dtype (what an MoE layer's dispatch carries): bf16 under FSDP's
+    bf16 parameters (`parallel.param_dtype`, distributed runs) or with `model.residual =
+    "compute"` and a bf16 compute dtype, else fp32 (the embedding's)."""
+    if distributed and cfg.parallel.param_dtype == "bf16":
+        return torch.bfloat16
+    if cfg.model.residual == "compute":
+        return compute_dtype(cfg, device)
+    return torch.float32
+
+
 def autocast(cfg: Config, device: torch.device):
     """bf16 autocast where the compute dtype is bf16 (`compute_dtype`), else nothing."""
     if compute_dtype(cfg, device) != torch.bfloat16:

@@ -39,7 +39,7 @@ from braid.overlap.session import OverlapSession
 from braid.parallel.distributed import init_parallel
 from braid.parallel.mesh import ParallelContext
 from braid.train.log import TrainLogger, check_logging
-from braid.train.loss import autocast, compute_dtype, evaluate, loss_fn
+from braid.train.loss import autocast, compute_dtype, evaluate, loss_fn, stream_dtype
 from braid.train.model_setup import build_model, load_data
 from braid.train.optim import build_optimizer, lr_at
 from braid.train.rundir import new_run_id, prepare_run_dir, write_json_atomic
@@ -124,6 +124,7 @@ def _run(cfg, ctx, run_id, run_dir, loader, val_batches, model) -> dict:
         device=ctx.device,
         log_every=tc.log_every,
         dtype=compute,
+        stream=stream_dtype(cfg, ctx.device, ctx.distributed),
         tokens_per_rank=tc.batch_size // tc.grad_accum * tc.seq_len // ctx.world,
         is_main=ctx.is_main,
         run_dir=run_dir,
