@@ -66,6 +66,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from common import environment, time_cuda, write_result  # noqa: E402
 from overlap_exchange import record, slowest, time_alone  # noqa: E402
+from overlap_sim import layer_step  # noqa: E402
 from overlap_train_step import TRAIN_CONFIGS, bench_config  # noqa: E402
 
 from braid.exchange.config import ExchangeConfig  # noqa: E402
@@ -116,13 +117,8 @@ def build(shape: tuple, device: torch.device, ep_group) -> MoE:
 
 def step(moe: MoE, x: torch.Tensor, g: torch.Tensor, amp) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward + backward (grads cleared first, left in place); the output and input grad."""
-    for p in moe.parameters():
-        p.grad = None
-    x = x.detach().requires_grad_()
-    with amp:
-        y, _ = moe(x)
-    y.backward(g)
-    return y.detach(), x.grad
+    y, xx = layer_step(moe, x, g, amp)
+    return y.detach(), xx.grad
 
 
 def grads_of(moe: MoE, x, g, amp) -> list[torch.Tensor]:
