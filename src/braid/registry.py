@@ -3,8 +3,12 @@
 Lookups of unknown names fail with the list of valid names. A name containing ':' or a dot path
 (`package.module:attr` or `package.module.attr`) is imported, so users can plug in their own
 implementation without touching Braid, but only when the name comes from the user (the command
-line or a config file given to `braid train`): `get(name, allow_import=False)` refuses dotted
-names, for configs read from checkpoints and model directories, which are data and never run code.
+line, a config file given to `braid train`, or Python code that calls `get`): validating a user's
+config imports its plug-ins (`Config.validate()`), and the registry keeps what it imported.
+Whatever builds objects from a config (exchanges, their compressors) looks names up with
+`get(name, allow_import=False)`, which returns a registered or already imported plug-in and
+refuses any other dotted name: a config read from a checkpoint or a model directory is data,
+validated without imports, so nothing it names is ever imported.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ class Registry(Generic[T]):
     def __init__(self, kind: str):
         self.kind = kind
         self._items: dict[str, T] = {}
+        self._imported: dict[str, T] = {}  # dotted names a user's config or code imported
 
     def register(self, name: str) -> Callable[[T], T]:
         def deco(obj: T) -> T:
@@ -39,12 +44,16 @@ class Registry(Generic[T]):
         if name in self._items:
             return self._items[name]
         if is_dotted(name):
+            if name in self._imported:
+                return self._imported[name]
             if not allow_import:
                 raise BraidError(
-                    f"{self.kind} {name!r} is a plug-in named by a file, and files are data: "
-                    "it is not imported; name it on the command line to use it"
+                    f"{self.kind} {name!r} is a plug-in that was not imported: a saved config "
+                    "is data and never imports code; name it on the command line or in the "
+                    "config file given to braid (or call Config.validate()) to use it"
                 )
-            return _import_path(name, self.kind)
+            self._imported[name] = obj = _import_path(name, self.kind)
+            return obj
         raise BraidError(
             f"unknown {self.kind} {name!r}: expected one of {', '.join(self.names())} "
             "or a dotted import path (package.module:Name)"

@@ -130,3 +130,32 @@ def test_symmetric_refused_cleanly_off_cuda():
         "exchange.algorithm=symmetric needs CUDA GPUs with symmetric memory; "
         "use nccl or hierarchical"
     )
+
+
+def test_builders_import_only_plugins_the_users_config_imported(tmp_path, monkeypatch):
+    """Braid's builders look plug-ins up without importing: a config that is data (validated
+    with imports=False) cannot make them import a module; the user's own config can."""
+    import sys
+
+    from braid.config import load_config
+    from braid.exchange import get_exchange
+
+    marker = tmp_path / "imported"
+    (tmp_path / "braid_unvetted_plugin.py").write_text(
+        f"open({str(marker)!r}, 'w').write('ran')\n"
+        "from braid.exchange.compress import NoCompressor\n"
+        "class C(NoCompressor):\n    name = 'unvetted'\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    name = "braid_unvetted_plugin:C"
+    data = ExchangeConfig(algorithm="simulated", compressor=name)
+    data.validate(imports=False)  # as config_from_data does
+    with pytest.raises(BraidError, match="not imported") as e:
+        get_exchange("simulated", allow_import=False)(None, None, data)
+    assert "\n" not in str(e.value) and name in str(e.value)
+    assert not marker.exists() and "braid_unvetted_plugin" not in sys.modules
+    cfg = load_config(None, ["--exchange.algorithm=simulated", f"--exchange.compressor={name}"])
+    assert marker.exists()  # the user's config imported it, once
+    ex = get_exchange("simulated", allow_import=False)(None, None, cfg.exchange)
+    assert type(ex.compressor).__name__ == "C"
+    monkeypatch.delitem(sys.modules, "braid_unvetted_plugin")

@@ -497,6 +497,12 @@ def test_a_module_planted_beside_an_export_is_never_imported(world, tmp_path):
     body["config"]["exchange"]["compressor"] = "evilmod:X"
     body["fingerprint"] = fingerprint_of(body["config"])  # a carefully made file
     (out / "config.json").write_text(json.dumps(body))
+    # One process builds the simulated exchange for training; a saved config naming it with a
+    # plug-in compressor must not reach the compressor's lookup either.
+    sim = Path(shutil.copytree(out, tmp_path / "export_sim"))
+    body["config"]["exchange"]["algorithm"] = "simulated"
+    body["fingerprint"] = fingerprint_of(body["config"])
+    (sim / "config.json").write_text(json.dumps(body))
     run = copy_run(world, tmp_path)  # the same plant beside a run whose meta.json names it
     shutil.copy(out / "evilmod.py", run / "evilmod.py")
     meta = newest(run) / paths.META_FILE
@@ -507,6 +513,7 @@ def test_a_module_planted_beside_an_export_is_never_imported(world, tmp_path):
     gen_here = ["generate", "--run", ".", "--prompt", "every", "--cpu", "--max-new-tokens", "3"]
     for cwd, argv in (
         (out, gen_here),
+        (sim, gen_here),
         (run, gen_here),
         (run, ["export", "--run", ".", "--out", str(tmp_path / "again")]),
     ):

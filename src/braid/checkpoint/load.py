@@ -84,11 +84,16 @@ def find_checkpoint(path: Path) -> Path:
 
 
 def build_single(cfg: Config, device: torch.device) -> Transformer:
-    """The one-process model of `cfg` on `device`, allocated but not initialised."""
+    """The one-process model of `cfg` on `device`, allocated but not initialised. It runs
+    without an exchange (the default section: one process builds none), so nothing a saved
+    config names as a plug-in is looked up."""
+    from braid.exchange.config import ExchangeConfig
     from braid.parallel.build import build_model
 
     cfg = cfg.replace(
-        train={"compile": False, "cuda_graphs": False}, parallel={"activation_checkpoint": False}
+        train={"compile": False, "cuda_graphs": False},
+        parallel={"activation_checkpoint": False},
+        exchange=ExchangeConfig(),
     )
     ctx = ParallelContext(rank=0, world=1, local_rank=0, device=device)
     return build_model(cfg, ctx, init=False)

@@ -48,17 +48,19 @@ def _register_builtins() -> None:
 _register_builtins()
 
 
-def get_exchange(name: str) -> ExchangeFactory:
+def get_exchange(name: str, *, allow_import: bool = True) -> ExchangeFactory:
     """Factory for exchange `name`: `(ep_group, world_group, cfg) -> Exchange` with cfg's
-    compressor attached (a registered name or `package.module:Class`)."""
-    cls = EXCHANGES.get(name)
+    compressor attached (a registered name or `package.module:Class`). Braid's own builders
+    pass `allow_import=False`: a dotted exchange or compressor must then have been imported
+    when the user's config was validated, never by a config that is data (braid.registry)."""
+    cls = EXCHANGES.get(name, allow_import=allow_import)
 
     def build(ep_group, world_group, cfg: ExchangeConfig | None = None) -> Exchange:
         from braid.exchange.compress import with_compressor
         from braid.exchange.config import ExchangeConfig
 
         cfg = cfg if cfg is not None else ExchangeConfig()
-        return with_compressor(cls(ep_group, world_group, cfg), cfg)
+        return with_compressor(cls(ep_group, world_group, cfg), cfg, allow_import=allow_import)
 
     build.exchange_class = cls  # type: ignore[attr-defined]
     return build

@@ -120,7 +120,7 @@ def choose_exchange(
     times = []
     for name in candidates:
         try:
-            ex = EXCHANGES.get(name)(ep_group, world_group, cfg)
+            ex = EXCHANGES.get(name, allow_import=False)(ep_group, world_group, cfg)
         except BraidError as e:
             skipped[name] = str(e)
             times.append(math.inf)

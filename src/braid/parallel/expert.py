@@ -51,7 +51,8 @@ def apply_expert_parallel(model: nn.Module, cfg: Config, ctx: ParallelContext) -
     xcfg = cfg.exchange
     if xcfg.node_size == 0:
         xcfg = dataclasses.replace(xcfg, node_size=math.gcd(ctx.local_world, ctx.ep))
-    exchange = get_exchange(xcfg.algorithm)(ep_mesh.get_group(), ctx.world_mesh.get_group(), xcfg)
+    build = get_exchange(xcfg.algorithm, allow_import=False)  # imported by the config's validation
+    exchange = build(ep_mesh.get_group(), ctx.world_mesh.get_group(), xcfg)
     auto = find_auto(exchange)
     if auto is not None and ctx.is_main:
         auto.watch(lambda choice: print(choice.line(), file=sys.stderr, flush=True))

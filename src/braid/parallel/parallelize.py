@@ -49,7 +49,8 @@ def parallelize(model: nn.Module, cfg: Config, ctx: ParallelContext) -> nn.Modul
     elif cfg.exchange.algorithm == "simulated":
         from braid.parallel.expert import install_exchange
 
-        install_exchange(model, get_exchange("simulated")(None, None, cfg.exchange))  # 1
+        sim = get_exchange("simulated", allow_import=False)
+        install_exchange(model, sim(None, None, cfg.exchange))  # 1
     for block in model.all_blocks():  # the MTP modules' blocks included
         block.activation_checkpoint = cfg.parallel.activation_checkpoint  # 2
         if cfg.train.compile:  # 3: in place, so parameter names do not change

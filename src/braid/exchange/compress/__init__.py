@@ -19,9 +19,10 @@ for _cls in (NoCompressor, Bf16Compressor, Int8Compressor, Fp8Compressor):
     COMPRESSORS.register(_cls.name)(_cls)
 
 
-def get_compressor(name: str) -> type[Compressor]:
-    """The compressor class named `name` (a registered name or `package.module:Class`)."""
-    return COMPRESSORS.get(name)
+def get_compressor(name: str, *, allow_import: bool = True) -> type[Compressor]:
+    """The compressor class named `name` (a registered name or `package.module:Class`;
+    `allow_import=False`: only one already imported, see braid.registry)."""
+    return COMPRESSORS.get(name, allow_import=allow_import)
 
 
 __all__ = [

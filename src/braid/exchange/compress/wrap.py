@@ -82,10 +82,15 @@ class CompressedExchange(Exchange):
         return self.inner.traffic_ranks
 
 
-def with_compressor(inner: Exchange, cfg: ExchangeConfig) -> Exchange:
-    """`inner` wrapped with `cfg.compressor` (and `cfg.compress_combine`); `none` is `inner`."""
+def with_compressor(
+    inner: Exchange, cfg: ExchangeConfig, *, allow_import: bool = False
+) -> Exchange:
+    """`inner` wrapped with `cfg.compressor` (and `cfg.compress_combine`); `none` is `inner`.
+    A dotted compressor must have been imported by validating the user's config, unless
+    `allow_import` (the caller's own code names it)."""
     from braid.exchange.compress import get_compressor
 
     if cfg.compressor == "none":
         return inner
-    return CompressedExchange(inner, get_compressor(cfg.compressor)(cfg), cfg.compress_combine)
+    cls = get_compressor(cfg.compressor, allow_import=allow_import)
+    return CompressedExchange(inner, cls(cfg), cfg.compress_combine)
