@@ -74,6 +74,30 @@ def test_dataset_errors(data_dir, tmp_path):
         TokenDataset(bad)
 
 
+def test_the_tokenizer_stays_inside_the_dataset_and_matches_its_checksum(data_dir, tmp_path):
+    """A run and its exports copy the dataset's tokenizer: a manifest naming a file outside its
+    directory, or a tokenizer that is not the one prep hashed, is refused before any copy."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not a tokenizer")
+    man = json.loads((data_dir / "manifest.json").read_text())
+    for name in (str(secret), "../secret.txt", "sub/tokenizer.json"):
+        d = _copy(data_dir, tmp_path / f"esc{len(name)}")
+        (d / "manifest.json").write_text(
+            json.dumps({**man, "tokenizer": {**man["tokenizer"], "file": name}})
+        )
+        with pytest.raises(DataError, match="tokenizer name") as e:
+            TokenDataset(d, "train")
+        assert "\n" not in str(e.value)
+    d = _copy(data_dir, tmp_path / "swapped")
+    (d / "tokenizer.json").write_text((d / "tokenizer.json").read_text().replace("king", "kong"))
+    with pytest.raises(DataError, match="tokenizer .* fails its sha256 check"):
+        TokenDataset(d, "train", verify=False)  # small and always checked
+    no_sha = {k: v for k, v in man["tokenizer"].items() if k != "sha256"}
+    (d / "manifest.json").write_text(json.dumps({**man, "tokenizer": no_sha}))
+    with pytest.raises(DataError, match="no 'tokenizer.sha256'"):
+        TokenDataset(d, "train")
+
+
 def test_corrupt_and_truncated_shards(data_dir, tmp_path):
     d = _copy(data_dir, tmp_path / "c")
     shard = d / "train_000001.npy"

@@ -100,6 +100,9 @@ def read_manifest(path: str | Path) -> dict:
     tok = man.get("tokenizer")
     _need(isinstance(tok, dict) and isinstance(tok.get("file"), str), mp, "no 'tokenizer.file'")
     _need(isinstance(tok.get("eot_id"), int), mp, "no integer 'tokenizer.eot_id'")
+    _need(isinstance(tok.get("sha256"), str), mp, "no 'tokenizer.sha256'")
+    # Like the shards' names, a plain file name: the tokenizer is copied into runs and exports.
+    _need(Path(tok["file"]).name == tok["file"], mp, f"tokenizer name {tok['file']!r}")
     splits = man.get("splits")
     _need(isinstance(splits, dict), mp, "no 'splits' object")
     for name, split in splits.items():
@@ -160,3 +163,14 @@ def check_complete(path: str | Path) -> dict:
     if not (root / man["tokenizer"]["file"]).is_file():
         raise DataError(f"{str(root)!r} lacks its tokenizer file: re-run braid prep")
     return man
+
+
+def tokenizer_file(root: Path, man: dict) -> Path:
+    """The dataset's tokenizer, after checking it against the manifest's sha256 (it is small,
+    and it is copied into every run and export made from the dataset)."""
+    p = root / man["tokenizer"]["file"]
+    if not p.is_file():
+        raise DataError(f"{str(root)!r} lacks its tokenizer {p.name}: re-run braid prep")
+    if sha256_file(p) != man["tokenizer"]["sha256"]:
+        raise DataError(f"tokenizer {str(p)!r} fails its sha256 check: re-run braid prep")
+    return p

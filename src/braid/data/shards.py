@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from braid.data.manifest import open_shard, read_manifest
+from braid.data.manifest import open_shard, read_manifest, tokenizer_file
 from braid.errors import DataError
 
 # Splits up to this size are checksummed on open by default: hashing runs at about 1 GB/s.
@@ -68,10 +68,7 @@ class TokenDataset:
         self.num_tokens: int = int(self.offsets[-1])
         self.eot_id: int = man["tokenizer"]["eot_id"]
         self.max_token_id: int = top
-        tok = self.path / man["tokenizer"]["file"]
-        if not tok.is_file():
-            raise DataError(f"{str(self.path)!r} lacks its tokenizer {tok.name}: re-run braid prep")
-        self.tokenizer_path: Path = tok
+        self.tokenizer_path: Path = tokenizer_file(self.path, man)
 
     def __len__(self) -> int:
         return self.num_tokens
