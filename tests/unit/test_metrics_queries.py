@@ -95,3 +95,36 @@ def test_query_metrics_since_wall_returns_only_newer_rows(tmp_path: Path) -> Non
     assert all(w >= cut for w in newer["wall"])  # nothing older than the cut
     assert ("a", 3, 3.0) not in rows
     assert read_metrics(tmp_path)["a"][-2:] == [(4, 40.0), (5, 5.0)]
+
+
+def test_a_view_stored_in_a_metrics_file_cannot_read_other_files(tmp_path: Path) -> None:
+    """A metrics file is data: a `metrics` view over read_text() must not hand another file's
+    contents to the report or the dashboard; the writer's connection is locked down too."""
+    import duckdb
+    import pytest
+
+    from braid.dash import data as dash_data
+    from braid.errors import BraidError
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("TOKEN=hunter2")
+    path = metrics_path(tmp_path / "run", 0)
+    path.parent.mkdir(parents=True)
+    con = duckdb.connect(str(path))
+    con.execute(
+        "CREATE VIEW metrics AS SELECT content AS name, 0::BIGINT AS step, 1.0::DOUBLE AS value, "
+        f"0.0::DOUBLE AS wall_time FROM read_text('{secret}')"
+    )
+    con.close()
+    with pytest.raises(BraidError, match="cannot read .*Permission") as e:
+        read_metrics(tmp_path / "run")
+    assert "hunter2" not in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(duckdb.PermissionException):
+        dash_data._read_copy(path)
+    snap = dash_data._Snapshot()
+    stale, note = dash_data._refresh(path, snap, 0.0)
+    assert stale and note.startswith("metrics file refused") and not snap.series
+    con = queries.connect(path, read_only=False)  # the writer's connection
+    with pytest.raises(duckdb.Error):
+        con.execute("SET enable_external_access = true")
+    con.close()

@@ -35,7 +35,7 @@ from typing import Any
 import duckdb
 import numpy as np
 
-from braid.errors import BraidError
+from braid.errors import BraidError, first_line
 from braid.metrics import names, queries
 from braid.metrics.experiments import DB_NAME, ExperimentsDB
 from braid.metrics.store import metrics_path
@@ -209,6 +209,8 @@ def _refresh(path: Path, snap: _Snapshot, min_interval_s: float) -> tuple[bool, 
                 con.close()
         if fresh:
             cols, load_cols = _read_copy(path)
+    except duckdb.PermissionException as e:  # a view reading outside the file: refused
+        return True, f"metrics file refused: {first_line(e)}"
     except duckdb.Error:
         when = time.strftime("%H:%M:%S", time.localtime(snap.read_at)) if snap.read_at else "-"
         return True, f"metrics file busy (being written); showing data read at {when}"
@@ -236,7 +238,7 @@ def _read_copy(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]
                 shutil.copyfile(wal, copy.with_name(copy.name + ".wal"))
         finally:
             con.close()
-        con = duckdb.connect(str(copy), read_only=True)
+        con = queries.connect(copy, read_only=True)
         try:
             return queries.query_metrics(con), queries.query_expert_load(con)
         finally:

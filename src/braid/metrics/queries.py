@@ -9,7 +9,9 @@ has not seen; the `*_from_*` functions turn their rows into the shapes read.py d
     metrics      name -> [(step, value), ...] sorted by step, the latest value of a step kept
     expert load  layer -> (steps [S] int64, fractions [S, E] float64, NaN where missing)
 
-A file without a table yet reads as empty. Nothing here writes.
+A file without a table yet reads as empty. Nothing here writes. Every connection (`connect`,
+the writer's too) has DuckDB's file system and extensions switched off: a metrics file is data,
+and a view stored in it that reads another file fails with duckdb.PermissionException.
 """
 
 from __future__ import annotations
@@ -28,12 +30,27 @@ Series = list[tuple[int, float]]
 Loads = dict[int, tuple[np.ndarray, np.ndarray]]
 
 
+# A metrics file is data: a view stored in it must not read other files or the network, and no
+# extension is loaded or installed on its behalf. Locked, so no statement can turn them back on.
+SAFE_CONFIG = {
+    "enable_external_access": False,
+    "autoload_known_extensions": False,
+    "autoinstall_known_extensions": False,
+    "lock_configuration": True,
+}
+
+
+def connect(path: Path, read_only: bool) -> Any:
+    """A DuckDB connection to the metrics file `path` that reaches nothing outside it."""
+    return duckdb.connect(str(path), read_only=read_only, config=dict(SAFE_CONFIG))
+
+
 def open_read(path: Path, wait_s: float) -> Any:
     """A read-only connection to `path`; retries every 20 ms for `wait_s` while it is locked."""
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            return duckdb.connect(str(path), read_only=True)
+            return connect(path, read_only=True)
         except duckdb.Error:  # most likely the writer holds the lock for a moment
             if time.monotonic() > deadline:
                 raise

@@ -15,7 +15,7 @@ from typing import Any
 import duckdb
 import numpy as np
 
-from braid.errors import BraidError
+from braid.errors import BraidError, first_line
 from braid.metrics import queries
 from braid.metrics.store import metrics_path
 
@@ -54,5 +54,7 @@ def _query(run_dir: str | PathLike[str], rank: int, query: Callable[[Any], Any])
     con = _open_read(run_dir, rank)
     try:
         return query(con)
+    except duckdb.Error as e:  # e.g. a view that reads outside the file (queries.SAFE_CONFIG)
+        raise BraidError(f"cannot read {metrics_path(run_dir, rank)}: {first_line(e)}") from None
     finally:
         con.close()

@@ -42,6 +42,7 @@ import duckdb
 import numpy as np
 
 from braid.errors import BraidError, first_line
+from braid.metrics import queries
 
 log = logging.getLogger(__name__)
 
@@ -317,7 +318,7 @@ def _connect_for_write(path: Path) -> Any:
     deadline = time.monotonic() + WRITE_LOCK_WAIT_S
     while True:
         try:
-            return duckdb.connect(str(path))
+            return queries.connect(path, read_only=False)
         except duckdb.IOException as e:  # "Could not set lock on file": a reader has it open
             if not _lock_conflict(e) or time.monotonic() > deadline:
                 raise  # another I/O error (a full disk) fails at once
