@@ -160,7 +160,14 @@ def test_resume_paths(tmp_path):
 
 @pytest.mark.parametrize(
     "damage",
-    ["truncate_rank", "truncate_meta", "garble_rank", "flip_tensor_bytes", "edit_meta_config"],
+    [
+        "truncate_rank",
+        "truncate_meta",
+        "garble_rank",
+        "flip_tensor_bytes",
+        "edit_meta_config",
+        "meta_lists_outside",
+    ],
 )
 def test_damaged_checkpoint_is_one_line_and_auto_falls_back_to_the_newest_intact(
     tmp_path, damage, capsys
@@ -190,6 +197,13 @@ def test_damaged_checkpoint_is_one_line_and_auto_falls_back_to_the_newest_intact
             data[i] ^= 0xFF
         shard.write_bytes(bytes(data))
         match = "distcp does not match its blake2b-128 checksum"
+    elif damage == "meta_lists_outside":  # a listed file outside the checkpoint directory
+        body = json.loads(meta.read_text())
+        outside = f"../{older.name}/rank_00000.json"
+        body["files"][outside] = (older / "rank_00000.json").stat().st_size
+        body["hashes"][outside] = body["hashes"]["rank_00000.json"]
+        meta.write_text(json.dumps(body))
+        match = "lists '../.*', outside the checkpoint"
     else:  # a model shape edited in meta.json
         body = json.loads(meta.read_text())
         body["config"]["model"]["n_layers"] = 2

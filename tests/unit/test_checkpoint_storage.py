@@ -3,6 +3,7 @@ one-line BraidError without running any pickled code."""
 
 import os
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -66,6 +67,31 @@ def test_non_tensor_entries_are_refused(tmp_path):
     (tmp_path / METADATA_FILE).write_bytes(pickle.dumps(md))
     with pytest.raises(BraidError, match="refusing to load global .*BytesStorageMetadata"):
         load_tensors(_zeros_like(tree), tmp_path, distributed=False)
+
+
+def test_tensor_reads_stay_inside_the_checkpoint(tmp_path):
+    """A .metadata whose storage entries point at another checkpoint's file (or any path) is
+    refused before DCP opens anything."""
+    import dataclasses
+
+    ckpt, other = tmp_path / "ckpt", tmp_path / "other"
+    save_tensors(_tree(), ckpt, distributed=False)
+    planted = {
+        k: {kk: vv + 7 for kk, vv in v.items()} if k == "model" else v for k, v in _tree().items()
+    }
+    save_tensors(planted, other, distributed=False)
+    md = read_metadata(ckpt)
+    original = md.storage_data
+    for bad in ("../other/{}", str(other) + "/{}", "sub/{}"):
+        md.storage_data = {
+            k: dataclasses.replace(v, relative_path=bad.format(Path(v.relative_path).name))
+            for k, v in original.items()
+        }
+        (ckpt / METADATA_FILE).write_bytes(pickle.dumps(md))
+        dst = _zeros_like(_tree())
+        with pytest.raises(BraidError, match="outside the checkpoint's own files") as e:
+            load_tensors(dst, ckpt, distributed=False)
+        assert "\n" not in str(e.value) and not dst["model"]["w"].any()
 
 
 def test_truncated_files_give_one_line_errors(tmp_path):

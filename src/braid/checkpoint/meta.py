@@ -116,6 +116,11 @@ def read_meta(ckpt: Path) -> dict:
             "'hashes': the file was altered; resume from another checkpoint"
         )
     for name, size in meta["files"].items():
+        if Path(name).name != name or name in ("", ".", ".."):  # the checkpoint's own files only
+            raise DamagedFile(
+                f"checkpoint metadata {ckpt / META_FILE} lists {name!r}, outside the "
+                "checkpoint: the file was altered; resume from another checkpoint"
+            )
         f = ckpt / name
         if not f.is_file():
             raise DamagedFile(

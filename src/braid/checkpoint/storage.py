@@ -102,6 +102,18 @@ def read_metadata(path: Path) -> dcp_md.Metadata:
                 f"checkpoint file {file} declares a non-tensor entry {key!r}; "
                 "braid never writes those, so the file was altered"
             )
+    storage = getattr(md, "storage_data", None)
+    if not isinstance(storage, dict):
+        raise BraidError(
+            f"checkpoint file {file} has no storage map; resume from another checkpoint"
+        )
+    for info in storage.values():  # every read stays among this checkpoint's own files
+        name = getattr(info, "relative_path", None)
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+            raise BraidError(
+                f"checkpoint file {file} points a tensor at {name!r}, outside the "
+                "checkpoint's own files, so the file was altered; resume from another checkpoint"
+            )
     return md
 
 
