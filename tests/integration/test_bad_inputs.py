@@ -410,6 +410,25 @@ def test_a_second_writer_is_refused_naming_the_first(world, tmp_path, capsys):
     assert main(train_args(world, tmp_path, "--train.steps=2")) == 0  # released: it may run
 
 
+def test_a_refused_run_leaves_an_existing_run_as_it_was_and_a_new_one_not_at_all(
+    world, tmp_path, capsys
+):
+    """The config and tokenizer are written only once the resume is accepted: a refusal (here
+    a config the checkpoint was not written with) changes none of the run's files, and a new
+    run refused before it began leaves no directory behind."""
+    run = copy_run(world, tmp_path)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != ".lock"}
+    assert {"config.toml", "config.json", "tokenizer.json"} <= set(before)
+    argv = train_args(world, tmp_path, "--model.n_layers=3", name="base")
+    line = one_error_line(capsys, main(argv))
+    assert "another config" in line or "n_layers" in line, line
+    after = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != ".lock"}
+    assert after == before
+    missing = tmp_path / "no" / "ckpt"
+    one_error_line(capsys, main(train_args(world, tmp_path, f"--checkpoint.resume={missing}")))
+    assert not (tmp_path / "runs" / "x").exists()
+
+
 def test_two_concurrent_trainings_of_one_run_one_is_refused(world, tmp_path):
     args = [
         sys.executable,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from braid.config import Config, to_toml
 from braid.errors import StorageError
-from braid.train.runlock import RunLock
+from braid.train.runlock import LOCK_FILE, RunLock
 
 
 def new_run_id(cfg: Config) -> str:
@@ -35,21 +35,30 @@ def write_json_atomic(path: Path, obj: object) -> None:
     os.replace(tmp, path)
 
 
-def prepare_run_dir(
-    cfg: Config, run_id: str, tokenizer_path: str | Path | None = None, lock: RunLock | None = None
-) -> Path:
-    """Create the run directory with the resolved config and the tokenizer generation needs.
-    With `lock`, the run's lock is taken before anything is written into it (a second writer
-    is refused, leaving the first one's files alone). Unwritable or full storage is a one-line
-    StorageError."""
+def open_run_dir(cfg: Config, run_id: str, lock: RunLock | None = None) -> tuple[Path, bool]:
+    """(run directory, whether this call created it), made and locked before anything is
+    written into it: with `lock`, a second writer is refused, leaving the first one's files
+    alone. Nothing else is written here: the config and tokenizer follow once the run is known
+    to start (`write_run_files`), so a refused resume leaves an existing run as it was.
+    Unwritable or full storage is a one-line StorageError."""
     run_dir = Path(cfg.run.dir) / run_id
+    created = not run_dir.exists()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise StorageError(e, run_dir, "create the run directory") from None
-    try:
-        if lock is not None:
+    if lock is not None:
+        try:
             lock.acquire()
+        except BaseException:
+            discard_new_run_dir(run_dir, created)
+            raise
+    return run_dir, created
+
+
+def write_run_files(cfg: Config, run_dir: Path, tokenizer_path: str | Path | None = None) -> None:
+    """The resolved config (config.toml, config.json) and the tokenizer generation needs."""
+    try:
         if tokenizer_path is not None:
             tmp = run_dir / "tokenizer.json.tmp"
             shutil.copyfile(tokenizer_path, tmp)
@@ -61,7 +70,16 @@ def prepare_run_dir(
             run_dir / "config.json", {"fingerprint": cfg.fingerprint(), "config": cfg.to_dict()}
         )
     except OSError as e:
-        if lock is not None:
-            lock.release()
         raise StorageError(e, run_dir, "write the run directory") from None
-    return run_dir
+
+
+def discard_new_run_dir(run_dir: Path, created: bool) -> None:
+    """Remove a run directory this process created for a run that was refused before it
+    started: only while it holds nothing but the lock file (never anyone else's files)."""
+    if not created:
+        return
+    try:
+        if {p.name for p in run_dir.iterdir()} <= {LOCK_FILE}:
+            shutil.rmtree(run_dir, ignore_errors=True)
+    except OSError:
+        pass

@@ -42,7 +42,13 @@ from braid.train.log import TrainLogger, check_logging
 from braid.train.loss import autocast, compute_dtype, evaluate, loss_fn, stream_dtype
 from braid.train.model_setup import build_model, load_data
 from braid.train.optim import build_optimizer, lr_at
-from braid.train.rundir import new_run_id, prepare_run_dir, write_json_atomic
+from braid.train.rundir import (
+    discard_new_run_dir,
+    new_run_id,
+    open_run_dir,
+    write_json_atomic,
+    write_run_files,
+)
 from braid.train.runlock import RunLock
 from braid.train.signals import StopOnSignal, Stopped
 from braid.train.step import DeviceGate, supports_device_gate
@@ -94,24 +100,29 @@ def _train(cfg: Config, ctx: ParallelContext) -> dict:
     model = build_model(cfg, ctx, init=not init_from)  # init_from/resume fill it below
     run_id = broadcast_object(new_run_id(cfg), ctx)
     lock = RunLock(Path(cfg.run.dir) / run_id)  # one writer per run; rank 0 holds it for all
-    made: tuple[Path | None, str | None] = (None, None)
+    made: tuple[Path | None, bool, str | None] = (None, False, None)
     if ctx.is_main:
         try:
-            made = (prepare_run_dir(cfg, run_id, train_ds.tokenizer_path, lock), None)
+            made = (*open_run_dir(cfg, run_id, lock), None)
             print(f"run {run_id}: {made[0]}", file=sys.stderr, flush=True)
         except BraidError as e:
-            made = (None, str(e))
-    run_dir, why = broadcast_object(made, ctx)
+            made = (None, False, str(e))
+    run_dir, created, why = broadcast_object(made, ctx)
     if why is not None:
         raise BraidError(why)  # on every rank alike, so none waits in a collective
+    started = [False]  # set once the run's files are written
     try:
-        return _run(cfg, ctx, run_id, run_dir, loader, val_batches, model)
+        return _run(cfg, ctx, run_id, run_dir, loader, val_batches, model, train_ds, started)
     finally:
         lock.release()
+        if ctx.is_main and not started[0]:  # refused before it began: leave no empty run
+            discard_new_run_dir(run_dir, created)
 
 
-def _run(cfg, ctx, run_id, run_dir, loader, val_batches, model) -> dict:
-    """Phases 3-5 inside the run directory, which this process (or its rank 0) has locked."""
+def _run(cfg, ctx, run_id, run_dir, loader, val_batches, model, train_ds, started) -> dict:
+    """Phases 3-5 inside the run directory, which this process (or its rank 0) has locked. The
+    config and tokenizer are written into it only after the resume and `init_from` were
+    accepted, so a refused run leaves an existing run's files as they were."""
     opt = build_optimizer(model, cfg.train, ctx.device)
     amp = autocast(cfg, ctx.device)
     compute = compute_dtype(cfg, ctx.device)
@@ -141,6 +152,18 @@ def _run(cfg, ctx, run_id, run_dir, loader, val_batches, model) -> dict:
         from braid.checkpoint.init_from import load_init
 
         load_init(model, init_from, cfg)
+    from braid.parallel.distributed import broadcast_object
+
+    why = None
+    if ctx.is_main:
+        try:
+            write_run_files(cfg, run_dir, train_ds.tokenizer_path)
+        except BraidError as e:
+            why = str(e)
+    why = broadcast_object(why, ctx)
+    if why is not None:
+        raise BraidError(why)  # on every rank alike
+    started[0] = True
     cast = step_cast(  # after the weights
         model, cfg.train.cast_weights_once, compute, ctx.world, cfg.train.grad_accum
     )
