@@ -154,7 +154,14 @@ def _cmd_import(args, overrides: list[str]) -> int:
 
 
 # Storage problems the user fixes (permissions, a read-only or full disk): one line, exit 2.
-_USER_OS_ERRORS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
+_USER_OS_ERRORS = (
+    errno.EACCES,
+    errno.EPERM,
+    errno.EROFS,
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.ENOTDIR,  # a path the user gave names a file where a directory goes
+)
 
 
 class _Parser(argparse.ArgumentParser):

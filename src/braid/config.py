@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 import sys
 import types
@@ -295,6 +296,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         return [_coerce(key, v, item) for v in value]
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(key, value, "expected a finite number")  # no knob means inf or nan
     if tp is int and isinstance(value, bool):
         raise ConfigError(key, value, "expected int")
     if not isinstance(value, tp):

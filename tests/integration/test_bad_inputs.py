@@ -163,6 +163,17 @@ ROWS = [
     ("unknown-key", lambda w, t: ["info", "--model.dimm=3"], r"unknown key"),
     ("bad-type", lambda w, t: ["info", "--model.dim=abc"], r"model.dim='abc': expected int"),
     ("bad-override", lambda w, t: ["info", "--model.dim"], r"unrecognized arguments"),
+    ("inf-float", lambda w, t: ["info", "--train.lr=inf"], r"train.lr=inf: expected a finite"),
+    (
+        "nan-float",
+        lambda w, t: ["info", "--model.rope_theta=nan"],
+        r"model.rope_theta=nan: expected a finite number",
+    ),
+    (
+        "run-dir-is-a-file",
+        lambda w, t: ["train", *TINY, f"--run.dir={_a_file(t)}"],
+        r"cannot create the corpus directory .*afile.*: Not a directory",
+    ),
     (
         "run-name-escapes",
         lambda w, t: train_args(w, t, name="../../tmp/evil"),
@@ -345,6 +356,11 @@ def _garble_rank(run: Path) -> Path:
     f = ckpt / "rank_00000.json"
     f.write_bytes(b"\xff" + f.read_bytes()[1:])
     return ckpt
+
+
+def _a_file(tmp: Path) -> Path:
+    (tmp / "afile").write_text("not a directory")
+    return tmp / "afile"
 
 
 def _nonempty(tmp: Path) -> Path:

@@ -31,7 +31,7 @@ from braid.data.manifest import check_complete
 from braid.data.prep import build
 from braid.data.sources import memory_source
 from braid.data.tokenizer import MIN_VOCAB
-from braid.errors import DataError
+from braid.errors import DataError, StorageError
 
 NAME = "shakespeare"
 # Bump when the text changes (markup rules, play selection): stale copies are then rebuilt.
@@ -142,7 +142,10 @@ def ensure_default_corpus(
     files = play_files()
     target = root / corpus_dir_name(vocab_size, tok, val_fraction)
     extra = {"corpus": NAME, "corpus_version": CORPUS_VERSION, "plays": len(files)}
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # run.dir (or a part of it) is a file, read-only storage, ...
+        raise StorageError(e, root, "create the corpus directory") from None
     with _locked(root / f".{target.name}.lock"):
         if _reusable(target, extra, val_fraction):
             return target
