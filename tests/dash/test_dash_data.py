@@ -294,6 +294,29 @@ def test_cli_serves_loopback_and_refuses_a_remote_bind_without_the_flag(trained)
             proc.wait(timeout=30)
 
 
+def test_a_port_out_of_range_or_in_use_is_one_line(trained) -> None:
+    """The socket is bound before werkzeug sees it: its own exit (two lines, code 1) and the
+    wrap-around of a port above 65535 never reach the user."""
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    try:
+        in_use = str(taken.getsockname()[1])
+        for port, want in (
+            ("99999", "--port 99999: expected 0..65535"),
+            ("-1", "--port -1: expected 0..65535"),
+            (in_use, f"cannot listen on 127.0.0.1:{in_use}: "),
+        ):
+            proc = _braid("dash", str(trained), "--port", port)
+            out, err = proc.communicate(timeout=60)
+            assert proc.returncode == 2 and out == "", err
+            assert err.count("\n") == 1 and err.startswith("error: ") and want in err, err
+    finally:
+        taken.close()
+
+
 def test_cli_without_the_extras_says_how_to_install_them(tmp_path) -> None:
     code = "import sys; sys.modules['flask'] = None; from braid.cli import main; sys.exit(main())"
     proc = subprocess.run([sys.executable, "-c", code, "dash", str(tmp_path)], env=ENV,

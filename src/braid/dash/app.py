@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import socket
 import sys
 from importlib import resources
 from pathlib import Path
@@ -147,6 +148,26 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port; a bad port or address is a one-line BraidError."""
+    from werkzeug.serving import get_sockaddr, select_address_family
+
+    if not 0 <= port <= 65535:
+        raise BraidError(f"--port {port}: expected 0..65535 (0 picks a free port)")
+    family = select_address_family(host, port)
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(get_sockaddr(host, port, family))
+        sock.listen(128)
+    except OSError as e:
+        sock.close()
+        raise BraidError(
+            f"cannot listen on {host}:{port}: {e.strerror or e}: try another --port or --host"
+        ) from None
+    return sock
+
+
 def serve(
     root: str | Path,
     host: str = "127.0.0.1",
@@ -168,12 +189,11 @@ def serve(
     from werkzeug.serving import make_server
 
     app = create_app(root, local_only=local)
+    sock = _listen(host, port)  # bound here, so a refusal is one line (werkzeug would exit)
     try:
-        server = make_server(host, port, app, threaded=True)
-    except OSError as e:
-        raise BraidError(
-            f"cannot listen on {host}:{port}: {e.strerror or e}: try --port N"
-        ) from None
+        server = make_server(host, port, app, threaded=True, fd=sock.fileno())
+    finally:
+        sock.close()  # the server holds its own duplicate
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
     if not local:
         print(
