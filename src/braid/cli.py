@@ -8,6 +8,7 @@ info --knobs | head`) ends the command quietly with 141, as a process killed by 
 from __future__ import annotations
 
 import argparse
+import difflib
 import errno
 import os
 import sys
@@ -180,15 +181,19 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser(
         "train",
         help="train a model (default: tiny on the built-in corpus)",
-        epilog="Override any config key with --section.key=value.",
+        epilog="Override any config key with --section.key=value; `braid info --knobs` lists them.",
     )
     t.add_argument("config", nargs="?", default=None, help="a .toml file or a built-in name")
     t.set_defaults(fn=_cmd_train)
 
     i = sub.add_parser("info", help="parameters, FLOPs and memory of a config")
-    i.add_argument("config", nargs="?", default=None)
-    i.add_argument("--ep", type=int, default=None, help="expert-parallel size to size memory for")
-    i.add_argument("--world", type=int, default=None, help="number of GPUs (default: ep)")
+    i.add_argument(
+        "config", nargs="?", default=None, help="a .toml file or a built-in name (default: tiny)"
+    )
+    i.add_argument(
+        "--ep", type=_positive_int, default=None, help="expert-parallel size to size memory for"
+    )
+    i.add_argument("--world", type=_positive_int, default=None, help="number of GPUs (default: ep)")
     i.add_argument("--knobs", action="store_true", help="print every config key with its doc")
     i.set_defaults(fn=_cmd_info)
 
@@ -197,25 +202,31 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", required=True, help="output directory")
     d.add_argument("--tokenizer", default=None, help="an existing tokenizer.json")
     d.add_argument("--vocab-size", type=int, default=2048, help="BPE size when training one")
-    d.add_argument("--val-fraction", type=float, default=0.05)
+    d.add_argument(
+        "--val-fraction", type=float, default=0.05, help="share of tokens held out (0.05)"
+    )
     d.add_argument("--hf-dataset", default=None, help="a Hugging Face dataset in the local cache")
-    d.add_argument("--hf-split", default="train")
-    d.add_argument("--text-field", default="text")
+    d.add_argument("--hf-split", default="train", help="--hf-dataset's split (train)")
+    d.add_argument(
+        "--text-field", default="text", help="jsonl/parquet/dataset column with the text (text)"
+    )
     d.set_defaults(fn=_cmd_prep)
 
     g = sub.add_parser("generate", help="sample text from a trained run")
     g.add_argument("--run", required=True, help="a run directory or an exported directory")
-    g.add_argument("--prompt", required=True)
+    g.add_argument("--prompt", required=True, help="the text to continue")
     g.add_argument(
         "--max-new-tokens",
         type=int,
         default=None,
         help="tokens to sample (default: 200, or as many as the context allows)",
     )
-    g.add_argument("--temperature", type=float, default=0.8)
-    g.add_argument("--top-k", type=int, default=50)
-    g.add_argument("--top-p", type=float, default=0.95)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument(
+        "--temperature", type=float, default=0.8, help="0 samples greedily (default: 0.8)"
+    )
+    g.add_argument("--top-k", type=int, default=50, help="0 keeps every token (default: 50)")
+    g.add_argument("--top-p", type=float, default=0.95, help="nucleus mass (default: 0.95)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     g.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is there")
     g.set_defaults(fn=_cmd_generate)
 
@@ -230,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(fn=_cmd_runs)
 
     rep = sub.add_parser("report", help="write report.html for a run")
-    rep.add_argument("run_dir")
+    rep.add_argument("run_dir", help="a run directory (<run.dir>/<run id>)")
     rep.set_defaults(fn=_cmd_report)
 
     dash = sub.add_parser("dash", help="live dashboard of the runs under a run root")
@@ -239,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--run.dir", dest="run_dir", default=None, help="the same, as train spells it"
     )
     dash.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    dash.add_argument("--port", type=int, default=8050)
+    dash.add_argument("--port", type=int, default=8050, help="0 picks a free one (default: 8050)")
     dash.add_argument(
         "--allow-remote",
         action="store_true",
@@ -248,8 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     dash.set_defaults(fn=_cmd_dash)
 
     e = sub.add_parser("export", help="write consolidated safetensors weights and config")
-    e.add_argument("--run", required=True)
-    e.add_argument("--out", required=True)
+    e.add_argument("--run", required=True, help="a run directory or one of its checkpoints")
+    e.add_argument("--out", required=True, help="the directory to write (made new)")
     e.add_argument(
         "--format",
         choices=("braid", "hf"),
@@ -268,6 +279,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (its error names the value)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
+def _not_an_override(parser: argparse.ArgumentParser, cmd: str, given: list[str]) -> str:
+    """The message for `--x=y` arguments given to a command that takes no config overrides: a
+    dotted key is a misplaced override, anything else a mistyped option (with a suggestion)."""
+    key = given[0].split("=", 1)[0]
+    if "." in key:
+        return f"config overrides ({key}=...) are for train and info, not {cmd}"
+    sub = next(a for a in parser._subparsers._group_actions if a.dest == "cmd").choices[cmd]  # type: ignore[union-attr]
+    flags = [o for o in sub._option_string_actions if o.startswith("--")]
+    near = difflib.get_close_matches(key.replace("_", "-"), flags, n=1)
+    hint = f" (did you mean {near[0]}?)" if near else ""
+    return f"unrecognized arguments: {' '.join(given)}{hint}"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv  # accepted anywhere: before or after the subcommand
@@ -280,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if overrides and args.cmd not in ("train", "info"):
-        parser.error(f"config overrides are for train and info, not {args.cmd}")
+        parser.error(_not_an_override(parser, args.cmd, overrides))
     try:
         code = args.fn(args, overrides)
         sys.stdout.flush()  # a closed pipe shows here, where it is handled, not at exit

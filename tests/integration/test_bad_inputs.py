@@ -163,6 +163,17 @@ ROWS = [
     ("unknown-key", lambda w, t: ["info", "--model.dimm=3"], r"unknown key"),
     ("bad-type", lambda w, t: ["info", "--model.dim=abc"], r"model.dim='abc': expected int"),
     ("bad-override", lambda w, t: ["info", "--model.dim"], r"unrecognized arguments"),
+    (
+        "mistyped-option",
+        lambda w, t: ["generate", "--run", "x", "--prompt", "p", "--max_new_tokens=5"],
+        r"unrecognized arguments: --max_new_tokens=5 \(did you mean --max-new-tokens\?\)",
+    ),
+    (
+        "override-to-generate",
+        lambda w, t: ["generate", "--run", "x", "--prompt", "p", "--train.steps=5"],
+        r"config overrides \(--train.steps=...\) are for train and info, not generate",
+    ),
+    ("info-ep-zero", lambda w, t: ["info", "--ep", "0"], r"argument --ep: 0 must be >= 1"),
     ("inf-float", lambda w, t: ["info", "--train.lr=inf"], r"train.lr=inf: expected a finite"),
     (
         "nan-float",

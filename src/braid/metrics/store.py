@@ -143,7 +143,7 @@ class MetricsWriter:
                     con.execute(stmt)
             finally:
                 con.close()
-        except Exception as e:  # duckdb.Error (corrupt file), OSError
+        except (duckdb.Error, OSError) as e:  # a corrupt file, permissions, a full disk
             raise BraidError(
                 f"metrics store {self.path} cannot be written ({type(e).__name__}: "
                 f"{first_line(e)}): move it aside or fix its permissions, or set "
