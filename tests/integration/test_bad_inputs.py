@@ -273,6 +273,18 @@ ROWS = [
         lambda w, t: gen(_flip_distcp(copy_run(w, t))),
         r"distcp does not match its blake2b-128 checksum",
     ),
+    (  # another run's damaged checkpoint: the advice names that run's older checkpoint
+        "resume-damaged-other-run",
+        lambda w, t: train_args(
+            w,
+            t,
+            f"--checkpoint.resume={_flip_distcp(copy_run(w, t))}",
+            "--checkpoint.allow_safe_changes=true",
+            name="fork2",
+        ),
+        r"to go on from an older checkpoint, fork it under a new name: braid train \.\.\. "
+        r"--run.name=fork2-fork --checkpoint.resume=.*base/checkpoints/step_00000002",
+    ),
     (
         "resume-damaged-explicit",
         lambda w, t: train_args(

@@ -207,7 +207,10 @@ class Checkpointer:
         self._barrier()
 
     def _fork_advice(self, src: Path | None) -> str:
-        older = [p for s, p in paths.complete_checkpoints(self.run_dir) if src is None or p != src]
+        # The other checkpoints of the run `src` belongs to (another run's, when named by path).
+        run = src.parent.parent if src is not None and src.parent.name == paths.CKPT_DIR else None
+        run = run if run is not None else self.run_dir
+        older = [p for s, p in paths.complete_checkpoints(run) if src is None or p != src]
         new = f"{self.run_dir.name}-fork"
         if older:
             return (
