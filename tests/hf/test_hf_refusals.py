@@ -92,6 +92,22 @@ IMPORT_CASES = {  # name: (change to a saved tiny Mixtral, words the one line mu
         "tensor model.layers.0.self_attn.sinks",
     ),
     "wrong_shape": (lambda d: _config(d, num_key_value_heads=4), "k_proj.weight has shape"),
+    # JSON of the wrong type: refused by name, never truncated, parsed or coerced
+    "fractional_int": (
+        lambda d: _config(d, num_hidden_layers=2.5),
+        "num_hidden_layers=2.5 is not supported for model_type mixtral (expected an integer)",
+    ),
+    "string_int": (lambda d: _config(d, hidden_size="192"), "hidden_size='192'"),
+    "string_bool": (
+        lambda d: _config(d, tie_word_embeddings="false"),
+        "tie_word_embeddings='false' is not supported for model_type mixtral (expected true or",
+    ),
+    "string_float": (lambda d: _config(d, rms_norm_eps="x"), "rms_norm_eps='x'"),
+    "string_theta": (lambda d: _config(d, rope_theta="abc"), "rope_theta='abc'"),
+    "rope_parameters_not_object": (
+        lambda d: _config(d, rope_parameters=5),
+        "rope_parameters=5 is not supported for model_type mixtral (expected an object)",
+    ),
 }
 
 

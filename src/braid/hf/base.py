@@ -16,6 +16,7 @@ stacked as [E, D, 2F] / [E, F, D]); conversion happens only here, at the boundar
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -69,6 +70,9 @@ class HFRefusal(BraidError):
     """An HF setting, tensor or file Braid cannot convert exactly."""
 
 
+_REQUIRED = object()  # HFConfig's typed getters: no default, the key must be there
+
+
 class HFConfig:
     """A config.json as a read-once allowlist: every key must be read (or be HARMLESS)."""
 
@@ -88,6 +92,42 @@ class HFConfig:
                 f"{self.where} has no {key!r}, which model_type {self.model_type} needs"
             )
         return self.raw[key]
+
+    def integer(self, key: str, default: Any = _REQUIRED) -> Any:
+        """An integer setting (JSON int, or a float with an integral value); missing or null
+        is `default` (no default: required). Strings, bools and fractions are refused."""
+        value = self._typed(key, default)
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            self.refuse(key, value, "expected an integer")
+        return value
+
+    def number(self, key: str, default: Any = _REQUIRED) -> Any:
+        """A finite real setting (JSON int or float) as a float; missing or null is `default`."""
+        value = self._typed(key, default)
+        if value is None:
+            return None
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+        ):
+            self.refuse(key, value, "expected a finite number")
+        return float(value)
+
+    def flag(self, key: str, default: Any = _REQUIRED) -> Any:
+        """A true/false setting (JSON true or false; not "false" or 0); missing is `default`."""
+        value = self._typed(key, default)
+        if value is not None and not isinstance(value, bool):
+            self.refuse(key, value, "expected true or false")
+        return value
+
+    def _typed(self, key: str, default: Any) -> Any:
+        if default is _REQUIRED:
+            return self.require(key)
+        value = self.get(key, default)
+        return default if value is None else value
 
     def expect(self, key: str, allowed: Sequence[Any], default: Any = None) -> Any:
         """The value of `key`, refused unless it is one of `allowed` (missing means default)."""

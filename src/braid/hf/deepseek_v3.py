@@ -60,16 +60,16 @@ class DeepseekV3(Adapter):
         for key in ("n_groups", "routed_scaling"):
             needs("moe", key, "group-limited routing", mt)
         heads, n_layers = (
-            int(hf.require("num_attention_heads")),
-            int(hf.require("num_hidden_layers")),
+            hf.integer("num_attention_heads"),
+            hf.integer("num_hidden_layers"),
         )
-        if int(hf.get("num_key_value_heads") or heads) != heads:
+        if (hf.integer("num_key_value_heads", None) or heads) != heads:
             hf.refuse(
                 "num_key_value_heads",
                 hf.get("num_key_value_heads"),
                 "MLA expands the latent to every query head",
             )
-        eps = float(hf.get("rms_norm_eps", 1e-6))
+        eps = hf.number("rms_norm_eps", 1e-6)
         if eps != LATENT_NORM_EPS:
             hf.refuse(
                 "rms_norm_eps",
@@ -84,15 +84,15 @@ class DeepseekV3(Adapter):
         hf.expect("moe_layer_freq", (1,), 1)
         for harmless in ("ep_size", "aux_loss_alpha", "seq_aux", "num_nextn_predict_layers"):
             hf.get(harmless)
-        self.interleaved = bool(hf.get("rope_interleave", True))
+        self.interleaved = hf.flag("rope_interleave", True)
         self._read_quantization(hf)
-        q_rank = hf.get("q_lora_rank") or 0
-        nope, rope = int(hf.require("qk_nope_head_dim")), int(hf.require("qk_rope_head_dim"))
+        q_rank = hf.integer("q_lora_rank", None) or 0
+        nope, rope = hf.integer("qk_nope_head_dim"), hf.integer("qk_rope_head_dim")
         for derived, value in (("qk_head_dim", nope + rope), ("head_dim", rope)):
             if hf.get(derived, value) != value:
                 hf.refuse(derived, hf.get(derived), f"expected {value} from the other sizes")
-        first_dense = int(hf.get("first_k_dense_replace", 0) or 0)
-        shared = int(hf.get("n_shared_experts") or 0)
+        first_dense = hf.integer("first_k_dense_replace", 0) or 0
+        shared = hf.integer("n_shared_experts", None) or 0
         if shared < 1:
             hf.refuse(
                 "n_shared_experts",
@@ -102,37 +102,37 @@ class DeepseekV3(Adapter):
             )
         mtp = sum(1 for d in range(64) if f"model.layers.{n_layers + d}.eh_proj.weight" in hf.keys)
         model = {
-            "vocab_size": int(hf.require("vocab_size")),
-            "dim": int(hf.require("hidden_size")),
+            "vocab_size": hf.integer("vocab_size"),
+            "dim": hf.integer("hidden_size"),
             "n_layers": n_layers,
             "n_heads": heads,
             "n_kv_heads": 0,
-            "ffn_hidden": int(hf.require("intermediate_size")),
-            "max_seq_len": int(hf.require("max_position_embeddings")),
+            "ffn_hidden": hf.integer("intermediate_size"),
+            "max_seq_len": hf.integer("max_position_embeddings"),
             "norm_eps": eps,
-            "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
+            "tie_embeddings": hf.flag("tie_word_embeddings", False),
             "attention": "mla",
-            "q_lora_rank": int(q_rank),
-            "kv_lora_rank": int(hf.require("kv_lora_rank")),
+            "q_lora_rank": q_rank,
+            "kv_lora_rank": hf.integer("kv_lora_rank"),
             "qk_rope_head_dim": rope,
             "qk_nope_head_dim": nope,
-            "v_head_dim": int(hf.require("v_head_dim")),
+            "v_head_dim": hf.integer("v_head_dim"),
             "mtp_depth": mtp,
             **read_rope(hf, softmax_mscale=True),
         }
         if mtp and model["tie_embeddings"]:
             hf.refuse("tie_word_embeddings", True, "braid's MTP shares an untied head")
         moe = {
-            "num_experts": int(hf.require("n_routed_experts")),
-            "top_k": int(hf.require("num_experts_per_tok")),
-            "expert_hidden": int(hf.require("moe_intermediate_size")),
+            "num_experts": hf.integer("n_routed_experts"),
+            "top_k": hf.integer("num_experts_per_tok"),
+            "expert_hidden": hf.integer("moe_intermediate_size"),
             "layers": list(range(first_dense, n_layers)),
             "score_func": "sigmoid",
-            "renormalize": bool(hf.get("norm_topk_prob", True)),
+            "renormalize": hf.flag("norm_topk_prob", True),
             "bias_balance": True,
-            "n_groups": int(hf.get("n_group") or 1),
-            "topk_groups": int(hf.get("topk_group") or 1),
-            "routed_scaling": float(hf.get("routed_scaling_factor", 1.0)),
+            "n_groups": (hf.integer("n_group", None) or 1),
+            "topk_groups": (hf.integer("topk_group", None) or 1),
+            "routed_scaling": hf.number("routed_scaling_factor", 1.0),
             "num_shared_experts": shared,
             "shared_hidden": 0,
             "capacity_factor": 0.0,

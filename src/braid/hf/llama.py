@@ -34,8 +34,10 @@ def read_window(
     """Sliding-window knobs. transformers' window of w lets a query see itself and the w-1
     tokens before it, as Braid's model.window does. `per_layer`: the architecture chooses the
     windowed layers by `layer_types` (Qwen2-MoE); otherwise every layer is windowed (Mixtral)."""
-    window = hf.get("sliding_window")
-    use = hf.get("use_sliding_window", window is not None)
+    window = hf.integer("sliding_window", None)
+    use = hf.get("use_sliding_window", window is not None)  # null: off, as transformers reads it
+    if use is not None and not isinstance(use, bool):
+        hf.refuse("use_sliding_window", use, "expected true or false")
     types = hf.get("layer_types") or []
     if any(t not in ("full_attention", "sliding_attention") for t in types):
         hf.refuse("layer_types", types, "braid knows full_attention and sliding_attention")
@@ -53,7 +55,7 @@ def read_window(
     if per_layer and not layers:
         return {}
     needs("model", "window", "sliding-window attention", hf.model_type)
-    out: dict[str, Any] = {"window": int(window)}
+    out: dict[str, Any] = {"window": window}
     if layers and len(layers) < n_layers:
         out["window_layers"] = layers
     return out
@@ -86,27 +88,27 @@ class LlamaStyleMoE(Adapter):
     # ---- config: HF -> Braid -----------------------------------------------------------------
 
     def braid_sections(self, hf: HFConfig) -> dict[str, dict[str, Any]]:
-        dim, heads = int(hf.require("hidden_size")), int(hf.require("num_attention_heads"))
-        n_layers = int(hf.require("num_hidden_layers"))
-        kv = int(hf.get("num_key_value_heads") or heads)
-        max_len = int(hf.require("max_position_embeddings"))
+        dim, heads = hf.integer("hidden_size"), hf.integer("num_attention_heads")
+        n_layers = hf.integer("num_hidden_layers")
+        kv = hf.integer("num_key_value_heads", None) or heads
+        max_len = hf.integer("max_position_embeddings")
         hf.expect("hidden_act", ("silu",), "silu")
         model: dict[str, Any] = {
-            "vocab_size": int(hf.require("vocab_size")),
+            "vocab_size": hf.integer("vocab_size"),
             "dim": dim,
             "n_layers": n_layers,
             "n_heads": heads,
             "n_kv_heads": kv,
-            "ffn_hidden": int(hf.require("intermediate_size")),
+            "ffn_hidden": hf.integer("intermediate_size"),
             "max_seq_len": max_len,
-            "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
-            "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
+            "norm_eps": hf.number("rms_norm_eps", 1e-6),
+            "tie_embeddings": hf.flag("tie_word_embeddings", False),
             **read_rope(hf, softmax_mscale=False),
         }
-        head_dim = hf.get("head_dim")
+        head_dim = hf.integer("head_dim", None)
         if head_dim not in (None, dim // heads) or dim % heads:
             needs("model", "head_dim", "a head size other than dim/heads", self.model_type)
-            model["head_dim"] = int(head_dim)
+            model["head_dim"] = head_dim
         if self.qk_norm != "none":
             needs("model", "qk_norm", "RMSNorm on q and k", self.model_type)
             model["qk_norm"] = self.qk_norm
@@ -114,7 +116,7 @@ class LlamaStyleMoE(Adapter):
         model.update(read_window(hf, n_layers, max_len, self.window_per_layer))
         if hf.get("mlp_bias", False):
             hf.refuse("mlp_bias", True, "braid's SwiGLU layers have no biases")
-        if float(hf.get("router_jitter_noise", 0.0) or 0.0) != 0.0:
+        if (hf.number("router_jitter_noise", 0.0) or 0.0) != 0.0:
             hf.refuse(
                 "router_jitter_noise",
                 hf.get("router_jitter_noise"),
@@ -137,20 +139,20 @@ class LlamaStyleMoE(Adapter):
             hf.require(self.experts_keys[0])
         moe: dict[str, Any] = {
             "num_experts": E,
-            "top_k": int(hf.require("num_experts_per_tok")),
-            "expert_hidden": int(hf.require(self.expert_hidden_key)),
+            "top_k": hf.integer("num_experts_per_tok"),
+            "expert_hidden": hf.integer(self.expert_hidden_key),
             "layers": self.moe_layers(hf, n_layers),
             "score_func": "softmax",
-            "renormalize": bool(hf.get(self.renorm_key, False)) if self.renorm_key else True,
+            "renormalize": hf.flag(self.renorm_key, False) if self.renorm_key else True,
             "capacity_factor": 0.0,
             "bias_balance": False,
-            "aux_loss_coef": float(hf.get("router_aux_loss_coef", 0.01) or 0.0),
+            "aux_loss_coef": (hf.number("router_aux_loss_coef", 0.01) or 0.0),
         }
         if self.shared_key:
             needs("moe", "shared_gate", "the gated shared expert", self.model_type)
             moe.update(
                 num_shared_experts=1,
-                shared_hidden=int(hf.require(self.shared_key)),
+                shared_hidden=hf.integer(self.shared_key),
                 shared_gate=True,
             )
         return moe
@@ -158,7 +160,7 @@ class LlamaStyleMoE(Adapter):
     def moe_layers(self, hf: HFConfig, n_layers: int) -> list[int]:
         if not self.sparse_layers:
             return list(range(n_layers))
-        step = int(hf.get("decoder_sparse_step", 1) or 1)
+        step = hf.integer("decoder_sparse_step", 1) or 1
         dense = set(hf.get("mlp_only_layers") or [])
         return [i for i in range(n_layers) if i not in dense and (i + 1) % step == 0]
 

@@ -35,13 +35,20 @@ YARN_KEYS = (
 def read_rope(hf: HFConfig, softmax_mscale: bool) -> dict[str, Any]:
     """Braid's rope knobs; `softmax_mscale`: the HF model scales its softmax by YaRN's
     m(s, mscale_all_dim)^2 (MLA) or not (GQA)."""
-    params = dict(hf.get("rope_parameters") or {})
+    params = hf.get("rope_parameters") or {}
+    if not isinstance(params, dict):
+        hf.refuse("rope_parameters", params, "expected an object")
+    params = dict(params)
     scaling = hf.get("rope_scaling")
+    if scaling and not isinstance(scaling, dict):
+        hf.refuse("rope_scaling", scaling, "expected an object")
     if scaling:
         params.update(scaling)
-    theta = hf.get("rope_theta")
+    theta = hf.number("rope_theta", None)
     if theta is None:
         theta = params.get("rope_theta", 10000.0)
+        if isinstance(theta, bool) or not isinstance(theta, (int, float)):
+            hf.refuse("rope_parameters.rope_theta", theta, "expected a finite number")
     params.pop("rope_theta", None)
     kinds = {params.pop("rope_type", None), params.pop("type", None)} - {None, "default"}
     kind = kinds.pop() if kinds else "default"
