@@ -586,3 +586,28 @@ def test_a_module_planted_beside_an_export_is_never_imported(world, tmp_path):
         assert proc.returncode == 0, proc.stderr
         assert "evilmod:X" in proc.stderr and "not imported" in proc.stderr
     assert not marker.exists()
+
+
+def test_exporting_a_model_directory_writes_it_again_after_its_checks(world, tmp_path, capsys):
+    """`braid export --run` takes a model directory (an export, or an import) as well: the same
+    tensors, config and tokenizer come out; a damaged one is refused and nothing is written."""
+    from safetensors.torch import load_file
+
+    again = tmp_path / "again"
+    assert main(["export", "--run", str(world["export"]), "--out", str(again)]) == 0
+    a, b = load_file(world["export"] / "model.safetensors"), load_file(again / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for name in ("tokenizer.json",):
+        assert (again / name).read_bytes() == (world["export"] / name).read_bytes()
+    old, new = (json.loads((d / "config.json").read_text()) for d in (world["export"], again))
+    assert (new["config"], new["fingerprint"], new["step"]) == (
+        old["config"],
+        old["fingerprint"],
+        old["step"],
+    )
+    damaged = copy_export(world, tmp_path)
+    flip(damaged / "model.safetensors")
+    line = one_error_line(
+        capsys, main(["export", "--run", str(damaged), "--out", str(tmp_path / "x")])
+    )
+    assert "checksum" in line and not (tmp_path / "x").exists()

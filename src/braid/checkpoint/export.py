@@ -1,4 +1,5 @@
-"""`braid export`: a run's newest checkpoint as one safetensors file, its config and tokenizer.
+"""`braid export`: a run's newest checkpoint as one safetensors file, its config and tokenizer
+(or a model directory, an export or an import, written again after its checksums are checked).
 
 Output directory (written into a hidden temporary sibling, then renamed into place):
   model.safetensors   every persistent tensor of the single-process model, full (consolidated
@@ -28,6 +29,7 @@ from braid.checkpoint.load import (
     WEIGHTS_FILE,
     find_checkpoint,
     load_checkpoint_model,
+    load_model_dir,
 )
 from braid.checkpoint.meta import read_meta
 from braid.checkpoint.state import fsync_dir, write_json_durable
@@ -37,18 +39,25 @@ _EXPORT_FILES = {WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE, "model.toml"}
 
 
 def export(run: Path, out: Path) -> Path:
-    """Export the newest checkpoint of `run` (or the checkpoint `run` names) into `out`."""
+    """Export the newest checkpoint of `run` (or the checkpoint `run` names) into `out`; a
+    model directory (an export or an import) is written again, after its checks."""
     run, out = Path(run), Path(out)
-    ckpt = find_checkpoint(run)
-    tok = paths.tokenizer_of(ckpt)
+    if (run / WEIGHTS_FILE).is_file():
+        tok, step = run / TOKENIZER_FILE, None
+    else:
+        ckpt = find_checkpoint(run)
+        tok, step = paths.tokenizer_of(ckpt), read_meta(ckpt)["step"]
     if not tok.is_file():
         raise BraidError(
             f"{tok} is missing: the run directory lost its tokenizer; copy the "
             "tokenizer.json used for training there and export again"
         )
     check_target(out)
-    step = read_meta(ckpt)["step"]
-    model, cfg = load_checkpoint_model(ckpt, torch.device("cpu"))
+    if step is None:
+        model, cfg, body = load_model_dir(run, torch.device("cpu"))
+        step = body.get("step", 0) if isinstance(body.get("step", 0), int) else 0
+    else:
+        model, cfg = load_checkpoint_model(ckpt, torch.device("cpu"))
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
 
     from safetensors.torch import save_file

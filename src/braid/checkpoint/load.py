@@ -156,6 +156,12 @@ def _read_export_body(path: Path) -> tuple[dict, Config]:
 def load_export(path: Path, device: torch.device) -> Transformer:
     """The model of an export directory, in eval mode; its files checked against the hashes
     in config.json first (exports written before hashes existed are loaded unchecked)."""
+    return load_model_dir(path, device)[0]
+
+
+def load_model_dir(path: Path, device: torch.device) -> tuple[Transformer, Config, dict]:
+    """(model in eval mode, its config, config.json's body) of a model directory (an export or
+    an import), checked as `load_export` says."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -176,7 +182,7 @@ def load_export(path: Path, device: torch.device) -> Transformer:
             f"{file} does not match the model of {path / CONFIG_FILE} "
             f"({_one_line(e)}); re-run braid export"
         ) from None
-    return model.eval()
+    return model.eval(), cfg, body
 
 
 def _one_line(e: BaseException) -> str:
