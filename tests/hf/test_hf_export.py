@@ -137,6 +137,10 @@ def test_cli_exports_a_run_that_transformers_computes(trained_run, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == str(out)
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in out.iterdir():  # readable as the umask allows (safetensors alone writes 0600)
+        assert p.stat().st_mode & 0o777 == 0o666 & ~mask, p
     ref = _hf_load(out)
     model, _ = braid.load(trained_run)
     ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(3))

@@ -597,8 +597,13 @@ def test_exporting_a_model_directory_writes_it_again_after_its_checks(world, tmp
     assert main(["export", "--run", str(world["export"]), "--out", str(again)]) == 0
     a, b = load_file(world["export"] / "model.safetensors"), load_file(again / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    for name in ("tokenizer.json",):
-        assert (again / name).read_bytes() == (world["export"] / name).read_bytes()
+    assert (again / "tokenizer.json").read_bytes() == (
+        world["export"] / "tokenizer.json"
+    ).read_bytes()
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in again.iterdir():  # readable as the umask allows (safetensors alone writes 0600)
+        assert p.stat().st_mode & 0o777 == 0o666 & ~mask, p
     old, new = (json.loads((d / "config.json").read_text()) for d in (world["export"], again))
     assert (new["config"], new["fingerprint"], new["step"]) == (
         old["config"],

@@ -32,7 +32,7 @@ from braid.checkpoint.load import (
     load_model_dir,
 )
 from braid.checkpoint.meta import read_meta
-from braid.checkpoint.state import fsync_dir, write_json_durable
+from braid.checkpoint.state import fsync_dir, plain_mode, write_json_durable
 from braid.errors import BraidError
 
 _EXPORT_FILES = {WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE, "model.toml"}
@@ -72,6 +72,7 @@ def export(run: Path, out: Path) -> Path:
             tmp / WEIGHTS_FILE,
             metadata={"format": "pt", "step": str(step), "fingerprint": cfg.fingerprint()},
         )
+        plain_mode(tmp / WEIGHTS_FILE)
         shutil.copyfile(tok, tmp / TOKENIZER_FILE)
         for name in (WEIGHTS_FILE, TOKENIZER_FILE):
             with open(tmp / name, "rb") as f:

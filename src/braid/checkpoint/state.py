@@ -97,6 +97,14 @@ def _array_from(body: dict) -> np.ndarray:
     return np.asarray(data, dtype=dtype).reshape([int(n) for n in body["shape"]])
 
 
+def plain_mode(path: Path) -> None:
+    """Give `path` the permissions a plain open() would (0666 less the umask): safetensors
+    0.8 writes its files 0600, which other users and serving processes cannot read."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def fsync_dir(path: Path) -> None:
     """Make a rename or a new file in `path` durable (a no-op where directories cannot open)."""
     try:

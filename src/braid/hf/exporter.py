@@ -111,7 +111,9 @@ def export_hf(
     max_shard_size: str = "5GB",
 ) -> Path:
     from safetensors.torch import save_file
+    from tqdm import tqdm
 
+    from braid.checkpoint.state import plain_mode
     from braid.data.tokenizer import Tok
 
     run, out = Path(run), Path(out)
@@ -141,11 +143,15 @@ def export_hf(
         parts = shard(tensors, limit)
         if len(parts) == 1:
             save_file(parts[0], tmp / SINGLE, metadata={"format": "pt"})
+            plain_mode(tmp / SINGLE)
         else:
             weight_map = {}
-            for i, part in enumerate(parts, start=1):
+            # a bar over the shards on a terminal only (disable=None): a large model takes minutes
+            bar = tqdm(parts, desc="shards", unit="shard", disable=None, leave=False)
+            for i, part in enumerate(bar, start=1):
                 name = f"model-{i:05d}-of-{len(parts):05d}.safetensors"
                 save_file(part, tmp / name, metadata={"format": "pt"})
+                plain_mode(tmp / name)
                 weight_map.update(dict.fromkeys(part, name))
             total = sum(t.numel() * t.element_size() for t in tensors.values())
             _write_json(tmp / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})

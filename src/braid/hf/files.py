@@ -143,7 +143,10 @@ def write_streaming(
     make: Callable[[int], Tensor],
     metadata: dict[str, str],
 ) -> None:
-    """Write a safetensors file whose i-th tensor is `make(i)` (shape/dtype as `entries[i]`)."""
+    """Write a safetensors file whose i-th tensor is `make(i)` (shape/dtype as `entries[i]`),
+    with a progress bar in bytes on a terminal (a large model takes minutes)."""
+    from tqdm import tqdm
+
     header: dict[str, object] = {"__metadata__": metadata}
     offset = 0
     for name, shape, dtype in entries:
@@ -158,7 +161,9 @@ def write_streaming(
         offset += n
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
-    with open(path, "wb") as f:
+    # disable=None: drawn only when stderr is a terminal (no carriage returns in a log file)
+    bar = tqdm(total=offset, unit="B", unit_scale=True, desc=path.name, disable=None, leave=False)
+    with open(path, "wb") as f, bar:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for i, (name, shape, dtype) in enumerate(entries):
@@ -167,6 +172,8 @@ def write_streaming(
                 raise AssertionError(
                     f"{name}: made {tuple(t.shape)} {t.dtype}, planned {shape} {dtype}"
                 )
-            f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            data = t.contiguous().reshape(-1).view(torch.uint8).numpy().data
+            f.write(data)
+            bar.update(len(data))
         f.flush()
         os.fsync(f.fileno())
