@@ -111,6 +111,8 @@ def _cmd_runs(args, overrides: list[str]) -> int:
 def _cmd_report(args, overrides: list[str]) -> int:
     from braid.metrics.report import write_report
 
+    if not Path(args.run_dir).is_dir():
+        raise BraidError(f"{args.run_dir} is not a directory: give a run directory to report on")
     print(write_report(Path(args.run_dir)))
     return 0
 

@@ -194,11 +194,15 @@ def config_names() -> list[str]:
 def resolve_config_path(name_or_path: str) -> Path:
     """A file path, or the name of a built-in config (`tiny`, `medium`, ...)."""
     p = Path(name_or_path)
+    builtin = CONFIG_DIR / f"{name_or_path}.toml"
+    if p.is_dir() and p.suffix != ".toml" and builtin.is_file():
+        return builtin  # a folder named like a built-in config in the working directory
     if p.suffix == ".toml" or p.exists():
+        if p.is_dir():
+            raise BraidError(f"config {name_or_path!r} is a directory: give a .toml file")
         if not p.is_file():
             raise BraidError(f"config file {name_or_path!r} not found")
         return p
-    builtin = CONFIG_DIR / f"{name_or_path}.toml"
     if builtin.is_file():
         return builtin
     names = ", ".join(config_names())

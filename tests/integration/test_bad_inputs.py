@@ -173,6 +173,17 @@ ROWS = [
         lambda w, t: ["generate", "--run", "x", "--prompt", "p", "--train.steps=5"],
         r"config overrides \(--train.steps=...\) are for train and info, not generate",
     ),
+    (
+        "report-missing-dir",
+        lambda w, t: ["report", str(t / "nope")],
+        r"nope is not a directory: give a run directory",
+    ),
+    ("config-is-a-dir", lambda w, t: ["info", str(t)], r"is a directory: give a .toml file"),
+    (
+        "stop-at-past-steps",
+        lambda w, t: ["info", "--train.steps=2", "--train.stop_at=5"],
+        r"train.stop_at=5: must be <= train.steps=2",
+    ),
     ("info-ep-zero", lambda w, t: ["info", "--ep", "0"], r"argument --ep: 0 must be >= 1"),
     ("inf-float", lambda w, t: ["info", "--train.lr=inf"], r"train.lr=inf: expected a finite"),
     (
@@ -616,3 +627,11 @@ def test_exporting_a_model_directory_writes_it_again_after_its_checks(world, tmp
         capsys, main(["export", "--run", str(damaged), "--out", str(tmp_path / "x")])
     )
     assert "checksum" in line and not (tmp_path / "x").exists()
+
+
+def test_a_folder_named_like_a_builtin_config_does_not_hide_it(tmp_path, monkeypatch):
+    from braid.config import CONFIG_DIR, resolve_config_path
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny").mkdir()
+    assert resolve_config_path("tiny") == CONFIG_DIR / "tiny.toml"
