@@ -42,17 +42,15 @@ def open_run_dir(cfg: Config, run_id: str, lock: RunLock | None = None) -> tuple
     to start (`write_run_files`), so a refused resume leaves an existing run as it was.
     Unwritable or full storage is a one-line StorageError."""
     run_dir = Path(cfg.run.dir) / run_id
-    created = not run_dir.exists()
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        run_dir.mkdir(parents=True)
+        created = True
+    except FileExistsError:
+        created = False  # an existing run, or another trainer's that made it a moment ago
     except OSError as e:
         raise StorageError(e, run_dir, "create the run directory") from None
     if lock is not None:
-        try:
-            lock.acquire()
-        except BaseException:
-            discard_new_run_dir(run_dir, created)
-            raise
+        lock.acquire()  # refused: the directory is left alone, it may be another writer's now
     return run_dir, created
 
 
@@ -75,7 +73,8 @@ def write_run_files(cfg: Config, run_dir: Path, tokenizer_path: str | Path | Non
 
 def discard_new_run_dir(run_dir: Path, created: bool) -> None:
     """Remove a run directory this process created for a run that was refused before it
-    started: only while it holds nothing but the lock file (never anyone else's files)."""
+    started: only while it holds nothing but the lock file (never anyone else's files). Call
+    it while still holding the run's lock, so no other writer can have taken the directory."""
     if not created:
         return
     try:

@@ -114,9 +114,9 @@ def _train(cfg: Config, ctx: ParallelContext) -> dict:
     try:
         return _run(cfg, ctx, run_id, run_dir, loader, val_batches, model, train_ds, started)
     finally:
-        lock.release()
         if ctx.is_main and not started[0]:  # refused before it began: leave no empty run
-            discard_new_run_dir(run_dir, created)
+            discard_new_run_dir(run_dir, created)  # under the lock: no one else is in it
+        lock.release()
 
 
 def _run(cfg, ctx, run_id, run_dir, loader, val_batches, model, train_ds, started) -> dict:

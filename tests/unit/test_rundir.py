@@ -1,0 +1,52 @@
+"""Run directories: made and locked before anything is written; a refused writer never removes a
+directory, even one it made itself a moment before another writer locked it."""
+
+from __future__ import annotations
+
+import pytest
+
+from braid.config import Config
+from braid.errors import BraidError
+from braid.train.rundir import discard_new_run_dir, open_run_dir, write_run_files
+from braid.train.runlock import RunLock
+
+
+def _cfg(tmp_path) -> Config:
+    return Config().replace(run={"dir": str(tmp_path / "runs")})
+
+
+def test_open_says_whether_it_made_the_directory_and_writes_nothing(tmp_path):
+    cfg = _cfg(tmp_path)
+    lock = RunLock(tmp_path / "runs" / "r")
+    run_dir, created = open_run_dir(cfg, "r", lock)
+    try:
+        assert created and {p.name for p in run_dir.iterdir()} == {".lock"}
+        write_run_files(cfg, run_dir)
+        assert {"config.toml", "config.json"} <= {p.name for p in run_dir.iterdir()}
+    finally:
+        lock.release()
+    again = RunLock(run_dir)
+    assert open_run_dir(cfg, "r", again) == (run_dir, False)
+    again.release()
+
+
+def test_a_refused_writer_leaves_the_directory_it_made_to_the_one_that_locked_it(tmp_path):
+    cfg = _cfg(tmp_path)
+    run_dir = tmp_path / "runs" / "r"
+    winner = RunLock(run_dir)
+
+    class LateLock(RunLock):  # the other trainer locks between this one's mkdir and its lock
+        def acquire(self):
+            winner.acquire()
+            return super().acquire()
+
+    try:
+        with pytest.raises(BraidError, match="in use"):
+            open_run_dir(cfg, "r", LateLock(run_dir))
+        assert run_dir.is_dir() and (run_dir / ".lock").exists()
+        discard_new_run_dir(run_dir, created=False)  # not ours: never removed
+        assert run_dir.is_dir()
+    finally:
+        winner.release()
+    discard_new_run_dir(run_dir, created=True)  # ours, holding only the lock file: removed
+    assert not run_dir.exists()
