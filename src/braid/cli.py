@@ -261,7 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     dash.set_defaults(fn=_cmd_dash)
 
     e = sub.add_parser("export", help="write consolidated safetensors weights and config")
-    e.add_argument("--run", required=True, help="a run directory or one of its checkpoints")
+    e.add_argument(
+        "--run", required=True, help="a run directory, one of its checkpoints, or a model directory"
+    )
     e.add_argument("--out", required=True, help="the directory to write (made new)")
     e.add_argument(
         "--format",

@@ -237,7 +237,25 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
         if not isinstance(value, str) and _field_type(sec, name) is str:
             value = ov.partition("=")[2]  # a str setting takes the text: --run.name=123
         raw.setdefault(sec, {})[name] = value
-    return from_dict(raw).validate()
+    return check_user_values(from_dict(raw).validate())
+
+
+def check_user_values(cfg: Config) -> Config:
+    """Checks of a config the user gives that a config read back from a file skips (an older
+    braid wrote those without them, and they must stay readable): every float finite (no knob
+    means inf or nan), train.stop_at within train.steps."""
+    for sec in dataclasses.fields(cfg):
+        section = getattr(cfg, sec.name)
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{sec.name}.{f.name}", value, "expected a finite number")
+    t = cfg.train
+    if t.stop_at > t.steps:
+        raise ConfigError(
+            "train.stop_at", t.stop_at, f"must be <= train.steps={t.steps} (0 = at steps)"
+        )
+    return cfg
 
 
 def parse_override(arg: str) -> tuple[str, Any]:
@@ -300,8 +318,6 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         return [_coerce(key, v, item) for v in value]
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if tp is float and isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(key, value, "expected a finite number")  # no knob means inf or nan
     if tp is int and isinstance(value, bool):
         raise ConfigError(key, value, "expected int")
     if not isinstance(value, tp):

@@ -104,6 +104,7 @@ IMPORT_CASES = {  # name: (change to a saved tiny Mixtral, words the one line mu
     ),
     "string_float": (lambda d: _config(d, rms_norm_eps="x"), "rms_norm_eps='x'"),
     "string_theta": (lambda d: _config(d, rope_theta="abc"), "rope_theta='abc'"),
+    "required_int_null": (lambda d: _config(d, num_hidden_layers=None), "num_hidden_layers=None"),
     "rope_parameters_not_object": (
         lambda d: _config(d, rope_parameters=5),
         "rope_parameters=5 is not supported for model_type mixtral (expected an object)",
@@ -191,3 +192,26 @@ def test_refusal_exit_code_from_the_command_line(mixtral_dir, tmp_path):
     )
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert "model_type='llama4' is not supported" in proc.stderr
+
+
+def test_typed_reads_of_null_follow_transformers():
+    """A null flag reads as false (transformers' `if config.key:`), a null optional number as
+    its default, a null required integer is refused."""
+    from braid.hf.base import HFConfig, HFRefusal
+
+    hf = HFConfig({"norm_topk_prob": None, "rms_norm_eps": None, "vocab_size": None}, "c.json")
+    assert hf.flag("norm_topk_prob", True) is False and hf.flag("rope_interleave", True) is True
+    assert hf.number("rms_norm_eps", 1e-6) == 1e-6
+    with pytest.raises(HFRefusal, match="vocab_size=None"):
+        hf.integer("vocab_size")
+
+
+def test_a_hugging_face_folder_given_as_a_model_directory_says_import_it(tmp_path, capsys):
+    hf = tmp_path / "hf"
+    save_hf("mixtral", hf, shard="1GB")  # one model.safetensors, as a Braid directory has
+    assert (hf / "model.safetensors").is_file()
+    for argv in (
+        ["export", "--run", str(hf), "--out", str(tmp_path / "x")],
+        ["generate", "--run", str(hf), "--prompt", "a", "--cpu"],
+    ):
+        _refused(argv, tmp_path / "x", capsys, "is a Hugging Face checkpoint, not a Braid model")

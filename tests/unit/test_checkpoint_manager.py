@@ -167,6 +167,7 @@ def test_resume_paths(tmp_path):
         "flip_tensor_bytes",
         "edit_meta_config",
         "meta_lists_outside",
+        "meta_hashes_outside",
     ],
 )
 def test_damaged_checkpoint_is_one_line_and_auto_falls_back_to_the_newest_intact(
@@ -204,6 +205,12 @@ def test_damaged_checkpoint_is_one_line_and_auto_falls_back_to_the_newest_intact
         body["hashes"][outside] = body["hashes"]["rank_00000.json"]
         meta.write_text(json.dumps(body))
         match = "lists '../.*', outside the checkpoint"
+    elif damage == "meta_hashes_outside":  # a hashed name outside (an older format's check)
+        body = json.loads(meta.read_text())
+        body["format"] = "braid-checkpoint/1"  # whose hashes need not match its files
+        body["hashes"]["../../elsewhere"] = "0" * 32
+        meta.write_text(json.dumps(body))
+        match = "lists '../../elsewhere', outside the checkpoint"
     else:  # a model shape edited in meta.json
         body = json.loads(meta.read_text())
         body["config"]["model"]["n_layers"] = 2

@@ -120,3 +120,27 @@ def test_cli_user_error_is_one_line_with_exit_code_2():
         text=True,
     )
     assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_user_only_checks_refuse_new_values_but_saved_configs_stay_readable():
+    """inf/nan floats and train.stop_at > train.steps are refused from the user, while a config
+    an older braid saved with them (a checkpoint's or an export's) still loads."""
+    import math
+
+    import pytest
+
+    from braid.config import Config, config_from_data, fingerprint_of, load_config
+    from braid.errors import ConfigError
+
+    for override, key in (
+        ("--train.lr=inf", "train.lr"),
+        ("--model.rope_theta=nan", "model.rope_theta"),
+        ("--train.stop_at=5", "train.stop_at"),
+    ):
+        with pytest.raises(ConfigError) as e:
+            load_config("tiny", [override, "--train.steps=4"])
+        assert e.value.key == key
+    saved = Config().to_dict()
+    saved["train"].update(steps=4, stop_at=6, grad_clip=math.inf)
+    cfg = config_from_data(saved, fingerprint_of(saved), "meta.json")
+    assert cfg.train.stop_at == 6 and math.isinf(cfg.train.grad_clip)

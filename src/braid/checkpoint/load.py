@@ -150,6 +150,11 @@ def _read_export_body(path: Path) -> tuple[dict, Config]:
     body = read_json(file, "export config", "re-run braid export")
     if not isinstance(body, dict):
         raise BraidError(f"{file} is corrupt (not a JSON object); re-run braid export")
+    if "config" not in body and "model_type" in body:
+        raise BraidError(
+            f"{path} is a Hugging Face checkpoint, not a Braid model directory: convert it "
+            "first with braid import"
+        )
     return body, config_from_data(body.get("config"), body.get("fingerprint"), file)
 
 

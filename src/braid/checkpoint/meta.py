@@ -115,12 +115,14 @@ def read_meta(ckpt: Path) -> dict:
             f"checkpoint metadata {ckpt / META_FILE} has bad or missing "
             "'hashes': the file was altered; resume from another checkpoint"
         )
-    for name, size in meta["files"].items():
+    listed = list(meta["files"]) + (list(hashes) if isinstance(hashes, dict) else [])
+    for name in listed:
         if Path(name).name != name or name in ("", ".", ".."):  # the checkpoint's own files only
             raise DamagedFile(
                 f"checkpoint metadata {ckpt / META_FILE} lists {name!r}, outside the "
                 "checkpoint: the file was altered; resume from another checkpoint"
             )
+    for name, size in meta["files"].items():
         f = ckpt / name
         if not f.is_file():
             raise DamagedFile(

@@ -117,15 +117,23 @@ class HFConfig:
         return float(value)
 
     def flag(self, key: str, default: Any = _REQUIRED) -> Any:
-        """A true/false setting (JSON true or false; not "false" or 0); missing is `default`."""
+        """A true/false setting (JSON true or false; not "false" or 0); missing is `default`,
+        null is false (as transformers' `if config.key:` reads it)."""
+        if default is not _REQUIRED and self.get(key, default) is None:
+            return False
         value = self._typed(key, default)
-        if value is not None and not isinstance(value, bool):
+        if not isinstance(value, bool):
             self.refuse(key, value, "expected true or false")
         return value
 
     def _typed(self, key: str, default: Any) -> Any:
+        """The value of `key`: required (no default) and not null, or `default` when missing
+        or null."""
         if default is _REQUIRED:
-            return self.require(key)
+            value = self.require(key)
+            if value is None:
+                self.refuse(key, value, "a value is needed")
+            return value
         value = self.get(key, default)
         return default if value is None else value
 

@@ -66,12 +66,6 @@ class TrainConfig:
         for key in ("steps", "batch_size", "grad_accum", "seq_len", "log_every", "val_every"):
             check(getattr(self, key) > 0, f"train.{key}", getattr(self, key), "must be > 0")
         check(self.stop_at >= 0, "train.stop_at", self.stop_at, "must be >= 0")
-        check(
-            self.stop_at <= self.steps,
-            "train.stop_at",
-            self.stop_at,
-            f"must be <= train.steps={self.steps} (0 = at steps)",
-        )
         check(self.val_batches >= 0, "train.val_batches", self.val_batches, "must be >= 0")
         check(self.lr > 0, "train.lr", self.lr, "must be > 0")
         check(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", self.min_lr_ratio, "in [0, 1]")
