@@ -164,9 +164,22 @@ def atomic_dir(out: Path) -> Iterator[Path]:
     try:
         yield tmp
         tmp.chmod(0o755)  # mkdtemp makes it private; a dataset is meant to be shared
+        _sync_files(tmp)  # on disk before the rename makes them a finished dataset
         _install(tmp, out)
+        _sync_files(out.parent, files=False)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # nothing left there after a successful install
+
+
+def _sync_files(d: Path, files: bool = True) -> None:
+    """fsync the files directly in `d` (with `files`) and `d` itself, where the OS allows."""
+    from braid.checkpoint.state import fsync_dir
+
+    for p in sorted(d.iterdir()) if files else []:
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    fsync_dir(d)
 
 
 def _install(tmp: Path, out: Path) -> None:
