@@ -247,3 +247,22 @@ def test_optimizer_without_state_round_trips(tmp_path):
     m2, opt2, cur2, st2 = make()
     Checkpointer(tmp_path, Config(), CTX).resume(m2, opt2, cur2, st2)
     assert not opt2.state and st2.skipped_steps == 1
+
+
+def test_a_save_cut_off_between_its_two_renames_loses_no_checkpoint(tmp_path, capsys):
+    """A new save of step X moves the old step_X aside (.old-step_X) before renaming the new
+    one in; a process killed between the two leaves .old and .tmp only. Resume puts the old
+    one back and uses it; the next prune does not delete it."""
+    m, opt, cur, st = make()
+    ck = Checkpointer(tmp_path, Config(), CTX)
+    step(m, opt, cur, st)
+    where = ck.save(m, opt, cur, st)
+    saved = {k: v.clone() for k, v in m.state_dict().items()}
+    where.rename(where.with_name(f".old-{where.name}"))
+    (where.parent / f".tmp-{where.name}").mkdir()  # the new save, not renamed in
+    m2, opt2, cur2, st2 = make()
+    Checkpointer(tmp_path, Config(), CTX).resume(m2, opt2, cur2, st2)
+    assert st2.step == 1 and where.is_dir() and "restored" in capsys.readouterr().err
+    assert all(torch.equal(saved[k], v) for k, v in m2.state_dict().items())
+    paths.prune(tmp_path, keep_last=1, keep_every=0)
+    assert paths.latest(tmp_path) == where

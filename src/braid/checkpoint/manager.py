@@ -162,6 +162,9 @@ class Checkpointer:
         found: tuple[Path | None, str | None] = (None, None)
         if ctx.is_main:  # one rank looks, so all ranks agree on the checkpoint
             try:
+                for back in paths.restore_replaced(self.run_dir):  # a save cut off mid-install
+                    note = f"restored {back} (a later save of its step did not finish)"
+                    print(note, file=sys.stderr, flush=True)
                 found = (paths.resolve_resume(self.cfg.checkpoint.resume, self.run_dir), None)
             except BraidError as e:
                 found = (None, str(e))

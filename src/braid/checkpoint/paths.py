@@ -11,6 +11,7 @@ Only rank 0 changes this tree (rename, prune, clean-up); every rank reads it.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from pathlib import Path
@@ -55,6 +56,20 @@ def complete_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 def latest(run_dir: Path) -> Path | None:
     found = complete_checkpoints(run_dir)
     return found[-1][1] if found else None
+
+
+def restore_replaced(run_dir: Path) -> list[Path]:
+    """Put back each checkpoint that a new save of the same step moved aside (`.old-step_X`)
+    where the process died before the new one took its place: without `step_X` the old one is
+    that step's only complete copy. The restored directories."""
+    root = Path(run_dir) / CKPT_DIR
+    back = []
+    for old in sorted(root.glob(".old-step_*")) if root.is_dir() else []:
+        final = root / old.name.removeprefix(".old-")
+        if _STEP_DIR.match(final.name) and not final.exists() and (old / META_FILE).is_file():
+            os.replace(old, final)
+            back.append(final)
+    return back
 
 
 def resolve_resume(spec: str, run_dir: Path) -> Path | None:
