@@ -171,6 +171,8 @@ class _Parser(argparse.ArgumentParser):
     """argparse with the house error format: one line, exit code 2 (no usage block)."""
 
     def error(self, message: str):  # type: ignore[override]
+        if message.endswith("required: cmd"):  # `braid` alone, or only options
+            message = f"give a command: {', '.join(_commands(self))}"
         print(f"error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
         sys.exit(2)
 
@@ -283,6 +285,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _commands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """The subcommands' parsers by name."""
+    sub = next(a for a in parser._subparsers._group_actions if a.dest == "cmd")  # type: ignore[union-attr]
+    return sub.choices  # type: ignore[return-value]
+
+
 def _positive_int(text: str) -> int:
     """argparse type: an integer >= 1 (its error names the value)."""
     try:
@@ -300,7 +308,7 @@ def _not_an_override(parser: argparse.ArgumentParser, cmd: str, given: list[str]
     key = given[0].split("=", 1)[0]
     if "." in key:
         return f"config overrides ({key}=...) are for train and info, not {cmd}"
-    sub = next(a for a in parser._subparsers._group_actions if a.dest == "cmd").choices[cmd]  # type: ignore[union-attr]
+    sub = _commands(parser)[cmd]
     flags = [o for o in sub._option_string_actions if o.startswith("--")]
     near = difflib.get_close_matches(key.replace("_", "-"), flags, n=1)
     hint = f" (did you mean {near[0]}?)" if near else ""
