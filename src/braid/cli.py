@@ -38,10 +38,10 @@ def _cmd_info(args, overrides: list[str]) -> int:
     from braid.config import knob_docs, load_config
     from braid.info import describe
 
+    cfg = load_config(args.config, overrides)  # checked with --knobs too: no typo passes
     if args.knobs:
         print(knob_docs())
         return 0
-    cfg = load_config(args.config, overrides)
     print(describe(cfg, world=args.world, ep=args.ep))
     return 0
 

@@ -173,6 +173,7 @@ ROWS = [
         lambda w, t: ["generate", "--run", "x", "--prompt", "p", "--train.steps=5"],
         r"config overrides \(--train.steps=...\) are for train and info, not generate",
     ),
+    ("knobs-bad-override", lambda w, t: ["info", "--knobs", "--train.lr=abc"], r"train.lr='abc'"),
     ("no-command", lambda w, t: [], r"give a command: train, info, prep"),
     (
         "report-missing-dir",
