@@ -284,7 +284,8 @@ ROWS = [
     (
         "distcp-bit-flip",
         lambda w, t: gen(_flip_distcp(copy_run(w, t))),
-        r"distcp does not match its blake2b-128 checksum",
+        r"distcp does not match its blake2b-128 checksum: .* on disk; give an intact one, "
+        r"e\.g\. --run .*step_00000002$",
     ),
     (  # another run's damaged checkpoint: the advice names that run's older checkpoint
         "resume-damaged-other-run",

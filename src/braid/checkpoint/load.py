@@ -18,7 +18,7 @@ import torch
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
 from braid.checkpoint import paths
-from braid.checkpoint.integrity import verify_files
+from braid.checkpoint.integrity import DamagedFile, verify_files
 from braid.checkpoint.meta import config_of, read_meta, verify_checkpoint
 from braid.checkpoint.state import read_json
 from braid.checkpoint.storage import load_tensors
@@ -101,8 +101,19 @@ def build_single(cfg: Config, device: torch.device) -> Transformer:
 
 def load_checkpoint_model(ckpt: Path, device: torch.device) -> tuple[Transformer, Config]:
     """(model in eval mode, its config) with the weights of a DCP checkpoint, full tensors."""
-    meta = read_meta(ckpt)
-    verify_checkpoint(ckpt, meta)
+    try:
+        meta = read_meta(ckpt)
+        verify_checkpoint(ckpt, meta)
+    except DamagedFile as e:  # advice for a reader (generate, export), not for a resume
+        what = str(e).removesuffix("; resume from another checkpoint")
+        what = what.removesuffix("; resume from another one")
+        older = [p for _, p in paths.complete_checkpoints(Path(ckpt).parent.parent) if p != ckpt]
+        advice = (
+            f"give an intact one, e.g. --run {older[-1]}"
+            if older
+            else "no other checkpoint of this run is complete"
+        )
+        raise BraidError(f"{what}; {advice}") from None
     cfg = config_of(meta, ckpt)
     model = build_single(cfg, device)
     sd = get_model_state_dict(model)
