@@ -527,6 +527,39 @@ def test_full_disk_at_a_checkpoint_keeps_the_previous_one_and_records_the_error(
     assert row["status"] == "failed" and "No space left" in row["error"]
 
 
+@pytest.mark.parametrize("failure", ["disk_full", "interrupted"])
+def test_a_failure_inside_the_tensor_writer_is_one_line_or_a_stop(
+    world, tmp_path, capsys, monkeypatch, failure
+):
+    """DCP wraps a writer's failure in CheckpointException, a BaseException: a full disk there
+    is still the one line above, and a stop signal during the save still stops the run as
+    killed, not as a traceback."""
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter
+
+    real, calls = FileSystemWriter.write_data, []
+
+    def fail_after_first(self, *a, **k):
+        calls.append(1)
+        if len(calls) > 1:
+            if failure == "interrupted":
+                raise KeyboardInterrupt
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(FileSystemWriter, "write_data", fail_after_first)
+    code = main(train_args(world, tmp_path))
+    run = tmp_path / "runs" / "x"
+    assert [s for s, _ in paths.complete_checkpoints(run)] == [2]
+    row = ExperimentsDB(tmp_path / "runs").get_run("x")
+    if failure == "disk_full":
+        line = one_error_line(capsys, code)
+        assert "No space left on device" in line and "the previous checkpoint is intact" in line
+        assert row["status"] == "failed" and "\n" not in row["error"]
+    else:
+        assert code == 130 and "Traceback" not in capsys.readouterr().err
+        assert row["status"] == "killed"
+
+
 def test_read_only_storage_is_one_line(world, tmp_path, capsys, monkeypatch):
     def refuse(*a, **k):
         raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / "o"))

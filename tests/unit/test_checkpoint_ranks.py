@@ -87,3 +87,36 @@ def test_two_rank_fsdp_checkpoint_resumes_exactly_and_loads_in_one_process(tmp_p
     assert state.step == 2
     for name, full in out[0]["saved"].items():
         assert np.array_equal(model.state_dict()[name].numpy(), full), name
+
+
+def _rank0_install_fails(rank: int, world: int, run_dir: str):
+    import errno
+
+    from braid.checkpoint import manager
+    from braid.errors import BraidError
+    from braid.parallel.distributed import init_distributed
+
+    ctx = init_distributed(Config())
+    model, opt = _build(ctx)
+    cursor, state = Cursor(), TrainState()
+    _step(model, opt, cursor, state)
+    if rank == 0:  # only rank 0 writes meta.json and renames: its failure alone
+
+        def refuse(tmp, final):
+            raise PermissionError(errno.EACCES, "Permission denied", str(final))
+
+        manager._install = refuse
+    try:
+        Checkpointer(run_dir, Config(), ctx).save(model, opt, cursor, state)
+    except BraidError as e:
+        return str(e)
+    return None
+
+
+def test_a_file_step_only_rank_0_takes_fails_as_one_error_on_every_rank(tmp_path):
+    """Rank 0 alone writes meta.json and installs the checkpoint; when that fails the other
+    rank raises the same one line instead of waiting in a barrier for it."""
+    out = run_ranks(_rank0_install_fails, 2, str(tmp_path))
+    assert out[0] == out[1] and out[0] is not None and "\n" not in out[0]
+    assert "cannot write the checkpoint" in out[0] and "Permission denied" in out[0]
+    assert "the previous checkpoint is intact" in out[0] and paths.latest(tmp_path) is None

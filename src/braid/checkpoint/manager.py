@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -51,7 +52,7 @@ from braid.checkpoint.meta import build_meta, file_sizes, read_meta, verify_chec
 from braid.checkpoint.state import fsync_dir, read_json, write_json_durable
 from braid.checkpoint.storage import load_tensors, save_error, save_tensors
 from braid.config import Config
-from braid.errors import BraidError
+from braid.errors import BraidError, describe_os_error
 from braid.parallel.mesh import ParallelContext
 
 
@@ -74,10 +75,11 @@ class Checkpointer:
         ctx, ck = self.ctx, self.cfg.checkpoint
         streams = rng.capture(ctx.device)  # 1. first: nothing below may draw before this
         tmp = paths.tmp_path(self.run_dir, state.step)
+        err = None  # every file step below ends with all ranks agreeing on its error, if any
         if ctx.is_main:  # 2.
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        self._barrier()
+            err = _file_step(lambda: tmp.mkdir(parents=True), tmp)
+        self._agree(err)
         tensors: dict[str, Any] = {"model": get_model_state_dict(model)}
         groups = None
         if opt.state:  # an optimizer that never stepped has no state to save (see resume)
@@ -85,16 +87,18 @@ class Checkpointer:
             tensors["optim"], groups = osd["state"], osd["param_groups"]
         try:
             save_tensors(tensors, tmp, ctx.distributed, self._group())  # 3.
+        except CheckpointException as e:  # DCP's, a BaseException: every rank gets it
+            if _interrupted(e):
+                raise KeyboardInterrupt from None  # a stop signal during the save
+            raise save_error(e, tmp) from None
         except Exception as e:  # a full disk, permissions: the previous checkpoint stays
             raise save_error(e, tmp) from None
-        write_json_durable(
-            tmp / rank_file(ctx.rank),  # 4.
-            {"rank": ctx.rank, "rng": streams, "loader": loader.state_dict()},
-        )
-        self._barrier()
+        own = {"rank": ctx.rank, "rng": streams, "loader": loader.state_dict()}
+        self._agree(_file_step(lambda: write_json_durable(tmp / rank_file(ctx.rank), own), tmp))
         sizes = file_sizes(tmp)  # every rank hashes its share of the files, rank 0 collects
         hashes = self._merge(hash_files(tmp, my_part(sizes, ctx.rank, ctx.world)))
         final = paths.final_path(self.run_dir, state.step)
+        err = None
         if ctx.is_main:  # 5.
             meta = build_meta(
                 step=state.step,
@@ -106,10 +110,14 @@ class Checkpointer:
                 files=sizes,
                 hashes=hashes,
             )
-            write_json_durable(tmp / paths.META_FILE, meta, indent=1)
-            _install(tmp, final)
-            paths.prune(self.run_dir, ck.keep_last, ck.keep_every)
-        self._barrier()
+
+            def install() -> None:
+                write_json_durable(tmp / paths.META_FILE, meta, indent=1)
+                _install(tmp, final)
+                paths.prune(self.run_dir, ck.keep_last, ck.keep_every)
+
+            err = _file_step(install, tmp)
+        self._agree(err)
         return final
 
     # ---- resume ----------------------------------------------------------------------------
@@ -273,6 +281,28 @@ class Checkpointer:
         from braid.parallel.distributed import raise_on_any
 
         raise_on_any(err, self.ctx)
+
+
+def _file_step(step: Any, tmp: Path) -> BraidError | None:
+    """Run one file step of a save; an OSError becomes the one-line error every rank raises."""
+    try:
+        step()
+    except OSError as e:
+        where = e.filename or tmp
+        return BraidError(
+            f"{describe_os_error(e, where, 'write the checkpoint')}; the previous checkpoint "
+            "is intact"
+        )
+    return None
+
+
+def _interrupted(e: BaseException) -> bool:
+    """DCP wrapped a KeyboardInterrupt (a stop signal) of some rank into its exception."""
+    failures = getattr(e, "failures", None) or {}
+    return any(
+        isinstance(f[0] if isinstance(f, tuple) else f, KeyboardInterrupt)
+        for f in failures.values()
+    )
 
 
 def _install(tmp: Path, final: Path) -> None:
