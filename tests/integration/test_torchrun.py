@@ -140,3 +140,17 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint
     assert 3 <= step < 5000
     run = ExperimentsDB(runs).get_run("term")
     assert run["status"] == "killed" and run["step"] == step, (run, err[-2000:])
+
+
+def test_a_corpus_error_of_rank_0_is_the_same_one_line_on_every_rank(tmp_path):
+    """Rank 0 prepares the built-in corpus; its refusal reaches the other rank as the same line
+    instead of a broken collective."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += ["-m", "braid", "train", *TINY, "--parallel.ep=2", f"--run.dir={tmp_path / 'runs'}"]
+    cmd += [f"--data.tokenizer={tmp_path / 'missing.json'}"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: data.tokenizer=")]
+    assert len(lines) == 2 and lines[0] == lines[1], proc.stderr[-3000:]
+    assert "gloo" not in proc.stderr and "Connection closed" not in proc.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from braid.config import Config
+from braid.errors import BraidError
 from braid.parallel.build import build_model as build_model  # re-exported (moved there)
 from braid.parallel.mesh import ParallelContext
 
@@ -20,20 +21,27 @@ def load_data(cfg: Config, ctx: ParallelContext):
 
     path = cfg.data.path
     if not path:
-        if ctx.is_main:
-            path = str(
-                ensure_default_corpus(
-                    data_root(cfg),
-                    vocab_size=cfg.model.vocab_size,
-                    tokenizer=cfg.data.tokenizer,
-                    val_fraction=cfg.data.val_fraction,
-                    progress=cfg.train.progress,
+        why = None
+        if ctx.is_main:  # one rank prepares the corpus; the others learn its path or its error
+            try:
+                path = str(
+                    ensure_default_corpus(
+                        data_root(cfg),
+                        vocab_size=cfg.model.vocab_size,
+                        tokenizer=cfg.data.tokenizer,
+                        val_fraction=cfg.data.val_fraction,
+                        progress=cfg.train.progress,
+                    )
                 )
-            )
+            except BraidError as e:
+                why = e
         if ctx.distributed:
             from braid.parallel.distributed import broadcast_object
 
-            path = broadcast_object(path, ctx)
+            path, text = broadcast_object((path, None if why is None else str(why)), ctx)
+            why = why if why is not None or text is None else BraidError(text)
+        if why is not None:
+            raise why  # on every rank alike, so none waits in a collective
     train_ds = TokenDataset(path, "train", vocab_size=cfg.model.vocab_size)
     val_ds = TokenDataset(path, "val", vocab_size=cfg.model.vocab_size)
     tc = cfg.train
