@@ -671,3 +671,22 @@ def test_a_folder_named_like_a_builtin_config_does_not_hide_it(tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     (tmp_path / "tiny").mkdir()
     assert resolve_config_path("tiny") == CONFIG_DIR / "tiny.toml"
+
+
+def test_an_unwritable_summary_marks_the_run_failed_with_one_line(
+    world, tmp_path, capsys, monkeypatch
+):
+    from braid.train import trainer
+
+    real = trainer.write_json_atomic
+
+    def refuse_summary(path, obj):
+        if path.name == "summary.json":
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real(path, obj)
+
+    monkeypatch.setattr(trainer, "write_json_atomic", refuse_summary)
+    line = one_error_line(capsys, main(train_args(world, tmp_path)))
+    assert "summary.json" in line and "Permission denied" in line
+    row = ExperimentsDB(tmp_path / "runs").get_run("x")
+    assert row["status"] == "failed" and "summary.json" in row["error"]

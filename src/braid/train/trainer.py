@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from braid.config import Config
-from braid.errors import BraidError
+from braid.errors import BraidError, StorageError
 from braid.info import arithmetic
 from braid.overlap.session import OverlapSession
 from braid.parallel.distributed import init_parallel
@@ -194,7 +194,12 @@ def _run(cfg, ctx, run_id, run_dir, loader, val_batches, model, train_ds, starte
             raise
     result.update(run_id=run_id, run_dir=str(run_dir))
     if ctx.is_main:
-        write_json_atomic(run_dir / "summary.json", json_safe(result))
+        try:
+            write_json_atomic(run_dir / "summary.json", json_safe(result))
+        except OSError as e:  # the run is done and checkpointed; its registry row says why
+            err = StorageError(e, run_dir / "summary.json", "write")
+            log.close(status="failed", step=state.step, error=str(err))
+            raise err from None
     log.close(status="finished", step=result["steps"], last_loss=result["final_train_loss"])
     return {**result, "rank": ctx.rank}  # the CLI prints the result of rank 0 only
 
