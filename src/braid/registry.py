@@ -17,14 +17,16 @@ import importlib
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from braid.errors import BraidError
+from braid.errors import BraidError, first_line
 
 T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str):
-        self.kind = kind
+    def __init__(self, kind: str, base: type | None = None):
+        """`base`: the class every plug-in must subclass (checked when a dotted name is
+        imported)."""
+        self.kind, self.base = kind, base
         self._items: dict[str, T] = {}
         self._imported: dict[str, T] = {}  # dotted names a user's config or code imported
 
@@ -52,7 +54,7 @@ class Registry(Generic[T]):
                     "is data and never imports code; name it on the command line or in the "
                     "config file given to braid (or call Config.validate()) to use it"
                 )
-            self._imported[name] = obj = _import_path(name, self.kind)
+            self._imported[name] = obj = _import_path(name, self.kind, self.base)
             return obj
         raise BraidError(
             f"unknown {self.kind} {name!r}: expected one of {', '.join(self.names())} "
@@ -65,9 +67,16 @@ def is_dotted(name: str) -> bool:
     return "." in name or ":" in name
 
 
-def _import_path(path: str, kind: str):
+def _import_path(path: str, kind: str, base: type | None = None):
     module, _, attr = path.partition(":") if ":" in path else path.rpartition(".")
     try:
-        return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
-        raise BraidError(f"cannot import {kind} {path!r}: {e}") from None
+        obj = getattr(importlib.import_module(module), attr)
+    except Exception as e:  # ImportError, AttributeError, or whatever the module raises
+        raise BraidError(
+            f"cannot import {kind} {path!r}: {type(e).__name__}: {first_line(e)}"
+        ) from None
+    if base is not None and not (isinstance(obj, type) and issubclass(obj, base)):
+        raise BraidError(
+            f"{kind} {path!r} is not a subclass of {base.__module__}.{base.__qualname__}"
+        )
+    return obj

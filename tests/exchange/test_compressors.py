@@ -159,3 +159,13 @@ def test_builders_import_only_plugins_the_users_config_imported(tmp_path, monkey
     ex = get_exchange("simulated", allow_import=False)(None, None, cfg.exchange)
     assert type(ex.compressor).__name__ == "C"
     monkeypatch.delitem(sys.modules, "braid_unvetted_plugin")
+
+
+def test_a_plugin_module_that_raises_is_one_line(tmp_path, monkeypatch):
+    (tmp_path / "braid_plugin_that_raises.py").write_text("raise RuntimeError('boom')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(BraidError) as e:
+        get_compressor("braid_plugin_that_raises:C")
+    assert str(e.value) == (
+        "cannot import compressor 'braid_plugin_that_raises:C': RuntimeError: boom"
+    )

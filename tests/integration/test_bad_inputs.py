@@ -174,6 +174,11 @@ ROWS = [
         r"config overrides \(--train.steps=...\) are for train and info, not generate",
     ),
     ("knobs-bad-override", lambda w, t: ["info", "--knobs", "--train.lr=abc"], r"train.lr='abc'"),
+    (
+        "plugin-not-a-compressor",
+        lambda w, t: ["info", "--exchange.compressor=json:JSONDecoder"],
+        r"compressor 'json:JSONDecoder' is not a subclass of .*Compressor",
+    ),
     ("no-command", lambda w, t: [], r"give a command: train, info, prep"),
     (
         "report-missing-dir",

@@ -30,6 +30,7 @@ def _register_builtins() -> None:
     """Every built-in, registered when `braid.exchange` is imported (their modules import only
     `braid.exchange.base`/`config`/`handles` and `braid.overlap.streams`, never this package)."""
     from braid.exchange.auto import AutoExchange
+    from braid.exchange.base import Exchange
     from braid.exchange.hierarchical import HierarchicalExchange
     from braid.exchange.nccl import NcclExchange
     from braid.exchange.simulated import SimulatedExchange
@@ -43,6 +44,7 @@ def _register_builtins() -> None:
         ("simulated", SimulatedExchange),
     ):
         EXCHANGES.register(name)(cls)
+    EXCHANGES.base = Exchange  # what a dotted plug-in must subclass
 
 
 _register_builtins()

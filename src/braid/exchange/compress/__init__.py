@@ -14,7 +14,7 @@ from braid.exchange.compress.int8 import Int8Compressor
 from braid.exchange.compress.wrap import CompressedExchange, with_compressor
 from braid.registry import Registry
 
-COMPRESSORS: Registry = Registry("compressor")
+COMPRESSORS: Registry = Registry("compressor", Compressor)
 for _cls in (NoCompressor, Bf16Compressor, Int8Compressor, Fp8Compressor):
     COMPRESSORS.register(_cls.name)(_cls)
 
