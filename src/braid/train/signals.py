@@ -3,9 +3,12 @@ and every rank raises `Stopped`, whose exit code is the one a shell reports for 
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 import threading
+import time
+from collections.abc import Iterator
 
 
 class Stopped(Exception):
@@ -21,13 +24,21 @@ class Stopped(Exception):
 
 class StopOnSignal:
     """While active, SIGTERM and SIGINT (Ctrl-C) set `requested` to the signal's number (the
-    loop stops after the current step); a second one interrupts at once (KeyboardInterrupt).
-    Signals reach the main thread only, so in any other thread this does nothing."""
+    loop stops after the current step); a second one interrupts at once (KeyboardInterrupt),
+    except within DUPLICATE_S of the first, where it is the same stop delivered twice
+    (torchrun forwards a stop to its workers, which a terminal's Ctrl-C or Slurm's scancel
+    has already reached), and except inside `protect()` (a checkpoint being written), where
+    it waits for the block to end. Signals reach the main thread only, so in any other thread
+    this does nothing."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    DUPLICATE_S = 1.0
 
     def __init__(self) -> None:
         self.requested = 0
+        self._first_at = 0.0
+        self._protected = False
+        self._urgent = False  # a second signal arrived inside protect()
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> StopOnSignal:
@@ -40,10 +51,28 @@ class StopOnSignal:
             signal.signal(s, signal.SIG_DFL if previous is None else previous)
         self._previous = {}
 
-    def _handle(self, signum, frame) -> None:
-        if self.requested:
+    @contextlib.contextmanager
+    def protect(self) -> Iterator[None]:
+        """A block a second signal must not cut short (a checkpoint save): it interrupts
+        right after the block instead."""
+        self._protected = True
+        try:
+            yield
+        finally:
+            self._protected = False
+        if self._urgent:
             raise KeyboardInterrupt
-        self.requested = signum
+
+    def _handle(self, signum, frame) -> None:
+        now = time.monotonic()
+        if self.requested:
+            if now - self._first_at < self.DUPLICATE_S:
+                return  # the same stop, delivered again by a launcher
+            if self._protected:
+                self._urgent = True
+                return
+            raise KeyboardInterrupt
+        self.requested, self._first_at = signum, now
         if signum == signal.SIGINT:
             print(
                 "\nCtrl-C: stopping after this step with a checkpoint (again to quit now)",

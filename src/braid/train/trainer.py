@@ -297,7 +297,8 @@ def _loop(
             log.val(state.step, validate())
         if at_ckpt:
             log.flush()  # metrics first: a run resumed from here never lacks a step's rows
-            ckpt.save(model, opt, loader, state)
+            with sigterm.protect():  # a second signal quits after the save, not inside it
+                ckpt.save(model, opt, loader, state)
         if stopping and fails > 0:
             raise BraidError(
                 f"{failed or 'a metrics file of another rank cannot be written'}; "
@@ -315,7 +316,8 @@ def _loop(
     final_val = validate()
     log.val(state.step, final_val)
     log.flush()
-    ckpt.save(model, opt, loader, state)
+    with sigterm.protect():
+        ckpt.save(model, opt, loader, state)
     result = {
         "steps": state.step,
         "initial_val_loss": _round(state.initial_val_loss),
