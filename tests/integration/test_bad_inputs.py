@@ -695,3 +695,24 @@ def test_an_unwritable_summary_marks_the_run_failed_with_one_line(
     assert "summary.json" in line and "Permission denied" in line
     row = ExperimentsDB(tmp_path / "runs").get_run("x")
     assert row["status"] == "failed" and "summary.json" in row["error"]
+
+
+def test_a_metrics_write_failing_at_the_last_flush_marks_the_run_degraded(
+    world, tmp_path, capsys, monkeypatch
+):
+    """The rows of the last flush fail after the loop's last check: the run still finishes
+    (its checkpoint is written), but says so and its registry row is marked degraded."""
+    from braid.metrics import store
+
+    real = store.MetricsWriter.close
+
+    def close_then_fail(self):
+        real(self)
+        self._sink.error = self._sink.error or "IOException: the disk went away"
+
+    monkeypatch.setattr(store.MetricsWriter, "close", close_then_fail)
+    assert main(train_args(world, tmp_path)) == 0
+    assert "warning: metrics store" in capsys.readouterr().err
+    row = ExperimentsDB(tmp_path / "runs").get_run("x")
+    assert row["status"] == "finished" and "degraded" in row["error"]
+    assert "the disk went away" in row["error"]

@@ -259,7 +259,13 @@ class TrainLogger:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-        self.writer.close()
+        self.writer.close()  # the last rows: a failure here is reported, not lost silently
+        if (late := self.writer.error) is not None and self.degraded is None:
+            self.degraded = (
+                f"metrics store {self.writer.path} cannot be written ({late}): rows after its "
+                "last good write are lost"
+            )
+            print(f"warning: {self.degraded}", file=sys.stderr, flush=True)
         if error is None and self.degraded is not None:
             error = f"degraded: {self.degraded}"
         if self.db is not None:
