@@ -235,11 +235,33 @@ def test_session_reports_metrics_and_writes_a_chrome_trace(tmp_path):
             assert f"overlap/{name}/layer{i}" in metrics
         assert metrics[f"overlap/measured_ms/layer{i}"] > 0
     assert any(line.startswith("overlap @ step 2") for line in lines)
+    assert any(line.startswith("overlap: Chrome trace of step 2 written to") for line in lines)
     trace = json.loads((tmp_path / "overlap_trace_step2_rank0.json").read_text())
     names = {e.get("name") for e in trace["traceEvents"]}
     for kind in ("dispatch_a2a", "experts", "combine_a2a", "experts_bwd", "dW_flush"):
         assert f"moe1/{kind}" in names, kind  # one process: exchanges never in flight, so the
         # dW waits for the flush point
+
+
+def test_a_trace_that_could_not_be_written_is_not_reported_as_written(tmp_path):
+    model, lines = _model(), []
+    (tmp_path / "afile").write_text("a file where the run directory should be")
+    cfg = OverlapConfig(trace_step=1)
+    s = OverlapSession.install(
+        model,
+        cfg,
+        device=torch.device("cpu"),
+        tokens_per_rank=32,
+        dtype=torch.float32,
+        run_dir=tmp_path / "afile",
+        log=lines.append,
+    )
+    s.begin_step(1)
+    model(torch.randint(0, 64, (2, 16))).logits.square().mean().backward()
+    s.flush()
+    s.end_step(1)
+    assert any(ln.startswith("warning: overlap: could not write the Chrome trace") for ln in lines)
+    assert not any("written to" in ln for ln in lines)
 
 
 def test_chunked_path_under_bf16_autocast_is_bitwise_the_plain_path_with_one_chunk():

@@ -16,6 +16,7 @@ Phases (called by `braid.train.trainer`):
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -235,9 +236,15 @@ class OverlapSession:
         if self._prof is not None:
             self._prof.__exit__(None, None, None)
             path = Path(self.trace_dir) / f"overlap_trace_step{step}_rank{self.rank}.json"
-            self._prof.export_chrome_trace(str(path))
+            with contextlib.suppress(OSError):  # so that the check below sees this export's
+                path.unlink(missing_ok=True)
+            self._prof.export_chrome_trace(str(path))  # logs, but does not raise, on failure
             self._prof = None
-            if self.is_main:
+            if not path.is_file():
+                self.log(
+                    f"warning: overlap: could not write the Chrome trace of step {step} to {path}"
+                )
+            elif self.is_main:
                 self.log(f"overlap: Chrome trace of step {step} written to {path}")
         if not self._timed:
             return {}
