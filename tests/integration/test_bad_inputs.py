@@ -479,7 +479,7 @@ def test_a_refused_run_leaves_an_existing_run_as_it_was_and_a_new_one_not_at_all
     assert {"config.toml", "config.json", "tokenizer.json"} <= set(before)
     argv = train_args(world, tmp_path, "--model.n_layers=3", name="base")
     line = one_error_line(capsys, main(argv))
-    assert "another config" in line or "n_layers" in line, line
+    assert "written with another config" in line and "under another run.name" in line, line
     after = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != ".lock"}
     assert after == before
     missing = tmp_path / "no" / "ckpt"

@@ -81,7 +81,7 @@ def check_resume_config(saved: dict, cfg: Config, where: Path) -> list[str]:
         raise BraidError(
             f"checkpoint {where} was written with another config: {shown}; these change the "
             "model or the training math, so resume with the checkpoint's config (its meta.json) "
-            "or start fresh with checkpoint.resume=none"
+            "or start fresh under another run.name"
         )
     raise BraidError(
         f"checkpoint {where} was written with another config: {shown}; these are safe to "
