@@ -301,7 +301,7 @@ def _loop(
                 ckpt.save(model, opt, loader, state)
         if stopping and fails > 0:
             raise BraidError(
-                f"{failed or 'a metrics file of another rank cannot be written'}; "
+                f"{failed or _other_rank_metrics(ckpt.run_dir)}; "
                 f"stopped at step {state.step} with a checkpoint: fix it, then "
                 f"resume with --run.name={ckpt.run_dir.name}"
             )
@@ -331,6 +331,14 @@ def _loop(
     if log.degraded is not None:
         result["degraded"] = log.degraded
     return result
+
+
+def _other_rank_metrics(run_dir: Path) -> str:
+    """What rank 0 can say of another rank's metrics failure (that rank's line names it)."""
+    return (
+        f"a metrics file of another rank ({run_dir / 'metrics'}/rank_*.duckdb) cannot be "
+        "written (that rank's own error line names it)"
+    )
 
 
 def _host_gate(cfg, ctx, model, opt, state, ce, grad_norm, sigterm, failed, train_loss, step):
