@@ -145,3 +145,34 @@ def test_user_only_checks_refuse_new_values_but_saved_configs_stay_readable():
     saved["train"].update(steps=4, stop_at=6, grad_clip=math.inf)
     cfg = config_from_data(saved, fingerprint_of(saved), "meta.json")
     assert cfg.train.stop_at == 6 and math.isinf(cfg.train.grad_clip)
+
+
+def test_the_process_group_timeout_comes_from_parallel_timeout_min(monkeypatch):
+    import datetime
+
+    import pytest
+    import torch.distributed as dist
+
+    from braid.config import load_config
+    from braid.errors import ConfigError
+    from braid.parallel import distributed
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def record(backend, **kw):
+        seen.update(kw)
+        raise Stop
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", record)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    cfg = load_config("tiny", ["--parallel.timeout_min=2.5", "--train.device=cpu"])
+    with pytest.raises(Stop):
+        distributed.init_distributed(cfg)
+    assert seen["timeout"] == datetime.timedelta(minutes=2.5)
+    with pytest.raises(ConfigError, match="parallel.timeout_min"):
+        load_config("tiny", ["--parallel.timeout_min=0"])

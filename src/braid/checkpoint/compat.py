@@ -31,6 +31,7 @@ ALWAYS_ALLOWED = frozenset(
         "checkpoint.every",
         "metrics.flush_every",
         "metrics.flush_seconds",
+        "parallel.timeout_min",  # how long a collective may wait: no step's numbers
     }
 )
 SAFE = frozenset(

@@ -18,7 +18,15 @@ class ParallelConfig:
         "and Adam state kept sharded, grads reduced in fp32; torchrun only).",
     )
 
+    timeout_min: float = knob(
+        10.0,
+        "torchrun: minutes a collective waits for the slowest rank before the job fails (the "
+        "process-group timeout); raise it where one rank alone does long work (a large corpus, "
+        "a checkpoint of a huge model on slow storage).",
+    )
+
     def validate(self) -> None:
         check(self.ep >= 1, "parallel.ep", self.ep, "must be >= 1")
+        check(self.timeout_min > 0, "parallel.timeout_min", self.timeout_min, "must be > 0")
         one_of("parallel.dense", self.dense, ("fsdp", "replicate"))
         one_of("parallel.param_dtype", self.param_dtype, ("fp32", "bf16"))

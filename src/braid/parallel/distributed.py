@@ -36,7 +36,7 @@ def init_distributed(cfg: Config) -> ParallelContext:
         dist.init_process_group(
             backend,
             device_id=device if device.type == "cuda" else None,
-            timeout=datetime.timedelta(minutes=10),
+            timeout=datetime.timedelta(minutes=cfg.parallel.timeout_min),
         )
     rank, world = dist.get_rank(), dist.get_world_size()
     check_layout(cfg, world)
