@@ -243,7 +243,7 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
 def check_user_values(cfg: Config) -> Config:
     """Checks of a config the user gives that a config read back from a file skips (an older
     braid wrote those without them, and they must stay readable): every float finite (no knob
-    means inf or nan), train.stop_at within train.steps, no data.tokenizer beside data.path."""
+    means inf or nan), train.stop_at within train.steps."""
     for sec in dataclasses.fields(cfg):
         section = getattr(cfg, sec.name)
         for f in dataclasses.fields(section):
@@ -254,13 +254,6 @@ def check_user_values(cfg: Config) -> Config:
     if t.stop_at > t.steps:
         raise ConfigError(
             "train.stop_at", t.stop_at, f"must be <= train.steps={t.steps} (0 = at steps)"
-        )
-    if cfg.data.path and cfg.data.tokenizer:
-        raise ConfigError(
-            "data.tokenizer",
-            cfg.data.tokenizer,
-            "applies to the built-in corpus only; the dataset at data.path brings its own "
-            "tokenizer (braid prep --tokenizer): leave data.tokenizer empty",
         )
     return cfg
 
