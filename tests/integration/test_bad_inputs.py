@@ -716,3 +716,38 @@ def test_a_metrics_write_failing_at_the_last_flush_marks_the_run_degraded(
     row = ExperimentsDB(tmp_path / "runs").get_run("x")
     assert row["status"] == "finished" and "degraded" in row["error"]
     assert "the disk went away" in row["error"]
+
+
+@pytest.mark.parametrize("on_error", ["stop", "continue"])
+def test_the_last_flush_failing_is_reported_in_the_result(
+    world, tmp_path, capsys, monkeypatch, on_error
+):
+    """A write that fails after the loop's last check (here: noticed during the final save):
+    with on_error=stop the run fails in one line after its final checkpoint; with continue the
+    result and summary.json say degraded."""
+    from braid.checkpoint import manager
+    from braid.metrics import store
+
+    writers, real_init, real_save = [], store.MetricsWriter.__init__, manager.Checkpointer.save
+
+    def init(self, *a, **k):
+        real_init(self, *a, **k)
+        writers.append(self)
+
+    def save(self, model, opt, loader, st):
+        out = real_save(self, model, opt, loader, st)
+        if st.step == 4:  # the final checkpoint: the last flush's write failed meanwhile
+            writers[-1]._sink.error = "IOException: the disk went away"
+        return out
+
+    monkeypatch.setattr(store.MetricsWriter, "__init__", init)
+    monkeypatch.setattr(manager.Checkpointer, "save", save)
+    code = main(train_args(world, tmp_path, f"--metrics.on_error={on_error}"))
+    run = tmp_path / "runs" / "x"
+    assert 4 in [s for s, _ in paths.complete_checkpoints(run)]
+    if on_error == "stop":
+        line = one_error_line(capsys, code)
+        assert "the disk went away" in line and "wrote its final checkpoint" in line
+    else:
+        assert code == 0
+        assert "the disk went away" in json.loads((run / "summary.json").read_text())["degraded"]

@@ -260,7 +260,8 @@ class TrainLogger:
             self.bar.close()
             self.bar = None
         self.writer.close()  # the last rows: a failure here is reported, not lost silently
-        if (late := self.writer.error) is not None and self.degraded is None:
+        late = self.writer.error if status == "finished" else None  # a failed run says why
+        if late is not None and self.degraded is None:
             self.degraded = (
                 f"metrics store {self.writer.path} cannot be written ({late}): rows after its "
                 "last good write are lost"

@@ -318,6 +318,8 @@ def _loop(
     log.flush()
     with sigterm.protect():
         ckpt.save(model, opt, loader, state)
+    if (late := log.write_failed()) is not None:  # the last flush failed (metrics.on_error=stop)
+        raise BraidError(f"{late}; the run finished its steps and wrote its final checkpoint")
     result = {
         "steps": state.step,
         "initial_val_loss": _round(state.initial_val_loss),
