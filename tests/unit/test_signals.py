@@ -18,13 +18,24 @@ def _signal(signum: int = signal.SIGTERM) -> None:
     time.sleep(0.01)  # let the handler run (it runs between bytecodes of the main thread)
 
 
+class _Clock:  # the handler's time, moved by the test (a loaded machine cannot skew it)
+    now = 100.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
 def test_a_forwarded_duplicate_is_the_same_stop_and_a_later_one_quits(monkeypatch):
-    monkeypatch.setattr(StopOnSignal, "DUPLICATE_S", 0.2)
+    from braid.train import signals
+
+    clock = _Clock()
+    monkeypatch.setattr(signals, "time", clock)
     with StopOnSignal() as stop:
         _signal()
+        clock.now += 0.9 * StopOnSignal.DUPLICATE_S
         _signal(signal.SIGINT)  # torchrun forwarding the same stop: not a second request
         assert stop.requested == signal.SIGTERM
-        time.sleep(0.25)
+        clock.now += 0.2 * StopOnSignal.DUPLICATE_S
         with pytest.raises(KeyboardInterrupt):
             _signal()
 
@@ -39,3 +50,14 @@ def test_a_second_signal_during_a_save_waits_for_the_save(monkeypatch):
                 _signal()  # would quit at once outside protect()
                 finished.append(True)  # the save goes on to its end
         assert finished == [True]
+
+
+def test_a_third_signal_quits_even_during_a_save(monkeypatch):
+    monkeypatch.setattr(StopOnSignal, "DUPLICATE_S", 0.0)
+    with StopOnSignal() as stop:
+        _signal()
+        with pytest.raises(KeyboardInterrupt):
+            with stop.protect():
+                _signal()  # deferred
+                _signal()  # a stuck save: quits now
+                pytest.fail("the third signal did not quit")

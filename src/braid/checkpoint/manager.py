@@ -95,8 +95,14 @@ class Checkpointer:
             raise save_error(e, tmp) from None
         own = {"rank": ctx.rank, "rng": streams, "loader": loader.state_dict()}
         self._agree(_file_step(lambda: write_json_durable(tmp / rank_file(ctx.rank), own), tmp))
-        sizes = file_sizes(tmp)  # every rank hashes its share of the files, rank 0 collects
-        hashes = self._merge(hash_files(tmp, my_part(sizes, ctx.rank, ctx.world)))
+        mine: dict[str, Any] = {}
+
+        def measure() -> None:  # every rank hashes its share of the files, rank 0 collects
+            mine["sizes"] = file_sizes(tmp)
+            mine["hashes"] = hash_files(tmp, my_part(mine["sizes"], ctx.rank, ctx.world))
+
+        self._agree(_file_step(measure, tmp))
+        sizes, hashes = mine["sizes"], self._merge(mine["hashes"])
         final = paths.final_path(self.run_dir, state.step)
         err = None
         if ctx.is_main:  # 5.
@@ -114,9 +120,14 @@ class Checkpointer:
             def install() -> None:
                 write_json_durable(tmp / paths.META_FILE, meta, indent=1)
                 _install(tmp, final)
-                paths.prune(self.run_dir, ck.keep_last, ck.keep_every)
 
             err = _file_step(install, tmp)
+            if err is None:  # installed: a clean-up that fails is a warning, not a failed save
+                try:
+                    paths.prune(self.run_dir, ck.keep_last, ck.keep_every)
+                except OSError as e:
+                    why = describe_os_error(e, e.filename or self.run_dir, "prune checkpoints in")
+                    print(f"warning: {why}", file=sys.stderr, flush=True)
         self._agree(err)
         return final
 
@@ -170,12 +181,15 @@ class Checkpointer:
         found: tuple[Path | None, str | None] = (None, None)
         if ctx.is_main:  # one rank looks, so all ranks agree on the checkpoint
             try:
-                for back in paths.restore_replaced(self.run_dir):  # a save cut off mid-install
-                    note = f"restored {back} (a later save of its step did not finish)"
-                    print(note, file=sys.stderr, flush=True)
+                if self.cfg.checkpoint.resume == "auto":  # this run's own checkpoints
+                    for back in paths.restore_replaced(self.run_dir):  # a save cut off mid-way
+                        note = f"restored {back} (a later save of its step did not finish)"
+                        print(note, file=sys.stderr, flush=True)
                 found = (paths.resolve_resume(self.cfg.checkpoint.resume, self.run_dir), None)
             except BraidError as e:
                 found = (None, str(e))
+            except OSError as e:  # the rename back failed: every rank hears of it
+                found = (None, describe_os_error(e, e.filename or self.run_dir, "restore"))
         src, why = self._broadcast(found)
         if why is not None:
             return None, {}, 0, None, BraidError(why)

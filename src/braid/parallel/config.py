@@ -20,9 +20,10 @@ class ParallelConfig:
 
     timeout_min: float = knob(
         10.0,
-        "torchrun: minutes a collective waits for the slowest rank before the job fails (the "
-        "process-group timeout); raise it where one rank alone does long work (a large corpus, "
-        "a checkpoint of a huge model on slow storage).",
+        "torchrun: minutes a collective of the whole job (the default process group: "
+        "checkpoints, data preparation, each step's gate) waits for the slowest rank before "
+        "the job fails; raise it where one rank alone does long work (a large corpus, a "
+        "checkpoint of a huge model on slow storage). The ep/dp groups keep torch's default.",
     )
 
     def validate(self) -> None:

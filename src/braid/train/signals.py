@@ -28,8 +28,8 @@ class StopOnSignal:
     except within DUPLICATE_S of the first, where it is the same stop delivered twice
     (torchrun forwards a stop to its workers, which a terminal's Ctrl-C or Slurm's scancel
     has already reached), and except inside `protect()` (a checkpoint being written), where
-    it waits for the block to end. Signals reach the main thread only, so in any other thread
-    this does nothing."""
+    it waits for the block to end (a third one quits even there). Signals reach the main
+    thread only, so in any other thread this does nothing."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
     DUPLICATE_S = 1.0
@@ -68,7 +68,7 @@ class StopOnSignal:
         if self.requested:
             if now - self._first_at < self.DUPLICATE_S:
                 return  # the same stop, delivered again by a launcher
-            if self._protected:
+            if self._protected and not self._urgent:  # a third one quits even there
                 self._urgent = True
                 return
             raise KeyboardInterrupt
