@@ -19,8 +19,9 @@ from braid.errors import BraidError
 
 def _cmd_train(args, overrides: list[str]) -> int:
     from braid.config import load_config
+    from braid.train.result import print_result
     from braid.train.signals import Stopped
-    from braid.train.trainer import print_result, train
+    from braid.train.trainer import train
 
     cfg = load_config(args.config, overrides)
     try:

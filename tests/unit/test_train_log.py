@@ -5,7 +5,7 @@ import json
 import pytest
 
 from braid.train.log import Throughput
-from braid.train.trainer import print_result
+from braid.train.result import print_result
 
 
 def test_tokens_per_s_is_total_tokens_over_total_time_after_the_first_interval():

@@ -22,8 +22,6 @@ that cannot be written stops the run the same way with a one-line error (metrics
 from __future__ import annotations
 
 import contextlib
-import json
-import math
 import signal
 import sys
 import time
@@ -42,6 +40,7 @@ from braid.train.log import TrainLogger, check_logging
 from braid.train.loss import autocast, compute_dtype, evaluate, loss_fn, stream_dtype
 from braid.train.model_setup import build_model, load_data
 from braid.train.optim import build_optimizer, lr_at
+from braid.train.result import json_safe
 from braid.train.rundir import (
     discard_new_run_dir,
     new_run_id,
@@ -399,22 +398,3 @@ def _clip(model, max_norm: float, ctx: ParallelContext, sums=None) -> torch.Tens
     from braid.parallel.clip import clip_grad_norm
 
     return clip_grad_norm(model, max_norm, ctx, sums)
-
-
-def json_safe(obj):
-    """`obj` with every NaN or infinity replaced by None (null): strict JSON has no NaN."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    return obj
-
-
-def print_result(result: dict) -> None:
-    """The contract of `braid train`: its last stdout line is this JSON object (strict JSON:
-    a value that is not a finite number, such as the loss of a run that skipped every step, is
-    null)."""
-    sys.stdout.flush()
-    print(json.dumps(json_safe(result), allow_nan=False), flush=True)
