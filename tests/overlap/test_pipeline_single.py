@@ -208,19 +208,24 @@ def test_session_leaves_the_plain_path_untouched_when_overlap_is_off():
     assert s.end_step(1) == {} and s.flush() == 0
 
 
-def test_session_reports_metrics_and_writes_a_chrome_trace(tmp_path):
-    model, lines = _model(), []
-    cfg = OverlapConfig(chunks="auto", split_dw=True, report=True, trace_step=2, max_chunks=4)
-    s = OverlapSession.install(
+def _traced_session(model, cfg, run_dir, lines: list, **kw) -> OverlapSession:
+    """A CPU session of the tiny model whose traces go to `run_dir` and log lines to `lines`."""
+    return OverlapSession.install(
         model,
         cfg,
         device=torch.device("cpu"),
         tokens_per_rank=32,
         dtype=torch.float32,
-        log_every=2,
-        run_dir=tmp_path,
+        run_dir=run_dir,
         log=lines.append,
+        **kw,
     )
+
+
+def test_session_reports_metrics_and_writes_a_chrome_trace(tmp_path):
+    model, lines = _model(), []
+    cfg = OverlapConfig(chunks="auto", split_dw=True, report=True, trace_step=2, max_chunks=4)
+    s = _traced_session(model, cfg, tmp_path, lines, log_every=2)
     assert any(line.startswith("overlap plan moe1: chunks=") for line in lines)
     idx = torch.randint(0, 64, (2, 16))
     for step in (1, 2):
@@ -246,16 +251,7 @@ def test_session_reports_metrics_and_writes_a_chrome_trace(tmp_path):
 def test_a_trace_that_could_not_be_written_is_not_reported_as_written(tmp_path):
     model, lines = _model(), []
     (tmp_path / "afile").write_text("a file where the run directory should be")
-    cfg = OverlapConfig(trace_step=1)
-    s = OverlapSession.install(
-        model,
-        cfg,
-        device=torch.device("cpu"),
-        tokens_per_rank=32,
-        dtype=torch.float32,
-        run_dir=tmp_path / "afile",
-        log=lines.append,
-    )
+    s = _traced_session(model, OverlapConfig(trace_step=1), tmp_path / "afile", lines)
     s.begin_step(1)
     model(torch.randint(0, 64, (2, 16))).logits.square().mean().backward()
     s.flush()

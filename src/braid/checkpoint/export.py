@@ -55,7 +55,8 @@ def export(run: Path, out: Path) -> Path:
     check_target(out)
     if step is None:
         model, cfg, body = load_model_dir(run, torch.device("cpu"))
-        step = body.get("step", 0) if isinstance(body.get("step", 0), int) else 0
+        step = body.get("step")
+        step = step if isinstance(step, int) else 0  # an import's, or an older export's
     else:
         model, cfg = load_checkpoint_model(ckpt, torch.device("cpu"))
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}

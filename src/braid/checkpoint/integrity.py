@@ -25,6 +25,12 @@ _BLOCK = 4 << 20
 class DamagedFile(BraidError):
     """A file's bytes are not the ones written: truncated, altered, or missing."""
 
+    def finding(self) -> str:
+        """What is wrong, without the advice to resume from another checkpoint that ends the
+        message (a caller with better advice adds its own)."""
+        text = str(self).removesuffix("; resume from another checkpoint")
+        return text.removesuffix("; resume from another one")
+
 
 def file_hash(path: Path) -> str:
     h = hashlib.blake2b(digest_size=16)

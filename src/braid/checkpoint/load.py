@@ -105,15 +105,13 @@ def load_checkpoint_model(ckpt: Path, device: torch.device) -> tuple[Transformer
         meta = read_meta(ckpt)
         verify_checkpoint(ckpt, meta)
     except DamagedFile as e:  # advice for a reader (generate, export), not for a resume
-        what = str(e).removesuffix("; resume from another checkpoint")
-        what = what.removesuffix("; resume from another one")
-        older = [p for _, p in paths.complete_checkpoints(Path(ckpt).parent.parent) if p != ckpt]
+        older = [p for _, p in paths.complete_checkpoints(paths.run_of(ckpt)) if p != ckpt]
         advice = (
             f"give an intact one, e.g. --run {older[-1]}"
             if older
             else "no other checkpoint of this run is complete"
         )
-        raise BraidError(f"{what}; {advice}") from None
+        raise BraidError(f"{e.finding()}; {advice}") from None
     cfg = config_of(meta, ckpt)
     model = build_single(cfg, device)
     sd = get_model_state_dict(model)

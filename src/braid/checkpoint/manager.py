@@ -147,10 +147,7 @@ class Checkpointer:
             self._set_aside(src, err)  # then try the next newest intact checkpoint
             set_aside += 1
         if isinstance(err, DamagedFile):  # named explicitly: say how to go on from another
-            plain = str(err).removesuffix("; resume from another checkpoint")
-            err = BraidError(
-                f"{plain.removesuffix('; resume from another one')}; {self._fork_advice(src)}"
-            )
+            err = BraidError(f"{err.finding()}; {self._fork_advice(src)}")
         elif src is None and set_aside and err is None:  # never restart from 0 unasked
             err = BraidError(
                 f"{self.run_dir} has no intact checkpoint left (damaged ones were "
@@ -233,8 +230,8 @@ class Checkpointer:
 
     def _fork_advice(self, src: Path | None) -> str:
         # The other checkpoints of the run `src` belongs to (another run's, when named by path).
-        run = src.parent.parent if src is not None and src.parent.name == paths.CKPT_DIR else None
-        run = run if run is not None else self.run_dir
+        mine = src is None or src.parent.name != paths.CKPT_DIR
+        run = self.run_dir if mine else paths.run_of(src)
         older = [p for s, p in paths.complete_checkpoints(run) if src is None or p != src]
         new = f"{self.run_dir.name}-fork"
         if older:
@@ -312,11 +309,8 @@ def _file_step(step: Any, tmp: Path) -> BraidError | None:
 
 def _interrupted(e: BaseException) -> bool:
     """DCP wrapped a KeyboardInterrupt (a stop signal) of some rank into its exception."""
-    failures = getattr(e, "failures", None) or {}
-    return any(
-        isinstance(f[0] if isinstance(f, tuple) else f, KeyboardInterrupt)
-        for f in failures.values()
-    )
+    failures = getattr(e, "failures", None) or {}  # {rank: (exception, traceback)}
+    return any(isinstance(exc, KeyboardInterrupt) for exc, _ in failures.values())
 
 
 def _install(tmp: Path, final: Path) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from braid.checkpoint.integrity import DamagedFile, my_part, verify_files
-from braid.checkpoint.paths import META_FILE
+from braid.checkpoint.paths import META_FILE, is_plain_name
 from braid.checkpoint.state import read_json
 from braid.config import Config, config_from_data, fingerprint_of
 from braid.errors import BraidError
@@ -117,7 +117,7 @@ def read_meta(ckpt: Path) -> dict:
         )
     listed = list(meta["files"]) + (list(hashes) if isinstance(hashes, dict) else [])
     for name in listed:
-        if Path(name).name != name or name in ("", ".", ".."):  # the checkpoint's own files only
+        if not is_plain_name(name):  # the checkpoint's own files only
             raise DamagedFile(
                 f"checkpoint metadata {ckpt / META_FILE} lists {name!r}, outside the "
                 "checkpoint: the file was altered; resume from another checkpoint"

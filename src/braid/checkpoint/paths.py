@@ -36,6 +36,18 @@ def final_path(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / CKPT_DIR / step_name(step)
 
 
+def is_plain_name(name: object) -> bool:
+    """A file name a file read from disk may give for another file beside it: one path
+    component, never `.`/`..`, absolute, empty or with a separator or NUL, so it stays inside
+    that file's directory (checkpoint metadata, dataset manifests, HF shard indexes)."""
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and not any(c in name for c in "/\\\0")
+        and Path(name).name == name
+    )
+
+
 def is_checkpoint(path: Path) -> bool:
     return _STEP_DIR.match(Path(path).name) is not None and (Path(path) / META_FILE).is_file()
 
@@ -109,9 +121,14 @@ def resolve_resume(spec: str, run_dir: Path) -> Path | None:
     )
 
 
+def run_of(ckpt: Path) -> Path:
+    """The run directory a checkpoint belongs to (<run>/checkpoints/step_X)."""
+    return Path(ckpt).parent.parent
+
+
 def tokenizer_of(ckpt: Path) -> Path:
-    """The tokenizer.json of the run a checkpoint belongs to (<run>/checkpoints/step_X)."""
-    return Path(ckpt).parent.parent / "tokenizer.json"
+    """The tokenizer.json of the run a checkpoint belongs to."""
+    return run_of(ckpt) / "tokenizer.json"
 
 
 def to_delete(steps: list[int], keep_last: int, keep_every: int) -> list[int]:

@@ -35,6 +35,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystemWriter, _StorageInfo
 
+from braid.checkpoint.paths import is_plain_name
 from braid.errors import BraidError, first_line
 
 METADATA_FILE = ".metadata"  # DCP's name for the global metadata file
@@ -109,7 +110,7 @@ def read_metadata(path: Path) -> dcp_md.Metadata:
         )
     for info in storage.values():  # every read stays among this checkpoint's own files
         name = getattr(info, "relative_path", None)
-        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+        if not is_plain_name(name):
             raise BraidError(
                 f"checkpoint file {file} points a tensor at {name!r}, outside the "
                 "checkpoint's own files, so the file was altered; resume from another checkpoint"

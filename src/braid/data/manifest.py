@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from braid.checkpoint.paths import is_plain_name
 from braid.errors import DataError
 
 FORMAT = "braid-tokens"
@@ -102,7 +103,7 @@ def read_manifest(path: str | Path) -> dict:
     _need(isinstance(tok.get("eot_id"), int), mp, "no integer 'tokenizer.eot_id'")
     _need(isinstance(tok.get("sha256"), str), mp, "no 'tokenizer.sha256'")
     # Like the shards' names, a plain file name: the tokenizer is copied into runs and exports.
-    _need(Path(tok["file"]).name == tok["file"], mp, f"tokenizer name {tok['file']!r}")
+    _need(is_plain_name(tok["file"]), mp, f"tokenizer name {tok['file']!r}")
     splits = man.get("splits")
     _need(isinstance(splits, dict), mp, "no 'splits' object")
     for name, split in splits.items():
@@ -117,7 +118,7 @@ def read_manifest(path: str | Path) -> dict:
             ok = ok and isinstance(sh.get("sha256"), str)
             _need(ok, mp, f"a shard of split {name!r} lacks file/tokens/bytes/sha256")
             # Shard names are plain file names: a manifest must not point outside its directory.
-            _need(Path(sh["file"]).name == sh["file"], mp, f"shard name {sh['file']!r}")
+            _need(is_plain_name(sh["file"]), mp, f"shard name {sh['file']!r}")
         _need(
             sum(sh["tokens"] for sh in shards) == split["tokens"],
             mp,

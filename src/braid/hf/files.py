@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from braid.checkpoint.paths import is_plain_name
 from braid.hf.base import HFRefusal
 
 INDEX = "model.safetensors.index.json"
@@ -51,15 +52,7 @@ def read_json(path: Path, what: str) -> dict:
 
 def safe_shard_name(root: Path, name: object) -> Path:
     """The shard file `name` inside `root`; refuses anything that could leave it."""
-    if (
-        not isinstance(name, str)
-        or not name
-        or "/" in name
-        or "\\" in name
-        or name in (".", "..")
-        or os.path.isabs(name)
-        or "\0" in name
-    ):
+    if not is_plain_name(name):
         raise HFRefusal(
             f"{root / INDEX} names shard {name!r}: shard names must be plain file "
             "names inside the checkpoint directory"

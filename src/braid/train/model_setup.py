@@ -35,13 +35,11 @@ def load_data(cfg: Config, ctx: ParallelContext):
                 )
             except BraidError as e:
                 why = e
-        if ctx.distributed:
-            from braid.parallel.distributed import broadcast_object
+        from braid.parallel.distributed import broadcast_object, raise_on_any
 
-            path, text = broadcast_object((path, None if why is None else str(why)), ctx)
-            why = why if why is not None or text is None else BraidError(text)
-        if why is not None:
-            raise why  # on every rank alike, so none waits in a collective
+        raise_on_any(why, ctx)  # on every rank alike, so none waits in a collective
+        if ctx.distributed:
+            path = broadcast_object(path, ctx)
     train_ds = TokenDataset(path, "train", vocab_size=cfg.model.vocab_size)
     val_ds = TokenDataset(path, "val", vocab_size=cfg.model.vocab_size)
     tc = cfg.train

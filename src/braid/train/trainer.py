@@ -151,17 +151,15 @@ def _run(cfg, ctx, run_id, run_dir, loader, val_batches, model, train_ds, starte
         from braid.checkpoint.init_from import load_init
 
         load_init(model, init_from, cfg)
-    from braid.parallel.distributed import broadcast_object
+    from braid.parallel.distributed import raise_on_any
 
     why = None
     if ctx.is_main:
         try:
             write_run_files(cfg, run_dir, train_ds.tokenizer_path)
         except BraidError as e:
-            why = str(e)
-    why = broadcast_object(why, ctx)
-    if why is not None:
-        raise BraidError(why)  # on every rank alike
+            why = e
+    raise_on_any(why, ctx)  # on every rank alike
     started[0] = True
     cast = step_cast(  # after the weights
         model, cfg.train.cast_weights_once, compute, ctx.world, cfg.train.grad_accum
