@@ -457,13 +457,18 @@ def test_corrupt_metrics_with_on_error_continue_trains_and_is_marked_degraded(
     assert run["status"] == "finished" and run["error"].startswith("degraded: ")
 
 
-def test_a_second_writer_is_refused_naming_the_first(world, tmp_path, capsys):
+def test_a_second_writer_is_refused_naming_the_first(world, tmp_path, capsys, monkeypatch):
+    from braid.train import trainer
     from braid.train.runlock import RunLock
 
     (tmp_path / "runs" / "x").mkdir(parents=True)
+    loaded = []
+    real_load = trainer.load_data
+    monkeypatch.setattr(trainer, "load_data", lambda *a: loaded.append(1) or real_load(*a))
     with RunLock(tmp_path / "runs" / "x"):  # this process is the first writer
         line = one_error_line(capsys, main(train_args(world, tmp_path)))
     assert f"in use by pid {os.getpid()} on {socket.gethostname()}" in line
+    assert not loaded  # refused before its data (and model) were built
     assert not (tmp_path / "runs" / "x" / "config.toml").exists()  # nothing of it was written
     assert main(train_args(world, tmp_path, "--train.steps=2")) == 0  # released: it may run
 

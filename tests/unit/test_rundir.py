@@ -3,6 +3,8 @@ directory, even one it made itself a moment before another writer locked it."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from braid.config import Config
@@ -50,3 +52,17 @@ def test_a_refused_writer_leaves_the_directory_it_made_to_the_one_that_locked_it
         winner.release()
     discard_new_run_dir(run_dir, created=True)  # ours, holding only the lock file: removed
     assert not run_dir.exists()
+
+
+def test_busy_names_the_holder_and_takes_nothing(tmp_path):
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    probe = RunLock(run_dir)
+    assert probe.busy() is None  # no lock file yet: nothing is created either
+    assert not (run_dir / ".lock").exists()
+    with RunLock(run_dir):
+        err = probe.busy()
+        assert err is not None and f"in use by pid {os.getpid()}" in str(err)
+    assert probe.busy() is None  # released
+    with RunLock(run_dir):  # the probe took nothing: acquiring after it works
+        pass

@@ -49,6 +49,26 @@ class RunLock:
         os.pwrite(fd, json.dumps(owner).encode(), 0)
         return self
 
+    def busy(self) -> BraidError | None:
+        """The one-line error `acquire` would raise if another writer holds the lock now, else
+        None; takes nothing. Lets a second job of a running run be refused before it spends
+        minutes building its data and model; `acquire` still decides, later."""
+        import fcntl
+
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return None  # no lock file (no run yet), or unreadable: acquire decides
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return BraidError(self._busy_message())
+        except OSError:
+            pass  # no flock on this filesystem: acquire's fallback decides
+        finally:
+            os.close(fd)  # drops the shared lock taken above
+        return None
+
     def release(self) -> None:
         if self._fd is None:
             return

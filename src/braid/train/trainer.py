@@ -85,11 +85,15 @@ def train(cfg: Config, *, overrides: list[str] | None = None) -> dict:
 
 def _train(cfg: Config, ctx: ParallelContext) -> dict:
     torch.manual_seed(cfg.train.seed)
-    from braid.parallel.distributed import broadcast_object
+    from braid.parallel.distributed import broadcast_object, raise_on_any
 
     # Dependencies, data and model first: a bad corpus or config fails before anything is written.
     check_logging(cfg)
     check_cast(cfg.train.cast_weights_once, compute_dtype(cfg, ctx.device), ctx.world)
+    run_id = broadcast_object(new_run_id(cfg), ctx)
+    lock = RunLock(Path(cfg.run.dir) / run_id)  # one writer per run; rank 0 holds it for all
+    # Another job training this run: refused before data and model are built.
+    raise_on_any(lock.busy() if ctx.is_main else None, ctx)
     train_ds, val_ds, loader, val_batches = load_data(cfg, ctx)
     init_from = cfg.checkpoint.init_from
     if init_from:
@@ -97,8 +101,6 @@ def _train(cfg: Config, ctx: ParallelContext) -> dict:
 
         check_init(cfg, train_ds.tokenizer_path)
     model = build_model(cfg, ctx, init=not init_from)  # init_from/resume fill it below
-    run_id = broadcast_object(new_run_id(cfg), ctx)
-    lock = RunLock(Path(cfg.run.dir) / run_id)  # one writer per run; rank 0 holds it for all
     made: tuple[Path | None, bool, str | None] = (None, False, None)
     if ctx.is_main:
         try:
