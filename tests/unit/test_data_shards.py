@@ -225,3 +225,45 @@ def test_val_batches_fixed_and_sliced(data_dir):
         assert torch.equal(x, torch.cat([halves[0][j][0], halves[1][j][0]]))
         assert torch.equal(y, torch.cat([halves[0][j][1], halves[1][j][1]]))
     assert val_batches(val, seq_len=seq, batch_size=4, num_batches=0) == []
+
+
+def _flip_a_token(d):
+    """A shard of the same size with one token changed: only its sha256 can tell."""
+    man = json.loads((d / "manifest.json").read_text())
+    shard = d / man["splits"]["train"]["shards"][0]["file"]
+    raw = bytearray(shard.read_bytes())
+    raw[-1] ^= 1
+    shard.write_bytes(bytes(raw))
+
+
+def test_a_changed_shard_of_the_same_size_fails_its_checksum(data_dir, tmp_path):
+    d = _copy(data_dir, tmp_path / "flipped")
+    _flip_a_token(d)
+    with pytest.raises(DataError, match="fails its sha256 check"):
+        TokenDataset(d, "train")  # small: checked by default
+    assert not TokenDataset(d, "train", verify=False).verified
+
+
+@pytest.mark.parametrize("verify", ["auto", "all", "sizes"])
+def test_data_verify_picks_what_is_checked_at_start(
+    data_dir, tmp_path, verify, capsys, monkeypatch
+):
+    """Above the automatic limit (lowered to 0 here), `auto` checks sizes and says so, `all`
+    checks every shard's sha256, `sizes` checks sizes quietly."""
+    from braid.config import load_config
+    from braid.data import shards
+    from braid.parallel.distributed import init_parallel
+    from braid.train.model_setup import load_data
+
+    d = _copy(data_dir, tmp_path / "flipped")
+    _flip_a_token(d)
+    monkeypatch.setattr(shards, "AUTO_VERIFY_BYTES", 0)
+    over = [f"--data.path={d}", f"--data.verify={verify}", "--train.device=cpu"]
+    cfg = load_config("tiny", [*over, "--model.vocab_size=300", "--train.seq_len=16"])
+    if verify == "all":
+        with pytest.raises(DataError, match="fails its sha256 check"):
+            load_data(cfg, init_parallel(cfg))
+        return
+    assert len(load_data(cfg, init_parallel(cfg))[0]) > 0
+    said = capsys.readouterr().err
+    assert ("sha256 not (data.verify=all checks them)" in said) == (verify == "auto"), said

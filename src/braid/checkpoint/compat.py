@@ -32,6 +32,7 @@ ALWAYS_ALLOWED = frozenset(
         "metrics.flush_every",
         "metrics.flush_seconds",
         "parallel.timeout_min",  # how long a collective may wait: no step's numbers
+        "data.verify",  # how much of the same data is checked at start
     }
 )
 SAFE = frozenset(

@@ -62,6 +62,7 @@ class TokenDataset:
             )
         if verify is None:
             verify = sum(sh["bytes"] for sh in entry["shards"]) <= AUTO_VERIFY_BYTES
+        self.verified: bool = verify  # whether the shards' sha256 were checked
         self.shards = [open_shard(self.path, sh, man["dtype"], verify) for sh in entry["shards"]]
         self.shards = [s for s in self.shards if s.shape[0] > 0]
         self.offsets = np.cumsum([0] + [s.shape[0] for s in self.shards])

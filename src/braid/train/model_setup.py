@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from braid.config import Config
@@ -40,8 +41,17 @@ def load_data(cfg: Config, ctx: ParallelContext):
         raise_on_any(why, ctx)  # on every rank alike, so none waits in a collective
         if ctx.distributed:
             path = broadcast_object(path, ctx)
-    train_ds = TokenDataset(path, "train", vocab_size=cfg.model.vocab_size)
-    val_ds = TokenDataset(path, "val", vocab_size=cfg.model.vocab_size)
+    verify = {"auto": None, "all": True, "sizes": False}[cfg.data.verify]
+    train_ds = TokenDataset(path, "train", vocab_size=cfg.model.vocab_size, verify=verify)
+    val_ds = TokenDataset(path, "val", vocab_size=cfg.model.vocab_size, verify=verify)
+    unchecked = [ds.split for ds in (train_ds, val_ds) if not ds.verified]
+    if ctx.is_main and cfg.data.verify == "auto" and unchecked:
+        print(
+            f"data: split(s) {', '.join(unchecked)} over 256 MiB: sizes checked, sha256 not "
+            "(data.verify=all checks them)",
+            file=sys.stderr,
+            flush=True,
+        )
     tc = cfg.train
     loader = BatchLoader(
         train_ds,
