@@ -4,7 +4,7 @@
   (model.layers.{N+k}: enorm, hnorm, eh_proj, shared_head.norm, copies of the embedding and
   head), imports back bit for bit, and the imported MTP input projection computes DeepSeek's
   formula eh_proj([enorm(emb); hnorm(h)]) written out here from the HF tensors;
-* fp8: weights quantized in 8x8 blocks with `weight_scale_inv` (as DeepSeek ships them)
+* fp8: weights quantized in 8x8 (and 4x8) blocks with `weight_scale_inv` (as DeepSeek ships them)
   import into the model whose weights are the blockwise dequantization (a naive per-block
   loop here), which transformers then computes within 1e-4.
 """
@@ -90,33 +90,34 @@ QUANTIZED = (
     "up_proj",
     "down_proj",
 )
-BLOCK = 8
 
 
-def _quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _quantize(w: torch.Tensor, br: int, bc: int) -> tuple[torch.Tensor, torch.Tensor]:
     rows, cols = w.shape
-    nr, nc = -(-rows // BLOCK), -(-cols // BLOCK)
+    nr, nc = -(-rows // br), -(-cols // bc)
     q, scale = torch.empty(rows, cols, dtype=torch.float8_e4m3fn), torch.empty(nr, nc)
     for i in range(nr):
         for j in range(nc):
-            blk = w[i * BLOCK : (i + 1) * BLOCK, j * BLOCK : (j + 1) * BLOCK].float()
+            rs, cs = slice(i * br, (i + 1) * br), slice(j * bc, (j + 1) * bc)
+            blk = w[rs, cs].float()
             scale[i, j] = blk.abs().max().clamp(min=1e-12) / 448.0
-            q[i * BLOCK : (i + 1) * BLOCK, j * BLOCK : (j + 1) * BLOCK] = (blk / scale[i, j]).to(
-                torch.float8_e4m3fn
-            )
+            q[rs, cs] = (blk / scale[i, j]).to(torch.float8_e4m3fn)
     return q, scale
 
 
-def _dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def _dequantize(q: torch.Tensor, scale: torch.Tensor, br: int, bc: int) -> torch.Tensor:
     w = torch.empty(q.shape)
     for i in range(scale.shape[0]):
         for j in range(scale.shape[1]):
-            rs, cs = slice(i * BLOCK, (i + 1) * BLOCK), slice(j * BLOCK, (j + 1) * BLOCK)
+            rs, cs = slice(i * br, (i + 1) * br), slice(j * bc, (j + 1) * bc)
             w[rs, cs] = q[rs, cs].float() * scale[i, j]
     return w.to(torch.bfloat16)
 
 
-def test_fp8_block_quantized_checkpoint_imports_dequantized(tmp_path):
+# [rows, cols] of a scale block: DeepSeek's square 128x128, scaled down, and a non-square one
+# (weight_block_size is [block_n, block_k]: output rows first).
+@pytest.mark.parametrize("block", [(8, 8), (4, 8)])
+def test_fp8_block_quantized_checkpoint_imports_dequantized(tmp_path, block):
     d = tmp_path / "hf"
     ref = save_hf("deepseek_v3", d)
     index = json.loads((d / "model.safetensors.index.json").read_text())
@@ -125,10 +126,10 @@ def test_fp8_block_quantized_checkpoint_imports_dequantized(tmp_path):
         tensors = load_file(d / shard)
         for k in list(tensors):
             if k.endswith(".weight") and k.split(".")[-2] in QUANTIZED:
-                q, s = _quantize(tensors[k])
+                q, s = _quantize(tensors[k], *block)
                 tensors[k], tensors[f"{k}_scale_inv"] = q, s
                 index["weight_map"][f"{k}_scale_inv"] = shard
-                dequantized[k] = _dequantize(q, s).float()
+                dequantized[k] = _dequantize(q, s, *block).float()
         save_file(tensors, d / shard, metadata={"format": "pt"})
     (d / "model.safetensors.index.json").write_text(json.dumps(index))
     config = json.loads((d / "config.json").read_text())
@@ -136,7 +137,7 @@ def test_fp8_block_quantized_checkpoint_imports_dequantized(tmp_path):
         "activation_scheme": "dynamic",
         "fmt": "e4m3",
         "quant_method": "fp8",
-        "weight_block_size": [BLOCK, BLOCK],
+        "weight_block_size": list(block),
     }
     (d / "config.json").write_text(json.dumps(config))
 

@@ -56,6 +56,18 @@ def test_import_matches_transformers_logits(kind, tmp_path):
         assert tok.encode("a mixture") and tok.eot_id == 0
 
 
+def test_yarn_factor_is_read_and_derived_only_when_missing():
+    """transformers' YaRN uses rope_parameters.factor; only a missing factor is derived as
+    max_position_embeddings / original_max_position_embeddings."""
+    from braid.hf.base import HFConfig
+    from braid.hf.rope import read_rope
+
+    yarn = {"rope_type": "yarn", "rope_theta": 10000.0, "original_max_position_embeddings": 16}
+    for extra, want in (({"factor": 2.0}, 2.0), ({}, 4.0)):
+        raw = {"max_position_embeddings": 64, "rope_parameters": {**yarn, **extra}}
+        assert read_rope(HFConfig(raw, "c.json"), softmax_mscale=False)["rope_factor"] == want
+
+
 def test_bf16_checkpoint_keeps_bf16_values(tmp_path):
     ref = save_hf("mixtral", tmp_path / "hf", dtype=torch.bfloat16)
     out = import_hf(tmp_path / "hf", tmp_path / "braid")

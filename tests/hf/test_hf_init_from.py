@@ -95,6 +95,30 @@ def test_init_from_refuses_another_model_before_writing(imported, change, words)
     assert not (root / "runs" / "bad").exists()
 
 
+@pytest.mark.parametrize(
+    "section,key,value",
+    [
+        ("moe", "routed_scaling", 2.5),
+        ("moe", "score_func", "sigmoid"),
+        ("moe", "num_experts", 4),
+        ("model", "rope_theta", 500000.0),
+    ],
+)
+def test_init_from_refuses_a_model_that_computes_otherwise(section, key, value):
+    """Knobs that change what the weights compute (not only how they train) must match."""
+    import re
+    from pathlib import Path
+
+    from braid.checkpoint.init_from import check_same_model
+    from braid.config import Config
+
+    saved = Config()
+    run = saved.replace(**{section: {key: value}})
+    words = rf"{section}\.{key}=.* but this run has {re.escape(repr(value))}"
+    with pytest.raises(BraidError, match=words):
+        check_same_model(run, saved, Path("model"))
+
+
 def test_init_from_refuses_data_of_another_tokenizer(imported, tmp_path):
     from braid.data.prep import prepare
     from braid.train.trainer import train

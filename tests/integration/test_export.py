@@ -69,6 +69,7 @@ def test_export_writes_full_tensors_and_matches_the_run_logits(run_dir, tmp_path
         for name in f.keys():
             assert tuple(f.get_slice(name).get_shape()) == tuple(reference[name].shape)
         assert f.metadata()["step"] == "3"
+    assert json.loads((out / "config.json").read_text())["step"] == 3
     experts = [k for k in reference if ".experts." in k]
     assert experts and all(reference[k].shape[0] == cfg.moe.num_experts for k in experts)
 
@@ -90,9 +91,23 @@ def test_export_refuses_foreign_dirs_and_replaces_its_own(run_dir, tmp_path):
     with pytest.raises(BraidError, match="not a braid export"):
         export(run, foreign)
     assert (foreign / "todo.txt").read_text() == "keep me"
+    (foreign / "model.safetensors").write_bytes(b"")  # weights beside a foreign file
+    with pytest.raises(BraidError, match="not a braid export"):
+        export(run, foreign)
+    assert (foreign / "todo.txt").read_text() == "keep me"
     out = export(run, tmp_path / "e")
     assert export(run, out) == out  # a previous export is replaced
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e", "notes"]  # no temporaries left
+
+
+def test_an_altered_tokenizer_is_refused_by_its_checksum(run_dir, tmp_path):
+    run, _ = run_dir
+    out = export(run, tmp_path / "e")
+    tok = out / "tokenizer.json"
+    tok.write_bytes(tok.read_bytes() + b" ")  # still valid JSON, other bytes
+    with pytest.raises(BraidError, match="tokenizer.json does not match its") as e:
+        load_for_inference(out, torch.device("cpu"))
+    assert "\n" not in str(e.value)
 
 
 def test_damaged_weights_give_one_line_errors(run_dir, tmp_path):

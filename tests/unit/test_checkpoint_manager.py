@@ -113,6 +113,27 @@ def test_fingerprint_rule():
         check_resume_config(saved, unsafe, where)
 
 
+@pytest.mark.parametrize(
+    "section,key,value",
+    [("model", "dim", 64), ("model", "n_layers", 3), ("moe", "top_k", 1), ("train", "seed", 7)],
+)
+def test_model_moe_and_seed_changes_are_refused_even_with_allow_safe_changes(section, key, value):
+    saved = Config().to_dict()
+    cfg = cfg_with(**{section: {key: value}}, checkpoint={"allow_safe_changes": True})
+    with pytest.raises(BraidError, match=rf"{section}.{key} .* -> {value}; these change the model"):
+        check_resume_config(saved, cfg, "ckpt")
+
+
+def test_resume_restores_the_optimizer_hyper_parameters(tmp_path):
+    m, opt, cur, st = make()
+    step(m, opt, cur, st)
+    opt.param_groups[0]["lr"] = 0.123
+    Checkpointer(tmp_path, Config(), CTX).save(m, opt, cur, st)
+    m2, opt2, cur2, st2 = make()
+    Checkpointer(tmp_path, Config(), CTX).resume(m2, opt2, cur2, st2)
+    assert opt2.param_groups[0]["lr"] == 0.123
+
+
 def test_resume_refuses_another_config_before_touching_the_model(tmp_path):
     m, opt, cur, st = make()
     step(m, opt, cur, st)

@@ -57,6 +57,19 @@ def test_sigmoid_scores_without_renormalisation_are_raw_sigmoids():
     assert torch.equal(out.topk_idx_NK, torch.topk(s, 2, -1).indices.sort(-1).values)
 
 
+def test_sigmoid_aux_loss_normalises_the_scores_per_token():
+    """With sigmoid scores, P_i is the mean of the scores normalised to sum to one per token."""
+    r = _router(score_func="sigmoid")
+    x = torch.randn(6, 3)
+    out = r(x, lambda t: t)
+    s = torch.sigmoid(x @ r.weight.detach().T)
+    top = torch.topk(s, 2, -1).indices
+    counts = torch.zeros(4).index_add_(0, top.flatten(), torch.ones(top.numel()))
+    p_mean = (s / s.sum(-1, keepdim=True)).mean(0)
+    expected = 4 * float((counts / counts.sum() * p_mean).sum())
+    assert out.aux_loss.item() == pytest.approx(expected, rel=1e-6)
+
+
 def test_global_counts_come_from_the_reduce_seam():
     r = _router()
     x = torch.randn(5, 3)

@@ -21,6 +21,22 @@ def test_swiglu_matches_unfused_autograd_exactly(dtype):
     assert torch.equal(got, want) and torch.equal(h.grad, want_grad)
 
 
+def test_swiglu_traced_off_cuda_is_the_unfused_expression():
+    """Under torch.compile off CUDA `swiglu` traces the plain expression: silu of the first
+    half (gate) times the second (up), value and grad."""
+    g = torch.Generator().manual_seed(7)
+    h = torch.randn(9, 16, generator=g, requires_grad=True)
+    dy = torch.randn(9, 8, generator=g)
+    ref = h.detach().clone().requires_grad_(True)
+    gate, up = ref.chunk(2, dim=-1)
+    want = F.silu(gate) * up
+    want.backward(dy)
+    got = torch.compile(swiglu, backend="aot_eager")(h)
+    got.backward(dy)
+    torch.testing.assert_close(got, want.detach())
+    torch.testing.assert_close(h.grad, ref.grad)
+
+
 def test_swiglu_saves_only_its_input():
     h = torch.randn(8, 6, requires_grad=True)
     y = swiglu(h)
