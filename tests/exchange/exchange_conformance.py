@@ -11,6 +11,7 @@ import time
 import torch
 from simulate import simulate_compression
 
+from braid.exchange.nccl import NcclExchange
 from small_moe import seeded_moe
 
 N_PER_RANK, DIM = 24, 32
@@ -86,6 +87,18 @@ def _compare(res: dict, ref: dict, rank: int, world: int) -> float:
     errs += [_rel(res[n], ref[n][rank * L : (rank + 1) * L]) for n in ("experts.w13", "experts.w2")]
     errs.append(_rel(res["router.weight"], ref["router.weight"]))
     return max(errs)
+
+
+class SlowExchange(NcclExchange):
+    """`nccl` whose every movement starts SLEEP seconds late: a candidate that
+    `choose_exchange` must not pick over `nccl`, wherever it is listed (named by dotted path,
+    `exchange_conformance:SlowExchange`)."""
+
+    SLEEP = 0.05
+
+    def move(self, x_RD, send_splits, recv_splits):
+        time.sleep(self.SLEEP)
+        return super().move(x_RD, send_splits, recv_splits)
 
 
 class _Late:

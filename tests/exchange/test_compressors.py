@@ -169,3 +169,24 @@ def test_a_plugin_module_that_raises_is_one_line(tmp_path, monkeypatch):
     assert str(e.value) == (
         "cannot import compressor 'braid_plugin_that_raises:C': RuntimeError: boom"
     )
+
+
+@pytest.mark.parametrize("name", ["int8", "fp8"])
+@pytest.mark.parametrize("combine", [False, True])
+def test_compressed_movements_return_rows_of_the_payload_dtype(name, combine):
+    """A compressing exchange's dispatch (and combine, with compress_combine) returns the
+    decoded rows in the payload's own dtype (bf16 rows come back bf16, not fp32), exactly the
+    compressor's round trip; the uncompressed combine returns the rows themselves."""
+    from braid.exchange.base import LocalExchange
+    from braid.exchange.compress import with_compressor
+
+    cfg = ExchangeConfig(compressor=name, scale_block=16, compress_combine=combine)
+    ex = with_compressor(LocalExchange(), cfg)
+    x = torch.randn(6, 32, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    splits = [x.shape[0]]
+    want = ex.compressor.roundtrip(x)
+    assert want.dtype == torch.bfloat16
+    for op, compressed in ((ex.dispatch, True), (ex.combine, combine)):
+        got = op(x, splits, splits).wait()
+        assert got.dtype == torch.bfloat16, op.__name__
+        assert torch.equal(got, want if compressed else x), op.__name__

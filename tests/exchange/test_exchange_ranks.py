@@ -12,7 +12,9 @@ named by dotted path; auto. Checks:
     (b) the uncompressed single-process layer, within the compressor's stated layer bound;
     for compressor none both are the same reference and the bound is 1e-6 (exact);
   - `choose_exchange` gives the same answer on every rank, skips `symmetric` off CUDA with its
-    reason, and reports every candidate's time in its console line;
+    reason, and reports every candidate's time in its console line; with a slower candidate
+    listed first (`SlowExchange`) and uneven row counts per rank, it picks `nccl` and times
+    the largest rank's rows on every rank;
   - a whole model built as the trainer builds it (ep=4, 3 MoE layers): every MoE layer holds
     the SAME exchange object; `hierarchical` (two-stage, node_size 2) and `auto` shared across
     layers under the overlap engine (chunks=2, split_dw: several movements in flight) give the
@@ -129,6 +131,11 @@ def _worker(rank: int, world: int) -> dict:
     out["auto_line"] = choice.line()
     out["auto_built"] = type(choice.exchange).__name__
     out["plugin_calls"] = inner["plugin"].calls
+    slow = "exchange_conformance:SlowExchange"  # listed first: the fastest wins, not the first
+    get_exchange(slow)  # imported: `choose_exchange` builds only imported plug-ins
+    rows = 16 + 8 * rank  # uneven: every rank times the largest (40 rows)
+    args = (G, G, ExchangeConfig(), rows, 8, torch.float32, torch.device("cpu"))
+    out["auto_fastest"] = choose_exchange([slow, "nccl"], *args).record()
 
     # 4. overlap through the Handle contract alone: dW in exchange windows, exchange time > 0.
     out["windows"] = {
@@ -187,6 +194,11 @@ def test_choose_exchange_agrees_on_every_rank_and_skips_symmetric(per_rank):
         assert f"| {name} {1e3 * seconds[name]:.3f} ms" in line
     assert "| symmetric skipped (exchange.algorithm=symmetric needs CUDA" in line
     assert {r["auto_inner"] for r in per_rank} <= {"nccl", "hierarchical"}
+    fastest = per_rank[0]["auto_fastest"]
+    assert all(r["auto_fastest"] == fastest for r in per_rank)
+    slow = fastest["seconds"]["exchange_conformance:SlowExchange"]
+    assert fastest["chose"] == "nccl" and slow > fastest["seconds"]["nccl"], fastest
+    assert fastest["rows"] == 16 + 8 * (len(per_rank) - 1)
 
 
 def test_every_moe_layer_of_a_model_shares_one_exchange(per_rank):

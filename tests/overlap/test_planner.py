@@ -86,6 +86,14 @@ def test_free_chunks_and_balanced_stages_pick_the_largest_chunk_count():
     assert choose_chunks(SHAPE, False, m, candidates=(1, 2, 4, 8))[0] == 8
 
 
+def test_no_more_chunks_than_tokens_are_considered():
+    """Where chunking pays (free chunks, balanced stages), a layer of 6 tokens per rank gets
+    at most 6 chunks: larger candidates are not costed (a chunk of tokens needs a token)."""
+    m = model(lat=0.0, call=0.0, x_ms=1.0, e_ms=2.0)
+    best, _, table = choose_chunks(replace(SHAPE, tokens=6), False, m)
+    assert set(table) == {1, 2, 3, 4, 6} and best in (4, 6)  # 4 and 6 tie: the smaller
+
+
 def test_split_dw_hides_weight_grads_in_idle_exchange_time():
     m = model()
     for c in (1, 2, 4):

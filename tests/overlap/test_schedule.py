@@ -19,7 +19,7 @@ issue, and expects every check to report violations. The checks were also run ag
 serialized pipeline itself: in a scratch copy of braid/overlap/pipeline.py, `Schedule.forward` and
 `Schedule.backward` were rewritten to wait each exchange (without a drain) right after its issue,
 the shared experts after the first wait; the numerics tests still passed there, and every check
-below reported a violation (7 forward, 5 backward, 4 drain with C=3).
+below reported a violation (7 forward, 5 backward, 6 drain with C=3).
 """
 
 from __future__ import annotations
@@ -203,6 +203,10 @@ def drain_violations(log: list[str]) -> list[str]:
         a, b = log.index(f"experts_bwd {c - 1}"), log.index(f"experts_bwd {c}")
         if "dW" not in log[a:b]:
             bad.append(f"no dW drained between experts_bwd {c - 1} and experts_bwd {c}")
+    for c in range(1, C):  # ... and chunk c's backward leaves dW for dispatch grad c-1's window
+        a, b = log.index(f"experts_bwd {c}"), log.index(f"waited dispatch_a2a_bwd {c - 1}")
+        if "dW" not in log[a:b]:
+            bad.append(f"no dW drained in the window of dispatch grad {c - 1}")
     return bad
 
 
