@@ -38,3 +38,12 @@ def test_clipping_scales_every_grad_to_max_norm():
     for b, p in zip(before, m.parameters(), strict=True):
         torch.testing.assert_close(p.grad, b / (norm + 1e-6))
     assert clip_grad_norm(m, 10.0) < 10.0  # under the limit: unchanged
+
+
+def test_gradients_under_the_limit_are_left_as_they_are():
+    m = _model_with_grads()
+    before = [p.grad.clone() for p in m.parameters()]
+    norm = clip_grad_norm(m, 100.0)
+    assert 1.0 < norm < 100.0
+    for b, p in zip(before, m.parameters(), strict=True):
+        assert torch.equal(p.grad, b)  # never scaled up towards max_norm

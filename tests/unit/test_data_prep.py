@@ -69,6 +69,26 @@ def test_manifest_checksums_and_sizes(tmp_path):
     assert sha256_file(tmp_path / "o" / "tokenizer.json") == man["tokenizer"]["sha256"]
 
 
+def test_each_split_s_max_token_id_is_over_all_its_shards(tmp_path):
+    (tmp_path / "b.txt").write_text(TEXT_B + TEXT_A)  # the rarest (highest) ids come first
+    out = tmp_path / "o"
+    man = prepare([tmp_path / "b.txt"], out, vocab_size=300, shard_tokens=50, progress=False)
+    for name, split in man["splits"].items():
+        ids = _tokens(out, name)
+        assert split["max_token_id"] == int(ids.max()), name
+    train = man["splits"]["train"]["shards"]
+    assert int(np.load(out / train[-1]["file"]).max()) < man["splits"]["train"]["max_token_id"]
+
+
+def test_a_tiny_val_fraction_still_holds_out_one_token(tmp_path):
+    (tmp_path / "a.txt").write_text(TEXT_A)
+    man = prepare(
+        [tmp_path / "a.txt"], tmp_path / "o", vocab_size=280, val_fraction=1e-6, progress=False
+    )
+    total = man["splits"]["train"]["tokens"] + man["splits"]["val"]["tokens"]
+    assert round(total * 1e-6) == 0 and man["splits"]["val"]["tokens"] == 1
+
+
 def test_bpe_is_deterministic_and_pieces_keep_ids():
     texts = [TEXT_A, TEXT_B]
     assert train_bpe(texts, 320).to_str() == train_bpe(texts, 320).to_str()

@@ -153,6 +153,34 @@ def test_epoch_visits_every_window_once(data_dir):
     assert not np.array_equal(first, BatchLoader(ds, seq_len=32, batch_size=5, seed=2).order(0))
 
 
+def test_global_batches_run_through_each_epoch_s_order_into_the_next(data_dir):
+    """The global batches are consecutive `batch_size` windows of order(0), order(1), ...: a
+    batch that straddles an epoch's end takes the next epoch's first windows, none skipped."""
+    ds = TokenDataset(data_dir)
+    loader = BatchLoader(ds, seq_len=24, batch_size=7, seed=3)
+    n = loader.num_windows
+    assert n % 7  # some batches straddle an epoch boundary
+    steps = 3 * n // 7 + 1
+    got = np.concatenate([loader._take_global() for _ in range(steps)])
+    ref = BatchLoader(ds, seq_len=24, batch_size=7, seed=3)
+    want = np.concatenate([ref.order(e).copy() for e in range(4)])[: 7 * steps]
+    np.testing.assert_array_equal(got, want)
+    assert loader.state_dict()["epoch"] == 7 * steps // n
+    assert loader.state_dict()["position"] == 7 * steps % n
+
+
+def test_a_token_one_past_the_manifest_s_max_token_id_is_refused(data_dir, tmp_path):
+    d = _copy(data_dir, tmp_path / "stale")
+    man = json.loads((d / "manifest.json").read_text())
+    top = man["splits"]["train"]["max_token_id"]
+    man["splits"]["train"]["max_token_id"] = top - 1  # the shards hold `top`: one past it
+    (d / "manifest.json").write_text(json.dumps(man))
+    ds = TokenDataset(d, "train")
+    loader = BatchLoader(ds, seq_len=ds.num_tokens // 2 - 1, batch_size=2)  # every window
+    with pytest.raises(DataError, match=f"token id {top} .* max_token_id={top - 1}"):
+        loader.next_batch()
+
+
 def test_global_batch_same_for_any_world_size(data_dir):
     ds = TokenDataset(data_dir)
     steps = 3 * BatchLoader(ds, seq_len=24, batch_size=8).num_windows // 8 + 2  # > 2 epochs

@@ -92,6 +92,7 @@ def test_query_metrics_since_wall_returns_only_newer_rows(tmp_path: Path) -> Non
         zip(newer["name"].tolist(), newer["step"].tolist(), newer["value"].tolist(), strict=True)
     )
     assert {("a", 4, 40.0), ("a", 5, 5.0)} <= rows
+    assert ("b", 4, -4.0) in rows  # logged at the cut itself: kept (wall_time >= since_wall)
     assert all(w >= cut for w in newer["wall"])  # nothing older than the cut
     assert ("a", 3, 3.0) not in rows
     assert read_metrics(tmp_path)["a"][-2:] == [(4, 40.0), (5, 5.0)]

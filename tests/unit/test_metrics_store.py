@@ -91,6 +91,18 @@ def test_expert_load_round_trip(tmp_path: Path) -> None:
     assert loads[3][0].tolist() == [20] and loads[3][1].shape == (1, 2)
 
 
+def test_an_expert_load_logged_twice_reads_as_the_mean(tmp_path: Path) -> None:
+    """A (step, layer, expert) logged again (a resumed run, or twice in one step) averages."""
+    with MetricsWriter(tmp_path, 0) as w:
+        w.log_expert_load(5, 0, [0.2, 0.8])
+        w.flush()
+        w.log_expert_load(5, 0, [0.6, 0.4])
+        w.log_expert_load(6, 0, [0.5, 0.5])
+    steps, grid = read_expert_load(tmp_path)[0]
+    assert steps.tolist() == [5, 6]
+    np.testing.assert_allclose(grid, [[0.4, 0.6], [0.5, 0.5]])
+
+
 def test_buffers_until_flush(tmp_path: Path) -> None:
     w = MetricsWriter(tmp_path, 0, flush_every=1000)
     for step in range(10):

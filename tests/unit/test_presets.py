@@ -4,6 +4,7 @@ option; the memory arithmetic of bf16 compute weights and the fitting-layout sea
 
 import math
 
+import numpy as np
 import pytest
 
 from braid.config import load_config
@@ -126,6 +127,21 @@ def test_info_counts_equal_the_closed_form(extra):
     total, active, flops = _closed_form(cfg)
     assert (a.total_params, a.active_params) == (total, active)
     assert a.flops_per_token == pytest.approx(flops, rel=1e-12)
+
+
+@pytest.mark.parametrize("window", [4, 12, 32, 40])
+def test_a_windowed_layer_counts_the_keys_its_window_keeps(window):
+    """Attention FLOPs go with the mean number of keys a query sees: seq_len / 2 causal (PaLM),
+    with a window w the mean of min(t, w) over positions t in [0, seq_len) (continuous, as the
+    causal half is); here numerically, layers 0 and 2 of 4 windowed."""
+    full = load_config(None, SMALL)
+    cfg = load_config(None, SMALL + [f"--model.window={window}", "--model.window_layers=[0,2]"])
+    T, m = cfg.train.seq_len, cfg.model
+    t = (np.arange(1_000_000) + 0.5) * T / 1_000_000  # midpoints: exact for a piecewise line
+    keys = float(np.minimum(t, window).mean())
+    per_key = 6.0 * 2 * m.n_heads * m.attn_head_dim  # q.k and p.v, forward and backward
+    want = arithmetic(full).flops_per_token - 2 * per_key * (T / 2 - keys)
+    assert arithmetic(cfg).flops_per_token == pytest.approx(want, rel=1e-9)
 
 
 def test_bf16_compute_weights_keep_states_and_shrink_buffers():
