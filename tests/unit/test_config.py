@@ -55,6 +55,7 @@ def test_str_override_quoting_and_typed_neighbours_are_unchanged():
         ("--model.dim=1.5", "model.dim", "expected int"),
         ("--moe.layers=[1.5]", "moe.layers", "expected int"),
         ("--moe.top_k=9", "moe.top_k", "between 1 and moe.num_experts=8"),
+        ("--moe.top_k=0", "moe.top_k", "between 1 and moe.num_experts=8"),
         ("--model.n_heads=7", "model.n_heads", "must divide model.dim=192"),
         ("--model.n_kv_heads=4", "model.n_kv_heads", "must divide model.n_heads=6"),
         ("--train.seq_len=1000", "train.seq_len", "model.max_seq_len"),
@@ -62,6 +63,7 @@ def test_str_override_quoting_and_typed_neighbours_are_unchanged():
         ("--moe.score_func=relu", "moe.score_func", "softmax, sigmoid"),
         ("--train.grad_accum=5", "train.grad_accum", "must divide train.batch_size=16"),
         ("--moe.layers=[9]", "moe.layers", "[0, 4)"),
+        ("--moe.layers=[4]", "moe.layers", "[0, 4)"),
         ("--overlap.chunks=0", "overlap.chunks", "auto"),
     ],
 )
@@ -175,3 +177,33 @@ def test_the_process_group_timeout_comes_from_parallel_timeout_min(monkeypatch):
     assert seen["timeout"] == datetime.timedelta(minutes=2.5)
     with pytest.raises(ConfigError, match="parallel.timeout_min"):
         load_config("tiny", ["--parallel.timeout_min=0"])
+
+
+@pytest.mark.parametrize(
+    "key", ["vocab_size", "dim", "n_layers", "n_heads", "ffn_hidden", "max_seq_len"]
+)
+def test_model_sizes_of_zero_are_refused(key):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [f"--model.{key}=0"])
+    assert e.value.key == f"model.{key}" and "must be > 0" in str(e.value)
+
+
+def test_override_values_may_hold_an_equals_sign():
+    assert load_config(None, ["--run.dir=a=b"]).run.dir == "a=b"
+    assert parse_override("--data.path=x=y") == ("data.path", "x=y")
+
+
+def test_stop_at_may_equal_steps():
+    cfg = load_config("tiny", ["--train.steps=4", "--train.stop_at=4"])
+    assert (cfg.train.steps, cfg.train.stop_at) == (4, 4)
+
+
+def test_fingerprint_covers_every_section():
+    from braid.config import Config, fingerprint_of
+
+    base = Config().to_dict()
+    for sec, body in base.items():
+        key = next(iter(body))
+        changed = {s: dict(b) for s, b in base.items()}
+        changed[sec][key] = [body[key], "changed"]  # any other value
+        assert fingerprint_of(changed) != fingerprint_of(base), sec

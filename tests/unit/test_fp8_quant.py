@@ -109,6 +109,9 @@ def test_stats_count_amax_and_underflow_only_while_active():
     assert out["fp8/a/amax"] == pytest.approx(2e4)
     assert out["fp8/a/underflow"] == pytest.approx(2 * flushed / (2 * x.numel()))
     assert st.read() == {}  # reading resets
+    st.record("a", x * 2, fp8.quantize(x * 2)[0])  # the larger first: amax is the running max
+    st.record("a", x, q)
+    assert st.read()["fp8/a/amax"] == pytest.approx(2e4)
 
 
 def test_triton_quantisers_only_on_gpus_with_e4m3_casts(monkeypatch):

@@ -108,6 +108,10 @@ REFUSED = [
     ({"moe_input_jitter_eps": 0.01}, "moe_input_jitter_eps"),
     ({"moe_router_dtype": "fp64"}, "moe_router_dtype"),
     ({"expert_model_parallel_size": 3}, "expert_model_parallel_size"),
+    (
+        {"moe_expert_capacity_factor": 0.0, "moe_token_drop_policy": "position"},
+        "moe_expert_capacity_factor",
+    ),
     ({"recompute_granularity": "selective", "recompute_modules": ["moe"]}, "recompute_modules"),
 ]
 
@@ -197,3 +201,31 @@ def test_without_megatron_the_adapter_import_fails_in_one_line():
         "    raise AssertionError('imported')\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_state_dict_keeps_the_expert_bias_and_transposes_the_experts():
+    import torch
+
+    from braid.integrations.megatron import braid_to_megatron, megatron_to_braid
+
+    g = torch.Generator().manual_seed(0)
+    p = "decoder.layers.0.mlp."
+    theirs = {
+        "decoder.layers.0.self_attention.linear_qkv.weight": torch.randn(6, 4, generator=g),
+        p + "router.weight": torch.randn(2, 4, generator=g),
+        p + "router.expert_bias": torch.tensor([0.5, -0.25]),
+    }
+    for i in range(2):
+        theirs[f"{p}experts.local_experts.{i}.linear_fc1.weight"] = torch.randn(6, 4, generator=g)
+        theirs[f"{p}experts.local_experts.{i}.linear_fc2.weight"] = torch.randn(4, 3, generator=g)
+    ours = megatron_to_braid(theirs)
+    assert torch.equal(ours[p + "moe.router.expert_bias"], torch.tensor([0.5, -0.25]))
+    assert torch.equal(
+        ours[p + "moe.experts.w13"][1], theirs[f"{p}experts.local_experts.1.linear_fc1.weight"].t()
+    )
+    assert torch.equal(
+        ours[p + "moe.experts.w2"][0], theirs[f"{p}experts.local_experts.0.linear_fc2.weight"].t()
+    )
+    back = braid_to_megatron(ours, expert_bias=True)
+    assert back.keys() == theirs.keys()
+    assert all(torch.equal(back[k], v) for k, v in theirs.items())

@@ -119,3 +119,109 @@ def test_family_configs_match_their_nominal_size(name):
     # total_params is the main model's; MTP modules (dsv3) are counted apart.
     main = sum(p.numel() for n, p in m.named_parameters() if not n.startswith("mtp."))
     assert total == main
+
+
+def test_sampling_probabilities_equal_the_no_cache_forward_at_the_temperature(monkeypatch):
+    """Each step samples from softmax(logits / temperature) of the sequence so far, as one
+    forward pass without a cache gives them (the cache's positions, the temperature once)."""
+    torch.manual_seed(0)
+    m = small_model("--model.init_std=0.2").eval()
+    prompt, temp = torch.randint(0, 128, (2, 5)), 0.7
+    seen = []
+
+    def pick(probs, n, generator=None):
+        seen.append(probs.clone())
+        return probs.argmax(-1, keepdim=True)
+
+    monkeypatch.setattr(torch, "multinomial", pick)
+    out = generate(m, prompt, 4, temperature=temp)
+    assert out.shape == (2, 9) and len(seen) == 4
+    with torch.no_grad():
+        for i, probs in enumerate(seen):
+            want = (m(out[:, : 5 + i]).logits[:, -1] / temp).softmax(-1)
+            torch.testing.assert_close(probs, want, rtol=1e-4, atol=1e-6)
+
+
+def test_top_p_keeps_the_most_probable_tokens_wherever_they_sit():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]])  # not sorted: the top two are 1 and 3
+    p = logits.softmax(-1)[0]
+    kept = filter_logits(logits, top_p=float(p[1]) + 1e-3)
+    assert torch.isfinite(kept[0, [1, 3]]).all() and torch.isinf(kept[0, [0, 2]]).all()
+    assert torch.equal(kept[0, [1, 3]], logits[0, [1, 3]])
+
+
+class _Scripted(torch.nn.Module):
+    """A stand-in model whose greedy choice at generation step s is rows[b][s]."""
+
+    def __init__(self, rows: list[list[int]], prompt_len: int, vocab: int = 16):
+        super().__init__()
+        self.rows, self.prompt_len, self.vocab = torch.tensor(rows), prompt_len, vocab
+        self.cfg = type("Cfg", (), {"max_seq_len": 64})()
+
+    def new_caches(self, batch, max_len):
+        return [None]
+
+    def forward(self, idx_BT, caches=None, start_pos=0):
+        step = start_pos + idx_BT.shape[1] - self.prompt_len
+        logits = F.one_hot(self.rows[:, step], self.vocab).float()[:, None] * 10
+        return type("Out", (), {"logits": logits})()
+
+
+def test_generation_stops_once_every_row_has_given_the_stop_token():
+    stop, prompt = 9, torch.zeros(2, 3, dtype=torch.long)
+    rows = [[5, 9, 1, 2, 3, 4], [4, 4, 9, 7, 7, 7]]  # row 0 stops at step 1, row 1 at step 2
+    out = generate(_Scripted(rows, 3), prompt, 6, temperature=0, stop_token=stop)
+    assert out.shape == (2, 6)  # the step where the last row stops is the last one
+    assert out[0, 3:5].tolist() == [5, 9] and out[1, 3:].tolist() == [4, 4, 9]
+    out = generate(_Scripted(rows, 3), prompt, 6, temperature=0)  # no stop token: all six
+    assert out[:, 3:].tolist() == rows
+
+
+@pytest.mark.parametrize(
+    "kw, words",
+    [
+        (dict(top_p=0.0), "--top-p 0.0"),
+        (dict(top_k=-1), "--top-k -1"),
+        (dict(temperature=-0.5), "--temperature -0.5"),
+        (dict(max_new_tokens=0), "--max-new-tokens 0"),
+    ],
+)
+def test_sampling_settings_out_of_range_are_refused(kw, words):
+    m = small_model().eval()
+    args = dict(max_new_tokens=2, temperature=1.0, top_k=0, top_p=1.0) | kw
+    with pytest.raises(BraidError, match=words):
+        generate(m, torch.zeros(1, 4, dtype=torch.long), **args)
+
+
+def test_init_scales_the_residual_output_projections_by_depth():
+    """normal(0, std), the residual branches' output projections (attention wo, dense, shared
+    and routed w2) std / sqrt(2 * n_layers); norms at one."""
+    m = small_model("--model.init_std=0.05")
+    resid = 0.05 / (2 * 3) ** 0.5
+    outs = ("attn.wo.weight", "ffn.w2.weight", "experts.w2", "shared.w2.weight")
+    seen = set()
+    for name, p in m.named_parameters():
+        if name.endswith("norm.weight"):
+            assert torch.equal(p, torch.ones_like(p)), name
+            continue
+        want = resid if name.endswith(outs) else 0.05
+        seen |= {o for o in outs if name.endswith(o)}
+        assert abs(p.std().item() / want - 1) < 0.15, (name, p.std().item(), want)
+        assert abs(p.mean().item()) < 0.2 * want, name
+    assert seen == set(outs)
+
+
+def test_first_k_dense_and_every_lay_out_the_moe_layers():
+    from braid.moe.layer import MoE
+
+    for extra, want in (
+        (["--moe.first_k_dense=1", "--moe.every=2"], [1, 3, 5]),
+        (["--moe.first_k_dense=2", "--moe.every=3"], [2, 5]),
+        (["--moe.first_k_dense=0", "--moe.every=1"], [0, 1, 2, 3, 4, 5]),
+        (["--moe.layers=[4, 0]"], [0, 4]),
+    ):
+        cfg = load_config(None, SMALL + ["--model.n_layers=6", *extra])
+        with torch.device("meta"):
+            m = Transformer(cfg.model, cfg.moe)
+        assert m.moe_layers == want, extra
+        assert [i for i, b in enumerate(m.blocks) if isinstance(b.ffn, MoE)] == want, extra
