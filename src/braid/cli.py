@@ -92,9 +92,12 @@ def _cmd_generate(args, overrides: list[str]) -> int:
         top_k=args.top_k,
         top_p=args.top_p,
         generator=gen,
-        stop_token=None,
+        stop_token=None if args.through_eot else tok.eot_id,
     )
-    print(tok.decode(out[0].tolist()))
+    row = out[0].tolist()
+    if not args.through_eot and len(row) > len(ids) and row[-1] == tok.eot_id:
+        row = row[:-1]  # the document ended: print its text, not the end-of-text token
+    print(tok.decode(row))
     return 0
 
 
@@ -232,6 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=50, help="0 keeps every token (default: 50)")
     g.add_argument("--top-p", type=float, default=0.95, help="nucleus mass (default: 0.95)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    g.add_argument(
+        "--through-eot",
+        action="store_true",
+        help="sample past the end-of-text token (default: stop at the end of the document)",
+    )
     g.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is there")
     g.set_defaults(fn=_cmd_generate)
 

@@ -134,3 +134,31 @@ def test_damaged_weights_give_one_line_errors(run_dir, tmp_path):
         load_for_inference(tmp_path, torch.device("cpu"))
     ckpt = paths.latest(run)
     assert load_for_inference(ckpt, torch.device("cpu"))[1] == run / "tokenizer.json"
+
+
+@pytest.mark.parametrize("through", [False, True])
+def test_generate_stops_at_the_end_of_text_unless_told_to_go_through(
+    run_dir, monkeypatch, capsys, through
+):
+    """`braid generate` stops once the model gives the tokenizer's end-of-text token and prints
+    the text before it; `--through-eot` samples on past it, printing every token."""
+    import braid.generate
+    from braid.cli import main
+    from braid.data.tokenizer import Tok
+
+    run, _ = run_dir
+    tok = Tok.from_file(run / "tokenizer.json")
+    seen = {}
+
+    def fake_generate(model, prompt_BT, n_new, *, stop_token=None, **kw):
+        seen["stop"] = stop_token
+        tail = torch.tensor([[tok.encode(" of")[0], tok.eot_id]])
+        return torch.cat([prompt_BT.cpu(), tail], dim=1)
+
+    monkeypatch.setattr(braid.generate, "generate", fake_generate)
+    argv = ["generate", "--run", str(run), "--prompt", "a mixture", "--cpu"]
+    assert main(argv + ["--through-eot"] * through) == 0
+    text = capsys.readouterr().out.rstrip("\n")
+    assert seen["stop"] == (None if through else tok.eot_id)
+    ids = tok.encode("a mixture") + tok.encode(" of")
+    assert text == tok.decode(ids + [tok.eot_id] * through)
