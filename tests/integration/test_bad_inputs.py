@@ -723,11 +723,9 @@ def test_a_metrics_write_failing_at_the_last_flush_marks_the_run_degraded(
     assert "the disk went away" in row["error"]
 
 
-def test_a_metrics_write_failing_mid_run_stops_at_the_next_step_with_a_checkpoint(
-    world, tmp_path, capsys, monkeypatch
-):
-    """on_error=stop: a write that fails during the run (noticed after the step-2 save) stops
-    the run after step 3, the next step, with a checkpoint of it; steps 4.. never run."""
+def _metrics_fail_after_save(monkeypatch, step: int) -> None:
+    """The metrics writer's sink records a failed write right after the checkpoint of `step`
+    is saved, as a disk that went away during the save would leave it."""
     from braid.checkpoint import manager
     from braid.metrics import store
 
@@ -739,12 +737,20 @@ def test_a_metrics_write_failing_mid_run_stops_at_the_next_step_with_a_checkpoin
 
     def save(self, model, opt, loader, st):
         out = real_save(self, model, opt, loader, st)
-        if st.step == 2:
+        if st.step == step:
             writers[-1]._sink.error = "IOException: the disk went away"
         return out
 
     monkeypatch.setattr(store.MetricsWriter, "__init__", init)
     monkeypatch.setattr(manager.Checkpointer, "save", save)
+
+
+def test_a_metrics_write_failing_mid_run_stops_at_the_next_step_with_a_checkpoint(
+    world, tmp_path, capsys, monkeypatch
+):
+    """on_error=stop: a write that fails during the run (noticed after the step-2 save) stops
+    the run after step 3, the next step, with a checkpoint of it; steps 4.. never run."""
+    _metrics_fail_after_save(monkeypatch, 2)
     line = one_error_line(capsys, main(train_args(world, tmp_path)))
     assert "the disk went away" in line and "stopped at step 3 with a checkpoint" in line
     assert [s for s, _ in paths.complete_checkpoints(tmp_path / "runs" / "x")] == [2, 3]
@@ -757,23 +763,7 @@ def test_the_last_flush_failing_is_reported_in_the_result(
     """A write that fails after the loop's last check (here: noticed during the final save):
     with on_error=stop the run fails in one line after its final checkpoint; with continue the
     result and summary.json say degraded."""
-    from braid.checkpoint import manager
-    from braid.metrics import store
-
-    writers, real_init, real_save = [], store.MetricsWriter.__init__, manager.Checkpointer.save
-
-    def init(self, *a, **k):
-        real_init(self, *a, **k)
-        writers.append(self)
-
-    def save(self, model, opt, loader, st):
-        out = real_save(self, model, opt, loader, st)
-        if st.step == 4:  # the final checkpoint: the last flush's write failed meanwhile
-            writers[-1]._sink.error = "IOException: the disk went away"
-        return out
-
-    monkeypatch.setattr(store.MetricsWriter, "__init__", init)
-    monkeypatch.setattr(manager.Checkpointer, "save", save)
+    _metrics_fail_after_save(monkeypatch, 4)  # the final checkpoint: the last flush's write
     code = main(train_args(world, tmp_path, f"--metrics.on_error={on_error}"))
     run = tmp_path / "runs" / "x"
     assert 4 in [s for s, _ in paths.complete_checkpoints(run)]
