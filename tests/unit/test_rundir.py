@@ -66,3 +66,33 @@ def test_busy_names_the_holder_and_takes_nothing(tmp_path):
     assert probe.busy() is None  # released
     with RunLock(run_dir):  # the probe took nothing: acquiring after it works
         pass
+
+
+def test_acquire_waits_out_a_probe_s_momentary_shared_lock(tmp_path):
+    """Another job's `busy` probe holds a shared lock for an instant: a writer acquiring at
+    that moment retries instead of being refused (a lock held for good still refuses it)."""
+    import fcntl
+    import threading
+
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    RunLock(run_dir).acquire().release()  # the lock file exists, as for a running run
+    fd = os.open(run_dir / ".lock", os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # the probe, caught mid-way
+    threading.Timer(0.06, os.close, (fd,)).start()  # ... ends a moment later
+    RunLock(run_dir).acquire().release()
+    held = RunLock(run_dir).acquire()
+    with pytest.raises(BraidError, match="in use by pid"):
+        RunLock(run_dir).acquire()
+    held.release()
+
+
+def test_a_lock_file_with_a_bad_start_time_still_names_its_holder(tmp_path):
+    import json
+
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    with RunLock(run_dir) as held:
+        held.path.write_text(json.dumps({"pid": 42, "host": "h", "since": "yesterday"}))
+        err = RunLock(run_dir).busy()
+    assert err is not None and "in use by pid 42 on h:" in str(err)

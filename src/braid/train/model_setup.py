@@ -17,6 +17,7 @@ def data_root(cfg: Config) -> Path:
 
 def load_data(cfg: Config, ctx: ParallelContext):
     """(train dataset, val dataset, train loader, fixed val batches) for this rank."""
+    from braid.data import shards
     from braid.data.corpus import ensure_default_corpus
     from braid.data.shards import BatchLoader, TokenDataset, val_batches
 
@@ -46,8 +47,9 @@ def load_data(cfg: Config, ctx: ParallelContext):
     val_ds = TokenDataset(path, "val", vocab_size=cfg.model.vocab_size, verify=verify)
     unchecked = [ds.split for ds in (train_ds, val_ds) if not ds.verified]
     if ctx.is_main and cfg.data.verify == "auto" and unchecked:
+        limit = shards.AUTO_VERIFY_BYTES >> 20
         print(
-            f"data: split(s) {', '.join(unchecked)} over 256 MiB: sizes checked, sha256 not "
+            f"data: split(s) {', '.join(unchecked)} over {limit} MiB: sizes checked, sha256 not "
             "(data.verify=all checks them)",
             file=sys.stderr,
             flush=True,

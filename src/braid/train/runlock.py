@@ -21,6 +21,21 @@ from pathlib import Path
 from braid.errors import BraidError
 
 LOCK_FILE = ".lock"
+RETRIES, RETRY_S = 4, 0.05  # acquire's retries past a probe's momentary shared lock
+
+
+def _lock_exclusive(fd: int) -> None:
+    """flock(LOCK_EX | LOCK_NB), retried for a moment: another job's `busy` probe may hold a
+    shared lock on the file for microseconds. BlockingIOError if another writer holds it."""
+    import fcntl
+
+    for _ in range(RETRIES):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            time.sleep(RETRY_S)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 class RunLock:
@@ -30,11 +45,9 @@ class RunLock:
 
     def acquire(self) -> RunLock:
         """Take the lock or raise a one-line BraidError naming the process that holds it."""
-        import fcntl
-
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _lock_exclusive(fd)
         except BlockingIOError:
             os.close(fd)
             raise BraidError(self._busy_message()) from None
@@ -100,7 +113,8 @@ class RunLock:
         who = self.owner() or {}
         pid, host = who.get("pid", "?"), who.get("host", "?")
         since = who.get("since")
-        when = time.strftime(" since %Y-%m-%d %H:%M:%S", time.localtime(since)) if since else ""
+        ok = isinstance(since, (int, float)) and not isinstance(since, bool)
+        when = time.strftime(" since %Y-%m-%d %H:%M:%S", time.localtime(since)) if ok else ""
         return (
             f"run directory {self.path.parent} is in use by pid {pid} on {host}{when}: wait "
             "for that run to end, stop it, or choose another run.name"
