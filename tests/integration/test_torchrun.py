@@ -156,3 +156,26 @@ def test_a_corpus_error_of_rank_0_is_the_same_one_line_on_every_rank(tmp_path):
     said = [m.split(" to train a BPE")[0] for m in said]
     assert len(said) == 2 and said[0] == said[1], proc.stderr[-3000:]
     assert "gloo" not in proc.stderr and "Connection closed" not in proc.stderr
+
+
+def test_a_run_another_job_holds_is_refused_on_every_rank_before_its_data(tmp_path):
+    """Rank 0 probes the run's lock before the data and model are built; its refusal reaches
+    the other rank as the same line (no rank left waiting in a collective), and no corpus was
+    prepared."""
+    from braid.train.runlock import RunLock
+
+    run = tmp_path / "runs" / "held"
+    run.mkdir(parents=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += ["-m", "braid", "train", *TINY, "--parallel.ep=2", f"--run.dir={tmp_path / 'runs'}"]
+    cmd += ["--run.name=held"]
+    with RunLock(run):  # this test process is the other job
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    said = [m for m in proc.stderr.split("error: ")[1:] if m.startswith("run directory")]
+    said = [m.split(": wait for")[0] for m in said]
+    assert len(said) == 2 and said[0] == said[1], proc.stderr[-3000:]
+    assert f"in use by pid {os.getpid()}" in said[0]
+    assert not (tmp_path / "runs" / "data").exists()  # refused before the corpus was made
+    assert sorted(p.name for p in run.iterdir()) == [".lock"]
